@@ -1,0 +1,105 @@
+"""``edge-agent``: parses the command line and dispatches; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+
+import orjson
+
+from .config import load_config, resolve_config_path
+from .errors import ConfigError
+from .logs import setup_logging
+from .service import Service
+
+log = logging.getLogger("agent")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description="Order Edge Agent")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", help="config file (default $EDGE_AGENT_CONFIG, then "
+                                      "/etc/edge-agent/agent.toml)")
+    status = sub.add_parser("status", help="ask the running agent how it is")
+    status.add_argument("--config")
+    status.add_argument("--json", action="store_true", help="print the raw JSON status")
+    drill = sub.add_parser("drill", help="outage drills in a loopback sandbox")
+    drill.add_argument("--scenario", action="append")
+    drill.add_argument("--orders", type=int)
+    drill.add_argument("--report")
+    return p
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    try:
+        if args.command == "run":
+            return run(resolve_config_path(args.config))
+        if args.command == "status":
+            return status(resolve_config_path(args.config), args.json)
+        print("edge-agent drill: not implemented yet", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"edge-agent: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(config_path: str) -> int:
+    cfg = load_config(config_path)
+    setup_logging()
+    return asyncio.run(_serve(Service(cfg)))
+
+
+async def _serve(service: Service) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: log.warning("SIGHUP received: live reload is not available in "
+                                           "this version; restart to apply config changes"))
+    try:
+        await service.start()
+    except Exception as exc:
+        log.error("agent failed to start: %s", exc, exc_info=True)
+        await service.stop()
+        return 1
+    await stop.wait()
+    log.info("stopping: no new orders, finishing in-flight ones")
+    await service.stop()
+    return 0
+
+
+def status(config_path: str, as_json: bool) -> int:
+    """Exit 0 normal, 1 degraded, 3 agent not reachable."""
+    cfg = load_config(config_path)
+    host = cfg.agent.host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.agent.port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            doc = orjson.loads(resp.read())
+    except (OSError, urllib.error.URLError, orjson.JSONDecodeError) as exc:
+        print(f"edge-agent status: agent not reachable at {url}: {exc}", file=sys.stderr)
+        return 3
+    if as_json:
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(f"mode: {doc['mode']}")
+        for name, c in doc.get("clusters", {}).items():
+            state = "healthy" if c.get("healthy") else f"DOWN ({c.get('last_error')})"
+            print(f"{name}: {state}")
+        print(f"pending: {doc['pending']} (oldest {doc['oldest_pending_age_s']:.0f}s)")
+        print(f"sms outbox: {doc['sms_outbox']}")
+    return 0 if doc.get("mode") == "normal" else 1

@@ -1,0 +1,298 @@
+"""Configuration: parsed and validated once, at load, into frozen dataclasses.
+
+Every key has a default except ``upstream.primary``. Unknown keys, wrong
+types and bad values raise :class:`ConfigError` naming ``section.key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import string
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$")
+
+
+def _default_node_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()).strip("-")[:32]
+    return name or "edge"
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    node_id: str = field(default_factory=_default_node_id)
+    listen: str = "127.0.0.1:8470"
+    state_dir: str = "/var/lib/edge-agent"
+    max_body_bytes: int = 1_048_576
+    journal_retention_days: float = 30.0
+    shutdown_timeout_s: float = 10.0
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class BufferSection:
+    path: str = "/var/spool/edge-agent"
+    scan_interval_s: float = 30.0
+    max_bytes: int = 2_147_483_648
+    drain_rate_per_s: float = 200.0
+    drain_concurrency: int = 16
+    retention_days: float = 7.0
+
+
+@dataclass(frozen=True)
+class UpstreamSection:
+    primary: str = ""
+    standby: str = ""
+    timeout_s: float = 5.0
+    nameservers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+
+
+@dataclass(frozen=True)
+class SmsSection:
+    enabled: bool = True
+    provider: str = "http"
+    url: str = "https://sms.example.internal/send"
+    sign_name: str = "搭贝"
+    template: str = "【{sign_name}】您的订单已受理,单号{SN},预计2小时内同步至小程序"
+    per_phone_per_hour: int = 3
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    tokens_file: str = "/etc/edge-agent/tokens"
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: AgentSection = field(default_factory=AgentSection)
+    buffer: BufferSection = field(default_factory=BufferSection)
+    upstream: UpstreamSection = field(default_factory=UpstreamSection)
+    health: HealthSection = field(default_factory=HealthSection)
+    sms: SmsSection = field(default_factory=SmsSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    source: str = "<defaults>"
+    # Secrets: loaded at load time, never printed.
+    tokens: frozenset[str] = field(default=frozenset(), repr=False)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "agent": AgentSection,
+    "buffer": BufferSection,
+    "upstream": UpstreamSection,
+    "health": HealthSection,
+    "sms": SmsSection,
+    "auth": AuthSection,
+}
+
+
+def resolve_config_path(arg: str | None) -> str:
+    """--config, else $EDGE_AGENT_CONFIG, else the system path."""
+    return arg or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str) -> Config:
+    """Read, parse and validate ``path``; every failure is a ConfigError."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror}; pass --config PATH"
+        ) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return parse_config(data, source=path)
+
+
+def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
+    for name in data:
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        sections[name] = _build(cls, table, name, source)
+    cfg = Config(**sections, source=source)
+    _validate(cfg, source)
+    cfg = dataclasses.replace(cfg, tokens=load_tokens(cfg.auth.tokens_file))
+    check_auth_exposure(cfg)
+    return cfg
+
+
+def _build(cls: type[Any], table: dict[str, Any], section: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {section}.{key}")
+        values[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if typing.get_origin(hint) is tuple or isinstance(hint, types.GenericAlias):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return tuple(value)
+    raise ConfigError(f"{source}: {key} has an unsupported type")  # pragma: no cover
+
+
+def _check(ok: bool, source: str, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {key} {message}, got {value!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(url: str, source: str, key: str, required: bool) -> None:
+    if not url and not required:
+        return
+    parts = urlsplit(url)
+    _check(
+        parts.scheme in ("http", "https") and bool(parts.hostname),
+        source,
+        key,
+        "must be an http(s) URL such as https://orders.example.internal/v3",
+        url,
+    )
+
+
+def _validate(cfg: Config, source: str) -> None:
+    a, b, u, h, s = cfg.agent, cfg.buffer, cfg.upstream, cfg.health, cfg.sms
+    _check(bool(_NODE_ID.match(a.node_id)), source, "agent.node_id",
+           "must be 1-32 letters, digits or '-'", a.node_id)
+    host, sep, port = a.listen.rpartition(":")
+    _check(bool(sep and host and port.isdigit() and int(port) <= 65535), source,
+           "agent.listen", "must be host:port", a.listen)
+    _check(a.max_body_bytes > 0, source, "agent.max_body_bytes", "must be > 0", a.max_body_bytes)
+    _check(a.journal_retention_days > 0, source, "agent.journal_retention_days", "must be > 0",
+           a.journal_retention_days)
+    _check(bool(a.state_dir), source, "agent.state_dir", "must not be empty", a.state_dir)
+    _check(bool(b.path), source, "buffer.path", "must not be empty", b.path)
+    _check(b.scan_interval_s > 0, source, "buffer.scan_interval_s", "must be > 0",
+           b.scan_interval_s)
+    _check(b.max_bytes > 0, source, "buffer.max_bytes", "must be > 0", b.max_bytes)
+    _check(b.drain_rate_per_s > 0, source, "buffer.drain_rate_per_s", "must be > 0",
+           b.drain_rate_per_s)
+    _check(b.drain_concurrency > 0, source, "buffer.drain_concurrency", "must be > 0",
+           b.drain_concurrency)
+    _check(b.retention_days >= 0, source, "buffer.retention_days", "must be >= 0",
+           b.retention_days)
+    _check(bool(u.primary), source, "upstream.primary", "is required (the primary cluster's "
+           "base URL)", u.primary)
+    _check_url(u.primary, source, "upstream.primary", required=True)
+    _check_url(u.standby, source, "upstream.standby", required=False)
+    _check(u.timeout_s > 0, source, "upstream.timeout_s", "must be > 0", u.timeout_s)
+    for ns in u.nameservers:
+        nhost, _, nport = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "")
+        try:
+            ipaddress.ip_address(nhost or ns)
+            ok = not nport or (nport.isdigit() and 0 < int(nport) <= 65535)
+        except ValueError:
+            ok = False
+        _check(ok, source, "upstream.nameservers", "entries must be IP or IP:port", ns)
+    _check(h.interval_s > 0, source, "health.interval_s", "must be > 0", h.interval_s)
+    _check(h.timeout_s > 0, source, "health.timeout_s", "must be > 0", h.timeout_s)
+    _check(h.unhealthy_threshold >= 1, source, "health.unhealthy_threshold", "must be >= 1",
+           h.unhealthy_threshold)
+    _check(h.healthy_threshold >= 1, source, "health.healthy_threshold", "must be >= 1",
+           h.healthy_threshold)
+    _check(s.provider in ("http", "aliyun", "log"), source, "sms.provider",
+           "must be one of http, aliyun, log", s.provider)
+    _check(s.per_phone_per_hour >= 0, source, "sms.per_phone_per_hour", "must be >= 0",
+           s.per_phone_per_hour)
+    try:
+        names = {f[1] for f in string.Formatter().parse(s.template) if f[1] is not None}
+    except ValueError as exc:
+        raise ConfigError(f"{source}: sms.template is malformed: {exc}") from exc
+    _check(names <= {"SN", "sign_name"}, source, "sms.template",
+           "may only use the placeholders {SN} and {sign_name}", s.template)
+    _check("SN" in names, source, "sms.template", "must contain {SN}", s.template)
+
+
+def load_tokens(tokens_file: str) -> frozenset[str]:
+    """Bearer tokens, one per line; $CREDENTIALS_DIRECTORY/tokens wins when present."""
+    candidates = []
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        candidates.append(Path(cred_dir) / "tokens")
+    if tokens_file:
+        candidates.append(Path(tokens_file))
+    for path in candidates:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot read tokens file {path}: {exc.strerror}") from exc
+        lines = (line.strip() for line in text.splitlines())
+        return frozenset(line for line in lines if line and not line.startswith("#"))
+    return frozenset()
+
+
+def check_auth_exposure(cfg: Config) -> None:
+    """No tokens means no auth, which is only allowed on a loopback listener."""
+    if not cfg.tokens and not _is_loopback(cfg.agent.host):
+        raise ConfigError(
+            f"{cfg.source}: agent.listen {cfg.agent.listen!r} is not loopback but no tokens "
+            f"are configured (auth.tokens_file {cfg.auth.tokens_file!r} is empty or absent); "
+            "add tokens or listen on 127.0.0.1"
+        )

@@ -1,0 +1,241 @@
+"""Re-delivery of pending/ files once a cluster is back.
+
+Woken by a health transition, by a new file in pending/ (watchfiles), by the
+intake, and by a periodic rescan. Each file is claimed (flock) before it is
+delivered, so the agent and ``edge-recover`` never race on one order. Paced by
+``buffer.drain_rate_per_s``; slows down on 429/503; backs off with jitter
+while the center keeps failing; oldest serial first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import backoff
+import watchfiles
+
+from .buffer import (
+    BufferDirs,
+    PendingRecord,
+    already_merged,
+    drop_pending_copy,
+    finish_merged,
+    is_order_file,
+    list_pending,
+    quarantine,
+    try_claim,
+)
+from .config import BufferSection
+from .delivery import SLOW_DOWN_STATUSES, Outcome
+from .errors import CorruptRecordError, EdgeError, UpstreamError
+from .journal import MERGED, REJECTED, Journal
+from .metrics import Metrics
+from .spool import PendingSpool
+from .upstream import UpstreamClient
+
+log = logging.getLogger("agent.drain")
+
+# Returns (cluster name, base URL) to deliver to, or None while none is usable.
+TargetPicker = Callable[[], tuple[str, str] | None]
+
+
+class Result(enum.Enum):
+    DONE = "done"            # left pending/ (merged or quarantined)
+    SKIPPED = "skipped"      # gone, or claimed by another process
+    RETRY = "retry"          # 409/429/...: this file later
+    FAILING = "failing"      # the center is failing: stop this pass, back off
+
+
+class Pacer:
+    """Spaces requests at ``rate``/s; halves the rate on 429/503, recovers slowly."""
+
+    def __init__(self, rate: float) -> None:
+        self.base_rate = rate
+        self.rate = rate
+        self._next = time.monotonic()
+        self._paused_until = 0.0
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        at = max(self._next, self._paused_until, now)
+        self._next = at + 1.0 / self.rate
+        if at > now:
+            await asyncio.sleep(at - now)
+
+    def slow_down(self, retry_after_s: float | None) -> None:
+        self.rate = max(1.0, self.rate / 2)
+        if retry_after_s:
+            self._paused_until = max(self._paused_until, time.monotonic() + retry_after_s)
+
+    def speed_up(self) -> None:
+        self.rate = min(self.base_rate, self.rate * 1.02 + 0.5)
+
+
+class Drainer:
+    """Owns the drain loop and the pending/ watcher."""
+
+    def __init__(self, settings: BufferSection, timeout_s: float, dirs: BufferDirs,
+                 journal: Journal, spool: PendingSpool, upstream: UpstreamClient,
+                 pick_target: TargetPicker, metrics: Metrics) -> None:
+        self._settings = settings
+        self._timeout_s = timeout_s
+        self._dirs = dirs
+        self._journal = journal
+        self._spool = spool
+        self._upstream = upstream
+        self._pick_target = pick_target
+        self._metrics = metrics
+        self._pacer = Pacer(settings.drain_rate_per_s)
+        self._kick = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._active: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.passes = 0
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._loop(), name="drain"),
+            asyncio.create_task(self._watch(), name="drain-watch"),
+        ]
+        self.kick()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _watch(self) -> None:
+        def added_order(change: watchfiles.Change, path: str) -> bool:
+            return change == watchfiles.Change.added and is_order_file(os.path.basename(path))
+
+        async for _ in watchfiles.awatch(self._dirs.pending, watch_filter=added_order,
+                                         stop_event=self._stop, recursive=False,
+                                         debounce=300, ignore_permission_denied=True):
+            self.kick()
+
+    async def _loop(self) -> None:
+        delays = backoff.expo(base=2, factor=0.5, max_value=60)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self._settings.scan_interval_s)
+            self._kick.clear()
+            target = self._pick_target()
+            if target is None:
+                continue
+            try:
+                clean = await self._pass(*target)
+            except (OSError, EdgeError) as exc:
+                log.error("drain pass failed: %s", exc)
+                clean = False
+            self.passes += 1
+            if clean:
+                delays = backoff.expo(base=2, factor=0.5, max_value=60)
+                continue
+            delay = backoff.full_jitter(next(delays))
+            await asyncio.sleep(delay)
+            self.kick()
+
+    async def _pass(self, cluster: str, base: str) -> bool:
+        """Deliver every pending file once; False if some must be tried again."""
+        queue = deque(await asyncio.to_thread(list_pending, self._dirs))
+        if not queue:
+            return True
+        log.info("drain pass to %s: %d pending", cluster, len(queue))
+        failing = False
+        clean = True
+
+        async def worker() -> None:
+            nonlocal failing, clean
+            while queue and not failing:
+                name, size = queue.popleft()
+                if name in self._active:
+                    continue
+                await self._pacer.wait()
+                result = await self.deliver(name, size, cluster, base)
+                if result is Result.FAILING:
+                    failing, clean = True, False
+                elif result is Result.RETRY:
+                    clean = False
+
+        workers = min(self._settings.drain_concurrency, len(queue))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return clean
+
+    async def deliver(self, name: str, size: int, cluster: str, base: str) -> Result:
+        path = self._dirs.pending / name
+        claim = await asyncio.to_thread(try_claim, path)
+        if claim is None:
+            return Result.SKIPPED
+        self._active.add(name)
+        try:
+            if await asyncio.to_thread(already_merged, self._dirs, name):
+                await asyncio.to_thread(drop_pending_copy, claim)
+                self._spool.released(size)
+                return Result.DONE
+            try:
+                record = PendingRecord.from_bytes(claim.data, origin=f"pending/{name}")
+            except CorruptRecordError as exc:
+                await self._quarantine(path, size, "corrupt", {"error": str(exc)})
+                return Result.DONE
+            try:
+                answer = await self._upstream.post_order(
+                    base, record.raw_body, record.dedupe_key, record.serial, self._timeout_s
+                )
+            except UpstreamError as exc:
+                log.info("delivery of %s failed: %s", record.serial, exc)
+                self._metrics.deliveries.labels(cluster=cluster, outcome="transient").inc()
+                return Result.FAILING
+            outcome = answer.outcome
+            self._metrics.deliveries.labels(cluster=cluster, outcome=outcome.value).inc()
+            if answer.status in SLOW_DOWN_STATUSES:
+                self._pacer.slow_down(answer.retry_after_s)
+            if outcome.delivered:
+                await asyncio.to_thread(finish_merged, self._dirs, claim, record,
+                                        answer.order_id, cluster)
+                self._spool.released(size)
+                self._pacer.speed_up()
+                self._observe_latency(record.received_at)
+                await self._journal.mark(record.serial, MERGED, cluster, answer.order_id)
+                return Result.DONE
+            if outcome.permanent:
+                await self._quarantine(path, size, outcome.value, {
+                    "status": answer.status, "error": answer.error, "serial": record.serial,
+                    "dedupe_key": record.dedupe_key, "cluster": cluster,
+                })
+                await self._journal.mark(record.serial, REJECTED, cluster)
+                return Result.DONE
+            if outcome is Outcome.RETRY:
+                return Result.RETRY
+            return Result.FAILING
+        finally:
+            claim.release()
+            self._active.discard(name)
+
+    async def _quarantine(self, path: Path, size: int, reason: str,
+                          details: dict[str, object]) -> None:
+        await asyncio.to_thread(quarantine, self._dirs, path, {"reason": reason, **details})
+        self._spool.released(size)
+        self._metrics.quarantined.labels(reason=reason).inc()
+        log.warning("quarantined %s to rejected/: %s", path.name, reason,
+                    extra={"file": path.name, "reason": reason})
+
+    def _observe_latency(self, received_at: str) -> None:
+        try:
+            received = datetime.fromisoformat(received_at).timestamp()
+        except ValueError:
+            return
+        self._metrics.delivery_latency.observe(max(0.0, time.time() - received))

@@ -1,0 +1,62 @@
+"""The agent's own exceptions.
+
+    EdgeError
+    ├── ConfigError              bad or unreadable configuration (exit 2)
+    ├── UsageError               bad command line (exit 2)
+    ├── PersistError             an order could not be made durable (HTTP 503)
+    │   └── BufferFullError      buffer.max_bytes reached or the disk is full (HTTP 507)
+    ├── InvalidOrderError        an order that is not acceptable as sent (HTTP 400)
+    ├── CorruptRecordError       a buffer file that cannot be parsed (quarantined)
+    └── UpstreamError            the order center did not answer usefully
+        ├── UpstreamUnavailable  nothing was sent: the order surely was not created
+        └── UpstreamAmbiguous    sent, but no answer: the order may have been created
+
+Errors of the libraries below (aiohttp, aiosqlite, OSError) are translated
+into these in exactly one place each: ``upstream.py`` and ``buffer.py``.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(EdgeError):
+    """The configuration is invalid; the message names the key or file."""
+
+
+class UsageError(EdgeError):
+    """The command line is invalid."""
+
+
+class PersistError(EdgeError):
+    """An order could not be made durable; it must not be acknowledged."""
+
+
+class BufferFullError(PersistError):
+    """No room for another order: the caller must retry later."""
+
+
+class CorruptRecordError(EdgeError):
+    """A buffer file is not a valid record; it goes to rejected/."""
+
+
+class UpstreamError(EdgeError):
+    """The order center gave no usable answer."""
+
+
+class UpstreamUnavailable(UpstreamError, ConnectionError):
+    """Nothing reached the center (refused, DNS, TLS): safe to try elsewhere."""
+
+
+class UpstreamAmbiguous(UpstreamError, TimeoutError):
+    """The request may have reached the center: only the same cluster may be retried."""
+
+
+class InvalidOrderError(EdgeError, ValueError):
+    """An order that can never be accepted as sent (HTTP 400); names the field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

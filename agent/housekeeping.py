@@ -1,0 +1,51 @@
+"""Periodic clean-up of what is confirmed delivered: journal rows and merged/ copies.
+
+Only delivered (or refused) orders are ever forgotten; pending files and
+buffered journal rows are never touched here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .buffer import BufferDirs, expire_merged
+from .errors import EdgeError
+from .journal import Journal
+
+log = logging.getLogger("agent.housekeeping")
+DAY = 86_400.0
+
+
+class Housekeeper:
+    def __init__(self, journal: Journal, dirs: BufferDirs, journal_retention_days: float,
+                 merged_retention_days: float, interval_s: float = 3600.0) -> None:
+        self._journal = journal
+        self._dirs = dirs
+        self._journal_keep = journal_retention_days * DAY
+        self._merged_keep = merged_retention_days * DAY
+        self._interval = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="housekeeping")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def run_once(self) -> None:
+        await self._journal.prune(self._journal_keep)
+        removed = await asyncio.to_thread(expire_merged, self._dirs, self._merged_keep)
+        if removed:
+            log.info("expired %d merged/ files past retention", removed)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except (OSError, EdgeError) as exc:
+                log.error("housekeeping failed: %s", exc)
+            await asyncio.sleep(self._interval)

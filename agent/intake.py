@@ -1,0 +1,239 @@
+"""One order's way in: validate, dedupe, serial, forward or buffer, answer.
+
+Used by ``POST /v1/orders`` and by the inbox drop zone alike. A 2xx reply is
+built only after the order is created upstream or durable in pending/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import unicodedata
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from .buffer import PendingRecord
+from .config import Config
+from .delivery import Outcome
+from .errors import BufferFullError, InvalidOrderError, PersistError, UpstreamError
+from .health import HealthMonitor
+from .journal import BUFFERED, FORWARDED, Entry, Journal, body_digest
+from .metrics import Metrics
+from .serials import SerialIssuer
+from .spool import PendingSpool
+from .upstream import UpstreamClient
+
+log = logging.getLogger("agent.intake")
+
+MAX_ID_CHARS = 256
+# A center answering these about our request has a problem with us, not with the order:
+# keep the order and deliver it later rather than bounce it back to the channel.
+_CLUSTER_PROBLEM_STATUSES = frozenset({401, 403, 404, 405, 407})
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Order:
+    raw: bytes
+    channel_id: str
+    channel_order_id: str
+    dedupe_key: str
+    customer_phone: str | None
+    digest: bytes
+
+
+def _check_id(value: Any, name: str, required: bool = True) -> str | None:
+    if value is None and not required:
+        return None
+    if value is None:
+        raise InvalidOrderError(name, f"{name} is required")
+    if not isinstance(value, str):
+        raise InvalidOrderError(name, f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidOrderError(name, f"{name} must not be blank")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidOrderError(name, f"{name} is longer than {MAX_ID_CHARS} characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
+        raise InvalidOrderError(name, f"{name} contains control characters")
+    return value
+
+
+def parse_order(raw: bytes, idempotency_key: str | None) -> Order:
+    """Validate one order body; raise InvalidOrderError naming the field at fault."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidOrderError("body", f"body is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidOrderError("body", f"body must be a JSON object, got {type(doc).__name__}")
+    channel_id = _check_id(doc.get("channel_id"), "channel_id")
+    channel_order_id = _check_id(doc.get("channel_order_id"), "channel_order_id")
+    phone = _check_id(doc.get("customer_phone"), "customer_phone", required=False)
+    assert channel_id is not None and channel_order_id is not None
+    if idempotency_key is not None:
+        key = _check_id(idempotency_key, "Idempotency-Key")
+        assert key is not None
+    else:
+        key = f"{channel_id}:{channel_order_id}"
+    return Order(raw, channel_id, channel_order_id, key, phone, body_digest(raw))
+
+
+def now_iso() -> str:
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+class Intake:
+    """Accepts orders; the in-flight map makes concurrent repeats of one key safe."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        journal: Journal,
+        serials: SerialIssuer,
+        spool: PendingSpool,
+        upstream: UpstreamClient,
+        health: HealthMonitor,
+        metrics: Metrics,
+        on_buffered: Callable[[PendingRecord], Awaitable[str]] | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._journal = journal
+        self._serials = serials
+        self._spool = spool
+        self._upstream = upstream
+        self._health = health
+        self._metrics = metrics
+        self._on_buffered = on_buffered
+        self._inflight: dict[str, str | None] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.accepting = True
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def submit(self, raw: bytes, idempotency_key: str | None) -> Reply:
+        if not self.accepting:
+            return self._count("refused", Reply(503, {"error": "agent is shutting down; retry"}))
+        try:
+            order = parse_order(raw, idempotency_key)
+        except InvalidOrderError as exc:
+            return self._count("invalid", Reply(400, {"error": str(exc), "field": exc.field}))
+        key = order.dedupe_key
+        if key in self._inflight:
+            return self._count("in_flight", Reply(409, {
+                "error": f"an order with dedupe key {key!r} is still being handled; retry",
+                "serial": self._inflight[key],
+            }))
+        self._inflight[key] = None
+        self._idle.clear()
+        try:
+            return await self._submit(order)
+        finally:
+            del self._inflight[key]
+            if not self._inflight:
+                self._idle.set()
+
+    async def _submit(self, order: Order) -> Reply:
+        seen = await self._journal.by_key(order.dedupe_key)
+        if seen is not None:
+            if seen.digest == order.digest:
+                return self._count("duplicate", Reply(200, {"status": "duplicate",
+                                                            "serial": seen.serial}))
+            return self._count("conflict", Reply(422, {
+                "error": f"dedupe key {order.dedupe_key!r} was accepted before with a "
+                         "different body; the first order stands",
+                "serial": seen.serial,
+            }))
+        try:
+            serial = await self._serials.next()
+        except PersistError as exc:
+            log.error("cannot issue a serial: %s", exc)
+            return self._count("refused", Reply(503, {"error": f"cannot persist: {exc}"}))
+        self._inflight[order.dedupe_key] = serial
+        received_at = now_iso()
+        if self._health.is_healthy("primary"):
+            reply = await self._forward(order, serial, received_at)
+            if reply is not None:
+                return reply
+        return await self._buffer(order, serial, received_at)
+
+    async def _forward(self, order: Order, serial: str, received_at: str) -> Reply | None:
+        """Try the primary; None means "not created, buffer it"."""
+        base = self._cfg.upstream.primary
+        try:
+            answer = await self._upstream.post_order(
+                base, order.raw, order.dedupe_key, serial, self._cfg.upstream.timeout_s
+            )
+        except UpstreamError as exc:
+            log.info("forward of %s failed, buffering: %s", serial, exc)
+            return None
+        outcome = answer.outcome
+        if outcome.delivered:
+            order_id = None if answer.order_id is None else str(answer.order_id)
+            try:
+                await self._journal.record(Entry(order.dedupe_key, serial, FORWARDED, "primary",
+                                                 order_id, order.digest, received_at))
+            except PersistError as exc:  # created upstream: the center holds it by key
+                log.error("journal write for forwarded %s failed: %s", serial, exc)
+            return self._count("forwarded", Reply(201, {
+                "status": "forwarded", "serial": serial, "cluster": "primary",
+                "order_id": answer.order_id,
+            }))
+        if outcome is Outcome.CONFLICT:
+            return self._count("upstream_conflict", Reply(422, {
+                "error": "the order center already holds this dedupe key with a different body: "
+                         f"{answer.error or 'HTTP 422'}",
+                "serial": None,
+            }))
+        if outcome is Outcome.REJECTED and answer.status not in _CLUSTER_PROBLEM_STATUSES:
+            return self._count("upstream_rejected", Reply(answer.status, {
+                "error": f"the order center rejected the order (HTTP {answer.status}): "
+                         f"{answer.error or 'no reason given'}",
+                "field": None,
+            }))
+        log.info("primary answered %s for %s, buffering", answer.status, serial)
+        return None
+
+    async def _buffer(self, order: Order, serial: str, received_at: str) -> Reply:
+        record = PendingRecord(
+            serial=serial,
+            node_id=self._cfg.agent.node_id,
+            received_at=received_at,
+            channel_id=order.channel_id,
+            dedupe_key=order.dedupe_key,
+            customer_phone=order.customer_phone,
+            body=order.raw.decode("utf-8"),
+        )
+        try:
+            await self._spool.write(record)
+        except BufferFullError as exc:
+            log.error("order refused, buffer full: %s", exc)
+            return self._count("refused", Reply(507, {"error": str(exc)}))
+        except PersistError as exc:
+            log.error("order refused, cannot persist: %s", exc)
+            return self._count("refused", Reply(503, {"error": str(exc)}))
+        try:
+            await self._journal.record(Entry(order.dedupe_key, serial, BUFFERED, None, None,
+                                             order.digest, received_at))
+        except PersistError as exc:  # the file is durable and wins; the index heals at start-up
+            log.error("journal write for buffered %s failed: %s", serial, exc)
+        sms = "none"
+        if self._on_buffered is not None:
+            sms = await self._on_buffered(record)
+        return self._count("buffered", Reply(202, {"status": "buffered", "serial": serial,
+                                                   "sms": sms}))
+
+    def _count(self, outcome: str, reply: Reply) -> Reply:
+        self._metrics.orders.labels(outcome=outcome).inc()
+        return reply

@@ -1,0 +1,225 @@
+"""The dedupe journal and the serial high-water mark, in SQLite (aiosqlite).
+
+The journal is an index, not the truth for undelivered orders: the pending
+files are. It is rebuilt from them at start-up (``reconcile``) and when the
+two disagree the files win. Writes are group-committed; the WAL runs with
+``synchronous=NORMAL`` (a commit survives kill -9), except the serial
+reservation, which is committed with ``synchronous=FULL`` so that a serial is
+never issued twice even across a power loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .batching import GroupCommit
+from .errors import PersistError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS orders (
+    dedupe_key  TEXT PRIMARY KEY,
+    serial      TEXT NOT NULL UNIQUE,
+    state       TEXT NOT NULL,
+    cluster     TEXT,
+    order_id    TEXT,
+    digest      BLOB NOT NULL,
+    received_at TEXT NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS orders_state ON orders(state, received_at);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+# States a journal row can take; "buffered" is the only undelivered one.
+FORWARDED, BUFFERED, MERGED, REJECTED = "forwarded", "buffered", "merged", "rejected"
+
+
+def body_digest(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    dedupe_key: str
+    serial: str
+    state: str
+    cluster: str | None
+    order_id: str | None
+    digest: bytes
+    received_at: str
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "serial": self.serial,
+            "state": self.state,
+            "cluster": self.cluster,
+            "order_id": self.order_id,
+            "received_at": self.received_at,
+        }
+
+
+_COLUMNS = "dedupe_key, serial, state, cluster, order_id, digest, received_at"
+
+
+@dataclass(frozen=True)
+class _Op:
+    sql: str
+    params: tuple[Any, ...]
+    durable: bool = False  # commit this batch with synchronous=FULL
+
+
+class Journal:
+    """Owns the SQLite connections (one writer, one reader) and the group-commit writer."""
+
+    def __init__(self, state_dir: str) -> None:
+        self._path = Path(state_dir) / "journal.sqlite3"
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._writer = GroupCommit[_Op]("journal", self._flush)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def _conn(self, reader: bool = False) -> aiosqlite.Connection:
+        db = self._reader if reader else self._db
+        if db is None:
+            raise RuntimeError("Journal.start() must be awaited before use")
+        return db
+
+    async def start(self) -> None:
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.executescript(SCHEMA)
+            self._reader = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._reader.execute("PRAGMA busy_timeout=5000")
+        except Exception as exc:
+            await self._close()
+            raise PersistError(
+                f"cannot open journal {self._path}: {exc}; check agent.state_dir"
+            ) from exc
+        self._path.chmod(0o600)
+        self._writer.start()
+
+    async def stop(self) -> None:
+        await self._writer.stop()
+        await self._close()
+
+    async def _close(self) -> None:
+        for db in (self._reader, self._db):
+            if db is not None:
+                await db.close()
+        self._db = self._reader = None
+
+    # -- writes (group-committed) -------------------------------------------------
+
+    async def _flush(self, ops: list[_Op]) -> Sequence[None]:
+        db = self._conn()
+        durable = any(op.durable for op in ops)
+        if durable:
+            await db.execute("PRAGMA synchronous=FULL")
+        try:
+            await db.execute("BEGIN")
+            try:
+                for sql, group in itertools.groupby(ops, key=lambda op: op.sql):
+                    await db.executemany(sql, [op.params for op in group])
+                await db.execute("COMMIT")
+            except Exception:
+                await db.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            raise PersistError(f"journal write failed in {self._path}: {exc}") from exc
+        finally:
+            if durable:
+                await db.execute("PRAGMA synchronous=NORMAL")
+        return [None] * len(ops)
+
+    async def record(self, entry: Entry) -> None:
+        """Insert or replace the row for ``entry.dedupe_key`` and wait for the commit."""
+        await self._writer.submit(_Op(
+            f"INSERT OR REPLACE INTO orders ({_COLUMNS}, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+            (entry.dedupe_key, entry.serial, entry.state, entry.cluster, entry.order_id,
+             entry.digest, entry.received_at, time.time()),
+        ))
+
+    async def mark(self, serial: str, state: str, cluster: str | None = None,
+                   order_id: Any = None) -> None:
+        await self._writer.submit(_Op(
+            "UPDATE orders SET state=?, cluster=COALESCE(?, cluster), "
+            "order_id=COALESCE(?, order_id), updated_at=? WHERE serial=?",
+            (state, cluster, None if order_id is None else str(order_id), time.time(), serial),
+        ))
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def by_key(self, dedupe_key: str) -> Entry | None:
+        return await self._one("WHERE dedupe_key=?", dedupe_key)
+
+    async def by_serial(self, serial: str) -> Entry | None:
+        return await self._one("WHERE serial=?", serial)
+
+    async def _one(self, where: str, value: str) -> Entry | None:
+        sql = f"SELECT {_COLUMNS} FROM orders {where}"
+        async with self._conn(reader=True).execute(sql, (value,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else Entry(*row)
+
+    async def pending_summary(self) -> tuple[int, str | None]:
+        """(number of buffered orders, received_at of the oldest)."""
+        async with self._conn(reader=True).execute(
+            "SELECT COUNT(*), MIN(received_at) FROM orders WHERE state=?", (BUFFERED,)
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), row[1]
+
+    async def buffered_serials(self) -> set[str]:
+        async with self._conn(reader=True).execute(
+            "SELECT serial FROM orders WHERE state=?", (BUFFERED,)
+        ) as cur:
+            return {row[0] for row in await cur.fetchall()}
+
+    # -- serials -------------------------------------------------------------------
+
+    async def reserve_serials(self, name: str, count: int, floor: int = 0) -> tuple[int, int]:
+        """Durably move the high-water mark above ``floor`` by ``count``; return [first, last].
+
+        Only one reservation per ``name`` may run at a time (the issuer's lock).
+        """
+        await self._writer.submit(_Op(
+            "INSERT INTO meta(name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = MAX(value, ?) + ?",
+            (name, floor + count, floor, count),
+            durable=True,
+        ))
+        async with self._conn(reader=True).execute(
+            "SELECT value FROM meta WHERE name=?", (name,)
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        last = int(row[0])
+        return last - count + 1, last
+
+    # -- maintenance ---------------------------------------------------------------
+
+    async def prune(self, older_than_s: float) -> None:
+        """Forget delivered orders past retention; buffered rows are never pruned."""
+        await self._writer.submit(_Op(
+            "DELETE FROM orders WHERE state != ? AND updated_at < ?",
+            (BUFFERED, time.time() - older_than_s),
+        ))

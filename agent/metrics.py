@@ -1,0 +1,39 @@
+"""Prometheus metrics, in a registry owned by the service (no global registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.orders = Counter("edge_orders", "Orders received, by outcome of the intake.",
+                              ["outcome"], registry=r)
+        self.pending = Gauge("edge_pending_orders", "Orders in pending/ awaiting delivery.",
+                             registry=r)
+        self.pending_bytes = Gauge("edge_pending_bytes", "Bytes in pending/.", registry=r)
+        self.deliveries = Counter("edge_deliveries", "Drain deliveries, by cluster and outcome.",
+                                  ["cluster", "outcome"], registry=r)
+        self.delivery_latency = Histogram(
+            "edge_delivery_latency_seconds",
+            "From receipt of a buffered order to the center's confirmation.",
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+            registry=r,
+        )
+        self.quarantined = Counter("edge_quarantined_files", "Files moved to rejected/.",
+                                   ["reason"], registry=r)
+        self.failovers = Counter("edge_failovers", "Mode transitions away from the primary.",
+                                 registry=r)
+        self.cluster_transitions = Counter("edge_cluster_transitions",
+                                           "Health transitions, by cluster and new state.",
+                                           ["cluster", "state"], registry=r)
+        self.sms_sent = Counter("edge_sms_sent", "SMS notices sent.", registry=r)
+        self.sms_failed = Counter("edge_sms_failed", "SMS notices given up on.", registry=r)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

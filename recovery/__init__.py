@@ -1,0 +1,1 @@
+"""edge-recover: merge an offline buffer back into the order center."""
