@@ -87,8 +87,7 @@ class Service:
                                shutdown_timeout=self.cfg.agent.shutdown_timeout_s)
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self.cfg.agent.host, self.cfg.agent.port,
-                           shutdown_timeout=self.cfg.agent.shutdown_timeout_s)
+        site = web.TCPSite(runner, self.cfg.agent.host, self.cfg.agent.port)
         await site.start()
         self.port = _bound_port(runner, self.cfg.agent.port)
         await self._start(self.drainer)

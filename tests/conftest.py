@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from agent.config import Config, load_config
+from agent.service import Service
+
+from .fakes import FakeCenter, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp: Path, primary: str, **sections: dict[str, Any]) -> Path:
+    """A config file for a test agent in ``tmp``; ``sections`` override keys."""
+    base: dict[str, dict[str, Any]] = {
+        "agent": {"node_id": "wh-test-01", "listen": f"127.0.0.1:{free_port()}",
+                  "state_dir": str(tmp / "state"), "shutdown_timeout_s": 5},
+        "buffer": {"path": str(tmp / "spool"), "scan_interval_s": 1,
+                   "drain_rate_per_s": 1000},
+        "upstream": {"primary": primary, "timeout_s": 2},
+        "health": {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2,
+                   "healthy_threshold": 1},
+        "sms": {"provider": "log"},
+        "auth": {"tokens_file": ""},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml(value)}")
+    path = tmp / "agent.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
+                   what: str = "condition", interval: float = 0.02) -> Any:
+    """Poll ``predicate`` (sync or async) until truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def center() -> AsyncIterator[FakeCenter]:
+    c = await FakeCenter(host="127.0.0.2").start()
+    yield c
+    await c.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+class AgentHandle:
+    """An in-process agent (real server, real files) with helpers to talk to it."""
+
+    def __init__(self, cfg: Config, session: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.service = Service(cfg)
+        self.session = session
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.service.port}"
+
+    @property
+    def spool(self) -> Path:
+        return Path(self.cfg.buffer.path)
+
+    async def post(self, body: bytes | dict[str, Any], headers: dict[str, str] | None = None,
+                   ) -> tuple[int, dict[str, Any]]:
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        async with self.session.post(f"{self.url}/v1/orders", data=raw, headers=hdrs) as r:
+            return r.status, orjson.loads(await r.read())
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.session.get(f"{self.url}{path}") as r:
+            data = await r.read()
+            try:
+                return r.status, orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return r.status, data.decode()
+
+    def files(self, sub: str) -> list[str]:
+        return sorted(os.listdir(self.spool / sub))
+
+
+AgentFactory = Callable[..., Awaitable[AgentHandle]]
+
+
+@pytest.fixture
+async def make_agent(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[AgentFactory]:
+    started: list[AgentHandle] = []
+
+    async def factory(primary: str, **sections: dict[str, Any]) -> AgentHandle:
+        path = write_config(tmp_path, primary, **sections)
+        handle = AgentHandle(load_config(str(path)), http)
+        await handle.service.start()
+        started.append(handle)
+        return handle
+
+    yield factory
+    for handle in started:
+        await handle.service.stop()
+
+
+def order(n: int | str, **extra: Any) -> dict[str, Any]:
+    return {"channel_id": "douyin", "channel_order_id": str(n), "amount": "199.10", **extra}
+
+
+class AgentProcess:
+    """``edge-agent run`` as a real subprocess, for crash and signal tests."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        cfg = load_config(str(config))
+        self.url = f"http://{cfg.agent.listen}"
+
+    def start(self) -> None:
+        self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=self._log_fh, cwd=ROOT,
+        )
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
+        async def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: "
+                                     f"{self.log.read_text()[-2000:]}")
+            try:
+                async with session.get(f"{self.url}/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(ready, timeout, "agent /readyz")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._log_fh.close()
+        return code
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path) -> Any:
+    procs: list[AgentProcess] = []
+
+    def factory(config: Path) -> AgentProcess:
+        p = AgentProcess(config, tmp_path / "agent.log")
+        procs.append(p)
+        return p
+
+    yield factory
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
