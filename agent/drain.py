@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from datetime import datetime
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from .buffer import (
 )
 from .config import BufferSection
 from .delivery import SLOW_DOWN_STATUSES, Outcome
-from .errors import CorruptRecordError, EdgeError, UpstreamError
+from .errors import CorruptRecordError, UpstreamError
 from .journal import MERGED, REJECTED, Journal
 from .metrics import Metrics
 from .spool import PendingSpool
@@ -53,6 +53,13 @@ class Result(enum.Enum):
     SKIPPED = "skipped"      # gone, or claimed by another process
     RETRY = "retry"          # 409/429/...: this file later
     FAILING = "failing"      # the center is failing: stop this pass, back off
+
+
+def _delays() -> Generator[float, None, None]:
+    """Exponential backoff between failing passes: 0.5 s doubling to 60 s."""
+    gen: Generator[float, None, None] = backoff.expo(base=2, factor=0.5, max_value=60)
+    next(gen)  # backoff's wait generators yield None first, to be primed
+    return gen
 
 
 class Pacer:
@@ -128,7 +135,7 @@ class Drainer:
             self.kick()
 
     async def _loop(self) -> None:
-        delays = backoff.expo(base=2, factor=0.5, max_value=60)
+        delays = _delays()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self._settings.scan_interval_s)
@@ -138,12 +145,12 @@ class Drainer:
                 continue
             try:
                 clean = await self._pass(*target)
-            except (OSError, EdgeError) as exc:
-                log.error("drain pass failed: %s", exc)
+            except Exception as exc:  # the loop must outlive any one bad pass
+                log.error("drain pass failed: %s", exc, exc_info=True)
                 clean = False
             self.passes += 1
             if clean:
-                delays = backoff.expo(base=2, factor=0.5, max_value=60)
+                delays = _delays()
                 continue
             delay = backoff.full_jitter(next(delays))
             await asyncio.sleep(delay)

@@ -10,7 +10,6 @@ import asyncio
 import logging
 
 from .buffer import BufferDirs, expire_merged
-from .errors import EdgeError
 from .journal import Journal
 
 log = logging.getLogger("agent.housekeeping")
@@ -46,6 +45,6 @@ class Housekeeper:
         while True:
             try:
                 await self.run_once()
-            except (OSError, EdgeError) as exc:
-                log.error("housekeeping failed: %s", exc)
+            except Exception as exc:  # try again next round
+                log.error("housekeeping failed: %s", exc, exc_info=True)
             await asyncio.sleep(self._interval)

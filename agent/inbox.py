@@ -37,6 +37,7 @@ class InboxWatcher:
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.scans = 0
 
     async def start(self) -> None:
         self._tasks = [
@@ -68,8 +69,8 @@ class InboxWatcher:
             self._kick.clear()
             try:
                 await self.scan()
-            except OSError as exc:
-                log.error("inbox scan failed: %s", exc)
+            except Exception as exc:  # the loop must outlive any one bad scan
+                log.error("inbox scan failed: %s", exc, exc_info=True)
 
     async def scan(self) -> None:
         names = sorted(n for n in await asyncio.to_thread(os.listdir, self._dirs.inbox)
@@ -81,6 +82,7 @@ class InboxWatcher:
                 await self._take(self._dirs.inbox / name)
 
         await asyncio.gather(*(take(n) for n in names))
+        self.scans += 1
 
     async def _take(self, path: Path) -> None:
         try:

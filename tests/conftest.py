@@ -184,6 +184,13 @@ class AgentProcess:
         self._log_fh.close()
         return code
 
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc is not None:
+            self._log_fh.close()
+
 
 @pytest.fixture
 def agent_process(tmp_path: Path) -> Any:
@@ -196,6 +203,4 @@ def agent_process(tmp_path: Path) -> Any:
 
     yield factory
     for p in procs:
-        if p.proc is not None and p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+        p.cleanup()

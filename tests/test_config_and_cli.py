@@ -1,0 +1,110 @@
+"""Configuration errors exit 2 naming the key; the status command's exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agent.config import load_config
+
+from .conftest import ROOT, write_config
+from .fakes import FakeCenter, free_port
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30, env=env)
+
+
+def test_example_config_is_valid():
+    cfg = load_config(str(ROOT / "config" / "agent.toml"))
+    assert cfg.agent.node_id == "wh-sh-01"
+    assert cfg.buffer.scan_interval_s == 30 and cfg.buffer.drain_rate_per_s == 200
+    assert cfg.upstream.primary.startswith("https://")
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\nprimry = "x"\n', "upstream.primry"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nmax_body_bytes = "1MB"\n',
+         "agent.max_body_bytes"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[health]\ninterval_s = true\n',
+         "health.interval_s"),
+        ("[agent]\nnode_id = \"wh-1\"\n", "upstream.primary"),
+        ('[upstream]\nprimary = "ftp://x"\n', "upstream.primary"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nnode_id = "../x"\n',
+         "agent.node_id"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[sms]\ntemplate = "no serial"\n',
+         "sms.template"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[sms]\ntemplate = "{SN} {phone}"\n',
+         "sms.template"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nlisten = "0.0.0.0:8470"\n'
+         '[auth]\ntokens_file = ""\n', "agent.listen"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[extra]\n', "[extra]"),
+        ("[upstream\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, named: str):
+    path = tmp_path / "agent.toml"
+    path.write_text(toml)
+    done = _run("run", "--config", str(path))
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1  # one line, not a traceback
+
+
+def test_missing_config_file_exits_2_naming_the_file(tmp_path: Path):
+    done = _run("run", "--config", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2 and "nope.toml" in done.stderr
+
+
+def test_config_path_from_environment(tmp_path: Path):
+    path = tmp_path / "env.toml"
+    path.write_text('[upstream]\nprimary = "http://127.0.0.1:1"\nbogus = 1\n')
+    done = _run("status", env={"EDGE_AGENT_CONFIG": str(path), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and "upstream.bogus" in done.stderr and "env.toml" in done.stderr
+
+
+def test_usage_error_exits_2():
+    assert _run("frobnicate").returncode == 2
+
+
+def test_recover_is_not_there_yet():
+    done = subprocess.run([sys.executable, "-m", "recovery", "--path", "x", "--mode", "merge"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert done.returncode == 2 and "not implemented" in done.stderr
+
+
+def test_status_exit_codes(tmp_path: Path):
+    path = write_config(tmp_path, "http://127.0.0.1:1/v3")
+    done = _run("status", "--config", str(path))
+    assert done.returncode == 3 and "not reachable" in done.stderr
+
+
+async def test_status_against_a_running_agent(tmp_path: Path, center: FakeCenter,
+                                              agent_process, http):
+    path = write_config(tmp_path, center.url)
+    proc = agent_process(path)
+    proc.start()
+    await proc.wait_ready(http)
+    done = _run("status", "--config", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    doc = orjson.loads(done.stdout)
+    assert doc["mode"] == "normal" and doc["clusters"]["primary"]["healthy"] is True
+    assert doc["pending"] == 0
+    await center.go_down()
+    from .conftest import wait_for
+
+    await wait_for(lambda: _run("status", "--config", str(path)).returncode == 1, 15,
+                   "status to report offline")
+    done = _run("status", "--config", str(path))
+    assert "mode: offline" in done.stdout
+
+
+def test_port_helper_gives_a_free_port():
+    assert 0 < free_port() < 65536

@@ -1,0 +1,172 @@
+"""The drain: every answer of CONTRACT section 7, corrupt files, claims, start-up repair."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import orjson
+
+from agent.buffer import PendingRecord
+
+from .conftest import AgentHandle, order, wait_for
+from .fakes import FakeCenter
+
+
+async def _buffer_orders(agent: AgentHandle, n: int, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for i in range(n):
+        status, body = await agent.post(order(f"{prefix}{i}"))
+        assert status == 202, body
+        out[f"douyin:{prefix}{i}"] = body["serial"]
+    return out
+
+
+def _reason(agent: AgentHandle, serial: str) -> dict:
+    return orjson.loads((agent.spool / "rejected" / f"{serial}.json.reason.json").read_bytes())
+
+
+async def test_409_and_429_are_retried_until_created(make_agent, center: FakeCenter):
+    await center.go_down()
+    agent = await make_agent(center.url)
+    accepted = await _buffer_orders(agent, 3)
+    await center.come_up()
+    center.script.extend([409, 429, 408, 425])
+    center.retry_after = "1"
+    await wait_for(lambda: agent.files("pending") == [], 15, "drain past 409/429")
+    assert center.created_keys() == set(accepted)
+    assert center.duplicates() == {}
+    assert agent.files("rejected") == []
+
+
+async def test_500_and_timeouts_back_off_and_keep_the_file(make_agent, center: FakeCenter):
+    await center.go_down()
+    agent = await make_agent(center.url)
+    accepted = await _buffer_orders(agent, 2)
+    await center.come_up()
+    center.script.extend([500, 502, 504])
+    await wait_for(lambda: agent.files("pending") == [], 15, "drain after 5xx")
+    assert center.created_keys() == set(accepted)
+    assert all(k in accepted for k in (r.key for r in center.received))
+
+
+async def test_422_and_other_4xx_are_quarantined_with_reason(make_agent, center: FakeCenter):
+    await center.go_down()
+    agent = await make_agent(center.url, buffer={"drain_concurrency": 1})
+    accepted = await _buffer_orders(agent, 3)
+    serials = list(accepted.values())
+    await center.come_up()
+    center.script.extend([422, 400])  # oldest first: order 0 conflicts, order 1 is refused
+    await wait_for(lambda: agent.files("pending") == [], 10, "drain")
+    assert agent.files("rejected") == sorted(
+        [f"{serials[0]}.json", f"{serials[0]}.json.reason.json",
+         f"{serials[1]}.json", f"{serials[1]}.json.reason.json"])
+    assert _reason(agent, serials[0])["reason"] == "conflict"
+    assert _reason(agent, serials[1])["status"] == 400
+    # The quarantined file is the order, untouched.
+    kept = PendingRecord.from_bytes((agent.spool / "rejected" / f"{serials[1]}.json").read_bytes())
+    assert kept.dedupe_key == "douyin:1"
+    status, found = await agent.get(f"/v1/orders/{serials[0]}")
+    assert status == 200 and found["state"] == "rejected"
+    assert center.created_keys() == {"douyin:2"}
+
+
+async def test_corrupt_pending_file_is_quarantined_and_blocks_nothing(
+        make_agent, center: FakeCenter):
+    await center.go_down()
+    agent = await make_agent(center.url)
+    accepted = await _buffer_orders(agent, 3)
+    bad = agent.spool / "pending" / "AAA-corrupt.json"  # sorts first: must not block the rest
+    bad.write_bytes(b'{"v":1,"serial":"AAA-corr')
+    wrong = agent.spool / "pending" / "AAB-wrong.json"
+    wrong.write_bytes(orjson.dumps({"v": 1, "serial": "AAB-wrong"}))
+    await center.come_up()
+    await wait_for(lambda: agent.files("pending") == [], 10, "drain")
+    assert center.created_keys() == set(accepted)
+    rejected = agent.files("rejected")
+    assert "AAA-corrupt.json" in rejected and "AAB-wrong.json" in rejected
+    kept = (agent.spool / "rejected" / "AAA-corrupt.json").read_bytes()
+    assert kept == b'{"v":1,"serial":"AAA-corr'
+    assert "not JSON" in _reason(agent, "AAA-corrupt")["error"]
+
+
+async def test_file_placed_in_pending_by_another_process_is_delivered(
+        make_agent, center: FakeCenter):
+    agent = await make_agent(center.url, buffer={"scan_interval_s": 60})
+    record = PendingRecord("OTHER-20261101-000000001", "other", "2026-11-01T10:00:00+08:00",
+                           "jd", "jd:1", None, '{"channel_id":"jd","channel_order_id":"1"}')
+    tmp = agent.spool / "pending" / ".incoming.tmp"
+    tmp.write_bytes(record.to_bytes())
+    os.rename(tmp, agent.spool / "pending" / record.filename)
+    # The periodic rescan is 60 s away: only the watch can make this quick.
+    await wait_for(lambda: agent.files("merged") == [record.filename], 10, "watched delivery")
+    assert center.orders["jd:1"][1] == record.raw_body
+
+
+async def test_a_file_claimed_by_another_process_is_left_alone(make_agent, center: FakeCenter):
+    await center.go_down()
+    agent = await make_agent(center.url)
+    accepted = await _buffer_orders(agent, 2)
+    held = agent.spool / "pending" / f"{accepted['douyin:0']}.json"
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as edge-recover would while delivering it
+    try:
+        await center.come_up()
+        await wait_for(lambda: "douyin:1" in center.creates, 10, "the unclaimed order")
+        start = time.monotonic()
+        await wait_for(lambda: time.monotonic() - start > 1.5, 5, "a few drain passes")
+        assert "douyin:0" not in center.creates
+        assert held.exists()
+    finally:
+        os.close(fd)  # the holder "dies": its lock goes with it
+    agent.service.drainer.kick()
+    await wait_for(lambda: agent.files("pending") == [], 10, "drain after release")
+    assert center.created_keys() == set(accepted)
+
+
+async def test_crash_between_merged_copy_and_unlink_finishes_the_move(
+        make_agent, center: FakeCenter, tmp_path: Path):
+    await center.go_down()
+    agent = await make_agent(center.url)
+    accepted = await _buffer_orders(agent, 1)
+    serial = accepted["douyin:0"]
+    name = f"{serial}.json"
+    # Simulate the crash: merged/ copy written, pending/ file not yet removed.
+    (agent.spool / "merged" / name).write_bytes((agent.spool / "pending" / name).read_bytes())
+    await center.come_up()
+    await wait_for(lambda: agent.files("pending") == [], 10, "move finished")
+    assert center.received == []  # already confirmed: not sent again
+    assert agent.files("merged") == [name]
+
+
+async def test_startup_indexes_pending_files_the_journal_missed(
+        make_agent, center: FakeCenter, tmp_path: Path):
+    await center.go_down()
+    spool = tmp_path / "spool" / "pending"
+    spool.mkdir(parents=True)
+    record = PendingRecord("WH-TEST-01-20261125-000005000", "wh-test-01",
+                           "2026-11-25T10:00:00+08:00", "douyin", "douyin:lost-row", None,
+                           orjson.dumps(order("lost-row")).decode())
+    (spool / record.filename).write_bytes(record.to_bytes())
+    (spool / ".WH-TEST-01-20261125-000005001.json.tmp").write_bytes(b"half")
+    agent = await make_agent(center.url)
+    status, body = await agent.post(order("lost-row"))
+    assert (status, body["serial"]) == (200, record.serial)
+    status, body = await agent.post(order("fresh"))
+    # Serials continue above anything on disk, even with an empty journal.
+    assert status == 202 and body["serial"].endswith("000005001")
+    assert sorted(agent.files("pending")) == [record.filename, f"{body['serial']}.json"]
+
+
+async def test_pacing_holds_the_drain_rate(make_agent, center: FakeCenter):
+    await center.go_down()
+    agent = await make_agent(center.url, buffer={"drain_rate_per_s": 20})
+    await _buffer_orders(agent, 30)
+    await center.come_up()
+    start = time.monotonic()
+    await wait_for(lambda: agent.files("pending") == [], 15, "paced drain")
+    elapsed = time.monotonic() - start
+    assert elapsed >= 29 / 20 * 0.9, f"30 orders at 20/s took only {elapsed:.2f}s"
+    assert len(center.creates) == 30

@@ -1,0 +1,66 @@
+"""Serials never repeat; retention forgets only what is delivered."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from agent.buffer import BufferDirs
+from agent.housekeeping import Housekeeper
+from agent.journal import BUFFERED, FORWARDED, MERGED, Entry, Journal
+from agent.serials import SerialIssuer, parse_counter
+
+
+async def test_serials_are_sortable_and_continue_after_restart(tmp_path: Path):
+    journal = Journal(str(tmp_path))
+    await journal.start()
+    issuer = SerialIssuer(journal, "wh-sh-01", block=10)
+    first = [await issuer.next() for _ in range(15)]
+    await journal.stop()
+    assert first == sorted(first) and len(set(first)) == 15
+    assert first[0].startswith("WH-SH-01-") and first[0].endswith("-000000001")
+
+    # A restart (or kill -9) skips the rest of the reserved block, never repeats.
+    journal = Journal(str(tmp_path))
+    await journal.start()
+    issuer = SerialIssuer(journal, "wh-sh-01", block=10)
+    after = await issuer.next()
+    await journal.stop()
+    assert parse_counter(after, "WH-SH-01") == 21
+    assert after not in first
+
+
+async def test_serial_floor_from_disk_wins_over_a_reset_database(tmp_path: Path):
+    journal = Journal(str(tmp_path / "fresh"))
+    await journal.start()
+    issuer = SerialIssuer(journal, "wh-sh-01")
+    issuer.raise_floor(4711)
+    serial = await issuer.next()
+    await journal.stop()
+    assert parse_counter(serial, "WH-SH-01") == 4712
+    assert parse_counter(serial, "OTHER") is None
+
+
+async def test_retention_prunes_delivered_rows_and_old_merged_files(tmp_path: Path):
+    journal = Journal(str(tmp_path / "state"))
+    await journal.start()
+    for key, state in (("k:old-fwd", FORWARDED), ("k:old-merged", MERGED),
+                       ("k:old-buffered", BUFFERED)):
+        await journal.record(Entry(key, f"S-{key}", state, None, None, b"d", "2026-01-01"))
+    dirs = BufferDirs(tmp_path / "spool")
+    dirs.ensure()
+    old, new = dirs.merged / "OLD.json", dirs.merged / "NEW.json"
+    old.write_text("{}")
+    new.write_text("{}")
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+
+    keeper = Housekeeper(journal, dirs, journal_retention_days=0, merged_retention_days=7)
+    await keeper.run_once()
+    assert await journal.by_key("k:old-fwd") is None
+    assert await journal.by_key("k:old-merged") is None
+    kept = await journal.by_key("k:old-buffered")
+    assert kept is not None and kept.state == BUFFERED  # never forgotten while undelivered
+    assert sorted(os.listdir(dirs.merged)) == ["NEW.json"]
+    await journal.stop()
