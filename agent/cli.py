@@ -59,19 +59,22 @@ def main(argv: list[str] | None = None) -> int:
 def run(config_path: str) -> int:
     cfg = load_config(config_path)
     setup_logging()
-    return asyncio.run(_serve(Service(cfg)))
+    return asyncio.run(_serve(Service(cfg), config_path))
 
 
-async def _serve(service: Service) -> int:
+async def _serve(service: Service, config_path: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: log.warning("SIGHUP received: live reload is not available in "
-                                           "this version; restart to apply config changes"))
+
+    def on_hup() -> None:
+        if service.reloader is not None:
+            service.reloader.trigger()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        await service.start()
+        await service.start(config_path)
     except Exception as exc:
         log.error("agent failed to start: %s", exc, exc_info=True)
         await service.stop()

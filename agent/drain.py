@@ -94,7 +94,7 @@ class Drainer:
                  journal: Journal, spool: PendingSpool, upstream: UpstreamClient,
                  pick_target: TargetPicker, metrics: Metrics) -> None:
         self._settings = settings
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
         self._dirs = dirs
         self._journal = journal
         self._spool = spool
@@ -200,7 +200,7 @@ class Drainer:
                 return Result.DONE
             try:
                 answer = await self._upstream.post_order(
-                    base, record.raw_body, record.dedupe_key, record.serial, self._timeout_s
+                    base, record.raw_body, record.dedupe_key, record.serial, self.timeout_s
                 )
             except UpstreamError as exc:
                 log.info("delivery of %s failed: %s", record.serial, exc)

@@ -9,6 +9,7 @@
     ├── CorruptRecordError       a buffer file that cannot be parsed (quarantined)
     └── UpstreamError            the order center did not answer usefully
         ├── UpstreamUnavailable  nothing was sent: the order surely was not created
+        │   └── DnsError         a cluster host did not resolve (NXDOMAIN, SERVFAIL, timeout)
         └── UpstreamAmbiguous    sent, but no answer: the order may have been created
 
 Errors of the libraries below (aiohttp, aiosqlite, OSError) are translated
@@ -48,6 +49,10 @@ class UpstreamError(EdgeError):
 
 class UpstreamUnavailable(UpstreamError, ConnectionError):
     """Nothing reached the center (refused, DNS, TLS): safe to try elsewhere."""
+
+
+class DnsError(UpstreamUnavailable):
+    """A cluster host could not be resolved; nothing was sent."""
 
 
 class UpstreamAmbiguous(UpstreamError, TimeoutError):

@@ -1,8 +1,10 @@
 """Active health checks of the order-center clusters, with hysteresis.
 
-A cluster goes down after ``unhealthy_threshold`` consecutive failed checks
-and comes back after ``healthy_threshold`` consecutive good ones. Listeners
-are woken on every transition (the drain starts as soon as a cluster is back).
+Each round checks every resolved address of a cluster; the round succeeds if
+at least one address answers 200. A cluster goes down after
+``unhealthy_threshold`` failed rounds in a row and comes back after
+``healthy_threshold`` good ones. Listeners are called on every transition
+(the drain starts as soon as the primary is back, not at the next rescan).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import HealthSection
+from .dns import ClusterResolver
 from .errors import UpstreamError
 from .upstream import UpstreamClient
 
@@ -32,11 +36,16 @@ class ClusterHealth:
     since: float = field(default_factory=time.time)
     last_error: str | None = None
     last_check: float | None = None
+    addresses: dict[str, str | None] = field(default_factory=dict)  # address -> error
     _fails: int = 0
     _oks: int = 0
 
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base).hostname or ""
+
     def observe(self, ok: bool, error: str | None, settings: HealthSection) -> bool:
-        """Record one check; return True when the healthy flag flipped."""
+        """Record one round; return True when the healthy flag flipped."""
         self.last_check = time.time()
         first = not self.checked
         self.checked = True
@@ -63,6 +72,8 @@ class ClusterHealth:
             "since": self.since,
             "last_error": self.last_error,
             "last_check": self.last_check,
+            "addresses": {a: {"healthy": e is None, "error": e}
+                          for a, e in self.addresses.items()},
         }
 
 
@@ -72,13 +83,15 @@ Listener = Callable[[ClusterHealth], None]
 class HealthMonitor:
     """Owns one checking task per configured cluster."""
 
-    def __init__(self, client: UpstreamClient, settings: HealthSection,
-                 clusters: dict[str, str]) -> None:
+    def __init__(self, client: UpstreamClient, resolver: ClusterResolver,
+                 settings: HealthSection, clusters: dict[str, str]) -> None:
         self._client = client
+        self._resolver = resolver
         self._settings = settings
         self.clusters = {name: ClusterHealth(name, base) for name, base in clusters.items()}
         self._listeners: list[Listener] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._started = False
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -90,15 +103,48 @@ class HealthMonitor:
     async def start(self) -> None:
         """Check every cluster once before returning, so routing starts informed."""
         await asyncio.gather(*(self._check(c) for c in self.clusters.values()))
+        self._started = True
         for cluster in self.clusters.values():
-            self._tasks.append(asyncio.create_task(self._loop(cluster),
-                                                   name=f"health:{cluster.name}"))
+            self._spawn(cluster)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._started = False
+        tasks = list(self._tasks.values())
         self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def reconfigure(self, settings: HealthSection, clusters: dict[str, str]) -> None:
+        """Apply new thresholds/intervals and cluster URLs; unchanged clusters keep state."""
+        self._settings = settings
+        for name in list(self.clusters):
+            if clusters.get(name) != self.clusters[name].base:
+                task = self._tasks.pop(name, None)
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                old = self.clusters.pop(name)
+                if old.healthy:  # a removed or re-pointed cluster is no longer usable
+                    old.healthy = False
+                    self._notify(old)
+        for name, base in clusters.items():
+            if name not in self.clusters:
+                cluster = ClusterHealth(name, base)
+                self.clusters[name] = cluster
+                await self._check(cluster)
+                if self._started:
+                    self._spawn(cluster)
+        if self._started:  # restart loops so a new interval applies now
+            for name, cluster in self.clusters.items():
+                task = self._tasks.pop(name, None)
+                if task is not None:
+                    task.cancel()
+                self._spawn(cluster)
+
+    def _spawn(self, cluster: ClusterHealth) -> None:
+        self._tasks[cluster.name] = asyncio.create_task(self._loop(cluster),
+                                                        name=f"health:{cluster.name}")
 
     async def _loop(self, cluster: ClusterHealth) -> None:
         interval = self._settings.interval_s
@@ -106,18 +152,31 @@ class HealthMonitor:
         while True:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             next_at = max(next_at + interval, time.monotonic())  # drift-corrected
-            await self._check(cluster)
+            try:
+                await self._check(cluster)
+            except Exception as exc:  # a check must never end the loop
+                log.error("health check of %s crashed: %s", cluster.name, exc, exc_info=True)
 
     async def _check(self, cluster: ClusterHealth) -> None:
+        error: str | None
         try:
-            await self._client.check_health(cluster.base, self._settings.timeout_s)
-            ok, error = True, None
-        except UpstreamError as exc:
-            ok, error = False, str(exc)
+            results = await self._client.check_health(cluster.base, self._settings.timeout_s)
+        except UpstreamError as exc:  # DNS: no address at all
+            results, error = {}, str(exc)
+        else:
+            error = next((e for e in results.values() if e is not None), None)
+        for address, err in results.items():
+            self._resolver.mark_bad(address, err is not None)
+        cluster.addresses = results
+        ok = any(e is None for e in results.values())
+        if not ok:
+            self._resolver.invalidate(cluster.host)  # all failed: ask DNS again next time
         if cluster.observe(ok, error, self._settings):
-            log.warning(
-                "cluster %s is now %s", cluster.name, "up" if cluster.healthy else "down",
-                extra={"cluster": cluster.name, "healthy": cluster.healthy, "error": error},
-            )
-            for listener in self._listeners:
-                listener(cluster)
+            self._notify(cluster)
+
+    def _notify(self, cluster: ClusterHealth) -> None:
+        log.warning("cluster %s is now %s", cluster.name, "up" if cluster.healthy else "down",
+                    extra={"cluster": cluster.name, "healthy": cluster.healthy,
+                           "error": cluster.last_error})
+        for listener in self._listeners:
+            listener(cluster)

@@ -30,7 +30,7 @@ class HttpApi:
         self._intake = intake
         self._journal = journal
         self._metrics = metrics
-        self._tokens = tuple(t.encode() for t in tokens)
+        self.tokens = tokens
         self._max_body = max_body_bytes
         self._status = status
         self._ready = ready
@@ -60,7 +60,7 @@ class HttpApi:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._tokens and request.path.startswith("/v1/") and not self._authorized(request):
+        if self.tokens and request.path.startswith("/v1/") and not self._authorized(request):
             return json_response(401, {"error": "missing or wrong bearer token"},
                                  headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
@@ -72,8 +72,8 @@ class HttpApi:
         given = token.strip().encode()
         # Compare against every token so timing reveals nothing about which matched.
         ok = False
-        for known in self._tokens:
-            ok |= hmac.compare_digest(given, known)
+        for known in self.tokens:
+            ok |= hmac.compare_digest(given, known.encode())
         return ok
 
     async def post_order(self, request: web.Request) -> web.Response:
@@ -93,13 +93,13 @@ class HttpApi:
 
     async def get_by_serial(self, request: web.Request) -> web.Response:
         entry = await self._journal.by_serial(request.match_info["serial"])
-        if entry is None:
+        if entry is None or not entry.acknowledged:
             return json_response(404, {"error": "no order with this serial"})
         return json_response(200, entry.public())
 
     async def get_by_key(self, request: web.Request) -> web.Response:
         entry = await self._journal.by_key(request.match_info["key"])
-        if entry is None:
+        if entry is None or not entry.acknowledged:
             return json_response(404, {"error": "no order with this dedupe key"})
         return json_response(200, entry.public())
 

@@ -18,21 +18,16 @@ import orjson
 
 from .buffer import PendingRecord
 from .config import Config
-from .delivery import Outcome
-from .errors import BufferFullError, InvalidOrderError, PersistError, UpstreamError
-from .health import HealthMonitor
-from .journal import BUFFERED, FORWARDED, Entry, Journal, body_digest
+from .errors import BufferFullError, InvalidOrderError, PersistError
+from .journal import BUFFERED, FORWARDED, FORWARDING, Entry, Journal, body_digest
 from .metrics import Metrics
+from .router import Router, Verdict
 from .serials import SerialIssuer
 from .spool import PendingSpool
-from .upstream import UpstreamClient
 
 log = logging.getLogger("agent.intake")
 
 MAX_ID_CHARS = 256
-# A center answering these about our request has a problem with us, not with the order:
-# keep the order and deliver it later rather than bounce it back to the channel.
-_CLUSTER_PROBLEM_STATUSES = frozenset({401, 403, 404, 405, 407})
 
 
 @dataclass(frozen=True)
@@ -101,17 +96,15 @@ class Intake:
         journal: Journal,
         serials: SerialIssuer,
         spool: PendingSpool,
-        upstream: UpstreamClient,
-        health: HealthMonitor,
+        router: Router,
         metrics: Metrics,
         on_buffered: Callable[[PendingRecord], Awaitable[str]] | None = None,
     ) -> None:
-        self._cfg = cfg
+        self.cfg = cfg
         self._journal = journal
         self._serials = serials
         self._spool = spool
-        self._upstream = upstream
-        self._health = health
+        self._router = router
         self._metrics = metrics
         self._on_buffered = on_buffered
         self._inflight: dict[str, str | None] = {}
@@ -146,7 +139,7 @@ class Intake:
 
     async def _submit(self, order: Order) -> Reply:
         seen = await self._journal.by_key(order.dedupe_key)
-        if seen is not None:
+        if seen is not None and seen.acknowledged:
             if seen.digest == order.digest:
                 return self._count("duplicate", Reply(200, {"status": "duplicate",
                                                             "serial": seen.serial}))
@@ -155,60 +148,65 @@ class Intake:
                          "different body; the first order stands",
                 "serial": seen.serial,
             }))
+        # A "forwarding" row is a send cut short by a crash: that cluster may hold the key.
+        only = seen.cluster if seen is not None else None
         try:
-            serial = await self._serials.next()
+            serial = seen.serial if seen is not None else await self._serials.next()
         except PersistError as exc:
             log.error("cannot issue a serial: %s", exc)
             return self._count("refused", Reply(503, {"error": f"cannot persist: {exc}"}))
         self._inflight[order.dedupe_key] = serial
         received_at = now_iso()
-        if self._health.is_healthy("primary"):
-            reply = await self._forward(order, serial, received_at)
+        clusters = self._router.candidates(only)
+        if clusters:
+            reply = await self._forward(order, serial, received_at, clusters)
             if reply is not None:
                 return reply
         return await self._buffer(order, serial, received_at)
 
-    async def _forward(self, order: Order, serial: str, received_at: str) -> Reply | None:
-        """Try the primary; None means "not created, buffer it"."""
-        base = self._cfg.upstream.primary
-        try:
-            answer = await self._upstream.post_order(
-                base, order.raw, order.dedupe_key, serial, self._cfg.upstream.timeout_s
-            )
-        except UpstreamError as exc:
-            log.info("forward of %s failed, buffering: %s", serial, exc)
+    async def _forward(self, order: Order, serial: str, received_at: str,
+                       clusters: list[tuple[str, str]]) -> Reply | None:
+        """Try the clusters; None means "not created (or unknown): buffer it"."""
+        try:  # the intent: a retry after a crash must not go to another cluster
+            await self._journal.record(Entry(order.dedupe_key, serial, FORWARDING,
+                                             clusters[0][0], None, order.digest, received_at))
+        except PersistError as exc:
+            log.error("journal intent for %s failed, buffering: %s", serial, exc)
             return None
-        outcome = answer.outcome
-        if outcome.delivered:
+        routed = await self._router.forward(clusters, order.raw, order.dedupe_key, serial,
+                                            self.cfg.upstream.timeout_s)
+        answer = routed.answer
+        if routed.verdict is Verdict.CREATED and answer is not None:
             order_id = None if answer.order_id is None else str(answer.order_id)
             try:
-                await self._journal.record(Entry(order.dedupe_key, serial, FORWARDED, "primary",
-                                                 order_id, order.digest, received_at))
+                await self._journal.record(Entry(order.dedupe_key, serial, FORWARDED,
+                                                 routed.cluster, order_id, order.digest,
+                                                 received_at))
             except PersistError as exc:  # created upstream: the center holds it by key
                 log.error("journal write for forwarded %s failed: %s", serial, exc)
             return self._count("forwarded", Reply(201, {
-                "status": "forwarded", "serial": serial, "cluster": "primary",
+                "status": "forwarded", "serial": serial, "cluster": routed.cluster,
                 "order_id": answer.order_id,
             }))
-        if outcome is Outcome.CONFLICT:
+        if routed.verdict is Verdict.CONFLICT and answer is not None:
             return self._count("upstream_conflict", Reply(422, {
-                "error": "the order center already holds this dedupe key with a different body: "
-                         f"{answer.error or 'HTTP 422'}",
+                "error": f"the {routed.cluster} order center already holds this dedupe key "
+                         f"with a different body: {answer.error or 'HTTP 422'}",
                 "serial": None,
             }))
-        if outcome is Outcome.REJECTED and answer.status not in _CLUSTER_PROBLEM_STATUSES:
+        if routed.verdict is Verdict.REJECTED and answer is not None:
             return self._count("upstream_rejected", Reply(answer.status, {
-                "error": f"the order center rejected the order (HTTP {answer.status}): "
-                         f"{answer.error or 'no reason given'}",
+                "error": f"the {routed.cluster} order center rejected the order "
+                         f"(HTTP {answer.status}): {answer.error or 'no reason given'}",
                 "field": None,
             }))
-        log.info("primary answered %s for %s, buffering", answer.status, serial)
+        log.info("order %s not created upstream, buffering: %s", serial, routed.reason)
         return None
 
     async def _buffer(self, order: Order, serial: str, received_at: str) -> Reply:
         record = PendingRecord(
             serial=serial,
-            node_id=self._cfg.agent.node_id,
+            node_id=self.cfg.agent.node_id,
             received_at=received_at,
             channel_id=order.channel_id,
             dedupe_key=order.dedupe_key,

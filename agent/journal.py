@@ -41,8 +41,12 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
-# States a journal row can take; "buffered" is the only undelivered one.
+# States a journal row can take; "buffered" is the only undelivered one. "forwarding"
+# is the intent written before an order is sent to a cluster: never acknowledged, it
+# tells a retry after a crash which cluster may already hold the key.
 FORWARDED, BUFFERED, MERGED, REJECTED = "forwarded", "buffered", "merged", "rejected"
+FORWARDING = "forwarding"
+ACKNOWLEDGED_STATES = frozenset({FORWARDED, BUFFERED, MERGED, REJECTED})
 
 
 def body_digest(raw: bytes) -> bytes:
@@ -58,6 +62,10 @@ class Entry:
     order_id: str | None
     digest: bytes
     received_at: str
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.state in ACKNOWLEDGED_STATES
 
     def public(self) -> dict[str, Any]:
         return {

@@ -29,6 +29,8 @@ class Metrics:
                                    ["reason"], registry=r)
         self.failovers = Counter("edge_failovers", "Mode transitions away from the primary.",
                                  registry=r)
+        self.mode_transitions = Counter("edge_mode_transitions", "Mode changes, by new mode.",
+                                        ["to"], registry=r)
         self.cluster_transitions = Counter("edge_cluster_transitions",
                                            "Health transitions, by cluster and new state.",
                                            ["cluster", "state"], registry=r)

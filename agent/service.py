@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .buffer import BufferDirs, remove_stale_temps
 from .config import Config
+from .dns import ClusterResolver
 from .drain import Drainer
 from .health import ClusterHealth, HealthMonitor
 from .housekeeping import Housekeeper
@@ -22,6 +23,8 @@ from .intake import Intake
 from .journal import Journal
 from .metrics import Metrics
 from .reconcile import reconcile
+from .reload import ConfigReloader
+from .router import Router
 from .serials import SerialIssuer
 from .spool import PendingSpool
 from .upstream import UpstreamClient
@@ -39,12 +42,13 @@ class Service:
         self.journal = Journal(cfg.agent.state_dir)
         self.serials = SerialIssuer(self.journal, cfg.agent.node_id)
         self.spool = PendingSpool(self.dirs, cfg.buffer.max_bytes)
-        self.upstream = UpstreamClient(cfg.agent.node_id)
-        # The standby joins routing with failover; until then only the primary is watched.
-        clusters = {"primary": cfg.upstream.primary}
-        self.health = HealthMonitor(self.upstream, cfg.health, clusters)
-        self.intake = Intake(cfg, self.journal, self.serials, self.spool, self.upstream,
-                             self.health, self.metrics)
+        self.resolver = ClusterResolver(cfg.upstream.nameservers, cfg.health.timeout_s)
+        self.upstream = UpstreamClient(cfg.agent.node_id, self.resolver)
+        self.health = HealthMonitor(self.upstream, self.resolver, cfg.health,
+                                    _clusters(cfg))
+        self.router = Router(self.health, self.upstream)
+        self.intake = Intake(cfg, self.journal, self.serials, self.spool, self.router,
+                             self.metrics)
         self.drainer = Drainer(cfg.buffer, cfg.upstream.timeout_s, self.dirs, self.journal,
                                self.spool, self.upstream, self._drain_target, self.metrics)
         self.inbox = InboxWatcher(self.dirs, self.intake, cfg.agent.max_body_bytes,
@@ -57,21 +61,43 @@ class Service:
         self.port: int | None = None
         self.health.subscribe(self._on_health_change)
         self._stack: list[Any] = []
+        self.reloader: ConfigReloader | None = None
+        self._mode = "offline"
+        self._mode_since = time.time()
 
     def _drain_target(self) -> tuple[str, str] | None:
-        if self.health.is_healthy("primary"):
-            return "primary", self.cfg.upstream.primary
+        """Buffered orders go to the primary only (see router.py and the README)."""
+        primary = self.health.clusters.get("primary")
+        if primary is not None and primary.healthy:
+            return "primary", primary.base
         return None
 
     def _on_health_change(self, cluster: ClusterHealth) -> None:
         self.metrics.cluster_transitions.labels(
             cluster=cluster.name, state="up" if cluster.healthy else "down").inc()
-        if cluster.name == "primary" and not cluster.healthy:
-            self.metrics.failovers.inc()
-        if cluster.healthy:
+        mode = self.mode()
+        if mode != self._mode:
+            log.warning("mode %s -> %s", self._mode, mode, extra={
+                "from": self._mode, "to": mode, "cluster": cluster.name,
+                "last_error": cluster.last_error})
+            if self._mode == "normal":
+                self.metrics.failovers.inc()
+            self.metrics.mode_transitions.labels(to=mode).inc()
+            self._mode, self._mode_since = mode, time.time()
+        if cluster.name == "primary" and cluster.healthy:
             self.drainer.kick()
 
-    async def start(self) -> None:
+    async def apply_config(self, cfg: Config) -> None:
+        """Switch live sections to ``cfg`` without dropping a request."""
+        old, self.cfg = self.cfg, cfg
+        self.intake.cfg = cfg
+        self.api.tokens = cfg.tokens
+        if cfg.upstream.nameservers != old.upstream.nameservers:
+            self.resolver.configure(cfg.upstream.nameservers)
+        if cfg.health != old.health or _clusters(cfg) != _clusters(old):
+            await self.health.reconfigure(cfg.health, _clusters(cfg))
+        self.drainer.timeout_s = cfg.upstream.timeout_s
+    async def start(self, config_path: str | None = None) -> None:
         await asyncio.to_thread(self.dirs.ensure)
         removed = await asyncio.to_thread(remove_stale_temps, self.dirs.pending)
         if removed:
@@ -82,6 +108,7 @@ class Service:
         await self._start(self.spool)
         await self._start(self.upstream)
         await self._start(self.health)
+        self._mode = self.mode()
         await self._start(self.housekeeper)
         runner = web.AppRunner(self.api.build_app(), access_log=None,
                                shutdown_timeout=self.cfg.agent.shutdown_timeout_s)
@@ -92,6 +119,9 @@ class Service:
         self.port = _bound_port(runner, self.cfg.agent.port)
         await self._start(self.drainer)
         await self._start(self.inbox)
+        if config_path is not None:
+            self.reloader = ConfigReloader(config_path, lambda: self.cfg, self.apply_config)
+            await self._start(self.reloader)
         self.metrics.pending.set_function(lambda: self.spool.count)
         self.metrics.pending_bytes.set_function(lambda: self.spool.bytes)
         log.info("agent accepting orders", extra={
@@ -109,8 +139,8 @@ class Service:
             await asyncio.wait_for(self.intake.wait_idle(), self.cfg.agent.shutdown_timeout_s)
         except TimeoutError:
             log.error("in-flight orders did not finish within agent.shutdown_timeout_s")
-        for component in (self.inbox, self.drainer):
-            if component in self._stack:
+        for component in (self.reloader, self.inbox, self.drainer):
+            if component is not None and component in self._stack:
                 self._stack.remove(component)
                 await component.stop()
         if self._runner is not None:
@@ -142,6 +172,7 @@ class Service:
                 age = 0.0
         return {
             "mode": self.mode(),
+            "mode_since": self._mode_since,
             "node_id": self.cfg.agent.node_id,
             "clusters": {name: c.snapshot() for name, c in self.health.clusters.items()},
             "pending": self.spool.count,
@@ -152,6 +183,13 @@ class Service:
             "accepting": self.intake.accepting,
             "buffer_error": self.spool.last_error,
         }
+
+
+def _clusters(cfg: Config) -> dict[str, str]:
+    clusters = {"primary": cfg.upstream.primary}
+    if cfg.upstream.standby:
+        clusters["standby"] = cfg.upstream.standby
+    return clusters
 
 
 def _bound_port(runner: web.AppRunner, configured: int) -> int:

@@ -9,40 +9,74 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 
 from .delivery import Answer, parse_retry_after
-from .errors import UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
+from .dns import ClusterResolver
+from .errors import DnsError, UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
 
 
 class UpstreamClient:
-    """Owns the keep-alive ClientSession used for forwarding, draining and health checks."""
+    """Owns the keep-alive sessions to the clusters, one per host.
 
-    def __init__(self, node_id: str, max_connections: int = 100) -> None:
+    Connections are pooled per host name; when the DNS answer for a host
+    drops an address, that host's pool is retired (closed once in-flight
+    requests are done) so no request rides a connection to an address that
+    left the answer.
+    """
+
+    def __init__(self, node_id: str, resolver: ClusterResolver,
+                 max_connections: int = 100, retire_grace_s: float = 30.0) -> None:
         self._node_id = node_id
+        self._resolver = resolver
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._retire_grace_s = retire_grace_s
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._started = False
+        resolver.subscribe(self._on_dns_change)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=1)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
-            auto_decompress=True,
-        )
+        self._started = True
 
     async def stop(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._started = False
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for task in self._retiring:
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for session in sessions:
+            await session.close()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def session_for(self, url: str) -> aiohttp.ClientSession:
+        if not self._started:
             raise RuntimeError("UpstreamClient.start() must be awaited before use")
-        return self._session
+        host = urlsplit(url).hostname or ""
+        session = self._sessions.get(host)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(limit=self._max_connections,
+                                             resolver=self._resolver, use_dns_cache=False)
+            session = aiohttp.ClientSession(connector=connector)
+            self._sessions[host] = session
+        return session
+
+    def _on_dns_change(self, host: str, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+        if set(old) <= set(new):
+            return  # only additions: existing connections are still to valid addresses
+        session = self._sessions.pop(host, None)
+        if session is not None and self._started:
+            task = asyncio.create_task(self._retire(session), name=f"retire-pool:{host}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, session: aiohttp.ClientSession) -> None:
+        try:
+            await asyncio.sleep(self._retire_grace_s)
+        finally:
+            await session.close()
 
     async def post_order(
         self, base: str, body: bytes, dedupe_key: str, serial: str, timeout_s: float
@@ -56,24 +90,41 @@ class UpstreamClient:
         url = f"{base.rstrip('/')}/orders"
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
         try:
-            async with self.session.post(url, data=body, headers=headers,
-                                         timeout=timeout) as resp:
+            async with self.session_for(url).post(url, data=body, headers=headers,
+                                                  timeout=timeout) as resp:
                 payload = await resp.read()
                 return _answer(resp.status, payload, resp.headers.get("Retry-After"))
         except _LIBRARY_ERRORS as exc:
             raise _translate(exc, url) from exc
 
-    async def check_health(self, base: str, timeout_s: float) -> None:
-        """Raise UpstreamError unless ``GET {base}/health`` answers 200 in time."""
-        url = f"{base.rstrip('/')}/health"
+    async def check_health(self, base: str, timeout_s: float) -> dict[str, str | None]:
+        """``GET {base}/health`` on every address of the host: {address: error or None}.
+
+        Raises DnsError when the host does not resolve at all.
+        """
+        parts = urlsplit(f"{base.rstrip('/')}/health")
+        host = parts.hostname or ""
+        addresses = await self._resolver.addresses(host)
+        results = await asyncio.gather(
+            *(self._check_address(parts, host, a, timeout_s) for a in addresses))
+        return dict(zip(addresses, results, strict=True))
+
+    async def _check_address(self, parts: SplitResult, host: str, address: str,
+                             timeout_s: float) -> str | None:
+        port = f":{parts.port}" if parts.port else ""
+        url = urlunsplit((parts.scheme, f"{address}{port}", parts.path, parts.query, ""))
         timeout = aiohttp.ClientTimeout(total=timeout_s)
+        headers = {"Host": f"{host}{port}"}
+        tls_name = host if parts.scheme == "https" else None
         try:
-            async with self.session.get(url, timeout=timeout) as resp:
+            async with self.session_for(url).get(url, timeout=timeout, headers=headers,
+                                                 server_hostname=tls_name) as resp:
                 await resp.read()
+                if resp.status != 200:
+                    return f"GET {parts.geturl()} via {address} answered HTTP {resp.status}"
+                return None
         except _LIBRARY_ERRORS as exc:
-            raise _translate(exc, url) from exc
-        if resp.status != 200:
-            raise UpstreamUnavailable(f"GET {url} answered HTTP {resp.status}")
+            return f"GET {parts.geturl()} via {address}: {_translate(exc, url)}"
 
 
 def _answer(status: int, payload: bytes, retry_after: str | None) -> Answer:
@@ -96,6 +147,8 @@ _LIBRARY_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 def _translate(exc: BaseException, url: str) -> UpstreamError:
     """Map aiohttp/asyncio errors to ours (cancellation is never caught)."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return DnsError(f"cannot resolve the host of {url}: {exc.os_error}")
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return UpstreamUnavailable(f"cannot connect to {url}: {exc}")
     if isinstance(exc, aiohttp.InvalidURL):
