@@ -271,9 +271,16 @@ def finish_merged(dirs: BufferDirs, claim: Claim, record: PendingRecord,
     claim.release()
 
 
-def already_merged(dirs: BufferDirs, name: str) -> bool:
-    """A crash between the merged/ write and the pending unlink leaves both."""
-    return (dirs.merged / name).exists()
+def already_merged(dirs: BufferDirs, name: str) -> dict[str, Any] | None:
+    """The merged/ copy of ``name`` if one exists (a crash between the merged/ write
+    and the pending unlink leaves both); None otherwise."""
+    try:
+        doc = orjson.loads((dirs.merged / name).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def drop_pending_copy(claim: Claim) -> None:

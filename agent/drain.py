@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Generator
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import backoff
 import watchfiles
@@ -43,9 +44,26 @@ from .spool import PendingSpool
 from .upstream import UpstreamClient
 
 log = logging.getLogger("agent.drain")
+T = TypeVar("T")
 
 # Returns (cluster name, base URL) to deliver to, or None while none is usable.
 TargetPicker = Callable[[], tuple[str, str] | None]
+# True for a serial the intake is still writing (its journal row is not there yet).
+BusyCheck = Callable[[str], bool]
+
+
+async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a file move in a thread; on cancellation wait for it before unwinding.
+
+    A move must never be half-abandoned by a cancelled task: the claim (the fd
+    holding the flock) is released only after the thread is done with it.
+    """
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
 
 
 class Result(enum.Enum):
@@ -92,7 +110,8 @@ class Drainer:
 
     def __init__(self, settings: BufferSection, timeout_s: float, dirs: BufferDirs,
                  journal: Journal, spool: PendingSpool, upstream: UpstreamClient,
-                 pick_target: TargetPicker, metrics: Metrics) -> None:
+                 pick_target: TargetPicker, metrics: Metrics,
+                 busy: BusyCheck = lambda serial: False) -> None:
         self._settings = settings
         self.timeout_s = timeout_s
         self._dirs = dirs
@@ -100,6 +119,7 @@ class Drainer:
         self._spool = spool
         self._upstream = upstream
         self._pick_target = pick_target
+        self._busy = busy
         self._metrics = metrics
         self._pacer = Pacer(settings.drain_rate_per_s)
         self._kick = asyncio.Event()
@@ -184,14 +204,19 @@ class Drainer:
 
     async def deliver(self, name: str, size: int, cluster: str, base: str) -> Result:
         path = self._dirs.pending / name
+        if self._busy(name.removesuffix(".json")):
+            return Result.RETRY
         claim = await asyncio.to_thread(try_claim, path)
         if claim is None:
             return Result.SKIPPED
         self._active.add(name)
         try:
-            if await asyncio.to_thread(already_merged, self._dirs, name):
-                await asyncio.to_thread(drop_pending_copy, claim)
+            merged = await asyncio.to_thread(already_merged, self._dirs, name)
+            if merged is not None:  # a crash came between the merged/ copy and the unlink
+                await _finish_in_thread(drop_pending_copy, claim)
                 self._spool.released(size)
+                await self._journal.mark(name.removesuffix(".json"), MERGED,
+                                         merged.get("cluster"), merged.get("order_id"))
                 return Result.DONE
             try:
                 record = PendingRecord.from_bytes(claim.data, origin=f"pending/{name}")
@@ -211,7 +236,7 @@ class Drainer:
             if answer.status in SLOW_DOWN_STATUSES:
                 self._pacer.slow_down(answer.retry_after_s)
             if outcome.delivered:
-                await asyncio.to_thread(finish_merged, self._dirs, claim, record,
+                await _finish_in_thread(finish_merged, self._dirs, claim, record,
                                         answer.order_id, cluster)
                 self._spool.released(size)
                 self._pacer.speed_up()
@@ -234,7 +259,7 @@ class Drainer:
 
     async def _quarantine(self, path: Path, size: int, reason: str,
                           details: dict[str, object]) -> None:
-        await asyncio.to_thread(quarantine, self._dirs, path, {"reason": reason, **details})
+        await _finish_in_thread(quarantine, self._dirs, path, {"reason": reason, **details})
         self._spool.released(size)
         self._metrics.quarantined.labels(reason=reason).inc()
         log.warning("quarantined %s to rejected/: %s", path.name, reason,

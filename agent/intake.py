@@ -112,6 +112,10 @@ class Intake:
         self._idle.set()
         self.accepting = True
 
+    def writing(self, serial: str) -> bool:
+        """True while this serial's order is still between its pending file and its reply."""
+        return serial in self._inflight.values()
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 

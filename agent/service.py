@@ -50,7 +50,8 @@ class Service:
         self.intake = Intake(cfg, self.journal, self.serials, self.spool, self.router,
                              self.metrics)
         self.drainer = Drainer(cfg.buffer, cfg.upstream.timeout_s, self.dirs, self.journal,
-                               self.spool, self.upstream, self._drain_target, self.metrics)
+                               self.spool, self.upstream, self._drain_target, self.metrics,
+                               busy=self.intake.writing)
         self.inbox = InboxWatcher(self.dirs, self.intake, cfg.agent.max_body_bytes,
                                   cfg.buffer.scan_interval_s)
         self.housekeeper = Housekeeper(self.journal, self.dirs, cfg.agent.journal_retention_days,
