@@ -21,8 +21,10 @@ from .inbox import InboxWatcher
 from .intake import Intake
 from .journal import Journal
 from .metrics import Metrics
+from .outbox import Outbox
 from .reconcile import reconcile
 from .serials import SerialIssuer
+from .sms_providers import build_provider
 from .spool import PendingSpool
 from .upstream import UpstreamClient
 
@@ -43,8 +45,14 @@ class Service:
         # The standby joins routing with failover; until then only the primary is watched.
         clusters = {"primary": cfg.upstream.primary}
         self.health = HealthMonitor(self.upstream, cfg.health, clusters)
+        # SMS notices for buffered orders (CONTRACT 9); build_provider reads the secrets.
+        self.outbox: Outbox | None = None
+        if cfg.sms.enabled:
+            self.outbox = Outbox(cfg.sms, cfg.agent.state_dir, self.dirs,
+                                 build_provider(cfg.sms), self.metrics)
         self.intake = Intake(cfg, self.journal, self.serials, self.spool, self.upstream,
-                             self.health, self.metrics)
+                             self.health, self.metrics,
+                             on_buffered=self.outbox.on_buffered if self.outbox else None)
         self.drainer = Drainer(cfg.buffer, cfg.upstream.timeout_s, self.dirs, self.journal,
                                self.spool, self.upstream, self._drain_target, self.metrics)
         self.inbox = InboxWatcher(self.dirs, self.intake, cfg.agent.max_body_bytes,
@@ -80,6 +88,8 @@ class Service:
         view = await reconcile(self.journal, self.dirs, self.serials.prefix)
         self.serials.raise_floor(view.max_counter)
         await self._start(self.spool)
+        if self.outbox is not None:  # before the listener: a 202 may queue an SMS
+            await self._start(self.outbox)
         await self._start(self.upstream)
         await self._start(self.health)
         await self._start(self.housekeeper)
@@ -148,7 +158,9 @@ class Service:
             "pending_bytes": self.spool.bytes,
             "journal_buffered": count,
             "oldest_pending_age_s": round(age, 3),
-            "sms_outbox": 0,
+            "sms_outbox": self.outbox.unfinished if self.outbox is not None else 0,
+            "sms": (self.outbox.snapshot() if self.outbox is not None
+                    else {"provider": None, "by_state": {}}),
             "accepting": self.intake.accepting,
             "buffer_error": self.spool.last_error,
         }
