@@ -83,6 +83,15 @@ class SmsSection:
     sign_name: str = "搭贝"
     template: str = "【{sign_name}】您的订单已受理,单号{SN},预计2小时内同步至小程序"
     per_phone_per_hour: int = 3
+    template_code: str = ""  # aliyun: the approved template's code, e.g. SMS_123456789
+    endpoint: str = "https://dysmsapi.aliyuncs.com"  # aliyun
+    credentials_file: str = ""  # http: bearer token; aliyun: access_key_id/access_key_secret
+    timeout_s: float = 5.0
+    give_up_after_s: float = 3600.0
+    retry_initial_s: float = 2.0
+    retry_max_s: float = 300.0
+    rate_limited_pause_s: float = 60.0
+    concurrency: int = 4
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,26 @@ def _validate(cfg: Config, source: str) -> None:
     _check(names <= {"SN", "sign_name"}, source, "sms.template",
            "may only use the placeholders {SN} and {sign_name}", s.template)
     _check("SN" in names, source, "sms.template", "must contain {SN}", s.template)
+    _validate_sms(s, source)
+
+
+def _validate_sms(s: SmsSection, source: str) -> None:
+    for key in ("timeout_s", "give_up_after_s", "retry_initial_s", "retry_max_s"):
+        _check(getattr(s, key) > 0, source, f"sms.{key}", "must be > 0", getattr(s, key))
+    _check(s.rate_limited_pause_s >= 0, source, "sms.rate_limited_pause_s", "must be >= 0",
+           s.rate_limited_pause_s)
+    _check(s.concurrency >= 1, source, "sms.concurrency", "must be >= 1", s.concurrency)
+    if not s.enabled:
+        return
+    if s.provider == "http":
+        _check_url(s.url, source, "sms.url", required=True)
+    if s.provider == "aliyun":
+        _check_url(s.endpoint, source, "sms.endpoint", required=True)
+        _check(bool(s.template_code.strip()), source, "sms.template_code",
+               "is required for provider aliyun (the approved template's code)",
+               s.template_code)
+        _check(bool(s.sign_name.strip()), source, "sms.sign_name",
+               "is required for provider aliyun", s.sign_name)
 
 
 def load_tokens(tokens_file: str) -> frozenset[str]:

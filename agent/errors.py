@@ -7,13 +7,19 @@
     │   └── BufferFullError      buffer.max_bytes reached or the disk is full (HTTP 507)
     ├── InvalidOrderError        an order that is not acceptable as sent (HTTP 400)
     ├── CorruptRecordError       a buffer file that cannot be parsed (quarantined)
-    └── UpstreamError            the order center did not answer usefully
-        ├── UpstreamUnavailable  nothing was sent: the order surely was not created
-        │   └── DnsError         a cluster host did not resolve (NXDOMAIN, SERVFAIL, timeout)
-        └── UpstreamAmbiguous    sent, but no answer: the order may have been created
+    ├── UpstreamError            the order center did not answer usefully
+    │   ├── UpstreamUnavailable  nothing was sent: the order surely was not created
+    │   │   └── DnsError         a cluster host did not resolve (NXDOMAIN, SERVFAIL, timeout)
+    │   └── UpstreamAmbiguous    sent, but no answer: the order may have been created
+    └── SmsError                 an SMS provider did not take a notice
+        ├── SmsTransient         surely not sent (refused, 5xx, 429): retry with backoff
+        │   └── SmsRateLimited   the provider throttles us: retry, but not at once
+        ├── SmsRejected          refused for good (bad number, template, key): give up
+        └── SmsAmbiguous         sent, but no answer: it may have gone out; never resent
 
 Errors of the libraries below (aiohttp, aiosqlite, OSError) are translated
-into these in exactly one place each: ``upstream.py`` and ``buffer.py``.
+into these in exactly one place each: ``upstream.py``, ``buffer.py`` and
+(for SMS providers) ``sms_providers.py``.
 """
 
 from __future__ import annotations
@@ -65,3 +71,23 @@ class InvalidOrderError(EdgeError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class SmsError(EdgeError):
+    """An SMS provider did not take a notice; the message names provider and reason."""
+
+
+class SmsTransient(SmsError, ConnectionError):
+    """The notice surely did not go out: safe to retry later."""
+
+
+class SmsRateLimited(SmsTransient):
+    """The provider throttles us (e.g. Aliyun isv.BUSINESS_LIMIT_CONTROL): retry after a pause."""
+
+
+class SmsRejected(SmsError, ValueError):
+    """The provider refused the notice for good: retrying cannot help."""
+
+
+class SmsAmbiguous(SmsError, TimeoutError):
+    """The request may have reached the provider: resending could send a second message."""

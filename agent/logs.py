@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from .phones import mask_phones
+
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message", "asctime", "taskName",
 }
@@ -28,7 +30,8 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        # Phones are masked in every line, whatever logged them (CONTRACT 9).
+        return mask_phones(orjson.dumps(doc, default=str).decode())
 
 
 def setup_logging(level: int = logging.INFO) -> None:

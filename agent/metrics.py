@@ -36,6 +36,9 @@ class Metrics:
                                            ["cluster", "state"], registry=r)
         self.sms_sent = Counter("edge_sms_sent", "SMS notices sent.", registry=r)
         self.sms_failed = Counter("edge_sms_failed", "SMS notices given up on.", registry=r)
+        self.sms_outbox = Gauge("edge_sms_outbox", "SMS outbox rows, by state (queued, sending, "
+                                "sent, failed, suppressed, skipped, ambiguous).", ["state"],
+                                registry=r)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -22,10 +22,12 @@ from .inbox import InboxWatcher
 from .intake import Intake
 from .journal import Journal
 from .metrics import Metrics
+from .outbox import Outbox
 from .reconcile import reconcile
 from .reload import ConfigReloader
 from .router import Router
 from .serials import SerialIssuer
+from .sms_providers import build_provider
 from .spool import PendingSpool
 from .upstream import UpstreamClient
 
@@ -47,8 +49,14 @@ class Service:
         self.health = HealthMonitor(self.upstream, self.resolver, cfg.health,
                                     _clusters(cfg))
         self.router = Router(self.health, self.upstream)
+        # SMS notices for buffered orders (CONTRACT 9); build_provider reads the secrets.
+        self.outbox: Outbox | None = None
+        if cfg.sms.enabled:
+            self.outbox = Outbox(cfg.sms, cfg.agent.state_dir, self.dirs,
+                                 build_provider(cfg.sms), self.metrics)
         self.intake = Intake(cfg, self.journal, self.serials, self.spool, self.router,
-                             self.metrics)
+                             self.metrics,
+                             on_buffered=self.outbox.on_buffered if self.outbox else None)
         self.drainer = Drainer(cfg.buffer, cfg.upstream.timeout_s, self.dirs, self.journal,
                                self.spool, self.upstream, self._drain_target, self.metrics,
                                busy=self.intake.writing)
@@ -89,8 +97,19 @@ class Service:
             self.drainer.kick()
 
     async def apply_config(self, cfg: Config) -> None:
-        """Switch live sections to ``cfg`` without dropping a request."""
-        old, self.cfg = self.cfg, cfg
+        """Switch live sections to ``cfg`` without dropping a request.
+
+        Whatever can fail (reading new SMS secrets) happens before anything changes.
+        """
+        old = self.cfg
+        provider = None
+        if cfg.sms != old.sms and cfg.sms.enabled:
+            provider = build_provider(cfg.sms)  # ConfigError: nothing applied
+        if self.outbox is None and cfg.sms.enabled:
+            log.warning("sms.enabled was turned on: restart the agent to start the SMS outbox")
+        elif self.outbox is not None and cfg.sms != old.sms:
+            await self.outbox.reconfigure(cfg.sms, provider)
+        self.cfg = cfg
         self.intake.cfg = cfg
         self.api.tokens = cfg.tokens
         if cfg.upstream.nameservers != old.upstream.nameservers:
@@ -107,6 +126,8 @@ class Service:
         view = await reconcile(self.journal, self.dirs, self.serials.prefix)
         self.serials.raise_floor(view.max_counter)
         await self._start(self.spool)
+        if self.outbox is not None:  # before the listener: a 202 may queue an SMS
+            await self._start(self.outbox)
         await self._start(self.upstream)
         await self._start(self.health)
         self._mode = self.mode()
@@ -180,7 +201,9 @@ class Service:
             "pending_bytes": self.spool.bytes,
             "journal_buffered": count,
             "oldest_pending_age_s": round(age, 3),
-            "sms_outbox": 0,
+            "sms_outbox": self.outbox.unfinished if self.outbox is not None else 0,
+            "sms": (self.outbox.snapshot() if self.outbox is not None
+                    else {"provider": None, "by_state": {}}),
             "accepting": self.intake.accepting,
             "buffer_error": self.spool.last_error,
         }

@@ -17,7 +17,7 @@ import pytest
 from agent.config import Config, load_config
 from agent.service import Service
 
-from .fakes import FakeCenter, free_port
+from .fakes import FakeAliyun, FakeCenter, FakeSmsGateway, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,3 +204,23 @@ def agent_process(tmp_path: Path) -> Any:
     yield factory
     for p in procs:
         p.cleanup()
+
+
+@pytest.fixture
+async def sms_gateway() -> AsyncIterator[FakeSmsGateway]:
+    g = await FakeSmsGateway(host="127.0.0.4").start()
+    yield g
+    await g.stop()
+
+
+@pytest.fixture
+async def aliyun() -> AsyncIterator[FakeAliyun]:
+    a = await FakeAliyun(host="127.0.0.4").start()
+    yield a
+    await a.stop()
+
+
+def sms_http(gateway: FakeSmsGateway, **extra: Any) -> dict[str, Any]:
+    """``[sms]`` keys for the http provider against ``gateway``, with fast retries."""
+    return {"provider": "http", "url": gateway.url, "retry_initial_s": 0.1,
+            "retry_max_s": 0.3, "timeout_s": 2, **extra}

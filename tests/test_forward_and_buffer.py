@@ -61,7 +61,7 @@ async def test_center_down_buffers_durably_with_contract_fields(make_agent, cent
     raw = orjson.dumps(order(42, customer_phone="13812345678", note="包邮"))
     status, body = await agent.post(raw)
     assert status == 202, body
-    assert body == {"status": "buffered", "serial": body["serial"], "sms": "none"}
+    assert body == {"status": "buffered", "serial": body["serial"], "sms": "queued"}
     name = f"{body['serial']}.json"
     assert agent.files("pending") == [name]
     path = agent.spool / "pending" / name

@@ -1,0 +1,284 @@
+"""SMS notices for buffered orders: the persistent outbox and its sender (CONTRACT 9).
+
+At most one SMS per serial (DESIGN invariant 7):
+
+* ``on_buffered`` commits the serial's row before the intake answers 202 with
+  ``"sms":"queued"``; the serial is the primary key, so there is never a
+  second row, and the provider gets the serial as its dedupe id (OutId).
+* The sender marks a row "sending" durably *before* calling the provider.
+  A row still "sending" at start-up was interrupted mid-call: the message may
+  have gone out, so it becomes "ambiguous" and is never resent (ops can look
+  it up by serial at the provider). An answer-less call ends the same way.
+* Only failures that surely sent nothing (refused, 5xx, 429, throttled) are
+  retried, with exponential backoff and jitter, until ``give_up_after_s``.
+* At start-up every pending/ file with a ``customer_phone`` and no row gets
+  one: the files are the truth, the outbox may have missed a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from .buffer import BufferDirs, PendingRecord, list_pending
+from .config import SmsSection
+from .errors import (
+    CorruptRecordError,
+    PersistError,
+    SmsAmbiguous,
+    SmsRateLimited,
+    SmsRejected,
+    SmsTransient,
+)
+from .metrics import Metrics
+from .outbox_store import (
+    AMBIGUOUS,
+    FAILED,
+    OPEN,
+    QUEUED,
+    SENDING,
+    SENT,
+    STATES,
+    OutboxStore,
+    Row,
+)
+from .phones import check, mask
+from .sms_providers import Notice, SmsProvider
+
+log = logging.getLogger("agent.sms")
+
+PRUNE_EVERY_S = 60.0
+
+
+class Outbox:
+    """Owns the outbox store, the provider and the sender task; ``start()``/``stop()``."""
+
+    def __init__(self, cfg: SmsSection, state_dir: str, dirs: BufferDirs,
+                 provider: SmsProvider, metrics: Metrics) -> None:
+        self._cfg = cfg
+        self._dirs = dirs
+        self._provider = provider
+        self._metrics = metrics
+        self.store = OutboxStore(state_dir)
+        self.counts: Counter[str] = Counter()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._retired: list[SmsProvider] = []
+
+    async def reconfigure(self, cfg: SmsSection, provider: SmsProvider | None) -> None:
+        """Live reload: new settings, and a new provider when its settings changed.
+
+        The old provider may still be sending; it is closed at stop(), not now.
+        """
+        if provider is not None:
+            await provider.start()
+            self._retired.append(self._provider)
+            self._provider = provider
+        self._cfg = cfg
+        self._wakeup.set()
+
+    @property
+    def provider_name(self) -> str:
+        return self._provider.name
+
+    @property
+    def unfinished(self) -> int:
+        return sum(self.counts[s] for s in OPEN)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"provider": self._provider.name,
+                "by_state": {s: self.counts[s] for s in STATES}}
+
+    async def start(self) -> None:
+        await self.store.open()
+        interrupted = await self.store.sending_to_ambiguous(
+            "the agent stopped while this SMS was being sent; it may have gone out, "
+            "so it is not resent (at most one SMS per serial)")
+        for serial in interrupted:
+            log.warning("SMS for %s is ambiguous: interrupted while sending, not resent",
+                        serial, extra={"serial": serial})
+        self.counts = await self.store.counts()
+        await self._provider.start()
+        await self._backfill()
+        for state in STATES:
+            self._metrics.sms_outbox.labels(state=state).set_function(self._counter(state))
+        self._task = asyncio.create_task(self._run(), name="sms-sender")
+
+    def _counter(self, state: str) -> Callable[[], int]:
+        return lambda: self.counts[state]
+
+    async def stop(self) -> None:
+        """Let in-flight sends finish (bounded by sms.timeout_s), then close."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self._cfg.timeout_s + 2)
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for provider in (*self._retired, self._provider):
+            await provider.stop()
+        self._retired.clear()
+        await self.store.close()
+
+    # -- intake ------------------------------------------------------------------------
+
+    async def on_buffered(self, record: PendingRecord) -> str:
+        """Intake hook: the order is durable; queue its notice. Never raises."""
+        if record.customer_phone is None or not self._cfg.enabled:
+            return "none"
+        try:
+            state = await self._enqueue(record.serial, record.customer_phone)
+        except Exception as exc:  # the order is accepted regardless; start-up retries it
+            log.error("SMS for %s not queued: %s", record.serial, exc,
+                      extra={"serial": record.serial})
+            return "none"
+        return "queued" if state in (QUEUED, SENDING, SENT) else "none"
+
+    async def _enqueue(self, serial: str, raw_phone: str) -> str:
+        checked = check(raw_phone)
+        state, new = await self.store.enqueue(serial, checked.number, raw_phone,
+                                              checked.reason, self._cfg.per_phone_per_hour)
+        if new:
+            self.counts[state] += 1
+            extra = {"serial": serial, "phone": mask(raw_phone), "sms_state": state}
+            if state == QUEUED:
+                log.info("SMS for %s queued", serial, extra=extra)
+                self._wakeup.set()
+            else:
+                log.warning("SMS for %s %s: %s", serial, state, checked.reason or
+                            "sms.per_phone_per_hour reached", extra=extra)
+        return state
+
+    async def _backfill(self) -> None:
+        """Pending files younger than give_up_after_s with a phone and no row get one."""
+        known = await self.store.serials()
+        horizon = time.time() - self._cfg.give_up_after_s
+        for record in await asyncio.to_thread(_unnotified, self._dirs, known, horizon):
+            assert record.customer_phone is not None
+            log.warning("pending %s has a phone but no SMS outbox row; adding it",
+                        record.serial, extra={"serial": record.serial})
+            await self._enqueue(record.serial, record.customer_phone)
+
+    # -- sender ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        last_prune = 0.0
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                now = time.time()
+                if now - last_prune > PRUNE_EVERY_S:
+                    await self.store.prune_window()
+                    last_prune = now
+                rows = await self.store.due(now, self._cfg.concurrency)
+                if rows:
+                    await asyncio.gather(*(self._send_one(row) for row in rows))
+                    continue
+                nxt = await self.store.next_due()
+            except PersistError as exc:
+                log.error("SMS outbox: %s; retrying in 1s", exc)
+                nxt = time.time() + 1.0
+            delay = PRUNE_EVERY_S if nxt is None else min(max(0.0, nxt - time.time()),
+                                                          PRUNE_EVERY_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), delay)
+
+    async def _send_one(self, row: Row) -> None:
+        now = time.time()
+        if now - row.created_at > self._cfg.give_up_after_s:
+            await self._finish(row, QUEUED, FAILED, "not sent within sms.give_up_after_s")
+            return
+        attempts = row.attempts + 1
+        # The durable "sending" mark comes first: after a crash it means "maybe sent".
+        if not await self.store.move(row, QUEUED, SENDING, attempts=attempts):
+            return
+        self._moved(QUEUED, SENDING)
+        row = Row(row.serial, row.phone, attempts, row.created_at)
+        text = self._cfg.template.format(SN=row.serial, sign_name=self._cfg.sign_name)
+        notice = Notice(row.serial, row.phone, self._cfg.sign_name, self._cfg.template, text)
+        try:
+            provider_id = await self._provider.send(notice)
+        except SmsRateLimited as exc:
+            await self._retry(row, exc, self._cfg.rate_limited_pause_s)
+        except SmsTransient as exc:
+            await self._retry(row, exc, 0.0)
+        except SmsRejected as exc:
+            await self._finish(row, SENDING, FAILED, str(exc))
+        except SmsAmbiguous as exc:
+            await self._finish(row, SENDING, AMBIGUOUS, f"{exc}; not resent")
+        except Exception as exc:  # a bug: we cannot know whether it went out
+            log.error("SMS for %s: unexpected provider error", row.serial, exc_info=True)
+            await self._finish(row, SENDING, AMBIGUOUS, f"unexpected error {exc!r}; not resent")
+        else:
+            await self._finish(row, SENDING, SENT, "", provider_id)
+
+    async def _retry(self, row: Row, exc: Exception, at_least: float) -> None:
+        base = min(self._cfg.retry_max_s, self._cfg.retry_initial_s * 2 ** (row.attempts - 1))
+        delay = max(at_least, base * random.uniform(0.5, 1.0))
+        if time.time() + delay - row.created_at > self._cfg.give_up_after_s:
+            await self._finish(row, SENDING, FAILED,
+                               f"gave up after {row.attempts} attempts: {exc}")
+            return
+        log.info("SMS for %s not sent (%s); retry in %.1fs", row.serial, exc, delay,
+                 extra={"serial": row.serial, "phone": mask(row.phone)})
+        await self._move(row, SENDING, QUEUED, reason=str(exc), next_at=time.time() + delay)
+
+    async def _finish(self, row: Row, from_state: str, state: str, reason: str,
+                      provider_id: str = "") -> None:
+        if not await self._move(row, from_state, state, reason=reason,
+                                provider_id=provider_id):
+            return
+        extra = {"serial": row.serial, "phone": mask(row.phone), "sms_state": state,
+                 "attempts": row.attempts}
+        if state == SENT:
+            self._metrics.sms_sent.inc()
+            log.info("SMS for %s sent via %s", row.serial, self._provider.name, extra=extra)
+            return
+        if state == FAILED:
+            self._metrics.sms_failed.inc()
+        log.warning("SMS for %s %s: %s", row.serial, state, reason, extra=extra)
+
+    async def _move(self, row: Row, from_state: str, to_state: str, **kw: Any) -> bool:
+        """A transition after the provider call; if it cannot be written the row stays
+        "sending" on disk, which the next start-up turns into "ambiguous"."""
+        try:
+            moved = await self.store.move(row, from_state, to_state, **kw)
+        except PersistError as exc:
+            log.error("SMS for %s: cannot record %s: %s", row.serial, to_state, exc)
+            return False
+        if moved:
+            self._moved(from_state, to_state)
+        return moved
+
+    def _moved(self, from_state: str, to_state: str) -> None:
+        self.counts[from_state] -= 1
+        self.counts[to_state] += 1
+
+
+def _unnotified(dirs: BufferDirs, known: set[str], horizon: float) -> list[PendingRecord]:
+    """Pending records written after ``horizon`` with a phone and no outbox row."""
+    out = []
+    for name, _ in list_pending(dirs):
+        if name[: -len(".json")] in known:
+            continue
+        path = dirs.pending / name
+        try:
+            if os.stat(path).st_mtime < horizon:
+                continue  # too late for a "we got your order" notice
+            record = PendingRecord.from_bytes(path.read_bytes(), origin=str(path))
+        except (OSError, CorruptRecordError):
+            continue  # the drain quarantines what cannot be read
+        if record.customer_phone is not None and record.serial not in known:
+            out.append(record)
+    return out

@@ -1,0 +1,255 @@
+"""The SMS outbox table and the per-phone sliding window, in ``state_dir/outbox.sqlite3``.
+
+One row per serial (the primary key: a serial can never get a second row).
+States::
+
+    queued ──► sending ──► sent
+      ▲          │ ├─────► failed      refused for good, or not sent within give_up_after_s
+      └──────────┘ └─────► ambiguous   sent but unanswered, or found "sending" at start-up
+    skipped      no valid phone, or found too late at start-up
+    suppressed   sms.per_phone_per_hour reached
+
+Every write commits with ``synchronous=FULL`` (group-committed), so a row that
+said "sending" before a crash or a power loss still says so afterwards. Once a
+row is final its phone is replaced by the masked form; the window rows that
+the rate limit needs are deleted after an hour.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from .batching import GroupCommit
+from .errors import PersistError
+from .phones import mask
+
+QUEUED, SENDING, SENT, FAILED = "queued", "sending", "sent", "failed"
+SUPPRESSED, SKIPPED, AMBIGUOUS = "suppressed", "skipped", "ambiguous"
+STATES = (QUEUED, SENDING, SENT, FAILED, SUPPRESSED, SKIPPED, AMBIGUOUS)
+OPEN = (QUEUED, SENDING)
+WINDOW_S = 3600.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sms (
+    serial      TEXT PRIMARY KEY,
+    phone       TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    reason      TEXT NOT NULL DEFAULT '',
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    next_at     REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    provider_id TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS sms_due ON sms(state, next_at);
+CREATE TABLE IF NOT EXISTS sms_window (
+    phone TEXT NOT NULL,
+    at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sms_window_phone ON sms_window(phone, at);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    serial: str
+    phone: str
+    attempts: int
+    created_at: float
+
+
+@dataclass
+class _Enqueue:
+    serial: str
+    phone: str | None  # normalized, or None when invalid
+    raw_phone: str
+    reason: str  # why it is skipped (when phone is None or too old)
+    limit: int
+    result: str = ""
+    inserted: bool = False
+
+
+@dataclass
+class _Update:
+    serial: str
+    state: str
+    phone: str
+    reason: str
+    next_at: float
+    attempts: int
+    provider_id: str
+    only_from: str  # the state the row must be in, or the update does nothing
+    result: str = ""
+    inserted: bool = False
+
+
+@dataclass
+class _Prune:
+    before: float
+
+
+_Op = _Enqueue | _Update | _Prune
+
+
+class OutboxStore:
+    """Owns the outbox's SQLite connections (one writer, one reader) and its group commit."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = Path(state_dir) / "outbox.sqlite3"
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._writer = GroupCommit[_Op]("sms-outbox", self._flush)
+
+    def _conn(self, reader: bool = False) -> aiosqlite.Connection:
+        db = self._reader if reader else self._db
+        if db is None:
+            raise RuntimeError("OutboxStore.open() must be awaited before use")
+        return db
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=FULL")
+            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.executescript(SCHEMA)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute("PRAGMA busy_timeout=5000")
+        except Exception as exc:
+            await self.close()
+            raise PersistError(f"cannot open SMS outbox {self.path}: {exc}; "
+                               "check agent.state_dir") from exc
+        self.path.chmod(0o600)
+        self._writer.start()
+
+    async def close(self) -> None:
+        await self._writer.stop()
+        for db in (self._reader, self._db):
+            if db is not None:
+                await db.close()
+        self._db = self._reader = None
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def _flush(self, ops: list[_Op]) -> Sequence[None]:
+        db = self._conn()
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for op in ops:
+                    if isinstance(op, _Enqueue):
+                        await self._apply_enqueue(db, op)
+                    elif isinstance(op, _Update):
+                        await self._apply_update(db, op)
+                    else:
+                        await db.execute("DELETE FROM sms_window WHERE at < ?", (op.before,))
+                await db.execute("COMMIT")
+            except Exception:
+                await db.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            raise PersistError(f"SMS outbox write failed in {self.path}: {exc}") from exc
+        return [None] * len(ops)
+
+    async def _apply_enqueue(self, db: aiosqlite.Connection, op: _Enqueue) -> None:
+        async with db.execute("SELECT state FROM sms WHERE serial=?", (op.serial,)) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            op.result = str(row[0])
+            return
+        now = time.time()
+        state, phone, reason = QUEUED, op.phone or "", op.reason
+        if op.phone is None or op.reason:
+            state, phone = SKIPPED, mask(op.raw_phone)
+        elif op.limit > 0:
+            async with db.execute("SELECT COUNT(*) FROM sms_window WHERE phone=? AND at>?",
+                                  (op.phone, now - WINDOW_S)) as cur:
+                count = await cur.fetchone()
+            if count is not None and int(count[0]) >= op.limit:
+                state, phone = SUPPRESSED, mask(op.phone)
+                reason = f"sms.per_phone_per_hour ({op.limit}) reached for this phone"
+        await db.execute(
+            "INSERT INTO sms (serial, phone, state, reason, created_at, next_at, updated_at) "
+            "VALUES (?,?,?,?,?,?,?)", (op.serial, phone, state, reason, now, now, now))
+        if state == QUEUED:
+            await db.execute("INSERT INTO sms_window (phone, at) VALUES (?,?)", (phone, now))
+        op.result, op.inserted = state, True
+
+    async def _apply_update(self, db: aiosqlite.Connection, op: _Update) -> None:
+        cur = await db.execute(
+            "UPDATE sms SET state=?, phone=?, reason=?, next_at=?, attempts=?, provider_id=?, "
+            "updated_at=? WHERE serial=? AND state=?",
+            (op.state, op.phone, op.reason, op.next_at, op.attempts, op.provider_id,
+             time.time(), op.serial, op.only_from))
+        op.inserted = cur.rowcount == 1
+        op.result = op.state if op.inserted else ""
+
+    async def enqueue(self, serial: str, phone: str | None, raw_phone: str, reason: str,
+                      limit: int) -> tuple[str, bool]:
+        """Add the row for ``serial`` unless it exists; (its state, whether it is new)."""
+        op = _Enqueue(serial, phone, raw_phone, reason, limit)
+        await self._writer.submit(op)
+        return op.result, op.inserted
+
+    async def move(self, row: Row, from_state: str, to_state: str, *, reason: str = "",
+                   next_at: float = 0.0, attempts: int | None = None,
+                   provider_id: str = "") -> bool:
+        """Move ``row`` from ``from_state`` to ``to_state``; False if it was not there."""
+        final = to_state not in OPEN
+        op = _Update(row.serial, to_state, mask(row.phone) if final else row.phone, reason,
+                     next_at, row.attempts if attempts is None else attempts, provider_id,
+                     from_state)
+        await self._writer.submit(op)
+        return op.inserted
+
+    async def sending_to_ambiguous(self, reason: str) -> list[str]:
+        """At start-up: every row still "sending" was interrupted mid-call."""
+        async with self._conn(reader=True).execute(
+                "SELECT serial, phone, attempts, created_at FROM sms WHERE state=?",
+                (SENDING,)) as cur:
+            rows = [Row(*r) for r in await cur.fetchall()]
+        for row in rows:
+            await self.move(row, SENDING, AMBIGUOUS, reason=reason)
+        return [row.serial for row in rows]
+
+    async def prune_window(self) -> None:
+        """Forget sends older than the window: the limit no longer needs those phones."""
+        await self._writer.submit(_Prune(time.time() - WINDOW_S))
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int) -> list[Row]:
+        async with self._conn(reader=True).execute(
+                "SELECT serial, phone, attempts, created_at FROM sms "
+                "WHERE state=? AND next_at<=? ORDER BY next_at LIMIT ?",
+                (QUEUED, now, limit)) as cur:
+            return [Row(*r) for r in await cur.fetchall()]
+
+    async def next_due(self) -> float | None:
+        async with self._conn(reader=True).execute(
+                "SELECT MIN(next_at) FROM sms WHERE state=?", (QUEUED,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def counts(self) -> Counter[str]:
+        async with self._conn(reader=True).execute(
+                "SELECT state, COUNT(*) FROM sms GROUP BY state") as cur:
+            return Counter({str(s): int(n) for s, n in await cur.fetchall()})
+
+    async def serials(self) -> set[str]:
+        async with self._conn(reader=True).execute("SELECT serial FROM sms") as cur:
+            return {str(r[0]) for r in await cur.fetchall()}
+
+    async def state_of(self, serial: str) -> tuple[str, str] | None:
+        """(state, reason) of one serial's notice, for tests and ops."""
+        async with self._conn(reader=True).execute(
+                "SELECT state, reason FROM sms WHERE serial=?", (serial,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
