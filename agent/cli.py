@@ -15,6 +15,7 @@ import orjson
 from .config import load_config, resolve_config_path
 from .errors import ConfigError
 from .logs import setup_logging
+from .sd_notify import SdNotifier
 from .service import Service
 
 log = logging.getLogger("agent")
@@ -73,15 +74,21 @@ async def _serve(service: Service, config_path: str) -> int:
             service.reloader.trigger()
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    notifier = SdNotifier()  # no-op outside systemd
+    await notifier.start()  # watchdog pings (if asked for) run from here on
     try:
         await service.start(config_path)
     except Exception as exc:
         log.error("agent failed to start: %s", exc, exc_info=True)
         await service.stop()
+        await notifier.stop()
         return 1
+    notifier.ready(f"accepting orders on {service.cfg.agent.host}:{service.port}")
     await stop.wait()
+    notifier.stopping()
     log.info("stopping: no new orders, finishing in-flight ones")
     await service.stop()
+    await notifier.stop()
     return 0
 
 

@@ -146,9 +146,10 @@ def order(n: int | str, **extra: Any) -> dict[str, Any]:
 class AgentProcess:
     """``edge-agent run`` as a real subprocess, for crash and signal tests."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log = log
+        self.env = env  # None: inherit os.environ
         self.proc: subprocess.Popen[bytes] | None = None
         cfg = load_config(str(config))
         self.url = f"http://{cfg.agent.listen}"
@@ -157,7 +158,7 @@ class AgentProcess:
         self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=self._log_fh, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=self._log_fh, cwd=ROOT, env=self.env,
         )
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
@@ -196,8 +197,8 @@ class AgentProcess:
 def agent_process(tmp_path: Path) -> Any:
     procs: list[AgentProcess] = []
 
-    def factory(config: Path) -> AgentProcess:
-        p = AgentProcess(config, tmp_path / "agent.log")
+    def factory(config: Path, env: dict[str, str] | None = None) -> AgentProcess:
+        p = AgentProcess(config, tmp_path / "agent.log", env)
         procs.append(p)
         return p
 
