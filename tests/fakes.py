@@ -1,216 +1,23 @@
-"""Real servers on loopback that stand in for our neighbours: an order center."""
+"""Real servers on loopback that stand in for our neighbours.
+
+The order center and the SMS gateway are the sandbox's own (agent/sandbox/servers.py),
+so the drills and the tests check the promise against the same fakes. The Aliyun
+endpoint, which recomputes request signatures, lives here.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import socket
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 from aiohttp import web
 
+from agent.sandbox.servers import Listener, SmsReceived, free_port
+from agent.sandbox.servers import SandboxCenter as FakeCenter
+from agent.sandbox.servers import SandboxSmsGateway as FakeSmsGateway
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Received:
-    key: str
-    body: bytes
-    headers: dict[str, str]
-
-
-@dataclass
-class FakeCenter:
-    """An order center (CONTRACT section 7) that honors Idempotency-Key.
-
-    ``mode``: "up"; "503" (health and orders answer 503); "down" (the listener is
-    closed: connections are refused). ``script``: statuses to answer the next
-    POSTs with, before normal handling. ``creates`` counts real creates per key.
-    """
-
-    host: str = "127.0.0.2"
-    port: int = 0
-    mode: str = "up"
-    delay_s: float = 0.0
-    script: deque[int] = field(default_factory=deque)
-    retry_after: str | None = None
-    orders: dict[str, tuple[str, bytes]] = field(default_factory=dict)
-    creates: Counter[str] = field(default_factory=Counter)
-    received: list[Received] = field(default_factory=list)
-    health_checks: int = 0
-    _ids: Any = field(default_factory=lambda: itertools.count(1))
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v3"
-
-    async def start(self) -> FakeCenter:
-        if not self.port:
-            self.port = free_port(self.host)
-        app = web.Application()
-        app.router.add_get("/v3/health", self._health)
-        app.router.add_post("/v3/orders", self._post)
-        app.router.add_get("/v3/orders/by-key/{key:.+}", self._by_key)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
-        self.mode = "up" if self.mode == "down" else self.mode
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def go_down(self) -> None:
-        """Refuse connections from now on."""
-        await self.stop()
-        self.mode = "down"
-
-    async def come_up(self) -> None:
-        self.mode = "up"
-        if self._runner is None:
-            await self.start()
-
-    def created_keys(self) -> set[str]:
-        return set(self.creates)
-
-    def duplicates(self) -> dict[str, int]:
-        return {k: n for k, n in self.creates.items() if n > 1}
-
-    async def _health(self, request: web.Request) -> web.Response:
-        self.health_checks += 1
-        if self.mode != "up":
-            return web.json_response({"ok": False}, status=503)
-        return web.json_response({"ok": True})
-
-    async def _post(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        key = request.headers.get("Idempotency-Key", "")
-        self.received.append(Received(key, body, dict(request.headers)))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        if self.mode != "up":
-            return web.json_response({"error": "unavailable"}, status=503)
-        if self.script:
-            status = self.script.popleft()
-            headers = {"Retry-After": self.retry_after} if self.retry_after else None
-            return web.json_response({"error": f"scripted {status}"}, status=status,
-                                     headers=headers)
-        if key in self.orders:
-            order_id, first = self.orders[key]
-            if first != body:
-                return web.json_response({"error": "key reused with another body"}, status=422)
-            return web.json_response({"order_id": order_id, "duplicate": True}, status=200)
-        order_id = f"OC{next(self._ids):08d}"
-        self.orders[key] = (order_id, body)
-        self.creates[key] += 1
-        return web.json_response({"order_id": order_id}, status=201)
-
-    async def _by_key(self, request: web.Request) -> web.Response:
-        key = request.match_info["key"]
-        if key not in self.orders:
-            return web.json_response({"error": "not found"}, status=404)
-        order_id, body = self.orders[key]
-        return web.Response(body=orjson.dumps({"order_id": order_id, "body": body.decode()}),
-                            content_type="application/json")
-
-
-# -- SMS gateways (CONTRACT section 9) ------------------------------------------------
-
-
-@dataclass
-class SmsReceived:
-    serial: str
-    phone: str
-    doc: dict[str, Any]
-    headers: dict[str, str]
-    at: float
-
-
-class _Listener:
-    """start / stop / go_down / come_up for a small aiohttp app on a fixed loopback port."""
-
-    host: str
-    port: int
-    _runner: web.AppRunner | None
-
-    def _app(self) -> web.Application:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    async def start(self) -> Any:
-        if not self.port:
-            self.port = free_port(self.host)
-        self._runner = web.AppRunner(self._app(), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def go_down(self) -> None:
-        """Refuse connections from now on."""
-        await self.stop()
-
-    async def come_up(self) -> None:
-        if self._runner is None:
-            await self.start()
-
-
-@dataclass
-class FakeSmsGateway(_Listener):
-    """The ``http`` provider's gateway: JSON {"phone","sign_name","template","params","text"}.
-
-    ``token``: the bearer token it demands (401 otherwise). ``script``: statuses for
-    the next requests. ``delay_s``: answer late (to provoke client timeouts).
-    """
-
-    host: str = "127.0.0.4"
-    port: int = 0
-    token: str = ""
-    delay_s: float = 0.0
-    script: deque[int] = field(default_factory=deque)
-    received: list[SmsReceived] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/send"
-
-    def _app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/send", self._send)
-        return app
-
-    def per_serial(self) -> Counter[str]:
-        return Counter(r.serial for r in self.received)
-
-    async def _send(self, request: web.Request) -> web.Response:
-        import time
-
-        if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
-            return web.json_response({"error": "bad token"}, status=401)
-        doc = orjson.loads(await request.read())
-        if self.script:
-            status = self.script.popleft()
-            return web.json_response({"error": f"scripted {status}"}, status=status)
-        # Counted when accepted: what a customer's phone would show.
-        self.received.append(SmsReceived(doc["params"]["SN"], doc["phone"], doc,
-                                         dict(request.headers), time.monotonic()))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        return web.json_response({"id": f"M{len(self.received)}"})
+__all__ = ["FakeAliyun", "FakeCenter", "FakeSmsGateway", "free_port"]
 
 
 def aliyun_percent(value: str) -> str:
@@ -239,7 +46,7 @@ def aliyun_expected_signature(secret: str, method: str, raw_query: str,
 
 
 @dataclass
-class FakeAliyun(_Listener):
+class FakeAliyun(Listener):
     """Dysms ``SendSms`` (2017-05-25) that checks the V3 signature like the real service.
 
     Rejects (HTTP 400 SignatureDoesNotMatch / InvalidAccessKeyId / ...) what the
