@@ -13,7 +13,7 @@ import urllib.request
 import orjson
 
 from .config import load_config, resolve_config_path
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .logs import setup_logging
 from .sd_notify import SdNotifier
 from .service import Service
@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     drill.add_argument("--scenario", action="append")
     drill.add_argument("--orders", type=int)
     drill.add_argument("--report")
+    sub.add_parser("sandbox", help="run the loopback sandbox alone, for manual drills")
     return p
 
 
@@ -50,10 +51,16 @@ def main(argv: list[str] | None = None) -> int:
             return run(resolve_config_path(args.config))
         if args.command == "status":
             return status(resolve_config_path(args.config), args.json)
-        print("edge-agent drill: not implemented yet", file=sys.stderr)
-        return 2
+        from .drill import cli as drill_cli  # the drill's extras load only when drilling
+
+        if args.command == "sandbox":
+            return drill_cli.sandbox()
+        return drill_cli.drill(args.scenario, args.orders, args.report)
     except ConfigError as exc:
         print(f"edge-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
 
 

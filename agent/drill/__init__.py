@@ -1,0 +1,1 @@
+"""Outage drills: the real agent against a loopback sandbox, scenario by scenario."""

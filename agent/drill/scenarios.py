@@ -1,0 +1,110 @@
+"""The drill scenarios, each a small declarative script of steps."""
+
+from __future__ import annotations
+
+from .steps import (
+    Context,
+    Fail,
+    Flap,
+    KillAgent,
+    Merge,
+    Predicate,
+    Restore,
+    StartLoad,
+    Step,
+    StopAgent,
+    SwitchDns,
+    WaitLoad,
+    WaitUntil,
+)
+
+
+def _created_on(center: str) -> Predicate:
+    def pred(ctx: Context) -> bool:
+        return len(ctx.sandbox.centers[center].creates) > 0
+    return pred
+
+
+def _mode(mode: str) -> Predicate:
+    async def pred(ctx: Context) -> bool:
+        return bool((await ctx.status())["mode"] == mode)
+    return pred
+
+
+def _drained(ctx: Context) -> bool:
+    return ctx.agent.pending() == 0
+
+
+def _sms_sent(ctx: Context) -> bool:
+    sent = ctx.sandbox.sms.per_serial()
+    return all(serial in sent for load in ctx.loads for serial in load.sms_queued)
+
+
+SCENARIOS: dict[str, list[Step]] = {
+    # The primary stops answering under load: orders move to the standby.
+    "primary-outage": [
+        StartLoad(),
+        Fail("primary", "refuse"),
+        WaitUntil("a create on the standby", _created_on("standby"),
+                  record="failover_s", since="fail:primary"),
+        WaitUntil("mode standby", _mode("standby")),
+        WaitLoad(),
+        Restore("primary"),
+        WaitUntil("mode normal", _mode("normal"), record="failback_s", since="restore:primary"),
+    ],
+    # Both clusters down: every order is buffered and its customer gets one SMS.
+    "total-outage": [
+        Fail("primary", "refuse"),
+        Fail("standby", "503"),
+        WaitUntil("mode offline", _mode("offline")),
+        StartLoad(),
+        WaitLoad(),
+        WaitUntil("one SMS per buffered order with a phone", _sms_sent),
+    ],
+    # The primary returns after a total outage: the buffer drains to it by itself.
+    "recovery": [
+        Fail("primary", "refuse"),
+        Fail("standby", "refuse"),
+        WaitUntil("mode offline", _mode("offline")),
+        StartLoad(),
+        WaitLoad(),
+        Restore("primary"),
+        WaitUntil("pending/ to drain", _drained, record="drain_s", since="restore:primary"),
+    ],
+    # Ops point the primary's DNS name at another cluster: orders follow within a TTL.
+    "dns-switch": [
+        StartLoad(0.5),
+        WaitLoad(),
+        SwitchDns("spare"),
+        StartLoad(0.5, rate=40),  # spread over the TTL, so the switch shows mid-load
+        WaitUntil("a create on the new primary", _created_on("spare"),
+                  record="failover_s", since="dns-switch"),
+        WaitLoad(),
+    ],
+    # kill -9 while orders are being buffered; restart; the channel retries.
+    "agent-crash": [
+        Fail("primary", "refuse"),
+        Fail("standby", "refuse"),
+        WaitUntil("mode offline", _mode("offline")),
+        StartLoad(),
+        KillAgent(0.5),
+        Restore(),
+    ],
+    # Merge a buffer with edge-recover, kill it midway, run it again.
+    "merge-resume": [
+        Fail("primary", "refuse"),
+        Fail("standby", "refuse"),
+        WaitUntil("mode offline", _mode("offline")),
+        StartLoad(),
+        WaitLoad(),
+        StopAgent(),
+        Restore("primary"),
+        Merge(kill_at=0.4),
+    ],
+    # The primary flaps every 300 ms under load.
+    "flapping-primary": [
+        StartLoad(rate=60),
+        Flap("primary", period=0.3, duration=4.0),
+        WaitLoad(),
+    ],
+}
