@@ -43,12 +43,19 @@ class GroupCommit(Generic[T]):
             self._task = None
 
     async def submit(self, item: T) -> None:
+        await self._put(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[None]:
+        """Queue without waiting; the returned future says when (and if) it was flushed."""
+        return self._put(item)
+
+    def _put(self, item: T) -> asyncio.Future[None]:
         if self._task is None or self._closing:
             raise RuntimeError(f"{self._name}: submit() after stop() or before start()")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
         self._wakeup.set()
-        await fut
+        return fut
 
     async def _run(self) -> None:
         while True:

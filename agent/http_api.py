@@ -10,7 +10,6 @@ import orjson
 from aiohttp import web
 
 from .intake import Intake
-from .journal import Journal
 from .metrics import CONTENT_TYPE, Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -24,11 +23,10 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
 
 
 class HttpApi:
-    def __init__(self, intake: Intake, journal: Journal, metrics: Metrics,
+    def __init__(self, intake: Intake, metrics: Metrics,
                  tokens: frozenset[str], max_body_bytes: int,
                  status: StatusSource, ready: ReadySource) -> None:
         self._intake = intake
-        self._journal = journal
         self._metrics = metrics
         self.tokens = tokens
         self._max_body = max_body_bytes
@@ -92,13 +90,13 @@ class HttpApi:
         return json_response(reply.status, reply.body, reply.headers)
 
     async def get_by_serial(self, request: web.Request) -> web.Response:
-        entry = await self._journal.by_serial(request.match_info["serial"])
+        entry = await self._intake.lookup_serial(request.match_info["serial"])
         if entry is None or not entry.acknowledged:
             return json_response(404, {"error": "no order with this serial"})
         return json_response(200, entry.public())
 
     async def get_by_key(self, request: web.Request) -> web.Response:
-        entry = await self._journal.by_key(request.match_info["key"])
+        entry = await self._intake.lookup(request.match_info["key"])
         if entry is None or not entry.acknowledged:
             return json_response(404, {"error": "no order with this dedupe key"})
         return json_response(200, entry.public())

@@ -108,6 +108,7 @@ class Intake:
         self._metrics = metrics
         self._on_buffered = on_buffered
         self._inflight: dict[str, str | None] = {}
+        self._unsynced: dict[str, Entry] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = True
@@ -141,8 +142,30 @@ class Intake:
             if not self._inflight:
                 self._idle.set()
 
+    def _remember(self, entry: Entry) -> None:
+        self._unsynced[entry.dedupe_key] = entry
+
+        def committed(fut: asyncio.Future[None]) -> None:
+            if self._unsynced.get(entry.dedupe_key) is entry:
+                del self._unsynced[entry.dedupe_key]
+            if not fut.cancelled() and fut.exception() is not None:
+                log.error("journal write for forwarded %s failed: %s", entry.serial,
+                          fut.exception())
+
+        self._journal.record_soon(entry).add_done_callback(committed)
+
+    async def lookup(self, dedupe_key: str) -> Entry | None:
+        """The journal row for a key, including rows not yet committed."""
+        return self._unsynced.get(dedupe_key) or await self._journal.by_key(dedupe_key)
+
+    async def lookup_serial(self, serial: str) -> Entry | None:
+        for entry in self._unsynced.values():  # a handful at most: the last few ms
+            if entry.serial == serial:
+                return entry
+        return await self._journal.by_serial(serial)
+
     async def _submit(self, order: Order) -> Reply:
-        seen = await self._journal.by_key(order.dedupe_key)
+        seen = await self.lookup(order.dedupe_key)
         if seen is not None and seen.acknowledged:
             if seen.digest == order.digest:
                 return self._count("duplicate", Reply(200, {"status": "duplicate",
@@ -182,12 +205,11 @@ class Intake:
         answer = routed.answer
         if routed.verdict is Verdict.CREATED and answer is not None:
             order_id = None if answer.order_id is None else str(answer.order_id)
-            try:
-                await self._journal.record(Entry(order.dedupe_key, serial, FORWARDED,
-                                                 routed.cluster, order_id, order.digest,
-                                                 received_at))
-            except PersistError as exc:  # created upstream: the center holds it by key
-                log.error("journal write for forwarded %s failed: %s", serial, exc)
+            # Not awaited: if a crash loses this row, the intent above still sends a
+            # retry to the same cluster, which answers "duplicate" for the key. Until
+            # it is committed, lookups are answered from memory.
+            self._remember(Entry(order.dedupe_key, serial, FORWARDED, routed.cluster,
+                                 order_id, order.digest, received_at))
             return self._count("forwarded", Reply(201, {
                 "status": "forwarded", "serial": serial, "cluster": routed.cluster,
                 "order_id": answer.order_id,

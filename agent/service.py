@@ -64,7 +64,7 @@ class Service:
                                   cfg.buffer.scan_interval_s)
         self.housekeeper = Housekeeper(self.journal, self.dirs, cfg.agent.journal_retention_days,
                                        cfg.buffer.retention_days)
-        self.api = HttpApi(self.intake, self.journal, self.metrics, cfg.tokens,
+        self.api = HttpApi(self.intake, self.metrics, cfg.tokens,
                            cfg.agent.max_body_bytes, self.status, self.ready)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None

@@ -17,7 +17,8 @@ from ..sandbox.servers import free_port
 from .sandbox import Sandbox
 
 
-def drill_config(workdir: Path, sandbox: Sandbox, port: int) -> str:
+def drill_config(workdir: Path, sandbox: Sandbox, port: int, interval_s: float = 0.2,
+                 unhealthy: int = 3, healthy: int = 2, health_timeout_s: float = 0.5) -> str:
     """A config like an operator's, with time compressed so a drill takes seconds."""
     return f"""\
 [agent]
@@ -38,10 +39,10 @@ timeout_s = 2
 nameservers = ["{sandbox.dns.nameserver}"]
 
 [health]
-interval_s = 0.2
-timeout_s = 0.5
-unhealthy_threshold = 3
-healthy_threshold = 2
+interval_s = {interval_s}
+timeout_s = {health_timeout_s}
+unhealthy_threshold = {unhealthy}
+healthy_threshold = {healthy}
 
 [sms]
 provider = "http"
@@ -58,11 +59,12 @@ tokens_file = ""
 class AgentUnderDrill:
     """Owns the agent subprocess and its working directory."""
 
-    def __init__(self, workdir: Path, sandbox: Sandbox) -> None:
+    def __init__(self, workdir: Path, sandbox: Sandbox, **health: Any) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.config = workdir / "agent.toml"
-        self.config.write_text(drill_config(workdir, sandbox, self.port), encoding="utf-8")
+        self.config.write_text(drill_config(workdir, sandbox, self.port, **health),
+                               encoding="utf-8")
         self.log = workdir / "agent.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.spool = workdir / "spool"
