@@ -95,15 +95,15 @@ async def failover_once(box: Sandbox, session: aiohttp.ClientSession, work: Path
     task = asyncio.create_task(load.run(session))
     try:
         await _until(lambda: len(primary.creates) >= 5)
+        load.max_wait = 0.0  # from here on: the failover window
         failed_at = time.monotonic()
         if how == "refuse":
             await primary.go_down()
         elif how == "503":
             primary.mode = "503"
         else:
-            primary.delay_s = 30.0  # accepts, never answers in time
+            primary.delay_s = primary.health_delay_s = 30.0  # accepts, never answers
         first = await _until(lambda: len(standby.creates) > 0)
-        load.max_wait = 0.0
         await asyncio.sleep(UPSTREAM_TIMEOUT + 1.5)  # let requests in flight at the switch end
         return first - failed_at, load.max_wait
     finally:

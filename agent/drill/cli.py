@@ -48,14 +48,13 @@ async def _sandbox() -> int:
         if center is None or action not in ("up", "down", "503", "slow"):
             return web.json_response({"error": "unknown center or action"}, status=404)
         if action == "up":
-            center.delay_s = 0.0
             await center.come_up()
         elif action == "down":
             await center.go_down()
         elif action == "503":
             center.mode = "503"
         else:
-            center.delay_s = 3.0
+            center.delay_s = center.health_delay_s = 3.0
         return web.json_response({"center": target, "action": action,
                                   "creates": len(center.creates)})
 

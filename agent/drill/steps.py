@@ -99,7 +99,7 @@ class Fail(Step):
         elif self.how == "503":
             center.mode = "503"
         else:
-            center.delay_s = 3.0
+            center.delay_s = center.health_delay_s = 3.0
 
 
 @dataclass
@@ -109,9 +109,7 @@ class Restore(Step):
     async def run(self, ctx: Context) -> None:
         names = [self.center] if self.center else list(ctx.sandbox.centers)
         for name in names:
-            center = ctx.sandbox.centers[name]
-            center.delay_s = 0.0
-            await center.come_up()
+            await ctx.sandbox.centers[name].come_up()
             ctx.mark(f"restore:{name}")
 
 

@@ -74,13 +74,15 @@ class SandboxCenter(Listener):
 
     Switches: ``mode`` "up" or "503" (health and orders answer 503); ``go_down()``
     closes the listener (connections refused); ``delay_s`` slows every order
-    answer; ``script`` holds statuses to answer the next POSTs with.
+    answer and ``health_delay_s`` every health answer (a hung cluster: both);
+    ``script`` holds statuses to answer the next POSTs with.
     """
 
     host: str = "127.0.0.2"
     port: int = 0
     mode: str = "up"
     delay_s: float = 0.0
+    health_delay_s: float = 0.0
     script: deque[int] = field(default_factory=deque)
     retry_after: str | None = None
     orders: dict[str, tuple[str, bytes]] = field(default_factory=dict)
@@ -96,8 +98,8 @@ class SandboxCenter(Listener):
         return f"http://{self.host}:{self.port}/v3"
 
     async def come_up(self) -> None:
-        """Listen and answer normally again (after go_down() or mode "503")."""
-        self.mode = "up"
+        """Listen and answer normally again (after go_down(), mode "503" or a hang)."""
+        self.mode, self.delay_s, self.health_delay_s = "up", 0.0, 0.0
         await super().come_up()
 
     def reset(self) -> None:
@@ -106,7 +108,7 @@ class SandboxCenter(Listener):
         self.creates.clear()
         self.received.clear()
         self.script.clear()
-        self.mode, self.delay_s = "up", 0.0
+        self.mode, self.delay_s, self.health_delay_s = "up", 0.0, 0.0
 
     def created_keys(self) -> set[str]:
         return set(self.creates)
@@ -123,6 +125,8 @@ class SandboxCenter(Listener):
 
     async def _health(self, request: web.Request) -> web.Response:
         self.health_checks += 1
+        if self.health_delay_s:
+            await asyncio.sleep(self.health_delay_s)
         if self.mode != "up":
             return web.json_response({"ok": False}, status=503)
         return web.json_response({"ok": True})
