@@ -14,7 +14,7 @@ from .fakes import FakeCenter
 
 async def test_forward_is_byte_exact_and_carries_the_key(make_agent, center: FakeCenter):
     agent = await make_agent(center.url)
-    raw = b'{"channel_id":"douyin","channel_order_id":"6912345",  "amount":199.10,"x":"\xe8\xae\xa2"}'
+    raw = b'{"channel_id":"douyin","channel_order_id":"6912345",  "amount":199.10,"x":"\xe8\xae\xa2"}'  # noqa: E501
     status, body = await agent.post(raw)
     assert status == 201, body
     assert body["status"] == "forwarded" and body["cluster"] == "primary"
