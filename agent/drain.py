@@ -71,10 +71,11 @@ class Pacer:
         self._next = time.monotonic()
         self._paused_until = 0.0
 
-    async def wait(self) -> None:
+    async def wait(self, n: int = 1) -> None:
+        """Wait for the turn of the next request, which carries ``n`` orders."""
         now = time.monotonic()
         at = max(self._next, self._paused_until, now)
-        self._next = at + 1.0 / self.rate
+        self._next = at + n / self.rate
         if at > now:
             await asyncio.sleep(at - now)
 
