@@ -45,6 +45,12 @@ class FakeCenter:
     creates: Counter[str] = field(default_factory=Counter)
     received: list[Received] = field(default_factory=list)
     health_checks: int = 0
+    # orders:batch (CONTRACT section 7): off -> 404; item_script: statuses for the next
+    # items (0: handle that one normally)
+    batch_enabled: bool = True
+    item_script: deque[int] = field(default_factory=deque)
+    batch_requests: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
 
@@ -58,6 +64,7 @@ class FakeCenter:
         app = web.Application()
         app.router.add_get("/v3/health", self._health)
         app.router.add_post("/v3/orders", self._post)
+        app.router.add_post("/v3/orders:batch", self._batch)
         app.router.add_get("/v3/orders/by-key/{key:.+}", self._by_key)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -83,6 +90,10 @@ class FakeCenter:
     def created_keys(self) -> set[str]:
         return set(self.creates)
 
+    def sends(self) -> Counter[str]:
+        """How often each key reached the center (single POSTs and batch items)."""
+        return Counter(r.key for r in self.received)
+
     def duplicates(self) -> dict[str, int]:
         return {k: n for k, n in self.creates.items() if n > 1}
 
@@ -105,15 +116,43 @@ class FakeCenter:
             headers = {"Retry-After": self.retry_after} if self.retry_after else None
             return web.json_response({"error": f"scripted {status}"}, status=status,
                                      headers=headers)
+        status, doc = self._create(key, body)
+        return web.json_response(doc, status=status)
+
+    def _create(self, key: str, body: bytes) -> tuple[int, dict[str, Any]]:
         if key in self.orders:
             order_id, first = self.orders[key]
             if first != body:
-                return web.json_response({"error": "key reused with another body"}, status=422)
-            return web.json_response({"order_id": order_id, "duplicate": True}, status=200)
+                return 422, {"error": "key reused with another body"}
+            return 200, {"order_id": order_id, "duplicate": True}
         order_id = f"OC{next(self._ids):08d}"
         self.orders[key] = (order_id, body)
         self.creates[key] += 1
-        return web.json_response({"order_id": order_id}, status=201)
+        return 201, {"order_id": order_id}
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        if not self.batch_enabled:
+            return web.json_response({"error": "no bulk import here"}, status=404)
+        doc = orjson.loads(await request.read())
+        self.batch_requests += 1
+        self.batch_sizes.append(len(doc["orders"]))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.mode != "up":
+            return web.json_response({"error": "unavailable"}, status=503)
+        results = []
+        for item in doc["orders"]:
+            key, body = item["idempotency_key"], item["body"].encode()
+            self.received.append(Received(key, body, dict(request.headers)))
+            status = self.item_script.popleft() if self.item_script else 0
+            if status:  # 0: no script for this item, handle it normally
+                results.append({"idempotency_key": key, "status": status,
+                                "error": f"scripted {status}"})
+                continue
+            status, res = self._create(key, body)
+            results.append({"idempotency_key": key, "status": status, **res})
+        return web.Response(body=orjson.dumps({"results": results}),
+                            content_type="application/json")
 
     async def _by_key(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
