@@ -372,11 +372,11 @@ def finish_merged_batch(merged_dir: Path, moves: list[MergedMove]) -> list[BaseE
     The order of steps is what keeps the promise that a source file never goes
     before its merged/ copy is durable:
 
-    1. renamed sources (``added``): rename(2) into merged/ -- atomic, so the
-       order is in exactly one of the two directories at every instant, even
-       after a crash -- then the keys are added by rewriting only the closing
-       brace of the JSON object (a torn write there can only damage the audit
-       copy of an order the center already confirmed);
+    1. renamed sources (``added``): the keys are added by rewriting the file
+       from its closing brace on (the order's bytes before it are never
+       touched; ``strip_added_keys`` undoes a torn tail), then rename(2) into
+       merged/ -- atomic, so the order is in exactly one of the two
+       directories at every instant, even after a crash;
     2. new copies (``document``): temp file, rename into merged/;
     3. one sync of the filesystem (data and directory entries);
     4. only now unlink the sources of 2 and of already merged ones, fsync their dirs.
@@ -390,8 +390,8 @@ def finish_merged_batch(merged_dir: Path, moves: list[MergedMove]) -> list[BaseE
             target = merged_dir / move.name
             try:
                 if move.added is not None:
+                    _add_keys(move.claim.path, move.claim, move.added)
                     os.rename(move.claim.path, target)
-                    _add_keys(target, move.claim, move.added)
                 elif move.document is not None:
                     tmp = merged_dir / f".{move.name}{TMP_SUFFIX}"
                     try:
@@ -455,6 +455,19 @@ def _add_keys(path: Path, claim: Claim, added: dict[str, Any]) -> None:
     finally:
         if own:
             os.close(fd)
+
+
+ADDED_KEYS_MARK = b',"order_id":'
+
+
+def strip_added_keys(data: bytes) -> bytes | None:
+    """The record as it was before finish_merged_batch added keys to it, else None.
+
+    A crash can leave a file whose added tail is torn; everything before the
+    mark is the original record, so it is never lost.
+    """
+    at = data.rfind(ADDED_KEYS_MARK)
+    return None if at < 0 else data[:at] + b"}"
 
 
 def drop_pending_copy(claim: Claim) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from agent.buffer import PendingRecord, is_order_file
+from agent.buffer import PendingRecord, is_order_file, strip_added_keys
 from agent.errors import CorruptRecordError, InvalidOrderError
 from agent.intake import parse_order
 
@@ -79,7 +79,14 @@ def to_record(file: str, loose: bool, data: bytes, node: str,
     if len(data) > MAX_FILE_BYTES:
         raise CorruptRecordError(f"{file}: {len(data)} bytes, over {MAX_FILE_BYTES}")
     if not loose:
-        return PendingRecord.from_bytes(data, origin=file)
+        try:
+            return PendingRecord.from_bytes(data, origin=file)
+        except CorruptRecordError:
+            # Killed while finish_merged_batch added keys: the record is intact before them.
+            original = strip_added_keys(data)
+            if original is None:
+                raise
+            return PendingRecord.from_bytes(original, origin=file)
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
