@@ -383,28 +383,40 @@ def finish_merged_batch(merged_dir: Path, moves: list[MergedMove]) -> list[BaseE
 
     Claims are released at the end. An entry is None once that order is in merged/.
     """
-    results: list[BaseException | None] = [None] * len(moves)
-    unlink: list[int] = []
     try:
-        for i, move in enumerate(moves):
-            target = merged_dir / move.name
-            try:
-                if move.added is not None:
-                    _add_keys(move.claim.path, move.claim, move.added)
-                    os.rename(move.claim.path, target)
-                elif move.document is not None:
-                    tmp = merged_dir / f".{move.name}{TMP_SUFFIX}"
-                    try:
-                        _write_tmp(tmp, move.document, sync=False)
-                        os.rename(tmp, target)
-                    except OSError:
-                        _unlink_quietly(tmp)
-                        raise
-                    unlink.append(i)
-                else:
-                    unlink.append(i)
-            except OSError as exc:
-                results[i] = _translate(exc, f"merged/{move.name}")
+        return complete_merged(merged_dir, moves, place_in_merged(merged_dir, moves))
+    finally:
+        for move in moves:
+            move.claim.release()
+
+
+def place_in_merged(merged_dir: Path, moves: list[MergedMove]) -> list[BaseException | None]:
+    """Steps 1 and 2 of finish_merged_batch: nothing is synced or unlinked yet."""
+    results: list[BaseException | None] = [None] * len(moves)
+    for i, move in enumerate(moves):
+        target = merged_dir / move.name
+        try:
+            if move.added is not None:
+                _add_keys(move.claim.path, move.claim, move.added)
+                os.rename(move.claim.path, target)
+            elif move.document is not None:
+                tmp = merged_dir / f".{move.name}{TMP_SUFFIX}"
+                try:
+                    _write_tmp(tmp, move.document, sync=False)
+                    os.rename(tmp, target)
+                except OSError:
+                    _unlink_quietly(tmp)
+                    raise
+        except OSError as exc:
+            results[i] = _translate(exc, f"merged/{move.name}")
+    return results
+
+
+def complete_merged(merged_dir: Path, moves: list[MergedMove],
+                    results: list[BaseException | None]) -> list[BaseException | None]:
+    """Steps 3 and 4 of finish_merged_batch, after place_in_merged; releases the claims."""
+    try:
+        unlink = [i for i, m in enumerate(moves) if m.added is None and results[i] is None]
         try:
             sync_filesystem(merged_dir)
         except OSError as exc:
@@ -414,8 +426,6 @@ def finish_merged_batch(merged_dir: Path, moves: list[MergedMove]) -> list[BaseE
             return results
         parents = set()
         for i in unlink:
-            if results[i] is not None:
-                continue
             path = moves[i].claim.path
             try:
                 os.unlink(path)

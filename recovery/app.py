@@ -193,7 +193,10 @@ async def _verify(job: Job, client: UpstreamClient) -> int:
         summary.finish()
         print(f"edge-recover verify: {summary.line()}", flush=True)
         bad = sum(summary.counts[k] for k in VERIFY_OUTCOMES[1:])
-        for entry in verifier.problem_entries():
+        for i, entry in enumerate(verifier.problem_entries()):
+            if i == 50:
+                print(f"  ... ({bad - 50} more in the report)")
+                break
             print(f"  {entry['status']}: {entry['file']} {entry.get('dedupe_key', '')}")
         if job.report is not None:
             write_report(job.report, summary.as_dict(), "problems", verifier.problem_entries())

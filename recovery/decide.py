@@ -106,14 +106,19 @@ def decide(root: Path, dirs: BufferDirs, node: str, target: str, row: PlanRow) -
     if claim is None:
         return Held(row) if path.exists() else _vanished(dirs, row, path)
     try:
-        record = to_record(row.file, row.loose, claim.data, node, _mtime(claim))
+        record = to_record(row.file, row.loose, claim.data, node,
+                           _mtime(claim) if row.loose else None)
     except CorruptRecordError as exc:
         ref = row.serial or row.file
         return Settled(ResultRow(ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
                        QUARANTINE, claim, reason={"reason": "corrupt", "error": str(exc)})
     wanted = path.name if not row.loose or row.file.endswith(record.filename) else record.filename
-    merged_before = _exists(dirs, wanted) and already_merged(dirs, wanted, record)
-    name = wanted if merged_before or not _exists(dirs, wanted) else merged_name(dirs, wanted)
+    # pending/{serial}.json can only meet its own order in merged/ (left there by a
+    # crash of the agent between copy and unlink): replacing it is harmless, so only
+    # loose files, whose names are anyone's, pay for a lookup in merged/.
+    taken = row.loose and _exists(dirs, wanted)
+    merged_before = taken and already_merged(dirs, wanted, record)
+    name = merged_name(dirs, wanted) if taken and not merged_before else wanted
     raw = row.loose and record.serial == recovery_serial(node, row.file, claim.data)
     work = Work(row, claim, record, name, raw=raw)
     if record.dedupe_key != row.key or record.serial != row.serial:

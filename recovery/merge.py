@@ -21,7 +21,9 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -63,13 +65,17 @@ class Merger:
         self._stop = stop
         self.transient_failures = 0
         self.gave_up = 0  # orders left because the center kept failing
+        self._claimers = ThreadPoolExecutor(2, thread_name_prefix="claim")
 
     async def run(self) -> None:
-        for winners in (True, False):
-            held = await self._pass(self._plan.rows(winners))
-            await self._retry_held(held)
-            if self._stop.is_set():
-                return
+        try:
+            for winners in (True, False):
+                held = await self._pass(self._plan.rows(winners))
+                await self._retry_held(held)
+                if self._stop.is_set():
+                    return
+        finally:
+            self._claimers.shutdown(wait=True)
 
     async def _retry_held(self, ids: list[int]) -> None:
         deadline = time.monotonic() + self._opts.held_wait_s
@@ -93,12 +99,18 @@ class Merger:
                    for i in range(self._opts.concurrency)]
         held: list[int] = []
         batch: list[Work] = []
+        loop = asyncio.get_running_loop()
+        deciding: deque[asyncio.Future[list[Decision]]] = deque()
         try:
             while not self._stop.is_set():
-                rows = await asyncio.to_thread(next, chunks, None)
-                if rows is None:
+                # Two chunks are claimed at once (claims are mostly syscalls).
+                while len(deciding) < 2 and (
+                        rows := await asyncio.to_thread(next, chunks, None)) is not None:
+                    deciding.append(loop.run_in_executor(self._claimers, self._decide_all,
+                                                         rows))
+                if not deciding:
                     break
-                decisions = await asyncio.to_thread(self._decide_all, rows)
+                decisions = await deciding.popleft()
                 settled = [d for d in decisions if isinstance(d, Settled)]
                 held.extend(d.row.id for d in decisions if isinstance(d, Held))
                 await self._finisher.put(settled)
@@ -114,6 +126,12 @@ class Merger:
         finally:
             for w in batch:
                 w.claim.release()
+            for fut in deciding:  # claimed but never queued (stopped): release
+                for d in await fut:
+                    if isinstance(d, Work):
+                        d.claim.release()
+                    elif isinstance(d, Settled):
+                        await self._finisher.put([d])
             for _ in workers:
                 await queue.put(None)
             await asyncio.gather(*workers)
