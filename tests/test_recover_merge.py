@@ -224,3 +224,15 @@ async def test_target_defaults_to_the_configured_primary(center: FakeCenter, tmp
     assert len(center.creates) == 6
     serials = {e["file"]: e["serial"] for e in report(rep)["orders"]}
     assert serials["raw.json"].startswith("RCV-WH-TEST-01-")  # node_id from the config
+
+
+async def test_rate_caps_orders_per_second(center: FakeCenter, tmp_path: Path):
+    root = tmp_path / "buf"
+    write_pending(root, [record(i, i + 1) for i in range(60)])
+    rep = tmp_path / "r.json"
+    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
+                        "--batch", "10", "--rate", "40", "--report", str(rep))
+    assert run.code == 0, run.err
+    # 6 requests of 10 orders at 40 orders/s: the last one leaves >= 1.25 s after the first.
+    assert report(rep)["summary"]["elapsed_s"] >= 1.2
+    assert len(center.creates) == 60 and center.batch_requests == 6
