@@ -25,7 +25,7 @@ class Progress:
         self._next_tenth = 1
         use_bar = sys.stderr.isatty() if tty is None else tty
         self._bar: tqdm[Any] | None = (
-            tqdm(total=total, unit="order", desc=what, dynamic_ncols=True, smoothing=0.1)
+            tqdm(total=total, unit=" orders", desc=what, dynamic_ncols=True, smoothing=0.1)
             if use_bar and total else None)
 
     def update(self, n: int) -> None:
