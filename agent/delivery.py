@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 
 class Outcome(enum.Enum):
     CREATED = "created"        # 201
@@ -75,3 +77,55 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+# ---- Bulk import (CONTRACT section 7, ``POST {base}/orders:batch``) ----
+
+# The center has no bulk import: fall back to single POSTs.
+BATCH_UNSUPPORTED_STATUSES = frozenset({404, 405, 501})
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One order inside an ``orders:batch`` request."""
+
+    idempotency_key: str
+    serial: str
+    node_id: str
+    body: str  # the raw order text, verbatim
+
+
+def batch_request(items: list[BatchItem]) -> bytes:
+    """The request body; each order travels as its raw text, byte for byte."""
+    return orjson.dumps({"orders": [
+        {"idempotency_key": i.idempotency_key, "serial": i.serial, "node_id": i.node_id,
+         "body": i.body}
+        for i in items
+    ]})
+
+
+def parse_batch_results(payload: bytes, items: list[BatchItem],
+                        retry_after_s: float | None = None) -> list[Answer]:
+    """One Answer per item, in request order; ValueError if the answer does not say.
+
+    A malformed answer leaves every item's outcome unknown, so the caller must
+    treat it like a timeout (retry the same keys), never as a success.
+    """
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"batch answer is not JSON: {exc}") from exc
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if not isinstance(results, list) or len(results) != len(items):
+        raise ValueError(f"batch answer has no 'results' list of {len(items)} entries")
+    answers = []
+    for item, res in zip(items, results, strict=True):
+        if not isinstance(res, dict) or not isinstance(res.get("status"), int):
+            raise ValueError("batch result without an integer 'status'")
+        key = res.get("idempotency_key")
+        if key is not None and key != item.idempotency_key:
+            raise ValueError(f"batch results out of order: {key!r} for {item.idempotency_key!r}")
+        error = res.get("error")
+        answers.append(Answer(res["status"], res.get("order_id"), retry_after_s,
+                              "" if error is None else str(error)[:500]))
+    return answers

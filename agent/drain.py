@@ -33,6 +33,7 @@ from .buffer import (
     is_order_file,
     list_pending,
     quarantine,
+    strip_added_keys,
     try_claim,
 )
 from .config import BufferSection
@@ -66,6 +67,17 @@ async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
         raise
 
 
+def _parse(data: bytes, name: str) -> PendingRecord:
+    """The record, also from a file whose keys edge-recover was adding when it died."""
+    try:
+        return PendingRecord.from_bytes(data, origin=f"pending/{name}")
+    except CorruptRecordError:
+        original = strip_added_keys(data)
+        if original is None:
+            raise
+        return PendingRecord.from_bytes(original, origin=f"pending/{name}")
+
+
 class Result(enum.Enum):
     DONE = "done"            # left pending/ (merged or quarantined)
     SKIPPED = "skipped"      # gone, or claimed by another process
@@ -89,10 +101,11 @@ class Pacer:
         self._next = time.monotonic()
         self._paused_until = 0.0
 
-    async def wait(self) -> None:
+    async def wait(self, n: int = 1) -> None:
+        """Wait for the turn of the next request, which carries ``n`` orders."""
         now = time.monotonic()
         at = max(self._next, self._paused_until, now)
-        self._next = at + 1.0 / self.rate
+        self._next = at + n / self.rate
         if at > now:
             await asyncio.sleep(at - now)
 
@@ -219,7 +232,7 @@ class Drainer:
                                          merged.get("cluster"), merged.get("order_id"))
                 return Result.DONE
             try:
-                record = PendingRecord.from_bytes(claim.data, origin=f"pending/{name}")
+                record = _parse(claim.data, name)
             except CorruptRecordError as exc:
                 await self._quarantine(path, size, "corrupt", {"error": str(exc)})
                 return Result.DONE

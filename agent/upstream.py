@@ -8,13 +8,21 @@ send elsewhere); one after is UpstreamAmbiguous (the order may exist there).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 
-from .delivery import Answer, parse_retry_after
+from .delivery import (
+    BATCH_UNSUPPORTED_STATUSES,
+    Answer,
+    BatchItem,
+    batch_request,
+    parse_batch_results,
+    parse_retry_after,
+)
 from .dns import ClusterResolver
 from .errors import DnsError, UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
 
@@ -125,6 +133,62 @@ class UpstreamClient:
                 return None
         except _LIBRARY_ERRORS as exc:
             return f"GET {parts.geturl()} via {address}: {_translate(exc, url)}"
+
+    async def post_batch(self, base: str, items: list[BatchItem], timeout_s: float,
+                         ) -> BatchAnswer:
+        """``POST {base}/orders:batch``: per-item answers, or the status of the whole.
+
+        ``answers`` is None when the center did not answer per item (unsupported,
+        busy, failing); a 200 whose results cannot be read raises UpstreamAmbiguous.
+        """
+        url = f"{base.rstrip('/')}/orders:batch"
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
+        headers = {"Content-Type": "application/json", "X-Edge-Node": self._node_id}
+        try:
+            async with self.session_for(url).post(url, data=batch_request(items),
+                                                  headers=headers, timeout=timeout) as resp:
+                payload = await resp.read()
+                status, retry_after = resp.status, resp.headers.get("Retry-After")
+        except _LIBRARY_ERRORS as exc:
+            raise _translate(exc, url) from exc
+        retry_after_s = parse_retry_after(retry_after)
+        if status != 200:
+            whole = _answer(status, payload, retry_after)
+            return BatchAnswer(status, None, retry_after_s, whole.error)
+        try:
+            answers = parse_batch_results(payload, items, retry_after_s)
+        except ValueError as exc:
+            raise UpstreamAmbiguous(f"POST {url}: unreadable answer: {exc}") from exc
+        return BatchAnswer(status, answers, retry_after_s)
+
+    async def get_by_key(self, base: str, key: str, timeout_s: float) -> tuple[int, Any]:
+        """``GET {base}/orders/by-key/{key}``: (status, parsed JSON body or None)."""
+        url = f"{base.rstrip('/')}/orders/by-key/{quote(key, safe='')}"
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
+        try:
+            async with self.session_for(url).get(url, timeout=timeout) as resp:
+                payload = await resp.read()
+                status = resp.status
+        except _LIBRARY_ERRORS as exc:
+            raise _translate(exc, url) from exc
+        try:
+            return status, orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            return status, None
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """A center's answer to one ``orders:batch`` request."""
+
+    status: int
+    answers: list[Answer] | None  # one per item, in request order, when status is 200
+    retry_after_s: float | None = None
+    error: str = ""
+
+    @property
+    def unsupported(self) -> bool:
+        return self.status in BATCH_UNSUPPORTED_STATUSES
 
 
 def _answer(status: int, payload: bytes, retry_after: str | None) -> Answer:

@@ -1,10 +1,87 @@
-"""``edge-recover`` command line."""
+"""``edge-recover``: parses the command line, resolves config and target, dispatches.
+
+Usage and config errors print one line naming what is wrong and exit 2.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from agent.config import Config, load_config, resolve_config_path
+from agent.errors import ConfigError, UsageError
+
+from .app import EXIT_USAGE, AlreadyRunning, Job, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-recover",
+        description="Merge an offline buffer directory into the order center.")
+    p.add_argument("--path", required=True, help="buffer directory (DIR/pending/*.json and "
+                                                 "loose DIR/*.json files)")
+    p.add_argument("--mode", required=True, choices=("merge", "dry-run", "verify"))
+    p.add_argument("--config", help="agent config (default $EDGE_AGENT_CONFIG, then "
+                                    "/etc/edge-agent/agent.toml); gives the target and node id")
+    p.add_argument("--target", help="order center base URL (default: upstream.primary)")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
+    p.add_argument("--rate", type=float, help="at most N orders per second (default: no cap)")
+    p.add_argument("--batch", type=int, default=100,
+                   help="orders per orders:batch request (100; 1 forces single POSTs)")
+    p.add_argument("--report", help="write a JSON report to FILE")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("edge-recover: not implemented yet", file=sys.stderr)
-    return 2
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="edge-recover: %(message)s")
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    try:
+        job = _job(args)
+        return asyncio.run(run(job))
+    except (ConfigError, UsageError, AlreadyRunning) as exc:
+        print(f"edge-recover: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _job(args: argparse.Namespace) -> Job:
+    root = Path(args.path)
+    if not root.is_dir():
+        raise UsageError(f"--path {args.path}: not a directory")
+    if args.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    if args.rate is not None and not args.rate > 0:
+        raise UsageError("--rate must be > 0 orders per second")
+    cfg = _config(args.config, need=args.target is None)
+    target = args.target or (cfg.upstream.primary if cfg else "")
+    parts = urlsplit(target)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--target {target!r} is not an http(s) URL")
+    report = Path(args.report) if args.report else None
+    if report is not None and not report.parent.is_dir():
+        raise UsageError(f"--report {args.report}: directory {report.parent} does not exist")
+    return Job(root=root.resolve(), mode=args.mode, target=target.rstrip("/"),
+               node=cfg.agent.node_id if cfg else "X",
+               timeout_s=cfg.upstream.timeout_s if cfg else 5.0,
+               nameservers=cfg.upstream.nameservers if cfg else (),
+               concurrency=args.concurrency, rate=args.rate, batch=args.batch, report=report)
+
+
+def _config(arg: str | None, need: bool) -> Config | None:
+    """--config must load; the default path is used if it exists (required without --target)."""
+    path = resolve_config_path(arg)
+    if arg is None and not Path(path).exists():
+        if need:
+            raise UsageError(f"no target: pass --target URL or --config PATH "
+                             f"(no config file at {path})")
+        return None
+    return load_config(path)

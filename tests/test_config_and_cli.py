@@ -74,10 +74,10 @@ def test_usage_error_exits_2():
     assert _run("frobnicate").returncode == 2
 
 
-def test_recover_is_not_there_yet():
+def test_recover_usage_error_exits_2():
     done = subprocess.run([sys.executable, "-m", "recovery", "--path", "x", "--mode", "merge"],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert done.returncode == 2 and "not implemented" in done.stderr
+    assert done.returncode == 2 and "not a directory" in done.stderr
 
 
 def test_status_exit_codes(tmp_path: Path):

@@ -170,3 +170,18 @@ async def test_pacing_holds_the_drain_rate(make_agent, center: FakeCenter):
     elapsed = time.monotonic() - start
     assert elapsed >= 29 / 20 * 0.9, f"30 orders at 20/s took only {elapsed:.2f}s"
     assert len(center.creates) == 30
+
+
+async def test_file_torn_while_edge_recover_added_keys_is_still_delivered(
+        make_agent, center: FakeCenter):
+    """edge-recover adds order_id in place before its rename; a crash can tear that tail."""
+    await center.go_down()
+    agent = await make_agent(center.url)
+    accepted = await _buffer_orders(agent, 1)
+    path = agent.spool / "pending" / f"{accepted['douyin:0']}.json"
+    data = path.read_bytes()
+    path.write_bytes(data.rstrip()[:-1] + b',"order_id":"OC0')  # torn mid-key
+    await center.come_up()
+    await wait_for(lambda: agent.files("pending") == [], 10, "drain")
+    assert agent.files("rejected") == []
+    assert center.creates["douyin:0"] == 1

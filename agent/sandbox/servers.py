@@ -90,6 +90,12 @@ class SandboxCenter(Listener):
     received: list[Received] = field(default_factory=list)
     health_checks: int = 0
     name: str = "center"
+    # orders:batch (CONTRACT section 7): off -> 404; item_script: statuses for the next
+    # items (0: handle that one normally)
+    batch_enabled: bool = True
+    item_script: deque[int] = field(default_factory=deque)
+    batch_requests: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
 
@@ -108,6 +114,9 @@ class SandboxCenter(Listener):
         self.creates.clear()
         self.received.clear()
         self.script.clear()
+        self.item_script.clear()
+        self.batch_enabled, self.batch_requests = True, 0
+        self.batch_sizes.clear()
         self.mode, self.delay_s, self.health_delay_s = "up", 0.0, 0.0
 
     def created_keys(self) -> set[str]:
@@ -116,10 +125,15 @@ class SandboxCenter(Listener):
     def duplicates(self) -> dict[str, int]:
         return {k: n for k, n in self.creates.items() if n > 1}
 
+    def sends(self) -> Counter[str]:
+        """How often each key reached the center (single POSTs and batch items)."""
+        return Counter(r.key for r in self.received)
+
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_get("/v3/health", self._health)
         app.router.add_post("/v3/orders", self._post)
+        app.router.add_post("/v3/orders:batch", self._batch)
         app.router.add_get("/v3/orders/by-key/{key:.+}", self._by_key)
         return app
 
@@ -158,6 +172,30 @@ class SandboxCenter(Listener):
         self.orders[key] = (order_id, body)
         self.creates[key] += 1
         return 201, {"order_id": order_id}
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        if not self.batch_enabled:
+            return web.json_response({"error": "no bulk import here"}, status=404)
+        doc = orjson.loads(await request.read())
+        self.batch_requests += 1
+        self.batch_sizes.append(len(doc["orders"]))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.mode != "up":
+            return web.json_response({"error": "unavailable"}, status=503)
+        results = []
+        for item in doc["orders"]:
+            key, body = item["idempotency_key"], item["body"].encode()
+            self.received.append(Received(key, body, dict(request.headers)))
+            status = self.item_script.popleft() if self.item_script else 0
+            if status:  # 0: no script for this item, handle it normally
+                results.append({"idempotency_key": key, "status": status,
+                                "error": f"scripted {status}"})
+                continue
+            status, res = self.take(key, body)
+            results.append({"idempotency_key": key, "status": status, **res})
+        return web.Response(body=orjson.dumps({"results": results}),
+                            content_type="application/json")
 
     async def _by_key(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]

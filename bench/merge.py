@@ -1,0 +1,183 @@
+"""Benchmark: edge-recover merging a buffer of N orders into a local order center.
+
+    python bench/merge.py [--orders 100000] [--modes bulk,single] [--dir /tmp/x]
+
+For each mode: generate N buffered orders (0.5-2 KB bodies) in pending/,
+start the center (bench/center.py) in its own process, run ``edge-recover
+--mode merge`` end to end as a subprocess, and print seconds, orders/s, the
+merge process's peak RSS, and the speed-up over the vendor's reference
+(100,000 orders in 480 s). Single POSTs are also compared with a bare aiohttp
+loop (32 concurrent, keep-alive, no files) against the same center. Traffic
+stays on loopback. ``--orders 1000000 --modes bulk`` is the memory check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.buffer import PendingRecord  # noqa: E402
+
+REFERENCE_S_PER_100K = 480.0
+HOST = "127.0.0.3"
+
+
+def order_body(n: int, rng: random.Random) -> str:
+    items = [{"sku": f"SKU-{rng.randrange(10**6):06d}", "name": "商品" + "x" * rng.randrange(8, 40),
+              "qty": rng.randrange(1, 5), "price": f"{rng.randrange(100, 99999) / 100:.2f}"}
+             for _ in range(rng.randrange(2, 12))]
+    doc = {"channel_id": "douyin", "channel_order_id": f"69{n:010d}", "amount": "199.10",
+           "customer_phone": f"138{rng.randrange(10**8):08d}", "items": items,
+           "address": {"city": "上海", "line": "浦东新区 " + "x" * rng.randrange(20, 200)},
+           "note": "n" * rng.randrange(0, 300)}
+    text = orjson.dumps(doc).decode()
+    while len(text.encode()) < 500:
+        doc["note"] = str(doc["note"]) + "n" * 100
+        text = orjson.dumps(doc).decode()
+    return text
+
+
+def generate(root: Path, n: int, seed: int = 7) -> int:
+    rng = random.Random(seed)
+    pending = root / "pending"
+    pending.mkdir(parents=True)
+    total = 0
+    for i in range(n):
+        text = order_body(i, rng)
+        rec = PendingRecord(f"WH-BENCH-20261125-{i + 1:09d}", "wh-bench",
+                            "2026-11-25T10:00:00+08:00", "douyin", f"douyin:69{i:010d}",
+                            None, text)
+        data = rec.to_bytes()
+        total += len(text)
+        fd = os.open(pending / rec.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, data)
+        os.close(fd)
+    os.sync()
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def http(method: str, url: str) -> dict[str, object]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        doc: dict[str, object] = orjson.loads(resp.read())
+        return doc
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, int, str]:
+    """(seconds, peak RSS MB, exit code, stdout) of one child process."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - start
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return elapsed, usage.ru_maxrss / 1024, proc.returncode, out
+
+
+async def bare_loop(url: str, n: int, batch: int, concurrency: int = 32) -> None:
+    """The yardstick: no files, no checkpoint, no dedupe; just keep-alive POSTs."""
+    import aiohttp
+    rng = random.Random(11)
+    bodies = [order_body(i, rng) for i in range(min(n, 5000))]
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        counter = iter(range(0, n, batch))
+
+        async def worker() -> None:
+            for start in counter:
+                idx = range(start, min(n, start + batch))
+                if batch == 1:
+                    i = idx[0]
+                    async with session.post(f"{url}/orders", data=bodies[i % len(bodies)],
+                                            headers={"Idempotency-Key": f"bare:{i}",
+                                                     "Content-Type": "application/json"}) as r:
+                        await r.read()
+                else:
+                    payload = orjson.dumps({"orders": [
+                        {"idempotency_key": f"bare:{i}", "serial": str(i), "node_id": "b",
+                         "body": bodies[i % len(bodies)]} for i in idx]})
+                    async with session.post(f"{url}/orders:batch", data=payload,
+                                            headers={"Content-Type": "application/json"}) as r:
+                        await r.read()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--orders", type=int, default=100_000)
+    p.add_argument("--modes", default="bulk,single")
+    p.add_argument("--dir", help="work directory (default: a temp dir in /tmp)")
+    p.add_argument("--bare", nargs=3, metavar=("URL", "N", "BATCH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.bare:
+        asyncio.run(bare_loop(args.bare[0], int(args.bare[1]), int(args.bare[2])))
+        return 0
+    work = Path(args.dir or tempfile.mkdtemp(prefix="edge-bench-"))
+    port = free_port()
+    base = f"http://{HOST}:{port}/v3"
+    center = subprocess.Popen([sys.executable, "-m", "bench.center", HOST, str(port)],
+                              cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert center.stdout is not None
+        center.stdout.readline()
+        n = args.orders
+        print(f"orders: {n}; center: {base} (separate process); cpus: {os.cpu_count()}")
+        for mode in args.modes.split(","):
+            batch = 100 if mode == "bulk" else 1
+            root = work / f"buffer-{mode}"
+            shutil.rmtree(root, ignore_errors=True)
+            t = time.monotonic()
+            size = generate(root, n)
+            print(f"[{mode}] generated {n} orders, {size / n:.0f} B avg body, "
+                  f"in {time.monotonic() - t:.1f}s")
+            http("POST", f"http://{HOST}:{port}/admin/reset")
+            bare_s, _, _, _ = run_measured([sys.executable, "bench/merge.py", "--bare", base,
+                                            str(n), str(batch)])
+            bare_rate = n / bare_s
+            http("POST", f"http://{HOST}:{port}/admin/reset")
+            secs, rss, code, out = run_measured([
+                sys.executable, "-m", "recovery", "--path", str(root), "--mode", "merge",
+                "--target", base, "--batch", str(batch), "--concurrency", "32"])
+            stats = http("GET", f"http://{HOST}:{port}/admin/stats")
+            left = len(os.listdir(root / "pending"))
+            rate = n / secs
+            print(f"[{mode}] exit {code}; {out.strip()}")
+            print(f"[{mode}] merge: {secs:.2f} s, {rate:,.0f} orders/s, peak RSS {rss:.0f} MB, "
+                  f"{REFERENCE_S_PER_100K * n / 100_000 / secs:.1f}x the 480 s/100k reference")
+            print(f"[{mode}] bare aiohttp loop (batch {batch}, 32 concurrent): {bare_s:.2f} s, "
+                  f"{bare_rate:,.0f} orders/s; merge reaches {rate / bare_rate:.0%} of it")
+            print(f"[{mode}] center: {stats['creates']} creates for {stats['orders']} keys, "
+                  f"{stats['duplicated_keys']} keys created twice; {left} files left in pending/")
+            shutil.rmtree(root, ignore_errors=True)
+    finally:
+        center.terminate()
+        center.wait()
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The three modes, wired: merge, dry-run and verify. Each returns the exit code.
+
+Exit codes (CONTRACT section 6): 0 all fine; 1 some orders rejected,
+conflicting, missing or left unmerged (listed in the report); 2 usage or
+config (decided in cli.py); 3 the target is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import resource
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.buffer import BufferDirs, remove_stale_temps
+from agent.dns import ClusterResolver
+from agent.errors import UpstreamError
+from agent.upstream import UpstreamClient
+
+from .checkpoint import CHECKPOINT_NAME, Checkpoint
+from .finisher import Finisher, Settled
+from .merge import MergeOptions, Merger
+from .plan import Plan
+from .progress import Progress
+from .report import Summary, write_report
+from .sender import Sender
+from .source import scan
+from .verify import Verifier, count_merged
+
+log = logging.getLogger("recovery")
+
+EXIT_OK, EXIT_ORDERS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+VERIFY_OUTCOMES = ("ok", "missing", "different", "unreadable", "error")
+
+
+@dataclass(frozen=True)
+class Job:
+    root: Path
+    mode: str
+    target: str
+    node: str
+    timeout_s: float
+    concurrency: int = 32
+    nameservers: tuple[str, ...] = ()
+    rate: float | None = None
+    batch: int = 100
+    report: Path | None = None
+    held_wait_s: float = 30.0
+
+
+class AlreadyRunning(Exception):
+    """Another edge-recover merge holds DIR."""
+
+
+async def run(job: Job) -> int:
+    raise_fd_limit()
+    client = UpstreamClient(f"recover-{job.node}".lower()[:32],
+                            ClusterResolver(job.nameservers, job.timeout_s),
+                            max_connections=job.concurrency)
+    await client.start()
+    try:
+        try:
+            addresses = await client.check_health(job.target, job.timeout_s)
+        except UpstreamError as exc:
+            log.error("target %s is unreachable: %s", job.target, exc)
+            return EXIT_UNREACHABLE
+        if not any(error is None for error in addresses.values()):
+            log.error("target %s is unreachable: %s", job.target,
+                      "; ".join(str(e) for e in addresses.values()))
+            return EXIT_UNREACHABLE
+        if job.mode == "verify":
+            return await _verify(job, client)
+        if job.mode == "dry-run":
+            return await asyncio.to_thread(_dry_run, job)
+        with _merge_lock(job.root):
+            return await _merge(job, client)
+    finally:
+        await client.stop()
+
+
+async def _merge(job: Job, client: UpstreamClient) -> int:
+    dirs = BufferDirs(job.root)
+    for d in (dirs.merged, dirs.rejected):
+        d.mkdir(mode=0o700, exist_ok=True)
+    remove_stale_temps(dirs.merged)
+    summary = Summary("merge", job.target)
+    ck_path = job.root / CHECKPOINT_NAME
+    checkpoint = Checkpoint(ck_path, run=time_ms())
+    stop = _stop_event()
+    with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
+        plan = Plan(Path(tmp) / "plan.db", ck_path, live=True)
+        try:
+            stats = await asyncio.to_thread(plan.build, scan(job.root, job.node))
+            summary.total = stats.files
+            log.info("%d order files (%d corrupt), %d dedupe keys, %d duplicate groups, "
+                     "scanned in %.1fs; merging into %s", stats.files, stats.corrupt, stats.keys,
+                     stats.duplicate_groups, time.monotonic() - summary.started, job.target)
+            progress = Progress(stats.files, "merge")
+
+            def settled(items: list[Settled]) -> None:
+                for item in items:
+                    summary.add(item.row.outcome)
+                    if item.error:
+                        summary.extra["not_moved"] = summary.extra.get("not_moved", 0) + 1
+                progress.update(len(items))
+
+            finisher = Finisher(dirs, checkpoint, settled)
+            finisher.start()
+            sender = Sender(client, job.target, job.concurrency, job.rate, job.batch,
+                            job.timeout_s)
+            opts = MergeOptions(job.root, job.target, job.node, job.concurrency, job.batch,
+                                job.held_wait_s)
+            merger = Merger(opts, plan, sender, finisher, stop)
+            try:
+                await merger.run()
+            finally:
+                await finisher.stop()
+                progress.close()
+        finally:
+            plan.close()
+    summary.finish()
+    summary.extra.update(requests=sender.requests, bulk=bool(sender.bulk),
+                         interrupted=stop.is_set())
+    if job.report is not None:
+        write_report(job.report, summary.as_dict(), "orders", checkpoint.entries(checkpoint.run))
+    checkpoint.close()
+    print(f"edge-recover merge: {summary.line()}", flush=True)
+    c = summary.counts
+    if stop.is_set():
+        log.warning("interrupted: %d of %d orders settled; run again to resume",
+                    summary.done, summary.total)
+        return EXIT_ORDERS
+    if merger.gave_up:
+        log.error("the target stopped answering: %d orders left in pending/; run again once "
+                  "it is back", merger.gave_up)
+        return EXIT_UNREACHABLE
+    left = summary.total - summary.done + c["pending"]
+    if c["rejected"] or c["conflict"] or left or summary.extra.get("not_moved"):
+        return EXIT_ORDERS
+    return EXIT_OK
+
+
+def _dry_run(job: Job) -> int:
+    summary = Summary("dry-run", job.target)
+    with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
+        plan = Plan(Path(tmp) / "plan.db", job.root / CHECKPOINT_NAME, live=False)
+        try:
+            stats = plan.build(scan(job.root, job.node))
+            conflicts = plan.conflicts()
+            summary.total = stats.files
+            summary.extra.update(
+                files=stats.files, corrupt=stats.corrupt, dedupe_keys=stats.keys,
+                duplicate_groups=stats.duplicate_groups, duplicates=stats.losers - conflicts,
+                conflicts=conflicts, to_send=plan.to_send(),
+                already_confirmed=plan.confirmed_before())
+            summary.finish()
+            doc = summary.as_dict()
+            print("edge-recover dry-run: " + ", ".join(
+                f"{k.replace('_', ' ')} {doc[k]}" for k in (
+                    "files", "to_send", "duplicate_groups", "duplicates", "conflicts",
+                    "corrupt", "already_confirmed")), flush=True)
+            for i, (key, serials, same) in enumerate(plan.duplicate_groups()):
+                if i == 20:
+                    print(f"  ... ({stats.duplicate_groups - 20} more groups in the report)")
+                    break
+                print(f"  {key}: {serials[0]} wins over {', '.join(serials[1:])}"
+                      f"{'' if same else ' (different bodies: conflict)'}")
+            if job.report is not None:
+                write_report(job.report, doc, "duplicate_groups", _groups(plan))
+        finally:
+            plan.close()
+    return EXIT_ORDERS if stats.corrupt or conflicts else EXIT_OK
+
+
+def _groups(plan: Plan) -> Iterator[dict[str, object]]:
+    for key, serials, same in plan.duplicate_groups():
+        yield {"dedupe_key": key, "winner": serials[0], "duplicates": serials[1:],
+               "same_body": same}
+
+
+async def _verify(job: Job, client: UpstreamClient) -> int:
+    merged = BufferDirs(job.root).merged
+    summary = Summary("verify", job.target, outcomes=VERIFY_OUTCOMES)
+    summary.total = await asyncio.to_thread(count_merged, merged)
+    progress = Progress(summary.total, "verify")
+    stop = _stop_event()
+    verifier = Verifier(merged, client, job.target, job.concurrency, job.timeout_s, summary,
+                        progress, stop)
+    try:
+        await verifier.run()
+        progress.close()
+        summary.finish()
+        print(f"edge-recover verify: {summary.line()}", flush=True)
+        bad = sum(summary.counts[k] for k in VERIFY_OUTCOMES[1:])
+        for i, entry in enumerate(verifier.problem_entries()):
+            if i == 50:
+                print(f"  ... ({bad - 50} more in the report)")
+                break
+            print(f"  {entry['status']}: {entry['file']} {entry.get('dedupe_key', '')}")
+        if job.report is not None:
+            write_report(job.report, summary.as_dict(), "problems", verifier.problem_entries())
+    finally:
+        verifier.problems.close()
+    return EXIT_ORDERS if bad or stop.is_set() else EXIT_OK
+
+
+def _stop_event() -> asyncio.Event:
+    """SIGINT/SIGTERM: finish what is in flight, then stop. A second SIGINT kills."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def first(signame: str) -> None:
+        if not stop.is_set():
+            log.warning("%s: finishing in-flight requests, then stopping "
+                        "(again to abort at once)", signame)
+            stop.set()
+            loop.remove_signal_handler(signal.SIGINT)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, first, sig.name)
+    return stop
+
+
+@contextlib.contextmanager
+def _merge_lock(root: Path) -> Iterator[None]:
+    """One merge per directory: a flock on DIR itself (no file is created for it)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"another edge-recover merge is running on {root}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def raise_fd_limit() -> None:
+    """Every order in flight holds its claim (an open file): allow as many as permitted."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def time_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,194 @@
+"""What to do with one planned file, decided under its claim.
+
+Runs in a worker thread: claims the file (the same flock the agent's drain
+takes, so the two never deliver one file at once), re-reads it, and settles
+everything that needs no request: corrupt files, orders the checkpoint
+already saw confirmed, losers of a dedupe group whose winner is confirmed.
+What is left must be sent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent.buffer import (
+    BufferDirs,
+    Claim,
+    PendingRecord,
+    already_merged,
+    merged_document,
+    try_claim,
+)
+from agent.delivery import BatchItem
+from agent.errors import CorruptRecordError
+
+from .checkpoint import DELIVERED, ResultRow
+from .finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled
+from .plan import PlanRow
+from .source import body_digest, recovery_serial, to_record
+
+CLUSTER = "recover"
+_ADDED_KEYS = (b'"order_id"', b'"cluster"', b'"merged_at"', b'"target"', b'"duplicate_of"')
+
+
+@dataclass
+class Work:
+    """A claimed order that must go to the center."""
+
+    row: PlanRow
+    claim: Claim
+    record: PendingRecord
+    merged_name: str
+    raw: bool = False  # a raw order object, not a record: gets a new merged/ copy
+    transient: int = 0
+    retries: int = 0
+
+    @property
+    def item(self) -> BatchItem:
+        r = self.record
+        return BatchItem(r.dedupe_key, r.serial, r.node_id, r.body)
+
+    def result(self, outcome: str, order_id: Any = None, error: str | None = None,
+               duplicate_of: str | None = None) -> ResultRow:
+        r = self.record
+        digest = body_digest(r) if outcome in DELIVERED and duplicate_of is None else None
+        return ResultRow(r.serial, r.dedupe_key, self.row.file, outcome, order_id, error,
+                         duplicate_of, digest)
+
+    def merged(self, outcome: str, order_id: Any, target: str,
+               duplicate_of: str | None = None) -> Settled:
+        added: dict[str, Any] = {"order_id": order_id, "cluster": CLUSTER,
+                                 "merged_at": time.time(), "target": target}
+        if duplicate_of is not None:
+            added["duplicate_of"] = duplicate_of
+        row = self.result(outcome, order_id, duplicate_of=duplicate_of)
+        if self.renamable:
+            return Settled(row, MERGE, self.claim, self.merged_name, added=added)
+        extra = {k: v for k, v in added.items() if k not in ("order_id", "cluster", "merged_at")}
+        doc = merged_document(self.record, order_id, CLUSTER, **extra)
+        return Settled(row, MERGE, self.claim, self.merged_name, document=doc)
+
+    @property
+    def renamable(self) -> bool:
+        """A record-format file without our keys is moved as is, keys added in place."""
+        data = self.claim.data
+        return (not self.raw and data.rstrip().endswith(b"}")
+                and not any(k in data for k in _ADDED_KEYS))
+
+    def quarantined(self, outcome: str, error: str, details: dict[str, Any]) -> Settled:
+        reason = {"reason": outcome, "error": error, "serial": self.record.serial,
+                  "dedupe_key": self.record.dedupe_key, **details}
+        return Settled(self.result(outcome, error=error), QUARANTINE, self.claim, reason=reason)
+
+    def left(self, error: str) -> Settled:
+        return Settled(self.result("pending", error=error), LEAVE, self.claim)
+
+
+@dataclass(frozen=True)
+class Held:
+    """Another process (the agent's drain) holds this file's claim: come back later."""
+
+    row: PlanRow
+
+
+Decision = Work | Settled | Held
+
+
+def decide(root: Path, dirs: BufferDirs, node: str, target: str, row: PlanRow) -> Decision:
+    path = root / row.file
+    claim = try_claim(path, writable=True)
+    if claim is None:
+        return Held(row) if path.exists() else _vanished(dirs, row, path)
+    try:
+        record = to_record(row.file, row.loose, claim.data, node,
+                           _mtime(claim) if row.loose else None)
+    except CorruptRecordError as exc:
+        ref = row.serial or row.file
+        return Settled(ResultRow(ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
+                       QUARANTINE, claim, reason={"reason": "corrupt", "error": str(exc)})
+    wanted = path.name if not row.loose or row.file.endswith(record.filename) else record.filename
+    # pending/{serial}.json can only meet its own order in merged/ (left there by a
+    # crash of the agent between copy and unlink): replacing it is harmless, so only
+    # loose files, whose names are anyone's, pay for a lookup in merged/.
+    taken = row.loose and _exists(dirs, wanted)
+    merged_before = taken and already_merged(dirs, wanted, record)
+    name = merged_name(dirs, wanted) if taken and not merged_before else wanted
+    raw = row.loose and record.serial == recovery_serial(node, row.file, claim.data)
+    work = Work(row, claim, record, name, raw=raw)
+    if record.dedupe_key != row.key or record.serial != row.serial:
+        return work.left("the file changed during the merge; run again")
+    if row.confirmed_serial == record.serial or merged_before:
+        # Confirmed in an earlier run (or by the agent): finish the move, no request.
+        order_id = row.own_order_id if row.own_order_id is not None else (
+            row.confirmed_order_id if row.confirmed_serial == record.serial
+            else _merged_order_id(dirs, wanted))
+        outcome = row.own_outcome if row.own_outcome in DELIVERED else "duplicate"
+        if merged_before:
+            return Settled(work.result(outcome or "duplicate", order_id), MERGE, claim, name)
+        return work.merged(outcome or "duplicate", order_id, target)
+    if row.confirmed_serial is not None:
+        return _loser(work, row.confirmed_serial, row.confirmed_order_id,
+                      row.confirmed_digest, target)
+    if row.rank > 1 and row.winner_outcome not in ("rejected", "conflict"):
+        return work.left(f"waits for serial {row.winner} (same dedupe key) to be confirmed")
+    return work
+
+
+def _loser(work: Work, winner: str, order_id: Any, digest: bytes | None,
+           target: str) -> Settled:
+    """Same key as a confirmed order: a duplicate if the body is the same, else a conflict."""
+    if digest is None or digest == body_digest(work.record):
+        return work.merged("duplicate", order_id, target, duplicate_of=winner)
+    return work.quarantined(
+        "conflict", f"dedupe key {work.record.dedupe_key!r} was merged with serial {winner} "
+                    "and a different body; the first order stands",
+        {"duplicate_of": winner})
+
+
+def _vanished(dirs: BufferDirs, row: PlanRow, path: Path) -> Settled:
+    """Gone since the scan: the agent's drain delivered or refused it meanwhile."""
+    ref = row.serial or row.file
+    if (dirs.merged / path.name).exists():
+        return Settled(ResultRow(ref, row.key, row.file, "by_agent",
+                                 _merged_order_id(dirs, path.name), None, None, row.digest),
+                       NOTE)
+    if (dirs.rejected / path.name).exists():
+        return Settled(ResultRow(ref, row.key, row.file, "rejected",
+                                 error="refused while the agent delivered it: see rejected/"),
+                       NOTE)
+    return Settled(ResultRow(ref, row.key, row.file, "pending",
+                             error="moved away by another process during the merge"), NOTE)
+
+
+def _exists(dirs: BufferDirs, name: str) -> bool:
+    return os.path.lexists(os.path.join(dirs.merged, name))
+
+
+def merged_name(dirs: BufferDirs, wanted: str) -> str:
+    """A free name in merged/ beside an unrelated file called ``wanted``."""
+    stem = wanted.removesuffix(".json")
+    n = 1
+    while _exists(dirs, f"{stem}.{n}.json"):
+        n += 1
+    return f"{stem}.{n}.json"
+
+
+def _merged_order_id(dirs: BufferDirs, name: str) -> Any:
+    try:
+        doc = orjson.loads((dirs.merged / name).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return doc.get("order_id") if isinstance(doc, dict) else None
+
+
+def _mtime(claim: Claim) -> float:
+    try:
+        return claim.path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -1,0 +1,186 @@
+"""Where answered orders end up: checkpoint rows first, then the file moves, in groups.
+
+Workers hand over each settled order without waiting. Groups of everything
+queued so far flow through three stages, each one thread, in order:
+
+1. append the outcomes to the checkpoint (so a crash after this point
+   finishes the move on rerun without asking the center again);
+2. add order_id and rename each file into merged/, or write new copies
+   (``agent.buffer.place_in_merged``);
+3. one filesystem sync, then unlink the sources of new copies, quarantine
+   refused and corrupt files, release every claim
+   (``agent.buffer.complete_merged``).
+
+Stage 1 of a group overlaps stage 2 of the previous one and stage 3 of the
+one before, so no stage waits for another's I/O. Under load the groups grow
+by themselves: one sync covers thousands of files. The queue is bounded,
+which also bounds the open claims (file descriptors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.buffer import (
+    BufferDirs,
+    Claim,
+    MergedMove,
+    complete_merged,
+    place_in_merged,
+    quarantine,
+)
+from agent.errors import PersistError
+
+from .checkpoint import Checkpoint, ResultRow
+
+log = logging.getLogger("recovery.finisher")
+
+MERGE, QUARANTINE, LEAVE, NOTE = "merge", "quarantine", "leave", "note"
+
+
+@dataclass
+class Settled:
+    """One order whose outcome is known, and what to do with its file."""
+
+    row: ResultRow
+    action: str                        # MERGE, QUARANTINE, LEAVE or NOTE (no file)
+    claim: Claim | None = None
+    merged_name: str = ""
+    document: bytes | None = None      # MERGE: a new merged/ copy ...
+    added: dict[str, Any] | None = None  # ... or move the file, adding these keys
+    reason: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None           # set when the file could not be moved
+
+
+OnSettled = Callable[[list[Settled]], None]
+
+
+Moved = tuple[list[Settled], list[MergedMove], list[BaseException | None]]
+
+
+class Finisher:
+    def __init__(self, dirs: BufferDirs, checkpoint: Checkpoint, on_settled: OnSettled,
+                 limit: int = 2048) -> None:
+        self._dirs = dirs
+        self._checkpoint = checkpoint
+        self._on_settled = on_settled
+        self._room = asyncio.Semaphore(limit)
+        self._queue: list[Settled | None] = []  # None: end of input
+        self._wakeup = asyncio.Event()
+        self._unsettled = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"finisher-{n}")
+                       for n in ("checkpoint", "move", "sync")]
+        self._to_move: asyncio.Queue[list[Settled] | None] = asyncio.Queue(2)
+        self._to_sync: asyncio.Queue[Moved | None] = asyncio.Queue(2)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(coro, name=f"finisher-{i}") for i, coro in
+                       enumerate((self._record(), self._move(), self._sync()))]
+
+    async def put(self, items: list[Settled]) -> None:
+        for item in items:
+            if self._room.locked():
+                self._wakeup.set()  # let what is queued flow before waiting for room
+            await self._room.acquire()
+            self._queue.append(item)
+            self._unsettled += 1
+            self._idle.clear()
+        if items:
+            self._wakeup.set()
+
+    async def drain(self) -> None:
+        """Return once everything handed over so far is settled."""
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        await self.drain()
+        self._queue.append(None)
+        self._wakeup.set()
+        await asyncio.gather(*self._tasks)
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+
+    async def _record(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                queued, self._queue = self._queue, []
+                end = queued[-1] is None
+                batch = [i for i in queued if i is not None]
+                if batch:
+                    try:
+                        await loop.run_in_executor(self._pools[0], self._checkpoint.write,
+                                                   [i.row for i in batch])
+                    except Exception as exc:  # e.g. the disk is full: move nothing
+                        log.error("cannot record %d outcomes: %s", len(batch), exc)
+                        for item in batch:
+                            item.error = f"not recorded: {exc}"
+                            item.action = LEAVE
+                    await self._to_move.put(batch)
+                if end:
+                    await self._to_move.put(None)
+                    return
+
+    async def _move(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (batch := await self._to_move.get()) is not None:
+            merges = [i for i in batch if i.action == MERGE and i.claim is not None]
+            moves = [MergedMove(i.claim, i.merged_name, i.document, i.added)
+                     for i in merges if i.claim is not None]
+            results: list[BaseException | None] = []
+            if moves:
+                results = await loop.run_in_executor(
+                    self._pools[1], place_in_merged, self._dirs.merged, moves)
+            await self._to_sync.put((batch, moves, results))
+        await self._to_sync.put(None)
+
+    async def _sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (moved := await self._to_sync.get()) is not None:
+            batch = moved[0]
+            try:
+                await loop.run_in_executor(self._pools[2], self._complete, moved)
+            except Exception as exc:  # never leave a claim or a waiter behind
+                log.error("cannot finish %d moves: %s", len(batch), exc)
+                for item in batch:
+                    item.error = item.error or f"not finished: {exc}"
+                    if item.claim is not None:
+                        item.claim.release()
+            for _ in batch:
+                self._room.release()
+            self._on_settled(batch)
+            self._unsettled -= len(batch)
+            if not self._unsettled:
+                self._idle.set()
+
+    def _complete(self, moved: Moved) -> None:
+        batch, moves, results = moved
+        if moves:
+            merges = [i for i in batch if i.action == MERGE and i.claim is not None]
+            for item, err in zip(merges, complete_merged(self._dirs.merged, moves, results),
+                                 strict=True):
+                if err is not None:
+                    item.error = f"left in place: {err}"
+                    log.error("%s: confirmed by the center but not moved: %s",
+                              item.row.file, err)
+        for item in batch:
+            if item.action == QUARANTINE and item.claim is not None:
+                try:
+                    quarantine(self._dirs, item.claim.path, item.reason)
+                except (PersistError, OSError) as exc:
+                    item.error = f"not quarantined: {exc}"
+                    log.error("%s: cannot quarantine: %s", item.row.file, exc)
+                finally:
+                    item.claim.release()
+            elif item.claim is not None:
+                item.claim.release()  # LEAVE, or a MERGE whose claim is already released

@@ -1,0 +1,173 @@
+"""The merge plan: every order file of DIR indexed on disk, grouped by dedupe key.
+
+A scan writes one row per file into a temporary sqlite database (outside
+DIR, removed afterwards); a window over the rows ranks each dedupe-key group
+by serial, so "first serial wins" holds however the directory lists. Rows
+are then read back in chunks, joined with the checkpoint, so memory stays
+flat for a directory of a million files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import SCHEMA as CK_SCHEMA
+from .checkpoint import load_id
+from .source import Found
+
+SCHEMA = """
+CREATE TABLE scan (file TEXT, loose INTEGER, serial TEXT, key TEXT, digest BLOB, error TEXT);
+"""
+
+PLAN = """
+CREATE TABLE plan AS SELECT rowid AS id, file, loose, serial, key, digest, error,
+    ROW_NUMBER() OVER w AS rn, FIRST_VALUE(serial) OVER w AS winner
+FROM scan WINDOW w AS (PARTITION BY coalesce(key, char(0) || file)
+                       ORDER BY serial, loose, file);
+CREATE INDEX plan_id ON plan(id);
+CREATE INDEX plan_key ON plan(key, rn);
+"""
+
+_ROW_SQL = """
+SELECT p.id, p.file, p.loose, p.serial, p.key, p.digest, p.error, p.rn, p.winner,
+       k.serial, k.order_id, k.digest, r.outcome, r.order_id, w.outcome
+FROM plan p
+LEFT JOIN ck.keys k ON k.key = p.key
+LEFT JOIN ck.results r ON r.serial = p.serial
+LEFT JOIN ck.results w ON w.serial = p.winner
+"""
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One file of the plan, with what the checkpoint already knows about it."""
+
+    id: int
+    file: str
+    loose: bool
+    serial: str | None
+    key: str | None
+    digest: bytes | None
+    error: str | None
+    rank: int                      # 1: the winner of its dedupe-key group
+    winner: str | None             # the group's winning serial
+    confirmed_serial: str | None   # the key was confirmed by the center with this serial
+    confirmed_order_id: object
+    confirmed_digest: bytes | None
+    own_outcome: str | None        # this serial's outcome in an earlier run
+    own_order_id: object
+    winner_outcome: str | None     # the winner's outcome (for rank > 1)
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    files: int
+    corrupt: int
+    keys: int
+    duplicate_groups: int
+    losers: int
+
+
+class Plan:
+    """Owns the temporary index database; the checkpoint is attached read-only as ``ck``."""
+
+    def __init__(self, db_path: Path, checkpoint_path: Path, live: bool) -> None:
+        """``live``: the merge writes the checkpoint meanwhile and every query sees it;
+        otherwise (dry-run) it is read as an immutable snapshot, or absent."""
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None,
+                                   uri=True)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("PRAGMA temp_store=FILE")
+        if live:
+            self._db.execute("ATTACH ? AS ck", (f"file:{checkpoint_path}?mode=ro",))
+        elif checkpoint_path.exists():
+            # immutable: never create -shm/-wal files in DIR (dry-run changes nothing).
+            self._db.execute("ATTACH ? AS ck",
+                             (f"file:{checkpoint_path}?mode=ro&immutable=1",))
+        else:
+            self._db.execute("ATTACH ':memory:' AS ck")
+            self._db.executescript(CK_SCHEMA.replace("TABLE IF NOT EXISTS ", "TABLE ck."))
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def build(self, found: Iterator[Found]) -> PlanStats:
+        while chunk := list(itertools.islice(found, 2000)):
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO scan VALUES (?,?,?,?,?,?)",
+                [(f.file, int(f.loose), f.serial, f.key, f.digest, f.error) for f in chunk])
+            self._db.execute("COMMIT")
+        self._db.executescript(PLAN)
+        files, corrupt, keys, losers = self._db.execute(
+            "SELECT count(*), count(error), count(DISTINCT key), "
+            "coalesce(sum(rn > 1), 0) FROM plan").fetchone()
+        groups = self._db.execute(
+            "SELECT count(*) FROM plan WHERE rn = 2").fetchone()[0]
+        return PlanStats(files, corrupt, keys, groups, losers)
+
+    def rows(self, winners: bool) -> Iterator[list[PlanRow]]:
+        """Winners (rank 1, corrupt files included) or losers, in chunks."""
+        where = "p.rn = 1" if winners else "p.rn > 1"
+        cur = self._db.execute(f"{_ROW_SQL} WHERE {where} ORDER BY p.id")
+        while chunk := cur.fetchmany(512):
+            yield [_row(r) for r in chunk]
+
+    def rows_by_id(self, ids: list[int]) -> list[PlanRow]:
+        out: list[PlanRow] = []
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            out.extend(_row(r) for r in self._db.execute(
+                f"{_ROW_SQL} WHERE p.id IN ({marks}) ORDER BY p.id", part))
+        return out
+
+    def conflicts(self) -> int:
+        """Losers whose body differs from their group's winner."""
+        return int(self._db.execute(
+            "SELECT count(*) FROM plan p JOIN plan w ON w.key = p.key AND w.rn = 1 "
+            "WHERE p.rn > 1 AND p.digest IS NOT w.digest").fetchone()[0])
+
+    def confirmed_before(self) -> int:
+        """Files whose dedupe key the checkpoint already saw confirmed."""
+        return int(self._db.execute(
+            "SELECT count(*) FROM plan p JOIN ck.keys k ON k.key = p.key").fetchone()[0])
+
+    def to_send(self) -> int:
+        """Group winners with a key the center has not confirmed yet."""
+        return int(self._db.execute(
+            "SELECT count(*) FROM plan p LEFT JOIN ck.keys k ON k.key = p.key "
+            "WHERE p.rn = 1 AND p.error IS NULL AND k.key IS NULL").fetchone()[0])
+
+    def duplicate_groups(self) -> Iterator[tuple[str, list[str], bool]]:
+        """(key, serials winner first, same body?) for every key held by more than one file."""
+        cur = self._db.execute(
+            "SELECT key, group_concat(serial, char(10)), count(DISTINCT digest) FROM "
+            "(SELECT key, serial, digest FROM plan WHERE key IN "
+            " (SELECT key FROM plan WHERE rn = 2) ORDER BY key, rn) GROUP BY key")
+        while chunk := cur.fetchmany(500):
+            for key, serials, digests in chunk:
+                yield key, serials.split("\n"), digests == 1
+
+
+def _row(r: tuple[object, ...]) -> PlanRow:
+    (id_, file, loose, serial, key, digest, error, rank, winner,
+     k_serial, k_order_id, k_digest, own, own_id, w_outcome) = r
+    return PlanRow(
+        id=int(id_),  # type: ignore[call-overload]
+        file=str(file), loose=bool(loose),
+        serial=serial, key=key, digest=digest, error=error,  # type: ignore[arg-type]
+        rank=int(rank), winner=winner,  # type: ignore[call-overload,arg-type]
+        confirmed_serial=k_serial,  # type: ignore[arg-type]
+        confirmed_order_id=load_id(k_order_id),  # type: ignore[arg-type]
+        confirmed_digest=k_digest,  # type: ignore[arg-type]
+        own_outcome=own,  # type: ignore[arg-type]
+        own_order_id=load_id(own_id),  # type: ignore[arg-type]
+        winner_outcome=w_outcome,  # type: ignore[arg-type]
+    )

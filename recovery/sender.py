@@ -1,0 +1,109 @@
+"""Sending orders to the target: bulk where the center has it, single POSTs otherwise.
+
+The first bulk request is the probe: it goes alone, and a 404/405/501 turns
+bulk off for the rest of the run (its items then go as single POSTs). Every
+answer comes back per item, already classified by ``agent.delivery``, so a
+partly accepted batch retries only the items that need it. Requests are
+paced (``--rate``, slower on 429/503) and bounded (``--concurrency``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+from agent.delivery import SLOW_DOWN_STATUSES, Answer, BatchItem, Outcome, classify
+from agent.drain import Pacer
+from agent.errors import UpstreamError
+from agent.upstream import UpstreamClient
+
+log = logging.getLogger("recovery.sender")
+
+# One item's result: the center's answer, or why none came.
+ItemResult = Answer | UpstreamError
+
+
+class Sender:
+    def __init__(self, client: UpstreamClient, base: str, concurrency: int,
+                 rate: float | None, batch: int, timeout_s: float) -> None:
+        self._client = client
+        self._base = base
+        self._slots = asyncio.Semaphore(concurrency)
+        self._pacer = Pacer(rate if rate else math.inf)
+        self._timeout_s = timeout_s
+        self._batch_timeout_s = max(timeout_s, 30.0)
+        self.bulk: bool | None = None if batch > 1 else False
+        self._probe = asyncio.Lock()
+        self.requests = 0
+
+    async def send(self, items: list[BatchItem]) -> list[ItemResult]:
+        if len(items) > 1 and self.bulk is not False:
+            if self.bulk is None:
+                async with self._probe:
+                    if self.bulk is None:
+                        return await self._probe_bulk(items)
+            if self.bulk:
+                results = await self._send_batch(items)
+                if results is not None:
+                    return results
+        return list(await asyncio.gather(*(self._send_one(i) for i in items)))
+
+    async def _probe_bulk(self, items: list[BatchItem]) -> list[ItemResult]:
+        results = await self._send_batch(items, probing=True)
+        if results is None:
+            return list(await asyncio.gather(*(self._send_one(i) for i in items)))
+        return results
+
+    async def _send_batch(self, items: list[BatchItem],
+                          probing: bool = False) -> list[ItemResult] | None:
+        """Per-item results, or None: send these items one by one instead."""
+        await self._pacer.wait(len(items))
+        async with self._slots:
+            self.requests += 1
+            try:
+                answer = await self._client.post_batch(self._base, items, self._batch_timeout_s)
+            except UpstreamError as exc:
+                if probing:
+                    # No verdict on bulk yet; the next batch probes again.
+                    log.info("bulk probe got no answer: %s", exc)
+                return [exc] * len(items)
+        if answer.unsupported:
+            if self.bulk is not False:
+                log.info("the target has no bulk import (HTTP %d to orders:batch): "
+                         "single POSTs from now on", answer.status)
+            self.bulk = False
+            return None
+        if answer.answers is None:
+            whole = Answer(answer.status, None, answer.retry_after_s, answer.error)
+            self._observe(whole)
+            if classify(answer.status) in (Outcome.RETRY, Outcome.TRANSIENT):
+                return [whole] * len(items)
+            # The center refused the request as a whole (e.g. 400, 413): let each
+            # order get its own verdict.
+            log.info("orders:batch answered HTTP %d; sending these %d orders singly",
+                     answer.status, len(items))
+            return None
+        self.bulk = True
+        for a in answer.answers:
+            self._observe(a)
+        return list(answer.answers)
+
+    async def _send_one(self, item: BatchItem) -> ItemResult:
+        await self._pacer.wait()
+        async with self._slots:
+            self.requests += 1
+            try:
+                answer = await self._client.post_order(
+                    self._base, item.body.encode("utf-8"), item.idempotency_key, item.serial,
+                    self._timeout_s)
+            except UpstreamError as exc:
+                return exc
+        self._observe(answer)
+        return answer
+
+    def _observe(self, answer: Answer) -> None:
+        if answer.status in SLOW_DOWN_STATUSES:
+            self._pacer.slow_down(answer.retry_after_s)
+        elif answer.outcome.delivered and self._pacer.rate != self._pacer.base_rate:
+            self._pacer.speed_up()

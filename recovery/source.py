@@ -1,0 +1,159 @@
+"""What is in a buffer directory: a streaming scan, and turning one file into a record.
+
+Two kinds of input, both ``*.json``:
+
+- ``DIR/pending/*`` and loose ``DIR/*`` files in the buffer's record format
+  (``agent.buffer.PendingRecord``);
+- loose raw order objects, as another machine or an older tool left them.
+  They are validated by the agent's own intake rules and get a serial from a
+  recovery-only range, ``RCV-{NODE}-{hash}``, which an agent serial
+  (``{NODE}-{YYYYMMDD}-{counter}``) can never equal. The hash covers the file
+  name and content, so a rerun gives the same file the same serial.
+
+Nothing here holds more than one file at a time: a directory of a million
+files streams through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import islice
+from pathlib import Path
+
+import orjson
+
+from agent.buffer import PendingRecord, is_order_file, strip_added_keys
+from agent.errors import CorruptRecordError, InvalidOrderError
+from agent.intake import parse_order
+
+RECOVERY_PREFIX = "RCV"
+# Larger loose files are not orders anyone sent through the agent (its limit is 1 MiB).
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Found:
+    """One order file as the scan saw it (no lock held; the claim re-reads it)."""
+
+    file: str          # path relative to DIR: "pending/S.json" or "x.json"
+    loose: bool
+    serial: str | None
+    key: str | None
+    digest: bytes | None
+    error: str | None  # set when the file is not a usable order
+
+
+def order_files(root: Path) -> Iterator[tuple[str, bool]]:
+    """(relative path, loose?) of every order file: pending/ first, then DIR itself."""
+    pending = root / "pending"
+    if pending.is_dir():
+        with os.scandir(pending) as it:
+            for entry in it:
+                if is_order_file(entry.name) and entry.is_file(follow_symlinks=False):
+                    yield f"pending/{entry.name}", False
+    with os.scandir(root) as it:
+        for entry in it:
+            if is_order_file(entry.name) and entry.is_file(follow_symlinks=False):
+                yield entry.name, True
+
+
+def recovery_serial(node: str, name: str, data: bytes) -> str:
+    digest = hashlib.blake2b(name.encode() + b"\0" + data, digest_size=8).hexdigest()
+    return f"{RECOVERY_PREFIX}-{node.upper()}-{digest}"
+
+
+def body_digest(record: PendingRecord) -> bytes:
+    """What makes two files with one dedupe key the same order, or a conflict."""
+    return hashlib.blake2b(record.raw_body, digest_size=16).digest()
+
+
+def to_record(file: str, loose: bool, data: bytes, node: str,
+              mtime: float | None = None) -> PendingRecord:
+    """The order held by ``data``; CorruptRecordError says why it is not one."""
+    if len(data) > MAX_FILE_BYTES:
+        raise CorruptRecordError(f"{file}: {len(data)} bytes, over {MAX_FILE_BYTES}")
+    if not loose:
+        try:
+            return PendingRecord.from_bytes(data, origin=file)
+        except CorruptRecordError:
+            # Killed while finish_merged_batch added keys: the record is intact before them.
+            original = strip_added_keys(data)
+            if original is None:
+                raise
+            return PendingRecord.from_bytes(original, origin=file)
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptRecordError(f"{file}: not JSON ({exc})") from exc
+    if isinstance(obj, dict) and "v" in obj:
+        return PendingRecord.from_dict(obj, origin=file)
+    try:
+        order = parse_order(data, None)
+    except InvalidOrderError as exc:
+        raise CorruptRecordError(f"{file}: not an order: {exc}") from exc
+    when = datetime.fromtimestamp(mtime or 0).astimezone()
+    return PendingRecord(
+        serial=recovery_serial(node, file, data),
+        node_id=node,
+        received_at=when.isoformat(timespec="milliseconds"),
+        channel_id=order.channel_id,
+        dedupe_key=order.dedupe_key,
+        customer_phone=order.customer_phone,
+        body=data.decode("utf-8"),
+    )
+
+
+def read_found(root: Path, file: str, loose: bool, node: str) -> Found | None:
+    """Read and classify one file; None if it vanished meanwhile (someone moved it)."""
+    try:
+        fd = os.open(root / file, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return Found(file, loose, None, None, None, f"{file}: unreadable: {exc.strerror}")
+    try:
+        st = os.fstat(fd)
+        data = _read_all(fd, min(st.st_size, MAX_FILE_BYTES) + 1)
+        mtime = st.st_mtime
+    except OSError as exc:
+        return Found(file, loose, None, None, None, f"{file}: unreadable: {exc.strerror}")
+    finally:
+        os.close(fd)
+    try:
+        record = to_record(file, loose, data, node, mtime)
+    except CorruptRecordError as exc:
+        return Found(file, loose, None, None, None, str(exc))
+    return Found(file, loose, record.serial, record.dedupe_key, body_digest(record), None)
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes (one read(2) for a regular file of known size)."""
+    chunks = []
+    while limit > 0 and (chunk := os.read(fd, limit)):
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
+
+
+def scan(root: Path, node: str, threads: int = 2) -> Iterator[Found]:
+    """Every order file, read by ``threads`` threads (reads overlap), in listing order."""
+    def read_chunk(chunk: list[tuple[str, bool]]) -> list[Found | None]:
+        return [read_found(root, file, loose, node) for file, loose in chunk]
+
+    files = order_files(root)
+    with ThreadPoolExecutor(threads, thread_name_prefix="scan") as pool:
+        window: deque[Future[list[Found | None]]] = deque()
+        while True:
+            while len(window) < threads * 2 and (chunk := list(islice(files, 256))):
+                window.append(pool.submit(read_chunk, chunk))
+            if not window:
+                return
+            for found in window.popleft().result():
+                if found is not None:
+                    yield found
