@@ -159,20 +159,21 @@ class OutboxStore:
         return [None] * len(ops)
 
     async def _apply_enqueue(self, db: aiosqlite.Connection, op: _Enqueue) -> None:
-        async with db.execute("SELECT state FROM sms WHERE serial=?", (op.serial,)) as cur:
-            row = await cur.fetchone()
-        if row is not None:
-            op.result = str(row[0])
+        # execute_fetchall: one hop to the sqlite thread per query (a cursor takes three).
+        rows = list(await db.execute_fetchall("SELECT state FROM sms WHERE serial=?",
+                                              (op.serial,)))
+        if rows:
+            op.result = str(rows[0][0])
             return
         now = time.time()
         state, phone, reason = QUEUED, op.phone or "", op.reason
         if op.phone is None or op.reason:
             state, phone = SKIPPED, mask(op.raw_phone)
         elif op.limit > 0:
-            async with db.execute("SELECT COUNT(*) FROM sms_window WHERE phone=? AND at>?",
-                                  (op.phone, now - WINDOW_S)) as cur:
-                count = await cur.fetchone()
-            if count is not None and int(count[0]) >= op.limit:
+            count = list(await db.execute_fetchall(
+                "SELECT COUNT(*) FROM sms_window WHERE phone=? AND at>?",
+                (op.phone, now - WINDOW_S)))
+            if count and int(count[0][0]) >= op.limit:
                 state, phone = SUPPRESSED, mask(op.phone)
                 reason = f"sms.per_phone_per_hour ({op.limit}) reached for this phone"
         await db.execute(
