@@ -10,7 +10,6 @@ while the center keeps failing; oldest serial first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import os
@@ -43,6 +42,7 @@ from .journal import MERGED, REJECTED, Journal
 from .metrics import Metrics
 from .spool import PendingSpool
 from .upstream import UpstreamClient
+from .watched_loop import WatchedLoop
 
 log = logging.getLogger("agent.drain")
 T = TypeVar("T")
@@ -65,6 +65,10 @@ async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
     except asyncio.CancelledError:
         await asyncio.wait({fut})
         raise
+
+
+def _added_order(change: watchfiles.Change, path: str) -> bool:
+    return change == watchfiles.Change.added and is_order_file(os.path.basename(path))
 
 
 def _parse(data: bytes, name: str) -> PendingRecord:
@@ -135,59 +139,34 @@ class Drainer:
         self._busy = busy
         self._metrics = metrics
         self._pacer = Pacer(settings.drain_rate_per_s)
-        self._kick = asyncio.Event()
-        self._stop = asyncio.Event()
         self._active: set[str] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._delays = _delays()
+        self._loop = WatchedLoop("drain", self._round, dirs.pending, _added_order,
+                                 settings.scan_interval_s)
         self.passes = 0
 
     def kick(self) -> None:
-        self._kick.set()
+        self._loop.kick()
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._loop(), name="drain"),
-            asyncio.create_task(self._watch(), name="drain-watch"),
-        ]
-        self.kick()
+        await self._loop.start()
 
     async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._loop.stop()
 
-    async def _watch(self) -> None:
-        def added_order(change: watchfiles.Change, path: str) -> bool:
-            return change == watchfiles.Change.added and is_order_file(os.path.basename(path))
-
-        async for _ in watchfiles.awatch(self._dirs.pending, watch_filter=added_order,
-                                         stop_event=self._stop, recursive=False,
-                                         debounce=300, ignore_permission_denied=True):
-            self.kick()
-
-    async def _loop(self) -> None:
-        delays = _delays()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self._settings.scan_interval_s)
-            self._kick.clear()
-            target = self._pick_target()
-            if target is None:
-                continue
-            try:
-                clean = await self._pass(*target)
-            except Exception as exc:  # the loop must outlive any one bad pass
-                log.error("drain pass failed: %s", exc, exc_info=True)
-                clean = False
+    async def _round(self) -> None:
+        target = self._pick_target()
+        if target is None:
+            return  # a health transition kicks us when the primary is back
+        try:
+            clean = await self._pass(*target)
+        finally:
             self.passes += 1
-            if clean:
-                delays = _delays()
-                continue
-            delay = backoff.full_jitter(next(delays))
-            await asyncio.sleep(delay)
-            self.kick()
+        if clean:
+            self._delays = _delays()
+            return
+        await asyncio.sleep(backoff.full_jitter(next(self._delays)))
+        self.kick()
 
     async def _pass(self, cluster: str, base: str) -> bool:
         """Deliver every pending file once; False if some must be tried again."""

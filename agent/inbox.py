@@ -11,7 +11,6 @@ ending in ".json" are files still being written and are ignored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -20,10 +19,15 @@ import watchfiles
 
 from .buffer import BufferDirs, fsync_dir, is_order_file, quarantine
 from .intake import Intake, Reply
+from .watched_loop import WatchedLoop
 
 log = logging.getLogger("agent.inbox")
 
 _TRY_AGAIN = frozenset({409, 503, 507})
+
+
+def _visible(change: watchfiles.Change, path: str) -> bool:
+    return change != watchfiles.Change.deleted and is_order_file(os.path.basename(path))
 
 
 class InboxWatcher:
@@ -34,43 +38,15 @@ class InboxWatcher:
         self._max_body = max_body_bytes
         self._interval = scan_interval_s
         self._concurrency = concurrency
-        self._kick = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loop = WatchedLoop("inbox", self.scan, dirs.inbox, _visible, scan_interval_s,
+                                 debounce_ms=100)
         self.scans = 0
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._loop(), name="inbox"),
-            asyncio.create_task(self._watch(), name="inbox-watch"),
-        ]
-        self._kick.set()
+        await self._loop.start()
 
     async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-
-    async def _watch(self) -> None:
-        def visible(change: watchfiles.Change, path: str) -> bool:
-            return change != watchfiles.Change.deleted and is_order_file(os.path.basename(path))
-
-        async for _ in watchfiles.awatch(self._dirs.inbox, watch_filter=visible,
-                                         stop_event=self._stop, recursive=False,
-                                         debounce=100, step=20, ignore_permission_denied=True):
-            self._kick.set()
-
-    async def _loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self._interval)
-            self._kick.clear()
-            try:
-                await self.scan()
-            except Exception as exc:  # the loop must outlive any one bad scan
-                log.error("inbox scan failed: %s", exc, exc_info=True)
+        await self._loop.stop()
 
     async def scan(self) -> None:
         names = sorted(n for n in await asyncio.to_thread(os.listdir, self._dirs.inbox)

@@ -18,6 +18,7 @@ import watchfiles
 
 from .config import Config, load_config
 from .errors import ConfigError
+from .watched_loop import WatchedLoop
 
 log = logging.getLogger("agent.reload")
 
@@ -46,47 +47,29 @@ class ConfigReloader:
         self._path = Path(path).resolve()
         self._current = current
         self._apply = apply
-        self._kick = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.reloads = 0
-        self.refused = 0
-
-    def trigger(self) -> None:
-        self._kick.set()
-
-    async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._loop(), name="config-reload"),
-                       asyncio.create_task(self._watch(), name="config-watch")]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-
-    async def _watch(self) -> None:
         target = str(self._path)
 
         def ours(change: watchfiles.Change, path: str) -> bool:
             return os.path.realpath(path) == target or path == target
 
         # Watch the directory: editors and config management replace the file by rename.
-        async for _ in watchfiles.awatch(self._path.parent, watch_filter=ours,
-                                         stop_event=self._stop, recursive=False,
-                                         debounce=200, ignore_permission_denied=True):
-            self.trigger()
+        # A failed reload is logged by the loop and the running config stays.
+        self._loop = WatchedLoop("config-reload", self._reload, self._path.parent, ours,
+                                 interval_s=None, debounce_ms=200)
+        self.reloads = 0
+        self.refused = 0
 
-    async def _loop(self) -> None:
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            try:
-                await self.reload_now()
-            except Exception as exc:  # keep running on the old config whatever happens
-                log.error("config reload failed, keeping the running config: %s", exc,
-                          exc_info=True)
+    def trigger(self) -> None:
+        self._loop.kick()
+
+    async def start(self) -> None:
+        await self._loop.start(run_now=False)
+
+    async def stop(self) -> None:
+        await self._loop.stop()
+
+    async def _reload(self) -> None:
+        await self.reload_now()
 
     async def reload_now(self) -> bool:
         try:

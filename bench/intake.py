@@ -14,7 +14,7 @@ Measures, in one run, on this machine (everything on loopback):
    keep-alive clients POSTing ``--orders`` unique 0.5-1 KB orders. Only 202
    answers count as acknowledged; afterwards pending/ must hold exactly one
    file per acknowledged serial. Prints orders/s, p50/p99 and agent/raw ratio;
-3. forwarding overhead: a minimal order center (``bench/_center.py``) in its
+3. forwarding overhead: a minimal order center (``bench/center.py``) in its
    own process and a second agent in front of it. Latency at concurrency 1
    (direct and via-agent requests interleaved one by one) and throughput at
    ``--concurrency`` (direct and via-agent blocks alternated), after warm-up.
@@ -52,7 +52,7 @@ import aiohttp
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-CENTER_SCRIPT = Path(__file__).resolve().parent / "_center.py"
+CENTER_SCRIPT = Path(__file__).resolve().parent / "center.py"
 START_TIMEOUT_S = 30.0
 
 # Goals (what the summary checks).
@@ -587,8 +587,7 @@ async def phase_forward(tmp: Path, latency_n: int, tp_n: int, warmup: int, concu
     center_base = f"http://127.0.0.2:{center_port}/v3"
     work = tmp / "forward"
     work.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, str(CENTER_SCRIPT), "--host", "127.0.0.2", "--port",
-            str(center_port)]
+    argv = [sys.executable, str(CENTER_SCRIPT), "127.0.0.2", str(center_port)]
     with Child("order center", argv, work / "center.log") as center:
         async with new_session(4) as probe_session:
             async def center_up() -> bool:

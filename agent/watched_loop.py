@@ -1,0 +1,65 @@
+"""A unit of work run on demand: when kicked, when a watched directory changes, and
+every ``interval_s`` as a safety net. The drain, the inbox and the config reloader
+are all this shape; this object owns the two tasks and stops them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import watchfiles
+
+log = logging.getLogger("agent.loop")
+
+Accept = Callable[[watchfiles.Change, str], bool]
+
+
+class WatchedLoop:
+    def __init__(self, name: str, body: Callable[[], Awaitable[None]], watch: Path,
+                 accept: Accept, interval_s: float | None, debounce_ms: int = 300) -> None:
+        self._name = name
+        self._body = body
+        self._watch_dir = watch
+        self._accept = accept
+        self._interval = interval_s
+        self._debounce = debounce_ms
+        self._kick = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def start(self, run_now: bool = True) -> None:
+        self._tasks = [asyncio.create_task(self._loop(), name=self._name),
+                       asyncio.create_task(self._watch(), name=f"{self._name}-watch")]
+        if run_now:
+            self.kick()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _watch(self) -> None:
+        async for _ in watchfiles.awatch(self._watch_dir, watch_filter=self._accept,
+                                         stop_event=self._stop, recursive=False,
+                                         debounce=self._debounce, step=20,
+                                         ignore_permission_denied=True):
+            self.kick()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self._interval)
+            self._kick.clear()
+            try:
+                await self._body()
+            except Exception as exc:  # the loop must outlive any one bad round
+                log.error("%s failed: %s", self._name, exc, exc_info=True)
