@@ -23,6 +23,7 @@ import aiosqlite
 
 from .batching import GroupCommit
 from .errors import PersistError
+from .sqlite_db import SqliteDb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -92,50 +93,26 @@ class Journal:
     """Owns the SQLite connections (one writer, one reader) and the group-commit writer."""
 
     def __init__(self, state_dir: str) -> None:
-        self._path = Path(state_dir) / "journal.sqlite3"
-        self._db: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        # DEFERRED: the first write of a batch opens the transaction itself, so a
+        # batch costs its statements plus one COMMIT round trip to the sqlite thread.
+        self._db = SqliteDb(Path(state_dir) / "journal.sqlite3", "journal", SCHEMA,
+                            synchronous="NORMAL", isolation_level="DEFERRED")
         self._writer = GroupCommit[_Op]("journal", self._flush)
 
     @property
     def path(self) -> Path:
-        return self._path
+        return self._db.path
 
     def _conn(self, reader: bool = False) -> aiosqlite.Connection:
-        db = self._reader if reader else self._db
-        if db is None:
-            raise RuntimeError("Journal.start() must be awaited before use")
-        return db
+        return self._db.reader if reader else self._db.writer
 
     async def start(self) -> None:
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            # DEFERRED: the first write of a batch opens the transaction itself, so a
-            # batch costs its statements plus one COMMIT round trip to the sqlite thread.
-            self._db = await aiosqlite.connect(self._path, isolation_level="DEFERRED")
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=NORMAL")
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.executescript(SCHEMA)
-            self._reader = await aiosqlite.connect(self._path, isolation_level=None)
-            await self._reader.execute("PRAGMA busy_timeout=5000")
-        except Exception as exc:
-            await self._close()
-            raise PersistError(
-                f"cannot open journal {self._path}: {exc}; check agent.state_dir"
-            ) from exc
-        self._path.chmod(0o600)
+        await self._db.open()
         self._writer.start()
 
     async def stop(self) -> None:
         await self._writer.stop()
-        await self._close()
-
-    async def _close(self) -> None:
-        for db in (self._reader, self._db):
-            if db is not None:
-                await db.close()
-        self._db = self._reader = None
+        await self._db.close()
 
     # -- writes (group-committed) -------------------------------------------------
 
@@ -153,7 +130,7 @@ class Journal:
                 await db.rollback()
                 raise
         except Exception as exc:
-            raise PersistError(f"journal write failed in {self._path}: {exc}") from exc
+            raise PersistError(f"journal write failed in {self._db.path}: {exc}") from exc
         finally:
             if durable:
                 await db.execute("PRAGMA synchronous=NORMAL")

@@ -28,6 +28,7 @@ import aiosqlite
 from .batching import GroupCommit
 from .errors import PersistError
 from .phones import mask
+from .sqlite_db import SqliteDb
 
 QUEUED, SENDING, SENT, FAILED = "queued", "sending", "sent", "failed"
 SUPPRESSED, SKIPPED, AMBIGUOUS = "suppressed", "skipped", "ambiguous"
@@ -101,40 +102,21 @@ class OutboxStore:
     """Owns the outbox's SQLite connections (one writer, one reader) and its group commit."""
 
     def __init__(self, state_dir: str) -> None:
-        self.path = Path(state_dir) / "outbox.sqlite3"
-        self._db: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._db = SqliteDb(Path(state_dir) / "outbox.sqlite3", "SMS outbox", SCHEMA,
+                            synchronous="FULL")
+        self.path = self._db.path
         self._writer = GroupCommit[_Op]("sms-outbox", self._flush)
 
     def _conn(self, reader: bool = False) -> aiosqlite.Connection:
-        db = self._reader if reader else self._db
-        if db is None:
-            raise RuntimeError("OutboxStore.open() must be awaited before use")
-        return db
+        return self._db.reader if reader else self._db.writer
 
     async def open(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=FULL")
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.executescript(SCHEMA)
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._reader.execute("PRAGMA busy_timeout=5000")
-        except Exception as exc:
-            await self.close()
-            raise PersistError(f"cannot open SMS outbox {self.path}: {exc}; "
-                               "check agent.state_dir") from exc
-        self.path.chmod(0o600)
+        await self._db.open()
         self._writer.start()
 
     async def close(self) -> None:
         await self._writer.stop()
-        for db in (self._reader, self._db):
-            if db is not None:
-                await db.close()
-        self._db = self._reader = None
+        await self._db.close()
 
     # -- writes ------------------------------------------------------------------------
 
