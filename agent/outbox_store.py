@@ -9,8 +9,12 @@ States::
     skipped      no valid phone, or found too late at start-up
     suppressed   sms.per_phone_per_hour reached
 
-Every write commits with ``synchronous=FULL`` (group-committed), so a row that
-said "sending" before a crash or a power loss still says so afterwards. Once a
+Writes are group-committed. A batch that moves any row (to "sending" above all)
+commits with ``synchronous=FULL``, so a row that said "sending" before a crash or
+a power loss still says so afterwards. A batch of new rows only commits with
+``synchronous=NORMAL``: it survives kill -9, and should a power loss take it, the
+start-up backfill queues it again from its pending file (the files are the truth);
+this keeps an fsync off the path of every buffered order's 202. Once a
 row is final its phone is replaced by the masked form; the window rows that
 the rate limit needs are deleted after an hour.
 """
@@ -103,7 +107,7 @@ class OutboxStore:
 
     def __init__(self, state_dir: str) -> None:
         self._db = SqliteDb(Path(state_dir) / "outbox.sqlite3", "SMS outbox", SCHEMA,
-                            synchronous="FULL")
+                            synchronous="NORMAL")
         self.path = self._db.path
         self._writer = GroupCommit[_Op]("sms-outbox", self._flush)
 
@@ -122,7 +126,10 @@ class OutboxStore:
 
     async def _flush(self, ops: list[_Op]) -> Sequence[None]:
         db = self._conn()
+        durable = any(isinstance(op, _Update) for op in ops)
         try:
+            if durable:
+                await db.execute("PRAGMA synchronous=FULL")
             await db.execute("BEGIN IMMEDIATE")
             try:
                 for op in ops:
@@ -138,6 +145,9 @@ class OutboxStore:
                 raise
         except Exception as exc:
             raise PersistError(f"SMS outbox write failed in {self.path}: {exc}") from exc
+        finally:
+            if durable:
+                await db.execute("PRAGMA synchronous=NORMAL")
         return [None] * len(ops)
 
     async def _apply_enqueue(self, db: aiosqlite.Connection, op: _Enqueue) -> None:
