@@ -17,12 +17,13 @@ from .errors import ConfigError, UsageError
 from .logs import setup_logging
 from .sd_notify import SdNotifier
 from .service import Service
+from .usage import OneLineParser
 
 log = logging.getLogger("agent")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-agent", description="Order Edge Agent")
+    p = OneLineParser(prog="edge-agent", description="Order Edge Agent")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", help="config file (default $EDGE_AGENT_CONFIG, then "

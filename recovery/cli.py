@@ -14,12 +14,13 @@ from urllib.parse import urlsplit
 
 from agent.config import Config, load_config, resolve_config_path
 from agent.errors import ConfigError, UsageError
+from agent.usage import OneLineParser
 
 from .app import EXIT_USAGE, AlreadyRunning, Job, run
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="edge-recover",
         description="Merge an offline buffer directory into the order center.")
     p.add_argument("--path", required=True, help="buffer directory (DIR/pending/*.json and "

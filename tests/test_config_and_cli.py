@@ -70,8 +70,12 @@ def test_config_path_from_environment(tmp_path: Path):
     assert done.returncode == 2 and "upstream.bogus" in done.stderr and "env.toml" in done.stderr
 
 
-def test_usage_error_exits_2():
-    assert _run("frobnicate").returncode == 2
+@pytest.mark.parametrize("args", [("frobnicate",), ("drill", "--orders", "abc"),
+                                  ("drill", "--scenario", "no-such")])
+def test_usage_error_exits_2_with_one_line(args):
+    done = _run(*args)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_recover_usage_error_exits_2():
