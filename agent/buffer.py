@@ -504,6 +504,7 @@ def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any]) -> Path:
     write_file_durably(dirs.rejected, name + REASON_SUFFIX, orjson.dumps(reason))
     try:
         os.rename(src, dirs.rejected / name)
+        os.chmod(dirs.rejected / name, 0o600)  # an inbox file may come in with any mode
         fsync_dir(dirs.rejected)
         fsync_dir(src.parent)
     except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import orjson
 
@@ -10,9 +11,10 @@ from .conftest import order, wait_for
 from .fakes import FakeCenter
 
 
-def _drop(inbox, name: str, data: bytes) -> None:
+def _drop(inbox, name: str, data: bytes, mode: int = 0o600) -> None:
     tmp = inbox / f".{name}.part"
     tmp.write_bytes(data)
+    os.chmod(tmp, mode)
     os.rename(tmp, inbox / name)
 
 
@@ -45,11 +47,12 @@ async def test_dropped_order_is_forwarded_when_center_is_up(make_agent, center: 
 async def test_invalid_drop_goes_to_rejected_with_the_400_reason(make_agent, center: FakeCenter):
     await center.go_down()
     agent = await make_agent(center.url, buffer={"scan_interval_s": 60})
-    _drop(agent.spool / "inbox", "bad.json", b'{"channel_id": "douyin"}')
+    _drop(agent.spool / "inbox", "bad.json", b'{"channel_id": "douyin"}', mode=0o644)
     _drop(agent.spool / "inbox", "garbage.json", b"\x00\x01 not json")
     await wait_for(lambda: agent.files("inbox") == [], 10, "inbox pick-up")
     assert agent.files("rejected") == ["bad.json", "bad.json.reason.json",
                                        "garbage.json", "garbage.json.reason.json"]
+    assert stat.S_IMODE(os.stat(agent.spool / "rejected" / "bad.json").st_mode) == 0o600
     reason = orjson.loads((agent.spool / "rejected" / "bad.json.reason.json").read_bytes())
     assert reason["status"] == 400 and reason["field"] == "channel_order_id"
     assert (agent.spool / "rejected" / "garbage.json").read_bytes() == b"\x00\x01 not json"
