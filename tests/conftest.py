@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -81,8 +82,13 @@ async def center() -> AsyncIterator[FakeCenter]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+    session = aiohttp.ClientSession()
+    try:
         yield session
+    finally:
+        # Bounded: a connection to an agent the test killed must not hold up teardown.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(session.close(), 10)
 
 
 class AgentHandle:
@@ -225,3 +231,18 @@ def sms_http(gateway: FakeSmsGateway, **extra: Any) -> dict[str, Any]:
     """``[sms]`` keys for the http provider against ``gateway``, with fast retries."""
     return {"provider": "http", "url": gateway.url, "retry_initial_s": 0.1,
             "retry_max_s": 0.3, "timeout_s": 2, **extra}
+
+
+def _dump_tasks(signum: int, frame: Any) -> None:
+    """kill -USR1 <pytest pid>: print every asyncio task's stack (to find a hang)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    tasks = asyncio.all_tasks(loop) if loop is not None else set()
+    print(f"\n--- {len(tasks)} asyncio tasks ---", file=sys.stderr)
+    for task in tasks:
+        task.print_stack(file=sys.stderr)
+
+
+signal.signal(signal.SIGUSR1, _dump_tasks)

@@ -38,7 +38,8 @@ class Listener:
     async def start(self) -> Any:
         if not self.port:
             self.port = free_port(self.host)
-        self._runner = web.AppRunner(self._app(), access_log=None)
+        # A fake needs no 60 s of graceful shutdown: a test tearing it down should not wait.
+        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
         return self
