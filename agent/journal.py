@@ -99,10 +99,6 @@ class Journal:
                             synchronous="NORMAL", isolation_level="DEFERRED")
         self._writer = GroupCommit[_Op]("journal", self._flush)
 
-    @property
-    def path(self) -> Path:
-        return self._db.path
-
     def _conn(self, reader: bool = False) -> aiosqlite.Connection:
         return self._db.reader if reader else self._db.writer
 

@@ -86,10 +86,6 @@ class Outbox:
         self._wakeup.set()
 
     @property
-    def provider_name(self) -> str:
-        return self._provider.name
-
-    @property
     def unfinished(self) -> int:
         return sum(self.counts[s] for s in OPEN)
 

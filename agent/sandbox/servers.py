@@ -57,10 +57,6 @@ class Listener:
         if self._runner is None:
             await self.start()
 
-    @property
-    def listening(self) -> bool:
-        return self._runner is not None
-
 
 @dataclass
 class Received:
