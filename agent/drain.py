@@ -148,8 +148,15 @@ class Drainer:
     def kick(self) -> None:
         self._loop.kick()
 
+    def online(self, on: bool) -> None:
+        """A cluster to deliver to came or went: watch pending/ only while one is there
+        (the agent's own writes while offline would wake the watch for nothing)."""
+        self._loop.watching(on)
+        if on:
+            self.kick()
+
     async def start(self) -> None:
-        await self._loop.start()
+        await self._loop.start(watching=self._pick_target() is not None)
 
     async def stop(self) -> None:
         await self._loop.stop()

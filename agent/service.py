@@ -93,8 +93,8 @@ class Service:
                 self.metrics.failovers.inc()
             self.metrics.mode_transitions.labels(to=mode).inc()
             self._mode, self._mode_since = mode, time.time()
-        if cluster.name == "primary" and cluster.healthy:
-            self.drainer.kick()
+        if cluster.name == "primary":
+            self.drainer.online(cluster.healthy)
 
     async def apply_config(self, cfg: Config) -> None:
         """Switch live sections to ``cfg`` without dropping a request.

@@ -29,23 +29,40 @@ class WatchedLoop:
         self._debounce = debounce_ms
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loop_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._ending: set[asyncio.Task[None]] = set()
 
     def kick(self) -> None:
         self._kick.set()
 
-    async def start(self, run_now: bool = True) -> None:
-        self._tasks = [asyncio.create_task(self._loop(), name=self._name),
-                       asyncio.create_task(self._watch(), name=f"{self._name}-watch")]
+    async def start(self, run_now: bool = True, watching: bool = True) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name=self._name)
+        self.watching(watching)
         if run_now:
             self.kick()
 
+    def watching(self, on: bool) -> None:
+        """Turn the directory watch on or off (the rescan and kicks go on regardless).
+
+        Off spares the CPU of watching a directory while nothing could be done about
+        a change anyway, e.g. pending/ while no cluster takes orders.
+        """
+        if on and self._watch_task is None and not self._stop.is_set():
+            self._watch_task = asyncio.create_task(self._watch(), name=f"{self._name}-watch")
+        elif not on and self._watch_task is not None:
+            task, self._watch_task = self._watch_task, None
+            task.cancel()
+            self._ending.add(task)  # owned until it has ended; stop() awaits it
+            task.add_done_callback(self._ending.discard)
+
     async def stop(self) -> None:
         self._stop.set()
-        for task in self._tasks:
+        tasks = [t for t in (self._loop_task, self._watch_task, *self._ending) if t]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop_task = self._watch_task = None
 
     async def _watch(self) -> None:
         async for _ in watchfiles.awatch(self._watch_dir, watch_filter=self._accept,
