@@ -11,7 +11,6 @@ or ``sms.credentials_file``; they are never logged and never in a repr.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from .errors import (
     SmsRejected,
     SmsTransient,
 )
+from .http_errors import LIBRARY_ERRORS, Phase, failure_phase
 from .phones import mask
 
 log = logging.getLogger("agent.sms")
@@ -255,15 +255,16 @@ def _classify_aliyun(status: int, payload: bytes) -> str:
     raise SmsRejected(f"aliyun refused the notice: HTTP {status} ({reason or 'no code'})")
 
 
-_LIBRARY_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_LIBRARY_ERRORS = LIBRARY_ERRORS
 
 
 def _translate(exc: BaseException, provider: str) -> SmsError:
     """Before the request left us: transient. After: ambiguous, never resent."""
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    phase = failure_phase(exc)
+    if phase in (Phase.DNS, Phase.CONNECT):
         return SmsTransient(f"{provider}: cannot connect: {exc}")
-    if isinstance(exc, aiohttp.InvalidURL):
+    if phase is Phase.INVALID_URL:
         return SmsRejected(f"{provider}: invalid URL: {exc}")
-    if isinstance(exc, asyncio.TimeoutError):
+    if phase is Phase.TIMEOUT:
         return SmsAmbiguous(f"{provider}: no answer in time; the notice may have gone out")
     return SmsAmbiguous(f"{provider}: connection failed after sending: {exc!r}")

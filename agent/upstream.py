@@ -25,6 +25,7 @@ from .delivery import (
 )
 from .dns import ClusterResolver
 from .errors import DnsError, UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
+from .http_errors import LIBRARY_ERRORS, Phase, failure_phase
 
 
 class UpstreamClient:
@@ -206,17 +207,19 @@ def _answer(status: int, payload: bytes, retry_after: str | None) -> Answer:
     return Answer(status, order_id, parse_retry_after(retry_after), error)
 
 
-_LIBRARY_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_LIBRARY_ERRORS = LIBRARY_ERRORS
 
 
 def _translate(exc: BaseException, url: str) -> UpstreamError:
     """Map aiohttp/asyncio errors to ours (cancellation is never caught)."""
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return DnsError(f"cannot resolve the host of {url}: {exc.os_error}")
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    phase = failure_phase(exc)
+    if phase is Phase.DNS:
+        os_error = getattr(exc, "os_error", exc)
+        return DnsError(f"cannot resolve the host of {url}: {os_error}")
+    if phase is Phase.CONNECT:
         return UpstreamUnavailable(f"cannot connect to {url}: {exc}")
-    if isinstance(exc, aiohttp.InvalidURL):
+    if phase is Phase.INVALID_URL:
         return UpstreamUnavailable(f"invalid URL {url}: {exc}")
-    if isinstance(exc, asyncio.TimeoutError):
+    if phase is Phase.TIMEOUT:
         return UpstreamAmbiguous(f"no answer from {url} in time")
     return UpstreamAmbiguous(f"connection to {url} failed after sending: {exc!r}")
