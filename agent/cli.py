@@ -12,6 +12,7 @@ import urllib.request
 
 import orjson
 
+from . import __version__
 from .config import load_config, resolve_config_path
 from .errors import ConfigError, UsageError
 from .logs import setup_logging
@@ -24,6 +25,7 @@ log = logging.getLogger("agent")
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="edge-agent", description="Order Edge Agent")
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", help="config file (default $EDGE_AGENT_CONFIG, then "

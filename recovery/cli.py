@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from agent import __version__
 from agent.config import Config, load_config, resolve_config_path
 from agent.errors import ConfigError, UsageError
 from agent.usage import OneLineParser
@@ -23,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="edge-recover",
         description="Merge an offline buffer directory into the order center.")
+    p.add_argument("--version", action="version", version=f"edge-recover {__version__}")
     p.add_argument("--path", required=True, help="buffer directory (DIR/pending/*.json and "
                                                  "loose DIR/*.json files)")
     p.add_argument("--mode", required=True, choices=("merge", "dry-run", "verify"))
