@@ -12,13 +12,13 @@ import urllib.request
 
 import orjson
 
-from . import __version__
-from .config import load_config, resolve_config_path
-from .errors import ConfigError, UsageError
-from .logs import setup_logging
-from .sd_notify import SdNotifier
-from .service import Service
-from .usage import OneLineParser
+from agent import __version__
+from agent.config import load_config, resolve_config_path
+from agent.errors import ConfigError, UsageError
+from agent.logs import setup_logging
+from agent.service.sd_notify import SdNotifier
+from agent.service.service import Service
+from agent.usage import OneLineParser
 
 log = logging.getLogger("agent")
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(resolve_config_path(args.config))
         if args.command == "status":
             return status(resolve_config_path(args.config), args.json)
-        from .drill import cli as drill_cli  # the drill's extras load only when drilling
+        from agent.drill import cli as drill_cli  # the drill's extras load only when drilling
 
         if args.command == "sandbox":
             return drill_cli.sandbox()

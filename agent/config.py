@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$")

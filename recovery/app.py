@@ -20,20 +20,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.buffer import BufferDirs, remove_stale_temps
-from agent.dns import ClusterResolver
 from agent.errors import UpstreamError
-from agent.upstream import UpstreamClient
-
-from .checkpoint import CHECKPOINT_NAME, Checkpoint
-from .finisher import Finisher, Settled
-from .merge import MergeOptions, Merger
-from .plan import Plan
-from .progress import Progress
-from .report import Summary, write_report
-from .sender import Sender
-from .source import scan
-from .verify import Verifier, count_merged
+from agent.spool.buffer import BufferDirs, remove_stale_temps
+from agent.upstream.client import UpstreamClient
+from agent.upstream.dns import ClusterResolver
+from recovery.checkpoint import CHECKPOINT_NAME, Checkpoint
+from recovery.finisher import Finisher, Settled
+from recovery.merge import MergeOptions, Merger
+from recovery.plan import Plan
+from recovery.progress import Progress
+from recovery.report import Summary, write_report
+from recovery.sender import Sender
+from recovery.source import scan
+from recovery.verify import Verifier, count_merged
 
 log = logging.getLogger("recovery")
 

@@ -16,8 +16,7 @@ from agent import __version__
 from agent.config import Config, load_config, resolve_config_path
 from agent.errors import ConfigError, UsageError
 from agent.usage import OneLineParser
-
-from .app import EXIT_USAGE, AlreadyRunning, Job, run
+from recovery.app import EXIT_USAGE, AlreadyRunning, Job, run
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,7 +17,8 @@ from typing import Any
 
 import orjson
 
-from agent.buffer import (
+from agent.errors import CorruptRecordError
+from agent.spool.buffer import (
     BufferDirs,
     Claim,
     PendingRecord,
@@ -25,13 +26,11 @@ from agent.buffer import (
     merged_document,
     try_claim,
 )
-from agent.delivery import BatchItem
-from agent.errors import CorruptRecordError
-
-from .checkpoint import DELIVERED, ResultRow
-from .finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled
-from .plan import PlanRow
-from .source import body_digest, recovery_serial, to_record
+from agent.upstream.answers import BatchItem
+from recovery.checkpoint import DELIVERED, ResultRow
+from recovery.finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled
+from recovery.plan import PlanRow
+from recovery.source import body_digest, recovery_serial, to_record
 
 CLUSTER = "recover"
 _ADDED_KEYS = (b'"order_id"', b'"cluster"', b'"merged_at"', b'"target"', b'"duplicate_of"')

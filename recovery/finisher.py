@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.buffer import (
+from agent.errors import PersistError
+from agent.spool.buffer import (
     BufferDirs,
     Claim,
     MergedMove,
@@ -34,9 +35,7 @@ from agent.buffer import (
     place_in_merged,
     quarantine,
 )
-from agent.errors import PersistError
-
-from .checkpoint import Checkpoint, ResultRow
+from recovery.checkpoint import Checkpoint, ResultRow
 
 log = logging.getLogger("recovery.finisher")
 

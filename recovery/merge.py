@@ -28,15 +28,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from agent.buffer import BufferDirs
-from agent.delivery import Answer, Outcome
 from agent.errors import UpstreamError
-
-from .checkpoint import ResultRow
-from .decide import Decision, Held, Work, decide
-from .finisher import NOTE, Finisher, Settled
-from .plan import Plan, PlanRow
-from .sender import Sender
+from agent.spool.buffer import BufferDirs
+from agent.upstream.answers import Answer, Outcome
+from recovery.checkpoint import ResultRow
+from recovery.decide import Decision, Held, Work, decide
+from recovery.finisher import NOTE, Finisher, Settled
+from recovery.plan import Plan, PlanRow
+from recovery.sender import Sender
 
 log = logging.getLogger("recovery.merge")
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import SCHEMA as CK_SCHEMA
-from .checkpoint import load_id
-from .source import Found
+from recovery.checkpoint import SCHEMA as CK_SCHEMA
+from recovery.checkpoint import load_id
+from recovery.source import Found
 
 SCHEMA = """
 CREATE TABLE scan (file TEXT, loose INTEGER, serial TEXT, key TEXT, digest BLOB, error TEXT);

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import math
 
-from agent.delivery import SLOW_DOWN_STATUSES, Answer, BatchItem, Outcome, classify
-from agent.drain import Pacer
 from agent.errors import UpstreamError
-from agent.upstream import UpstreamClient
+from agent.spool.drain import Pacer
+from agent.upstream.answers import SLOW_DOWN_STATUSES, Answer, BatchItem, Outcome, classify
+from agent.upstream.client import UpstreamClient
 
 log = logging.getLogger("recovery.sender")
 

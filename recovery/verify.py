@@ -18,12 +18,11 @@ from typing import IO, Any
 
 import orjson
 
-from agent.buffer import PendingRecord, is_order_file
 from agent.errors import CorruptRecordError, UpstreamError
-from agent.upstream import UpstreamClient
-
-from .progress import Progress
-from .report import Summary
+from agent.spool.buffer import PendingRecord, is_order_file
+from agent.upstream.client import UpstreamClient
+from recovery.progress import Progress
+from recovery.report import Summary
 
 log = logging.getLogger("recovery.verify")
 

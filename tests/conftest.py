@@ -16,9 +16,8 @@ import orjson
 import pytest
 
 from agent.config import Config, load_config
-from agent.service import Service
-
-from .fakes import FakeAliyun, FakeCenter, FakeSmsGateway, free_port
+from agent.service.service import Service
+from tests.fakes import FakeAliyun, FakeCenter, FakeSmsGateway, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,8 @@ from typing import Any
 
 import orjson
 
-from agent.buffer import PendingRecord
-
-from .conftest import ROOT, wait_for
+from agent.spool.buffer import PendingRecord
+from tests.conftest import ROOT, wait_for
 
 
 def body(n: int | str, **extra: Any) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from .conftest import AgentHandle, order
-from .fakes import FakeCenter
+from tests.conftest import AgentHandle, order
+from tests.fakes import FakeCenter
 
 
 async def _accepted_baseline(agent: AgentHandle) -> dict[str, str]:
@@ -128,7 +128,7 @@ async def test_buffer_full_is_507_and_accepted_orders_stay(make_agent, center: F
     assert sorted(agent.files("pending")) == sorted(f"{s}.json" for s in accepted)
     # Once the center is back and the buffer drains, orders are accepted again.
     await center.come_up()
-    from .conftest import wait_for
+    from tests.conftest import wait_for
 
     await wait_for(lambda: agent.files("pending") == [], 10, "drain")
     status, _ = await agent.post(order("after"))

@@ -10,9 +10,8 @@ import orjson
 import pytest
 
 from agent.config import load_config
-
-from .conftest import ROOT, write_config
-from .fakes import FakeCenter, free_port
+from tests.conftest import ROOT, write_config
+from tests.fakes import FakeCenter, free_port
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -102,7 +101,7 @@ async def test_status_against_a_running_agent(tmp_path: Path, center: FakeCenter
     assert doc["mode"] == "normal" and doc["clusters"]["primary"]["healthy"] is True
     assert doc["pending"] == 0
     await center.go_down()
-    from .conftest import wait_for
+    from tests.conftest import wait_for
 
     await wait_for(lambda: _run("status", "--config", str(path)).returncode == 1, 15,
                    "status to report offline")

@@ -21,8 +21,8 @@ import aiohttp
 import orjson
 import pytest
 
-from .conftest import AgentProcess, order, wait_for, write_config
-from .fakes import FakeCenter
+from tests.conftest import AgentProcess, order, wait_for, write_config
+from tests.fakes import FakeCenter
 
 pytestmark = pytest.mark.slow
 

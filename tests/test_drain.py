@@ -9,10 +9,9 @@ from pathlib import Path
 
 import orjson
 
-from agent.buffer import PendingRecord
-
-from .conftest import AgentHandle, order, wait_for
-from .fakes import FakeCenter
+from agent.spool.buffer import PendingRecord
+from tests.conftest import AgentHandle, order, wait_for
+from tests.fakes import FakeCenter
 
 
 async def _buffer_orders(agent: AgentHandle, n: int, prefix: str = "") -> dict[str, str]:

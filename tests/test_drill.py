@@ -14,8 +14,7 @@ from agent.drill.load import Load
 from agent.drill.runner import SCENARIOS, _verify
 from agent.drill.sandbox import Sandbox
 from agent.drill.steps import Context
-
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 
 def _drill(tmp_path: Path, *scenarios: str, orders: int = 60) -> tuple[int, str, dict]:

@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent.sandbox.dns_server import SandboxDns
-
-from .conftest import AgentHandle, order, wait_for
-from .fakes import FakeCenter
+from tests.conftest import AgentHandle, order, wait_for
+from tests.fakes import FakeCenter
 
 HEALTH = {"interval_s": 0.1, "timeout_s": 0.3, "unhealthy_threshold": 3, "healthy_threshold": 2}
 
@@ -236,7 +235,7 @@ async def test_garbage_health_answer_is_a_failure(make_agent):
 async def test_retry_after_a_crash_mid_forward_stays_with_that_cluster(
         tmp_path, center: FakeCenter, standby: FakeCenter, agent_process, http):
     """kill -9 while the primary holds the request: the retry must not go to the standby."""
-    from .conftest import write_config
+    from tests.conftest import write_config
 
     path = write_config(tmp_path, center.url, upstream={"standby": standby.url, "timeout_s": 5},
                         health=HEALTH)

@@ -8,8 +8,8 @@ from datetime import datetime
 
 import orjson
 
-from .conftest import order, wait_for
-from .fakes import FakeCenter
+from tests.conftest import order, wait_for
+from tests.fakes import FakeCenter
 
 
 async def test_forward_is_byte_exact_and_carries_the_key(make_agent, center: FakeCenter):

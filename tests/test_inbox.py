@@ -7,8 +7,8 @@ import stat
 
 import orjson
 
-from .conftest import order, wait_for
-from .fakes import FakeCenter
+from tests.conftest import order, wait_for
+from tests.fakes import FakeCenter
 
 
 def _drop(inbox, name: str, data: bytes, mode: int = 0o600) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import orjson
 
-from .conftest import AgentFactory, wait_for
-from .fakes import FakeCenter
-from .recover_helpers import Recover, files, record, recover, report, write_pending
+from tests.conftest import AgentFactory, wait_for
+from tests.fakes import FakeCenter
+from tests.recover_helpers import Recover, files, record, recover, report, write_pending
 
 
 async def test_merge_beside_a_running_agent_delivers_each_order_once(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import orjson
 
-from .fakes import FakeCenter, free_port
-from .recover_helpers import (
+from tests.fakes import FakeCenter, free_port
+from tests.recover_helpers import (
     body,
     files,
     record,
@@ -212,7 +212,7 @@ async def test_usage_errors_exit_2_with_one_line(tmp_path: Path):
 
 
 async def test_target_defaults_to_the_configured_primary(center: FakeCenter, tmp_path: Path):
-    from .conftest import write_config
+    from tests.conftest import write_config
     cfg = write_config(tmp_path, center.url)
     root = tmp_path / "buf"
     write_pending(root, [record(i, i + 1) for i in range(5)])

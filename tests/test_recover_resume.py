@@ -8,10 +8,18 @@ from pathlib import Path
 
 import orjson
 
-from agent.buffer import PendingRecord
-
-from .fakes import FakeCenter
-from .recover_helpers import Recover, body, files, kill_when, record, recover, report, write_pending
+from agent.spool.buffer import PendingRecord
+from tests.fakes import FakeCenter
+from tests.recover_helpers import (
+    Recover,
+    body,
+    files,
+    kill_when,
+    record,
+    recover,
+    report,
+    write_pending,
+)
 
 N = 1200
 

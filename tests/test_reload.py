@@ -8,8 +8,8 @@ from pathlib import Path
 
 import orjson
 
-from .conftest import order, wait_for, write_config
-from .fakes import FakeCenter
+from tests.conftest import order, wait_for, write_config
+from tests.fakes import FakeCenter
 
 
 def _replace(path: Path, text: str) -> None:
@@ -81,7 +81,7 @@ async def test_invalid_file_is_refused_and_sighup_reloads(
 async def test_health_settings_reload_in_process(make_agent, center: FakeCenter, tmp_path):
     agent = await make_agent(center.url)
     path = tmp_path / "agent.toml"
-    from agent.reload import ConfigReloader
+    from agent.service.reload import ConfigReloader
 
     reloader = ConfigReloader(str(path), lambda: agent.service.cfg, agent.service.apply_config)
     path.write_text(path.read_text().replace("unhealthy_threshold = 2",

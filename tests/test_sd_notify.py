@@ -15,10 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.sd_notify import SdNotifier
-
-from .conftest import wait_for, write_config
-from .fakes import FakeCenter
+from agent.service.sd_notify import SdNotifier
+from tests.conftest import wait_for, write_config
+from tests.fakes import FakeCenter
 
 
 class NotifyListener:

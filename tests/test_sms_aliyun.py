@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent.aliyun_sign import AccessKey, sign_request
-
-from .conftest import ROOT, order, wait_for, write_config
-from .fakes import FakeAliyun, FakeCenter, aliyun_expected_signature
+from agent.sms.aliyun_sign import AccessKey, sign_request
+from tests.conftest import ROOT, order, wait_for, write_config
+from tests.fakes import FakeAliyun, FakeCenter, aliyun_expected_signature
 
 # Alibaba Cloud's own worked example of a V3 signature (the "V3 request structure and
 # signature" page): fixed key, date and nonce, RunInstances with two query parameters.

@@ -15,8 +15,8 @@ import aiohttp
 import orjson
 import pytest
 
-from .conftest import AgentProcess, order, sms_http, wait_for, write_config
-from .fakes import FakeAliyun, FakeCenter, FakeSmsGateway
+from tests.conftest import AgentProcess, order, sms_http, wait_for, write_config
+from tests.fakes import FakeAliyun, FakeCenter, FakeSmsGateway
 
 
 async def _status(session: aiohttp.ClientSession, p: AgentProcess) -> dict[str, Any]:

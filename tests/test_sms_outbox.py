@@ -14,10 +14,9 @@ from typing import Any
 
 import orjson
 
-from agent.buffer import PendingRecord
-
-from .conftest import AgentHandle, order, sms_http, wait_for
-from .fakes import FakeCenter, FakeSmsGateway
+from agent.spool.buffer import PendingRecord
+from tests.conftest import AgentHandle, order, sms_http, wait_for
+from tests.fakes import FakeCenter, FakeSmsGateway
 
 TEMPLATE = "【{sign_name}】您的订单已受理,单号{SN},预计2小时内同步至小程序"
 
@@ -277,7 +276,7 @@ async def test_sms_disabled_answers_none_and_sends_nothing(
 
 async def test_sms_settings_reload_live(make_agent, center, tmp_path):
     """A new [sms] section applies without a restart; turning it off stops new notices."""
-    from agent.reload import ConfigReloader
+    from agent.service.reload import ConfigReloader
 
     await center.go_down()
     agent = await make_agent(center.url)
@@ -293,6 +292,6 @@ async def test_sms_settings_reload_live(make_agent, center, tmp_path):
 
 
 def order_with_phone(n: str) -> dict:
-    from .conftest import order
+    from tests.conftest import order
 
     return order(n, customer_phone="13812345678")

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from agent.logs import JsonFormatter
-from agent.phones import check, mask, mask_phones
+from agent.sms.phones import check, mask, mask_phones
 
 
 @pytest.mark.parametrize(

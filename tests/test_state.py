@@ -6,10 +6,10 @@ import os
 import time
 from pathlib import Path
 
-from agent.buffer import BufferDirs
-from agent.housekeeping import Housekeeper
-from agent.journal import BUFFERED, FORWARDED, MERGED, Entry, Journal
-from agent.serials import SerialIssuer, parse_counter
+from agent.spool.buffer import BufferDirs
+from agent.spool.housekeeping import Housekeeper
+from agent.state.journal import BUFFERED, FORWARDED, MERGED, Entry, Journal
+from agent.state.serials import SerialIssuer, parse_counter
 
 
 async def test_serials_are_sortable_and_continue_after_restart(tmp_path: Path):

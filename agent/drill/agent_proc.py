@@ -13,8 +13,8 @@ from typing import IO, Any
 
 import aiohttp
 
-from ..sandbox.servers import free_port
-from .sandbox import Sandbox
+from agent.drill.sandbox import Sandbox
+from agent.sandbox.servers import free_port
 
 
 def drill_config(workdir: Path, sandbox: Sandbox, port: int, interval_s: float = 0.2,

@@ -8,10 +8,10 @@ import sys
 
 from aiohttp import web
 
-from ..errors import UsageError
-from .report import print_table, write_report
-from .runner import SCENARIOS, run_drills
-from .sandbox import PRIMARY_NAME, Sandbox
+from agent.drill.report import print_table, write_report
+from agent.drill.runner import SCENARIOS, run_drills
+from agent.drill.sandbox import PRIMARY_NAME, Sandbox
+from agent.errors import UsageError
 
 
 def drill(scenarios: list[str] | None, orders: int | None, report: str | None) -> int:

@@ -9,7 +9,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from .runner import Result
+from agent.drill.runner import Result
 
 
 def _fig(result: Result, name: str) -> str:

@@ -14,10 +14,10 @@ from typing import Any
 
 import aiohttp
 
-from .agent_proc import AgentUnderDrill
-from .sandbox import Sandbox
-from .scenarios import SCENARIOS
-from .steps import Context, Settle
+from agent.drill.agent_proc import AgentUnderDrill
+from agent.drill.sandbox import Sandbox
+from agent.drill.scenarios import SCENARIOS
+from agent.drill.steps import Context, Settle
 
 
 @dataclass

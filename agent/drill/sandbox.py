@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..sandbox.dns_server import SandboxDns
-from ..sandbox.servers import SandboxCenter, SandboxSmsGateway, free_port
+from agent.sandbox.dns_server import SandboxDns
+from agent.sandbox.servers import SandboxCenter, SandboxSmsGateway, free_port
 
 PRIMARY_NAME = "primary.sandbox.test"
 STANDBY_NAME = "standby.sandbox.test"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .steps import (
+from agent.drill.steps import (
     Context,
     Fail,
     Flap,

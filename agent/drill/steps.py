@@ -14,9 +14,9 @@ from typing import Any
 
 import aiohttp
 
-from .agent_proc import AgentUnderDrill
-from .load import Load
-from .sandbox import PRIMARY_NAME, Sandbox
+from agent.drill.agent_proc import AgentUnderDrill
+from agent.drill.load import Load
+from agent.drill.sandbox import PRIMARY_NAME, Sandbox
 
 
 class DrillFailed(Exception):

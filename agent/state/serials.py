@@ -13,7 +13,7 @@ import asyncio
 import re
 import time
 
-from .journal import Journal
+from agent.state.journal import Journal
 
 _SERIAL = re.compile(r"^(?P<node>[A-Z0-9-]+)-(?P<day>\d{8})-(?P<n>\d{9,})$")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import HealthSection
-from .dns import ClusterResolver
-from .errors import UpstreamError
-from .upstream import UpstreamClient
+from agent.config import HealthSection
+from agent.errors import UpstreamError
+from agent.upstream.client import UpstreamClient
+from agent.upstream.dns import ClusterResolver
 
 log = logging.getLogger("agent.health")
 

@@ -22,9 +22,8 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from .aliyun_sign import AccessKey, sign_request
-from .config import SmsSection
-from .errors import (
+from agent.config import SmsSection
+from agent.errors import (
     ConfigError,
     SmsAmbiguous,
     SmsError,
@@ -32,8 +31,9 @@ from .errors import (
     SmsRejected,
     SmsTransient,
 )
-from .http_errors import LIBRARY_ERRORS, Phase, failure_phase
-from .phones import mask
+from agent.sms.aliyun_sign import AccessKey, sign_request
+from agent.sms.phones import mask
+from agent.upstream.http_errors import LIBRARY_ERRORS, Phase, failure_phase
 
 log = logging.getLogger("agent.sms")
 

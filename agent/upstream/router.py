@@ -15,10 +15,10 @@ import enum
 import time
 from dataclasses import dataclass
 
-from .delivery import Answer, Outcome
-from .errors import UpstreamAmbiguous, UpstreamUnavailable
-from .health import HealthMonitor
-from .upstream import UpstreamClient
+from agent.errors import UpstreamAmbiguous, UpstreamUnavailable
+from agent.upstream.answers import Answer, Outcome
+from agent.upstream.client import UpstreamClient
+from agent.upstream.health import HealthMonitor
 
 # Answers that prove the cluster did not take the order: safe to try the other one.
 UNAMBIGUOUS_REFUSALS = frozenset({429, 503})

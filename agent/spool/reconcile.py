@@ -14,10 +14,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .buffer import BufferDirs, PendingRecord, is_order_file
-from .errors import CorruptRecordError
-from .journal import BUFFERED, MERGED, REJECTED, Entry, Journal, body_digest
-from .serials import parse_counter
+from agent.errors import CorruptRecordError
+from agent.spool.buffer import BufferDirs, PendingRecord, is_order_file
+from agent.state.journal import BUFFERED, MERGED, REJECTED, Entry, Journal, body_digest
+from agent.state.serials import parse_counter
 
 log = logging.getLogger("agent.reconcile")
 

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .intake import Intake
-from .metrics import CONTENT_TYPE, Metrics
+from agent.intake.orders import Intake
+from agent.service.metrics import CONTENT_TYPE, Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from .errors import PersistError
+from agent.errors import PersistError
 
 
 class SqliteDb:

@@ -12,9 +12,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .batching import GroupCommit
-from .buffer import BufferDirs, PendingRecord, list_pending, write_pending_batch
-from .errors import BufferFullError, PersistError
+from agent.errors import BufferFullError, PersistError
+from agent.spool.buffer import BufferDirs, PendingRecord, list_pending, write_pending_batch
+from agent.state.batching import GroupCommit
 
 log = logging.getLogger("agent.spool")
 

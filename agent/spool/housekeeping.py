@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .buffer import BufferDirs, expire_merged
-from .journal import Journal
+from agent.spool.buffer import BufferDirs, expire_merged
+from agent.state.journal import Journal
 
 log = logging.getLogger("agent.housekeeping")
 DAY = 86_400.0

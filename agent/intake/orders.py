@@ -16,14 +16,14 @@ from typing import Any
 
 import orjson
 
-from .buffer import PendingRecord
-from .config import Config
-from .errors import BufferFullError, InvalidOrderError, PersistError
-from .journal import BUFFERED, FORWARDED, FORWARDING, Entry, Journal, body_digest
-from .metrics import Metrics
-from .router import Router, Verdict
-from .serials import SerialIssuer
-from .spool import PendingSpool
+from agent.config import Config
+from agent.errors import BufferFullError, InvalidOrderError, PersistError
+from agent.service.metrics import Metrics
+from agent.spool.buffer import PendingRecord
+from agent.spool.writer import PendingSpool
+from agent.state.journal import BUFFERED, FORWARDED, FORWARDING, Entry, Journal, body_digest
+from agent.state.serials import SerialIssuer
+from agent.upstream.router import Router, Verdict
 
 log = logging.getLogger("agent.intake")
 

@@ -27,9 +27,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from .buffer import BufferDirs, PendingRecord, list_pending
-from .config import SmsSection
-from .errors import (
+from agent.config import SmsSection
+from agent.errors import (
     CorruptRecordError,
     PersistError,
     SmsAmbiguous,
@@ -37,8 +36,10 @@ from .errors import (
     SmsRejected,
     SmsTransient,
 )
-from .metrics import Metrics
-from .outbox_store import (
+from agent.service.metrics import Metrics
+from agent.sms.phones import check, mask
+from agent.sms.providers import Notice, SmsProvider
+from agent.sms.store import (
     AMBIGUOUS,
     FAILED,
     OPEN,
@@ -49,8 +50,7 @@ from .outbox_store import (
     OutboxStore,
     Row,
 )
-from .phones import check, mask
-from .sms_providers import Notice, SmsProvider
+from agent.spool.buffer import BufferDirs, PendingRecord, list_pending
 
 log = logging.getLogger("agent.sms")
 

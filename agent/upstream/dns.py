@@ -22,7 +22,7 @@ import dns.nameserver
 import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from .errors import DnsError
+from agent.errors import DnsError
 
 log = logging.getLogger("agent.dns")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import watchfiles
 
-from .buffer import BufferDirs, fsync_dir, is_order_file, quarantine
-from .intake import Intake, Reply
-from .watched_loop import WatchedLoop
+from agent.intake.orders import Intake, Reply
+from agent.service.watched_loop import WatchedLoop
+from agent.spool.buffer import BufferDirs, fsync_dir, is_order_file, quarantine
 
 log = logging.getLogger("agent.inbox")
 

@@ -23,7 +23,11 @@ from typing import Any, TypeVar
 import backoff
 import watchfiles
 
-from .buffer import (
+from agent.config import BufferSection
+from agent.errors import CorruptRecordError, UpstreamError
+from agent.service.metrics import Metrics
+from agent.service.watched_loop import WatchedLoop
+from agent.spool.buffer import (
     BufferDirs,
     PendingRecord,
     already_merged,
@@ -35,14 +39,10 @@ from .buffer import (
     strip_added_keys,
     try_claim,
 )
-from .config import BufferSection
-from .delivery import SLOW_DOWN_STATUSES, Outcome
-from .errors import CorruptRecordError, UpstreamError
-from .journal import MERGED, REJECTED, Journal
-from .metrics import Metrics
-from .spool import PendingSpool
-from .upstream import UpstreamClient
-from .watched_loop import WatchedLoop
+from agent.spool.writer import PendingSpool
+from agent.state.journal import MERGED, REJECTED, Journal
+from agent.upstream.answers import SLOW_DOWN_STATUSES, Outcome
+from agent.upstream.client import UpstreamClient
 
 log = logging.getLogger("agent.drain")
 T = TypeVar("T")

@@ -11,25 +11,25 @@ from typing import Any
 
 from aiohttp import web
 
-from .buffer import BufferDirs, remove_stale_temps
-from .config import Config
-from .dns import ClusterResolver
-from .drain import Drainer
-from .health import ClusterHealth, HealthMonitor
-from .housekeeping import Housekeeper
-from .http_api import HttpApi
-from .inbox import InboxWatcher
-from .intake import Intake
-from .journal import Journal
-from .metrics import Metrics
-from .outbox import Outbox
-from .reconcile import reconcile
-from .reload import ConfigReloader
-from .router import Router
-from .serials import SerialIssuer
-from .sms_providers import build_provider
-from .spool import PendingSpool
-from .upstream import UpstreamClient
+from agent.config import Config
+from agent.intake.http_api import HttpApi
+from agent.intake.inbox import InboxWatcher
+from agent.intake.orders import Intake
+from agent.service.metrics import Metrics
+from agent.service.reload import ConfigReloader
+from agent.sms.outbox import Outbox
+from agent.sms.providers import build_provider
+from agent.spool.buffer import BufferDirs, remove_stale_temps
+from agent.spool.drain import Drainer
+from agent.spool.housekeeping import Housekeeper
+from agent.spool.reconcile import reconcile
+from agent.spool.writer import PendingSpool
+from agent.state.journal import Journal
+from agent.state.serials import SerialIssuer
+from agent.upstream.client import UpstreamClient
+from agent.upstream.dns import ClusterResolver
+from agent.upstream.health import ClusterHealth, HealthMonitor
+from agent.upstream.router import Router
 
 log = logging.getLogger("agent.service")
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from .errors import BufferFullError, CorruptRecordError, PersistError
+from agent.errors import BufferFullError, CorruptRecordError, PersistError
 
 RECORD_VERSION = 1
 TMP_SUFFIX = ".tmp"

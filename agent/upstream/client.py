@@ -15,7 +15,8 @@ from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
 import aiohttp
 import orjson
 
-from .delivery import (
+from agent.errors import DnsError, UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
+from agent.upstream.answers import (
     BATCH_UNSUPPORTED_STATUSES,
     Answer,
     BatchItem,
@@ -23,9 +24,8 @@ from .delivery import (
     parse_batch_results,
     parse_retry_after,
 )
-from .dns import ClusterResolver
-from .errors import DnsError, UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
-from .http_errors import LIBRARY_ERRORS, Phase, failure_phase
+from agent.upstream.dns import ClusterResolver
+from agent.upstream.http_errors import LIBRARY_ERRORS, Phase, failure_phase
 
 
 class UpstreamClient:

@@ -21,9 +21,9 @@ from typing import Any
 
 import aiosqlite
 
-from .batching import GroupCommit
-from .errors import PersistError
-from .sqlite_db import SqliteDb
+from agent.errors import PersistError
+from agent.state.batching import GroupCommit
+from agent.state.sqlite_db import SqliteDb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import aiosqlite
 
-from .batching import GroupCommit
-from .errors import PersistError
-from .phones import mask
-from .sqlite_db import SqliteDb
+from agent.errors import PersistError
+from agent.sms.phones import mask
+from agent.state.batching import GroupCommit
+from agent.state.sqlite_db import SqliteDb
 
 QUEUED, SENDING, SENT, FAILED = "queued", "sending", "sent", "failed"
 SUPPRESSED, SKIPPED, AMBIGUOUS = "suppressed", "skipped", "ambiguous"

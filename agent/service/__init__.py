@@ -1,0 +1,1 @@
+"""Running the agent: start/stop of everything, reload, systemd, metrics."""

@@ -1,0 +1,1 @@
+"""SMS notices: the persistent outbox, providers, phone rules."""

@@ -1,0 +1,1 @@
+"""The one owner of pending/: record format, durable writes, claims, moves, drain."""

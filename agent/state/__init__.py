@@ -1,0 +1,1 @@
+"""SQLite state: the dedupe journal, the serial high-water mark, group commit."""

@@ -1,0 +1,1 @@
+"""The order-center clusters: HTTP client, DNS, health, routing, what answers mean."""
