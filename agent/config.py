@@ -39,6 +39,7 @@ class AgentSection:
     max_body_bytes: int = 1_048_576
     journal_retention_days: float = 30.0
     shutdown_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
 
     @property
     def host(self) -> str:
@@ -57,6 +58,7 @@ class BufferSection:
     drain_rate_per_s: float = 200.0
     drain_concurrency: int = 16
     retention_days: float = 7.0
+    drain_to_standby: bool = True
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,8 @@ def _validate(cfg: Config, source: str) -> None:
     _check(a.max_body_bytes > 0, source, "agent.max_body_bytes", "must be > 0", a.max_body_bytes)
     _check(a.journal_retention_days > 0, source, "agent.journal_retention_days", "must be > 0",
            a.journal_retention_days)
+    _check(a.body_timeout_s > 0, source, "agent.body_timeout_s", "must be > 0",
+           a.body_timeout_s)
     _check(bool(a.state_dir), source, "agent.state_dir", "must not be empty", a.state_dir)
     _check(bool(b.path), source, "buffer.path", "must not be empty", b.path)
     _check(b.scan_interval_s > 0, source, "buffer.scan_interval_s", "must be > 0",

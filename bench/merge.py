@@ -31,7 +31,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.spool.buffer import PendingRecord  # noqa: E402
+from agent.spool.record import PendingRecord  # noqa: E402
 
 REFERENCE_S_PER_100K = 480.0
 HOST = "127.0.0.3"

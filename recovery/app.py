@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import UpstreamError
-from agent.spool.buffer import BufferDirs, remove_stale_temps
+from agent.spool.files import remove_stale_temps
+from agent.spool.record import BufferDirs
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 from recovery.checkpoint import CHECKPOINT_NAME, Checkpoint

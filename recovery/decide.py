@@ -18,14 +18,9 @@ from typing import Any
 import orjson
 
 from agent.errors import CorruptRecordError
-from agent.spool.buffer import (
-    BufferDirs,
-    Claim,
-    PendingRecord,
-    already_merged,
-    merged_document,
-    try_claim,
-)
+from agent.spool.claims import Claim, try_claim
+from agent.spool.moves import already_merged, merged_document
+from agent.spool.record import BufferDirs, PendingRecord
 from agent.upstream.answers import BatchItem
 from recovery.checkpoint import DELIVERED, ResultRow
 from recovery.finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled

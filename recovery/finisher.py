@@ -27,14 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import PersistError
-from agent.spool.buffer import (
-    BufferDirs,
-    Claim,
-    MergedMove,
-    complete_merged,
-    place_in_merged,
-    quarantine,
-)
+from agent.spool.claims import Claim
+from agent.spool.files import quarantine
+from agent.spool.moves import MergedMove, complete_merged, place_in_merged
+from agent.spool.record import BufferDirs
 from recovery.checkpoint import Checkpoint, ResultRow
 
 log = logging.getLogger("recovery.finisher")

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 from agent.errors import UpstreamError
-from agent.spool.buffer import BufferDirs
+from agent.spool.record import BufferDirs
 from agent.upstream.answers import Answer, Outcome
 from recovery.checkpoint import ResultRow
 from recovery.decide import Decision, Held, Work, decide
@@ -183,7 +183,7 @@ class Merger:
     def _judge(self, work: Work, res: Answer | UpstreamError) -> Settled | float:
         """The settled order, or how long to wait before sending it again."""
         target = self._opts.target
-        if isinstance(res, UpstreamError) or res.outcome is Outcome.TRANSIENT:
+        if isinstance(res, UpstreamError) or res.outcome is Outcome.UNCLEAR:
             work.transient += 1
             self.transient_failures += 1
             error = str(res) if isinstance(res, UpstreamError) else \
@@ -201,7 +201,10 @@ class Merger:
             error = f"HTTP {res.status}: {res.error or 'no reason given'}"
             return work.quarantined(outcome.value, error, {"status": res.status,
                                                            "target": target})
-        work.retries += 1  # Outcome.RETRY: 408/409/425/429
+        if outcome is Outcome.REFUSED:  # the target refuses us, not the order: keep it
+            return work.left(f"the target refuses edge-recover (HTTP {res.status}: "
+                             f"{res.error or 'no reason'}); check its credentials and route")
+        work.retries += 1  # Outcome.RETRY: 408/425/429/503
         if work.retries >= MAX_RETRIES:
             return work.left(f"center kept answering HTTP {res.status}")
         return res.retry_after_s if res.retry_after_s is not None else 1.0

@@ -15,7 +15,7 @@ import math
 
 from agent.errors import UpstreamError
 from agent.spool.drain import Pacer
-from agent.upstream.answers import SLOW_DOWN_STATUSES, Answer, BatchItem, Outcome, classify
+from agent.upstream.answers import SLOW_DOWN_STATUSES, Answer, BatchItem, Outcome
 from agent.upstream.client import UpstreamClient
 
 log = logging.getLogger("recovery.sender")
@@ -77,7 +77,7 @@ class Sender:
         if answer.answers is None:
             whole = Answer(answer.status, None, answer.retry_after_s, answer.error)
             self._observe(whole)
-            if classify(answer.status) in (Outcome.RETRY, Outcome.TRANSIENT):
+            if whole.outcome in (Outcome.RETRY, Outcome.UNCLEAR):
                 return [whole] * len(items)
             # The center refused the request as a whole (e.g. 400, 413): let each
             # order get its own verdict.

@@ -30,7 +30,7 @@ import orjson
 
 from agent.errors import CorruptRecordError, InvalidOrderError
 from agent.intake.orders import parse_order
-from agent.spool.buffer import PendingRecord, is_order_file, strip_added_keys
+from agent.spool.record import PendingRecord, is_order_file, strip_added_keys
 
 RECOVERY_PREFIX = "RCV"
 # Larger loose files are not orders anyone sent through the agent (its limit is 1 MiB).

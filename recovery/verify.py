@@ -19,7 +19,7 @@ from typing import IO, Any
 import orjson
 
 from agent.errors import CorruptRecordError, UpstreamError
-from agent.spool.buffer import PendingRecord, is_order_file
+from agent.spool.record import PendingRecord, is_order_file
 from agent.upstream.client import UpstreamClient
 from recovery.progress import Progress
 from recovery.report import Summary

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from agent.spool.buffer import PendingRecord
+from agent.spool.record import PendingRecord
 from tests.conftest import ROOT, wait_for
 
 

@@ -188,7 +188,8 @@ async def test_keys_never_become_paths(make_agent, center: FakeCenter):
         assert status == 202, body
         serials.append(body["serial"])
     assert agent.files("pending") == sorted(f"{s}.json" for s in serials)
-    assert sorted(os.listdir(agent.spool)) == ["inbox", "merged", "pending", "rejected"]
+    visible = [n for n in os.listdir(agent.spool) if not n.startswith(".")]
+    assert sorted(visible) == ["inbox", "merged", "pending", "rejected"]
     status, found = await agent.get("/v1/orders/by-key/..%2F..%2Fetc%2Fpasswd%7C0")
     assert status == 200 and found["serial"] == serials[0]
 

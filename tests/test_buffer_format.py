@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.intake.orders import parse_order
-from agent.spool.buffer import BufferDirs, PendingRecord, write_pending_batch
+from agent.spool.files import write_pending_batch
+from agent.spool.record import BufferDirs, PendingRecord
 
 # JSON values the channels send: nested objects, unicode, numbers as text or numbers.
 _json = st.recursive(
@@ -31,7 +32,8 @@ def raw_orders(draw: st.DrawFn) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2 if draw(st.booleans()) else None)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=raw_orders(), phone=st.none() | st.text(max_size=20))
 def test_record_round_trip_through_a_real_file(tmp_path: Path, raw: bytes, phone: str | None):
     order = parse_order(raw, None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from agent.spool.buffer import PendingRecord
+from agent.spool.record import PendingRecord
 from tests.conftest import AgentHandle, order, wait_for
 from tests.fakes import FakeCenter
 

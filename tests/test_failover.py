@@ -91,9 +91,30 @@ async def test_ambiguous_primary_answer_is_buffered_never_sent_to_standby(
     assert standby.received == []
 
 
-async def test_both_down_buffers_and_drains_to_primary(make_agent, center: FakeCenter,
-                                                       standby: FakeCenter):
+async def test_both_down_then_an_unpinned_order_drains_to_the_standby(
+        make_agent, center: FakeCenter, standby: FakeCenter):
+    """Refused connections everywhere: no cluster can hold the order, so the standby,
+    back first, may take it (buffer.drain_to_standby, default true)."""
     agent = await _agent(make_agent, center, standby)
+    await center.go_down()
+    await standby.go_down()
+    await wait_for(lambda: _mode(agent) == "offline", 5, "offline")
+    status, body = await agent.post(order(1))
+    assert status == 202
+    await standby.come_up()
+    await wait_for(lambda: agent.files("pending") == [], 10, "drain to the standby")
+    assert standby.created_keys() == {"douyin:1"}
+    await center.come_up()
+    await wait_for(lambda: _mode(agent) == "normal", 5, "normal")
+    status, body = await agent.post(order(1))
+    assert (status, body["status"]) == (200, "duplicate")
+    assert center.created_keys() == set()
+
+
+async def test_without_drain_to_standby_buffered_orders_wait_for_the_primary(
+        make_agent, center: FakeCenter, standby: FakeCenter):
+    agent = await make_agent(center.url, upstream={"standby": standby.url},
+                             buffer={"drain_to_standby": False}, health=HEALTH)
     await center.go_down()
     await standby.go_down()
     await wait_for(lambda: _mode(agent) == "offline", 5, "offline")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from agent.spool.buffer import PendingRecord
+from agent.spool.record import PendingRecord
 from tests.fakes import FakeCenter
 from tests.recover_helpers import (
     Recover,

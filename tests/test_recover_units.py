@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from agent.spool.buffer import BufferDirs
+from agent.spool.record import BufferDirs
 from recovery.checkpoint import Checkpoint, ResultRow
 from recovery.finisher import NOTE, Finisher, Settled
 from recovery.progress import Progress

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from agent.spool.buffer import PendingRecord
+from agent.spool.record import PendingRecord
 from tests.conftest import AgentHandle, order, sms_http, wait_for
 from tests.fakes import FakeCenter, FakeSmsGateway
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
-from agent.spool.buffer import BufferDirs
 from agent.spool.housekeeping import Housekeeper
+from agent.spool.record import BufferDirs
 from agent.state.journal import BUFFERED, FORWARDED, MERGED, Entry, Journal
 from agent.state.serials import SerialIssuer, parse_counter
 
@@ -15,7 +16,7 @@ from agent.state.serials import SerialIssuer, parse_counter
 async def test_serials_are_sortable_and_continue_after_restart(tmp_path: Path):
     journal = Journal(str(tmp_path))
     await journal.start()
-    issuer = SerialIssuer(journal, "wh-sh-01", block=10)
+    issuer = SerialIssuer(journal, "wh-sh-01", tmp_path, block=10)
     first = [await issuer.next() for _ in range(15)]
     await journal.stop()
     assert first == sorted(first) and len(set(first)) == 15
@@ -24,7 +25,7 @@ async def test_serials_are_sortable_and_continue_after_restart(tmp_path: Path):
     # A restart (or kill -9) skips the rest of the reserved block, never repeats.
     journal = Journal(str(tmp_path))
     await journal.start()
-    issuer = SerialIssuer(journal, "wh-sh-01", block=10)
+    issuer = SerialIssuer(journal, "wh-sh-01", tmp_path, block=10)
     after = await issuer.next()
     await journal.stop()
     assert parse_counter(after, "WH-SH-01") == 21
@@ -34,12 +35,45 @@ async def test_serials_are_sortable_and_continue_after_restart(tmp_path: Path):
 async def test_serial_floor_from_disk_wins_over_a_reset_database(tmp_path: Path):
     journal = Journal(str(tmp_path / "fresh"))
     await journal.start()
-    issuer = SerialIssuer(journal, "wh-sh-01")
+    issuer = SerialIssuer(journal, "wh-sh-01", tmp_path)
     issuer.raise_floor(4711)
     serial = await issuer.next()
     await journal.stop()
     assert parse_counter(serial, "WH-SH-01") == 4712
     assert parse_counter(serial, "OTHER") is None
+
+
+async def test_serials_never_repeat_after_the_state_directory_is_lost(tmp_path: Path):
+    """Forwarded orders leave no file; the high-water file beside the buffer remembers."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    journal = Journal(str(tmp_path / "state"))
+    await journal.start()
+    issuer = SerialIssuer(journal, "wh-sh-01", spool, block=10)
+    await issuer.start()
+    first = [await issuer.next() for _ in range(12)]
+    await journal.stop()
+    backup = tmp_path / "backup"
+    shutil.copytree(tmp_path / "state", backup)
+    journal = Journal(str(tmp_path / "state"))
+    await journal.start()
+    issuer = SerialIssuer(journal, "wh-sh-01", spool, block=10)
+    await issuer.start()
+    first += [await issuer.next() for _ in range(25)]  # the backup is now old
+    await journal.stop()
+
+    for lost in ("deleted", "restored from an old backup"):
+        shutil.rmtree(tmp_path / "state")
+        if lost != "deleted":
+            shutil.copytree(backup, tmp_path / "state")
+        journal = Journal(str(tmp_path / "state"))
+        await journal.start()
+        issuer = SerialIssuer(journal, "wh-sh-01", spool, block=10)
+        await issuer.start()
+        again = [await issuer.next() for _ in range(3)]
+        await journal.stop()
+        assert not set(again) & set(first), lost
+        first += again
 
 
 async def test_retention_prunes_delivered_rows_and_old_merged_files(tmp_path: Path):

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from agent.config import AgentSection
+from agent.intake.body import BodyTimeout, BodyTooLarge, read_body
 from agent.intake.orders import Intake
 from agent.service.metrics import CONTENT_TYPE, Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 ReadySource = Callable[[], bool]
+Refresh = Callable[[], Awaitable[None]]
+log = logging.getLogger("agent.http")
+# Headers we read; a value that is not valid UTF-8 is a 400 naming the header.
+READ_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key")
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -23,19 +31,21 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
 
 
 class HttpApi:
-    def __init__(self, intake: Intake, metrics: Metrics,
-                 tokens: frozenset[str], max_body_bytes: int,
-                 status: StatusSource, ready: ReadySource) -> None:
+    def __init__(self, intake: Intake, metrics: Metrics, tokens: frozenset[str],
+                 settings: AgentSection, status: StatusSource, ready: ReadySource,
+                 refresh_metrics: Refresh) -> None:
         self._intake = intake
         self._metrics = metrics
         self.tokens = tokens
-        self._max_body = max_body_bytes
+        self._max_body = settings.max_body_bytes
+        self._body_timeout_s = settings.body_timeout_s
         self._status = status
         self._ready = ready
+        self._refresh_metrics = refresh_metrics
 
     def build_app(self) -> web.Application:
         # Bodies are read by hand below, so aiohttp's own limit only guards the rest.
-        app = web.Application(middlewares=[self._errors, self._auth],
+        app = web.Application(middlewares=[self._errors, self._headers, self._auth],
                               client_max_size=self._max_body + 1)
         app.router.add_post("/v1/orders", self.post_order)
         app.router.add_get("/v1/orders/by-key/{key:.+}", self.get_by_key)
@@ -55,6 +65,26 @@ class HttpApi:
             if exc.status < 400:
                 raise
             return json_response(exc.status, {"error": exc.reason})
+        except (asyncio.CancelledError, ConnectionError):
+            raise  # the client went away: there is no one to answer
+        except Exception as exc:  # never a plain-text 500: say what failed, as JSON
+            log.exception("%s %s failed: %s", request.method, request.path, exc)
+            return json_response(500, {"error": f"internal error: {type(exc).__name__}; "
+                                                "nothing was accepted, retry"})
+
+    @web.middleware
+    async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Header bytes that are not UTF-8 are the client's fault: 400 naming the header."""
+        for name in READ_HEADERS:
+            value = request.headers.get(name)
+            if value is None:
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return json_response(400, {"error": f"header {name} is not valid UTF-8",
+                                           "field": name})
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -80,12 +110,12 @@ class HttpApi:
         if request.content_type != "application/json":
             return json_response(415, {"error": "Content-Type must be application/json, got "
                                                 f"{request.content_type!r}"})
-        too_large = {"error": f"body is larger than agent.max_body_bytes ({self._max_body})"}
-        if request.content_length is not None and request.content_length > self._max_body:
-            return json_response(413, too_large)
-        raw = await request.content.read(self._max_body + 1)
-        if len(raw) > self._max_body:
-            return json_response(413, too_large)
+        try:
+            raw = await read_body(request, self._max_body, self._body_timeout_s)
+        except BodyTooLarge as exc:
+            return json_response(413, {"error": str(exc)}, headers={"Connection": "close"})
+        except BodyTimeout as exc:
+            return json_response(408, {"error": str(exc)}, headers={"Connection": "close"})
         reply = await self._intake.submit(raw, request.headers.get("Idempotency-Key"))
         return json_response(reply.status, reply.body, reply.headers)
 
@@ -112,5 +142,6 @@ class HttpApi:
         return json_response(200, await self._status())
 
     async def metrics(self, request: web.Request) -> web.Response:
+        await self._refresh_metrics()
         return web.Response(body=self._metrics.render(),
                             headers={"Content-Type": CONTENT_TYPE})

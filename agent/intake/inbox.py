@@ -19,7 +19,8 @@ import watchfiles
 
 from agent.intake.orders import Intake, Reply
 from agent.service.watched_loop import WatchedLoop
-from agent.spool.buffer import BufferDirs, fsync_dir, is_order_file, quarantine
+from agent.spool.files import fsync_dir, quarantine
+from agent.spool.record import BufferDirs, is_order_file
 
 log = logging.getLogger("agent.inbox")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import orjson
 from agent.config import Config
 from agent.errors import BufferFullError, InvalidOrderError, PersistError
 from agent.service.metrics import Metrics
-from agent.spool.buffer import PendingRecord
+from agent.spool.record import PendingRecord
 from agent.spool.writer import PendingSpool
 from agent.state.journal import BUFFERED, FORWARDED, FORWARDING, Entry, Journal, body_digest
 from agent.state.serials import SerialIssuer
@@ -63,6 +64,13 @@ def _check_id(value: Any, name: str, required: bool = True) -> str | None:
     return value
 
 
+def _required_id(value: Any, name: str) -> str:
+    checked = _check_id(value, name)
+    if checked is None:
+        raise InvalidOrderError(name, f"{name} is required")
+    return checked
+
+
 def parse_order(raw: bytes, idempotency_key: str | None) -> Order:
     """Validate one order body; raise InvalidOrderError naming the field at fault."""
     try:
@@ -71,13 +79,11 @@ def parse_order(raw: bytes, idempotency_key: str | None) -> Order:
         raise InvalidOrderError("body", f"body is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise InvalidOrderError("body", f"body must be a JSON object, got {type(doc).__name__}")
-    channel_id = _check_id(doc.get("channel_id"), "channel_id")
-    channel_order_id = _check_id(doc.get("channel_order_id"), "channel_order_id")
+    channel_id = _required_id(doc.get("channel_id"), "channel_id")
+    channel_order_id = _required_id(doc.get("channel_order_id"), "channel_order_id")
     phone = _check_id(doc.get("customer_phone"), "customer_phone", required=False)
-    assert channel_id is not None and channel_order_id is not None
     if idempotency_key is not None:
-        key = _check_id(idempotency_key, "Idempotency-Key")
-        assert key is not None
+        key = _required_id(idempotency_key, "Idempotency-Key")
     else:
         key = f"{channel_id}:{channel_order_id}"
     return Order(raw, channel_id, channel_order_id, key, phone, body_digest(raw))
@@ -108,10 +114,10 @@ class Intake:
         self._metrics = metrics
         self._on_buffered = on_buffered
         self._inflight: dict[str, str | None] = {}
-        self._unsynced: dict[str, Entry] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = True
+        self.failing: str | None = None  # why the last order could not be kept, until one is
 
     def writing(self, serial: str) -> bool:
         """True while this serial's order is still between its pending file and its reply."""
@@ -136,32 +142,25 @@ class Intake:
         self._inflight[key] = None
         self._idle.clear()
         try:
-            return await self._submit(order)
+            reply = await self._submit(order)
+            self.failing = None
+            return reply
+        except (PersistError, OSError, sqlite3.Error) as exc:
+            # The disk or the state under us failed: refuse (not accepted), say why, and
+            # let /readyz tell the load balancer until an order goes through again.
+            self.failing = f"{type(exc).__name__}: {exc}"
+            log.error("order refused, cannot persist: %s", exc)
+            return self._count("refused", Reply(503, {"error": f"cannot persist: {exc}; "
+                                                               "retry"}))
         finally:
             del self._inflight[key]
             if not self._inflight:
                 self._idle.set()
 
-    def _remember(self, entry: Entry) -> None:
-        self._unsynced[entry.dedupe_key] = entry
-
-        def committed(fut: asyncio.Future[None]) -> None:
-            if self._unsynced.get(entry.dedupe_key) is entry:
-                del self._unsynced[entry.dedupe_key]
-            if not fut.cancelled() and fut.exception() is not None:
-                log.error("journal write for forwarded %s failed: %s", entry.serial,
-                          fut.exception())
-
-        self._journal.record_soon(entry).add_done_callback(committed)
-
     async def lookup(self, dedupe_key: str) -> Entry | None:
-        """The journal row for a key, including rows not yet committed."""
-        return self._unsynced.get(dedupe_key) or await self._journal.by_key(dedupe_key)
+        return await self._journal.by_key(dedupe_key)
 
     async def lookup_serial(self, serial: str) -> Entry | None:
-        for entry in self._unsynced.values():  # a handful at most: the last few ms
-            if entry.serial == serial:
-                return entry
         return await self._journal.by_serial(serial)
 
     async def _submit(self, order: Order) -> Reply:
@@ -177,59 +176,66 @@ class Intake:
             }))
         # A "forwarding" row is a send cut short by a crash: that cluster may hold the key.
         only = seen.cluster if seen is not None else None
-        try:
-            serial = seen.serial if seen is not None else await self._serials.next()
-        except PersistError as exc:
-            log.error("cannot issue a serial: %s", exc)
-            return self._count("refused", Reply(503, {"error": f"cannot persist: {exc}"}))
+        serial = seen.serial if seen is not None else await self._serials.next()
         self._inflight[order.dedupe_key] = serial
         received_at = now_iso()
         clusters = self._router.candidates(only)
+        pinned = only
         if clusters:
-            reply = await self._forward(order, serial, received_at, clusters)
+            reply, pinned = await self._forward(order, serial, received_at, clusters)
             if reply is not None:
                 return reply
-        return await self._buffer(order, serial, received_at)
+        return await self._buffer(order, serial, received_at, pinned)
 
     async def _forward(self, order: Order, serial: str, received_at: str,
-                       clusters: list[tuple[str, str]]) -> Reply | None:
-        """Try the clusters; None means "not created (or unknown): buffer it"."""
-        try:  # the intent: a retry after a crash must not go to another cluster
-            await self._journal.record(Entry(order.dedupe_key, serial, FORWARDING,
-                                             clusters[0][0], None, order.digest, received_at))
+                       clusters: list[tuple[str, str]]) -> tuple[Reply | None, str | None]:
+        """Try the clusters: (the reply, None) or (None, the cluster it is pinned to)."""
+        intended: list[str] = []
+
+        async def before_send(cluster: str) -> None:
+            # The intent, durable before the request leaves: a retry after a crash (or
+            # a power cut) must go to this cluster only.
+            await self._journal.record(Entry(order.dedupe_key, serial, FORWARDING, cluster,
+                                             None, order.digest, received_at))
+            intended.append(cluster)
+
+        try:
+            routed = await self._router.forward(clusters, order.raw, order.dedupe_key, serial,
+                                                self.cfg.upstream.timeout_s, before_send)
         except PersistError as exc:
             log.error("journal intent for %s failed, buffering: %s", serial, exc)
-            return None
-        routed = await self._router.forward(clusters, order.raw, order.dedupe_key, serial,
-                                            self.cfg.upstream.timeout_s)
+            return None, intended[-1] if intended else clusters[0][0]
         answer = routed.answer
-        if routed.verdict is Verdict.CREATED and answer is not None:
-            order_id = None if answer.order_id is None else str(answer.order_id)
-            # Not awaited: if a crash loses this row, the intent above still sends a
-            # retry to the same cluster, which answers "duplicate" for the key. Until
-            # it is committed, lookups are answered from memory.
-            self._remember(Entry(order.dedupe_key, serial, FORWARDED, routed.cluster,
-                                 order_id, order.digest, received_at))
+        if routed.verdict is Verdict.CREATED and answer is not None and routed.cluster:
+            entry = Entry(order.dedupe_key, serial, FORWARDED, routed.cluster,
+                          str(answer.order_id), order.digest, received_at)
+            try:  # committed before the 201: a customer may look it up right after a crash
+                await self._journal.record(entry)
+            except PersistError as exc:
+                # Created upstream, so the answer is still 201; a retry of the key goes
+                # to the same cluster (the intent above), which answers "duplicate".
+                log.error("journal row for forwarded %s not stored: %s", serial, exc)
             return self._count("forwarded", Reply(201, {
                 "status": "forwarded", "serial": serial, "cluster": routed.cluster,
                 "order_id": answer.order_id,
-            }))
+            })), None
         if routed.verdict is Verdict.CONFLICT and answer is not None:
             return self._count("upstream_conflict", Reply(422, {
                 "error": f"the {routed.cluster} order center already holds this dedupe key "
                          f"with a different body: {answer.error or 'HTTP 422'}",
                 "serial": None,
-            }))
+            })), None
         if routed.verdict is Verdict.REJECTED and answer is not None:
             return self._count("upstream_rejected", Reply(answer.status, {
                 "error": f"the {routed.cluster} order center rejected the order "
                          f"(HTTP {answer.status}): {answer.error or 'no reason given'}",
                 "field": None,
-            }))
+            })), None
         log.info("order %s not created upstream, buffering: %s", serial, routed.reason)
-        return None
+        return None, routed.pinned
 
-    async def _buffer(self, order: Order, serial: str, received_at: str) -> Reply:
+    async def _buffer(self, order: Order, serial: str, received_at: str,
+                      pinned: str | None) -> Reply:
         record = PendingRecord(
             serial=serial,
             node_id=self.cfg.agent.node_id,
@@ -238,17 +244,15 @@ class Intake:
             dedupe_key=order.dedupe_key,
             customer_phone=order.customer_phone,
             body=order.raw.decode("utf-8"),
+            pinned_to=pinned,
         )
         try:
             await self._spool.write(record)
         except BufferFullError as exc:
             log.error("order refused, buffer full: %s", exc)
             return self._count("refused", Reply(507, {"error": str(exc)}))
-        except PersistError as exc:
-            log.error("order refused, cannot persist: %s", exc)
-            return self._count("refused", Reply(503, {"error": str(exc)}))
         try:
-            await self._journal.record(Entry(order.dedupe_key, serial, BUFFERED, None, None,
+            await self._journal.record(Entry(order.dedupe_key, serial, BUFFERED, pinned, None,
                                              order.digest, received_at))
         except PersistError as exc:  # the file is durable and wins; the index heals at start-up
             log.error("journal write for buffered %s failed: %s", serial, exc)

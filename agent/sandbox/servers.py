@@ -72,7 +72,13 @@ class SandboxCenter(Listener):
     Switches: ``mode`` "up" or "503" (health and orders answer 503); ``go_down()``
     closes the listener (connections refused); ``delay_s`` slows every order
     answer and ``health_delay_s`` every health answer (a hung cluster: both);
-    ``script`` holds statuses to answer the next POSTs with.
+    ``script`` holds statuses to answer the next POSTs with. Faults real centers
+    show: ``refuse`` answers every POST with that status while /health stays 200
+    (401: an expired gateway token; 404: a half-finished deploy); ``page``
+    answers every POST with an HTML page of that status (a maintenance page,
+    nothing created); ``after_create`` creates the order for real, then answers
+    the next statuses (500, 409, or 200 without an order_id); ``late_s`` creates
+    the order, then answers only after that many seconds.
     """
 
     host: str = "127.0.0.2"
@@ -82,6 +88,10 @@ class SandboxCenter(Listener):
     health_delay_s: float = 0.0
     script: deque[int] = field(default_factory=deque)
     retry_after: str | None = None
+    refuse: int | None = None
+    page: int | None = None
+    after_create: deque[int] = field(default_factory=deque)
+    late_s: float = 0.0
     orders: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     creates: Counter[str] = field(default_factory=Counter)
     received: list[Received] = field(default_factory=list)
@@ -112,6 +122,9 @@ class SandboxCenter(Listener):
         self.received.clear()
         self.script.clear()
         self.item_script.clear()
+        self.after_create.clear()
+        self.refuse = self.page = None
+        self.late_s = 0.0
         self.batch_enabled, self.batch_requests = True, 0
         self.batch_sizes.clear()
         self.mode, self.delay_s, self.health_delay_s = "up", 0.0, 0.0
@@ -150,12 +163,24 @@ class SandboxCenter(Listener):
             await asyncio.sleep(self.delay_s)
         if self.mode != "up":
             return web.json_response({"error": "unavailable"}, status=503)
+        if self.refuse is not None:
+            return web.json_response({"error": "refused: not authorized or no such route"},
+                                     status=self.refuse)
+        if self.page is not None:
+            return web.Response(text="<html><body>Down for maintenance</body></html>",
+                                status=self.page, content_type="text/html")
         if self.script:
             status = self.script.popleft()
             headers = {"Retry-After": self.retry_after} if self.retry_after else None
             return web.json_response({"error": f"scripted {status}"}, status=status,
                                      headers=headers)
         status, doc = self.take(key, body)
+        if self.late_s:
+            await asyncio.sleep(self.late_s)  # created; the answer comes too late
+        if self.after_create:
+            status = self.after_create.popleft()
+            return web.json_response({"error": f"scripted {status} after creating"} if
+                                     status != 200 else {"ok": True}, status=status)
         return web.json_response(doc, status=status)
 
     def take(self, key: str, body: bytes) -> tuple[int, dict[str, Any]]:

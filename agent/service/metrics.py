@@ -34,6 +34,14 @@ class Metrics:
         self.cluster_transitions = Counter("edge_cluster_transitions",
                                            "Health transitions, by cluster and new state.",
                                            ["cluster", "state"], registry=r)
+        self.pinned = Gauge("edge_pending_pinned", "Buffered orders by the cluster they are "
+                            "pinned to (only it may be sent them; 'none': any).", ["cluster"],
+                            registry=r)
+        self.refusing = Gauge("edge_cluster_refusing", "1 while a cluster refuses the agent's "
+                              "orders (401/403/404/405/407 to POST /orders).", ["cluster"],
+                              registry=r)
+        self.refusals = Counter("edge_cluster_refusals", "Answers 401/403/404/405/407 to "
+                                "POST /orders, by cluster.", ["cluster"], registry=r)
         self.sms_sent = Counter("edge_sms_sent", "SMS notices sent.", registry=r)
         self.sms_failed = Counter("edge_sms_failed", "SMS notices given up on.", registry=r)
         self.sms_outbox = Gauge("edge_sms_outbox", "SMS outbox rows, by state (queued, sending, "

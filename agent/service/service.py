@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from datetime import datetime
@@ -19,13 +20,15 @@ from agent.service.metrics import Metrics
 from agent.service.reload import ConfigReloader
 from agent.sms.outbox import Outbox
 from agent.sms.providers import build_provider
-from agent.spool.buffer import BufferDirs, remove_stale_temps
 from agent.spool.drain import Drainer
+from agent.spool.files import remove_stale_temps
 from agent.spool.housekeeping import Housekeeper
 from agent.spool.reconcile import reconcile
+from agent.spool.record import BufferDirs
 from agent.spool.writer import PendingSpool
 from agent.state.journal import Journal
 from agent.state.serials import SerialIssuer
+from agent.upstream.answers import Answer
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 from agent.upstream.health import ClusterHealth, HealthMonitor
@@ -42,7 +45,7 @@ class Service:
         self.dirs = BufferDirs(Path(cfg.buffer.path))
         self.metrics = Metrics()
         self.journal = Journal(cfg.agent.state_dir)
-        self.serials = SerialIssuer(self.journal, cfg.agent.node_id)
+        self.serials = SerialIssuer(self.journal, cfg.agent.node_id, self.dirs.root)
         self.spool = PendingSpool(self.dirs, cfg.buffer.max_bytes)
         self.resolver = ClusterResolver(cfg.upstream.nameservers, cfg.health.timeout_s)
         self.upstream = UpstreamClient(cfg.agent.node_id, self.resolver)
@@ -57,15 +60,15 @@ class Service:
         self.intake = Intake(cfg, self.journal, self.serials, self.spool, self.router,
                              self.metrics,
                              on_buffered=self.outbox.on_buffered if self.outbox else None)
-        self.drainer = Drainer(cfg.buffer, cfg.upstream.timeout_s, self.dirs, self.journal,
-                               self.spool, self.upstream, self._drain_target, self.metrics,
-                               busy=self.intake.writing)
+        self.drainer = Drainer(cfg.buffer, cfg.upstream.timeout_s, self.spool, self.journal,
+                               self.upstream, self.health.usable, self._on_refusal,
+                               self.metrics, busy=self.intake.writing)
         self.inbox = InboxWatcher(self.dirs, self.intake, cfg.agent.max_body_bytes,
                                   cfg.buffer.scan_interval_s)
         self.housekeeper = Housekeeper(self.journal, self.dirs, cfg.agent.journal_retention_days,
                                        cfg.buffer.retention_days)
-        self.api = HttpApi(self.intake, self.metrics, cfg.tokens,
-                           cfg.agent.max_body_bytes, self.status, self.ready)
+        self.api = HttpApi(self.intake, self.metrics, cfg.tokens, cfg.agent,
+                           self.status, self.ready, self.refresh_metrics)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.health.subscribe(self._on_health_change)
@@ -74,27 +77,32 @@ class Service:
         self._mode = "offline"
         self._mode_since = time.time()
 
-    def _drain_target(self) -> tuple[str, str] | None:
-        """Buffered orders go to the primary only (see router.py and the README)."""
-        primary = self.health.clusters.get("primary")
-        if primary is not None and primary.healthy:
-            return "primary", primary.base
-        return None
+    def _on_refusal(self, cluster: str, answer: Answer | None) -> None:
+        """The drain saw an answer: a refusal of the agent (401/403/...) or any other."""
+        if answer is None:
+            self.health.accepted(cluster)
+        else:
+            self.health.refused(cluster, answer.status, answer.error)
 
     def _on_health_change(self, cluster: ClusterHealth) -> None:
-        self.metrics.cluster_transitions.labels(
-            cluster=cluster.name, state="up" if cluster.healthy else "down").inc()
+        if cluster.refusing is not None:
+            self.metrics.refusals.labels(cluster=cluster.name).inc()
+        state = "up" if cluster.healthy else "down"
+        if cluster.healthy and cluster.refusing is not None:
+            state = "refusing"
+        self.metrics.cluster_transitions.labels(cluster=cluster.name, state=state).inc()
         mode = self.mode()
         if mode != self._mode:
-            log.warning("mode %s -> %s", self._mode, mode, extra={
-                "from": self._mode, "to": mode, "cluster": cluster.name,
-                "last_error": cluster.last_error})
+            # Back to normal is good news: info. Away from it is what ops must see.
+            log.log(logging.INFO if mode == "normal" else logging.WARNING,
+                    "mode %s -> %s", self._mode, mode, extra={
+                        "from": self._mode, "to": mode, "cluster": cluster.name,
+                        "last_error": cluster.refusing or cluster.last_error})
             if self._mode == "normal":
                 self.metrics.failovers.inc()
             self.metrics.mode_transitions.labels(to=mode).inc()
             self._mode, self._mode_since = mode, time.time()
-        if cluster.name == "primary":
-            self.drainer.online(cluster.healthy)
+        self.drainer.online(bool(self.health.usable()))
 
     async def apply_config(self, cfg: Config) -> None:
         """Switch live sections to ``cfg`` without dropping a request.
@@ -125,6 +133,7 @@ class Service:
         await self._start(self.journal)
         view = await reconcile(self.journal, self.dirs, self.serials.prefix)
         self.serials.raise_floor(view.max_counter)
+        await self.serials.start()
         await self._start(self.spool)
         if self.outbox is not None:  # before the listener: a 202 may queue an SMS
             await self._start(self.outbox)
@@ -144,6 +153,9 @@ class Service:
         if config_path is not None:
             self.reloader = ConfigReloader(config_path, lambda: self.cfg, self.apply_config)
             await self._start(self.reloader)
+        for name in self.health.clusters:
+            self.metrics.refusing.labels(cluster=name).set_function(
+                functools.partial(self._refusing, name))
         self.metrics.pending.set_function(lambda: self.spool.count)
         self.metrics.pending_bytes.set_function(lambda: self.spool.bytes)
         log.info("agent accepting orders", extra={
@@ -175,17 +187,31 @@ class Service:
     # -- views -----------------------------------------------------------------------
 
     def mode(self) -> str:
-        if self.health.is_healthy("primary"):
+        if self.health.takes_orders("primary"):
             return "normal"
-        if self.health.is_healthy("standby"):
+        if self.health.takes_orders("standby"):
             return "standby"
         return "offline"
 
+    def _refusing(self, name: str) -> int:
+        cluster = self.health.clusters.get(name)
+        return int(cluster is not None and cluster.refusing is not None)
+
+    async def refresh_metrics(self) -> None:
+        """Before a scrape: gauges that need a look at the disk or the journal."""
+        await self.spool.recount()
+        pinned = await self.journal.pinned_counts()
+        for name in ("primary", "standby", "none"):
+            self.metrics.pinned.labels(cluster=name).set(pinned.get(name, 0))
+
     def ready(self) -> bool:
-        return self.intake.accepting and self.spool.writable
+        """Can persist orders: a load balancer stops sending while the disk fails us."""
+        return self.intake.accepting and self.spool.writable and self.intake.failing is None
 
     async def status(self) -> dict[str, Any]:
+        await self.spool.recount()  # whoever moved files (edge-recover), count what is there
         count, oldest = await self.journal.pending_summary()
+        pinned = await self.journal.pinned_counts()
         age = 0.0
         if oldest:
             try:
@@ -204,8 +230,11 @@ class Service:
             "sms_outbox": self.outbox.unfinished if self.outbox is not None else 0,
             "sms": (self.outbox.snapshot() if self.outbox is not None
                     else {"provider": None, "by_state": {}}),
+            "pinned": {name: pinned.get(name, 0) for name in ("primary", "standby", "none")},
             "accepting": self.intake.accepting,
+            "ready": self.ready(),
             "buffer_error": self.spool.last_error,
+            "persist_error": self.intake.failing,
         }
 
 

@@ -50,7 +50,8 @@ from agent.sms.store import (
     OutboxStore,
     Row,
 )
-from agent.spool.buffer import BufferDirs, PendingRecord, list_pending
+from agent.spool.files import list_pending
+from agent.spool.record import BufferDirs, PendingRecord
 
 log = logging.getLogger("agent.sms")
 
@@ -161,10 +162,20 @@ class Outbox:
         known = await self.store.serials()
         horizon = time.time() - self._cfg.give_up_after_s
         for record in await asyncio.to_thread(_unnotified, self._dirs, known, horizon):
-            assert record.customer_phone is not None
+            phone = record.customer_phone or ""
+            if self.store.rebuilt is not None:
+                # The damaged outbox may have sent this notice: never risk a second one.
+                await self.store.enqueue(
+                    record.serial, None, phone, "the SMS outbox was damaged and rebuilt; "
+                    "whether this notice went out is unknown, so it is not sent again",
+                    0, state=AMBIGUOUS)
+                self.counts[AMBIGUOUS] += 1
+                log.warning("SMS for %s ambiguous: the outbox was rebuilt, not resent",
+                            record.serial, extra={"serial": record.serial})
+                continue
             log.warning("pending %s has a phone but no SMS outbox row; adding it",
                         record.serial, extra={"serial": record.serial})
-            await self._enqueue(record.serial, record.customer_phone)
+            await self._enqueue(record.serial, phone)
 
     # -- sender ------------------------------------------------------------------------
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import aiosqlite
 
-from agent.errors import PersistError
 from agent.sms.phones import mask
 from agent.state.batching import GroupCommit
 from agent.state.sqlite_db import SqliteDb
@@ -78,6 +77,7 @@ class _Enqueue:
     limit: int
     result: str = ""
     inserted: bool = False
+    state: str | None = None  # a forced state (ambiguous after a rebuild)
 
 
 @dataclass
@@ -125,29 +125,15 @@ class OutboxStore:
     # -- writes ------------------------------------------------------------------------
 
     async def _flush(self, ops: list[_Op]) -> Sequence[None]:
-        db = self._conn()
         durable = any(isinstance(op, _Update) for op in ops)
-        try:
-            if durable:
-                await db.execute("PRAGMA synchronous=FULL")
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                for op in ops:
-                    if isinstance(op, _Enqueue):
-                        await self._apply_enqueue(db, op)
-                    elif isinstance(op, _Update):
-                        await self._apply_update(db, op)
-                    else:
-                        await db.execute("DELETE FROM sms_window WHERE at < ?", (op.before,))
-                await db.execute("COMMIT")
-            except Exception:
-                await db.execute("ROLLBACK")
-                raise
-        except Exception as exc:
-            raise PersistError(f"SMS outbox write failed in {self.path}: {exc}") from exc
-        finally:
-            if durable:
-                await db.execute("PRAGMA synchronous=NORMAL")
+        async with self._db.transaction("FULL" if durable else None) as db:
+            for op in ops:
+                if isinstance(op, _Enqueue):
+                    await self._apply_enqueue(db, op)
+                elif isinstance(op, _Update):
+                    await self._apply_update(db, op)
+                else:
+                    await db.execute("DELETE FROM sms_window WHERE at < ?", (op.before,))
         return [None] * len(ops)
 
     async def _apply_enqueue(self, db: aiosqlite.Connection, op: _Enqueue) -> None:
@@ -159,7 +145,9 @@ class OutboxStore:
             return
         now = time.time()
         state, phone, reason = QUEUED, op.phone or "", op.reason
-        if op.phone is None or op.reason:
+        if op.state is not None:
+            state, phone = op.state, mask(op.raw_phone)
+        elif op.phone is None or op.reason:
             state, phone = SKIPPED, mask(op.raw_phone)
         elif op.limit > 0:
             count = list(await db.execute_fetchall(
@@ -184,10 +172,15 @@ class OutboxStore:
         op.inserted = cur.rowcount == 1
         op.result = op.state if op.inserted else ""
 
+    @property
+    def rebuilt(self) -> Path | None:
+        """Where a damaged outbox was moved at start-up: what it knew is unknown now."""
+        return self._db.rebuilt
+
     async def enqueue(self, serial: str, phone: str | None, raw_phone: str, reason: str,
-                      limit: int) -> tuple[str, bool]:
+                      limit: int, state: str | None = None) -> tuple[str, bool]:
         """Add the row for ``serial`` unless it exists; (its state, whether it is new)."""
-        op = _Enqueue(serial, phone, raw_phone, reason, limit)
+        op = _Enqueue(serial, phone, raw_phone, reason, limit, state=state)
         await self._writer.submit(op)
         return op.result, op.inserted
 

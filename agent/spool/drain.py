@@ -1,10 +1,15 @@
-"""Re-delivery of pending/ files once a cluster is back.
+"""Re-delivery of pending/ files once a cluster can take orders.
 
 Woken by a health transition, by a new file in pending/ (watchfiles), by the
-intake, and by a periodic rescan. Each file is claimed (flock) before it is
-delivered, so the agent and ``edge-recover`` never race on one order. Paced by
-``buffer.drain_rate_per_s``; slows down on 429/503; backs off with jitter
-while the center keeps failing; oldest serial first.
+intake, and by a periodic rescan. Each file is claimed before it is delivered
+(the spool's ``claim()``), so the agent and ``edge-recover`` never race on one
+order. Where a file goes follows CONTRACT 5: a pinned order only to its
+cluster; an unpinned one to the primary, else to the standby when
+``buffer.drain_to_standby``. Before an unpinned order is sent, the journal
+durably notes the cluster (a crash mid-send pins it at start-up); an attempt
+that ends unclear pins the file itself. Paced by ``buffer.drain_rate_per_s``;
+slows down on 429/503; backs off with jitter while a cluster keeps failing;
+oldest serial first. A failure to move one file never stops the others.
 """
 
 from __future__ import annotations
@@ -17,76 +22,40 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from datetime import datetime
-from pathlib import Path
-from typing import Any, TypeVar
 
 import backoff
 import watchfiles
 
 from agent.config import BufferSection
-from agent.errors import CorruptRecordError, UpstreamError
+from agent.errors import PersistError, UpstreamAmbiguous, UpstreamError
 from agent.service.metrics import Metrics
 from agent.service.watched_loop import WatchedLoop
-from agent.spool.buffer import (
-    BufferDirs,
-    PendingRecord,
-    already_merged,
-    drop_pending_copy,
-    finish_merged,
-    is_order_file,
-    list_pending,
-    quarantine,
-    strip_added_keys,
-    try_claim,
-)
-from agent.spool.writer import PendingSpool
+from agent.spool.moves import MergedState
+from agent.spool.record import PendingRecord, is_order_file
+from agent.spool.writer import Held, PendingSpool
 from agent.state.journal import MERGED, REJECTED, Journal
-from agent.upstream.answers import SLOW_DOWN_STATUSES, Outcome
+from agent.upstream.answers import SLOW_DOWN_STATUSES, Answer, Outcome
 from agent.upstream.client import UpstreamClient
 
 log = logging.getLogger("agent.drain")
-T = TypeVar("T")
 
-# Returns (cluster name, base URL) to deliver to, or None while none is usable.
-TargetPicker = Callable[[], tuple[str, str] | None]
+# The clusters that can take orders now: name -> base URL.
+Usable = Callable[[], dict[str, str]]
+# Told when a cluster refuses the agent (401/403/404/405/407) or takes an order again.
+RefusalSink = Callable[[str, Answer | None], None]
 # True for a serial the intake is still writing (its journal row is not there yet).
 BusyCheck = Callable[[str], bool]
-
-
-async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run a file move in a thread; on cancellation wait for it before unwinding.
-
-    A move must never be half-abandoned by a cancelled task: the claim (the fd
-    holding the flock) is released only after the thread is done with it.
-    """
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await asyncio.wait({fut})
-        raise
 
 
 def _added_order(change: watchfiles.Change, path: str) -> bool:
     return change == watchfiles.Change.added and is_order_file(os.path.basename(path))
 
 
-def _parse(data: bytes, name: str) -> PendingRecord:
-    """The record, also from a file whose keys edge-recover was adding when it died."""
-    try:
-        return PendingRecord.from_bytes(data, origin=f"pending/{name}")
-    except CorruptRecordError:
-        original = strip_added_keys(data)
-        if original is None:
-            raise
-        return PendingRecord.from_bytes(original, origin=f"pending/{name}")
-
-
 class Result(enum.Enum):
     DONE = "done"            # left pending/ (merged or quarantined)
-    SKIPPED = "skipped"      # gone, or claimed by another process
+    SKIPPED = "skipped"      # gone, claimed by another process, or waiting for its cluster
     RETRY = "retry"          # 409/429/...: this file later
-    FAILING = "failing"      # the center is failing: stop this pass, back off
+    FAILING = "failing"      # the cluster is failing or refusing us: stop sending to it
 
 
 def _delays() -> Generator[float, None, None]:
@@ -125,23 +94,24 @@ class Pacer:
 class Drainer:
     """Owns the drain loop and the pending/ watcher."""
 
-    def __init__(self, settings: BufferSection, timeout_s: float, dirs: BufferDirs,
-                 journal: Journal, spool: PendingSpool, upstream: UpstreamClient,
-                 pick_target: TargetPicker, metrics: Metrics,
+    def __init__(self, settings: BufferSection, timeout_s: float, spool: PendingSpool,
+                 journal: Journal, upstream: UpstreamClient, usable: Usable,
+                 refusals: RefusalSink, metrics: Metrics,
                  busy: BusyCheck = lambda serial: False) -> None:
         self._settings = settings
         self.timeout_s = timeout_s
-        self._dirs = dirs
-        self._journal = journal
         self._spool = spool
+        self._journal = journal
         self._upstream = upstream
-        self._pick_target = pick_target
+        self._usable = usable
+        self._refusals = refusals
         self._busy = busy
         self._metrics = metrics
         self._pacer = Pacer(settings.drain_rate_per_s)
         self._active: set[str] = set()
+        self._pins: dict[str, str] = {}  # pins the file could not take (disk full)
         self._delays = _delays()
-        self._loop = WatchedLoop("drain", self._round, dirs.pending, _added_order,
+        self._loop = WatchedLoop("drain", self._round, spool.dirs.pending, _added_order,
                                  settings.scan_interval_s)
         self.passes = 0
 
@@ -156,17 +126,28 @@ class Drainer:
             self.kick()
 
     async def start(self) -> None:
-        await self._loop.start(watching=self._pick_target() is not None)
+        await self._loop.start(watching=bool(self._usable()))
 
     async def stop(self) -> None:
         await self._loop.stop()
 
+    def target(self, record: PendingRecord, usable: dict[str, str]) -> str | None:
+        """Where this order may go now (CONTRACT 5), or None: it waits."""
+        pinned = record.pinned_to or self._pins.get(record.serial)
+        if pinned is not None:
+            return pinned if pinned in usable else None
+        if "primary" in usable:
+            return "primary"
+        if self._settings.drain_to_standby and "standby" in usable:
+            return "standby"
+        return None
+
     async def _round(self) -> None:
-        target = self._pick_target()
-        if target is None:
-            return  # a health transition kicks us when the primary is back
+        if not self._usable():
+            await self._spool.listing()  # keep the count true while nothing drains
+            return  # a health transition kicks us when a cluster is back
         try:
-            clean = await self._pass(*target)
+            clean = await self._pass()
         finally:
             self.passes += 1
         if clean:
@@ -175,94 +156,134 @@ class Drainer:
         await asyncio.sleep(backoff.full_jitter(next(self._delays)))
         self.kick()
 
-    async def _pass(self, cluster: str, base: str) -> bool:
-        """Deliver every pending file once; False if some must be tried again."""
-        queue = deque(await asyncio.to_thread(list_pending, self._dirs))
+    async def _pass(self) -> bool:
+        """Deliver every pending file once; False if some must be tried again soon."""
+        queue = deque(await self._spool.listing())
         if not queue:
             return True
-        log.info("drain pass to %s: %d pending", cluster, len(queue))
-        failing = False
+        log.info("drain pass: %d pending", len(queue))
+        failing: set[str] = set()
         clean = True
 
         async def worker() -> None:
-            nonlocal failing, clean
-            while queue and not failing:
+            nonlocal clean
+            while queue:
                 name, size = queue.popleft()
                 if name in self._active:
                     continue
-                await self._pacer.wait()
-                result = await self.deliver(name, size, cluster, base)
-                if result is Result.FAILING:
-                    failing, clean = True, False
-                elif result is Result.RETRY:
+                try:
+                    result = await self.deliver(name, size, failing)
+                except PersistError as exc:  # one file's trouble never stops the others
+                    log.error("could not finish %s: %s; it stays in pending/", name, exc)
+                    result = Result.RETRY
+                if result in (Result.RETRY, Result.FAILING):
                     clean = False
 
         workers = min(self._settings.drain_concurrency, len(queue))
         await asyncio.gather(*(worker() for _ in range(workers)))
         return clean
 
-    async def deliver(self, name: str, size: int, cluster: str, base: str) -> Result:
-        path = self._dirs.pending / name
+    async def deliver(self, name: str, size: int, failing: set[str] | None = None) -> Result:
+        failing = set() if failing is None else failing
         if self._busy(name.removesuffix(".json")):
             return Result.RETRY
-        claim = await asyncio.to_thread(try_claim, path)
-        if claim is None:
-            return Result.SKIPPED
-        self._active.add(name)
-        try:
-            merged = await asyncio.to_thread(already_merged, self._dirs, name)
-            if merged is not None:  # a crash came between the merged/ copy and the unlink
-                await _finish_in_thread(drop_pending_copy, claim)
-                self._spool.released(size)
-                await self._journal.mark(name.removesuffix(".json"), MERGED,
-                                         merged.get("cluster"), merged.get("order_id"))
-                return Result.DONE
+        async with self._spool.claim(name, size) as held:
+            if held is None:
+                return Result.SKIPPED
+            self._active.add(name)
             try:
-                record = _parse(claim.data, name)
-            except CorruptRecordError as exc:
-                await self._quarantine(path, size, "corrupt", {"error": str(exc)})
-                return Result.DONE
-            try:
-                answer = await self._upstream.post_order(
-                    base, record.raw_body, record.dedupe_key, record.serial, self.timeout_s
-                )
-            except UpstreamError as exc:
-                log.info("delivery of %s failed: %s", record.serial, exc)
-                self._metrics.deliveries.labels(cluster=cluster, outcome="transient").inc()
-                return Result.FAILING
-            outcome = answer.outcome
-            self._metrics.deliveries.labels(cluster=cluster, outcome=outcome.value).inc()
-            if answer.status in SLOW_DOWN_STATUSES:
-                self._pacer.slow_down(answer.retry_after_s)
-            if outcome.delivered:
-                await _finish_in_thread(finish_merged, self._dirs, claim, record,
-                                        answer.order_id, cluster)
-                self._spool.released(size)
-                self._pacer.speed_up()
-                self._observe_latency(record.received_at)
-                await self._journal.mark(record.serial, MERGED, cluster, answer.order_id)
-                return Result.DONE
-            if outcome.permanent:
-                await self._quarantine(path, size, outcome.value, {
-                    "status": answer.status, "error": answer.error, "serial": record.serial,
-                    "dedupe_key": record.dedupe_key, "cluster": cluster,
-                })
-                await self._journal.mark(record.serial, REJECTED, cluster)
-                return Result.DONE
-            if outcome is Outcome.RETRY:
-                return Result.RETRY
-            return Result.FAILING
-        finally:
-            claim.release()
-            self._active.discard(name)
+                return await self._deliver_held(held, failing)
+            finally:
+                self._active.discard(name)
 
-    async def _quarantine(self, path: Path, size: int, reason: str,
-                          details: dict[str, object]) -> None:
-        await _finish_in_thread(quarantine, self._dirs, path, {"reason": reason, **details})
-        self._spool.released(size)
-        self._metrics.quarantined.labels(reason=reason).inc()
-        log.warning("quarantined %s to rejected/: %s", path.name, reason,
-                    extra={"file": path.name, "reason": reason})
+    async def _deliver_held(self, held: Held, failing: set[str]) -> Result:
+        state = await held.merged_copy()
+        if state is MergedState.OTHER:
+            await held.quarantined("name_clash", {
+                "error": f"merged/{held.name} holds a different order; this one was "
+                         "never confirmed by the center", "corrupt": held.corrupt})
+            return Result.DONE
+        if held.record is None:
+            await held.quarantined("corrupt", {"error": held.corrupt})
+            return Result.DONE
+        record = held.record
+        if state is MergedState.SAME:  # a crash came between the merged/ copy and the unlink
+            await held.delivered(None, "unknown")
+            await self._journal.mark(record.serial, MERGED)
+            return Result.DONE
+        usable = self._usable()
+        cluster = self.target(record, usable)
+        if cluster is None:
+            return Result.SKIPPED  # its cluster is down: a health transition kicks us
+        if cluster in failing:
+            return Result.FAILING
+        if record.pinned_to is None and record.serial not in self._pins:
+            # A crash mid-send must leave it pinned: note the cluster durably first.
+            await self._journal.intend(record.serial, cluster)
+        await self._pacer.wait()
+        try:
+            answer = await self._upstream.post_order(
+                usable[cluster], record.raw_body, record.dedupe_key, record.serial,
+                self.timeout_s)
+        except UpstreamError as exc:
+            log.info("delivery of %s to %s failed: %s", record.serial, cluster, exc)
+            self._metrics.deliveries.labels(cluster=cluster, outcome="transient").inc()
+            if isinstance(exc, UpstreamAmbiguous):
+                await self._pin(held, cluster)
+            else:
+                self._journal.intend_soon(record.serial, None)
+            failing.add(cluster)
+            return Result.FAILING
+        return await self._settle(held, record, cluster, answer, failing)
+
+    async def _settle(self, held: Held, record: PendingRecord, cluster: str, answer: Answer,
+                      failing: set[str]) -> Result:
+        outcome = answer.outcome
+        self._metrics.deliveries.labels(cluster=cluster, outcome=outcome.value).inc()
+        if answer.status in SLOW_DOWN_STATUSES:
+            self._pacer.slow_down(answer.retry_after_s)
+        if outcome is Outcome.REFUSED:
+            self._refusals(cluster, answer)
+            self._journal.intend_soon(record.serial, None)
+            failing.add(cluster)
+            return Result.FAILING
+        self._refusals(cluster, None)
+        if outcome.delivered:
+            await held.delivered(answer.order_id, cluster)
+            self._pacer.speed_up()
+            self._observe_latency(record.received_at)
+            await self._journal.mark(record.serial, MERGED, cluster, answer.order_id)
+            return Result.DONE
+        if outcome.permanent:
+            self._metrics.quarantined.labels(reason=outcome.value).inc()
+            await held.quarantined(outcome.value, {
+                "status": answer.status, "error": answer.error, "serial": record.serial,
+                "dedupe_key": record.dedupe_key, "cluster": cluster,
+            })
+            await self._journal.mark(record.serial, REJECTED, cluster)
+            return Result.DONE
+        if outcome.pins:
+            await self._pin(held, cluster)
+            if answer.status >= 500:
+                failing.add(cluster)
+                return Result.FAILING
+            return Result.RETRY
+        self._journal.intend_soon(record.serial, None)  # a clear "not now": no pin
+        if answer.status == 503:
+            failing.add(cluster)
+            return Result.FAILING
+        return Result.RETRY
+
+    async def _pin(self, held: Held, cluster: str) -> None:
+        """Rewrite the record pinned to ``cluster``; the journal intent covers a failure."""
+        serial = held.name.removesuffix(".json")
+        try:
+            await held.pin(cluster)
+        except PersistError as exc:
+            self._pins[serial] = cluster
+            log.error("could not pin %s to %s in its file (%s); held in memory and in the "
+                      "journal", serial, cluster, exc)
+        await self._journal.intend(serial, cluster)
 
     def _observe_latency(self, received_at: str) -> None:
         try:

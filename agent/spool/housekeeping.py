@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from agent.spool.buffer import BufferDirs, expire_merged
+from agent.spool.files import expire_merged
+from agent.spool.record import BufferDirs
 from agent.state.journal import Journal
 
 log = logging.getLogger("agent.housekeeping")

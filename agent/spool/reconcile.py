@@ -14,12 +14,18 @@ import logging
 import os
 from dataclasses import dataclass
 
-from agent.errors import CorruptRecordError
-from agent.spool.buffer import BufferDirs, PendingRecord, is_order_file
+from agent.errors import ConfigError, CorruptRecordError, PersistError
+from agent.spool.claims import try_claim
+from agent.spool.files import replace_durably
+from agent.spool.record import BufferDirs, PendingRecord, is_order_file, parse_tolerant
 from agent.state.journal import BUFFERED, MERGED, REJECTED, Entry, Journal, body_digest
 from agent.state.serials import parse_counter
 
 log = logging.getLogger("agent.reconcile")
+
+
+class MisplacedBuffer(ConfigError):
+    """Orders the journal knows as buffered are not in this buffer: refuse to start."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,19 @@ async def reconcile(journal: Journal, dirs: BufferDirs, node_prefix: str) -> Dis
     view = await asyncio.to_thread(read_disk, dirs, node_prefix, buffered)
     for serial, record in view.pending.items():
         log.warning("pending file %s had no journal row; indexed from the file", serial)
-        await journal.record(Entry(record.dedupe_key, serial, BUFFERED, None, None,
-                                   body_digest(record.raw_body), record.received_at))
+        await journal.record(Entry(record.dedupe_key, serial, BUFFERED, record.pinned_to,
+                                   None, body_digest(record.raw_body), record.received_at))
     pending_now = await asyncio.to_thread(_serials_in, dirs.pending)
+    missing = sorted(buffered - pending_now - view.merged - view.rejected)
+    here = str(dirs.root.resolve())
+    before = await journal.setting("buffer_path")
+    if missing and before is not None and before != here:
+        raise MisplacedBuffer(
+            f"{len(missing)} orders the journal holds as buffered (e.g. {missing[0]}) are "
+            f"not in {here}/pending: they were buffered under {before}. Move "
+            f"{before}/pending/*.json into {here}/pending/ (or set buffer.path back to "
+            f"{before}), then start again")
+    await journal.set_setting("buffer_path", here)
     for serial in buffered - pending_now:
         if serial in view.rejected:
             state = REJECTED
@@ -71,4 +87,31 @@ async def reconcile(journal: Journal, dirs: BufferDirs, node_prefix: str) -> Dis
                             "merged/ and rejected/; assuming another tool (edge-recover) "
                             "delivered it", serial)
         await journal.mark(serial, state)
+    await _apply_intents(journal, dirs)
     return view
+
+
+async def _apply_intents(journal: Journal, dirs: BufferDirs) -> None:
+    """A crash mid-send leaves the journal's note of the cluster, not the file's pin:
+    pin the file now, before the drain could send the order anywhere else."""
+    for serial, cluster in (await journal.buffered_pins()).items():
+        if cluster is None:
+            continue
+        path = dirs.pending / f"{serial}.json"
+        claim = await asyncio.to_thread(try_claim, path)
+        if claim is None:
+            continue
+        try:
+            record = parse_tolerant(claim.data, f"pending/{path.name}")
+            if record.pinned_to != cluster:
+                data = record.pinned(cluster).to_bytes()
+                claim.replaced(await asyncio.to_thread(replace_durably, path, data), data)
+                log.warning("pending %s pinned to %s: a send there was cut short", serial,
+                            cluster, extra={"serial": serial, "cluster": cluster})
+        except CorruptRecordError:
+            pass  # the drain quarantines it
+        except PersistError as exc:
+            log.error("could not pin %s to %s in its file (%s); the journal still says so",
+                      serial, cluster, exc)
+        finally:
+            claim.release()

@@ -1,26 +1,108 @@
-"""Durable, group-committed writes to pending/, with capacity accounting.
+"""The one owner of pending/: durable writes, claims ending in a move, and accounting.
 
-Many concurrent intakes share one directory fsync per batch; file fsyncs run
-in parallel on a small thread pool. The spool also keeps the count and bytes
-of pending orders, for the 507 check, /status and /metrics.
+Writes are group-committed: many concurrent intakes share one directory fsync
+per batch; file fsyncs run in parallel on a small thread pool. Every client
+that takes a file out of pending/ (the drain, start-up repair) goes through
+``claim()``, whose holder ends it with ``delivered()``, ``quarantined()`` or
+nothing (the file stays). The count and bytes (507 check, /status, /metrics)
+follow the directory itself, so a file moved by another process (edge-recover)
+is no longer counted after the next look.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from agent.errors import BufferFullError, PersistError
-from agent.spool.buffer import BufferDirs, PendingRecord, list_pending, write_pending_batch
+from agent.errors import BufferFullError, CorruptRecordError, PersistError
+from agent.spool.claims import Claim, try_claim
+from agent.spool.files import list_pending, quarantine, replace_durably, write_pending_batch
+from agent.spool.moves import MergedState, merged_state, move_to_merged
+from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
 from agent.state.batching import GroupCommit
 
 log = logging.getLogger("agent.spool")
+T = TypeVar("T")
+# How stale the count may be before a 507 or /status looks at the directory again.
+RECOUNT_AFTER_S = 1.0
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a file step in a thread; on cancellation wait for it before unwinding.
+
+    A move must never be half-abandoned by a cancelled task: the claim (the fd
+    holding the flock) is released only after the thread is done with it.
+    """
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
+
+
+class Held:
+    """A claimed pending file: the record (or why it is unreadable) and how it may end."""
+
+    def __init__(self, spool: PendingSpool, claim: Claim, size: int) -> None:
+        self._spool = spool
+        self.claim = claim
+        self.name = claim.path.name
+        self.size = size
+        self.done = False
+        self.record: PendingRecord | None = None
+        self.corrupt: str | None = None
+        try:
+            self.record = parse_tolerant(claim.data, f"pending/{self.name}")
+        except CorruptRecordError as exc:
+            self.corrupt = str(exc)
+
+    async def merged_copy(self) -> MergedState:
+        """Is this order already in merged/ (a crash came before the pending copy went)?"""
+        return await _in_thread(merged_state, self._spool.dirs, self.name, self.record)
+
+    async def delivered(self, order_id: Any, cluster: str) -> None:
+        """The center confirmed: move the file to merged/ (a rename: no free space needed)."""
+        assert self.record is not None, "delivered() needs a parsed record"
+        await _in_thread(move_to_merged, self._spool.dirs, self.claim, self.record,
+                         order_id, cluster)
+        self._left()
+
+    async def quarantined(self, reason: str, details: dict[str, Any]) -> Path:
+        where = await _in_thread(quarantine, self._spool.dirs, self.claim.path,
+                                 {"reason": reason, **details})
+        self._left()
+        log.warning("quarantined %s to rejected/: %s", self.name, reason,
+                    extra={"file": self.name, "reason": reason})
+        return where
+
+    async def pin(self, cluster: str) -> None:
+        """Rewrite the record durably with ``pinned_to=cluster`` (CONTRACT 5)."""
+        assert self.record is not None, "pin() needs a parsed record"
+        if self.record.pinned_to == cluster:
+            return
+        record = self.record.pinned(cluster)
+        data = record.to_bytes()
+        fd = await _in_thread(replace_durably, self.claim.path, data)
+        self.claim.replaced(fd, data)
+        self._spool.bytes += len(data) - self.size
+        self.size, self.record = len(data), record
+        log.warning("order %s pinned to %s: an attempt there ended without a clear answer",
+                    record.serial, cluster, extra={"serial": record.serial, "cluster": cluster})
+
+    def _left(self) -> None:
+        self.done = True
+        self._spool.left(self.size)
 
 
 class PendingSpool:
-    """Owns the fsync thread pool and the group-commit task for pending/ writes.
+    """Owns the fsync thread pool, the group-commit task and the count of pending/.
 
     The pool is as large as the usual client concurrency: on virtualised disks a
     file fsync mostly waits, so more of them in flight means more orders per batch.
@@ -32,14 +114,13 @@ class PendingSpool:
         self.count = 0
         self.bytes = 0
         self.last_error: str | None = None
+        self._counted_at = 0.0
         self._reserved = 0
         self._pool = ThreadPoolExecutor(fsync_threads, thread_name_prefix="fsync")
         self._writer = GroupCommit[PendingRecord]("pending", self._flush, max_batch=128)
 
     async def start(self) -> None:
-        files = await asyncio.to_thread(list_pending, self.dirs)
-        self.count = len(files)
-        self.bytes = sum(size for _, size in files)
+        await self.listing()
         self._writer.start()
 
     async def stop(self) -> None:
@@ -50,14 +131,38 @@ class PendingSpool:
     def writable(self) -> bool:
         return self.last_error is None and self.bytes < self.max_bytes
 
+    # -- accounting -------------------------------------------------------------------
+
+    async def listing(self) -> list[tuple[str, int]]:
+        """(name, size) of every pending file, oldest serial first; recounts on the way."""
+        files = await asyncio.to_thread(list_pending, self.dirs)
+        self.count = len(files)
+        self.bytes = sum(size for _, size in files)
+        self._counted_at = time.monotonic()
+        return files
+
+    async def recount(self, max_age_s: float = RECOUNT_AFTER_S) -> None:
+        """Look at the directory again if the count is older than ``max_age_s``."""
+        if time.monotonic() - self._counted_at >= max_age_s:
+            await self.listing()
+
+    def left(self, size: int) -> None:
+        """A pending file left the directory (merged or rejected)."""
+        self.count = max(0, self.count - 1)
+        self.bytes = max(0, self.bytes - size)
+
+    # -- writes -------------------------------------------------------------------------
+
     async def write(self, record: PendingRecord) -> None:
         """Return only once ``record`` is durable in pending/; else raise PersistError."""
         size = len(record.to_bytes())
         if self.bytes + self._reserved + size > self.max_bytes:
-            raise BufferFullError(
-                f"buffer is full: {self.bytes} bytes pending, buffer.max_bytes is "
-                f"{self.max_bytes}; retry later"
-            )
+            await self.recount()  # another process may have emptied pending/ meanwhile
+            if self.bytes + self._reserved + size > self.max_bytes:
+                raise BufferFullError(
+                    f"buffer is full: {self.bytes} bytes pending, buffer.max_bytes is "
+                    f"{self.max_bytes}; retry later"
+                )
         self._reserved += size
         try:
             await self._writer.submit(record)
@@ -70,14 +175,23 @@ class PendingSpool:
         self.count += 1
         self.bytes += size
 
-    def released(self, size: int) -> None:
-        """A pending file left the directory (merged or rejected)."""
-        self.count = max(0, self.count - 1)
-        self.bytes = max(0, self.bytes - size)
-
     async def _flush(self, records: list[PendingRecord]) -> list[BaseException | None]:
         loop = asyncio.get_running_loop()
         results: list[Any] = await loop.run_in_executor(
             None, write_pending_batch, self.dirs, records, self._pool
         )
         return results
+
+    # -- claims -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def claim(self, name: str, size: int) -> AsyncIterator[Held | None]:
+        """Hold ``pending/{name}`` exclusively; None if it is gone or another process has it."""
+        claim = await asyncio.to_thread(try_claim, self.dirs.pending / name)
+        if claim is None:
+            yield None
+            return
+        try:
+            yield Held(self, claim, size)
+        finally:
+            claim.release()

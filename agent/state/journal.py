@@ -2,10 +2,11 @@
 
 The journal is an index, not the truth for undelivered orders: the pending
 files are. It is rebuilt from them at start-up (``reconcile``) and when the
-two disagree the files win. Writes are group-committed; the WAL runs with
-``synchronous=NORMAL`` (a commit survives kill -9), except the serial
-reservation, which is committed with ``synchronous=FULL`` so that a serial is
-never issued twice even across a power loss.
+two disagree the files win. Writes are group-committed with
+``synchronous=FULL``: a row that an answer relies on (a forwarded order a
+customer may look up, the intent that pins a retry to a cluster, the serial
+high-water mark) must survive a power cut, not only a kill -9. Group commit
+shares one WAL fsync among all the rows of a batch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 # States a journal row can take; "buffered" is the only undelivered one. "forwarding"
@@ -70,10 +75,13 @@ class Entry:
         return self.state in ACKNOWLEDGED_STATES
 
     def public(self) -> dict[str, Any]:
+        """For a buffered order, ``cluster`` is the one it is pinned to (may hold it)."""
+        buffered = self.state == BUFFERED
         return {
             "serial": self.serial,
             "state": self.state,
-            "cluster": self.cluster,
+            "cluster": None if buffered else self.cluster,
+            "pinned_to": self.cluster if buffered else None,
             "order_id": self.order_id,
             "received_at": self.received_at,
         }
@@ -86,17 +94,14 @@ _COLUMNS = "dedupe_key, serial, state, cluster, order_id, digest, received_at"
 class _Op:
     sql: str
     params: tuple[Any, ...]
-    durable: bool = False  # commit this batch with synchronous=FULL
 
 
 class Journal:
     """Owns the SQLite connections (one writer, one reader) and the group-commit writer."""
 
     def __init__(self, state_dir: str) -> None:
-        # DEFERRED: the first write of a batch opens the transaction itself, so a
-        # batch costs its statements plus one COMMIT round trip to the sqlite thread.
         self._db = SqliteDb(Path(state_dir) / "journal.sqlite3", "journal", SCHEMA,
-                            synchronous="NORMAL", isolation_level="DEFERRED")
+                            synchronous="FULL")
         self._writer = GroupCommit[_Op]("journal", self._flush)
 
     def _conn(self, reader: bool = False) -> aiosqlite.Connection:
@@ -113,23 +118,9 @@ class Journal:
     # -- writes (group-committed) -------------------------------------------------
 
     async def _flush(self, ops: list[_Op]) -> Sequence[None]:
-        db = self._conn()
-        durable = any(op.durable for op in ops)
-        if durable:
-            await db.execute("PRAGMA synchronous=FULL")
-        try:
-            try:
-                for sql, group in itertools.groupby(ops, key=lambda op: op.sql):
-                    await db.executemany(sql, [op.params for op in group])
-                await db.commit()
-            except Exception:
-                await db.rollback()
-                raise
-        except Exception as exc:
-            raise PersistError(f"journal write failed in {self._db.path}: {exc}") from exc
-        finally:
-            if durable:
-                await db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.run_batch(
+            [(sql, [op.params for op in group])
+             for sql, group in itertools.groupby(ops, key=lambda op: op.sql)])
         return [None] * len(ops)
 
     async def record(self, entry: Entry) -> None:
@@ -160,6 +151,19 @@ class Journal:
             (state, cluster, None if order_id is None else str(order_id), time.time(), serial),
         ))
 
+    async def intend(self, serial: str, cluster: str | None) -> None:
+        """Durably note the cluster a buffered order is about to be sent to (its pin)."""
+        await self._writer.submit(self._intend_op(serial, cluster))
+
+    def intend_soon(self, serial: str, cluster: str | None) -> None:
+        """The same without waiting: for clearing a pin after a clear refusal."""
+        self._writer.enqueue(self._intend_op(serial, cluster))
+
+    @staticmethod
+    def _intend_op(serial: str, cluster: str | None) -> _Op:
+        return _Op("UPDATE orders SET cluster=?, updated_at=? WHERE serial=? AND state=?",
+                   (cluster, time.time(), serial, BUFFERED))
+
     # -- reads ---------------------------------------------------------------------
 
     async def by_key(self, dedupe_key: str) -> Entry | None:
@@ -179,8 +183,20 @@ class Journal:
             "SELECT COUNT(*), MIN(received_at) FROM orders WHERE state=?", (BUFFERED,)
         ) as cur:
             row = await cur.fetchone()
-        assert row is not None
-        return int(row[0]), row[1]
+        return (0, None) if row is None else (int(row[0]), row[1])
+
+    async def pinned_counts(self) -> dict[str, int]:
+        """Buffered orders per cluster they are pinned to ("none" for unpinned)."""
+        rows = await self._conn(reader=True).execute_fetchall(
+            "SELECT COALESCE(cluster, 'none'), COUNT(*) FROM orders WHERE state=? "
+            "GROUP BY cluster", (BUFFERED,))
+        return {str(name): int(n) for name, n in rows}
+
+    async def buffered_pins(self) -> dict[str, str | None]:
+        """serial -> the cluster the journal says it may be at, for every buffered order."""
+        rows = await self._conn(reader=True).execute_fetchall(
+            "SELECT serial, cluster FROM orders WHERE state=?", (BUFFERED,))
+        return {str(serial): cluster for serial, cluster in rows}
 
     async def buffered_serials(self) -> set[str]:
         async with self._conn(reader=True).execute(
@@ -199,15 +215,31 @@ class Journal:
             "INSERT INTO meta(name, value) VALUES (?, ?) "
             "ON CONFLICT(name) DO UPDATE SET value = MAX(value, ?) + ?",
             (name, floor + count, floor, count),
-            durable=True,
         ))
         async with self._conn(reader=True).execute(
             "SELECT value FROM meta WHERE name=?", (name,)
         ) as cur:
             row = await cur.fetchone()
-        assert row is not None
+        if row is None:
+            raise PersistError(f"the serial reservation for {name} was not stored in "
+                               f"{self._db.path}")
         last = int(row[0])
         return last - count + 1, last
+
+    @property
+    def rebuilt(self) -> Path | None:
+        """Where a damaged journal was moved at start-up, if it was."""
+        return self._db.rebuilt
+
+    async def setting(self, name: str) -> str | None:
+        rows = list(await self._conn(reader=True).execute_fetchall(
+            "SELECT value FROM settings WHERE name=?", (name,)))
+        return str(rows[0][0]) if rows else None
+
+    async def set_setting(self, name: str, value: str) -> None:
+        await self._writer.submit(_Op(
+            "INSERT INTO settings(name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value)))
 
     # -- maintenance ---------------------------------------------------------------
 

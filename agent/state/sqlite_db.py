@@ -1,17 +1,32 @@
-"""Opening a state database the way every store here needs it.
+"""Opening a state database the way every store here needs it, and committing to it.
 
 One writer connection (WAL, the caller's synchronous level) and one reader
 (WAL lets it read while the writer commits), both owned by a ``SqliteDb``
 whose ``open()``/``close()`` the store calls from its own start/stop.
+
+A damaged database never stops the agent: the journal and the outbox are
+indexes of what the buffer files say. A file SQLite cannot read is moved
+aside (never deleted) to ``{name}.damaged-{timestamp}``, logged loudly, and a
+new one is created; ``rebuilt`` tells the store to be careful about what it
+can no longer know (the outbox marks such notices ambiguous, never resends).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
 from agent.errors import PersistError
+
+log = logging.getLogger("agent.state")
 
 
 class SqliteDb:
@@ -24,6 +39,7 @@ class SqliteDb:
         self._isolation = isolation_level
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self.rebuilt: Path | None = None  # where the damaged file was moved, if it was
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -40,21 +56,89 @@ class SqliteDb:
     async def open(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
+            await self._connect()
+        except _Damaged as exc:
+            await self.close()
+            self.rebuilt = self._move_aside()
+            log.error("the %s database %s is damaged (%s); moved it to %s and started a new "
+                      "one, rebuilt from the buffer files: keep the damaged copy for analysis",
+                      self._what, self.path, exc.reason, self.rebuilt,
+                      extra={"database": str(self.path), "moved_to": str(self.rebuilt)})
+            try:
+                await self._connect()
+            except _Damaged as again:
+                await self.close()
+                raise PersistError(f"cannot create a new {self._what} database at "
+                                   f"{self.path}: {again.reason}") from again
+        self.path.chmod(0o600)
+
+    async def _connect(self) -> None:
+        try:
             self._writer = await aiosqlite.connect(self.path, isolation_level=self._isolation)
+            await self._writer.execute("PRAGMA busy_timeout=5000")
             await self._writer.execute("PRAGMA journal_mode=WAL")
             await self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
-            await self._writer.execute("PRAGMA busy_timeout=5000")
+            rows = list(await self._writer.execute_fetchall("PRAGMA quick_check"))
+            if not rows or rows[0][0] != "ok":
+                raise _Damaged(f"quick_check says {rows[0][0] if rows else 'nothing'}")
             await self._writer.executescript(self._schema)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._reader.execute("PRAGMA busy_timeout=5000")
-        except Exception as exc:
+        except sqlite3.OperationalError as exc:  # locked, unreadable, no space: not damage
             await self.close()
             raise PersistError(f"cannot open the {self._what} database {self.path}: {exc}; "
                                "check agent.state_dir") from exc
-        self.path.chmod(0o600)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+            raise _Damaged(str(exc)) from exc
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, f"{aside}{suffix}")
+        return aside
 
     async def close(self) -> None:
         for db in (self._reader, self._writer):
             if db is not None:
                 await db.close()
         self._writer = self._reader = None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, synchronous: str | None = None,
+                          ) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction on the writer; errors become PersistError naming the file.
+
+        ``synchronous``: this commit's level, when it differs from the database's.
+        """
+        db = self.writer
+        switch = synchronous is not None and synchronous != self._synchronous
+        try:
+            if switch:
+                await db.execute(f"PRAGMA synchronous={synchronous}")
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise PersistError(f"{self._what} write failed in {self.path}: {exc}") from exc
+        finally:
+            if switch:
+                await db.execute(f"PRAGMA synchronous={self._synchronous}")
+
+    async def run_batch(self, statements: Iterable[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """Run ``executemany`` for each (sql, rows) in one transaction."""
+        async with self.transaction() as db:
+            for sql, rows in statements:
+                await db.executemany(sql, rows)
+
+
+class _Damaged(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

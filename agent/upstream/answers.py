@@ -16,12 +16,21 @@ import orjson
 
 
 class Outcome(enum.Enum):
-    CREATED = "created"        # 201
-    DUPLICATE = "duplicate"    # 200: the center had this key already: success
-    RETRY = "retry"            # 409, 408, 425, 429: not now, same cluster, later
+    """What one answer means for the order (CONTRACT sections 5 and 7).
+
+    The three kinds of "not created" differ in what may be done next:
+    ``RETRY``/``REFUSED`` are *clear*: nothing was created, any cluster may be
+    tried; ``UNCLEAR`` may have created the order there, so it pins the order
+    to that cluster.
+    """
+
+    CREATED = "created"        # 2xx with an order_id
+    DUPLICATE = "duplicate"    # 200 with an order_id: the center had this key: success
+    RETRY = "retry"            # 408, 425, 429, 503: not taken, try again later
+    REFUSED = "refused"        # 401/403/404/405/407: the cluster refuses the agent, not the order
     CONFLICT = "conflict"      # 422: same key, different body: quarantine
     REJECTED = "rejected"      # other 4xx: permanent: quarantine with reason
-    TRANSIENT = "transient"    # 5xx, timeout, connection error: back off, retry
+    UNCLEAR = "unclear"        # 409, other 5xx, 2xx without order_id, timeout after sending
 
     @property
     def delivered(self) -> bool:
@@ -31,24 +40,39 @@ class Outcome(enum.Enum):
     def permanent(self) -> bool:
         return self in (Outcome.CONFLICT, Outcome.REJECTED)
 
+    @property
+    def pins(self) -> bool:
+        """The cluster may hold the order now: only it may be sent the order again."""
+        return self is Outcome.UNCLEAR
 
-RETRY_STATUSES = frozenset({408, 409, 425, 429})
+
+# Not taken, and the center says so: safe to send elsewhere; retry later.
+CLEAR_RETRY_STATUSES = frozenset({408, 425, 429, 503})
+# A center answering these has a problem with us, not with the order (CONTRACT 7).
+REFUSING_STATUSES = frozenset({401, 403, 404, 405, 407})
 # Answers that say "this center is busy or recovering": pace down.
 SLOW_DOWN_STATUSES = frozenset({429, 503})
 
 
-def classify(status: int) -> Outcome:
-    if status == 201:
-        return Outcome.CREATED
-    if status == 200:
-        return Outcome.DUPLICATE
-    if status in RETRY_STATUSES:
+def has_order_id(order_id: Any) -> bool:
+    return order_id is not None and order_id != "" and not isinstance(order_id, (dict, list))
+
+
+def classify(status: int, order_id: Any = None) -> Outcome:
+    """The one answer policy, used by the forward path, the drain and edge-recover."""
+    if 200 <= status < 300:
+        if not has_order_id(order_id):
+            return Outcome.UNCLEAR  # a maintenance page is no proof of creation
+        return Outcome.DUPLICATE if status == 200 else Outcome.CREATED
+    if status in CLEAR_RETRY_STATUSES:
         return Outcome.RETRY
+    if status in REFUSING_STATUSES:
+        return Outcome.REFUSED
     if status == 422:
         return Outcome.CONFLICT
-    if 400 <= status < 500:
+    if 400 <= status < 500 and status != 409:
         return Outcome.REJECTED
-    return Outcome.TRANSIENT
+    return Outcome.UNCLEAR
 
 
 @dataclass(frozen=True)
@@ -62,7 +86,7 @@ class Answer:
 
     @property
     def outcome(self) -> Outcome:
-        return classify(self.status)
+        return classify(self.status, self.order_id)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -5,6 +5,12 @@ at least one address answers 200. A cluster goes down after
 ``unhealthy_threshold`` failed rounds in a row and comes back after
 ``healthy_threshold`` good ones. Listeners are called on every transition
 (the drain starts as soon as the primary is back, not at the next rescan).
+
+A cluster whose ``/health`` says 200 can still refuse the agent's orders
+(401/403/404/405/407: an expired gateway token, a half-finished deploy). Who
+sees such an answer reports it with ``refused()``; the cluster then takes no
+orders for ``REFUSAL_HOLD_S`` (one order tries again after that), and any
+other answer from it clears the mark (``accepted()``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 
 log = logging.getLogger("agent.health")
+# How long a cluster that refused the agent is left alone before one order tries again.
+REFUSAL_HOLD_S = 15.0
 
 
 @dataclass
@@ -37,12 +45,22 @@ class ClusterHealth:
     last_error: str | None = None
     last_check: float | None = None
     addresses: dict[str, str | None] = field(default_factory=dict)  # address -> error
+    refusing: str | None = None        # why it refuses the agent's orders, while it does
+    refusing_since: float | None = None
+    refusals: int = 0
+    _refused_until: float = 0.0        # monotonic
     _fails: int = 0
     _oks: int = 0
 
     @property
     def host(self) -> str:
         return urlsplit(self.base).hostname or ""
+
+    @property
+    def takes_orders(self) -> bool:
+        """Healthy, and not refusing the agent (or its hold ran out: time to try again)."""
+        return self.healthy and (self.refusing is None
+                                 or time.monotonic() >= self._refused_until)
 
     def observe(self, ok: bool, error: str | None, settings: HealthSection) -> bool:
         """Record one round; return True when the healthy flag flipped."""
@@ -74,6 +92,10 @@ class ClusterHealth:
             "last_check": self.last_check,
             "addresses": {a: {"healthy": e is None, "error": e}
                           for a, e in self.addresses.items()},
+            "takes_orders": self.takes_orders,
+            "refusing": self.refusing,
+            "refusing_since": self.refusing_since,
+            "refusals": self.refusals,
         }
 
 
@@ -99,6 +121,40 @@ class HealthMonitor:
     def is_healthy(self, name: str) -> bool:
         cluster = self.clusters.get(name)
         return cluster is not None and cluster.healthy
+
+    def takes_orders(self, name: str) -> bool:
+        cluster = self.clusters.get(name)
+        return cluster is not None and cluster.takes_orders
+
+    def usable(self) -> dict[str, str]:
+        """name -> base URL of every cluster that can take orders now."""
+        return {name: c.base for name, c in self.clusters.items() if c.takes_orders}
+
+    def refused(self, name: str, status: int, error: str) -> None:
+        """A cluster answered POST /orders with 401/403/404/405/407: it refuses the agent."""
+        cluster = self.clusters.get(name)
+        if cluster is None:
+            return
+        first = cluster.refusing is None
+        cluster.refusing = f"HTTP {status} to POST /orders: {error or 'no reason given'}"[:300]
+        cluster.refusals += 1
+        cluster._refused_until = time.monotonic() + REFUSAL_HOLD_S
+        if first:
+            cluster.refusing_since = time.time()
+            log.error("cluster %s refuses the agent's orders (%s): orders are kept and go "
+                      "elsewhere; check its credentials, routes and proxy", name,
+                      cluster.refusing, extra={"cluster": name, "status": status})
+            self._tell(cluster)
+
+    def accepted(self, name: str) -> None:
+        """Any other answer to POST /orders: the cluster takes the agent's orders again."""
+        cluster = self.clusters.get(name)
+        if cluster is None or cluster.refusing is None:
+            return
+        log.warning("cluster %s takes the agent's orders again", name,
+                    extra={"cluster": name})
+        cluster.refusing = cluster.refusing_since = None
+        self._tell(cluster)
 
     async def start(self) -> None:
         """Check every cluster once before returning, so routing starts informed."""
@@ -175,8 +231,14 @@ class HealthMonitor:
             self._notify(cluster)
 
     def _notify(self, cluster: ClusterHealth) -> None:
-        log.warning("cluster %s is now %s", cluster.name, "up" if cluster.healthy else "down",
-                    extra={"cluster": cluster.name, "healthy": cluster.healthy,
-                           "error": cluster.last_error})
+        # Up is good news (and every start brings it): info. Down is what ops must see.
+        level = logging.INFO if cluster.healthy else logging.WARNING
+        log.log(level, "cluster %s is now %s", cluster.name,
+                "up" if cluster.healthy else "down",
+                extra={"cluster": cluster.name, "healthy": cluster.healthy,
+                       "error": cluster.last_error})
+        self._tell(cluster)
+
+    def _tell(self, cluster: ClusterHealth) -> None:
         for listener in self._listeners:
             listener(cluster)

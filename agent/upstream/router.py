@@ -1,18 +1,22 @@
-"""Where one new order goes: primary, standby, or the buffer.
+"""Where one new order goes: primary, standby, or the buffer (CONTRACT 5 and 7).
 
-The rule ops will ask about: an order is sent to the standby only when the
-primary failed *unambiguously* (no connection, DNS or TLS failure, 503, 429,
-or an answer that says it is misconfigured for us): nothing was created there.
-After an ambiguous outcome (timeout or reset after sending, 500, 502, 504,
-409) the primary may hold the order, and the clusters need not share their
-idempotency store, so the order is buffered and re-delivered to the primary
-with its key. All of it happens inside one deadline (``upstream.timeout_s``).
+The rule ops will ask about: an order is sent to the next cluster only when the
+one before failed *clearly* (no connection, DNS or TLS failure, 503, 429, 408,
+425, or 401/403/404/405/407 -- the cluster refusing the agent): nothing was
+created there. After an *unclear* outcome (timeout or reset after sending,
+500, 502, 504, 409, a 2xx without an order_id) that cluster may hold the
+order, and the clusters need not share their idempotency store, so the order
+is buffered *pinned* to that cluster: only it will be sent the order again.
+Before each send the intake durably notes the cluster actually being tried
+(``before_send``), so a retry after a crash goes only there. All of it
+happens inside one deadline (``upstream.timeout_s``).
 """
 
 from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.errors import UpstreamAmbiguous, UpstreamUnavailable
@@ -20,11 +24,9 @@ from agent.upstream.answers import Answer, Outcome
 from agent.upstream.client import UpstreamClient
 from agent.upstream.health import HealthMonitor
 
-# Answers that prove the cluster did not take the order: safe to try the other one.
-UNAMBIGUOUS_REFUSALS = frozenset({429, 503})
-# A center answering these has a problem with us, not with the order.
-CLUSTER_PROBLEMS = frozenset({401, 403, 404, 405, 407})
 _MIN_ATTEMPT_S = 0.05
+# Awaited before each send with the cluster's name; raising stops the forward (buffer it).
+BeforeSend = Callable[[str], Awaitable[None]]
 
 
 class Verdict(enum.Enum):
@@ -40,6 +42,7 @@ class Routed:
     cluster: str | None = None
     answer: Answer | None = None
     reason: str = ""
+    pinned: str | None = None  # BUFFER: the cluster that may hold the order, if any
 
 
 class Router:
@@ -48,22 +51,23 @@ class Router:
         self._upstream = upstream
 
     def candidates(self, only: str | None = None) -> list[tuple[str, str]]:
-        """Healthy clusters in order of preference, optionally restricted to one."""
+        """Clusters that take orders, in order of preference, optionally only one."""
         out = []
         for name in ("primary", "standby"):
             cluster = self._health.clusters.get(name)
-            if cluster is not None and cluster.healthy and only in (None, name):
+            if cluster is not None and cluster.takes_orders and only in (None, name):
                 out.append((name, cluster.base))
         return out
 
     async def forward(self, clusters: list[tuple[str, str]], body: bytes, dedupe_key: str,
-                      serial: str, timeout_s: float) -> Routed:
+                      serial: str, timeout_s: float, before_send: BeforeSend) -> Routed:
         deadline = time.monotonic() + timeout_s
-        reason = "no healthy cluster"
+        reason = "no cluster takes orders"
         for name, base in clusters:
             remaining = deadline - time.monotonic()
             if remaining < _MIN_ATTEMPT_S:
                 return Routed(Verdict.BUFFER, reason=f"{reason}; deadline reached")
+            await before_send(name)
             try:
                 answer = await self._upstream.post_order(base, body, dedupe_key, serial,
                                                          remaining)
@@ -71,18 +75,25 @@ class Router:
                 reason = f"{name}: {exc}"
                 continue
             except UpstreamAmbiguous as exc:
-                return Routed(Verdict.BUFFER, name, reason=f"{name} ambiguous: {exc}")
+                return Routed(Verdict.BUFFER, name, reason=f"{name} unclear: {exc}",
+                              pinned=name)
             outcome = answer.outcome
+            if outcome is Outcome.REFUSED:
+                self._health.refused(name, answer.status, answer.error)
+                reason = f"{name} refuses the agent (HTTP {answer.status})"
+                continue
+            self._health.accepted(name)
             if outcome.delivered:
                 return Routed(Verdict.CREATED, name, answer)
-            if answer.status in UNAMBIGUOUS_REFUSALS or answer.status in CLUSTER_PROBLEMS:
+            if outcome is Outcome.RETRY:
                 reason = f"{name} answered HTTP {answer.status}"
                 continue
             if outcome is Outcome.CONFLICT:
                 return Routed(Verdict.CONFLICT, name, answer)
             if outcome is Outcome.REJECTED:
                 return Routed(Verdict.REJECTED, name, answer)
-            # 409/408/425 or 5xx: the cluster may be working on it: stay with it.
-            return Routed(Verdict.BUFFER, name, answer,
-                          reason=f"{name} answered HTTP {answer.status} (ambiguous)")
+            # Unclear (409, 5xx, 2xx without order_id): the cluster may hold it: stay with it.
+            return Routed(Verdict.BUFFER, name, answer, pinned=name,
+                          reason=f"{name} answered HTTP {answer.status} without a clear "
+                                 "outcome")
         return Routed(Verdict.BUFFER, reason=reason)

@@ -1,0 +1,232 @@
+"""Durable file steps under the buffer: temp, fsync, rename, fsync dir; quarantine.
+
+All functions here block; callers run them in a thread. This is the one place
+where OSError from the buffer becomes PersistError/BufferFullError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent.errors import BufferFullError, PersistError
+from agent.spool.record import REASON_SUFFIX, TMP_SUFFIX, BufferDirs, PendingRecord, is_order_file
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def translate(exc: OSError, what: str) -> PersistError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BufferFullError(f"disk full while writing {what}: free space or raise the quota")
+    return PersistError(f"cannot write {what}: {exc.strerror or exc}")
+
+
+def write_file_durably(directory: Path, name: str, data: bytes) -> Path:
+    """temp file, fsync, rename, fsync dir. Raises PersistError/BufferFullError."""
+    target = directory / name
+    tmp = directory / f".{name}{TMP_SUFFIX}"
+    try:
+        write_tmp(tmp, data)
+        os.rename(tmp, target)
+        fsync_dir(directory)
+    except OSError as exc:
+        unlink_quietly(tmp)
+        raise translate(exc, str(target)) from exc
+    return target
+
+
+def replace_durably(path: Path, data: bytes) -> int:
+    """Atomically replace ``path`` (temp, fsync, rename, fsync dir).
+
+    The new inode is flocked before the rename and its fd returned, so the
+    caller's claim on the file is never open to another process in between.
+    """
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    fd = -1
+    try:
+        write_tmp(tmp, data)
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        unlink_quietly(tmp)
+        raise translate(exc, str(path)) from exc
+    return fd
+
+
+def write_tmp(tmp: Path, data: bytes, sync: bool = True) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def write_pending_batch(
+    dirs: BufferDirs, records: list[PendingRecord], pool: ThreadPoolExecutor
+) -> list[BaseException | None]:
+    """Make a batch of records durable in pending/ with one directory fsync.
+
+    File fsyncs run in parallel on ``pool``; the directory is synced once after
+    all renames. An entry is None only when that record is durable.
+    """
+    pending = dirs.pending
+    results: list[BaseException | None] = [None] * len(records)
+    tmps = [pending / f".{r.filename}{TMP_SUFFIX}" for r in records]
+    futures = [
+        pool.submit(write_tmp, tmp, r.to_bytes()) for tmp, r in zip(tmps, records, strict=True)
+    ]
+    for i, fut in enumerate(futures):
+        try:
+            fut.result()
+        except OSError as exc:
+            results[i] = translate(exc, f"pending/{records[i].filename}")
+            unlink_quietly(tmps[i])
+    renamed = False
+    for i, record in enumerate(records):
+        if results[i] is not None:
+            continue
+        try:
+            os.rename(tmps[i], pending / record.filename)
+            renamed = True
+        except OSError as exc:
+            results[i] = translate(exc, f"pending/{record.filename}")
+            unlink_quietly(tmps[i])
+    if renamed:
+        try:
+            fsync_dir(pending)
+        except OSError as exc:
+            err = translate(exc, "the pending/ directory entry")
+            # The renamed files stay (never delete); they are just not acknowledged.
+            results = [r if r is not None else err for r in results]
+    return results
+
+
+def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any]) -> Path:
+    """Move ``src`` (content untouched) to rejected/ with a reason file beside it.
+
+    The reason is written first, so a rejected file never lacks one.
+    """
+    name = _free_name(dirs.rejected, src.name)
+    reason = {**reason, "original_path": str(src), "rejected_at": time.time()}
+    write_file_durably(dirs.rejected, name + REASON_SUFFIX, orjson.dumps(reason))
+    try:
+        os.rename(src, dirs.rejected / name)
+        os.chmod(dirs.rejected / name, 0o600)  # an inbox file may come in with any mode
+        fsync_dir(dirs.rejected)
+        fsync_dir(src.parent)
+    except OSError as exc:
+        raise translate(exc, f"rejected/{name}") from exc
+    return dirs.rejected / name
+
+
+def _free_name(directory: Path, name: str) -> str:
+    if not (directory / name).exists():
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    n = 1
+    while True:
+        candidate = f"{stem}.{n}.{ext}" if ext else f"{stem}.{n}"
+        if not (directory / candidate).exists():
+            return candidate
+        n += 1
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make every write on ``path``'s filesystem durable (syncfs(2); sync(2) elsewhere).
+
+    One call replaces thousands of per-file fsyncs when a batch of files was
+    written; like fsync it returns only once the data and the directory entries
+    are on disk.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
+            return
+        if _LIBC is not None and ctypes.get_errno() not in (errno.ENOSYS, 0):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syncfs.argtypes = [ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def list_pending(dirs: BufferDirs) -> list[tuple[str, int]]:
+    """(name, size) of every pending order file, oldest serial first."""
+    out = []
+    with os.scandir(dirs.pending) as it:
+        for entry in it:
+            if is_order_file(entry.name):
+                try:
+                    out.append((entry.name, entry.stat().st_size))
+                except FileNotFoundError:
+                    continue
+    out.sort()
+    return out
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Temp files left by a crash were never acknowledged; clear them at start-up."""
+    removed = 0
+    with os.scandir(directory) as it:
+        for entry in it:
+            if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX):
+                unlink_quietly(Path(entry.path))
+                removed += 1
+    return removed
+
+
+def expire_merged(dirs: BufferDirs, older_than_s: float) -> int:
+    """Delete merged/ audit copies past retention: those orders are confirmed delivered."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    with os.scandir(dirs.merged) as it:
+        for entry in it:
+            try:
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+    return removed
