@@ -88,6 +88,10 @@ async def _serve(service: Service, config_path: str) -> int:
     await notifier.start()  # watchdog pings (if asked for) run from here on
     try:
         await service.start(config_path)
+    except ConfigError:
+        await service.stop()
+        await notifier.stop()
+        raise  # one line, exit 2: systemd does not restart it (RestartPreventExitStatus)
     except Exception as exc:
         log.error("agent failed to start: %s", exc, exc_info=True)
         await service.stop()

@@ -80,6 +80,13 @@ async def center() -> AsyncIterator[FakeCenter]:
 
 
 @pytest.fixture
+async def standby() -> AsyncIterator[FakeCenter]:
+    c = await FakeCenter(host="127.0.0.3", name="standby").start()
+    yield c
+    await c.stop()
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     session = aiohttp.ClientSession()
     try:
@@ -122,7 +129,8 @@ class AgentHandle:
                 return r.status, data.decode()
 
     def files(self, sub: str) -> list[str]:
-        return sorted(os.listdir(self.spool / sub))
+        """The visible files of ``sub`` (a temp file mid-rewrite is not an order)."""
+        return sorted(n for n in os.listdir(self.spool / sub) if not n.startswith("."))
 
 
 AgentFactory = Callable[..., Awaitable[AgentHandle]]
@@ -184,11 +192,13 @@ class AgentProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def wait(self, timeout: float = 20) -> int:
+    async def reap(self, timeout: float = 20) -> int:
+        """Wait for the process to exit without blocking the event loop (fakes live in it)."""
         assert self.proc is not None
-        code = self.proc.wait(timeout)
+        proc = self.proc
+        await wait_for(lambda: proc.poll() is not None, timeout, "the agent process to exit")
         self._log_fh.close()
-        return code
+        return int(proc.returncode)
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

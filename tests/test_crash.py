@@ -84,10 +84,7 @@ async def start_agent(factory: Any, config: Path, session: aiohttp.ClientSession
 
 async def reap(agent: AgentProcess, timeout: float = 20) -> int:
     """Wait for the process to exit without blocking the loop (the center lives in it)."""
-    assert agent.proc is not None
-    proc = agent.proc
-    await wait_for(lambda: proc.poll() is not None, timeout, "the agent process to exit")
-    return agent.wait(1)
+    return await agent.reap(timeout)
 
 
 async def stop_gracefully(agent: AgentProcess) -> int:

@@ -16,13 +16,6 @@ HEALTH = {"interval_s": 0.1, "timeout_s": 0.3, "unhealthy_threshold": 3, "health
 
 
 @pytest.fixture
-async def standby() -> AsyncIterator[FakeCenter]:
-    c = await FakeCenter(host="127.0.0.3").start()
-    yield c
-    await c.stop()
-
-
-@pytest.fixture
 async def dns() -> AsyncIterator[SandboxDns]:
     server = await SandboxDns(ttl=1).start()
     yield server
@@ -271,7 +264,7 @@ async def test_retry_after_a_crash_mid_forward_stays_with_that_cluster(
     post = asyncio.create_task(http.post(f"{proc.url}/v1/orders", data=body, headers=hdrs))
     await wait_for(lambda: len(center.received) == 1, 5, "request at the primary")
     proc.kill()
-    proc.wait()
+    await proc.reap()
     with pytest.raises(Exception):  # noqa: B017 - the client sees the connection die
         (await post).raise_for_status()
     # The primary created it after all (its handler finishes), then goes down.

@@ -69,6 +69,6 @@ async def test_files_still_being_written_are_ignored(make_agent, center: FakeCen
     await wait_for(lambda: "done.json" not in agent.files("inbox"), 10, "the finished file")
     seen = agent.service.inbox.scans
     await wait_for(lambda: agent.service.inbox.scans >= seen + 2, 5, "two more scans")
-    assert sorted(agent.files("inbox")) == [".partial.json", "upload.json.tmp"]
+    assert sorted(os.listdir(agent.spool / "inbox")) == [".partial.json", "upload.json.tmp"]
     assert agent.files("rejected") == []
     assert len(agent.files("pending")) == 1

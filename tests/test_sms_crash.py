@@ -65,7 +65,7 @@ async def test_kill_9_at_random_moments_never_sends_an_sms_twice(
         load = [asyncio.create_task(_load(http, p.url, w, accepted, answered)) for w in range(4)]
         await asyncio.sleep(rng.uniform(0.1, 0.8))  # the random moment of the crash
         p.kill(signal.SIGKILL)
-        p.wait()
+        await p.reap()
         for task in load:
             task.cancel()
         await asyncio.gather(*load, return_exceptions=True)
@@ -79,7 +79,7 @@ async def test_kill_9_at_random_moments_never_sends_an_sms_twice(
 
     await wait_for(outbox_empty, 30, "the outbox to finish")
     last.kill(signal.SIGTERM)
-    assert last.wait() == 0
+    assert await last.reap() == 0
 
     with sqlite3.connect(tmp_path / "state" / "outbox.sqlite3") as db:
         states = dict(db.execute("SELECT serial, state FROM sms").fetchall())
@@ -132,7 +132,7 @@ async def test_stderr_never_has_a_full_phone_or_a_secret(
     by_state = (await _status(http, p))["sms"]["by_state"]
     assert (by_state["sent"], by_state["skipped"], by_state["suppressed"]) == (3, 1, 1)
     p.kill(signal.SIGTERM)
-    assert p.wait() == 0
+    assert await p.reap() == 0
     text = (tmp_path / "agent.log").read_text()
     assert all(isinstance(orjson.loads(line), dict) for line in text.splitlines())
     for full in ("13812345678", "13912345678", "7911123456", "12812345678"):

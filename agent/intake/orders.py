@@ -7,6 +7,8 @@ built only after the order is created upstream or durable in pending/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import sqlite3
 import unicodedata
@@ -22,7 +24,16 @@ from agent.errors import BufferFullError, InvalidOrderError, PersistError
 from agent.service.metrics import Metrics
 from agent.spool.record import PendingRecord
 from agent.spool.writer import PendingSpool
-from agent.state.journal import BUFFERED, FORWARDED, FORWARDING, Entry, Journal, body_digest
+from agent.state.journal import (
+    BUFFERED,
+    FORWARDED,
+    FORWARDING,
+    MERGED,
+    REJECTED,
+    Entry,
+    Journal,
+    body_digest,
+)
 from agent.state.serials import SerialIssuer
 from agent.upstream.router import Router, Verdict
 
@@ -158,10 +169,23 @@ class Intake:
                 self._idle.set()
 
     async def lookup(self, dedupe_key: str) -> Entry | None:
-        return await self._journal.by_key(dedupe_key)
+        return await self._current(await self._journal.by_key(dedupe_key))
 
     async def lookup_serial(self, serial: str) -> Entry | None:
-        return await self._journal.by_serial(serial)
+        return await self._current(await self._journal.by_serial(serial))
+
+    async def _current(self, entry: Entry | None) -> Entry | None:
+        """A "buffered" row whose file another process (edge-recover) moved: say where
+        it is now, and heal the index. The files are the truth."""
+        if entry is None or entry.state != BUFFERED or self.writing(entry.serial):
+            return entry
+        where = await asyncio.to_thread(self._spool.dirs.where, f"{entry.serial}.json")
+        if where in (None, "pending"):
+            return entry
+        state = MERGED if where == "merged" else REJECTED
+        with contextlib.suppress(PersistError):
+            await self._journal.mark(entry.serial, state)
+        return dataclasses.replace(entry, state=state)
 
     async def _submit(self, order: Order) -> Reply:
         seen = await self.lookup(order.dedupe_key)

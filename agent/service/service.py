@@ -199,7 +199,7 @@ class Service:
 
     async def refresh_metrics(self) -> None:
         """Before a scrape: gauges that need a look at the disk or the journal."""
-        await self.spool.recount()
+        await self.spool.recount(0)
         pinned = await self.journal.pinned_counts()
         for name in ("primary", "standby", "none"):
             self.metrics.pinned.labels(cluster=name).set(pinned.get(name, 0))
@@ -209,7 +209,7 @@ class Service:
         return self.intake.accepting and self.spool.writable and self.intake.failing is None
 
     async def status(self) -> dict[str, Any]:
-        await self.spool.recount()  # whoever moved files (edge-recover), count what is there
+        await self.spool.recount(0)  # whoever moved files (edge-recover), count what is there
         count, oldest = await self.journal.pending_summary()
         pinned = await self.journal.pinned_counts()
         age = 0.0

@@ -124,6 +124,13 @@ class BufferDirs:
     def rejected(self) -> Path:
         return self.root / "rejected"
 
+    def where(self, name: str) -> str | None:
+        """Which of pending/, merged/, rejected/ holds ``name`` now (blocks: a stat or three)."""
+        for sub in ("pending", "merged", "rejected"):
+            if (self.root / sub / name).exists():
+                return sub
+        return None
+
     def ensure(self) -> None:
         """Create the layout with 0700 directories; fail loudly if we cannot."""
         for d in (self.root, self.pending, self.inbox, self.merged, self.rejected):

@@ -9,7 +9,7 @@ at least one address answers 200. A cluster goes down after
 A cluster whose ``/health`` says 200 can still refuse the agent's orders
 (401/403/404/405/407: an expired gateway token, a half-finished deploy). Who
 sees such an answer reports it with ``refused()``; the cluster then takes no
-orders for ``REFUSAL_HOLD_S`` (one order tries again after that), and any
+orders for ``REFUSAL_HOLD_ROUNDS`` health intervals (then one tries again), and any
 other answer from it clears the mark (``accepted()``).
 """
 
@@ -29,8 +29,9 @@ from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 
 log = logging.getLogger("agent.health")
-# How long a cluster that refused the agent is left alone before one order tries again.
-REFUSAL_HOLD_S = 15.0
+# How long a cluster that refused the agent is left alone before an order tries it
+# again, in health intervals (at least a second).
+REFUSAL_HOLD_ROUNDS = 5
 
 
 @dataclass
@@ -138,7 +139,8 @@ class HealthMonitor:
         first = cluster.refusing is None
         cluster.refusing = f"HTTP {status} to POST /orders: {error or 'no reason given'}"[:300]
         cluster.refusals += 1
-        cluster._refused_until = time.monotonic() + REFUSAL_HOLD_S
+        hold = max(1.0, REFUSAL_HOLD_ROUNDS * self._settings.interval_s)
+        cluster._refused_until = time.monotonic() + hold
         if first:
             cluster.refusing_since = time.time()
             log.error("cluster %s refuses the agent's orders (%s): orders are kept and go "
