@@ -58,12 +58,14 @@ def is_mounted(mnt: Path) -> bool:
 class LazyFs:
     """One LazyFS mount: ``root`` is the disk, ``mnt`` what the agent sees."""
 
-    def __init__(self, binary: str, base: Path | None = None) -> None:
+    def __init__(self, binary: str, short: bool = False) -> None:
+        """``short``: the shortest paths (/tmp/tXXXXXXXX/r), for faults that name a whole
+        path in a FIFO command of under 100 bytes (torn-op)."""
         self.binary = binary
-        self.base = base or Path(tempfile.mkdtemp(prefix="powerloss-"))
+        self.base = Path(tempfile.mkdtemp(prefix="t" if short else "powerloss-", dir="/tmp"))
         assert "-o" not in str(self.base), self.base
-        self.root = self.base / "root"
-        self.mnt = self.base / "mnt"
+        self.root = self.base / ("r" if short else "root")
+        self.mnt = self.base / ("m" if short else "mnt")
         self.fifo = self.base / "faults.fifo"
         self.log = Path(f"{self.fifo}.log")
         self.pid: int | None = None

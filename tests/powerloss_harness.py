@@ -144,20 +144,21 @@ def orders(prefix: str, n: int, phone_every: int = 3) -> dict[str, bytes]:
 class World:
     """One scenario's agent, neighbours, clients and disk, on a shared LazyFS mount."""
 
-    def __init__(self, fs: LazyFs, name: str, **overrides: dict[str, Any]) -> None:
+    def __init__(self, fs: LazyFs, name: str, spool_at_mount: bool = False,
+                 **overrides: dict[str, Any]) -> None:
         self.fs = fs
         self.name = name
         self.dir = fs.mnt / name
-        self.spool = self.dir / "spool"
+        self.spool = fs.mnt if spool_at_mount else self.dir / "spool"
         self.state = self.dir / "state"
         self.logs = fs.base / "logs" / name
-        self.logs.mkdir(parents=True, exist_ok=True)
         self.config = self.logs / "agent.toml"
         self.agent_log = self.logs / "agent.log"
         self.primary = Cluster(host="127.0.0.2", name="primary")
         self.standby = Cluster(host="127.0.0.3", name="standby")
         self.sms = SandboxSmsGateway(host="127.0.0.4")
         self.overrides = overrides
+        self.node_id = str(overrides.get("agent", {}).get("node_id", NODE_ID))
         self.agent: Proc | None = None
         self.recovers: list[Proc] = []
         self.ledger = Ledger()
@@ -174,6 +175,7 @@ class World:
 
     async def start(self, primary: bool = True, standby: bool = True, sms: bool = True) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
         for c in (self.primary, self.standby, self.sms):
             await c.start()
         if not primary:
@@ -191,7 +193,7 @@ class World:
 
     def write_config(self) -> None:
         cfg: dict[str, dict[str, Any]] = {
-            "agent": {"node_id": NODE_ID, "listen": f"127.0.0.1:{self.port}",
+            "agent": {"node_id": self.node_id, "listen": f"127.0.0.1:{self.port}",
                       "state_dir": str(self.state), "shutdown_timeout_s": 2},
             "buffer": {"path": str(self.spool), "scan_interval_s": 1,
                        "drain_rate_per_s": 1000, "drain_concurrency": 8},
