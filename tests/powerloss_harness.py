@@ -160,6 +160,7 @@ class World:
         self.overrides = overrides
         self.node_id = str(overrides.get("agent", {}).get("node_id", NODE_ID))
         self.agent: Proc | None = None
+        self.agent_prefix: list[str] = []  # e.g. strace ... (tests/test_fsync_order.py)
         self.recovers: list[Proc] = []
         self.ledger = Ledger()
         self.session: aiohttp.ClientSession | None = None
@@ -214,8 +215,8 @@ class World:
         self.config.write_text("\n".join(lines) + "\n")
 
     async def start_agent(self, ready_timeout: float = 30) -> None:
-        self.agent = Proc([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-                          self.agent_log)
+        self.agent = Proc([*self.agent_prefix, sys.executable, "-m", "agent", "run",
+                           "--config", str(self.config)], self.agent_log)
         agent = self.agent
 
         async def ready() -> bool:
