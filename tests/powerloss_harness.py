@@ -548,14 +548,38 @@ class World:
                 missing.append(key)
                 self.violations.append(f"inbox order {key}: GET /v1/orders/by-key -> {code}")
                 break
+        self.summarize()
         if self.violations:
             evidence = self.log_lines("ERROR", "error", "Traceback", "ambiguous", limit=10)
+            for log in sorted(self.logs.glob("recover-*.log")):
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                evidence += [f"{log.name}: {line}" for line in tail]
             raise AssertionError(
                 f"[{self.name}] {len(self.violations)} broken promises after {self.cuts} "
                 f"power cut(s); {led.acks()} orders acknowledged before the last cut "
                 f"({len(led.acked_at_cut)}), {len(led.bodies)} sent, creates {self.creates()}"
                 f", SMS {len(self.sms.received)}:\n- " + "\n- ".join(self.violations)
                 + "\nagent log (errors):\n" + "\n".join(evidence))
+
+    def summarize(self) -> None:
+        """One JSON line per scenario in $POWERLOSS_SUMMARY (figures for the README)."""
+        path = os.environ.get("POWERLOSS_SUMMARY")
+        if not path:
+            return
+        led = self.ledger
+        line = {"scenario": self.name, "cuts": self.cuts,
+                "acked_before_cut": len(led.acked_at_cut),
+                "acked_202_before_cut": sum(1 for s, _ in led.acked_at_cut.values()
+                                            if s == 202),
+                "acked_201_before_cut": sum(1 for s, _ in led.acked_at_cut.values()
+                                            if s == 201),
+                "orders": len(led.bodies), "inbox": len(led.inbox_keys),
+                "creates_primary": sum(self.primary.creates.values()),
+                "creates_standby": sum(self.standby.creates.values()),
+                "sms": len(self.sms.received), "after_cut": self.after_cut,
+                "violations": [v[:300] for v in self.violations]}
+        with open(path, "a") as fh:
+            fh.write(orjson.dumps(line).decode() + "\n")
 
     async def recover_and_check(self, drain_timeout: float = 60) -> None:
         await self.restart()
