@@ -89,7 +89,7 @@ def main() -> int:
     p.add_argument("--lazyfs", action="store_true")
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="sqlite-sync-", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="sqlite_sync_", dir="/tmp"))
     targets = [(str(d), d) for d in args.dirs] or [("plain disk " + str(tmp), tmp)]
     mnt = None
     try:

@@ -360,12 +360,32 @@ class World:
             return "<no agent log>"
 
     def log_lines(self, *needles: str, limit: int = 12) -> list[str]:
+        """Agent log lines containing any of ``needles``; a traceback shows as its last
+        line and the frame that raised (the whole JSON line would be unreadable)."""
         try:
             lines = self.agent_log.read_text(errors="replace").splitlines()
         except OSError:
             return []
-        hits = [ln for ln in lines if any(n in ln for n in needles)]
-        return hits[:limit]
+        out: list[str] = []
+        for ln in lines:
+            if not any(n in ln for n in needles):
+                continue
+            try:
+                doc = orjson.loads(ln)
+            except orjson.JSONDecodeError:
+                out.append(ln[:400])
+                continue
+            exc = str(doc.get("exc", "")).strip().splitlines()
+            frames = [x.strip() for x in exc if x.strip().startswith("File ")]
+            ours = [f for f in frames if "/agent/" in f or "/recovery/" in f]
+            frames = ours or frames
+            where = f" at {frames[-1]}" if frames else ""
+            short = f"{doc.get('logger')}: {str(doc.get('msg'))[:300]}"
+            out.append(short + (f" -- {exc[-1]}{where}" if exc else ""))
+        seen: dict[str, int] = {}
+        for line in out:
+            seen[line] = seen.get(line, 0) + 1
+        return [f"{line} (x{n})" if n > 1 else line for line, n in seen.items()][:limit]
 
     # -- the cut -------------------------------------------------------------------------
 
@@ -550,7 +570,7 @@ class World:
                 break
         self.summarize()
         if self.violations:
-            evidence = self.log_lines("ERROR", "error", "Traceback", "ambiguous", limit=10)
+            evidence = self.log_lines('"level":"error"', '"level":"critical"', limit=10)
             for log in sorted(self.logs.glob("recover-*.log")):
                 tail = log.read_text(errors="replace").strip().splitlines()[-3:]
                 evidence += [f"{log.name}: {line}" for line in tail]
@@ -577,6 +597,12 @@ class World:
                 "creates_primary": sum(self.primary.creates.values()),
                 "creates_standby": sum(self.standby.creates.values()),
                 "sms": len(self.sms.received), "after_cut": self.after_cut,
+                # buffered orders with a phone whose notice never reached the gateway
+                # (figure only: "ambiguous" rows are rightly never resent)
+                "sms_never_sent": sum(
+                    1 for k, (st, serial) in led.first_ack.items()
+                    if st == 202 and b"customer_phone" in led.bodies[k]
+                    and serial not in self.sms.per_serial()),
                 "violations": [v[:300] for v in self.violations]}
         with open(path, "a") as fh:
             fh.write(orjson.dumps(line).decode() + "\n")

@@ -285,17 +285,24 @@ async def test_cut_during_startup_reconcile(world_factory) -> None:
 # == LazyFS crash faults at chosen syscalls ==============================================
 
 
-@pytest.mark.parametrize("spec,primary", [
+@pytest.mark.parametrize("spec,primary,sms", [
     # right after the fsync of a pending temp file, before its rename
-    ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/pending/\\..*\\.tmp", False),
-    # during the serial reservation's commit (the journal WAL's first fsync)
-    ("lazyfs::crash::timing=before::op=fsync::from_rgx=.*/journal\\.sqlite3-wal", True),
-    # during an SMS outbox commit that moves a row to "sending" (its first WAL fsync)
-    ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/outbox\\.sqlite3-wal", False),
-], ids=["pending-tmp-fsynced", "journal-serial-commit", "outbox-sending-commit"])
-async def test_crash_fault(world_factory, lazyfs: LazyFs, spec: str, primary: bool) -> None:
-    w = await world_factory(primary=primary, standby=False)
+    ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/pending/\\..*\\.tmp", False, True),
+    # in the middle of a journal commit (a write to its WAL: the next order's intent row)
+    ("lazyfs::crash::timing=before::op=write::from_rgx=.*/journal\\.sqlite3-wal", True, True),
+    # right after the outbox commit that moves a notice to "sending" (its WAL fsync)
+    ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/outbox\\.sqlite3-wal", False, False),
+], ids=["pending-tmp-fsynced", "journal-commit", "outbox-sending-commit"])
+async def test_crash_fault(world_factory, lazyfs: LazyFs, spec: str, primary: bool,
+                           sms: bool) -> None:
+    """40 orders acknowledged first; then the fault is armed and 80 more are sent: LazyFS
+    kills itself at the chosen syscall, losing everything not fsync'd."""
+    w = await world_factory(primary=primary, standby=False, sms=sms)
+    w.start_load(orders("before", 40, phone_every=1))
+    await w.finish_load()
     lazyfs.crash_fault(spec)
+    if not sms:  # the notices queued so far go to "sending" now: the fault fires there
+        await w.sms.come_up()
     w.start_load(orders("crash", 80, phone_every=1))
     await wait_until(lazyfs.fault_fired, 30, "the LazyFS crash fault to fire")
     await _after_crash_fault(w, lazyfs)
@@ -307,10 +314,13 @@ async def test_torn_write_of_a_pending_file() -> None:
     test has its own mount with the shortest paths and node_id "p" (short serials)."""
     fs = LazyFs(build(), short=True)
     fs.mount()
-    w = World(fs, "w", spool_at_mount=True, agent={"node_id": "p"})
+    w = World(fs, "torn-write", spool_at_mount=True, agent={"node_id": "p"})
     try:
         await w.start(primary=False, standby=False)
-        first = f"P-{datetime.now(UTC):%Y%m%d}-{1:09d}"
+        w.start_load(orders("before", 20))
+        await w.finish_load()
+        assert w.ledger.acks(202) == 20, dict(w.ledger.statuses)
+        first = f"P-{datetime.now(UTC):%Y%m%d}-{21:09d}"  # the next serial of the block
         fs.crash_fault(f"lazyfs::torn-op::file={fs.root}/pending/.{first}.json.tmp"
                        "::parts=2::persist=1")
         w.start_load(orders("torn", 60))
