@@ -10,9 +10,12 @@ for every file taken from inbox/ (the only copy of its order until then):
 
     rename(-> pending/S.json) < fsync(pending/) < unlink(inbox/NAME)
 
-for every order the drain delivered (moved to merged/):
+for every order the drain or ``edge-recover --mode merge`` delivered (moved to merged/):
 
     fsync(merged/.S.json.tmp) < rename(-> merged/S.json) < fsync(merged/) < unlink(pending/S.json)
+
+(a syncfs counts as both fsyncs; a rename of pending/S.json itself into merged/ is atomic
+and needs merged/ synced after it)
 
 and, for each start of the agent, a commit of the journal with an fsync of its WAL
 between the first request and the first reply that carries a serial (the serial
@@ -26,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from .powerloss_harness import World, orders, wait_until
+from .powerloss_harness import Proc, World, orders, wait_until
 from .powerloss_strace import TRACE_CALLS, Call, parse, unescape
 
 pytestmark = [pytest.mark.power_loss, pytest.mark.timeout(240)]
@@ -117,9 +121,12 @@ class Index:
         self.rename_src: dict[str, str] = {}
         self.unlinks: defaultdict[str, list[Call]] = defaultdict(list)
         self.wal_fsyncs: list[Call] = []
+        self.syncfs: list[Call] = []
         for c in calls:
             if not c.ok:
                 continue
+            if c.name == "syncfs":
+                self.syncfs.append(c)
             if c.name in ("fsync", "fdatasync"):
                 self.fsyncs[c.fd_path].append(c)
                 if c.fd_path.endswith("journal.sqlite3-wal") or c.fd_path.endswith(
@@ -133,6 +140,16 @@ class Index:
 
     def fsync_between(self, path: str, after: float, before: float) -> Call | None:
         for c in self.fsyncs.get(path, []):
+            if c.start >= after and c.end <= before:
+                return c
+        return None
+
+    def synced_between(self, path: str, after: float, before: float) -> Call | None:
+        """An fsync of ``path`` or a syncfs (the whole filesystem) inside the window."""
+        hit = self.fsync_between(path, after, before)
+        if hit is not None:
+            return hit
+        for c in self.syncfs:
             if c.start >= after and c.end <= before:
                 return c
         return None
@@ -155,26 +172,29 @@ def check_buffered(idx: Index, spool: Path, reply: Reply) -> str | None:
 
 
 def check_merged(idx: Index, spool: Path, serial: str) -> str | None:
+    """Out of pending/ into merged/: by an atomic rename of the file itself, or by a
+    new copy whose data and directory entry are durable before the pending entry goes."""
     merged, pending = str(spool / "merged"), str(spool / "pending")
     final, gone = f"{merged}/{serial}.json", f"{pending}/{serial}.json"
-    unlinks = idx.unlinks.get(gone, [])
     rename = idx.renames.get(final)
     if rename is None:
         return f"{serial}: no rename into merged/ in the trace"
     src = idx.rename_src[final]
-    if src == gone:  # moved by rename: the entry leaves pending/ atomically with it
-        if idx.fsync_between(merged, rename.end, float("inf")) is None:
-            return f"{serial}: merged/ never fsync'd after the rename out of pending/"
+    if src == gone:  # the file itself moved: it is in exactly one directory at every instant
+        if idx.synced_between(merged, rename.end, float("inf")) is None:
+            return f"{serial}: merged/ never synced after the rename out of pending/"
         return None
+    unlinks = idx.unlinks.get(gone, [])
     if not unlinks:
         return f"{serial}: delivered but pending/{serial}.json never unlinked"
     unlink = unlinks[0]
-    if idx.fsync_between(src, 0, rename.start) is None:
-        return f"{serial}: merged copy {src} not fsync'd before its rename"
     if rename.end > unlink.start:
         return f"{serial}: pending entry unlinked before the merged copy was renamed in"
-    if idx.fsync_between(merged, rename.end, unlink.start) is None:
-        return f"{serial}: merged/ not fsync'd between the rename and the pending unlink"
+    if (idx.fsync_between(src, 0, rename.start) is None
+            and idx.synced_between("", rename.end, unlink.start) is None):
+        return f"{serial}: merged copy {src} not durable before the pending unlink"
+    if idx.synced_between(merged, rename.end, unlink.start) is None:
+        return f"{serial}: merged/ not synced between the rename and the pending unlink"
     return None
 
 
@@ -222,7 +242,7 @@ def check_reservation(calls: list[Call], idx: Index, port: int, run: str) -> str
 async def test_fsync_order_under_strace() -> None:
     base = Path(tempfile.mkdtemp(prefix="fsync_order_"))
     w = World(PlainDisk(base), "w")
-    trace1, trace2 = base / "trace-1.txt", base / "trace-2.txt"
+    trace1, trace2, trace3 = (base / f"trace-{n}.txt" for n in (1, 2, 3))
     try:
         # run 1: offline intake (202), then the primary returns and the drain moves them
         w.agent_prefix = strace_prefix(trace1)
@@ -246,6 +266,19 @@ async def test_fsync_order_under_strace() -> None:
         await w.finish_load()
         await wait_until(lambda: not os.listdir(w.spool / "inbox"), 30, "inbox pick-up")
         await stop_agent(w)
+        # run 3: edge-recover merges what run 2 buffered (its moves: rename + syncfs)
+        recovered = {n.removesuffix(".json") for n in w.pending()}
+        assert len(recovered) == 24, w.pending()
+        await w.primary.come_up()
+        rec = Proc([*strace_prefix(trace3), sys.executable, "-m", "recovery", "--path",
+                    str(w.spool), "--mode", "merge", "--target", w.primary.url],
+                   w.logs / "recover.log")
+        try:
+            await wait_until(lambda: rec.proc.poll() is not None, 60, "edge-recover to finish")
+        finally:
+            rec.kill()
+        assert rec.proc.returncode == 0, (w.logs / "recover.log").read_text()[-2000:]
+        assert not w.pending(), w.pending()
 
         calls1, calls2 = parse(trace1), parse(trace2)
         idx1, idx2 = Index(calls1), Index(calls2)
@@ -259,6 +292,9 @@ async def test_fsync_order_under_strace() -> None:
         problems += [p for s in sorted(buffered) if (p := check_merged(idx1, w.spool, s))]
         problems += check_inbox(calls2, idx2, w.spool,
                                 {f"drop-{i:05d}.json": k for i, k in enumerate(dropped)})
+        idx3 = Index(parse(trace3))
+        problems += [f"edge-recover: {p}" for s in sorted(recovered)
+                     if (p := check_merged(idx3, w.spool, s))]
         for calls, idx, run in ((calls1, idx1, "run 1"), (calls2, idx2, "run 2")):
             if p := check_reservation(calls, idx, w.port, run):
                 problems.append(p)
