@@ -171,6 +171,8 @@ class World:
         self.violations: list[str] = []
         self.notes: list[str] = []
         self.after_cut: list[dict[str, Any]] = []
+        self.where_after_cut: dict[str, str] = {}
+        self.last_usage: float | None = None  # serial -> directory after the last cut
 
     # -- set-up / tear-down ---------------------------------------------------------------
 
@@ -399,7 +401,7 @@ class World:
         if self.load_task is not None:  # the clients see connection errors now
             await self.finish_load(30)
         self.ledger.acked_at_cut = dict(self.ledger.first_ack)
-        usage = self.fs.cache_usage_pct()
+        usage = self.last_usage = self.fs.cache_usage_pct()
         assert usage < 50, (f"LazyFS cache {usage}% full before the clear-cache: unsynced "
                             "data would survive for the wrong reason; lower the load")
         self.fs.clear_cache()
@@ -433,11 +435,14 @@ class World:
             elif not (merged_dir / name).exists() and self.creates_of(key) == 0:
                 lost.append(f"{serial} ({key}): acknowledged 202, no file in pending/ or "
                             "merged/ after the cut, not at any cluster")
+        self.where_after_cut = {n.removesuffix(".json"): d for d in ("merged", "rejected",
+                                                                     "pending")
+                                for n in order_files(self.spool / d)}
         if lost:
             self.violations.append(f"cut #{self.cuts}: {len(lost)} acknowledged buffered "
                                    f"orders not on disk: {lost[:8]}")
         return {"pending": len(self.pending()), "merged": len(self.merged()),
-                "unparsable": unparsable}
+                "unparsable": unparsable, "cache_pct_before_clear": self.last_usage}
 
     def creates_of(self, key: str) -> int:
         return self.primary.creates[key] + self.standby.creates[key]
@@ -479,7 +484,9 @@ class World:
             ok = (status == 200 and isinstance(body, dict)
                   and body.get("status") == "duplicate" and body.get("serial") == first)
             if not ok:
-                wrong.append(f"{key} first {acked[key][0]} {first} -> retry got {status} "
+                where = self.where_after_cut.get(first, "no file")
+                wrong.append(f"{key} first {acked[key][0]} {first} ({where} after the cut) "
+                             f"-> retry got {status} "
                              f"{orjson.dumps(body).decode()[:160] if body else body}")
 
         async def retry_unacked(key: str) -> None:
@@ -494,6 +501,9 @@ class World:
             self.violations.append(f"{len(never)} orders never got a 2xx after the restart "
                                    f"(retried for {timeout}s): {never[:5]}")
         if wrong:
+            places = Counter(w.split("(", 1)[1].split(" after", 1)[0] for w in wrong)
+            self.violations.append(f"retried acknowledged orders that went wrong, by where "
+                                   f"their file was after the cut: {dict(places)}")
             self.violations.append(
                 f"{len(wrong)} of {len(acked)} acknowledged orders, retried after the cut, did "
                 f"not get 200 duplicate with their first serial: {wrong[:6]}")

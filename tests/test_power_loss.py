@@ -10,6 +10,24 @@ user would check (see tests/powerloss_harness.py).
 
 Cut moments are chosen by observable progress (acks, files in pending/, creates at a
 cluster, SMS at the gateway), never by sleeping. Run: ``pytest -m power_loss``.
+
+Cut points (power cut = SIGKILL agent and edge-recover, then clear-cache):
+
+  offline intake    after the 1st 202 (block just reserved); after 25 x 202; at 80 files
+  forwarding        after 5 x 201; after 60 x 201; created at the primary, replies held;
+                    requests at the primary, created only after the cut
+  failover          standby taking orders (30 x 201); primary dies mid-load (20 creates at
+                    the standby); primary hangs past upstream.timeout_s (ambiguous, buffered)
+  drain             first 5 creates; 60 files in merged/; drain plus new forwarded orders
+  SMS               10 messages sent; messages taken but unanswered ("sending"); all queued
+  inbox pick-up     offline (30 files in pending/); forwarding (30 creates)
+  retention         after a full drain, then during merged/ expiry at start-up (2 cuts)
+  edge-recover      merge beside the draining agent, --batch 100 and --batch 1
+  serials/start-up  two cuts in a row; a cut right after the restarted agent listens
+
+LazyFS faults: crash right after a pending temp file's fsync (before its rename); crash
+in a journal commit; crash right after the outbox's "sending" commit; a torn write of a
+pending temp file; and a disk that fails under the running agent (JSON 503, /readyz 503).
 """
 
 from __future__ import annotations
