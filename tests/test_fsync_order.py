@@ -339,3 +339,65 @@ def test_checker_catches_a_reply_before_durability(tmp_path: Path) -> None:
     assert check_buffered(idx, Path("/s"), got["N-20260101-000000001"]) is None
     problem = check_buffered(idx, Path("/s"), got["N-20260101-000000002"])
     assert problem is not None and "after the 202" in problem
+
+
+def request_times(calls: list[Call], port: int) -> dict[str, float]:
+    """channel_order_id -> when the client's POST carrying it was read by the agent."""
+    marker = f"127.0.0.1:{port}->"
+    out: dict[str, float] = {}
+    for c in calls:
+        if c.name == "recvfrom" and marker in c.fd_path:
+            for m in re.finditer(r'"channel_order_id":"([^"]+)"', unescape("".join(c.strings))):
+                out.setdefault(m[1], c.start)
+    return out
+
+
+def upstream_sends(calls: list[Call], cluster_host: str) -> dict[str, float]:
+    """serial -> when the agent started sending its POST to the cluster."""
+    out: dict[str, float] = {}
+    for c in calls:
+        if c.name in ("write", "writev", "sendto", "sendmsg") and f"->{cluster_host}:" in \
+                c.fd_path:
+            for m in re.finditer(r"X-Edge-Serial: ([^\r\\]+)", unescape("".join(c.strings))):
+                out.setdefault(m[1].strip(), c.start)
+    return out
+
+
+async def test_forwarded_rows_durable_around_the_send() -> None:
+    """For every 201: the journal's "forwarding" intent is fsync'd before the order
+    leaves for the cluster (after a power cut a retry must go to the same cluster), and
+    the "forwarded" row is fsync'd before the 201 is written (after a power cut the
+    serial must still be known and a retry must get 200 duplicate with it)."""
+    base = Path(tempfile.mkdtemp(prefix="fsync_order_"))
+    w = World(PlainDisk(base), "fwd")
+    trace = base / "trace.txt"
+    try:
+        w.agent_prefix = strace_prefix(trace)
+        await w.start(primary=True, standby=False, sms=False)
+        bodies = orders("fw", 32)
+        w.start_load(bodies)
+        await w.finish_load()
+        assert w.ledger.acks(201) == 32, dict(w.ledger.statuses)
+        await stop_agent(w)
+        calls = parse(trace)
+        idx = Index(calls)
+        asked = request_times(calls, w.port)
+        sent = upstream_sends(calls, w.primary.host)
+        problems = []
+        for r in (r for r in replies(calls, w.port) if r.status == 201):
+            key = next(k for k, (_, s) in w.ledger.first_ack.items() if s == r.serial)
+            t_req, t_send = asked.get(key.split(":", 1)[1]), sent.get(r.serial)
+            if t_req is None or t_send is None:
+                problems.append(f"{r.serial}: request or upstream send not in the trace")
+                continue
+            if not [c for c in idx.wal_fsyncs if c.start >= t_req and c.end <= t_send]:
+                problems.append(f"{r.serial}: no journal fsync between the request and the "
+                                "send to the cluster (the intent row is not durable)")
+            if not [c for c in idx.wal_fsyncs if c.start >= t_send and c.end <= r.start]:
+                problems.append(f"{r.serial}: no journal fsync between the send and the 201 "
+                                "(the forwarded row is not durable when the client is told)")
+        assert not problems, (f"{len(problems)} of {2 * 32} durability steps missing (trace "
+                              f"{trace}):\n- " + "\n- ".join(problems[:12]))
+    finally:
+        await w.close()
+    shutil.rmtree(base, ignore_errors=True)
