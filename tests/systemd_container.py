@@ -80,6 +80,8 @@ def rootfs() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (ROOTFS / "usr/lib/systemd/systemd").exists():
             return ROOTFS
+        for stale in CACHE_DIR.glob(ROOTFS.name + ".tmp.*"):  # a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         ensure_host_tools()
         tmp = Path(tempfile.mkdtemp(prefix=ROOTFS.name + ".tmp.", dir=CACHE_DIR))
         try:
@@ -98,6 +100,33 @@ def rootfs() -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return ROOTFS
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(5):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+def find_pid1(nspawn_pid: int) -> int:
+    """Host PID of the container's PID 1: a process below nspawn that is PID 1 in its own
+    PID namespace (the last NSpid field), or 0."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            nspid = next(line for line in status.read_text().splitlines()
+                         if line.startswith("NSpid:")).split()[1:]
+            if len(nspid) >= 2 and nspid[-1] == "1" and \
+                    _descends_from(int(nspid[0]), nspawn_pid):
+                return int(nspid[0])
+    return 0
 
 
 class Container:
@@ -122,7 +151,7 @@ class Container:
             if self.nspawn.poll() is not None:
                 raise RuntimeError(f"systemd-nspawn exited {self.nspawn.returncode}:\n"
                                    + self.logfile.read_text(errors="replace")[-3000:])
-            self.pid1 = self.pid1 or self._find_pid1()
+            self.pid1 = self.pid1 or find_pid1(self.nspawn.pid)
             if self.pid1 and Path(f"/proc/{self.pid1}/root/run/systemd/private").exists():
                 break
             time.sleep(0.1)
@@ -133,38 +162,13 @@ class Container:
                       timeout=max(5.0, deadline - time.monotonic())).stdout.strip()
         log(f"container {self.name} booted: PID 1 is host PID {self.pid1}, state {out}")
 
-    def _find_pid1(self) -> int:
-        assert self.nspawn is not None
-        for status in Path("/proc").glob("[0-9]*/status"):
-            with contextlib.suppress(OSError):
-                text = status.read_text()
-                fields = dict(line.split(":\t", 1) for line in text.splitlines()
-                              if ":\t" in line)
-                nspid = fields.get("NSpid", "").split()
-                if len(nspid) >= 2 and nspid[-1] == "1" and \
-                        self._descends_from(int(nspid[0]), self.nspawn.pid):
-                    return int(nspid[0])
-        return 0
-
-    @staticmethod
-    def _descends_from(pid: int, ancestor: int) -> bool:
-        for _ in range(5):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                return False
-            pid = int(stat.rsplit(")", 1)[1].split()[1])
-            if pid == ancestor:
-                return True
-            if pid <= 1:
-                return False
-        return False
-
     def poweroff(self, timeout: float = 30) -> None:
         """SIGRTMIN+4 to the container's systemd (poweroff); past the deadline, SIGKILL to
         its PID 1 (which takes the whole PID namespace with it) and to nspawn."""
         if self.nspawn is None:
             return
+        if self.nspawn.poll() is None:
+            self.pid1 = self.pid1 or find_pid1(self.nspawn.pid)
         if self.nspawn.poll() is None and self.pid1:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid1, signal.SIGRTMIN + 4)
@@ -220,7 +224,48 @@ class Container:
         self.sh(f"cat > {shlex.quote(path)} && chmod {mode} {shlex.quote(path)}", input=text)
 
 
+NAME_PREFIX = "edge-agent-ct-"
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def reap_leftovers() -> None:
+    """Containers of earlier runs whose test process is gone (killed with SIGKILL, so no
+    teardown ran): power them off, by PID, with a deadline."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        argv = _cmdline(int(proc.name))
+        if not argv or not argv[0].endswith("systemd-nspawn") or "-M" not in argv:
+            continue
+        name = argv[argv.index("-M") + 1] if argv.index("-M") + 1 < len(argv) else ""
+        owner = name.removeprefix(NAME_PREFIX)
+        if not name.startswith(NAME_PREFIX) or not owner.isdigit():
+            continue
+        if Path(f"/proc/{owner}").exists() and "pytest" in " ".join(_cmdline(int(owner))):
+            continue  # its test run is alive
+        log(f"leftover container {name} (nspawn PID {proc.name}): powering it off")
+        _stop_pids(find_pid1(int(proc.name)), int(proc.name), timeout=30)
+
+
+def _stop_pids(pid1: int, nspawn_pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if pid1:
+            os.kill(pid1, signal.SIGRTMIN + 4)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and Path(f"/proc/{nspawn_pid}").exists():
+        time.sleep(0.2)
+    for pid in (pid1, nspawn_pid):
+        with contextlib.suppress(ProcessLookupError):
+            if pid and Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def booted(binds_ro: dict[str, str], logfile: Path) -> Iterator[Container]:
-    with Container(rootfs(), f"edge12-{os.getpid()}", binds_ro, logfile) as c:
+    reap_leftovers()
+    with Container(rootfs(), f"{NAME_PREFIX}{os.getpid()}", binds_ro, logfile) as c:
         yield c

@@ -95,7 +95,7 @@ def readme_journal_commands() -> list[str]:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text[text.index("## Running under systemd"):]
     section = section[:section.index("\n## ", 5)]
-    cmds = re.findall(r"`(journalctl [^`]*\| *jq [^`]*)`", section)
+    cmds = re.findall(r"`(journalctl [^`]*\| *jq\b[^`]*)`", section)
     assert cmds, "no `journalctl ... | jq ...` command in the README's systemd section"
     return cmds
 
@@ -175,19 +175,13 @@ class Stack:
     def show(self, *props: str, unit: str = UNIT) -> dict[str, str]:
         return self.ct.show(unit, *props)
 
-    def cursor(self) -> str:
-        out = self.ct.sh("journalctl -n 0 --show-cursor -o cat").stdout
-        m = re.search(r"-- cursor: (\S+)", out)
-        assert m, out
-        return m.group(1)
+    def journal_mark(self) -> str:
+        """A point in the journal: now, as a realtime timestamp (container and host share the
+        clock); journalctl --since=@T is realtime-based and needs no cursor arithmetic."""
+        return f"@{time.time():.3f}"
 
-    def journal_since(self, cursor: str, *args: str) -> str:
-        return self.ct.sh(f"journalctl --after-cursor={shlex.quote(cursor)} -o cat "
-                          + " ".join(args)).stdout
-
-    def agent_lines_since(self, cursor: str) -> list[dict[str, Any]]:
-        out = self.journal_since(cursor, f"_SYSTEMD_UNIT={UNIT}")
-        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    def journal_since(self, since: str, *args: str) -> str:
+        return self.ct.sh(f"journalctl --since={since} -o cat " + " ".join(args)).stdout
 
     def pending(self) -> dict[str, str]:
         """pending/ in the spool: file name -> dedupe_key (read as root inside)."""
@@ -228,6 +222,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     center.up()
     try:
         with booted({str(REPO): "/src", str(wheels): "/wheels"}, work / "console.log") as ct:
+            # The wheelhouse holds wheels for this interpreter: the container's must match.
+            theirs = ct.sh("python3 -c 'import sys; print(*sys.version_info[:2])'").stdout
+            ours = f"{sys.version_info[0]} {sys.version_info[1]}"
+            assert theirs.strip() == ours, f"container python {theirs}, host {ours}: " \
+                "the host's pip wheel built for the wrong interpreter"
             # The operator's checkout: a writable copy of this one, with the wheel in dist/.
             ct.sh(f"mkdir -p {CHECKOUT} && cd /src && tar --exclude=./.venv --exclude=./.git "
                   f"--exclude='__pycache__' --exclude=./build --exclude=./dist -cf - . "
@@ -381,7 +380,7 @@ def test_watchdog_kills_a_wedged_agent_and_it_is_restarted(stack: Stack) -> None
     props = stack.show("MainPID", "NRestarts", "WatchdogUSec", "RestartUSec")
     watchdog = seconds(props["WatchdogUSec"])
     assert watchdog == 10, props  # the unit's WatchdogSec=10s
-    cur = stack.cursor()
+    since = stack.journal_mark()
     t = time.monotonic()
     stack.ct.sh(f"kill -STOP {props['MainPID']}")  # the loop sends no WATCHDOG=1 any more
 
@@ -394,8 +393,9 @@ def test_watchdog_kills_a_wedged_agent_and_it_is_restarted(stack: Stack) -> None
              watchdog + seconds(props["RestartUSec"]) + 30, interval=0.5)
     took = time.monotonic() - t
     assert took >= watchdog, f"restarted after {took:.1f} s, before WatchdogSec"
-    journal = stack.journal_since(cur, "-u", UNIT)
-    assert f"{UNIT}: Watchdog timeout (limit 10s)!" in journal, journal
+    journal = stack.journal_since(since, "-u", UNIT)
+    assert f"{UNIT}: Watchdog timeout (limit 10s)!" in journal, (
+        journal, stack.ct.sh(f"journalctl -u {UNIT} -o short-precise | tail -n 40").stdout)
     assert f"Killing process {props['MainPID']} (edge-agent) with signal SIGABRT" in journal, \
         journal
     assert stack.http("GET", "/readyz")[0] == 200
@@ -484,6 +484,12 @@ def test_edge_recover_units_merge_the_services_buffer(stack: Stack) -> None:
     assert all(stack.center.has(k) for k in pending.values())
     assert all(stack.center.has(k) for k in stack.acked), "an acknowledged order is missing"
     assert all(n == 1 for n in stack.center.creates.values())
+    stack.ct.sh("systemctl start edge-recover@verify", timeout=120)
+    report = json.loads(stack.ct.sh("cat /var/lib/edge-agent/recover-verify.json").stdout)
+    log(f"edge-recover@verify: {report['summary']}")
+    s = report["summary"]
+    assert s["mode"] == "verify" and s["missing"] == s["different"] == s["error"] == 0, s
+    assert s["ok"] == s["total"] >= len(pending), s
     owner = stack.ct.sh("stat -c '%U %a' /var/lib/edge-agent/recover-merge.json").stdout.strip()
     assert owner == "edge-agent 600", owner
 
@@ -494,7 +500,7 @@ def test_config_error_fails_with_exit_2_and_is_not_restarted(stack: Stack) -> No
     bad = good.replace("[agent]\n", "[agent]\nbogus_key = 1\n", 1)
     assert bad != good
     stack.write_config(bad)
-    cur = stack.cursor()
+    since = stack.journal_mark()
     try:
         proc = stack.ct.sh("systemctl restart edge-agent", check=False, timeout=120)
         assert proc.returncode != 0, "restart with an unknown key succeeded"
@@ -507,7 +513,7 @@ def test_config_error_fails_with_exit_2_and_is_not_restarted(stack: Stack) -> No
             now = stack.show("ActiveState", "NRestarts")
             assert now == {"ActiveState": "failed", "NRestarts": props["NRestarts"]}, now
             time.sleep(0.5)
-        journal = stack.journal_since(cur, f"_SYSTEMD_UNIT={UNIT}")
+        journal = stack.journal_since(since, f"_SYSTEMD_UNIT={UNIT}")
         assert "unknown key agent.bogus_key" in journal, journal
     finally:
         stack.write_config(good)
