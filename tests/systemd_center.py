@@ -91,6 +91,10 @@ class Center:
         self._thread.join(timeout=10)
         self._loop.close()
 
+    @property
+    def is_up(self) -> bool:
+        return self._runner is not None
+
     def has(self, key: str) -> bool:
         with self._lock:
             return key in self.orders

@@ -53,10 +53,6 @@ def outside(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_repo_is_not_where_the_tests_run_from(outside: Path) -> None:
-    assert not (outside / "agent").exists()
-
-
 def test_every_source_package_is_in_the_wheel(wheel: Path) -> None:
     files = wheel_files(wheel)
     packages = source_packages()

@@ -312,7 +312,7 @@ def test_buffered_while_the_center_is_down(stack: Stack) -> None:
 
 def test_kill_9_restarts_and_the_buffered_order_survives_and_drains(stack: Stack) -> None:
     stack.ensure_running()
-    assert stack.center._runner is None, "the previous test leaves the center down"
+    assert not stack.center.is_up, "the previous test leaves the center down"
     pending = stack.pending()
     assert pending, "expected the buffered order of the previous test"
     before = stack.show("MainPID", "NRestarts")
@@ -402,6 +402,9 @@ def test_watchdog_kills_a_wedged_agent_and_it_is_restarted(stack: Stack) -> None
 
 
 def test_stop_under_load_loses_no_acknowledged_order(stack: Stack) -> None:
+    """8 clients send orders without pause: 100+ forwarded, then the center goes down and
+    100+ are buffered, then ``systemctl stop`` while they keep sending. Every order that got
+    a 2xx must be at the center or in pending/ afterwards, none created twice."""
     stack.ensure_running()
     stack.center.up()
     wait_for("mode normal", lambda: stack.status()["mode"] == "normal", 15)
@@ -437,12 +440,19 @@ def test_stop_under_load_loses_no_acknowledged_order(stack: Stack) -> None:
         timeout = aiohttp.ClientTimeout(total=20)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             clients = [asyncio.create_task(client(session, ids)) for _ in range(8)]
-            while len(acked) < 100:  # forwarded ones
-                await asyncio.sleep(0.01)
+
+            async def until(what: str, cond: Callable[[], bool]) -> None:
+                deadline = time.monotonic() + 60
+                while not cond():
+                    failed = [c.exception() for c in clients if c.done() and c.exception()]
+                    assert not failed, f"load client failed while waiting for {what}: {failed}"
+                    assert time.monotonic() < deadline, f"load: no {what} in 60 s"
+                    await asyncio.sleep(0.01)
+
+            await until("100 forwarded orders", lambda: len(acked) >= 100)
             await asyncio.to_thread(stack.center.down)
-            while sum(1 for s in acked.values() if s == 202) < 100:  # buffered ones
-                await asyncio.sleep(0.01)
-                assert not any(c.done() for c in clients), [c.exception() for c in clients]
+            await until("100 buffered orders",
+                        lambda: sum(1 for s in acked.values() if s == 202) >= 100)
             stopping.set()
             stop = await asyncio.to_thread(stack.ct.sh, "systemctl stop edge-agent",
                                            timeout=60)
