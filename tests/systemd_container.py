@@ -91,7 +91,7 @@ def rootfs() -> Path:
             proc = subprocess.run(
                 ["debootstrap", "--variant=minbase", f"--include={INCLUDE}", SUITE,
                  str(tmp / "root"), mirror],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1200)
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"debootstrap failed ({proc.returncode}):\n"
                                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -6,6 +6,9 @@ systemd" install block runs line by line, verbatim, in a copy of this checkout, 
 wheel built from it in dist/. pip inside the container installs from a wheelhouse that the
 host filled with ``pip wheel`` (PIP_NO_INDEX / PIP_FIND_LINKS, pip's own settings): the host
 talks to the package index through its pip cache and config, the container needs no network.
+(Tried: pip inside the container reaches pypi.org but fails TLS verification where the host
+reaches the registry through a CA the fresh root does not trust; offline from a wheelhouse
+it installs in ~6 s, the same way every time.)
 
 The container shares the host's network: the agent listens on the host's loopback and the
 fake order center (tests/systemd_center.py) runs in this process. The agent is driven only
@@ -282,6 +285,16 @@ def test_readme_install_block_runs_verbatim_and_start_returns_when_ready(stack: 
     assert ct.sh("stat -c '%U:%G %a' /etc/edge-agent/sms").stdout.strip() == "root:root 600"
     assert stack.show("User", "UnitFileState") == {"User": "edge-agent",
                                                    "UnitFileState": "enabled"}
+
+
+def test_rerunning_install_upgrades_and_keeps_the_operators_files(stack: Stack) -> None:
+    """README: "It never overwrites a file in /etc/edge-agent ...; rerun it to upgrade"."""
+    before = stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout
+    assert TOKEN in before and f"127.0.0.1:{stack.port}" in before
+    stack.ct.sh("systemd/install.sh dist/order_edge_agent-*.whl", cwd=CHECKOUT, timeout=300,
+                env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"})
+    assert stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout == before
+    assert stack.show("ActiveState")["ActiveState"] == "active"
 
 
 def test_forwarded_with_the_token_from_the_credential(stack: Stack) -> None:
