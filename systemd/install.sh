@@ -1,0 +1,36 @@
+#!/bin/sh
+# Install Order Edge Agent as a systemd service (Debian 12, as root). Run from a checkout of
+# this repository:
+#
+#   systemd/install.sh dist/order_edge_agent-*.whl   # a built wheel (python3 -m build --wheel)
+#   systemd/install.sh                               # or pip-installs this checkout
+#
+# What it does (README "Running under systemd"; tests/test_systemd_real.py runs it under a
+# real systemd): a venv in /opt/edge-agent with the package; the system user edge-agent
+# (sysusers.d); the spool /var/spool/edge-agent (tmpfiles.d); both units; /etc/edge-agent with
+# the example config and empty secret files, root-only. Rerunning it upgrades the package and
+# the units and never overwrites anything in /etc/edge-agent. It does not start the service:
+# edit /etc/edge-agent/agent.toml first, then: systemctl enable --now edge-agent
+set -eu
+package="${1:-.}"
+case "$package" in /*) ;; *) package="$PWD/$package" ;; esac
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "systemd/install.sh: run as root" >&2; exit 1; }
+
+python3 -m venv /opt/edge-agent
+/opt/edge-agent/bin/pip install --quiet --upgrade "$package"
+# -D: stock Debian 12 has no /etc/sysusers.d (nor always /etc/tmpfiles.d).
+install -D -m 0644 systemd/edge-agent.sysusers.conf /etc/sysusers.d/edge-agent.conf
+install -D -m 0644 systemd/edge-agent.tmpfiles.conf /etc/tmpfiles.d/edge-agent.conf
+systemd-sysusers /etc/sysusers.d/edge-agent.conf           # the system user edge-agent
+systemd-tmpfiles --create /etc/tmpfiles.d/edge-agent.conf  # /var/spool/edge-agent, 0700
+install -m 0644 systemd/edge-agent.service systemd/edge-recover@.service /etc/systemd/system/
+install -d -m 0755 /etc/edge-agent
+# Secrets stay root:root 0600: systemd hands them to the service (LoadCredential=).
+[ -e /etc/edge-agent/agent.toml ] || install -m 0644 config/agent.toml /etc/edge-agent/agent.toml
+[ -e /etc/edge-agent/tokens ] || install -m 0600 /dev/null /etc/edge-agent/tokens
+[ -e /etc/edge-agent/sms ] || install -m 0600 /dev/null /etc/edge-agent/sms
+systemctl daemon-reload
+echo "systemd/install.sh: installed $(/opt/edge-agent/bin/edge-agent --version)." \
+     "Next: edit /etc/edge-agent/agent.toml (node_id, upstream) and /etc/edge-agent/tokens," \
+     "then: systemctl enable --now edge-agent"
