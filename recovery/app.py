@@ -32,7 +32,7 @@ from recovery.plan import Plan
 from recovery.progress import Progress
 from recovery.report import Summary, write_report
 from recovery.sender import Sender
-from recovery.source import scan
+from recovery.source import Found, admitted, scan
 from recovery.verify import Verifier, count_merged
 
 log = logging.getLogger("recovery")
@@ -54,6 +54,8 @@ class Job:
     batch: int = 100
     report: Path | None = None
     held_wait_s: float = 30.0
+    cluster: str | None = None  # the target's cluster: pinned orders of others stay
+    clusters: tuple[tuple[str, str], ...] = ()  # (name, URL) from the config, for advice
 
 
 class AlreadyRunning(Exception):
@@ -98,7 +100,9 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
         plan = Plan(Path(tmp) / "plan.db", ck_path, live=True)
         try:
-            stats = await asyncio.to_thread(plan.build, scan(job.root, job.node))
+            held: list[Found] = []
+            stats = await asyncio.to_thread(
+                plan.build, admitted(scan(job.root, job.node), job.cluster, held))
             summary.total = stats.files
             log.info("%d order files (%d corrupt), %d dedupe keys, %d duplicate groups, "
                      "scanned in %.1fs; merging into %s", stats.files, stats.corrupt, stats.keys,
@@ -117,7 +121,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
             sender = Sender(client, job.target, job.concurrency, job.rate, job.batch,
                             job.timeout_s)
             opts = MergeOptions(job.root, job.target, job.node, job.concurrency, job.batch,
-                                job.held_wait_s)
+                                job.held_wait_s, job.cluster)
             merger = Merger(opts, plan, sender, finisher, stop)
             try:
                 await merger.run()
@@ -129,6 +133,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     summary.finish()
     summary.extra.update(requests=sender.requests, bulk=bool(sender.bulk),
                          interrupted=stop.is_set())
+    _report_held(job, held, summary)
     if job.report is not None:
         write_report(job.report, summary.as_dict(), "orders", checkpoint.entries(checkpoint.run))
     checkpoint.close()
@@ -142,7 +147,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
         log.error("the target stopped answering: %d orders left in pending/; run again once "
                   "it is back", merger.gave_up)
         return EXIT_UNREACHABLE
-    left = summary.total - summary.done + c["pending"]
+    left = summary.total - summary.done + c["pending"] + len(held)
     if c["rejected"] or c["conflict"] or left or summary.extra.get("not_moved"):
         return EXIT_ORDERS
     return EXIT_OK
@@ -153,7 +158,8 @@ def _dry_run(job: Job) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
         plan = Plan(Path(tmp) / "plan.db", job.root / CHECKPOINT_NAME, live=False)
         try:
-            stats = plan.build(scan(job.root, job.node))
+            held: list[Found] = []
+            stats = plan.build(admitted(scan(job.root, job.node), job.cluster, held))
             conflicts = plan.conflicts()
             summary.total = stats.files
             summary.extra.update(
@@ -173,11 +179,32 @@ def _dry_run(job: Job) -> int:
                     break
                 print(f"  {key}: {serials[0]} wins over {', '.join(serials[1:])}"
                       f"{'' if same else ' (different bodies: conflict)'}")
+            _report_held(job, held, summary)
+            doc = summary.as_dict()
             if job.report is not None:
                 write_report(job.report, doc, "duplicate_groups", _groups(plan))
         finally:
             plan.close()
     return EXIT_ORDERS if stats.corrupt or conflicts else EXIT_OK
+
+
+def _report_held(job: Job, held: list[Found], summary: Summary) -> None:
+    """Orders pinned to another cluster: left in pending/, listed with the command."""
+    if not held:
+        return
+    urls = dict(job.clusters)
+    by_cluster: dict[str, list[str]] = {}
+    for f in held:
+        by_cluster.setdefault(f.pinned_to or "", []).append(f.serial or f.file)
+    entries = {}
+    for cluster, serials in sorted(by_cluster.items()):
+        command = (f"edge-recover --path {job.root} --mode merge --target "
+                   f"{urls.get(cluster, '<the ' + cluster + ' cluster URL>')}")
+        entries[cluster] = {"count": len(serials), "serials": serials, "command": command}
+        print(f"edge-recover: {len(serials)} orders are pinned to the {cluster} cluster (it "
+              f"may hold them already) and were not sent to {job.target}; to deliver them: "
+              f"{command}", flush=True)
+    summary.extra["pinned_elsewhere"] = entries
 
 
 def _groups(plan: Plan) -> Iterator[dict[str, object]]:

@@ -65,6 +65,14 @@ def _job(args: argparse.Namespace) -> Job:
         raise UsageError("--rate must be > 0 orders per second")
     cfg = _config(args.config, need=args.target is None)
     target = args.target or (cfg.upstream.primary if cfg else "")
+    clusters = tuple((name, url.rstrip("/")) for name, url in (
+        ("primary", cfg.upstream.primary if cfg else ""),
+        ("standby", cfg.upstream.standby if cfg else "")) if url)
+    # The target's cluster decides which pinned orders it may take (CONTRACT 5): the
+    # configured cluster with this URL; the primary by default; none for another URL.
+    cluster = next((name for name, url in clusters if url == target.rstrip("/")), None)
+    if args.target is None:
+        cluster = "primary"
     parts = urlsplit(target)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--target {target!r} is not an http(s) URL")
@@ -75,7 +83,8 @@ def _job(args: argparse.Namespace) -> Job:
                node=cfg.agent.node_id if cfg else "X",
                timeout_s=cfg.upstream.timeout_s if cfg else 5.0,
                nameservers=cfg.upstream.nameservers if cfg else (),
-               concurrency=args.concurrency, rate=args.rate, batch=args.batch, report=report)
+               concurrency=args.concurrency, rate=args.rate, batch=args.batch, report=report,
+               cluster=cluster, clusters=clusters)
 
 
 def _config(arg: str | None, need: bool) -> Config | None:

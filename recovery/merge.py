@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from agent.errors import UpstreamError
+from agent.errors import PersistError, UpstreamAmbiguous, UpstreamError
+from agent.spool.files import replace_durably
 from agent.spool.record import BufferDirs
 from agent.upstream.answers import Answer, Outcome
 from recovery.checkpoint import ResultRow
@@ -51,6 +52,7 @@ class MergeOptions:
     concurrency: int = 32
     batch: int = 100
     held_wait_s: float = 30.0
+    cluster: str | None = None  # the target's cluster: an unclear answer pins orders to it
 
 
 class Merger:
@@ -164,6 +166,8 @@ class Merger:
             again: list[Work] = []
             wait_s = 0.0
             for work, res in zip(todo, results, strict=True):
+                if _unclear(res):
+                    await self._pin(work)
                 verdict = self._judge(work, res)
                 if isinstance(verdict, Settled):
                     settled.append(verdict)
@@ -209,6 +213,22 @@ class Merger:
             return work.left(f"center kept answering HTTP {res.status}")
         return res.retry_after_s if res.retry_after_s is not None else 1.0
 
+    async def _pin(self, work: Work) -> None:
+        """The target may hold this order now: pin the file to its cluster (CONTRACT 5),
+        so the agent's drain never sends it to the other one."""
+        cluster = self._opts.cluster
+        if cluster is None or work.raw or work.record.pinned_to == cluster:
+            return
+        record = work.record.pinned(cluster)
+        data = record.to_bytes()
+        try:
+            fd = await asyncio.to_thread(replace_durably, work.claim.path, data)
+        except PersistError as exc:
+            log.error("could not pin %s to %s: %s", record.serial, cluster, exc)
+            return
+        work.claim.replaced(fd, data)
+        work.record = record
+
     async def _sleep(self, at_least_s: float, attempt: int) -> bool:
         """Back off (exponential, full jitter, at least Retry-After); True if stopped."""
         delay = max(at_least_s, random.uniform(0, min(30.0, 0.25 * 2 ** attempt)))
@@ -217,6 +237,13 @@ class Merger:
         except TimeoutError:
             return False
         return True
+
+
+def _unclear(res: Answer | UpstreamError) -> bool:
+    """Sent, and no clear answer: the target may have created the order."""
+    if isinstance(res, UpstreamError):
+        return isinstance(res, UpstreamAmbiguous)
+    return res.outcome.pins
 
 
 def _held_too_long(row: PlanRow) -> Settled:

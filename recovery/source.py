@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,7 +30,7 @@ import orjson
 
 from agent.errors import CorruptRecordError, InvalidOrderError
 from agent.intake.orders import parse_order
-from agent.spool.record import PendingRecord, is_order_file, strip_added_keys
+from agent.spool.record import PendingRecord, is_order_file, parse_tolerant
 
 RECOVERY_PREFIX = "RCV"
 # Larger loose files are not orders anyone sent through the agent (its limit is 1 MiB).
@@ -47,6 +47,7 @@ class Found:
     key: str | None
     digest: bytes | None
     error: str | None  # set when the file is not a usable order
+    pinned_to: str | None = None  # the one cluster that may hold it (CONTRACT 5)
 
 
 def order_files(root: Path) -> Iterator[tuple[str, bool]]:
@@ -79,14 +80,7 @@ def to_record(file: str, loose: bool, data: bytes, node: str,
     if len(data) > MAX_FILE_BYTES:
         raise CorruptRecordError(f"{file}: {len(data)} bytes, over {MAX_FILE_BYTES}")
     if not loose:
-        try:
-            return PendingRecord.from_bytes(data, origin=file)
-        except CorruptRecordError:
-            # Killed while finish_merged_batch added keys: the record is intact before them.
-            original = strip_added_keys(data)
-            if original is None:
-                raise
-            return PendingRecord.from_bytes(original, origin=file)
+        return parse_tolerant(data, file)
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -129,7 +123,8 @@ def read_found(root: Path, file: str, loose: bool, node: str) -> Found | None:
         record = to_record(file, loose, data, node, mtime)
     except CorruptRecordError as exc:
         return Found(file, loose, None, None, None, str(exc))
-    return Found(file, loose, record.serial, record.dedupe_key, body_digest(record), None)
+    return Found(file, loose, record.serial, record.dedupe_key, body_digest(record), None,
+                 record.pinned_to)
 
 
 def _read_all(fd: int, limit: int) -> bytes:
@@ -139,6 +134,19 @@ def _read_all(fd: int, limit: int) -> bytes:
         chunks.append(chunk)
         limit -= len(chunk)
     return b"".join(chunks)
+
+
+def admitted(found: Iterable[Found], cluster: str | None, held: list[Found]) -> Iterator[Found]:
+    """The files this target may be sent: unpinned, or pinned to ``cluster`` (the target's).
+
+    An order pinned to another cluster may already exist there; sending it here could
+    create it twice, so it is left in pending/ and listed in ``held``.
+    """
+    for f in found:
+        if f.pinned_to is not None and f.pinned_to != cluster:
+            held.append(f)
+        else:
+            yield f
 
 
 def scan(root: Path, node: str, threads: int = 2) -> Iterator[Found]:

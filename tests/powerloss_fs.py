@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests import host_tools
+
 REPO = Path(__file__).resolve().parent.parent
 LAZYFS_DIR = Path(os.environ.get("LAZYFS_DIR") or REPO.parent / "shared" / "lazyfs")
 # Bytes written between two clear-caches stay far below this (checked at every cut).
@@ -32,7 +34,7 @@ CACHE_SIZE = os.environ.get("POWERLOSS_LAZYFS_CACHE", "256MB")
 def unavailable_reason() -> str | None:
     """Why the suite cannot run here, or None. With POWERLOSS_REQUIRED=1 (CI) the suite
     never skips: a missing prerequisite fails it instead."""
-    if os.environ.get("POWERLOSS_REQUIRED") == "1":
+    if host_tools.required():
         return None
     if os.geteuid() != 0:
         return "LazyFS needs root (allow_other, /dev/fuse)"

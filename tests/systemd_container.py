@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests import host_tools
+
 SUITE = "bookworm"
 # jq: the README pipes journalctl into jq, and the test runs that pipeline as written.
 INCLUDE = "systemd,systemd-sysv,dbus,python3,python3-venv,procps,jq"
@@ -40,20 +42,12 @@ def log(msg: str) -> None:
     print(f"[systemd_real {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _apt_get(*args: str, timeout: float) -> None:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", *args], check=True, env=env,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=timeout)
-
-
 def ensure_host_tools() -> None:
     """systemd-nspawn and debootstrap on the host (CI: a clean Debian 12, as root)."""
     if shutil.which("systemd-nspawn") and shutil.which("debootstrap"):
         return
     log("installing systemd-container and debootstrap with apt-get")
-    _apt_get("update", "-qq", timeout=600)
-    _apt_get("install", "-y", "-qq", "--no-install-recommends", "systemd-container",
-             "debootstrap", timeout=900)
+    host_tools.ensure({"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap"})
 
 
 def debian_mirror() -> str:

@@ -231,7 +231,7 @@ class Drainer:
             if isinstance(exc, UpstreamAmbiguous):
                 await self._pin(held, cluster)
             else:
-                self._journal.intend_soon(record.serial, None)
+                self._unintend(record)
             failing.add(cluster)
             return Result.FAILING
         return await self._settle(held, record, cluster, answer, failing)
@@ -244,7 +244,7 @@ class Drainer:
             self._pacer.slow_down(answer.retry_after_s)
         if outcome is Outcome.REFUSED:
             self._refusals(cluster, answer)
-            self._journal.intend_soon(record.serial, None)
+            self._unintend(record)
             failing.add(cluster)
             return Result.FAILING
         self._refusals(cluster, None)
@@ -268,11 +268,17 @@ class Drainer:
                 failing.add(cluster)
                 return Result.FAILING
             return Result.RETRY
-        self._journal.intend_soon(record.serial, None)  # a clear "not now": no pin
+        self._unintend(record)  # a clear "not now": no pin
         if answer.status == 503:
             failing.add(cluster)
             return Result.FAILING
         return Result.RETRY
+
+    def _unintend(self, record: PendingRecord) -> None:
+        """A clear refusal: the note written before the send pins nothing (a pinned
+        order keeps its pin: only a clear answer from its own cluster frees it)."""
+        if record.pinned_to is None and record.serial not in self._pins:
+            self._journal.intend_soon(record.serial, None)
 
     async def _pin(self, held: Held, cluster: str) -> None:
         """Rewrite the record pinned to ``cluster``; the journal intent covers a failure."""
