@@ -108,7 +108,7 @@ async def _serve(service: Service, config_path: str) -> int:
 
 def status(config_path: str, as_json: bool) -> int:
     """Exit 0 normal, 1 degraded, 3 agent not reachable."""
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, tokens=False)  # /status is open: no secret needed
     host = cfg.agent.host
     url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.agent.port}/status"
     try:

@@ -129,8 +129,12 @@ def resolve_config_path(arg: str | None) -> str:
     return arg or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG_PATH
 
 
-def load_config(path: str) -> Config:
-    """Read, parse and validate ``path``; every failure is a ConfigError."""
+def load_config(path: str, tokens: bool = True) -> Config:
+    """Read, parse and validate ``path``; every failure is a ConfigError.
+
+    ``tokens``: also read the bearer tokens (the daemon); edge-recover serves no API
+    and is never handed them.
+    """
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -141,10 +145,10 @@ def load_config(path: str) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    return parse_config(data, source=path)
+    return parse_config(data, source=path, tokens=tokens)
 
 
-def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
+def parse_config(data: dict[str, Any], source: str = "<memory>", tokens: bool = True) -> Config:
     for name in data:
         if name not in _SECTIONS:
             raise ConfigError(f"{source}: unknown section [{name}]")
@@ -156,8 +160,9 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         sections[name] = _build(cls, table, name, source)
     cfg = Config(**sections, source=source)
     _validate(cfg, source)
-    cfg = dataclasses.replace(cfg, tokens=load_tokens(cfg.auth.tokens_file))
-    check_auth_exposure(cfg)
+    if tokens:
+        cfg = dataclasses.replace(cfg, tokens=load_tokens(cfg.auth.tokens_file))
+        check_auth_exposure(cfg)
     return cfg
 
 
@@ -226,6 +231,17 @@ def _check_url(url: str, source: str, key: str, required: bool) -> None:
     )
 
 
+def nameserver_address(spec: str) -> tuple[str, int]:
+    """``"IP"`` or ``"IPv4:port"`` -> (IP, port); ValueError otherwise. The one parser."""
+    host, sep, port = spec.rpartition(":") if spec.count(":") == 1 else ("", "", "")
+    if not sep:
+        host, port = spec, "53"
+    ipaddress.ip_address(host)
+    if not (port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(f"bad port in nameserver {spec!r}")
+    return host, int(port)
+
+
 def _validate(cfg: Config, source: str) -> None:
     a, b, u, h, s = cfg.agent, cfg.buffer, cfg.upstream, cfg.health, cfg.sms
     _check(bool(_NODE_ID.match(a.node_id)), source, "agent.node_id",
@@ -255,10 +271,9 @@ def _validate(cfg: Config, source: str) -> None:
     _check_url(u.standby, source, "upstream.standby", required=False)
     _check(u.timeout_s > 0, source, "upstream.timeout_s", "must be > 0", u.timeout_s)
     for ns in u.nameservers:
-        nhost, _, nport = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "")
         try:
-            ipaddress.ip_address(nhost or ns)
-            ok = not nport or (nport.isdigit() and 0 < int(nport) <= 65535)
+            nameserver_address(ns)
+            ok = True
         except ValueError:
             ok = False
         _check(ok, source, "upstream.nameservers", "entries must be IP or IP:port", ns)

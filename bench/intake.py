@@ -52,6 +52,10 @@ import aiohttp
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.drill.agent_proc import write_config_file  # noqa: E402
+
 CENTER_SCRIPT = Path(__file__).resolve().parent / "center.py"
 START_TIMEOUT_S = 30.0
 
@@ -334,12 +338,6 @@ class Child:
         self.stop()
 
 
-def _toml(value: object) -> str:
-    if isinstance(value, str):
-        return orjson.dumps(value).decode()
-    return repr(value)
-
-
 def write_agent_config(work: Path, primary: str) -> tuple[Path, str]:
     """A config for one bench agent under ``work``; returns (path, agent base URL)."""
     port = free_port()
@@ -352,13 +350,7 @@ def write_agent_config(work: Path, primary: str) -> tuple[Path, str]:
         "auth": {"tokens_file": ""},
         "sms": {"provider": "log"},
     }
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
-    path = work / "agent.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path, f"http://127.0.0.1:{port}"
+    return write_config_file(work / "agent.toml", sections), f"http://127.0.0.1:{port}"
 
 
 def start_agent(work: Path, primary: str) -> tuple[Child, str]:

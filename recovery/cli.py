@@ -95,4 +95,4 @@ def _config(arg: str | None, need: bool) -> Config | None:
             raise UsageError(f"no target: pass --target URL or --config PATH "
                              f"(no config file at {path})")
         return None
-    return load_config(path)
+    return load_config(path, tokens=False)  # it serves no API: never handed tokens

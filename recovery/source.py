@@ -31,6 +31,7 @@ import orjson
 from agent.errors import CorruptRecordError, InvalidOrderError
 from agent.intake.orders import parse_order
 from agent.spool.record import PendingRecord, is_order_file, parse_tolerant
+from agent.state.journal import body_digest as raw_body_digest
 
 RECOVERY_PREFIX = "RCV"
 # Larger loose files are not orders anyone sent through the agent (its limit is 1 MiB).
@@ -70,8 +71,9 @@ def recovery_serial(node: str, name: str, data: bytes) -> str:
 
 
 def body_digest(record: PendingRecord) -> bytes:
-    """What makes two files with one dedupe key the same order, or a conflict."""
-    return hashlib.blake2b(record.raw_body, digest_size=16).digest()
+    """What makes two files with one dedupe key the same order, or a conflict: the
+    journal's digest of the raw body, so the agent and edge-recover judge alike."""
+    return raw_body_digest(record.raw_body)
 
 
 def to_record(file: str, loose: bool, data: bytes, node: str,

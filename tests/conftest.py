@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +15,7 @@ import orjson
 import pytest
 
 from agent.config import Config, load_config
+from agent.drill.agent_proc import AgentSubprocess, write_config_file
 from agent.service.service import Service
 from tests.fakes import FakeAliyun, FakeCenter, FakeSmsGateway, free_port
 
@@ -37,24 +37,7 @@ def write_config(tmp: Path, primary: str, **sections: dict[str, Any]) -> Path:
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml(value)}")
-    path = tmp / "agent.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return orjson.dumps(value).decode()
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
+    return write_config_file(tmp / "agent.toml", base)
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
@@ -156,56 +139,12 @@ def order(n: int | str, **extra: Any) -> dict[str, Any]:
     return {"channel_id": "douyin", "channel_order_id": str(n), "amount": "199.10", **extra}
 
 
-class AgentProcess:
+class AgentProcess(AgentSubprocess):
     """``edge-agent run`` as a real subprocess, for crash and signal tests."""
 
     def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.log = log
-        self.env = env  # None: inherit os.environ
-        self.proc: subprocess.Popen[bytes] | None = None
         cfg = load_config(str(config))
-        self.url = f"http://{cfg.agent.listen}"
-
-    def start(self) -> None:
-        self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=self._log_fh, cwd=ROOT, env=self.env,
-        )
-
-    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
-        async def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: "
-                                     f"{self.log.read_text()[-2000:]}")
-            try:
-                async with session.get(f"{self.url}/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(ready, timeout, "agent /readyz")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def reap(self, timeout: float = 20) -> int:
-        """Wait for the process to exit without blocking the event loop (fakes live in it)."""
-        assert self.proc is not None
-        proc = self.proc
-        await wait_for(lambda: proc.poll() is not None, timeout, "the agent process to exit")
-        self._log_fh.close()
-        return int(proc.returncode)
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc is not None:
-            self._log_fh.close()
+        super().__init__(config, log, f"http://{cfg.agent.listen}", env=env, cwd=ROOT)
 
 
 @pytest.fixture

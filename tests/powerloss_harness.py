@@ -34,6 +34,7 @@ from aiohttp import web
 
 from agent.sandbox.servers import SandboxCenter, SandboxSmsGateway, free_port
 
+from .conftest import wait_for
 from .powerloss_fs import REPO, LazyFs, drop_durably
 
 NODE_ID = "wh-pl-01"
@@ -59,19 +60,7 @@ class Cluster(SandboxCenter):
         await super().come_up()
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-                     interval: float = 0.02) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
+wait_until = wait_for  # one polling helper for the whole suite (tests/conftest.py)
 
 
 def order_files(directory: Path) -> list[str]:

@@ -99,7 +99,7 @@ async def test_agent_under_systemd_notify_ready_watchdog_stopping(
 
     proc.kill(signal.SIGTERM)
     await wait_for(lambda: listener.count("STOPPING=1") == 1, 10, "STOPPING=1")
-    assert await asyncio.to_thread(proc.wait) == 0
+    assert await proc.reap() == 0
     listener.drain()
     kinds = [next(iter(m)) for m in listener.messages if not has(m, "WATCHDOG=1")]
     assert kinds == ["READY", "STOPPING"], listener.messages
@@ -113,7 +113,7 @@ async def test_agent_without_notify_socket_runs_normally(
     proc.start()
     await proc.wait_ready(http)
     proc.kill(signal.SIGTERM)
-    assert await asyncio.to_thread(proc.wait) == 0
+    assert await proc.reap() == 0
 
 
 async def test_watchdog_stops_while_the_event_loop_is_blocked(

@@ -1,8 +1,15 @@
-"""The agent under drill: the real ``edge-agent run`` as a subprocess, real config file."""
+"""The agent as a real subprocess with a real config file: for drills, tests and benches.
+
+One harness for all three: ``write_config_file`` writes TOML with every string
+escaped (a path with a quote or a backslash is still that path), and
+``AgentSubprocess`` starts ``python -m agent run``, waits for ``/readyz``,
+kills it with real signals and reaps it without blocking the event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,110 +19,156 @@ from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
+import orjson
 
 from agent.drill.sandbox import Sandbox
 from agent.sandbox.servers import free_port
 
+Sections = dict[str, dict[str, Any]]
+
+
+def toml_value(value: Any) -> str:
+    """A TOML value: strings as basic strings (JSON escapes are valid TOML escapes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise TypeError(f"no TOML form for {type(value).__name__}: {value!r}")
+
+
+def write_config_file(path: Path, sections: Sections) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
 
 def drill_config(workdir: Path, sandbox: Sandbox, port: int, interval_s: float = 0.2,
-                 unhealthy: int = 3, healthy: int = 2, health_timeout_s: float = 0.5) -> str:
+                 unhealthy: int = 3, healthy: int = 2, health_timeout_s: float = 0.5,
+                 ) -> Sections:
     """A config like an operator's, with time compressed so a drill takes seconds."""
-    return f"""\
-[agent]
-node_id = "drill-01"
-listen = "127.0.0.1:{port}"
-state_dir = "{workdir / 'state'}"
-shutdown_timeout_s = 5
-
-[buffer]
-path = "{workdir / 'spool'}"
-scan_interval_s = 2
-drain_rate_per_s = 500
-
-[upstream]
-primary = "{sandbox.primary_url}"
-standby = "{sandbox.standby_url}"
-timeout_s = 2
-nameservers = ["{sandbox.dns.nameserver}"]
-
-[health]
-interval_s = {interval_s}
-timeout_s = {health_timeout_s}
-unhealthy_threshold = {unhealthy}
-healthy_threshold = {healthy}
-
-[sms]
-provider = "http"
-url = "{sandbox.sms.url}"
-per_phone_per_hour = 1000
-retry_initial_s = 0.2
-retry_max_s = 1
-
-[auth]
-tokens_file = ""
-"""
+    return {
+        "agent": {"node_id": "drill-01", "listen": f"127.0.0.1:{port}",
+                  "state_dir": str(workdir / "state"), "shutdown_timeout_s": 5},
+        "buffer": {"path": str(workdir / "spool"), "scan_interval_s": 2,
+                   "drain_rate_per_s": 500},
+        "upstream": {"primary": sandbox.primary_url, "standby": sandbox.standby_url,
+                     "timeout_s": 2, "nameservers": [sandbox.dns.nameserver]},
+        "health": {"interval_s": interval_s, "timeout_s": health_timeout_s,
+                   "unhealthy_threshold": unhealthy, "healthy_threshold": healthy},
+        "sms": {"provider": "http", "url": sandbox.sms.url, "per_phone_per_hour": 1000,
+                "retry_initial_s": 0.2, "retry_max_s": 1},
+        "auth": {"tokens_file": ""},
+    }
 
 
-class AgentUnderDrill:
-    """Owns the agent subprocess and its working directory."""
+class AgentSubprocess:
+    """Owns one ``edge-agent run`` subprocess, its config path and its log file."""
 
-    def __init__(self, workdir: Path, sandbox: Sandbox, **health: Any) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.config = workdir / "agent.toml"
-        self.config.write_text(drill_config(workdir, sandbox, self.port, **health),
-                               encoding="utf-8")
-        self.log = workdir / "agent.log"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.spool = workdir / "spool"
-        self._proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, config: Path, log: Path, url: str,
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.url = url
+        self.env = env  # None: inherit os.environ
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
         self._log_fh: IO[bytes] | None = None
 
-    async def start(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
-        self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in _reap()
-        self._proc = subprocess.Popen(
+    def start(self) -> None:
+        self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in reap()
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=self._log_fh)
+            stdout=subprocess.DEVNULL, stderr=self._log_fh, env=self.env, cwd=self.cwd)
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"agent exited {self._proc.returncode}; see {self.log}")
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"agent exited {code}: {self.log_tail()}")
             try:
                 async with session.get(f"{self.url}/readyz") as r:
                     if r.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent not ready within {timeout}s: {self.log_tail()}")
             await asyncio.sleep(0.05)
-        raise RuntimeError(f"agent not ready within {timeout}s; see {self.log}")
 
-    async def kill(self) -> None:
-        """kill -9: no chance to flush anything."""
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGKILL)
-            await self._reap()
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
 
-    async def stop(self) -> int:
-        """SIGTERM and wait: the graceful path."""
-        if self._proc is None:
+    async def reap(self, timeout: float = 20) -> int:
+        """Wait for the exit without blocking the loop (the fakes live in it); SIGKILL
+        after ``timeout``."""
+        if self.proc is None:
             return 0
-        self._proc.send_signal(signal.SIGTERM)
-        return await self._reap()
-
-    async def _reap(self, timeout: float = 20) -> int:
-        assert self._proc is not None
         deadline = time.monotonic() + timeout
-        while self._proc.poll() is None and time.monotonic() < deadline:
+        while self.proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        code = self._proc.returncode
-        self._proc = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            while self.proc.poll() is None:
+                await asyncio.sleep(0.02)
+        self._close_log()
+        return int(self.proc.returncode)
+
+    def cleanup(self) -> None:
+        """Last resort at teardown: never leave a process behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
-        return code
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return "<no log>"
+
+
+class AgentUnderDrill(AgentSubprocess):
+    """The drill's agent: a working directory with its config, state and spool."""
+
+    def __init__(self, workdir: Path, sandbox: Sandbox, **health: Any) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        config = write_config_file(workdir / "agent.toml",
+                                   drill_config(workdir, sandbox, self.port, **health))
+        super().__init__(config, workdir / "agent.log", f"http://127.0.0.1:{self.port}")
+        self.spool = workdir / "spool"
+
+    async def start_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
+        self.start()
+        await self.wait_ready(session, timeout)
+
+    async def kill9(self) -> None:
+        """kill -9: no chance to flush anything."""
+        self.kill(signal.SIGKILL)
+        await self.reap()
+
+    async def stop(self) -> int:
+        """SIGTERM and wait: the graceful path."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 0 if self.proc is None else int(self.proc.returncode)
+        self.kill(signal.SIGTERM)
+        return await self.reap()
 
     async def status(self, session: aiohttp.ClientSession) -> dict[str, Any]:
         async with session.get(f"{self.url}/status") as r:

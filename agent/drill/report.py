@@ -21,7 +21,7 @@ def print_table(results: list[Result]) -> None:
     # Colour only on a terminal; a log file gets plain text at a readable width.
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110)
     table = Table(title="edge-agent drill", header_style="bold")
-    for col in ("scenario", "result", "sent", "acked", "lost", "duplicated", "sms sent",
+    for col in ("scenario", "result", "sent", "acked", "lost", "created twice", "sms sent",
                 "failover", "drain", "time"):
         table.add_column(col, justify="left" if col in ("scenario", "result") else "right")
     for r in results:

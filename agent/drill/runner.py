@@ -73,7 +73,7 @@ async def _run_one(name: str, sandbox: Sandbox, session: aiohttp.ClientSession,
     started = time.monotonic()
     error = None
     try:
-        await agent.start(session)
+        await agent.start_ready(session)
         for step in SCENARIOS[name]:
             await step.run(ctx)
         await Settle().run(ctx)

@@ -31,6 +31,12 @@ def _mode(mode: str) -> Predicate:
     return pred
 
 
+def _pinned(cluster: str) -> Predicate:
+    async def pred(ctx: Context) -> bool:
+        return bool((await ctx.status())["pinned"][cluster] > 0)
+    return pred
+
+
 def _drained(ctx: Context) -> bool:
     return ctx.agent.pending() == 0
 
@@ -100,6 +106,22 @@ SCENARIOS: dict[str, list[Step]] = {
         StopAgent(),
         Restore("primary"),
         Merge(kill_at=0.4),
+    ],
+    # The clusters keep separate idempotency stores. The standby creates orders but
+    # answers too late: each is buffered pinned to it, drained back only to it, never
+    # to the primary; the rest drain to the primary. created twice must stay 0.
+    "split-stores": [
+        Fail("primary", "refuse"),
+        WaitUntil("mode standby", _mode("standby")),
+        Fail("standby", "late-create"),
+        StartLoad(0.5, rate=40),
+        WaitLoad(),
+        WaitUntil("orders pinned to the standby", _pinned("standby")),
+        Fail("standby", "refuse"),
+        Restore("primary"),
+        WaitUntil("mode normal", _mode("normal")),
+        Restore("standby"),
+        WaitUntil("pending/ to drain", _drained, record="drain_s", since="restore:standby"),
     ],
     # The primary flaps every 300 ms under load.
     "flapping-primary": [

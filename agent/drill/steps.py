@@ -86,7 +86,9 @@ class WaitLoad(Step):
 
 @dataclass
 class Fail(Step):
-    """``how``: "refuse" (listener closed), "503" (answers 503), "slow" (answers late)."""
+    """``how``: "refuse" (listener closed), "503" (answers 503), "slow" (answers late),
+    "late-create" (creates each order, then answers after the agent gave up on it),
+    "401" (health 200, every order refused: an expired gateway token)."""
 
     center: str
     how: str = "refuse"
@@ -98,6 +100,10 @@ class Fail(Step):
             await center.go_down()
         elif self.how == "503":
             center.mode = "503"
+        elif self.how == "late-create":
+            center.late_s = 3.0  # the drill agent's upstream.timeout_s is shorter
+        elif self.how == "401":
+            center.refuse = 401
         else:
             center.delay_s = center.health_delay_s = 3.0
 
@@ -147,7 +153,7 @@ class KillAgent(Step):
             if time.monotonic() > deadline:
                 raise DrillFailed(f"only {load.acks} of {target} acks before the kill")
             await asyncio.sleep(0.002)
-        await ctx.agent.kill()
+        await ctx.agent.kill9()
         ctx.agent_running = False
         await asyncio.gather(*ctx.tasks)  # the rest of the load fails fast: not acked
         ctx.tasks.clear()
@@ -156,7 +162,7 @@ class KillAgent(Step):
 @dataclass
 class StartAgent(Step):
     async def run(self, ctx: Context) -> None:
-        await ctx.agent.start(ctx.session)
+        await ctx.agent.start_ready(ctx.session)
         ctx.agent_running = True
 
 

@@ -111,8 +111,9 @@ class SandboxCenter(Listener):
         return f"http://{self.host}:{self.port}/v3"
 
     async def come_up(self) -> None:
-        """Listen and answer normally again (after go_down(), mode "503" or a hang)."""
+        """Listen and answer normally again (after go_down(), mode "503", a hang or a fault)."""
         self.mode, self.delay_s, self.health_delay_s = "up", 0.0, 0.0
+        self.late_s, self.refuse, self.page = 0.0, None, None
         await super().come_up()
 
     def reset(self) -> None:

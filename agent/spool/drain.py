@@ -15,6 +15,7 @@ oldest serial first. A failure to move one file never stops the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -110,6 +111,7 @@ class Drainer:
         self._pacer = Pacer(settings.drain_rate_per_s)
         self._active: set[str] = set()
         self._pins: dict[str, str] = {}  # pins the file could not take (disk full)
+        self._wake = asyncio.Event()  # a cluster came back: cut the backoff short
         self._delays = _delays()
         self._loop = WatchedLoop("drain", self._round, spool.dirs.pending, _added_order,
                                  settings.scan_interval_s)
@@ -123,6 +125,7 @@ class Drainer:
         (the agent's own writes while offline would wake the watch for nothing)."""
         self._loop.watching(on)
         if on:
+            self._wake.set()
             self.kick()
 
     async def start(self) -> None:
@@ -153,7 +156,9 @@ class Drainer:
         if clean:
             self._delays = _delays()
             return
-        await asyncio.sleep(backoff.full_jitter(next(self._delays)))
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), backoff.full_jitter(next(self._delays)))
         self.kick()
 
     async def _pass(self) -> bool:

@@ -194,12 +194,13 @@ def merged_state(dirs: BufferDirs, name: str, record: PendingRecord | None) -> M
 
 def move_to_merged(dirs: BufferDirs, claim: Claim, record: PendingRecord,
                    order_id: Any, cluster: str) -> None:
-    """The center confirmed: rename the pending file into merged/, then annotate it.
+    """The center confirmed: annotate the file in place, then rename it into merged/.
 
     The rename needs no free space, so a full disk never stalls the drain. The
-    center's answer (order_id, cluster, merged_at) is added in place afterwards,
-    best effort: without room it is missing from the audit copy (the journal
-    has it), and a torn tail is undone by ``strip_added_keys``.
+    center's answer (order_id, cluster, merged_at) is added first, in place and
+    best effort: without room it is missing from the audit copy (the journal has
+    it); a crash before the rename leaves a pending file that still parses (a
+    torn tail is undone by ``strip_added_keys``) and is simply delivered again.
     """
     target = dirs.merged / claim.path.name
     state = merged_state(dirs, claim.path.name, record)
@@ -210,16 +211,19 @@ def move_to_merged(dirs: BufferDirs, claim: Claim, record: PendingRecord,
             return
         if state is MergedState.OTHER:
             raise FileExistsError(errno.EEXIST, "merged/ holds a different order", str(target))
+    except OSError as exc:
+        raise translate(exc, f"merged/{claim.path.name}") from exc
+    try:
+        _add_keys(claim.path, claim, {"order_id": order_id, "cluster": cluster,
+                                      "merged_at": time.time()})
+    except OSError as exc:
+        log.warning("merged/%s keeps no order_id (%s); the journal has it",
+                    claim.path.name, exc.strerror or exc)
+    try:
         os.rename(claim.path, target)
         fsync_dir(dirs.merged)
         fsync_dir(claim.path.parent)
     except OSError as exc:
         raise translate(exc, f"merged/{claim.path.name}") from exc
-    try:
-        _add_keys(target, claim, {"order_id": order_id, "cluster": cluster,
-                                  "merged_at": time.time()})
-    except OSError as exc:
-        log.warning("merged/%s keeps no order_id (%s); the journal has it",
-                    claim.path.name, exc.strerror or exc)
     with contextlib.suppress(OSError):
         os.utime(target)  # retention counts from the merge, not from the intake

@@ -22,6 +22,7 @@ import dns.nameserver
 import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from agent.config import nameserver_address
 from agent.errors import DnsError
 
 log = logging.getLogger("agent.dns")
@@ -37,10 +38,8 @@ class _Cached:
 
 
 def _nameserver(spec: str) -> dns.nameserver.Nameserver:
-    host, sep, port = spec.rpartition(":")
-    if sep and host and "." in host and port.isdigit():
-        return dns.nameserver.Do53Nameserver(host, int(port))
-    return dns.nameserver.Do53Nameserver(spec, 53)
+    host, port = nameserver_address(spec)  # validated at config load
+    return dns.nameserver.Do53Nameserver(host, port)
 
 
 def is_ip(host: str) -> bool:
