@@ -130,11 +130,10 @@ async def test_drain_starts_quickly_when_the_primary_is_back(make_agent, center:
     for n in range(5):
         assert (await agent.post(order(n)))[0] == 202
     await center.come_up()
-    up = await wait_for(lambda: agent.service.health.is_healthy("primary") and time.monotonic(),
-                        5, "primary healthy")
-    await wait_for(lambda: len(center.creates) > 0, 5, "first drained order")
-    assert time.monotonic() - up < 1.0  # event-driven, not the 30 s rescan
-    await wait_for(lambda: agent.files("pending") == [], 5, "drain")
+    # The rescan is 30 s away: only the health transition can start the drain this soon
+    # (bench/failover.py measures how soon).
+    await wait_for(lambda: len(center.creates) > 0, 10, "first drained order")
+    await wait_for(lambda: agent.files("pending") == [], 10, "drain")
 
 
 async def test_flapping_primary_loses_and_duplicates_nothing(make_agent, center: FakeCenter,
@@ -143,10 +142,14 @@ async def test_flapping_primary_loses_and_duplicates_nothing(make_agent, center:
     acked: dict[str, int] = {}
     stop = asyncio.Event()
 
+    flaps = 0
+
     async def flap() -> None:
+        nonlocal flaps
         while not stop.is_set():
             center.mode = "503" if center.mode == "up" else "up"
-            await asyncio.sleep(0.3)
+            flaps += 1
+            await asyncio.sleep(0.3)  # the flap period itself
         center.mode = "up"
 
     async def client(c: int) -> None:
@@ -160,7 +163,8 @@ async def test_flapping_primary_loses_and_duplicates_nothing(make_agent, center:
 
     flapper = asyncio.create_task(flap())
     clients = [asyncio.create_task(client(c)) for c in range(4)]
-    await asyncio.sleep(5)  # the load runs for a fixed span while the primary flaps
+    # Load until enough orders were acknowledged across enough flaps of the primary.
+    await wait_for(lambda: len(acked) >= 200 and flaps >= 12, 60, "load across 12 flaps")
     stop.set()
     await asyncio.gather(flapper, *clients)
     await wait_for(lambda: agent.files("pending") == [], 15, "drain after flapping")
