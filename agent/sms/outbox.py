@@ -51,7 +51,7 @@ from agent.sms.store import (
     Row,
 )
 from agent.spool.files import list_pending
-from agent.spool.record import BufferDirs, PendingRecord
+from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
 
 log = logging.getLogger("agent.sms")
 
@@ -283,7 +283,7 @@ def _unnotified(dirs: BufferDirs, known: set[str], horizon: float) -> list[Pendi
         try:
             if os.stat(path).st_mtime < horizon:
                 continue  # too late for a "we got your order" notice
-            record = PendingRecord.from_bytes(path.read_bytes(), origin=str(path))
+            record = parse_tolerant(path.read_bytes(), str(path))
         except (OSError, CorruptRecordError):
             continue  # the drain quarantines what cannot be read
         if record.customer_phone is not None and record.serial not in known:

@@ -47,7 +47,7 @@ def read_disk(dirs: BufferDirs, node_prefix: str, known_buffered: set[str]) -> D
     for serial in pending_names - known_buffered:
         path = dirs.pending / f"{serial}.json"
         try:
-            record = PendingRecord.from_bytes(path.read_bytes(), origin=str(path))
+            record = parse_tolerant(path.read_bytes(), str(path))
         except (OSError, CorruptRecordError) as exc:
             log.warning("pending file not indexed: %s", exc)  # the drain quarantines it
             continue
