@@ -50,6 +50,7 @@ class ClusterHealth:
     refusing_since: float | None = None
     refusals: int = 0
     _refused_until: float = 0.0        # monotonic
+    _retry_told: bool = False          # listeners heard that the hold ran out
     _fails: int = 0
     _oks: int = 0
 
@@ -141,6 +142,7 @@ class HealthMonitor:
         cluster.refusals += 1
         hold = max(1.0, REFUSAL_HOLD_ROUNDS * self._settings.interval_s)
         cluster._refused_until = time.monotonic() + hold
+        cluster._retry_told = False
         if first:
             cluster.refusing_since = time.time()
             log.error("cluster %s refuses the agent's orders (%s): orders are kept and go "
@@ -231,6 +233,9 @@ class HealthMonitor:
             self._resolver.invalidate(cluster.host)  # all failed: ask DNS again next time
         if cluster.observe(ok, error, self._settings):
             self._notify(cluster)
+        elif cluster.refusing is not None and cluster.takes_orders and not cluster._retry_told:
+            cluster._retry_told = True  # the hold ran out: the drain may try one order now
+            self._tell(cluster)
 
     def _notify(self, cluster: ClusterHealth) -> None:
         # Up is good news (and every start brings it): info. Down is what ops must see.
