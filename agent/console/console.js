@@ -116,6 +116,11 @@ function fmtTime(epochOrIso) {
   return d.toLocaleString(lang === "zh" ? "zh-CN" : "en-GB", { hour12: false });
 }
 
+function short(text, max = 90) {
+  text = String(text);
+  return text.length > max ? text.slice(0, max - 1) + "…" : text;
+}
+
 function fmtBytes(n) {
   if (!isFinite(n)) return t("dash");
   const units = ["B", "KB", "MB", "GB", "TB"];
@@ -177,7 +182,8 @@ function render(s) {
                     el("span", { class: "muted small" }, `${t("since")} ${fmtTime(c.since)}`));
     const parts = [head, el("div", { class: "url" }, c.url || "")];
     if (c.refusing) parts.push(el("div", { class: "error small" }, `${t("refusing")}: ${c.refusing}`));
-    if (c.last_error) {
+    const addrErrors = new Set(Object.values(c.addresses || {}).map((a) => a.error));
+    if (c.last_error && !c.healthy && !addrErrors.has(c.last_error)) {
       parts.push(el("div", { class: "small" }, `${t("last_error")}: `,
                     el("span", { class: "muted" }, c.last_error)));
     }
@@ -212,8 +218,8 @@ function render(s) {
   hist.replaceChildren();
   for (const h of [...(s.mode_history || [])].reverse().slice(0, 10)) {
     const what = h.from ? t("from_to", t(h.from), t(h.to)) : `${t("agent_started")}: ${t(h.to)}`;
-    const reason = h.from && h.reason ? ` (${h.cluster}: ${h.reason})` : "";
-    hist.append(el("li", {}, `${fmtTime(h.at)} — ${what}${reason}`));
+    const reason = h.from && h.reason && h.to !== "normal" ? ` (${h.cluster}: ${short(h.reason)})` : "";
+    hist.append(el("li", { title: h.reason || "" }, `${fmtTime(h.at)} — ${what}${reason}`));
   }
 }
 

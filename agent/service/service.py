@@ -155,11 +155,12 @@ class Service:
         if self.outbox is not None:  # before the listener: a 202 may queue an SMS
             await self._start(self.outbox)
         await self._start(self.upstream)
-        await self._start(self.health)
-        self._mode = self.mode()
+        # No cluster checked yet: the agent starts offline until the first checks pass.
         self._mode_since = time.time()
         self.mode_history.append({"at": self._mode_since, "from": None, "to": self._mode,
                                   "cluster": None, "reason": "agent started"})
+        await self._start(self.health)
+        self._mode = self.mode()
         await self._start(self.housekeeper)
         runner = web.AppRunner(self.api.build_app(), access_log=None,
                                shutdown_timeout=self.cfg.agent.shutdown_timeout_s)
