@@ -186,7 +186,8 @@ async def agent(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[AgentSubproce
         await proc.reap()
 
 
-async def post(session: aiohttp.ClientSession, url: str, n: int, phone: str | None) -> dict[str, Any]:
+async def post(session: aiohttp.ClientSession, url: str, n: int,
+               phone: str | None) -> dict[str, Any]:
     doc: dict[str, Any] = {"channel_id": "douyin", "channel_order_id": str(n), "amount": "9.90"}
     if phone:
         doc["customer_phone"] = phone

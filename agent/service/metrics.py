@@ -13,6 +13,8 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+ORDER_OUTCOMES = ("forwarded", "buffered", "duplicate", "conflict", "invalid", "in_flight",
+                  "refused", "upstream_conflict", "upstream_rejected")
 
 
 class Metrics:
@@ -21,6 +23,9 @@ class Metrics:
         r = self.registry
         self.orders = Counter("edge_orders", "Orders received, by outcome of the intake.",
                               ["outcome"], registry=r)
+        # Every outcome from 0, so increase() sees the first one (a new series has no rate).
+        for outcome in ORDER_OUTCOMES:
+            self.orders.labels(outcome=outcome)
         self.pending = Gauge("edge_pending_orders", "Orders in pending/ awaiting delivery.",
                              registry=r)
         self.pending_bytes = Gauge("edge_pending_bytes", "Bytes in pending/.", registry=r)
