@@ -75,6 +75,7 @@ class Browser:
                 "deviceMetrics": {"width": 360, "height": 780, "pixelRatio": 2.0}})
         else:
             options.add_argument("--window-size=1280,1000")
+        self.phone = phone
         self.driver = webdriver.Chrome(options=options, service=Service(DRIVER))
         self.driver.set_page_load_timeout(20)
 
@@ -122,7 +123,11 @@ class Browser:
             self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
                 "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 500})
             self.driver.save_screenshot(str(path))
-            self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+            if self.phone:  # back to the phone's viewport (clearing would drop the emulation)
+                self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                    "width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": True})
+            else:
+                self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
         await asyncio.to_thread(full_page)
         return path
 
@@ -322,6 +327,9 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
         # The language switch.
         await desktop.click("#lang-zh")
         assert await desktop.text("mode") == "正常"
+        assert await phone.js("return window.innerWidth") == 360  # still the phone
+        assert await phone.js(
+            "return document.documentElement.scrollWidth <= window.innerWidth") is True
         shots += [await desktop.screenshot("console-desktop-normal-zh.png"),
                   await phone.screenshot("console-phone-normal.png")]
     for path in shots:
