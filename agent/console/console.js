@@ -37,7 +37,8 @@ const T = {
     st_merged: "merged into the order center", st_rejected: "rejected by the order center (ops: see rejected/)",
     sms_none: "no SMS for this order", sms_sent_to: (p) => `sent to ${p}`,
     sms_state_to: (s, p) => `${s}${p ? " (" + p + ")" : ""}`,
-    not_found: "No order found for", need_token: "This lookup needs the API token.",
+    not_found: "No order found for", add_channel: "A platform order number needs its channel (e.g. douyin).",
+    need_token: "This lookup needs the API token.",
     wrong_token: "Wrong API token: the agent refused it (401). Enter the right one.",
     lookup_failed: "Lookup failed", from_to: (a, b) => `${a} → ${b}`,
     agent_started: "agent started", ago: "ago", dash: "—",
@@ -69,7 +70,8 @@ const T = {
     st_merged: "已合并到订单中心", st_rejected: "订单中心拒收(运维:查看 rejected/)",
     sms_none: "此订单无短信", sms_sent_to: (p) => `已发送至 ${p}`,
     sms_state_to: (s, p) => `${s}${p ? "(" + p + ")" : ""}`,
-    not_found: "未找到订单:", need_token: "查询需要 API 令牌。",
+    not_found: "未找到订单:", add_channel: "平台订单号需要同时填写渠道(如 douyin)。",
+    need_token: "查询需要 API 令牌。",
     wrong_token: "API 令牌错误:代理拒绝(401)。请输入正确的令牌。",
     lookup_failed: "查询失败", from_to: (a, b) => `${a} → ${b}`,
     agent_started: "代理启动", ago: "前", dash: "—",
@@ -288,7 +290,9 @@ function showResult(res) {
   if (!res) return;
   if (res.error) { box.append(el("p", { class: "error", id: "lookup-error" }, res.error)); return; }
   if (res.notFound) {
-    box.append(el("p", { class: "error", id: "lookup-error" }, `${t("not_found")} ${res.notFound}`));
+    const hint = res.notFound.includes(":") ? "" : ` ${t("add_channel")}`;
+    box.append(el("p", { class: "error", id: "lookup-error" },
+                  `${t("not_found")} ${res.notFound}.${hint}`));
     return;
   }
   const o = res.order;

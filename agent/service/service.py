@@ -219,8 +219,20 @@ class Service:
         if unclean:
             log.warning("the previous run did not stop cleanly (watchdog, crash, kill -9 or "
                         "power cut)")
-        with contextlib.suppress(OSError):
-            self._running_marker.write_text(f"{os.getpid()}\n")
+        try:  # durable, so a power cut right after start-up still reads as unclean
+            fd = os.open(self._running_marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dfd = os.open(self._running_marker.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self._running_marker, exc)
         return unclean
 
     # -- views -----------------------------------------------------------------------
