@@ -179,6 +179,7 @@ async def agent(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[AgentSubproce
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKEN + "\n")
     config["auth"] = {"tokens_file": str(tokens)}
+    config["sms"]["timeout_s"] = 1  # a gateway slower than this leaves a notice ambiguous
     path = write_config_file(tmp_path / "agent.toml", config)
     proc = AgentSubprocess(path, tmp_path / "agent.log", f"http://127.0.0.1:{port}", cwd=ROOT)
     proc.start()
@@ -298,6 +299,22 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
         assert await phone.js(
             "return document.documentElement.scrollWidth <= window.innerWidth") is True
         await until(lambda: _contains(lambda: desktop.text("sms"), "12"), "desktop: 12 SMS")
+        assert await desktop.js("return document.getElementById('sms-alert').hidden") is True
+        # The SMS gateway answers too late for one notice: ambiguous, called out with what
+        # to do, never resent.
+        sandbox.sms.delay_s = 2.5
+        late = await post(session, agent.url, 40, "13800130040")
+        assert late["sms"] == "queued"
+
+        async def ambiguous_called_out() -> bool:
+            return bool(await desktop.js(
+                "const a = document.getElementById('sms-alert');"
+                "return !a.hidden && a.textContent.includes('ambiguous')"
+                " && a.textContent.includes('OutId')"))
+        await until(ambiguous_called_out, "desktop: the ambiguous SMS callout")
+        await until(lambda: phone.js("return !document.getElementById('sms-alert').hidden"),
+                    "phone: the ambiguous SMS callout")
+        sandbox.sms.delay_s = 0
         shots = [await desktop.screenshot("console-desktop-offline.png"),
                  await phone.screenshot("console-phone-offline.png")]
 
@@ -307,7 +324,8 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
         await until(lambda: _is(lambda: desktop.text("pending"), "0"), "desktop: drained", 30)
         await until(lambda: mode_is(phone, "normal"), "phone: back to normal", 30)
         await until(lambda: _is(lambda: phone.text("pending"), "0"), "phone: drained", 30)
-        assert sum(sandbox.creates().values()) == 13
+        assert sum(sandbox.creates().values()) == 14  # 1 forwarded, 13 drained
+        assert sandbox.sms.per_serial()[late["serial"]] == 1  # the late one, never resent
         hist = await desktop.text("history")
         assert "offline → normal" in hist
 

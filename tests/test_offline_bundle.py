@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import host_tools
 from tests.packaging_build import REPO, clean_env, run
 
 pytestmark = [pytest.mark.offline_bundle, pytest.mark.timeout(900)]
@@ -40,6 +41,8 @@ def offline(script: str, cwd: Path, timeout: float) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0:
+        if host_tools.required():
+            pytest.fail("offline_bundle needs root (unshare --net)")
         pytest.skip("unshare --net needs root (CI runs as root)")
     out = tmp_path_factory.mktemp("bundle")
     proc = run([str(REPO / "ops" / "offline" / "build-bundle.sh"), str(out)], cwd=out,
