@@ -12,13 +12,25 @@
 # the units and never overwrites anything in /etc/edge-agent. It does not start the service:
 # edit /etc/edge-agent/agent.toml first, then: systemctl enable --now edge-agent
 set -eu
+#
+# Offline (the bundle of ops/offline/build-bundle.sh runs it so): EDGE_AGENT_WHEELS=DIR makes
+# pip install the package named by the argument from DIR only, with no index and no network.
 package="${1:-.}"
-case "$package" in /*) ;; *) package="$PWD/$package" ;; esac
+wheels="${EDGE_AGENT_WHEELS:-}"
+if [ -z "$wheels" ]; then
+    case "$package" in /*) ;; *) package="$PWD/$package" ;; esac
+fi
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "systemd/install.sh: run as root" >&2; exit 1; }
 
 python3 -m venv /opt/edge-agent
-/opt/edge-agent/bin/pip install --quiet --upgrade "$package"
+if [ -n "$wheels" ]; then
+    env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_CONSTRAINT \
+        PIP_CONFIG_FILE=/dev/null /opt/edge-agent/bin/pip install --quiet --upgrade --isolated \
+        --no-index --find-links "$wheels" --disable-pip-version-check "$package"
+else
+    /opt/edge-agent/bin/pip install --quiet --upgrade "$package"
+fi
 # -D: stock Debian 12 has no /etc/sysusers.d (nor always /etc/tmpfiles.d).
 install -D -m 0644 systemd/edge-agent.sysusers.conf /etc/sysusers.d/edge-agent.conf
 install -D -m 0644 systemd/edge-agent.tmpfiles.conf /etc/tmpfiles.d/edge-agent.conf

@@ -63,6 +63,15 @@ def test_every_source_package_is_in_the_wheel(wheel: Path) -> None:
     assert not missing_modules, f"modules not in {wheel.name}: {missing_modules}"
 
 
+def test_wheel_ships_the_console_page(wheel: Path) -> None:
+    """The one set of data files: the console (agent/console/*.html, .css, .js)."""
+    files = wheel_files(wheel)
+    assets = {p.relative_to(REPO).as_posix() for p in (REPO / "agent" / "console").iterdir()
+              if p.suffix in (".html", ".css", ".js")}
+    assert {"agent/console/index.html", "agent/console/console.js"} <= assets
+    assert assets <= files, sorted(assets - files)
+
+
 def test_wheel_ships_no_tests_or_stray_top_level_packages(wheel: Path) -> None:
     tops = {name.split("/", 1)[0] for name in wheel_files(wheel)}
     tops = {t for t in tops if not t.endswith((".dist-info", ".data"))}

@@ -36,3 +36,14 @@ def test_progress_logs_one_line_per_tenth(caplog):
     assert len(lines) == 10
     assert lines[0].startswith("merge: 10% (100/1000)") and "ETA" in lines[0]
     assert lines[-1].startswith("merge: 100% (1000/1000)")
+
+
+def test_progress_on_a_terminal_is_a_rich_bar_not_log_lines(caplog, capsys):
+    caplog.set_level("INFO", logger="recovery")
+    progress = Progress(200, "merge", tty=True)
+    for _ in range(20):
+        progress.update(10)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "merge" in err and "200/200" in err and "orders/s" in err
+    assert not caplog.records  # the bar replaces the per-10% lines

@@ -221,10 +221,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         cwd=work, timeout=600)
     log(f"wheel + wheelhouse ({len(list(wheels.iterdir()))} wheels) in "
         f"{time.monotonic() - t1:.0f} s")
+    # The README's offline path: the bundle, built with its one command on the host.
+    t2 = time.monotonic()
+    bundles = work / "bundle"
+    run([str(REPO / "ops" / "offline" / "build-bundle.sh"), str(bundles)], cwd=work,
+        timeout=600)
+    log(f"offline bundle in {time.monotonic() - t2:.0f} s")
     center = Center(free_port())
     center.up()
     try:
-        with booted({str(REPO): "/src", str(wheels): "/wheels"}, work / "console.log") as ct:
+        with booted({str(REPO): "/src", str(wheels): "/wheels", str(bundles): "/bundle"},
+                    work / "console.log") as ct:
             # The wheelhouse holds wheels for this interpreter: the container's must match.
             theirs = ct.sh("python3 -c 'import sys; print(*sys.version_info[:2])'").stdout
             ours = f"{sys.version_info[0]} {sys.version_info[1]}"
@@ -542,6 +549,31 @@ def test_config_error_fails_with_exit_2_and_is_not_restarted(stack: Stack) -> No
         stack.write_config(good)
     stack.ct.sh("systemctl reset-failed edge-agent && systemctl start edge-agent", timeout=120)
     assert stack.http("GET", "/readyz")[0] == 200
+
+
+def test_offline_bundle_installs_the_service_with_no_network(stack: Stack) -> None:
+    """README "Offline install": unpack the bundle, ./install.sh with no network at all
+    (a network namespace holding only lo), restart: the service runs the bundle's agent."""
+    ct = stack.ct
+    stack.ensure_running()
+    ct.sh("rm -rf /root/offline && mkdir /root/offline && cd /root/offline "
+          "&& tar xzf /bundle/order-edge-agent-*-offline-*.tar.gz")
+    links = ct.sh("unshare --net sh -c 'tail -n +3 /proc/net/dev'").stdout.split()
+    assert links[0] == "lo:" and not [w for w in links if w.endswith(":") and w != "lo:"]
+    before = stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout
+    proc = ct.sh("cd /root/offline/order-edge-agent-*-offline-*/ && unshare --net ./install.sh",
+                 timeout=300, env={"https_proxy": "http://127.0.0.1:9",
+                                   "http_proxy": "http://127.0.0.1:9"})
+    assert "systemd/install.sh: installed edge-agent" in proc.stdout, proc.stdout
+    assert stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout == before
+    ct.sh(f"systemctl restart {UNIT}", timeout=120)
+    assert stack.http("GET", "/readyz") == (200, {"ready": True})
+    with urllib.request.urlopen(stack.url + "/", timeout=10) as resp:  # the console
+        assert resp.status == 200 and b"console.js" in resp.read()
+    key, body = stack.order("offline")
+    code, answer = stack.http("POST", "/v1/orders", body)
+    assert code in (201, 202), (code, answer)
+    assert (code == 201) == stack.center.has(key), (code, answer)
 
 
 def test_readme_journal_commands_give_only_the_agents_json(stack: Stack) -> None:

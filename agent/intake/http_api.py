@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from agent import console
 from agent.config import AgentSection
 from agent.intake.body import BodyTimeout, BodyTooLarge, read_body
 from agent.intake.orders import Intake
@@ -20,6 +21,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 ReadySource = Callable[[], bool]
 Refresh = Callable[[], Awaitable[None]]
+SmsLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
 log = logging.getLogger("agent.http")
 # Headers we read; a value that is not valid UTF-8 is a 400 naming the header.
 READ_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key")
@@ -33,7 +35,7 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
 class HttpApi:
     def __init__(self, intake: Intake, metrics: Metrics, tokens: frozenset[str],
                  settings: AgentSection, status: StatusSource, ready: ReadySource,
-                 refresh_metrics: Refresh) -> None:
+                 refresh_metrics: Refresh, sms_lookup: SmsLookup | None = None) -> None:
         self._intake = intake
         self._metrics = metrics
         self.tokens = tokens
@@ -42,6 +44,7 @@ class HttpApi:
         self._status = status
         self._ready = ready
         self._refresh_metrics = refresh_metrics
+        self._sms_lookup = sms_lookup
 
     def build_app(self) -> web.Application:
         # Bodies are read by hand below, so aiohttp's own limit only guards the rest.
@@ -54,6 +57,9 @@ class HttpApi:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics)
+        # The console (agent/console/): open like the probes; its data calls carry the token.
+        app.router.add_get("/", self.console_page)
+        app.router.add_get("/console/{name}", self.console_asset)
         return app
 
     @web.middleware
@@ -123,13 +129,33 @@ class HttpApi:
         entry = await self._intake.lookup_serial(request.match_info["serial"])
         if entry is None or not entry.acknowledged:
             return json_response(404, {"error": "no order with this serial"})
-        return json_response(200, entry.public())
+        return json_response(200, await self._with_sms(entry.public()))
 
     async def get_by_key(self, request: web.Request) -> web.Response:
         entry = await self._intake.lookup(request.match_info["key"])
         if entry is None or not entry.acknowledged:
             return json_response(404, {"error": "no order with this dedupe key"})
-        return json_response(200, entry.public())
+        return json_response(200, await self._with_sms(entry.public()))
+
+    async def _with_sms(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """Add the order's SMS notice (state, masked phone), null when it has none."""
+        notice = None
+        if self._sms_lookup is not None:
+            notice = await self._sms_lookup(str(answer["serial"]))
+        return {**answer, "sms": notice}
+
+    async def console_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=console.page(request.headers.get("Accept-Language", "")),
+                            content_type="text/html", charset="utf-8",
+                            headers=console.HEADERS)
+
+    async def console_asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        kind = console.content_type(name)
+        if kind is None:
+            return json_response(404, {"error": "no such console file"})
+        return web.Response(body=console.asset(name), content_type=kind, charset="utf-8",
+                            headers=console.HEADERS)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response(200, {"ok": True})

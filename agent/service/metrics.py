@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+ORDER_OUTCOMES = ("forwarded", "buffered", "duplicate", "conflict", "invalid", "in_flight",
+                  "refused", "upstream_conflict", "upstream_rejected")
 
 
 class Metrics:
@@ -14,6 +23,9 @@ class Metrics:
         r = self.registry
         self.orders = Counter("edge_orders", "Orders received, by outcome of the intake.",
                               ["outcome"], registry=r)
+        # Every outcome from 0, so increase() sees the first one (a new series has no rate).
+        for outcome in ORDER_OUTCOMES:
+            self.orders.labels(outcome=outcome)
         self.pending = Gauge("edge_pending_orders", "Orders in pending/ awaiting delivery.",
                              registry=r)
         self.pending_bytes = Gauge("edge_pending_bytes", "Bytes in pending/.", registry=r)
@@ -47,6 +59,21 @@ class Metrics:
         self.sms_outbox = Gauge("edge_sms_outbox", "SMS outbox rows, by state (queued, sending, "
                                 "sent, failed, suppressed, skipped, ambiguous).", ["state"],
                                 registry=r)
+        # For alerts (ops/prometheus/edge-agent.rules.yml) and the dashboard.
+        self.mode = Gauge("edge_mode", "1 for the agent's current mode (normal, standby, "
+                          "offline), 0 for the others.", ["mode"], registry=r)
+        self.oldest_pending_age = Gauge("edge_oldest_pending_age_seconds",
+                                        "Age of the oldest buffered order (0: none).",
+                                        registry=r)
+        self.buffer_max_bytes = Gauge("edge_buffer_max_bytes", "buffer.max_bytes: past it new "
+                                      "orders get 507.", registry=r)
+        self.start_time = Gauge("edge_agent_start_time_seconds",
+                                "Unix time this agent process started.", registry=r)
+        self.unclean_start = Gauge("edge_agent_unclean_start", "1 if the previous run of the "
+                                   "agent did not stop cleanly (watchdog kill, crash, kill -9, "
+                                   "power cut).", registry=r)
+        # process_start_time_seconds and friends: a restart shows as a change of it.
+        ProcessCollector(registry=r)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import logging
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +38,10 @@ from agent.upstream.health import ClusterHealth, HealthMonitor
 from agent.upstream.router import Router
 
 log = logging.getLogger("agent.service")
+MODES = ("normal", "standby", "offline")
+MODE_HISTORY = 20
+DRAIN_WINDOW_S = 30.0
+RUNNING_MARKER = "agent.running"
 
 
 class Service:
@@ -68,7 +75,8 @@ class Service:
         self.housekeeper = Housekeeper(self.journal, self.dirs, cfg.agent.journal_retention_days,
                                        cfg.buffer.retention_days)
         self.api = HttpApi(self.intake, self.metrics, cfg.tokens, cfg.agent,
-                           self.status, self.ready, self.refresh_metrics)
+                           self.status, self.ready, self.refresh_metrics,
+                           sms_lookup=self.outbox.notice if self.outbox else None)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.health.subscribe(self._on_health_change)
@@ -76,6 +84,12 @@ class Service:
         self.reloader: ConfigReloader | None = None
         self._mode = "offline"
         self._mode_since = time.time()
+        # The last mode changes, for /status and the console (bounded, in memory only).
+        self.mode_history: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=MODE_HISTORY)
+        # (monotonic time, orders delivered by the drain so far): the drain rate.
+        self._drained: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
+        self._running_marker = Path(cfg.agent.state_dir) / RUNNING_MARKER
 
     def _on_refusal(self, cluster: str, answer: Answer | None) -> None:
         """The drain saw an answer: a refusal of the agent (401/403/...) or any other."""
@@ -101,6 +115,9 @@ class Service:
             if self._mode == "normal":
                 self.metrics.failovers.inc()
             self.metrics.mode_transitions.labels(to=mode).inc()
+            self.mode_history.append({
+                "at": time.time(), "from": self._mode, "to": mode, "cluster": cluster.name,
+                "reason": cluster.refusing or cluster.last_error})
             self._mode, self._mode_since = mode, time.time()
         self.drainer.online(bool(self.health.usable()))
 
@@ -138,6 +155,10 @@ class Service:
         if self.outbox is not None:  # before the listener: a 202 may queue an SMS
             await self._start(self.outbox)
         await self._start(self.upstream)
+        # No cluster checked yet: the agent starts offline until the first checks pass.
+        self._mode_since = time.time()
+        self.mode_history.append({"at": self._mode_since, "from": None, "to": self._mode,
+                                  "cluster": None, "reason": "agent started"})
         await self._start(self.health)
         self._mode = self.mode()
         await self._start(self.housekeeper)
@@ -158,6 +179,12 @@ class Service:
                 functools.partial(self._refusing, name))
         self.metrics.pending.set_function(lambda: self.spool.count)
         self.metrics.pending_bytes.set_function(lambda: self.spool.bytes)
+        for name in MODES:
+            self.metrics.mode.labels(mode=name).set_function(
+                functools.partial(self._is_mode, name))
+        self.metrics.buffer_max_bytes.set(self.cfg.buffer.max_bytes)
+        self.metrics.start_time.set(time.time())
+        self.metrics.unclean_start.set(int(await asyncio.to_thread(self._mark_running)))
         log.info("agent accepting orders", extra={
             "listen": f"{self.cfg.agent.host}:{self.port}", "node_id": self.cfg.agent.node_id,
             "pending": self.spool.count, "mode": self.mode()})
@@ -182,7 +209,31 @@ class Service:
             self._runner = None
         while self._stack:
             await self._stack.pop().stop()
+        with contextlib.suppress(OSError):
+            self._running_marker.unlink()
         log.info("agent stopped")
+
+    def _mark_running(self) -> bool:
+        """Leave a marker that a clean stop removes; True if the last run left one."""
+        unclean = self._running_marker.exists()
+        if unclean:
+            log.warning("the previous run did not stop cleanly (watchdog, crash, kill -9 or "
+                        "power cut)")
+        try:  # durable, so a power cut right after start-up still reads as unclean
+            fd = os.open(self._running_marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dfd = os.open(self._running_marker.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self._running_marker, exc)
+        return unclean
 
     # -- views -----------------------------------------------------------------------
 
@@ -193,6 +244,9 @@ class Service:
             return "standby"
         return "offline"
 
+    def _is_mode(self, name: str) -> int:
+        return int(self.mode() == name)
+
     def _refusing(self, name: str) -> int:
         cluster = self.health.clusters.get(name)
         return int(cluster is not None and cluster.refusing is not None)
@@ -200,6 +254,7 @@ class Service:
     async def refresh_metrics(self) -> None:
         """Before a scrape: gauges that need a look at the disk or the journal."""
         await self.spool.recount(0)
+        self.metrics.oldest_pending_age.set(await self._oldest_age())
         pinned = await self.journal.pinned_counts()
         for name in ("primary", "standby", "none"):
             self.metrics.pinned.labels(cluster=name).set(pinned.get(name, 0))
@@ -207,6 +262,31 @@ class Service:
     def ready(self) -> bool:
         """Can persist orders: a load balancer stops sending while the disk fails us."""
         return self.intake.accepting and self.spool.writable and self.intake.failing is None
+
+    async def _oldest_age(self) -> float:
+        _, oldest = await self.journal.pending_summary()
+        if not oldest:
+            return 0.0
+        try:
+            return max(0.0, time.time() - datetime.fromisoformat(oldest).timestamp())
+        except ValueError:
+            return 0.0
+
+    def drain_rate(self) -> float:
+        """Orders per second the drain delivered over the last DRAIN_WINDOW_S (sampled at
+        each /status)."""
+        delivered = 0.0
+        for metric in self.metrics.deliveries.collect():
+            for sample in metric.samples:
+                if (sample.name.endswith("_total")
+                        and sample.labels.get("outcome") in ("created", "duplicate")):
+                    delivered += sample.value
+        now = time.monotonic()
+        self._drained.append((now, delivered))
+        while len(self._drained) > 2 and now - self._drained[0][0] > DRAIN_WINDOW_S:
+            self._drained.popleft()
+        t0, d0 = self._drained[0]
+        return (delivered - d0) / (now - t0) if now - t0 >= 1.0 else 0.0
 
     async def status(self) -> dict[str, Any]:
         await self.spool.recount(0)  # whoever moved files (edge-recover), count what is there
@@ -218,6 +298,8 @@ class Service:
                 age = max(0.0, time.time() - datetime.fromisoformat(oldest).timestamp())
             except ValueError:
                 age = 0.0
+        rate = self.drain_rate()
+        pending = self.spool.count
         return {
             "mode": self.mode(),
             "mode_since": self._mode_since,
@@ -235,6 +317,13 @@ class Service:
             "ready": self.ready(),
             "buffer_error": self.spool.last_error,
             "persist_error": self.intake.failing,
+            "drain_rate_per_s": round(rate, 2),
+            # null: nothing pending, or nothing drains now (no estimate)
+            "drain_eta_s": (0.0 if pending == 0 else
+                            round(pending / rate, 1) if rate > 0 else None),
+            "max_bytes": self.cfg.buffer.max_bytes,
+            "mode_history": list(self.mode_history),
+            "now": time.time(),
         }
 
 

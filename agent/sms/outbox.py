@@ -90,6 +90,15 @@ class Outbox:
     def unfinished(self) -> int:
         return sum(self.counts[s] for s in OPEN)
 
+    async def notice(self, serial: str) -> dict[str, Any] | None:
+        """One order's SMS notice for lookups (customer service): state, masked phone."""
+        row = await self.store.notice_of(serial)
+        if row is None:
+            return None
+        state, phone, reason, updated_at = row
+        return {"state": state, "phone": mask(phone) if phone else None,
+                "sent": state == SENT, "reason": reason or None, "updated_at": updated_at}
+
     def snapshot(self) -> dict[str, Any]:
         return {"provider": self._provider.name,
                 "by_state": {s: self.counts[s] for s in STATES}}

@@ -233,6 +233,17 @@ class OutboxStore:
         async with self._conn(reader=True).execute("SELECT serial FROM sms") as cur:
             return {str(r[0]) for r in await cur.fetchall()}
 
+    async def notice_of(self, serial: str) -> tuple[str, str, str, float] | None:
+        """(state, phone, reason, updated_at) of one serial's notice; the phone as stored
+        (masked once final, normalized while open: callers mask it)."""
+        async with self._conn(reader=True).execute(
+                "SELECT state, phone, reason, updated_at FROM sms WHERE serial=?",
+                (serial,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return str(row[0]), str(row[1]), str(row[2] or ""), float(row[3] or 0.0)
+
     async def state_of(self, serial: str) -> tuple[str, str] | None:
         """(state, reason) of one serial's notice, for tests and ops."""
         async with self._conn(reader=True).execute(

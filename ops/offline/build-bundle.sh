@@ -1,0 +1,53 @@
+#!/bin/sh
+# Build the offline install bundle for a warehouse server with no internet access:
+#
+#   ops/offline/build-bundle.sh [OUTDIR]        # default OUTDIR: dist/
+#
+# Run it on a machine with the package index (or a warm pip cache) and the same Python as
+# the warehouse server (Debian 12: python3 = 3.11, x86_64; PYTHON=/path/to/python3.11 picks
+# another interpreter). It writes OUTDIR/order-edge-agent-<version>-offline-<tag>.tar.gz
+# holding: wheels/ (the agent and every dependency, built or downloaded for this Python),
+# debs/ (python3-venv and what it needs, so a stock Debian 12 can make a venv; only when
+# apt-get is available), systemd/ (units, install.sh), config/agent.toml, install.sh,
+# TARGET (the Python tag the wheels are for) and SHA256SUMS.
+# Installing: README "Running under systemd" (no network: pip --no-index --find-links).
+set -eu
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+out="${1:-$repo/dist}"
+case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
+python="${PYTHON:-python3}"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)"
+tag="$("$python" -c 'import sys, sysconfig; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-" + sysconfig.get_platform().replace("-", "_").replace(".", "_"))')"
+name="order-edge-agent-$version-offline-$tag"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+stage="$work/$name"
+mkdir -p "$stage/wheels" "$stage/systemd" "$stage/config" "$out"
+
+# Build from a copy: no build/ or *.egg-info left in the checkout.
+tar -C "$repo" --exclude=.git --exclude=.venv --exclude=build --exclude=dist \
+    --exclude='*.egg-info' --exclude=__pycache__ --exclude='.*_cache' --exclude=test-artifacts \
+    -cf - . | (mkdir "$work/src" && tar -C "$work/src" -xf -)
+# The agent's wheel and one wheel per dependency, for this interpreter. --only-binary for
+# the dependencies: the server has no compiler either.
+"$python" -m pip wheel --quiet --wheel-dir "$stage/wheels" --only-binary=:all: \
+    --no-binary=order-edge-agent "$work/src"
+
+if command -v apt-get >/dev/null 2>&1; then
+    mkdir -p "$stage/debs"
+    # A stock Debian 12 lacks ensurepip (python3-venv): carry it and its own dependencies.
+    (cd "$stage/debs" && apt-get -o APT::Sandbox::User=root download -q python3-venv \
+        python3.11-venv python3-pip-whl python3-setuptools-whl >/dev/null)
+fi
+
+cp "$repo/systemd/edge-agent.service" "$repo/systemd/edge-recover@.service" \
+   "$repo/systemd/edge-agent.sysusers.conf" "$repo/systemd/edge-agent.tmpfiles.conf" \
+   "$repo/systemd/install.sh" "$stage/systemd/"
+cp "$repo/config/agent.toml" "$stage/config/"
+cp "$repo/ops/offline/install.sh" "$stage/install.sh"
+chmod 0755 "$stage/install.sh" "$stage/systemd/install.sh"
+echo "$tag" > "$stage/TARGET"
+echo "$version" > "$stage/VERSION"
+(cd "$stage" && find . -type f ! -name SHA256SUMS | sort | xargs sha256sum > SHA256SUMS)
+tar -C "$work" -czf "$out/$name.tar.gz" "$name"
+echo "$out/$name.tar.gz"

@@ -1,0 +1,43 @@
+#!/bin/sh
+# Install Order Edge Agent from this offline bundle: no network is used (pip --no-index
+# --find-links wheels/, nothing else; pip's own config files and PIP_* variables are
+# ignored so no index or cache of the machine is consulted).
+#
+#   ./install.sh                 # as root on Debian 12: the systemd service (systemd/install.sh)
+#   ./install.sh --venv DIR      # only a venv with the agent in DIR (any user; for tests)
+set -eu
+here="$(cd "$(dirname "$0")" && pwd)"
+python="${PYTHON:-python3}"
+
+(cd "$here" && sha256sum --quiet -c SHA256SUMS) || {
+    echo "install.sh: the bundle is damaged (SHA256SUMS does not match)" >&2; exit 1; }
+want="$(cat "$here/TARGET")"
+have="$("$python" -c 'import sys, sysconfig; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-" + sysconfig.get_platform().replace("-", "_").replace(".", "_"))')"
+[ "$want" = "$have" ] || {
+    echo "install.sh: this bundle is for $want, this machine's $python is $have" >&2; exit 1; }
+
+if ! "$python" -c 'import ensurepip' 2>/dev/null; then
+    [ "$(id -u)" = 0 ] && [ -d "$here/debs" ] || {
+        echo "install.sh: $python cannot make a venv (install python3-venv)" >&2; exit 1; }
+    dpkg -i "$here"/debs/*.deb
+fi
+
+# Offline pip: only the bundle's wheels.
+pip_offline() {
+    env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_CONSTRAINT \
+        PIP_CONFIG_FILE=/dev/null "$@" --isolated --no-index --find-links "$here/wheels" \
+        --disable-pip-version-check
+}
+
+if [ "${1:-}" = "--venv" ]; then
+    dir="${2:?usage: install.sh --venv DIR}"
+    "$python" -m venv "$dir"
+    pip_offline "$dir/bin/pip" install --quiet --upgrade order-edge-agent
+    echo "install.sh: installed $("$dir/bin/edge-agent" --version) in $dir"
+    exit 0
+fi
+
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (or: install.sh --venv DIR)" >&2; exit 1; }
+# systemd/install.sh makes /opt/edge-agent; EDGE_AGENT_WHEELS makes it install offline.
+cd "$here"
+EDGE_AGENT_WHEELS="$here/wheels" systemd/install.sh order-edge-agent
