@@ -6,13 +6,12 @@ Usage and config errors print one line naming what is wrong and exit 2.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent import __version__
+from agent import __version__, eventloop
 from agent.config import Config, load_config, resolve_config_path
 from agent.errors import ConfigError, UsageError
 from agent.usage import OneLineParser
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         job = _job(args)
-        return asyncio.run(run(job))
+        return eventloop.run(run(job))
     except (ConfigError, UsageError, AlreadyRunning) as exc:
         print(f"edge-recover: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -70,6 +70,8 @@ def _check_id(value: Any, name: str, required: bool = True) -> str | None:
         raise InvalidOrderError(name, f"{name} must not be blank")
     if len(value) > MAX_ID_CHARS:
         raise InvalidOrderError(name, f"{name} is longer than {MAX_ID_CHARS} characters")
+    if value.isascii() and value.isprintable():
+        return value  # the usual case, in C: printable ASCII has no Cc/Cf/Zl/Zp character
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
         raise InvalidOrderError(name, f"{name} contains control characters")
     return value
@@ -275,11 +277,10 @@ class Intake:
         except BufferFullError as exc:
             log.error("order refused, buffer full: %s", exc)
             return self._count("refused", Reply(507, {"error": str(exc)}))
-        try:
-            await self._journal.record(Entry(order.dedupe_key, serial, BUFFERED, pinned, None,
-                                             order.digest, received_at))
-        except PersistError as exc:  # the file is durable and wins; the index heals at start-up
-            log.error("journal write for buffered %s failed: %s", serial, exc)
+        # The file is durable and is the truth: its journal row is committed behind the
+        # 202 (lookups see it at once; a crash that takes it is healed at start-up).
+        self._journal.record_behind(Entry(order.dedupe_key, serial, BUFFERED, pinned, None,
+                                          order.digest, received_at))
         sms = "none"
         if self._on_buffered is not None:
             sms = await self._on_buffered(record)
