@@ -11,10 +11,11 @@ import contextlib
 import dataclasses
 import logging
 import sqlite3
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
 import orjson
@@ -102,8 +103,18 @@ def parse_order(raw: bytes, idempotency_key: str | None) -> Order:
     return Order(raw, channel_id, channel_order_id, key, phone, body_digest(raw))
 
 
+_tz_cache: tuple[float, tzinfo | None] = (-1.0, None)
+
+
 def now_iso() -> str:
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+    """Local time with its offset; the zone is looked up once a second, not per order."""
+    global _tz_cache
+    now = time.time()
+    checked, tz = _tz_cache
+    if tz is None or now - checked >= 1.0:
+        tz = datetime.fromtimestamp(now).astimezone().tzinfo
+        _tz_cache = (now, tz)
+    return datetime.fromtimestamp(now, tz).isoformat(timespec="milliseconds")
 
 
 class Intake:
@@ -126,6 +137,7 @@ class Intake:
         self._router = router
         self._metrics = metrics
         self._on_buffered = on_buffered
+        self._outcomes: dict[str, Any] = {}
         self._inflight: dict[str, str | None] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -288,5 +300,8 @@ class Intake:
                                                    "sms": sms}))
 
     def _count(self, outcome: str, reply: Reply) -> Reply:
-        self._metrics.orders.labels(outcome=outcome).inc()
+        counter = self._outcomes.get(outcome)
+        if counter is None:  # the labelled child, looked up once per outcome
+            counter = self._outcomes[outcome] = self._metrics.orders.labels(outcome=outcome)
+        counter.inc()
         return reply
