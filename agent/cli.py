@@ -12,7 +12,7 @@ import urllib.request
 
 import orjson
 
-from agent import __version__, eventloop
+from agent import __version__
 from agent.config import load_config, resolve_config_path
 from agent.errors import ConfigError, UsageError
 from agent.logs import setup_logging
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(config_path: str) -> int:
     cfg = load_config(config_path)
     setup_logging()
-    return eventloop.run(_serve(Service(cfg), config_path))
+    return asyncio.run(_serve(Service(cfg), config_path))
 
 
 async def _serve(service: Service, config_path: str) -> int:

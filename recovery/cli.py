@@ -6,12 +6,13 @@ Usage and config errors print one line naming what is wrong and exit 2.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent import __version__, eventloop
+from agent import __version__
 from agent.config import Config, load_config, resolve_config_path
 from agent.errors import ConfigError, UsageError
 from agent.usage import OneLineParser
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         job = _job(args)
-        return eventloop.run(run(job))
+        return asyncio.run(run(job))
     except (ConfigError, UsageError, AlreadyRunning) as exc:
         print(f"edge-recover: {exc}", file=sys.stderr)
         return EXIT_USAGE
