@@ -145,8 +145,9 @@ class Intake:
         self.failing: str | None = None  # why the last order could not be kept, until one is
 
     def writing(self, serial: str) -> bool:
-        """True while this serial's order is still between its pending file and its reply."""
-        return serial in self._inflight.values()
+        """True while this serial's order is between its pending file and its reply, or
+        its journal row (committed behind the 202) is not durable yet."""
+        return self._journal.queued(serial) or serial in self._inflight.values()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

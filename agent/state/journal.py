@@ -170,6 +170,16 @@ class Journal:
 
         fut.add_done_callback(committed)
 
+    def queued(self, serial: str) -> bool:
+        """True while ``serial``'s row from ``record_behind`` is not committed yet.
+
+        The drain leaves such a file alone: moving it to merged/ before its row is
+        durable could, after a power cut, leave a delivered order the journal does not
+        know (its serial unknown to lookups). After a failed commit it stays True: the
+        file then waits in pending/ for the next start-up, which indexes it again.
+        """
+        return serial in self._queued_by_serial
+
     @staticmethod
     def _record_op(entry: Entry) -> _Op:
         return _Op(
