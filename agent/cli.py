@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+import os
 import signal
 import sys
 import urllib.error
@@ -97,6 +99,7 @@ async def _serve(service: Service, config_path: str) -> int:
         await service.stop()
         await notifier.stop()
         return 1
+    _quiet_gc()
     notifier.ready(f"accepting orders on {service.cfg.agent.host}:{service.port}")
     await stop.wait()
     notifier.stopping()
@@ -104,6 +107,22 @@ async def _serve(service: Service, config_path: str) -> int:
     await service.stop()
     await notifier.stop()
     return 0
+
+
+def _quiet_gc() -> None:
+    """Keep the cyclic GC off the per-order path (perf: ~4% of the agent's CPU under load).
+
+    What start-up allocated lives as long as the process: freeze it, so collections no
+    longer traverse it; and collect the young generation every 10,000 allocations
+    instead of 700 (an order allocates a few hundred short-lived objects, nearly all
+    freed by reference counting). ``EDGE_GC=default`` leaves Python's settings alone.
+    """
+    if os.environ.get("EDGE_GC", "").lower() == "default":
+        return
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(10_000, gen1, gen2)
 
 
 def status(config_path: str, as_json: bool) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -24,6 +25,7 @@ class Center:
         self.creates: Counter[str] = Counter()
         self.ids = itertools.count(1)
         self.requests = 0
+        self.first_create_at: float | None = None  # wall clock, for "first order delivered"
 
     def create(self, key: str, body: bytes) -> tuple[int, dict[str, Any]]:
         seen = self.orders.get(key)
@@ -31,6 +33,8 @@ class Center:
             if seen[1] != body:
                 return 422, {"error": "key reused with another body"}
             return 200, {"order_id": seen[0], "duplicate": True}
+        if self.first_create_at is None:
+            self.first_create_at = time.time()
         order_id = f"OC{next(self.ids):09d}"
         self.orders[key] = (order_id, body)
         self.creates[key] += 1
@@ -69,7 +73,8 @@ class Center:
         return web.Response(body=orjson.dumps({
             "orders": len(self.orders), "creates": sum(self.creates.values()),
             "duplicated_keys": sum(1 for n in self.creates.values() if n > 1),
-            "requests": self.requests}), content_type="application/json")
+            "requests": self.requests, "first_create_at": self.first_create_at}),
+            content_type="application/json")
 
     async def reset(self, request: web.Request) -> web.Response:
         self.__init__()  # type: ignore[misc]

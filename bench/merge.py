@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import shutil
@@ -35,6 +36,12 @@ from agent.spool.record import PendingRecord  # noqa: E402
 
 REFERENCE_S_PER_100K = 480.0
 HOST = "127.0.0.3"
+
+# Goals (issue 14), each against a baseline measured in the same run.
+GOAL_BULK_VS_BARE = 2.0      # bulk merge time <= 2x the bare aiohttp batch loop's
+GOAL_SINGLE_VS_BARE = 0.70   # single-POST merge rate >= 70% of a bare single-POST loop's
+GOAL_FIRST_DELIVERY_S = 1.0  # the first order created within 1 s of the merge's start
+GOAL_RSS_MB = 150.0          # peak RSS (the check that matters is at 1,000,000 files)
 
 
 def order_body(n: int, rng: random.Random) -> str:
@@ -84,15 +91,25 @@ def http(method: str, url: str) -> dict[str, object]:
         return doc
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, int, str]:
-    """(seconds, peak RSS MB, exit code, stdout) of one child process."""
+def run_measured(cmd: list[str], first_create_url: str | None = None,
+                 ) -> tuple[float, float, int, str, float | None]:
+    """(seconds, peak RSS MB, exit code, stdout, seconds to the center's first create)."""
+    start_wall = time.time()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.monotonic() - start
     out = proc.stdout.read().decode() if proc.stdout else ""
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return elapsed, usage.ru_maxrss / 1024, proc.returncode, out
+    first: float | None = None
+    if first_create_url is not None:
+        at = http("GET", first_create_url).get("first_create_at")
+        first = None if at is None else float(str(at)) - start_wall
+    return elapsed, usage.ru_maxrss / 1024, proc.returncode, out, first
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
 
 
 async def bare_loop(url: str, n: int, batch: int, concurrency: int = 32) -> None:
@@ -143,6 +160,8 @@ def main() -> int:
         assert center.stdout is not None
         center.stdout.readline()
         n = args.orders
+        goals: list[tuple[str, str, str, bool]] = []
+        errors: list[str] = []
         print(f"orders: {n}; center: {base} (separate process); cpus: {os.cpu_count()}")
         for mode in args.modes.split(","):
             batch = 100 if mode == "bulk" else 1
@@ -153,14 +172,15 @@ def main() -> int:
             print(f"[{mode}] generated {n} orders, {size / n:.0f} B avg body, "
                   f"in {time.monotonic() - t:.1f}s")
             http("POST", f"http://{HOST}:{port}/admin/reset")
-            bare_s, _, _, _ = run_measured([sys.executable, "bench/merge.py", "--bare", base,
-                                            str(n), str(batch)])
+            bare_s, _, _, _, _ = run_measured([sys.executable, "bench/merge.py", "--bare", base,
+                                               str(n), str(batch)])
             bare_rate = n / bare_s
             http("POST", f"http://{HOST}:{port}/admin/reset")
-            secs, rss, code, out = run_measured([
+            stats_url = f"http://{HOST}:{port}/admin/stats"
+            secs, rss, code, out, first = run_measured([
                 sys.executable, "-m", "recovery", "--path", str(root), "--mode", "merge",
-                "--target", base, "--batch", str(batch), "--concurrency", "32"])
-            stats = http("GET", f"http://{HOST}:{port}/admin/stats")
+                "--target", base, "--batch", str(batch), "--concurrency", "32"], stats_url)
+            stats = http("GET", stats_url)
             left = len(os.listdir(root / "pending"))
             rate = n / secs
             print(f"[{mode}] exit {code}; {out.strip()}")
@@ -170,13 +190,37 @@ def main() -> int:
                   f"{bare_rate:,.0f} orders/s; merge reaches {rate / bare_rate:.0%} of it")
             print(f"[{mode}] center: {stats['creates']} creates for {stats['orders']} keys, "
                   f"{stats['duplicated_keys']} keys created twice; {left} files left in pending/")
+            if code != 0 or stats["duplicated_keys"] or left or stats["creates"] != n:
+                errors.append(f"{mode}: exit {code}, {stats['creates']} creates of {n}, "
+                              f"{stats['duplicated_keys']} created twice, {left} left")
+            first_s = math.inf if first is None else first
+            if mode == "bulk":
+                ratio = secs / bare_s
+                goals.append((f"bulk {n:,}: merge time / bare batch loop", f"<= "
+                              f"{GOAL_BULK_VS_BARE:.1f}x", f"{ratio:.2f}x ({secs:.1f} s vs "
+                              f"{bare_s:.1f} s)", ratio <= GOAL_BULK_VS_BARE))
+            else:
+                kept = rate / bare_rate
+                goals.append((f"single {n:,}: merge rate / bare POST loop",
+                               f">= {GOAL_SINGLE_VS_BARE:.0%}", f"{kept:.0%} ({rate:,.0f} vs "
+                               f"{bare_rate:,.0f}/s)", kept >= GOAL_SINGLE_VS_BARE))
+            goals.append((f"{mode} {n:,}: first order delivered after",
+                           f"<= {GOAL_FIRST_DELIVERY_S:.0f} s", f"{first_s:.2f} s",
+                           first_s <= GOAL_FIRST_DELIVERY_S))
+            goals.append((f"{mode} {n:,}: peak RSS", f"<= {GOAL_RSS_MB:.0f} MB",
+                          f"{rss:.0f} MB", rss <= GOAL_RSS_MB))
             shutil.rmtree(root, ignore_errors=True)
     finally:
         center.terminate()
         center.wait()
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
-    return 0
+    print("=" * 100)
+    print(f"SUMMARY {'':<43} {'goal':<10} {'measured':<30} verdict")
+    for name, target, measured, ok in goals:
+        print(f"  {name:<49} {target:<10} {measured:<30} {verdict(ok)}")
+    print("ERRORS: " + "; ".join(errors) if errors else "no order lost, none created twice")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -98,3 +98,28 @@ async def test_retention_prunes_delivered_rows_and_old_merged_files(tmp_path: Pa
     assert kept is not None and kept.state == BUFFERED  # never forgotten while undelivered
     assert sorted(os.listdir(dirs.merged)) == ["NEW.json"]
     await journal.stop()
+
+
+async def test_a_row_committed_behind_the_reply_is_seen_at_once_and_held_from_the_drain(
+        tmp_path: Path):
+    """record_behind (a buffered order's row, behind its 202): lookups see it before the
+    commit, so a retry is a duplicate; queued() keeps the drain off the file until the
+    row is durable; afterwards the row comes from the database itself."""
+    journal = Journal(str(tmp_path))
+    await journal.start()
+    entry = Entry("douyin:behind-1", "WH-SH-01-20261130-000000001", BUFFERED, None, None,
+                  b"d" * 32, "2026-11-30T10:00:00.000+08:00")
+    journal.record_behind(entry)
+    assert journal.queued(entry.serial)
+    assert await journal.by_key(entry.dedupe_key) == entry
+    assert await journal.by_serial(entry.serial) == entry
+    # A later row commits after it (one writer, in order): then it is durable.
+    await journal.record(Entry("douyin:behind-2", "WH-SH-01-20261130-000000002", FORWARDED,
+                               "primary", "OC1", b"e" * 32, "2026-11-30T10:00:00.000+08:00"))
+    assert not journal.queued(entry.serial)
+    await journal.stop()
+
+    journal = Journal(str(tmp_path))  # read back from disk, nothing in memory
+    await journal.start()
+    assert await journal.by_key(entry.dedupe_key) == entry
+    await journal.stop()

@@ -32,13 +32,21 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> b
     if request.content_length is not None and request.content_length > max_bytes:
         raise BodyTooLarge(f"body is {request.content_length} bytes, larger than "
                            f"agent.max_body_bytes ({max_bytes})")
+    content = request.content
+    if content.is_eof():
+        # The usual small order: the whole body came with the headers. Take it as it is,
+        # without a task and a timer per request (the same checks as below).
+        body = content.read_nowait()
+        if len(body) > max_bytes:
+            raise BodyTooLarge(f"body is larger than agent.max_body_bytes ({max_bytes})")
+        return body
     chunks: list[bytes] = []
     size = 0
 
     async def read_all() -> None:
         nonlocal size
         while True:
-            chunk = await request.content.readany()
+            chunk = await content.readany()
             if not chunk:
                 return  # EOF: the whole body is here
             size += len(chunk)
@@ -47,7 +55,8 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> b
             chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(read_all(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for
+            await read_all()
     except TimeoutError as exc:
         raise BodyTimeout(f"the body did not arrive whole within agent.body_timeout_s "
                           f"({timeout_s:g} s): {size} bytes came; send it again") from exc

@@ -11,10 +11,11 @@ import contextlib
 import dataclasses
 import logging
 import sqlite3
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
 import orjson
@@ -70,6 +71,8 @@ def _check_id(value: Any, name: str, required: bool = True) -> str | None:
         raise InvalidOrderError(name, f"{name} must not be blank")
     if len(value) > MAX_ID_CHARS:
         raise InvalidOrderError(name, f"{name} is longer than {MAX_ID_CHARS} characters")
+    if value.isascii() and value.isprintable():
+        return value  # the usual case, in C: printable ASCII has no Cc/Cf/Zl/Zp character
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
         raise InvalidOrderError(name, f"{name} contains control characters")
     return value
@@ -100,8 +103,18 @@ def parse_order(raw: bytes, idempotency_key: str | None) -> Order:
     return Order(raw, channel_id, channel_order_id, key, phone, body_digest(raw))
 
 
+_tz_cache: tuple[float, tzinfo | None] = (-1.0, None)
+
+
 def now_iso() -> str:
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+    """Local time with its offset; the zone is looked up once a second, not per order."""
+    global _tz_cache
+    now = time.time()
+    checked, tz = _tz_cache
+    if tz is None or now - checked >= 1.0:
+        tz = datetime.fromtimestamp(now).astimezone().tzinfo
+        _tz_cache = (now, tz)
+    return datetime.fromtimestamp(now, tz).isoformat(timespec="milliseconds")
 
 
 class Intake:
@@ -124,6 +137,7 @@ class Intake:
         self._router = router
         self._metrics = metrics
         self._on_buffered = on_buffered
+        self._outcomes: dict[str, Any] = {}
         self._inflight: dict[str, str | None] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -131,8 +145,9 @@ class Intake:
         self.failing: str | None = None  # why the last order could not be kept, until one is
 
     def writing(self, serial: str) -> bool:
-        """True while this serial's order is still between its pending file and its reply."""
-        return serial in self._inflight.values()
+        """True while this serial's order is between its pending file and its reply, or
+        its journal row (committed behind the 202) is not durable yet."""
+        return self._journal.queued(serial) or serial in self._inflight.values()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -275,11 +290,10 @@ class Intake:
         except BufferFullError as exc:
             log.error("order refused, buffer full: %s", exc)
             return self._count("refused", Reply(507, {"error": str(exc)}))
-        try:
-            await self._journal.record(Entry(order.dedupe_key, serial, BUFFERED, pinned, None,
-                                             order.digest, received_at))
-        except PersistError as exc:  # the file is durable and wins; the index heals at start-up
-            log.error("journal write for buffered %s failed: %s", serial, exc)
+        # The file is durable and is the truth: its journal row is committed behind the
+        # 202 (lookups see it at once; a crash that takes it is healed at start-up).
+        self._journal.record_behind(Entry(order.dedupe_key, serial, BUFFERED, pinned, None,
+                                          order.digest, received_at))
         sms = "none"
         if self._on_buffered is not None:
             sms = await self._on_buffered(record)
@@ -287,5 +301,8 @@ class Intake:
                                                    "sms": sms}))
 
     def _count(self, outcome: str, reply: Reply) -> Reply:
-        self._metrics.orders.labels(outcome=outcome).inc()
+        counter = self._outcomes.get(outcome)
+        if counter is None:  # the labelled child, looked up once per outcome
+            counter = self._outcomes[outcome] = self._metrics.orders.labels(outcome=outcome)
+        counter.inc()
         return reply

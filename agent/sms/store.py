@@ -21,6 +21,7 @@ the rate limit needs are deleted after an hour.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -126,20 +127,22 @@ class OutboxStore:
 
     async def _flush(self, ops: list[_Op]) -> Sequence[None]:
         durable = any(isinstance(op, _Update) for op in ops)
-        async with self._db.transaction("FULL" if durable else None) as db:
+
+        def apply(db: sqlite3.Connection) -> None:  # on the SQLite thread: one hop per batch
             for op in ops:
                 if isinstance(op, _Enqueue):
-                    await self._apply_enqueue(db, op)
+                    self._apply_enqueue(db, op)
                 elif isinstance(op, _Update):
-                    await self._apply_update(db, op)
+                    self._apply_update(db, op)
                 else:
-                    await db.execute("DELETE FROM sms_window WHERE at < ?", (op.before,))
+                    db.execute("DELETE FROM sms_window WHERE at < ?", (op.before,))
+
+        await self._db.in_transaction(apply, "FULL" if durable else None)
         return [None] * len(ops)
 
-    async def _apply_enqueue(self, db: aiosqlite.Connection, op: _Enqueue) -> None:
-        # execute_fetchall: one hop to the sqlite thread per query (a cursor takes three).
-        rows = list(await db.execute_fetchall("SELECT state FROM sms WHERE serial=?",
-                                              (op.serial,)))
+    @staticmethod
+    def _apply_enqueue(db: sqlite3.Connection, op: _Enqueue) -> None:
+        rows = db.execute("SELECT state FROM sms WHERE serial=?", (op.serial,)).fetchall()
         if rows:
             op.result = str(rows[0][0])
             return
@@ -150,21 +153,21 @@ class OutboxStore:
         elif op.phone is None or op.reason:
             state, phone = SKIPPED, mask(op.raw_phone)
         elif op.limit > 0:
-            count = list(await db.execute_fetchall(
-                "SELECT COUNT(*) FROM sms_window WHERE phone=? AND at>?",
-                (op.phone, now - WINDOW_S)))
+            count = db.execute("SELECT COUNT(*) FROM sms_window WHERE phone=? AND at>?",
+                               (op.phone, now - WINDOW_S)).fetchall()
             if count and int(count[0][0]) >= op.limit:
                 state, phone = SUPPRESSED, mask(op.phone)
                 reason = f"sms.per_phone_per_hour ({op.limit}) reached for this phone"
-        await db.execute(
+        db.execute(
             "INSERT INTO sms (serial, phone, state, reason, created_at, next_at, updated_at) "
             "VALUES (?,?,?,?,?,?,?)", (op.serial, phone, state, reason, now, now, now))
         if state == QUEUED:
-            await db.execute("INSERT INTO sms_window (phone, at) VALUES (?,?)", (phone, now))
+            db.execute("INSERT INTO sms_window (phone, at) VALUES (?,?)", (phone, now))
         op.result, op.inserted = state, True
 
-    async def _apply_update(self, db: aiosqlite.Connection, op: _Update) -> None:
-        cur = await db.execute(
+    @staticmethod
+    def _apply_update(db: sqlite3.Connection, op: _Update) -> None:
+        cur = db.execute(
             "UPDATE sms SET state=?, phone=?, reason=?, next_at=?, attempts=?, provider_id=?, "
             "updated_at=? WHERE serial=? AND state=?",
             (op.state, op.phone, op.reason, op.next_at, op.attempts, op.provider_id,

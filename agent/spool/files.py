@@ -84,6 +84,19 @@ def write_tmp(tmp: Path, data: bytes, sync: bool = True) -> None:
         os.close(fd)
 
 
+def _create_written(tmp: Path, data: bytes) -> int:
+    """Create ``tmp`` (0600) holding ``data``, not yet synced; return its open fd."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -100,15 +113,26 @@ def write_pending_batch(
     pending = dirs.pending
     results: list[BaseException | None] = [None] * len(records)
     tmps = [pending / f".{r.filename}{TMP_SUFFIX}" for r in records]
-    futures = [
-        pool.submit(write_tmp, tmp, r.to_bytes()) for tmp, r in zip(tmps, records, strict=True)
-    ]
-    for i, fut in enumerate(futures):
+    # Create and write every temp file here (page cache only, fast); only the fsyncs
+    # go to the pool, in parallel, so the pool's threads take the GIL once per file
+    # instead of once per system call (32 threads contending for it cost more system
+    # time than the fsyncs themselves).
+    fds: list[int] = [-1] * len(records)
+    for i, (tmp, record) in enumerate(zip(tmps, records, strict=True)):
+        try:
+            fds[i] = _create_written(tmp, record.to_bytes())
+        except OSError as exc:
+            results[i] = translate(exc, f"pending/{record.filename}")
+            unlink_quietly(tmp)
+    futures = {i: pool.submit(os.fsync, fd) for i, fd in enumerate(fds) if fd >= 0}
+    for i, fut in futures.items():
         try:
             fut.result()
         except OSError as exc:
             results[i] = translate(exc, f"pending/{records[i].filename}")
             unlink_quietly(tmps[i])
+        finally:
+            os.close(fds[i])
     renamed = False
     for i, record in enumerate(records):
         if results[i] is not None:

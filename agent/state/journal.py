@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import aiosqlite
 from agent.errors import PersistError
 from agent.state.batching import GroupCommit
 from agent.state.sqlite_db import SqliteDb
+
+log = logging.getLogger("agent.state")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -88,6 +91,8 @@ class Entry:
 
 
 _COLUMNS = "dedupe_key, serial, state, cluster, order_id, digest, received_at"
+_BY_KEY = f"SELECT {_COLUMNS} FROM orders WHERE dedupe_key=?"
+_BY_SERIAL = f"SELECT {_COLUMNS} FROM orders WHERE serial=?"
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,10 @@ class Journal:
         self._db = SqliteDb(Path(state_dir) / "journal.sqlite3", "journal", SCHEMA,
                             synchronous="FULL")
         self._writer = GroupCommit[_Op]("journal", self._flush)
+        # Rows queued by ``record_behind`` and not yet committed, by key and by serial:
+        # lookups see them at once, so a retry right after the 202 is a duplicate.
+        self._queued_by_key: dict[str, Entry] = {}
+        self._queued_by_serial: dict[str, Entry] = {}
 
     def _conn(self, reader: bool = False) -> aiosqlite.Connection:
         return self._db.reader if reader else self._db.writer
@@ -134,6 +143,42 @@ class Journal:
         the future resolves when it is committed.
         """
         return self._writer.enqueue(self._record_op(entry))
+
+    def record_behind(self, entry: Entry) -> None:
+        """Queue the row and return at once; lookups see it before it is committed.
+
+        Only for rows the buffer files already make durable (a "buffered" row whose
+        pending file is fsync'd): should a crash take the row, start-up reconciliation
+        indexes the file again (the files are the truth). Until the commit, lookups by
+        key or serial answer from memory; a failed commit keeps the row in memory (and
+        logs) so this run still answers "duplicate" for it.
+        """
+        self._queued_by_key[entry.dedupe_key] = entry
+        self._queued_by_serial[entry.serial] = entry
+        fut = self._writer.enqueue(self._record_op(entry))
+
+        def committed(done: asyncio.Future[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                log.error("journal row for %s not stored (the pending file stays the truth;"
+                          " start-up indexes it again): %s", entry.serial,
+                          "cancelled" if done.cancelled() else done.exception())
+                return
+            if self._queued_by_key.get(entry.dedupe_key) is entry:
+                del self._queued_by_key[entry.dedupe_key]
+            if self._queued_by_serial.get(entry.serial) is entry:
+                del self._queued_by_serial[entry.serial]
+
+        fut.add_done_callback(committed)
+
+    def queued(self, serial: str) -> bool:
+        """True while ``serial``'s row from ``record_behind`` is not committed yet.
+
+        The drain leaves such a file alone: moving it to merged/ before its row is
+        durable could, after a power cut, leave a delivered order the journal does not
+        know (its serial unknown to lookups). After a failed commit it stays True: the
+        file then waits in pending/ for the next start-up, which indexes it again.
+        """
+        return serial in self._queued_by_serial
 
     @staticmethod
     def _record_op(entry: Entry) -> _Op:
@@ -167,15 +212,20 @@ class Journal:
     # -- reads ---------------------------------------------------------------------
 
     async def by_key(self, dedupe_key: str) -> Entry | None:
-        return await self._one("WHERE dedupe_key=?", dedupe_key)
+        queued = self._queued_by_key.get(dedupe_key)
+        if queued is not None:
+            return queued
+        return await self._one(_BY_KEY, dedupe_key)
 
     async def by_serial(self, serial: str) -> Entry | None:
-        return await self._one("WHERE serial=?", serial)
+        queued = self._queued_by_serial.get(serial)
+        if queued is not None:
+            return queued
+        return await self._one(_BY_SERIAL, serial)
 
-    async def _one(self, where: str, value: str) -> Entry | None:
-        sql = f"SELECT {_COLUMNS} FROM orders {where}"
-        rows = list(await self._conn(reader=True).execute_fetchall(sql, (value,)))
-        return Entry(*rows[0]) if rows else None  # one hop to the sqlite thread
+    async def _one(self, sql: str, value: str) -> Entry | None:
+        rows = await self._db.read_inline(sql, (value,))  # a point read: no thread hop
+        return Entry(*rows[0]) if rows else None
 
     async def pending_summary(self) -> tuple[int, str | None]:
         """(number of buffered orders, received_at of the oldest)."""

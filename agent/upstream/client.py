@@ -44,6 +44,7 @@ class UpstreamClient:
         self._max_connections = max_connections
         self._retire_grace_s = retire_grace_s
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._hosts: dict[str, str] = {}  # url -> host name, for the few URLs we use
         self._retiring: set[asyncio.Task[None]] = set()
         self._started = False
         resolver.subscribe(self._on_dns_change)
@@ -63,12 +64,19 @@ class UpstreamClient:
     def session_for(self, url: str) -> aiohttp.ClientSession:
         if not self._started:
             raise RuntimeError("UpstreamClient.start() must be awaited before use")
-        host = urlsplit(url).hostname or ""
+        host = self._hosts.get(url)
+        if host is None:
+            host = urlsplit(url).hostname or ""
+            if len(self._hosts) < 1024:
+                self._hosts[url] = host
         session = self._sessions.get(host)
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections,
                                              resolver=self._resolver, use_dns_cache=False)
-            session = aiohttp.ClientSession(connector=connector)
+            # No cookies: an order center's Set-Cookie must not ride along on other
+            # orders, and the jar costs a lookup on every request.
+            session = aiohttp.ClientSession(connector=connector,
+                                            cookie_jar=aiohttp.DummyCookieJar())
             self._sessions[host] = session
         return session
 
