@@ -103,18 +103,20 @@ def parse_order(raw: bytes, idempotency_key: str | None) -> Order:
     return Order(raw, channel_id, channel_order_id, key, phone, body_digest(raw))
 
 
-_tz_cache: tuple[float, tzinfo | None] = (-1.0, None)
+class LocalClock:
+    """Local time with its offset (``received_at``); the zone is looked up once a second,
+    not per order, so a DST change or a new TZ shows within a second."""
 
+    def __init__(self) -> None:
+        self._checked = -1.0
+        self._tz: tzinfo | None = None
 
-def now_iso() -> str:
-    """Local time with its offset; the zone is looked up once a second, not per order."""
-    global _tz_cache
-    now = time.time()
-    checked, tz = _tz_cache
-    if tz is None or now - checked >= 1.0:
-        tz = datetime.fromtimestamp(now).astimezone().tzinfo
-        _tz_cache = (now, tz)
-    return datetime.fromtimestamp(now, tz).isoformat(timespec="milliseconds")
+    def now_iso(self) -> str:
+        now = time.time()
+        if self._tz is None or now - self._checked >= 1.0:
+            self._tz = datetime.fromtimestamp(now).astimezone().tzinfo
+            self._checked = now
+        return datetime.fromtimestamp(now, self._tz).isoformat(timespec="milliseconds")
 
 
 class Intake:
@@ -138,6 +140,7 @@ class Intake:
         self._metrics = metrics
         self._on_buffered = on_buffered
         self._outcomes: dict[str, Any] = {}
+        self._clock = LocalClock()
         self._inflight: dict[str, str | None] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -217,7 +220,7 @@ class Intake:
         only = seen.cluster if seen is not None else None
         serial = seen.serial if seen is not None else await self._serials.next()
         self._inflight[order.dedupe_key] = serial
-        received_at = now_iso()
+        received_at = self._clock.now_iso()
         clusters = self._router.candidates(only)
         pinned = only
         if clusters:
