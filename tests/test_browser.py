@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from agent.drill.agent_proc import AgentSubprocess, drill_config, write_config_f
 from agent.drill.sandbox import Sandbox
 from agent.sandbox.servers import free_port
 from tests import host_tools
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -143,15 +142,7 @@ class Browser:
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
     """Poll an async predicate until truthy or the deadline passes (no blind sleeps)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = await predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        await asyncio.sleep(0.1)
+    return await wait_for(predicate, timeout, what, interval=0.1)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from agent.drill.agent_proc import AgentSubprocess, drill_config, write_config_f
 from agent.drill.sandbox import Sandbox
 from agent.sandbox.servers import free_port
 from tests import host_tools
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.prometheus
 
@@ -168,14 +168,7 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 
 
 async def wait(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
+    return await wait_for(predicate, timeout, what, interval=0.1)
 
 
 async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(

@@ -73,11 +73,8 @@ def replace_durably(path: Path, data: bytes) -> int:
 
 
 def write_tmp(tmp: Path, data: bytes, sync: bool = True) -> None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = _create_written(tmp, data)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
         if sync:
             os.fsync(fd)
     finally:
