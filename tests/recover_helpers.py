@@ -82,7 +82,12 @@ class Recover:
 
     async def finish(self, timeout: float = 60) -> Run:
         assert self.proc is not None
-        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        try:
+            out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        finally:
+            if self.proc.returncode is None:  # timed out: never leave it behind
+                self.proc.kill()
+                await self.proc.wait()
         assert self.proc.returncode is not None
         return Run(self.proc.returncode, out.decode(), err.decode())
 

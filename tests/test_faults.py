@@ -299,7 +299,12 @@ async def test_changing_buffer_path_with_orders_left_behind_refuses_to_start(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent", "run", "--config", str(config), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:  # it started instead of refusing: never leave it behind
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 2
     last = err.decode().strip().splitlines()[-1]
     assert str(tmp_path / "spool") in last and str(tmp_path / "new") in last, last
