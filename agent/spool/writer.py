@@ -69,7 +69,9 @@ class Held:
 
     async def delivered(self, order_id: Any, cluster: str) -> None:
         """The center confirmed: move the file to merged/ (a rename: no free space needed)."""
-        assert self.record is not None, "delivered() needs a parsed record"
+        if self.record is None:
+            raise RuntimeError(f"delivered() needs a parsed record; {self.name} is corrupt: "
+                               "quarantine it instead")
         await _in_thread(move_to_merged, self._spool.dirs, self.claim, self.record,
                          order_id, cluster)
         self._left()
@@ -84,7 +86,9 @@ class Held:
 
     async def pin(self, cluster: str) -> None:
         """Rewrite the record durably with ``pinned_to=cluster`` (CONTRACT 5)."""
-        assert self.record is not None, "pin() needs a parsed record"
+        if self.record is None:
+            raise RuntimeError(f"pin() needs a parsed record; {self.name} is corrupt: "
+                               "quarantine it instead")
         if self.record.pinned_to == cluster:
             return
         record = self.record.pinned(cluster)
