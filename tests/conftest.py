@@ -16,6 +16,7 @@ import pytest
 
 from agent.config import Config, load_config
 from agent.drill.agent_proc import AgentSubprocess, write_config_file
+from agent.drill.sandbox import Sandbox
 from agent.service.service import Service
 from tests.fakes import FakeAliyun, FakeCenter, FakeSmsGateway, free_port
 
@@ -67,6 +68,16 @@ async def standby() -> AsyncIterator[FakeCenter]:
     c = await FakeCenter(host="127.0.0.3", name="standby").start()
     yield c
     await c.stop()
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    """The drill's whole sandbox (primary, standby, spare, DNS, SMS gateway) on loopback."""
+    sb = await Sandbox().start()
+    try:
+        yield sb
+    finally:
+        await sb.stop()
 
 
 @pytest.fixture

@@ -155,15 +155,6 @@ def browsers() -> Iterator[list[Browser]]:
 
 
 @pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    sb = await Sandbox().start()
-    try:
-        yield sb
-    finally:
-        await sb.stop()
-
-
-@pytest.fixture
 async def agent(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[AgentSubprocess]:
     port = free_port()
     config = drill_config(tmp_path, sandbox, port)

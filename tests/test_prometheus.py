@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,15 +156,6 @@ class Recorder:
                 raise AssertionError(f"{self.phase}: timed out waiting for {what}; "
                                      f"firing: {sorted(self.now)}")
             await asyncio.sleep(0.25)
-
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    sb = await Sandbox().start()
-    try:
-        yield sb
-    finally:
-        await sb.stop()
 
 
 async def wait(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
