@@ -30,6 +30,7 @@ from recovery.finisher import Finisher, Settled
 from recovery.merge import MergeOptions, Merger
 from recovery.plan import Plan
 from recovery.progress import Progress
+from recovery.ranking import Ranker
 from recovery.report import Summary, write_report
 from recovery.sender import Sender
 from recovery.source import Found, admitted, scan
@@ -98,38 +99,39 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     checkpoint = Checkpoint(ck_path, run=time_ms())
     stop = _stop_event()
     with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
-        plan = Plan(Path(tmp) / "plan.db", ck_path, live=True)
+        ranker = Ranker(Path(tmp) / "rank.db", ck_path)
         try:
-            held: list[Found] = []
-            stats = await asyncio.to_thread(
-                plan.build, admitted(scan(job.root, job.node), job.cluster, held))
-            summary.total = stats.files
-            log.info("%d order files (%d corrupt), %d dedupe keys, %d duplicate groups, "
-                     "scanned in %.1fs; merging into %s", stats.files, stats.corrupt, stats.keys,
-                     stats.duplicate_groups, time.monotonic() - summary.started, job.target)
-            progress = Progress(stats.files, "merge")
+            sender = Sender(client, job.target, job.concurrency, job.rate, job.batch,
+                            job.timeout_s)
+            progress: Progress | None = None
 
             def settled(items: list[Settled]) -> None:
                 for item in items:
                     summary.add(item.row.outcome)
                     if item.error:
                         summary.extra["not_moved"] = summary.extra.get("not_moved", 0) + 1
-                progress.update(len(items))
+                if progress is not None:
+                    progress.update(len(items))
 
             finisher = Finisher(dirs, checkpoint, settled)
-            finisher.start()
-            sender = Sender(client, job.target, job.concurrency, job.rate, job.batch,
-                            job.timeout_s)
             opts = MergeOptions(job.root, job.target, job.node, job.concurrency, job.batch,
                                 job.held_wait_s, job.cluster)
-            merger = Merger(opts, plan, sender, finisher, stop)
+            merger = Merger(opts, ranker, sender, finisher, stop)
+            summary.total = await merger.prepare()
+            log.info("%d order files listed in %.1fs; merging into %s", summary.total,
+                     time.monotonic() - summary.started, job.target)
+            progress = Progress(summary.total, "merge")
+            finisher.start()
             try:
                 await merger.run()
             finally:
                 await finisher.stop()
+                progress.update(len(merger.held_elsewhere))
                 progress.close()
         finally:
-            plan.close()
+            ranker.close()
+    held = merger.held_elsewhere
+    summary.total -= len(held)
     summary.finish()
     summary.extra.update(requests=sender.requests, bulk=bool(sender.bulk),
                          interrupted=stop.is_set())

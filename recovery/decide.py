@@ -1,15 +1,17 @@
-"""What to do with one planned file, decided under its claim.
+"""What to do with one order file, decided under its claim.
 
-Runs in a worker thread: claims the file (the same flock the agent's drain
-takes, so the two never deliver one file at once), re-reads it, and settles
-everything that needs no request: corrupt files, orders the checkpoint
-already saw confirmed, losers of a dedupe group whose winner is confirmed.
-What is left must be sent.
+Runs in the merge's claim thread: claims the file (the same flock the
+agent's drain takes, so the two never deliver one file at once), reads it
+once, and settles everything that needs no request: corrupt files, orders
+the checkpoint already saw confirmed, losers of a dedupe group whose winner
+is confirmed. What is left must be sent, or (a loser whose winner is still
+on its way) waits for the losers' pass.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +26,20 @@ from agent.spool.record import BufferDirs, PendingRecord
 from agent.upstream.answers import BatchItem
 from recovery.checkpoint import DELIVERED, ResultRow
 from recovery.finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled
-from recovery.plan import PlanRow
-from recovery.source import body_digest, recovery_serial, to_record
+from recovery.item import Item
+from recovery.ranking import Facts
+from recovery.source import body_digest, read_found, recovery_serial, to_record
 
 CLUSTER = "recover"
-_ADDED_KEYS = (b'"order_id"', b'"cluster"', b'"merged_at"', b'"target"', b'"duplicate_of"')
+# One C-level scan of the file for any key the merge adds (5 substring searches cost more).
+_ADDED_KEY = re.compile(rb'"(?:order_id|cluster|merged_at|target|duplicate_of)"')
 
 
 @dataclass
 class Work:
     """A claimed order that must go to the center."""
 
-    row: PlanRow
+    row: Item
     claim: Claim
     record: PendingRecord
     merged_name: str
@@ -72,8 +76,8 @@ class Work:
     def renamable(self) -> bool:
         """A record-format file without our keys is moved as is, keys added in place."""
         data = self.claim.data
-        return (not self.raw and data.rstrip().endswith(b"}")
-                and not any(k in data for k in _ADDED_KEYS))
+        return (not self.raw and (data.endswith(b"}") or data.rstrip().endswith(b"}"))
+                and _ADDED_KEY.search(data) is None)
 
     def quarantined(self, outcome: str, error: str, details: dict[str, Any]) -> Settled:
         reason = {"reason": outcome, "error": error, "serial": self.record.serial,
@@ -88,25 +92,56 @@ class Work:
 class Held:
     """Another process (the agent's drain) holds this file's claim: come back later."""
 
-    row: PlanRow
+    row: Item
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A claimed file and the order it holds."""
+
+    row: Item
+    claim: Claim
+    record: PendingRecord
 
 
 Decision = Work | Settled | Held
 
 
-def decide(root: Path, dirs: BufferDirs, node: str, target: str, row: PlanRow) -> Decision:
-    path = root / row.file
+def open_file(root: Path, dirs: BufferDirs, node: str, row: Item) -> Opened | Settled | Held:
+    """Claim and read ``row.file``. A file the agent holds is read without the claim, so
+    its dedupe key is ranked where it was met; corrupt files are settled here."""
+    path = f"{root}/{row.file}"  # a str: a Path (or os.path.join) per file costs more than
+    # the claim's system calls
     claim = try_claim(path, writable=True)
     if claim is None:
-        return Held(row) if path.exists() else _vanished(dirs, row, path)
+        if not os.path.exists(path):
+            return _vanished(dirs, row, Path(path))
+        if row.serial is None:
+            peek = read_found(root, row.file, row.loose, node)
+            if peek is not None and peek.error is None:
+                row.serial, row.key, row.pinned_to = peek.serial, peek.key, peek.pinned_to
+                row.digest = peek.digest
+        return Held(row)
     try:
         record = to_record(row.file, row.loose, claim.data, node,
                            _mtime(claim) if row.loose else None)
     except CorruptRecordError as exc:
-        ref = row.serial or row.file
-        return Settled(ResultRow(ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
+        return Settled(ResultRow(row.ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
                        QUARANTINE, claim, reason={"reason": "corrupt", "error": str(exc)})
-    wanted = path.name if not row.loose or row.file.endswith(record.filename) else record.filename
+    if row.serial is not None and (record.dedupe_key != row.key
+                                   or record.serial != row.serial):
+        return Work(row, claim, record, "").left("the file changed during the merge; "
+                                                 "run again")
+    row.serial, row.key, row.pinned_to = record.serial, record.dedupe_key, record.pinned_to
+    return Opened(row, claim, record)
+
+
+def decide(dirs: BufferDirs, node: str, target: str, opened: Opened, own: Facts, key: Facts,
+           winner_outcome: str | None) -> Work | Settled | None:
+    """Work to send, settled, or None: a loser whose winner is not confirmed yet."""
+    row, claim, record = opened.row, opened.claim, opened.record
+    wanted = os.path.basename(row.file) if not row.loose or row.file.endswith(record.filename) \
+        else record.filename
     # pending/{serial}.json can only meet its own order in merged/ (left there by a
     # crash of the agent between copy and unlink): replacing it is harmless, so only
     # loose files, whose names are anyone's, pay for a lookup in merged/.
@@ -115,22 +150,20 @@ def decide(root: Path, dirs: BufferDirs, node: str, target: str, row: PlanRow) -
     name = merged_name(dirs, wanted) if taken and not merged_before else wanted
     raw = row.loose and record.serial == recovery_serial(node, row.file, claim.data)
     work = Work(row, claim, record, name, raw=raw)
-    if record.dedupe_key != row.key or record.serial != row.serial:
-        return work.left("the file changed during the merge; run again")
-    if row.confirmed_serial == record.serial or merged_before:
+    if key.confirmed_serial == record.serial or merged_before:
         # Confirmed in an earlier run (or by the agent): finish the move, no request.
-        order_id = row.own_order_id if row.own_order_id is not None else (
-            row.confirmed_order_id if row.confirmed_serial == record.serial
+        order_id = own.own_order_id if own.own_order_id is not None else (
+            key.confirmed_order_id if key.confirmed_serial == record.serial
             else _merged_order_id(dirs, wanted))
-        outcome = row.own_outcome if row.own_outcome in DELIVERED else "duplicate"
+        outcome = own.own_outcome if own.own_outcome in DELIVERED else "duplicate"
         if merged_before:
             return Settled(work.result(outcome or "duplicate", order_id), MERGE, claim, name)
         return work.merged(outcome or "duplicate", order_id, target)
-    if row.confirmed_serial is not None:
-        return _loser(work, row.confirmed_serial, row.confirmed_order_id,
-                      row.confirmed_digest, target)
-    if row.rank > 1 and row.winner_outcome not in ("rejected", "conflict"):
-        return work.left(f"waits for serial {row.winner} (same dedupe key) to be confirmed")
+    if key.confirmed_serial is not None:
+        return _loser(work, key.confirmed_serial, key.confirmed_order_id,
+                      key.confirmed_digest, target)
+    if not row.wins and winner_outcome not in ("rejected", "conflict"):
+        return None
     return work
 
 
@@ -145,9 +178,9 @@ def _loser(work: Work, winner: str, order_id: Any, digest: bytes | None,
         {"duplicate_of": winner})
 
 
-def _vanished(dirs: BufferDirs, row: PlanRow, path: Path) -> Settled:
-    """Gone since the scan: the agent's drain delivered or refused it meanwhile."""
-    ref = row.serial or row.file
+def _vanished(dirs: BufferDirs, row: Item, path: Path) -> Settled:
+    """Gone since it was listed: the agent's drain delivered or refused it meanwhile."""
+    ref = row.ref
     if (dirs.merged / path.name).exists():
         return Settled(ResultRow(ref, row.key, row.file, "by_agent",
                                  _merged_order_id(dirs, path.name), None, None, row.digest),
@@ -183,6 +216,6 @@ def _merged_order_id(dirs: BufferDirs, name: str) -> Any:
 
 def _mtime(claim: Claim) -> float:
     try:
-        return claim.path.stat().st_mtime
+        return os.stat(claim.where).st_mtime
     except OSError:
         return 0.0

@@ -1,13 +1,15 @@
-"""The merge engine: plan rows in, claimed batches out to workers, settled orders to the finisher.
+"""The merge engine: files streamed in order, claimed in chunks, sent in batches, settled.
 
-Passes, each a bounded pipeline (producer thread -> queue -> ``concurrency``
-workers -> finisher):
+Passes, each a bounded pipeline (claim thread -> queue -> ``concurrency``
+workers -> finisher), the first one starting as soon as pending/ is listed:
 
-1. group winners (rank 1 of their dedupe key) and corrupt files;
+1. pending/ in name (= serial) order, then loose files by serial: each file
+   is claimed and read once; the first file of each dedupe key is sent, a
+   later one is deferred (``recovery.ranking``);
 2. files another process held during pass 1, retried until released or
    ``held_wait_s`` passed (the merge is the one that waits: it never blocks
    the agent's drain; the agent just skips files the merge holds);
-3. losers of dedupe groups, now that the winners' outcomes are checkpointed;
+3. the deferred losers, now that their winners' outcomes are checkpointed;
 4. held losers, as in 2.
 
 Stopping (SIGINT/SIGTERM): no new batches; requests already sent finish and
@@ -18,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from agent.errors import PersistError, UpstreamAmbiguous, UpstreamError
@@ -33,15 +35,20 @@ from agent.spool.files import replace_durably
 from agent.spool.record import BufferDirs
 from agent.upstream.answers import Answer, Outcome
 from recovery.checkpoint import ResultRow
-from recovery.decide import Decision, Held, Work, decide
+from recovery.decide import Decision, Held, Opened, Work, decide, open_file
 from recovery.finisher import NOTE, Finisher, Settled
-from recovery.plan import Plan, PlanRow
+from recovery.item import Item
+from recovery.listing import SortedNames
+from recovery.ranking import Facts, Ranker
 from recovery.sender import Sender
+from recovery.source import Found, read_found
 
 log = logging.getLogger("recovery.merge")
 
 MAX_TRANSIENT = 8     # 5xx / timeouts per order: ~1 minute of backoff in all
 MAX_RETRIES = 30      # 408/409/425/429 per order, each after Retry-After (default 1 s)
+CHUNK = 256           # files claimed per hop to the claim thread
+NO_FACTS = Facts()
 
 
 @dataclass(frozen=True)
@@ -55,65 +62,161 @@ class MergeOptions:
     cluster: str | None = None  # the target's cluster: an unclear answer pins orders to it
 
 
+ChunkFn = Callable[[list[Item]], list[Decision]]
+
+
 class Merger:
-    def __init__(self, opts: MergeOptions, plan: Plan, sender: Sender, finisher: Finisher,
+    def __init__(self, opts: MergeOptions, ranker: Ranker, sender: Sender, finisher: Finisher,
                  stop: asyncio.Event) -> None:
         self._opts = opts
         self._dirs = BufferDirs(opts.root)
-        self._plan = plan
+        self._ranker = ranker
         self._sender = sender
         self._finisher = finisher
         self._stop = stop
         self.transient_failures = 0
         self.gave_up = 0  # orders left because the center kept failing
-        self._claimers = ThreadPoolExecutor(2, thread_name_prefix="claim")
+        self.held_elsewhere: list[Found] = []  # pinned to another cluster: not sent here
+        self._pending: SortedNames | None = None
+        self._loose: list[Found] = []
+        # One thread: files are ranked in the order they are met.
+        self._claimer = ThreadPoolExecutor(1, thread_name_prefix="claim")
+
+    async def prepare(self) -> int:
+        """List pending/ and read the loose files (few, as a rule); the number of files."""
+        self._loose, pending = await asyncio.to_thread(self._list)
+        self._pending = pending
+        return len(self._loose) + len(pending)
+
+    def _list(self) -> tuple[list[Found], SortedNames]:
+        root, node = self._opts.root, self._opts.node
+        loose = [f for f in (read_found(root, name, True, node) for name in SortedNames(root))
+                 if f is not None]
+        self._ranker.add_loose([(f.key, f.serial, f.file) for f in loose
+                                if f.key is not None and f.serial is not None
+                                and self._admitted(f.pinned_to)])
+        loose.sort(key=lambda f: (f.serial or "", f.file))
+        return loose, SortedNames(root / "pending")
 
     async def run(self) -> None:
+        assert self._pending is not None, "prepare() first"
+        pending = (Item(f"pending/{name}", False) for name in self._pending)
+        loose = (Item(f.file, True) for f in self._loose)
         try:
-            for winners in (True, False):
-                held = await self._pass(self._plan.rows(winners))
-                await self._retry_held(held)
-                if self._stop.is_set():
-                    return
+            held = await self._pass(_chunks(pending), lambda c: self._first(c, True))
+            held += await self._pass(_chunks(loose), lambda c: self._first(c, False))
+            await self._retry_held(held)
+            if self._stop.is_set():
+                return
+            held = await self._pass(self._ranker.losers(CHUNK), self._again)
+            await self._retry_held(held)
         finally:
-            self._claimers.shutdown(wait=True)
+            self._claimer.shutdown(wait=True)
 
-    async def _retry_held(self, ids: list[int]) -> None:
+    def _admitted(self, pinned_to: str | None) -> bool:
+        """Unpinned, or pinned to this target's cluster. An order pinned to another
+        cluster may already exist there; sending it here could create it twice."""
+        return pinned_to is None or pinned_to == self._opts.cluster
+
+    def _first(self, items: list[Item], pending: bool) -> list[Decision]:
+        """Claim, rank and decide a chunk of files met for the first time."""
+        out: list[Decision] = []
+        opened = self._open(items, out)
+        ranked = [o.row for o in opened if o.row.key is not None and o.row.serial is not None]
+        entries = [(r.key or "", r.serial or "", r.file) for r in ranked]
+        for row, (winner, wins) in zip(ranked, self._ranker.rank(entries, pending),
+                                       strict=True):
+            row.winner, row.wins = winner, wins
+        self._ranker.defer(self._decide(opened, out))
+        return out
+
+    def _again(self, items: list[Item]) -> list[Decision]:
+        """Claim and decide files already ranked: held ones, deferred losers."""
+        out: list[Decision] = []
+        for row in self._decide(self._open(items, out), out):
+            out.append(Settled(ResultRow(
+                row.ref, row.key, row.file, "pending",
+                error=f"waits for serial {row.winner} (same dedupe key) to be confirmed"), NOTE))
+        return out
+
+    def _open(self, items: list[Item], out: list[Decision]) -> list[Opened | Held]:
+        """Claim and read each file; settled ones go to ``out``, files pinned to another
+        cluster to ``held_elsewhere``."""
+        opened: list[Opened | Held] = []
+        for item in items:
+            o = open_file(self._opts.root, self._dirs, self._opts.node, item)
+            if isinstance(o, Settled):
+                out.append(o)
+            elif self._admitted(item.pinned_to):
+                opened.append(o)
+            else:
+                if isinstance(o, Opened):
+                    o.claim.release()
+                self.held_elsewhere.append(Found(item.file, item.loose, item.serial, item.key,
+                                                 None, None, item.pinned_to))
+        return opened
+
+    def _decide(self, opened: list[Opened | Held], out: list[Decision]) -> list[Item]:
+        """Append each decision to ``out``; return the losers whose winner is unconfirmed."""
+        rows = [o.row for o in opened]
+        by_serial, by_key = self._ranker.facts(
+            [r.serial for r in rows if r.serial is not None]
+            + [r.winner for r in rows if r.winner is not None and not r.wins],
+            [r.key for r in rows if r.key is not None])
+        waiting: list[Item] = []
+        for o in opened:
+            if isinstance(o, Held):
+                out.append(o)
+                continue
+            row = o.row
+            winner = by_serial.get(row.winner or "", NO_FACTS) if not row.wins else NO_FACTS
+            d = decide(self._dirs, self._opts.node, self._opts.target, o,
+                       by_serial.get(row.serial or "", NO_FACTS),
+                       by_key.get(row.key or "", NO_FACTS), winner.own_outcome)
+            if d is None:
+                o.claim.release()
+                waiting.append(row)
+            else:
+                out.append(d)
+        return waiting
+
+    async def _retry_held(self, items: list[Item]) -> None:
         deadline = time.monotonic() + self._opts.held_wait_s
-        while ids and not self._stop.is_set():
+        while items and not self._stop.is_set():
             if time.monotonic() > deadline:
-                rows = self._plan.rows_by_id(ids)
-                await self._finisher.put([_held_too_long(r) for r in rows])
+                await self._finisher.put([_held_too_long(r) for r in items])
                 await self._finisher.drain()
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.2)
-            rows = await asyncio.to_thread(self._plan.rows_by_id, ids)
-            ids = await self._pass(iter([rows]))
+            items = await self._pass(_chunks(items), self._again)
 
-    async def _pass(self, chunks: Iterator[list[PlanRow]]) -> list[int]:
-        """Run one pipeline over ``chunks``; return the ids of files someone else held."""
+    async def _pass(self, chunks: Iterator[list[Item]], decide_chunk: ChunkFn) -> list[Item]:
+        """Run one pipeline over ``chunks``; return the files someone else held."""
         # A short queue: enough to keep the workers fed, few claims (open files) waiting.
         queue: asyncio.Queue[list[Work] | None] = asyncio.Queue(
             max(2, self._opts.concurrency // 4))
         workers = [asyncio.create_task(self._worker(queue), name=f"merge-worker-{i}")
                    for i in range(self._opts.concurrency)]
-        held: list[int] = []
+        held: list[Item] = []
         batch: list[Work] = []
         loop = asyncio.get_running_loop()
-        deciding: deque[asyncio.Future[list[Decision]]] = deque()
+        deciding: deque[asyncio.Future[list[Decision] | None]] = deque()
+
+        def next_chunk() -> list[Decision] | None:
+            items = next(chunks, None)
+            return None if items is None else decide_chunk(items)
+
         try:
             while not self._stop.is_set():
-                # Two chunks are claimed at once (claims are mostly syscalls).
-                while len(deciding) < 2 and (
-                        rows := await asyncio.to_thread(next, chunks, None)) is not None:
-                    deciding.append(loop.run_in_executor(self._claimers, self._decide_all,
-                                                         rows))
-                if not deciding:
-                    break
+                # Two chunks in flight: one claimed while the other's batches are sent.
+                while len(deciding) < 2:
+                    deciding.append(loop.run_in_executor(self._claimer, next_chunk))
                 decisions = await deciding.popleft()
+                if decisions is None:
+                    break
                 settled = [d for d in decisions if isinstance(d, Settled)]
-                held.extend(d.row.id for d in decisions if isinstance(d, Held))
+                held.extend(d.row for d in decisions if isinstance(d, Held))
                 await self._finisher.put(settled)
                 for d in decisions:
                     if isinstance(d, Work):
@@ -128,7 +231,7 @@ class Merger:
             for w in batch:
                 w.claim.release()
             for fut in deciding:  # claimed but never queued (stopped): release
-                for d in await fut:
+                for d in await fut or ():
                     if isinstance(d, Work):
                         d.claim.release()
                     elif isinstance(d, Settled):
@@ -141,10 +244,6 @@ class Merger:
 
     def _batch_size(self) -> int:
         return self._opts.batch if self._sender.bulk is not False else 1
-
-    def _decide_all(self, rows: list[PlanRow]) -> list[Decision]:
-        one = partial(decide, self._opts.root, self._dirs, self._opts.node, self._opts.target)
-        return [one(row) for row in rows]
 
     async def _worker(self, queue: asyncio.Queue[list[Work] | None]) -> None:
         while (batch := await queue.get()) is not None:
@@ -246,8 +345,14 @@ def _unclear(res: Answer | UpstreamError) -> bool:
     return res.outcome.pins
 
 
-def _held_too_long(row: PlanRow) -> Settled:
-    return Settled(ResultRow(row.serial or row.file, row.key, row.file, "pending",
+def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, CHUNK)):
+        yield chunk
+
+
+def _held_too_long(row: Item) -> Settled:
+    return Settled(ResultRow(row.ref, row.key, row.file, "pending",
                              error="held by another process (the agent?) for the whole "
                                    "wait; run again"), NOTE)
 

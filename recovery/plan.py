@@ -1,4 +1,4 @@
-"""The merge plan: every order file of DIR indexed on disk, grouped by dedupe key.
+"""The dry-run's plan: every order file of DIR indexed on disk, grouped by dedupe key.
 
 A scan writes one row per file into a temporary sqlite database (outside
 DIR, removed afterwards); a window over the rows ranks each dedupe-key group
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recovery.checkpoint import SCHEMA as CK_SCHEMA
-from recovery.checkpoint import load_id
 from recovery.source import Found
 
 SCHEMA = """
@@ -31,37 +30,6 @@ FROM scan WINDOW w AS (PARTITION BY coalesce(key, char(0) || file)
 CREATE INDEX plan_id ON plan(id);
 CREATE INDEX plan_key ON plan(key, rn);
 """
-
-_ROW_SQL = """
-SELECT p.id, p.file, p.loose, p.serial, p.key, p.digest, p.error, p.rn, p.winner,
-       k.serial, k.order_id, k.digest, r.outcome, r.order_id, w.outcome
-FROM plan p
-LEFT JOIN ck.keys k ON k.key = p.key
-LEFT JOIN ck.results r ON r.serial = p.serial
-LEFT JOIN ck.results w ON w.serial = p.winner
-"""
-
-
-@dataclass(frozen=True)
-class PlanRow:
-    """One file of the plan, with what the checkpoint already knows about it."""
-
-    id: int
-    file: str
-    loose: bool
-    serial: str | None
-    key: str | None
-    digest: bytes | None
-    error: str | None
-    rank: int                      # 1: the winner of its dedupe-key group
-    winner: str | None             # the group's winning serial
-    confirmed_serial: str | None   # the key was confirmed by the center with this serial
-    confirmed_order_id: object
-    confirmed_digest: bytes | None
-    own_outcome: str | None        # this serial's outcome in an earlier run
-    own_order_id: object
-    winner_outcome: str | None     # the winner's outcome (for rank > 1)
-
 
 @dataclass(frozen=True)
 class PlanStats:
@@ -112,22 +80,6 @@ class Plan:
             "SELECT count(*) FROM plan WHERE rn = 2").fetchone()[0]
         return PlanStats(files, corrupt, keys, groups, losers)
 
-    def rows(self, winners: bool) -> Iterator[list[PlanRow]]:
-        """Winners (rank 1, corrupt files included) or losers, in chunks."""
-        where = "p.rn = 1" if winners else "p.rn > 1"
-        cur = self._db.execute(f"{_ROW_SQL} WHERE {where} ORDER BY p.id")
-        while chunk := cur.fetchmany(512):
-            yield [_row(r) for r in chunk]
-
-    def rows_by_id(self, ids: list[int]) -> list[PlanRow]:
-        out: list[PlanRow] = []
-        for start in range(0, len(ids), 500):
-            part = ids[start:start + 500]
-            marks = ",".join("?" * len(part))
-            out.extend(_row(r) for r in self._db.execute(
-                f"{_ROW_SQL} WHERE p.id IN ({marks}) ORDER BY p.id", part))
-        return out
-
     def conflicts(self) -> int:
         """Losers whose body differs from their group's winner."""
         return int(self._db.execute(
@@ -155,19 +107,3 @@ class Plan:
             for key, serials, digests in chunk:
                 yield key, serials.split("\n"), digests == 1
 
-
-def _row(r: tuple[object, ...]) -> PlanRow:
-    (id_, file, loose, serial, key, digest, error, rank, winner,
-     k_serial, k_order_id, k_digest, own, own_id, w_outcome) = r
-    return PlanRow(
-        id=int(id_),  # type: ignore[call-overload]
-        file=str(file), loose=bool(loose),
-        serial=serial, key=key, digest=digest, error=error,  # type: ignore[arg-type]
-        rank=int(rank), winner=winner,  # type: ignore[call-overload,arg-type]
-        confirmed_serial=k_serial,  # type: ignore[arg-type]
-        confirmed_order_id=load_id(k_order_id),  # type: ignore[arg-type]
-        confirmed_digest=k_digest,  # type: ignore[arg-type]
-        own_outcome=own,  # type: ignore[arg-type]
-        own_order_id=load_id(own_id),  # type: ignore[arg-type]
-        winner_outcome=w_outcome,  # type: ignore[arg-type]
-    )

@@ -14,11 +14,19 @@ class Claim:
     killed process is recovered by simply trying again.
     """
 
-    def __init__(self, path: Path, fd: int, data: bytes, writable: bool = False) -> None:
-        self.path = path
+    def __init__(self, path: str | Path, fd: int, data: bytes, writable: bool = False) -> None:
+        # Kept as given: edge-recover claims a million files by str path, and a
+        # pathlib.Path costs more to build than the claim's system calls.
+        self.where = path
         self.data = data
         self.writable = writable
         self._fd: int | None = fd
+
+    @property
+    def path(self) -> Path:
+        if not isinstance(self.where, Path):
+            self.where = Path(self.where)
+        return self.where
 
     @property
     def fd(self) -> int | None:
@@ -35,7 +43,7 @@ class Claim:
             self._fd = None
 
 
-def try_claim(path: Path, writable: bool = False) -> Claim | None:
+def try_claim(path: str | Path, writable: bool = False) -> Claim | None:
     """Lock and read ``path``; None if it is gone or another process holds it.
 
     ``writable``: open it read-write where permitted, so the holder can add

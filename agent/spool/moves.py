@@ -104,14 +104,15 @@ def place_in_merged(merged_dir: Path, moves: list[MergedMove]) -> list[BaseExcep
     Nothing is synced or unlinked here.
     """
     results: list[BaseException | None] = [None] * len(moves)
+    into = os.fspath(merged_dir)
     for i, move in enumerate(moves):
-        target = merged_dir / move.name
+        target = f"{into}/{move.name}"
         try:
             if move.added is not None:
-                _add_keys(move.claim.path, move.claim, move.added)
-                os.rename(move.claim.path, target)
+                _add_keys(move.claim.where, move.claim, move.added)
+                os.rename(move.claim.where, target)
             elif move.document is not None:
-                tmp = merged_dir / f".{move.name}{TMP_SUFFIX}"
+                tmp = Path(into, f".{move.name}{TMP_SUFFIX}")
                 try:
                     write_tmp(tmp, move.document, sync=False)
                     os.rename(tmp, target)
@@ -155,7 +156,7 @@ def complete_merged(merged_dir: Path, moves: list[MergedMove],
             move.claim.release()
 
 
-def _add_keys(path: Path, claim: Claim, added: dict[str, Any]) -> None:
+def _add_keys(path: str | Path, claim: Claim, added: dict[str, Any]) -> None:
     """Turn ``{...}`` into ``{...,"k":v}`` by rewriting from the closing brace on.
 
     ``claim.data`` is the file's content, a JSON object none of whose keys are
