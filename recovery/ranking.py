@@ -46,7 +46,8 @@ class Ranker:
     """Owns the temporary database; used from one thread at a time, in file order."""
 
     def __init__(self, db_path: Path, checkpoint_path: Path) -> None:
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None,
+                                   uri=True)
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(SCHEMA)

@@ -83,3 +83,29 @@ async def test_a_file_the_agent_holds_keeps_its_place_in_its_dedupe_group(
     assert entries[later.serial]["outcome"] == "conflict"
     assert f"{later.serial}.json" in files(root, "rejected")
     assert files(root, "pending") == []
+
+
+async def test_an_order_confirmed_before_a_kill_is_moved_on_rerun_without_a_request(
+        center: FakeCenter, tmp_path: Path):
+    """SIGKILL between the checkpoint's commit and the rename leaves a confirmed order in
+    pending/: the rerun moves it with the center's order_id, and its later duplicate is
+    settled against it, neither sent again."""
+    from recovery.checkpoint import CHECKPOINT_NAME, Checkpoint, ResultRow
+    from recovery.source import body_digest
+
+    root = tmp_path / "buf"
+    done, dup = record(1, 1), record(1, 2, node="wh-b")
+    fresh = [record(10 + i, 10 + i) for i in range(5)]
+    write_pending(root, [done, dup, *fresh])
+    ck = Checkpoint(root / CHECKPOINT_NAME, run=1)
+    ck.write([ResultRow(done.serial, done.dedupe_key, f"pending/{done.filename}", "created",
+                        "OC-BEFORE-THE-KILL", digest=body_digest(done))])
+    ck.close()
+    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url)
+    assert run.code == 0, run.err
+    assert {r.key for r in center.received} == {r.dedupe_key for r in fresh}
+    moved = orjson.loads((root / "merged" / done.filename).read_bytes())
+    assert moved["order_id"] == "OC-BEFORE-THE-KILL"
+    loser = orjson.loads((root / "merged" / dup.filename).read_bytes())
+    assert loser["duplicate_of"] == done.serial and loser["order_id"] == "OC-BEFORE-THE-KILL"
+    assert files(root, "pending") == []
