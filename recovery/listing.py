@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import heapq
 import os
-import re
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
 from agent.spool.record import is_order_file
-
-_AGENT_NAME = re.compile(r"(.+-)(\d{9})\.json")
 
 
 class SortedNames:
@@ -37,22 +34,25 @@ class SortedNames:
         self.count = len(self._other) + sum(len(c) for c in self._by_prefix.values())
 
     def _list(self, directory: Path) -> None:
-        match = _AGENT_NAME.fullmatch
+        # The hot loop of a million-file listing: plain string slicing, no regex, no calls
+        # per entry beyond what os.scandir hands over (d_type answers is_file).
         by_prefix = self._by_prefix
+        other = self._other
         with os.scandir(directory) as it:
             for entry in it:
                 name = entry.name
                 if not is_order_file(name) or not entry.is_file(follow_symlinks=False):
                     continue
-                m = match(name)
-                if m is None:
-                    self._other.append(name)
-                    continue
-                prefix = m.group(1)
-                counters = by_prefix.get(prefix)
-                if counters is None:
-                    counters = by_prefix[prefix] = array("I")
-                counters.append(int(m.group(2)))
+                digits = name[-14:-5]  # {prefix}{9 digits}.json, prefix ending in "-"
+                if name[-15:-14] == "-" and len(name) > 15 and digits.isdigit() \
+                        and digits.isascii():
+                    prefix = name[:-14]
+                    counters = by_prefix.get(prefix)
+                    if counters is None:
+                        counters = by_prefix[prefix] = array("I")
+                    counters.append(int(digits))
+                else:
+                    other.append(name)
 
     def __len__(self) -> int:
         return self.count
