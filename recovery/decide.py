@@ -23,6 +23,7 @@ from agent.errors import CorruptRecordError
 from agent.spool.claims import Claim, try_claim
 from agent.spool.moves import already_merged, merged_document
 from agent.spool.record import BufferDirs, PendingRecord
+from agent.state.journal import body_digest as raw_body_digest
 from agent.upstream.answers import BatchItem
 from recovery.checkpoint import DELIVERED, ResultRow
 from recovery.finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled
@@ -181,10 +182,16 @@ def _loser(work: Work, winner: str, order_id: Any, digest: bytes | None,
 def _vanished(dirs: BufferDirs, row: Item, path: Path) -> Settled:
     """Gone since it was listed: the agent's drain delivered or refused it meanwhile."""
     ref = row.ref
-    if (dirs.merged / path.name).exists():
-        return Settled(ResultRow(ref, row.key, row.file, "by_agent",
-                                 _merged_order_id(dirs, path.name), None, None, row.digest),
-                       NOTE)
+    doc = _merged_doc(dirs, path.name)
+    if doc is not None:
+        key, digest = row.key, row.digest
+        if key is None and isinstance(doc.get("dedupe_key"), str) \
+                and isinstance(doc.get("body"), str):
+            # Never read by this run: the merged copy says which key the center now holds,
+            # so later files with that key are settled against it, not sent.
+            key, digest = doc["dedupe_key"], raw_body_digest(doc["body"].encode("utf-8"))
+        return Settled(ResultRow(ref, key, row.file, "by_agent", doc.get("order_id"), None,
+                                 None, digest), NOTE)
     if (dirs.rejected / path.name).exists():
         return Settled(ResultRow(ref, row.key, row.file, "rejected",
                                  error="refused while the agent delivered it: see rejected/"),
@@ -206,12 +213,20 @@ def merged_name(dirs: BufferDirs, wanted: str) -> str:
     return f"{stem}.{n}.json"
 
 
-def _merged_order_id(dirs: BufferDirs, name: str) -> Any:
+def _merged_doc(dirs: BufferDirs, name: str) -> dict[str, Any] | None:
+    """merged/{name} as a JSON object; {} if it exists but cannot be read as one."""
     try:
         doc = orjson.loads((dirs.merged / name).read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+    except FileNotFoundError:
         return None
-    return doc.get("order_id") if isinstance(doc, dict) else None
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _merged_order_id(dirs: BufferDirs, name: str) -> Any:
+    doc = _merged_doc(dirs, name)
+    return None if doc is None else doc.get("order_id")
 
 
 def _mtime(claim: Claim) -> float:
