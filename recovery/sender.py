@@ -47,6 +47,8 @@ class Sender:
                 results = await self._send_batch(items)
                 if results is not None:
                     return results
+        if len(items) == 1:  # single POSTs: no task per request
+            return [await self._send_one(items[0])]
         return list(await asyncio.gather(*(self._send_one(i) for i in items)))
 
     async def _probe_bulk(self, items: list[BatchItem]) -> list[ItemResult]:
