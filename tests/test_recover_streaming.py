@@ -77,7 +77,7 @@ async def test_a_file_the_agent_holds_keeps_its_place_in_its_dedupe_group(
     run = await proc.finish()
     assert run.code == 1, run.err  # the later serial is a conflict
     assert center.orders["douyin:7"][1] == first.raw_body
-    assert [r.body for r in center.received if r.key == "douyin:7"][0] == first.raw_body
+    assert next(r.body for r in center.received if r.key == "douyin:7") == first.raw_body
     entries = {e["serial"]: e for e in report(rep)["orders"]}
     assert entries[first.serial]["outcome"] == "created"
     assert entries[later.serial]["outcome"] == "conflict"
