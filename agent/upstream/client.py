@@ -14,6 +14,7 @@ from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from agent.errors import DnsError, UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
 from agent.upstream.answers import (
@@ -45,6 +46,9 @@ class UpstreamClient:
         self._retire_grace_s = retire_grace_s
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._hosts: dict[str, str] = {}  # url -> host name, for the few URLs we use
+        # base -> (``{base}/orders`` parsed once, its host): yarl parses and normalizes
+        # a str URL on every request otherwise.
+        self._order_urls: dict[str, tuple[URL, str, str]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._started = False
         resolver.subscribe(self._on_dns_change)
@@ -62,21 +66,27 @@ class UpstreamClient:
             await session.close()
 
     def session_for(self, url: str) -> aiohttp.ClientSession:
-        if not self._started:
-            raise RuntimeError("UpstreamClient.start() must be awaited before use")
         host = self._hosts.get(url)
         if host is None:
             host = urlsplit(url).hostname or ""
             if len(self._hosts) < 1024:
                 self._hosts[url] = host
+        return self._session_for_host(host)
+
+    def _session_for_host(self, host: str) -> aiohttp.ClientSession:
+        if not self._started:
+            raise RuntimeError("UpstreamClient.start() must be awaited before use")
         session = self._sessions.get(host)
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections,
                                              resolver=self._resolver, use_dns_cache=False)
             # No cookies: an order center's Set-Cookie must not ride along on other
             # orders, and the jar costs a lookup on every request.
+            # No Accept/Accept-Encoding: the answers are small JSON, asking for gzip only
+            # costs two header lines each way.
             session = aiohttp.ClientSession(connector=connector,
-                                            cookie_jar=aiohttp.DummyCookieJar())
+                                            cookie_jar=aiohttp.DummyCookieJar(),
+                                            skip_auto_headers=_SKIP_AUTO_HEADERS)
             self._sessions[host] = session
         return session
 
@@ -104,15 +114,25 @@ class UpstreamClient:
             "X-Edge-Serial": serial,
             "X-Edge-Node": self._node_id,
         }
-        url = f"{base.rstrip('/')}/orders"
+        parsed = self._order_urls.get(base)
+        if parsed is None:
+            text = f"{base.rstrip('/')}/orders"
+            try:
+                url = URL(text)
+            except ValueError as exc:  # what aiohttp raises for it, classified the same
+                raise _translate(aiohttp.InvalidUrlClientError(text), text) from exc
+            parsed = (url, url.raw_host or "", text)
+            if len(self._order_urls) < 1024:
+                self._order_urls[base] = parsed
+        url, host, text = parsed
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
         try:
-            async with self.session_for(url).post(url, data=body, headers=headers,
-                                                  timeout=timeout) as resp:
+            async with self._session_for_host(host).post(url, data=body, headers=headers,
+                                                         timeout=timeout) as resp:
                 payload = await resp.read()
                 return _answer(resp.status, payload, resp.headers.get("Retry-After"))
         except _LIBRARY_ERRORS as exc:
-            raise _translate(exc, url) from exc
+            raise _translate(exc, text) from exc
 
     async def check_health(self, base: str, timeout_s: float) -> dict[str, str | None]:
         """``GET {base}/health`` on every address of the host: {address: error or None}.
@@ -216,6 +236,7 @@ def _answer(status: int, payload: bytes, retry_after: str | None) -> Answer:
 
 
 _LIBRARY_ERRORS = LIBRARY_ERRORS
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
 
 
 def _translate(exc: BaseException, url: str) -> UpstreamError:
