@@ -1,8 +1,11 @@
 """The HTTP client to the order-center clusters.
 
-This is the one place where aiohttp's client errors become ours: a failure
-before the request could reach the center is UpstreamUnavailable (safe to
-send elsewhere); one after is UpstreamAmbiguous (the order may exist there).
+This is where HTTP failures become ours: a failure before the request could
+reach the center is UpstreamUnavailable (safe to send elsewhere); one after is
+UpstreamAmbiguous (the order may exist there). ``POST {base}/orders``, the hot
+request, goes through the lean client in ``http1.py``, which classifies its
+failures the same way (tests/test_http1.py plays every fault to both); the
+rest (health checks, bulk imports, lookups) through aiohttp, translated here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
-from yarl import URL
 
 from agent.errors import DnsError, UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
 from agent.upstream.answers import (
@@ -26,6 +28,7 @@ from agent.upstream.answers import (
     parse_retry_after,
 )
 from agent.upstream.dns import ClusterResolver
+from agent.upstream.http1 import Http1Client, Target
 from agent.upstream.http_errors import LIBRARY_ERRORS, Phase, failure_phase
 
 
@@ -46,9 +49,10 @@ class UpstreamClient:
         self._retire_grace_s = retire_grace_s
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._hosts: dict[str, str] = {}  # url -> host name, for the few URLs we use
-        # base -> (``{base}/orders`` parsed once, its host): yarl parses and normalizes
-        # a str URL on every request otherwise.
-        self._order_urls: dict[str, tuple[URL, str, str]] = {}
+        # POST {base}/orders, the hot request, goes through the lean client (http1.py),
+        # its URL parsed once per base.
+        self._http1 = Http1Client(resolver, max_connections)
+        self._order_targets: dict[str, Target] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._started = False
         resolver.subscribe(self._on_dns_change)
@@ -58,6 +62,7 @@ class UpstreamClient:
 
     async def stop(self) -> None:
         self._started = False
+        self._http1.close()
         sessions, self._sessions = list(self._sessions.values()), {}
         for task in self._retiring:
             task.cancel()
@@ -93,6 +98,7 @@ class UpstreamClient:
     def _on_dns_change(self, host: str, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         if set(old) <= set(new):
             return  # only additions: existing connections are still to valid addresses
+        self._http1.retire(host)
         session = self._sessions.pop(host, None)
         if session is not None and self._started:
             task = asyncio.create_task(self._retire(session), name=f"retire-pool:{host}")
@@ -108,31 +114,20 @@ class UpstreamClient:
     async def post_order(
         self, base: str, body: bytes, dedupe_key: str, serial: str, timeout_s: float
     ) -> Answer:
-        headers = {
-            "Content-Type": "application/json",
+        headers = {  # Content-Type (and Host, User-Agent) come with the target's head
             "Idempotency-Key": dedupe_key,
             "X-Edge-Serial": serial,
             "X-Edge-Node": self._node_id,
         }
-        parsed = self._order_urls.get(base)
-        if parsed is None:
-            text = f"{base.rstrip('/')}/orders"
-            try:
-                url = URL(text)
-            except ValueError as exc:  # what aiohttp raises for it, classified the same
-                raise _translate(aiohttp.InvalidUrlClientError(text), text) from exc
-            parsed = (url, url.raw_host or "", text)
-            if len(self._order_urls) < 1024:
-                self._order_urls[base] = parsed
-        url, host, text = parsed
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
-        try:
-            async with self._session_for_host(host).post(url, data=body, headers=headers,
-                                                         timeout=timeout) as resp:
-                payload = await resp.read()
-                return _answer(resp.status, payload, resp.headers.get("Retry-After"))
-        except _LIBRARY_ERRORS as exc:
-            raise _translate(exc, text) from exc
+        if not self._started:
+            raise RuntimeError("UpstreamClient.start() must be awaited before use")
+        target = self._order_targets.get(base)
+        if target is None:
+            target = Target(f"{base.rstrip('/')}/orders")  # UpstreamUnavailable if invalid
+            if len(self._order_targets) < 1024:
+                self._order_targets[base] = target
+        reply = await self._http1.post(target, headers, body, timeout_s)
+        return _answer(reply.status, reply.body, reply.retry_after)
 
     async def check_health(self, base: str, timeout_s: float) -> dict[str, str | None]:
         """``GET {base}/health`` on every address of the host: {address: error or None}.
