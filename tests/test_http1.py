@@ -337,3 +337,19 @@ async def test_a_connect_that_times_out_is_clear_as_with_aiohttp():
             s.close()
         listener.close()
     assert kinds == ["unavailable", "unavailable"]
+
+
+async def test_one_host_on_two_ports_never_shares_a_connection():
+    a, b = await Scripted().start(), await Scripted().start()
+    client = Http1Client(Resolver())  # type: ignore[arg-type]
+    try:
+        a.plan, b.plan = ["length", "length"], ["length", "length"]
+        for server in (a, b, a, b):
+            url = f"http://orders.test:{server.port}/v3/orders"
+            assert (await lean(url, Resolver(), client=client))[0] == "ok"
+        assert (len(a.requests), len(b.requests)) == (2, 2)
+        assert (a.connections, b.connections) == (1, 1)
+    finally:
+        client.close()
+        await a.stop()
+        await b.stop()

@@ -40,7 +40,7 @@ from agent import __version__
 from agent.errors import DnsError, UpstreamAmbiguous, UpstreamUnavailable
 from agent.upstream.dns import ClusterResolver
 
-KEEPALIVE_S = 15.0            # an idle connection is not reused after this (aiohttp's default)
+KEEPALIVE_S = 15.0             # an idle connection is not reused after this (aiohttp's default)
 HAPPY_EYEBALLS_DELAY_S = 0.25  # aiohttp's default
 _MAX_HEAD = 64 * 1024         # status line and headers of one answer
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -84,6 +84,7 @@ class Target:
         if url.explicit_port is not None and url.explicit_port != _DEFAULT_PORTS[url.scheme]:
             shown = f"{shown}:{url.explicit_port}"
         self.server_hostname = self.host.rstrip(".") if self.tls else None
+        self.pool_key = (self.host, self.port, self.tls)
         self.head = (f"POST {url.raw_path_qs or '/'} HTTP/1.1\r\nHost: {shown}\r\n"
                      f"User-Agent: edge-agent/{__version__}\r\n"
                      "Content-Type: application/json\r\n")
@@ -256,7 +257,9 @@ class _Pool:
     def take(self) -> _Conn | None:
         now = time.monotonic()
         while self.idle:
-            conn = self.idle.pop()  # the most recently used first, as aiohttp does
+            # The most recently used first (aiohttp takes the oldest): the one least
+            # likely to have been closed meanwhile by the server's keep-alive timer.
+            conn = self.idle.pop()
             if conn.usable(now):
                 return conn
             conn.close()
@@ -281,13 +284,13 @@ class Http1Client:
     def __init__(self, resolver: ClusterResolver, limit: int = 100) -> None:
         self._resolver = resolver
         self._limit = limit
-        self._pools: dict[str, _Pool] = {}
+        # Keyed like aiohttp's connector pools: a host's ports and schemes never share.
+        self._pools: dict[tuple[str, int, bool], _Pool] = {}
 
     def retire(self, host: str) -> None:
         """The DNS answer for ``host`` lost an address: no connection of it is reused."""
-        pool = self._pools.pop(host, None)
-        if pool is not None:
-            pool.close()
+        for key in [key for key in self._pools if key[0] == host]:
+            self._pools.pop(key).close()
 
     def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
@@ -297,9 +300,9 @@ class Http1Client:
     async def post(self, target: Target, headers: dict[str, str], body: bytes,
                    timeout_s: float) -> Reply:
         data = request_bytes(target, headers, body)
-        pool = self._pools.get(target.host)
+        pool = self._pools.get(target.pool_key)
         if pool is None:
-            pool = self._pools[target.host] = _Pool(self._limit)
+            pool = self._pools[target.pool_key] = _Pool(self._limit)
         conn: _Conn | None = None
         try:
             async with asyncio.timeout(timeout_s):
