@@ -89,7 +89,7 @@ async def failover_once(box: Sandbox, session: aiohttp.ClientSession, work: Path
     (work / f"{how}-{rep}").mkdir(parents=True)
     agent = AgentUnderDrill(work / f"{how}-{rep}", box, interval_s=INTERVAL,
                             health_timeout_s=TIMEOUT, unhealthy=UNHEALTHY, healthy=HEALTHY)
-    await agent.start(session)
+    await agent.start_ready(session)
     primary, standby = box.centers["primary"], box.centers["standby"]
     load = Load(agent.url, f"{how}{rep}")
     task = asyncio.create_task(load.run(session))
@@ -123,7 +123,7 @@ async def drain_start_once(box: Sandbox, session: aiohttp.ClientSession, work: P
     primary = box.centers["primary"]
     await primary.go_down()
     await box.centers["standby"].go_down()
-    await agent.start(session)
+    await agent.start_ready(session)
     try:
         for n in range(20):
             body = orjson.dumps({"channel_id": "bench", "channel_order_id": f"d{rep}-{n}"})

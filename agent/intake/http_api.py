@@ -48,8 +48,9 @@ class HttpApi:
 
     def build_app(self) -> web.Application:
         # Bodies are read by hand below, so aiohttp's own limit only guards the rest.
-        app = web.Application(middlewares=[self._errors, self._headers, self._auth],
-                              client_max_size=self._max_body + 1)
+        # One middleware, not three: every middleware is a coroutine layer (and aiohttp
+        # adds one more whenever there is any) on every request, the hot POST included.
+        app = web.Application(middlewares=[self._front], client_max_size=self._max_body + 1)
         app.router.add_post("/v1/orders", self.post_order)
         app.router.add_get("/v1/orders/by-key/{key:.+}", self.get_by_key)
         app.router.add_get("/v1/orders/{serial}", self.get_by_serial)
@@ -63,9 +64,12 @@ class HttpApi:
         return app
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every error answer is JSON, including aiohttp's own 404/405."""
+    async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Header checks, auth, and every error answer as JSON (aiohttp's 404/405 too)."""
         try:
+            refusal = self._check_headers(request) or self._check_auth(request)
+            if refusal is not None:
+                return refusal
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -78,11 +82,12 @@ class HttpApi:
             return json_response(500, {"error": f"internal error: {type(exc).__name__}; "
                                                 "nothing was accepted, retry"})
 
-    @web.middleware
-    async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    @staticmethod
+    def _check_headers(request: web.Request) -> web.Response | None:
         """Header bytes that are not UTF-8 are the client's fault: 400 naming the header."""
+        headers = request.headers
         for name in READ_HEADERS:
-            value = request.headers.get(name)
+            value = headers.get(name)
             if value is None:
                 continue
             try:
@@ -90,14 +95,13 @@ class HttpApi:
             except UnicodeEncodeError:
                 return json_response(400, {"error": f"header {name} is not valid UTF-8",
                                            "field": name})
-        return await handler(request)
+        return None
 
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def _check_auth(self, request: web.Request) -> web.Response | None:
         if self.tokens and request.path.startswith("/v1/") and not self._authorized(request):
             return json_response(401, {"error": "missing or wrong bearer token"},
                                  headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
+        return None
 
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")

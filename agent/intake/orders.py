@@ -252,7 +252,7 @@ class Intake:
             entry = Entry(order.dedupe_key, serial, FORWARDED, routed.cluster,
                           str(answer.order_id), order.digest, received_at)
             try:  # committed before the 201: a customer may look it up right after a crash
-                await self._journal.record(entry)
+                await self._journal.record_update(entry)  # the intent's row, now forwarded
             except PersistError as exc:
                 # Created upstream, so the answer is still 201; a retry of the key goes
                 # to the same cluster (the intent above), which answers "duplicate".

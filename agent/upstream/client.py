@@ -1,8 +1,11 @@
 """The HTTP client to the order-center clusters.
 
-This is the one place where aiohttp's client errors become ours: a failure
-before the request could reach the center is UpstreamUnavailable (safe to
-send elsewhere); one after is UpstreamAmbiguous (the order may exist there).
+This is where HTTP failures become ours: a failure before the request could
+reach the center is UpstreamUnavailable (safe to send elsewhere); one after is
+UpstreamAmbiguous (the order may exist there). ``POST {base}/orders``, the hot
+request, goes through the lean client in ``http1.py``, which classifies its
+failures the same way (tests/test_http1.py plays every fault to both); the
+rest (health checks, bulk imports, lookups) through aiohttp, translated here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from agent.upstream.answers import (
     parse_retry_after,
 )
 from agent.upstream.dns import ClusterResolver
+from agent.upstream.http1 import Http1Client, Target
 from agent.upstream.http_errors import LIBRARY_ERRORS, Phase, failure_phase
 
 
@@ -45,6 +49,10 @@ class UpstreamClient:
         self._retire_grace_s = retire_grace_s
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._hosts: dict[str, str] = {}  # url -> host name, for the few URLs we use
+        # POST {base}/orders, the hot request, goes through the lean client (http1.py),
+        # its URL parsed once per base.
+        self._http1 = Http1Client(resolver, max_connections)
+        self._order_targets: dict[str, Target] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._started = False
         resolver.subscribe(self._on_dns_change)
@@ -54,6 +62,7 @@ class UpstreamClient:
 
     async def stop(self) -> None:
         self._started = False
+        self._http1.close()
         sessions, self._sessions = list(self._sessions.values()), {}
         for task in self._retiring:
             task.cancel()
@@ -62,27 +71,34 @@ class UpstreamClient:
             await session.close()
 
     def session_for(self, url: str) -> aiohttp.ClientSession:
-        if not self._started:
-            raise RuntimeError("UpstreamClient.start() must be awaited before use")
         host = self._hosts.get(url)
         if host is None:
             host = urlsplit(url).hostname or ""
             if len(self._hosts) < 1024:
                 self._hosts[url] = host
+        return self._session_for_host(host)
+
+    def _session_for_host(self, host: str) -> aiohttp.ClientSession:
+        if not self._started:
+            raise RuntimeError("UpstreamClient.start() must be awaited before use")
         session = self._sessions.get(host)
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections,
                                              resolver=self._resolver, use_dns_cache=False)
             # No cookies: an order center's Set-Cookie must not ride along on other
             # orders, and the jar costs a lookup on every request.
+            # No Accept/Accept-Encoding: the answers are small JSON, asking for gzip only
+            # costs two header lines each way.
             session = aiohttp.ClientSession(connector=connector,
-                                            cookie_jar=aiohttp.DummyCookieJar())
+                                            cookie_jar=aiohttp.DummyCookieJar(),
+                                            skip_auto_headers=_SKIP_AUTO_HEADERS)
             self._sessions[host] = session
         return session
 
     def _on_dns_change(self, host: str, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         if set(old) <= set(new):
             return  # only additions: existing connections are still to valid addresses
+        self._http1.retire(host)
         session = self._sessions.pop(host, None)
         if session is not None and self._started:
             task = asyncio.create_task(self._retire(session), name=f"retire-pool:{host}")
@@ -98,21 +114,20 @@ class UpstreamClient:
     async def post_order(
         self, base: str, body: bytes, dedupe_key: str, serial: str, timeout_s: float
     ) -> Answer:
-        headers = {
-            "Content-Type": "application/json",
+        headers = {  # Content-Type (and Host, User-Agent) come with the target's head
             "Idempotency-Key": dedupe_key,
             "X-Edge-Serial": serial,
             "X-Edge-Node": self._node_id,
         }
-        url = f"{base.rstrip('/')}/orders"
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
-        try:
-            async with self.session_for(url).post(url, data=body, headers=headers,
-                                                  timeout=timeout) as resp:
-                payload = await resp.read()
-                return _answer(resp.status, payload, resp.headers.get("Retry-After"))
-        except _LIBRARY_ERRORS as exc:
-            raise _translate(exc, url) from exc
+        if not self._started:
+            raise RuntimeError("UpstreamClient.start() must be awaited before use")
+        target = self._order_targets.get(base)
+        if target is None:
+            target = Target(f"{base.rstrip('/')}/orders")  # UpstreamUnavailable if invalid
+            if len(self._order_targets) < 1024:
+                self._order_targets[base] = target
+        reply = await self._http1.post(target, headers, body, timeout_s)
+        return _answer(reply.status, reply.body, reply.retry_after)
 
     async def check_health(self, base: str, timeout_s: float) -> dict[str, str | None]:
         """``GET {base}/health`` on every address of the host: {address: error or None}.
@@ -216,6 +231,7 @@ def _answer(status: int, payload: bytes, retry_after: str | None) -> Answer:
 
 
 _LIBRARY_ERRORS = LIBRARY_ERRORS
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
 
 
 def _translate(exc: BaseException, url: str) -> UpstreamError:
