@@ -49,6 +49,8 @@ from agent.sms.store import (
     STATES,
     OutboxStore,
     Row,
+    Transition,
+    transition,
 )
 from agent.spool.files import list_pending
 from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
@@ -191,93 +193,96 @@ class Outbox:
     # -- sender ------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Rounds of up to ``sms.concurrency`` notices; one FULL commit per round records
+        the last round's outcomes and marks the next round "sending" before it is sent."""
         last_prune = 0.0
-        while not self._stopping:
+        done: list[Transition] = []
+        nxt: float | None
+        while True:
             self._wakeup.clear()
             try:
                 now = time.time()
                 if now - last_prune > PRUNE_EVERY_S:
                     await self.store.prune_window()
                     last_prune = now
-                rows = await self.store.due(now, self._cfg.concurrency)
-                if rows:
-                    await asyncio.gather(*(self._send_one(row) for row in rows))
-                    continue
-                nxt = await self.store.next_due()
+                claimed = await self.store.claim(
+                    done, now, 0 if self._stopping else self._cfg.concurrency,
+                    now - self._cfg.give_up_after_s)
             except PersistError as exc:
+                for update in done:  # on disk these stay "sending": ambiguous at start-up
+                    log.error("SMS for %s: cannot record %s: %s", update.serial, update.state,
+                              exc, extra={"serial": update.serial})
                 log.error("SMS outbox: %s; retrying in 1s", exc)
-                nxt = time.time() + 1.0
+                done, nxt = [], time.time() + 1.0
+            else:
+                self._recorded(done)
+                for row in claimed.expired:
+                    self._moved(QUEUED, FAILED)
+                    self._finished(transition(row, QUEUED, FAILED,
+                                              reason="not sent within sms.give_up_after_s"))
+                for _ in claimed.rows:
+                    self._moved(QUEUED, SENDING)
+                done = list(await asyncio.gather(*(self._send_one(r) for r in claimed.rows)))
+                if done or claimed.expired:
+                    continue  # record them, and look for more
+                if self._stopping:
+                    return
+                nxt = claimed.next_due
             delay = PRUNE_EVERY_S if nxt is None else min(max(0.0, nxt - time.time()),
                                                           PRUNE_EVERY_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), delay)
 
-    async def _send_one(self, row: Row) -> None:
-        now = time.time()
-        if now - row.created_at > self._cfg.give_up_after_s:
-            await self._finish(row, QUEUED, FAILED, "not sent within sms.give_up_after_s")
-            return
-        attempts = row.attempts + 1
-        # The durable "sending" mark comes first: after a crash it means "maybe sent".
-        if not await self.store.move(row, QUEUED, SENDING, attempts=attempts):
-            return
-        self._moved(QUEUED, SENDING)
-        row = Row(row.serial, row.phone, attempts, row.created_at)
+    async def _send_one(self, row: Row) -> Transition:
+        """Send one notice whose "sending" mark is durable; return how its row moves on."""
         text = self._cfg.template.format(SN=row.serial, sign_name=self._cfg.sign_name)
         notice = Notice(row.serial, row.phone, self._cfg.sign_name, self._cfg.template, text)
         try:
             provider_id = await self._provider.send(notice)
         except SmsRateLimited as exc:
-            await self._retry(row, exc, self._cfg.rate_limited_pause_s)
+            return self._retry(row, exc, self._cfg.rate_limited_pause_s)
         except SmsTransient as exc:
-            await self._retry(row, exc, 0.0)
+            return self._retry(row, exc, 0.0)
         except SmsRejected as exc:
-            await self._finish(row, SENDING, FAILED, str(exc))
+            return transition(row, SENDING, FAILED, reason=str(exc))
         except SmsAmbiguous as exc:
-            await self._finish(row, SENDING, AMBIGUOUS, f"{exc}; not resent")
+            return transition(row, SENDING, AMBIGUOUS, reason=f"{exc}; not resent")
         except Exception as exc:  # a bug: we cannot know whether it went out
             log.error("SMS for %s: unexpected provider error", row.serial, exc_info=True)
-            await self._finish(row, SENDING, AMBIGUOUS, f"unexpected error {exc!r}; not resent")
-        else:
-            await self._finish(row, SENDING, SENT, "", provider_id)
+            return transition(row, SENDING, AMBIGUOUS,
+                              reason=f"unexpected error {exc!r}; not resent")
+        return transition(row, SENDING, SENT, provider_id=provider_id)
 
-    async def _retry(self, row: Row, exc: Exception, at_least: float) -> None:
+    def _retry(self, row: Row, exc: Exception, at_least: float) -> Transition:
         base = min(self._cfg.retry_max_s, self._cfg.retry_initial_s * 2 ** (row.attempts - 1))
         delay = max(at_least, base * random.uniform(0.5, 1.0))
         if time.time() + delay - row.created_at > self._cfg.give_up_after_s:
-            await self._finish(row, SENDING, FAILED,
-                               f"gave up after {row.attempts} attempts: {exc}")
-            return
+            return transition(row, SENDING, FAILED,
+                              reason=f"gave up after {row.attempts} attempts: {exc}")
         log.info("SMS for %s not sent (%s); retry in %.1fs", row.serial, exc, delay,
                  extra={"serial": row.serial, "phone": mask(row.phone)})
-        await self._move(row, SENDING, QUEUED, reason=str(exc), next_at=time.time() + delay)
+        return transition(row, SENDING, QUEUED, reason=str(exc), next_at=time.time() + delay)
 
-    async def _finish(self, row: Row, from_state: str, state: str, reason: str,
-                      provider_id: str = "") -> None:
-        if not await self._move(row, from_state, state, reason=reason,
-                                provider_id=provider_id):
-            return
-        extra = {"serial": row.serial, "phone": mask(row.phone), "sms_state": state,
-                 "attempts": row.attempts}
-        if state == SENT:
+    def _recorded(self, done: list[Transition]) -> None:
+        """The last round's transitions are committed: count and log those that applied."""
+        for update in done:
+            if update.inserted:
+                self._moved(update.only_from, update.state)
+                self._finished(update)
+
+    def _finished(self, update: Transition) -> None:
+        if update.state == QUEUED:
+            return  # a retry, logged when it was decided
+        extra = {"serial": update.serial, "phone": mask(update.phone),
+                 "sms_state": update.state, "attempts": update.attempts}
+        if update.state == SENT:
             self._metrics.sms_sent.inc()
-            log.info("SMS for %s sent via %s", row.serial, self._provider.name, extra=extra)
+            log.info("SMS for %s sent via %s", update.serial, self._provider.name, extra=extra)
             return
-        if state == FAILED:
+        if update.state == FAILED:
             self._metrics.sms_failed.inc()
-        log.warning("SMS for %s %s: %s", row.serial, state, reason, extra=extra)
-
-    async def _move(self, row: Row, from_state: str, to_state: str, **kw: Any) -> bool:
-        """A transition after the provider call; if it cannot be written the row stays
-        "sending" on disk, which the next start-up turns into "ambiguous"."""
-        try:
-            moved = await self.store.move(row, from_state, to_state, **kw)
-        except PersistError as exc:
-            log.error("SMS for %s: cannot record %s: %s", row.serial, to_state, exc)
-            return False
-        if moved:
-            self._moved(from_state, to_state)
-        return moved
+        log.warning("SMS for %s %s: %s", update.serial, update.state, update.reason,
+                    extra=extra)
 
     def _moved(self, from_state: str, to_state: str) -> None:
         self.counts[from_state] -= 1

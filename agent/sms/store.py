@@ -11,12 +11,14 @@ States::
 
 Writes are group-committed. A batch that moves any row (to "sending" above all)
 commits with ``synchronous=FULL``, so a row that said "sending" before a crash or
-a power loss still says so afterwards. A batch of new rows only commits with
-``synchronous=NORMAL``: it survives kill -9, and should a power loss take it, the
-start-up backfill queues it again from its pending file (the files are the truth);
-this keeps an fsync off the path of every buffered order's 202. Once a
-row is final its phone is replaced by the masked form; the window rows that
-the rate limit needs are deleted after an hour.
+a power loss still says so afterwards. The sender needs one such commit per
+round: ``claim`` records the outcomes of the round just sent and marks the next
+round's rows "sending" in one transaction, before any of them is sent. A batch
+of new rows only commits with ``synchronous=NORMAL``: it survives kill -9, and
+should a power loss take it, the start-up backfill queues it again from its
+pending file (the files are the truth); this keeps an fsync off the path of
+every buffered order's 202. Once a row is final its phone is replaced by the
+masked form; the window rows that the rate limit needs are deleted after an hour.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
@@ -69,6 +71,13 @@ class Row:
     created_at: float
 
 
+@dataclass(frozen=True)
+class Claimed:
+    rows: list[Row]  # now "sending": to be sent
+    expired: list[Row]  # now "failed": not sent within give_up_after_s
+    next_due: float | None  # when no row was claimed: the next queued row's next_at
+
+
 @dataclass
 class _Enqueue:
     serial: str
@@ -82,7 +91,7 @@ class _Enqueue:
 
 
 @dataclass
-class _Update:
+class Transition:
     serial: str
     state: str
     phone: str
@@ -100,7 +109,32 @@ class _Prune:
     before: float
 
 
-_Op = _Enqueue | _Update | _Prune
+@dataclass
+class _Claim:
+    """The sender's round: ``done`` (the last round's outcomes) are applied; due rows
+    created before ``give_up_before`` become "failed" (``expired``); then up to ``limit``
+    due rows move queued -> sending (attempts + 1) and come back in ``rows``."""
+    done: list[Transition]
+    now: float
+    limit: int
+    give_up_before: float
+    rows: list[Row] = field(default_factory=list)
+    expired: list[Row] = field(default_factory=list)
+    next_due: float | None = None
+
+
+_Op = _Enqueue | Transition | _Prune | _Claim
+
+
+def transition(row: Row, from_state: str, to_state: str, *, reason: str = "",
+               next_at: float = 0.0, attempts: int | None = None,
+               provider_id: str = "") -> Transition:
+    """The update moving ``row`` from ``from_state`` to ``to_state``, for ``move`` or
+    ``claim``; a final state keeps only the masked phone."""
+    final = to_state not in OPEN
+    return Transition(row.serial, to_state, mask(row.phone) if final else row.phone, reason,
+                   next_at, row.attempts if attempts is None else attempts, provider_id,
+                   from_state)
 
 
 class OutboxStore:
@@ -126,14 +160,16 @@ class OutboxStore:
     # -- writes ------------------------------------------------------------------------
 
     async def _flush(self, ops: list[_Op]) -> Sequence[None]:
-        durable = any(isinstance(op, _Update) for op in ops)
+        durable = any(isinstance(op, (Transition, _Claim)) for op in ops)
 
         def apply(db: sqlite3.Connection) -> None:  # on the SQLite thread: one hop per batch
             for op in ops:
                 if isinstance(op, _Enqueue):
                     self._apply_enqueue(db, op)
-                elif isinstance(op, _Update):
+                elif isinstance(op, Transition):
                     self._apply_update(db, op)
+                elif isinstance(op, _Claim):
+                    self._apply_claim(db, op)
                 else:
                     db.execute("DELETE FROM sms_window WHERE at < ?", (op.before,))
 
@@ -166,7 +202,7 @@ class OutboxStore:
         op.result, op.inserted = state, True
 
     @staticmethod
-    def _apply_update(db: sqlite3.Connection, op: _Update) -> None:
+    def _apply_update(db: sqlite3.Connection, op: Transition) -> None:
         cur = db.execute(
             "UPDATE sms SET state=?, phone=?, reason=?, next_at=?, attempts=?, provider_id=?, "
             "updated_at=? WHERE serial=? AND state=?",
@@ -174,6 +210,31 @@ class OutboxStore:
              time.time(), op.serial, op.only_from))
         op.inserted = cur.rowcount == 1
         op.result = op.state if op.inserted else ""
+
+    @classmethod
+    def _apply_claim(cls, db: sqlite3.Connection, op: _Claim) -> None:
+        for update in op.done:
+            cls._apply_update(db, update)
+        now = time.time()
+        for serial, phone, attempts, created_at in db.execute(
+                "SELECT serial, phone, attempts, created_at FROM sms "
+                "WHERE state=? AND next_at<=? AND created_at<?",
+                (QUEUED, op.now, op.give_up_before)).fetchall():
+            row = Row(serial, phone, attempts, created_at)
+            cls._apply_update(db, transition(row, QUEUED, FAILED,
+                                             reason="not sent within sms.give_up_after_s"))
+            op.expired.append(row)
+        for serial, phone, attempts, created_at in db.execute(
+                "SELECT serial, phone, attempts, created_at FROM sms "
+                "WHERE state=? AND next_at<=? ORDER BY next_at LIMIT ?",
+                (QUEUED, op.now, op.limit)).fetchall():
+            db.execute("UPDATE sms SET state=?, attempts=?, updated_at=? "
+                       "WHERE serial=? AND state=?", (SENDING, attempts + 1, now, serial, QUEUED))
+            op.rows.append(Row(serial, phone, attempts + 1, created_at))
+        if not op.rows:
+            found = db.execute("SELECT MIN(next_at) FROM sms WHERE state=?",
+                               (QUEUED,)).fetchall()
+            op.next_due = float(found[0][0]) if found and found[0][0] is not None else None
 
     @property
     def rebuilt(self) -> Path | None:
@@ -191,12 +252,21 @@ class OutboxStore:
                    next_at: float = 0.0, attempts: int | None = None,
                    provider_id: str = "") -> bool:
         """Move ``row`` from ``from_state`` to ``to_state``; False if it was not there."""
-        final = to_state not in OPEN
-        op = _Update(row.serial, to_state, mask(row.phone) if final else row.phone, reason,
-                     next_at, row.attempts if attempts is None else attempts, provider_id,
-                     from_state)
+        op = transition(row, from_state, to_state, reason=reason, next_at=next_at,
+                        attempts=attempts, provider_id=provider_id)
         await self._writer.submit(op)
         return op.inserted
+
+    async def claim(self, done: list[Transition], now: float, limit: int,
+                    give_up_before: float) -> Claimed:
+        """One sender round in one transaction, committed with FULL: record ``done`` (the
+        last round's transitions; each one's ``inserted`` says whether it applied), fail
+        the due rows created before ``give_up_before``, and mark up to ``limit`` due
+        rows "sending". The rows returned may be sent: their "sending" mark is on disk.
+        """
+        op = _Claim(done, now, limit, give_up_before)
+        await self._writer.submit(op)
+        return Claimed(op.rows, op.expired, op.next_due)
 
     async def sending_to_ambiguous(self, reason: str) -> list[str]:
         """At start-up: every row still "sending" was interrupted mid-call."""
