@@ -99,7 +99,8 @@ class Merger:
         return loose, SortedNames(root / "pending")
 
     async def run(self) -> None:
-        assert self._pending is not None, "prepare() first"
+        if self._pending is None:
+            raise RuntimeError("Merger.prepare() must be awaited before run()")
         pending = (Item(f"pending/{name}", False) for name in self._pending)
         loose = (Item(f.file, True) for f in self._loose)
         try:
