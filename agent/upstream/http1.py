@@ -31,7 +31,7 @@ import collections
 import socket
 import ssl
 import time
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import aiohappyeyeballs
 from yarl import URL
@@ -104,8 +104,8 @@ class _Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream connection's transport (create_connection): always an asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -308,7 +308,8 @@ class Http1Client:
                     conn = pool.take()
                     if conn is None:
                         conn = await self._connect(target, min(timeout_s, 2.0))
-                    assert conn.transport is not None
+                    if conn.transport is None:  # never: connection_made sets it
+                        raise UpstreamUnavailable(f"no transport to {target.text}")
                     conn.transport.write(data)
                     reply, keep = await conn.read_answer()
         except TimeoutError as exc:  # the whole deadline, wherever it passed
