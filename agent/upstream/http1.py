@@ -151,12 +151,7 @@ class _Conn(asyncio.Protocol):
     async def read_answer(self) -> tuple[Reply, bool]:
         """One answer (1xx ones skipped): (the reply, whether the connection is reusable)."""
         while True:
-            end = self.buf.find(b"\r\n\r\n")
-            while end < 0:
-                if len(self.buf) > _MAX_HEAD:
-                    raise _BadAnswer("the answer's headers are too long")
-                await self.more()
-                end = self.buf.find(b"\r\n\r\n")
+            end = await self._find(b"\r\n\r\n", "the answer's headers are")
             head = bytes(self.buf[:end]).decode("latin-1")
             del self.buf[:end + 4]
             lines = head.split("\r\n")
@@ -197,6 +192,17 @@ class _Conn(asyncio.Protocol):
                 self.buf.clear()
             return Reply(status, body, fields.get("retry-after")), keep and not self.buf
 
+    async def _find(self, delimiter: bytes, what: str) -> int:
+        """Where ``delimiter`` starts in the buffer, reading until it comes; _BadAnswer if
+        ``what`` (the text before it) grows past the limit first."""
+        end = self.buf.find(delimiter)
+        while end < 0:
+            if len(self.buf) > _MAX_HEAD:
+                raise _BadAnswer(f"{what} too long")
+            await self.more()
+            end = self.buf.find(delimiter)
+        return end
+
     async def _read_exactly(self, size: int) -> bytes:
         while len(self.buf) < size:
             await self.more()
@@ -207,12 +213,7 @@ class _Conn(asyncio.Protocol):
     async def _read_chunked(self) -> bytes:
         parts: list[bytes] = []
         while True:
-            end = self.buf.find(b"\r\n")
-            while end < 0:
-                if len(self.buf) > _MAX_HEAD:
-                    raise _BadAnswer("a chunk size line is too long")
-                await self.more()
-                end = self.buf.find(b"\r\n")
+            end = await self._find(b"\r\n", "a chunk size line is")
             text = bytes(self.buf[:end]).split(b";", 1)[0].strip()
             del self.buf[:end + 2]
             try:
@@ -223,12 +224,7 @@ class _Conn(asyncio.Protocol):
                 raise _BadAnswer("negative chunk size")
             if size == 0:
                 while True:  # trailer fields, up to the empty line
-                    end = self.buf.find(b"\r\n")
-                    while end < 0:
-                        if len(self.buf) > _MAX_HEAD:
-                            raise _BadAnswer("the trailer is too long")
-                        await self.more()
-                        end = self.buf.find(b"\r\n")
+                    end = await self._find(b"\r\n", "the trailer is")
                     del self.buf[:end + 2]
                     if end == 0:
                         return b"".join(parts)
