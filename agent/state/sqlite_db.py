@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -156,16 +156,6 @@ class SqliteDb:
         finally:
             if switch:
                 await db.execute(f"PRAGMA synchronous={self._synchronous}")
-
-    async def run_batch(self, statements: Iterable[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        """Run ``executemany`` for each (sql, rows) in one transaction."""
-        todo = list(statements)
-
-        def apply(conn: sqlite3.Connection) -> None:
-            for sql, rows in todo:
-                conn.executemany(sql, rows)
-
-        await self.in_transaction(apply)
 
     async def in_transaction(self, fn: Callable[[sqlite3.Connection], T],
                              synchronous: str | None = None) -> T:
