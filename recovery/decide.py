@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from agent.errors import CorruptRecordError
 from agent.spool.claims import Claim, try_claim
 from agent.spool.moves import already_merged, merged_document
@@ -147,7 +145,7 @@ def decide(dirs: BufferDirs, node: str, target: str, opened: Opened, own: Facts,
     # crash of the agent between copy and unlink): replacing it is harmless, so only
     # loose files, whose names are anyone's, pay for a lookup in merged/.
     taken = row.loose and _exists(dirs, wanted)
-    merged_before = taken and already_merged(dirs, wanted, record)
+    merged_before = already_merged(dirs, wanted, record) if taken else None
     name = merged_name(dirs, wanted) if taken and not merged_before else wanted
     raw = row.loose and record.serial == recovery_serial(node, row.file, claim.data)
     work = Work(row, claim, record, name, raw=raw)
@@ -155,7 +153,7 @@ def decide(dirs: BufferDirs, node: str, target: str, opened: Opened, own: Facts,
         # Confirmed in an earlier run (or by the agent): finish the move, no request.
         order_id = own.own_order_id if own.own_order_id is not None else (
             key.confirmed_order_id if key.confirmed_serial == record.serial
-            else _merged_order_id(dirs, wanted))
+            else merged_before.get("order_id") if merged_before else None)
         outcome = own.own_outcome if own.own_outcome in DELIVERED else "duplicate"
         if merged_before:
             return Settled(work.result(outcome or "duplicate", order_id), MERGE, claim, name)
@@ -182,7 +180,7 @@ def _loser(work: Work, winner: str, order_id: Any, digest: bytes | None,
 def _vanished(dirs: BufferDirs, row: Item, path: Path) -> Settled:
     """Gone since it was listed: the agent's drain delivered or refused it meanwhile."""
     ref = row.ref
-    doc = _merged_doc(dirs, path.name)
+    doc = already_merged(dirs, path.name)  # without the record: its name says delivered
     if doc is not None:
         key, digest = row.key, row.digest
         if key is None and isinstance(doc.get("dedupe_key"), str) \
@@ -211,22 +209,6 @@ def merged_name(dirs: BufferDirs, wanted: str) -> str:
     while _exists(dirs, f"{stem}.{n}.json"):
         n += 1
     return f"{stem}.{n}.json"
-
-
-def _merged_doc(dirs: BufferDirs, name: str) -> dict[str, Any] | None:
-    """merged/{name} as a JSON object; {} if it exists but cannot be read as one."""
-    try:
-        doc = orjson.loads((dirs.merged / name).read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, orjson.JSONDecodeError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def _merged_order_id(dirs: BufferDirs, name: str) -> Any:
-    doc = _merged_doc(dirs, name)
-    return None if doc is None else doc.get("order_id")
 
 
 def _mtime(claim: Claim) -> float:
