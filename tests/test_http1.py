@@ -45,10 +45,35 @@ class Resolver(AbstractResolver):
         pass
 
 
+class Dribbling:
+    """A StreamWriter whose drain() sends what was written one byte per TCP segment, as a
+    slow or fragmenting network delivers it (TCP_NODELAY, a pause between bytes)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._pending = bytearray()
+        self.transport = writer.transport
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def write(self, data: bytes) -> None:
+        self._pending += data
+
+    def get_extra_info(self, name: str) -> object:
+        return self._writer.get_extra_info(name)
+
+    async def drain(self) -> None:
+        data, self._pending = bytes(self._pending), bytearray()
+        for i in range(len(data)):
+            self._writer.write(data[i:i + 1])
+            await self._writer.drain()
+            await asyncio.sleep(0.001)
+
+
 class Scripted:
     """A TCP server; each connection plays the next behaviour of ``plan`` per request."""
 
     def __init__(self) -> None:
+        self.dribble = False  # answers one byte per segment
         self.plan: list[str] = []
         self.requests: list[bytes] = []
         self.connections = 0
@@ -84,7 +109,8 @@ class Scripted:
                         length = int(line.split(":", 1)[1])
                 body = await reader.readexactly(length)
                 self.requests.append(head + body)
-                if not await self._answer(self.plan.pop(0), writer):
+                out = Dribbling(writer) if self.dribble else writer
+                if not await self._answer(self.plan.pop(0), out):  # type: ignore[arg-type]
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -199,6 +225,22 @@ async def via_aiohttp(url: str, resolver: Resolver, timeout_s: float = 1.0,
 @pytest.mark.parametrize("how", ["length", "chunked", "close-framed", "continue",
                                  "retry-after", "html"])
 async def test_answers_read_the_same_as_aiohttp(scripted: Scripted, how: str):
+    url = f"http://orders.test:{scripted.port}/v3/orders"
+    results = []
+    for client in (lean, via_aiohttp):
+        scripted.plan = [how]
+        results.append(await client(url, Resolver()))
+    assert results[0] == results[1]
+    assert results[0][0] == "ok"
+
+
+@pytest.mark.parametrize("how", ["length", "chunked", "close-framed", "continue",
+                                 "retry-after", "html"])
+async def test_answers_split_into_one_byte_segments_read_the_same(scripted: Scripted,
+                                                                  how: str):
+    """Every boundary the parser looks for (the head's blank line, a chunk size line, the
+    trailer) arrives cut in two somewhere."""
+    scripted.dribble = True
     url = f"http://orders.test:{scripted.port}/v3/orders"
     results = []
     for client in (lean, via_aiohttp):
