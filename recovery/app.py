@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.delivery.targets import normalize_url
 from agent.errors import UpstreamError
 from agent.spool.files import remove_stale_temps
 from agent.spool.record import BufferDirs
@@ -55,8 +56,15 @@ class Job:
     batch: int = 100
     report: Path | None = None
     held_wait_s: float = 30.0
-    cluster: str | None = None  # the target's cluster: pinned orders of others stay
+    cluster: str | None = None  # the target's configured cluster: pinned orders of others stay
     clusters: tuple[tuple[str, str], ...] = ()  # (name, URL) from the config, for advice
+
+
+    @property
+    def pin(self) -> str:
+        """What an unclear answer pins an order to: the target's cluster, else its URL, so
+        that the order is sent nowhere else (CONTRACT 5)."""
+        return self.cluster or normalize_url(self.target) or self.target
 
 
 class AlreadyRunning(Exception):
@@ -115,7 +123,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
 
             finisher = Finisher(dirs, checkpoint, settled)
             opts = MergeOptions(job.root, job.target, job.node, job.concurrency, job.batch,
-                                job.held_wait_s, job.cluster)
+                                job.held_wait_s, job.cluster, job.pin)
             merger = Merger(opts, ranker, sender, finisher, stop)
             summary.total = await merger.prepare()
             log.info("%d order files listed in %.1fs; merging into %s", summary.total,
@@ -161,7 +169,7 @@ def _dry_run(job: Job) -> int:
         plan = Plan(Path(tmp) / "plan.db", job.root / CHECKPOINT_NAME, live=False)
         try:
             held: list[Found] = []
-            stats = plan.build(admitted(scan(job.root, job.node), job.cluster, held))
+            stats = plan.build(admitted(scan(job.root, job.node), job.cluster, job.target, held))
             conflicts = plan.conflicts()
             summary.total = stats.files
             summary.extra.update(
@@ -199,13 +207,14 @@ def _report_held(job: Job, held: list[Found], summary: Summary) -> None:
     for f in held:
         by_cluster.setdefault(f.pinned_to or "", []).append(f.serial or f.file)
     entries = {}
-    for cluster, serials in sorted(by_cluster.items()):
-        command = (f"edge-recover --path {job.root} --mode merge --target "
-                   f"{urls.get(cluster, '<the ' + cluster + ' cluster URL>')}")
-        entries[cluster] = {"count": len(serials), "serials": serials, "command": command}
-        print(f"edge-recover: {len(serials)} orders are pinned to the {cluster} cluster (it "
-              f"may hold them already) and were not sent to {job.target}; to deliver them: "
-              f"{command}", flush=True)
+    for pin, serials in sorted(by_cluster.items()):
+        url = normalize_url(pin)  # pinned by an earlier edge-recover to a URL
+        where = url or urls.get(pin, f"<the {pin} cluster URL>")
+        command = f"edge-recover --path {job.root} --mode merge --target {where}"
+        entries[pin] = {"count": len(serials), "serials": serials, "command": command}
+        print(f"edge-recover: {len(serials)} orders are pinned to "
+              f"{url or 'the ' + pin + ' cluster'} (it may hold them already) and were not "
+              f"sent to {job.target}; to deliver them: {command}", flush=True)
     summary.extra["pinned_elsewhere"] = entries
 
 

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from agent import __version__
 from agent.config import Config, load_config, resolve_config_path
+from agent.delivery.targets import cluster_of
 from agent.errors import ConfigError, UsageError
 from agent.usage import OneLineParser
 from recovery.app import EXIT_USAGE, AlreadyRunning, Job, run
@@ -69,10 +70,9 @@ def _job(args: argparse.Namespace) -> Job:
         ("primary", cfg.upstream.primary if cfg else ""),
         ("standby", cfg.upstream.standby if cfg else "")) if url)
     # The target's cluster decides which pinned orders it may take (CONTRACT 5): the
-    # configured cluster with this URL; the primary by default; none for another URL.
-    cluster = next((name for name, url in clusters if url == target.rstrip("/")), None)
-    if args.target is None:
-        cluster = "primary"
+    # configured cluster with this URL (spelled alike once normalised); the primary by
+    # default; none for another URL, which is then what unclear answers pin orders to.
+    cluster = "primary" if args.target is None else cluster_of(target, dict(clusters))
     parts = urlsplit(target)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--target {target!r} is not an http(s) URL")

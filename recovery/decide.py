@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.delivery.decide import Attempts
 from agent.errors import CorruptRecordError
 from agent.spool.claims import Claim, try_claim
 from agent.spool.moves import already_merged, merged_document
@@ -43,8 +44,7 @@ class Work:
     record: PendingRecord
     merged_name: str
     raw: bool = False  # a raw order object, not a record: gets a new merged/ copy
-    transient: int = 0
-    retries: int = 0
+    attempts: Attempts = field(default_factory=Attempts)
 
     @property
     def item(self) -> BatchItem:

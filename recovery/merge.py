@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,10 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import PersistError, UpstreamAmbiguous, UpstreamError
-from agent.spool.files import replace_durably
+from agent.delivery.decide import Action, Caller, Kind, Step
+from agent.delivery.decide import decide as decide_answer
+from agent.delivery.pacing import delay
+from agent.delivery.targets import may_send
+from agent.errors import PersistError, UpstreamError
+from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs
-from agent.upstream.answers import Answer, Outcome
+from agent.upstream.answers import Answer
 from recovery.checkpoint import ResultRow
 from recovery.decide import Decision, Held, Opened, Work, decide, open_file
 from recovery.finisher import NOTE, Finisher, Settled
@@ -45,8 +48,6 @@ from recovery.source import Found, read_found
 
 log = logging.getLogger("recovery.merge")
 
-MAX_TRANSIENT = 8     # 5xx / timeouts per order: ~1 minute of backoff in all
-MAX_RETRIES = 30      # 408/409/425/429 per order, each after Retry-After (default 1 s)
 CHUNK = 256           # files claimed per hop to the claim thread
 NO_FACTS = Facts()
 
@@ -59,7 +60,8 @@ class MergeOptions:
     concurrency: int = 32
     batch: int = 100
     held_wait_s: float = 30.0
-    cluster: str | None = None  # the target's cluster: an unclear answer pins orders to it
+    cluster: str | None = None  # the target's configured cluster, if it is one
+    pin: str = ""  # what an unclear answer pins orders to: that cluster, else the target URL
 
 
 ChunkFn = Callable[[list[Item]], list[Decision]]
@@ -117,7 +119,7 @@ class Merger:
     def _admitted(self, pinned_to: str | None) -> bool:
         """Unpinned, or pinned to this target's cluster. An order pinned to another
         cluster may already exist there; sending it here could create it twice."""
-        return pinned_to is None or pinned_to == self._opts.cluster
+        return may_send(pinned_to, self._opts.cluster, self._opts.target)
 
     def _first(self, items: list[Item], pending: bool) -> list[Decision]:
         """Claim, rank and decide a chunk of files met for the first time."""
@@ -259,16 +261,20 @@ class Merger:
                 await self._deliver(batch)
 
     async def _deliver(self, todo: list[Work]) -> None:
-        attempt = 0
+        rounds = 0
         while todo:
             results = await self._sender.send([w.item for w in todo])
             settled: list[Settled] = []
             again: list[Work] = []
             wait_s = 0.0
             for work, res in zip(todo, results, strict=True):
-                if _unclear(res):
-                    await self._pin(work)
-                verdict = self._judge(work, res)
+                action = decide_answer(res, Caller.RECOVER, self._opts.target, work.attempts)
+                work.attempts = work.attempts.after(action)
+                if action.kind is Kind.TRANSIENT:
+                    self.transient_failures += 1
+                if action.pin:
+                    await self._pin(work, action.reason)
+                verdict = self._judge(work, res, action)
                 if isinstance(verdict, Settled):
                     settled.append(verdict)
                 else:
@@ -277,73 +283,45 @@ class Merger:
             await self._finisher.put(settled)
             if not again:
                 return
-            attempt += 1
-            if self._stop.is_set() or await self._sleep(wait_s, attempt):
+            rounds += 1
+            if self._stop.is_set() or await self._sleep(delay(rounds, 0.25, 30.0, wait_s)):
                 await self._finisher.put([w.left("interrupted before the center confirmed it")
                                           for w in again])
                 return
             todo = again
 
-    def _judge(self, work: Work, res: Answer | UpstreamError) -> Settled | float:
+    def _judge(self, work: Work, res: Answer | UpstreamError, action: Action) -> Settled | float:
         """The settled order, or how long to wait before sending it again."""
-        target = self._opts.target
-        if isinstance(res, UpstreamError) or res.outcome is Outcome.UNCLEAR:
-            work.transient += 1
-            self.transient_failures += 1
-            error = str(res) if isinstance(res, UpstreamError) else \
-                f"HTTP {res.status}: {res.error}"
-            if work.transient >= MAX_TRANSIENT:
+        if action.step is Step.RETRY:
+            return action.wait_s
+        if action.step is Step.GIVE_UP:
+            if action.kind is Kind.TRANSIENT:
                 self.gave_up += 1
-                return work.left(f"center kept failing: {error}")
-            if isinstance(res, Answer) and res.retry_after_s is not None:
-                return res.retry_after_s
-            return 0.0
-        outcome = res.outcome
-        if outcome.delivered:
-            return work.merged(outcome.value, res.order_id, target)
-        if outcome.permanent:
-            error = f"HTTP {res.status}: {res.error or 'no reason given'}"
-            return work.quarantined(outcome.value, error, {"status": res.status,
-                                                           "target": target})
-        if outcome is Outcome.REFUSED:  # the target refuses us, not the order: keep it
-            return work.left(f"the target refuses edge-recover (HTTP {res.status}: "
-                             f"{res.error or 'no reason'}); check its credentials and route")
-        work.retries += 1  # Outcome.RETRY: 408/425/429/503
-        if work.retries >= MAX_RETRIES:
-            return work.left(f"center kept answering HTTP {res.status}")
-        return res.retry_after_s if res.retry_after_s is not None else 1.0
+            return work.left(action.reason)
+        if not isinstance(res, Answer):  # decide() settles only answers
+            raise RuntimeError(f"decide() settled a failure: {action}")
+        if action.step is Step.MERGE:
+            return work.merged(action.outcome, res.order_id, self._opts.target)
+        return work.quarantined(action.outcome,
+                                f"HTTP {res.status}: {res.error or 'no reason given'}",
+                                {"status": res.status, "target": self._opts.target})
 
-    async def _pin(self, work: Work) -> None:
-        """The target may hold this order now: pin the file to its cluster (CONTRACT 5),
-        so the agent's drain never sends it to the other one."""
-        cluster = self._opts.cluster
-        if cluster is None or work.raw or work.record.pinned_to == cluster:
-            return
-        record = work.record.pinned(cluster)
-        data = record.to_bytes()
+    async def _pin(self, work: Work, why: str) -> None:
+        """The target may hold this order now: pin the file to it (CONTRACT 5), so nothing
+        sends it anywhere else: the target's cluster name, or its URL when it is none."""
         try:
-            fd = await asyncio.to_thread(replace_durably, work.claim.path, data)
+            work.record = await asyncio.to_thread(pin_file, work.claim, work.record,
+                                                  self._opts.pin, why)
         except PersistError as exc:
-            log.error("could not pin %s to %s: %s", record.serial, cluster, exc)
-            return
-        work.claim.replaced(fd, data)
-        work.record = record
+            log.error("could not pin %s to %s: %s", work.record.serial, self._opts.pin, exc)
 
-    async def _sleep(self, at_least_s: float, attempt: int) -> bool:
-        """Back off (exponential, full jitter, at least Retry-After); True if stopped."""
-        delay = max(at_least_s, random.uniform(0, min(30.0, 0.25 * 2 ** attempt)))
+    async def _sleep(self, delay_s: float) -> bool:
+        """Wait ``delay_s`` unless stopped first; True if stopped."""
         try:
-            await asyncio.wait_for(self._stop.wait(), delay)
+            await asyncio.wait_for(self._stop.wait(), delay_s)
         except TimeoutError:
             return False
         return True
-
-
-def _unclear(res: Answer | UpstreamError) -> bool:
-    """Sent, and no clear answer: the target may have created the order."""
-    if isinstance(res, UpstreamError):
-        return isinstance(res, UpstreamAmbiguous)
-    return res.outcome.pins
 
 
 def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:

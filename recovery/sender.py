@@ -13,8 +13,8 @@ import asyncio
 import logging
 import math
 
+from agent.delivery.pacing import Pacer
 from agent.errors import UpstreamError
-from agent.spool.drain import Pacer
 from agent.upstream.answers import SLOW_DOWN_STATUSES, Answer, BatchItem, Outcome
 from agent.upstream.client import UpstreamClient
 

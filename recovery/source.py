@@ -28,6 +28,7 @@ from pathlib import Path
 
 import orjson
 
+from agent.delivery.targets import may_send
 from agent.errors import CorruptRecordError, InvalidOrderError
 from agent.intake.orders import parse_order
 from agent.spool.record import PendingRecord, is_order_file, parse_tolerant
@@ -138,17 +139,18 @@ def _read_all(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def admitted(found: Iterable[Found], cluster: str | None, held: list[Found]) -> Iterator[Found]:
-    """The files this target may be sent: unpinned, or pinned to ``cluster`` (the target's).
+def admitted(found: Iterable[Found], cluster: str | None, target: str,
+             held: list[Found]) -> Iterator[Found]:
+    """The files this target may be sent: unpinned, or pinned to it (its cluster or URL).
 
-    An order pinned to another cluster may already exist there; sending it here could
-    create it twice, so it is left in pending/ and listed in ``held``.
+    An order pinned elsewhere may already exist there; sending it here could create it
+    twice, so it is left in pending/ and listed in ``held``.
     """
     for f in found:
-        if f.pinned_to is not None and f.pinned_to != cluster:
-            held.append(f)
-        else:
+        if may_send(f.pinned_to, cluster, target):
             yield f
+        else:
+            held.append(f)
 
 
 def scan(root: Path, node: str, threads: int = 2) -> Iterator[Found]:

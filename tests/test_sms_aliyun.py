@@ -69,8 +69,12 @@ async def test_signed_sendsms_with_serial_as_outid(make_agent, center: FakeCente
                        "TemplateCode": "SMS_123456789",
                        "TemplateParam": f'{{"SN":"{body["serial"]}"}}',
                        "OutId": body["serial"]}
-    _, doc = await agent.get("/status")
-    assert doc["sms"]["provider"] == "aliyun" and doc["sms"]["by_state"]["sent"] == 1
+    # The provider's answer is recorded in the sender's next commit: poll for it.
+    async def sent() -> bool:
+        doc = (await agent.get("/status"))[1]["sms"]
+        return doc["provider"] == "aliyun" and doc["by_state"].get("sent") == 1
+
+    await wait_for(sent, 10, "the notice recorded as sent")
 
 
 async def test_a_bad_signature_is_refused_and_not_retried(make_agent, center: FakeCenter,

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from agent.config import Config
+from agent.delivery.router import Router, Verdict
 from agent.errors import BufferFullError, InvalidOrderError, PersistError
 from agent.service.metrics import Metrics
 from agent.spool.record import PendingRecord
@@ -36,7 +37,6 @@ from agent.state.journal import (
     body_digest,
 )
 from agent.state.serials import SerialIssuer
-from agent.upstream.router import Router, Verdict
 
 log = logging.getLogger("agent.intake")
 

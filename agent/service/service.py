@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.config import Config
+from agent.delivery.router import Router
 from agent.intake.http_api import HttpApi
 from agent.intake.inbox import InboxWatcher
 from agent.intake.orders import Intake
@@ -35,13 +36,20 @@ from agent.upstream.answers import Answer
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 from agent.upstream.health import ClusterHealth, HealthMonitor
-from agent.upstream.router import Router
 
 log = logging.getLogger("agent.service")
 MODES = ("normal", "standby", "offline")
 MODE_HISTORY = 20
 DRAIN_WINDOW_S = 30.0
 RUNNING_MARKER = "agent.running"
+
+
+def pin_buckets(counts: dict[str, int]) -> dict[str, int]:
+    """Buffered orders by pin: the clusters, "none", and "other": pinned by edge-recover to a
+    URL that is no configured cluster (only edge-recover with that --target sends them)."""
+    out = {name: counts.get(name, 0) for name in ("primary", "standby", "none")}
+    out["other"] = sum(n for name, n in counts.items() if name not in out)
+    return out
 
 
 class Service:
@@ -255,9 +263,8 @@ class Service:
         """Before a scrape: gauges that need a look at the disk or the journal."""
         await self.spool.recount(0)
         self.metrics.oldest_pending_age.set(await self._oldest_age())
-        pinned = await self.journal.pinned_counts()
-        for name in ("primary", "standby", "none"):
-            self.metrics.pinned.labels(cluster=name).set(pinned.get(name, 0))
+        for name, count in pin_buckets(await self.journal.pinned_counts()).items():
+            self.metrics.pinned.labels(cluster=name).set(count)
 
     def ready(self) -> bool:
         """Can persist orders: a load balancer stops sending while the disk fails us."""
@@ -312,7 +319,7 @@ class Service:
             "sms_outbox": self.outbox.unfinished if self.outbox is not None else 0,
             "sms": (self.outbox.snapshot() if self.outbox is not None
                     else {"provider": None, "by_state": {}}),
-            "pinned": {name: pinned.get(name, 0) for name in ("primary", "standby", "none")},
+            "pinned": pin_buckets(pinned),
             "accepting": self.intake.accepting,
             "ready": self.ready(),
             "buffer_error": self.spool.last_error,

@@ -21,13 +21,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from agent.config import SmsSection
+from agent.delivery.pacing import delay as backoff_delay
 from agent.errors import (
     CorruptRecordError,
     PersistError,
@@ -254,8 +254,8 @@ class Outbox:
         return transition(row, SENDING, SENT, provider_id=provider_id)
 
     def _retry(self, row: Row, exc: Exception, at_least: float) -> Transition:
-        base = min(self._cfg.retry_max_s, self._cfg.retry_initial_s * 2 ** (row.attempts - 1))
-        delay = max(at_least, base * random.uniform(0.5, 1.0))
+        delay = backoff_delay(row.attempts, self._cfg.retry_initial_s, self._cfg.retry_max_s,
+                              at_least)
         if time.time() + delay - row.created_at > self._cfg.give_up_after_s:
             return transition(row, SENDING, FAILED,
                               reason=f"gave up after {row.attempts} attempts: {exc}")

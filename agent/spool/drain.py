@@ -21,24 +21,28 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from datetime import datetime
 
-import backoff
 import watchfiles
 
 from agent.config import BufferSection
-from agent.errors import PersistError, UpstreamAmbiguous, UpstreamError
+from agent.delivery.decide import Caller, Step, decide
+from agent.delivery.pacing import Backoff, Pacer
+from agent.delivery.targets import same_target
+from agent.errors import PersistError, UpstreamError
 from agent.service.metrics import Metrics
 from agent.service.watched_loop import WatchedLoop
 from agent.spool.moves import MergedState
 from agent.spool.record import PendingRecord, is_order_file
 from agent.spool.writer import Held, PendingSpool
 from agent.state.journal import MERGED, REJECTED, Journal
-from agent.upstream.answers import SLOW_DOWN_STATUSES, Answer, Outcome
+from agent.upstream.answers import Answer
 from agent.upstream.client import UpstreamClient
 
 log = logging.getLogger("agent.drain")
+PASS_BACKOFF_BASE_S = 0.5   # between failing passes: 0.5 s doubling to 60 s, full jitter
+PASS_BACKOFF_MAX_S = 60.0
 
 # The clusters that can take orders now: name -> base URL.
 Usable = Callable[[], dict[str, str]]
@@ -57,39 +61,6 @@ class Result(enum.Enum):
     SKIPPED = "skipped"      # gone, claimed by another process, or waiting for its cluster
     RETRY = "retry"          # 409/429/...: this file later
     FAILING = "failing"      # the cluster is failing or refusing us: stop sending to it
-
-
-def _delays() -> Generator[float, None, None]:
-    """Exponential backoff between failing passes: 0.5 s doubling to 60 s."""
-    gen: Generator[float, None, None] = backoff.expo(base=2, factor=0.5, max_value=60)
-    next(gen)  # backoff's wait generators yield None first, to be primed
-    return gen
-
-
-class Pacer:
-    """Spaces requests at ``rate``/s; halves the rate on 429/503, recovers slowly."""
-
-    def __init__(self, rate: float) -> None:
-        self.base_rate = rate
-        self.rate = rate
-        self._next = time.monotonic()
-        self._paused_until = 0.0
-
-    async def wait(self, n: int = 1) -> None:
-        """Wait for the turn of the next request, which carries ``n`` orders."""
-        now = time.monotonic()
-        at = max(self._next, self._paused_until, now)
-        self._next = at + n / self.rate
-        if at > now:
-            await asyncio.sleep(at - now)
-
-    def slow_down(self, retry_after_s: float | None) -> None:
-        self.rate = max(1.0, self.rate / 2)
-        if retry_after_s:
-            self._paused_until = max(self._paused_until, time.monotonic() + retry_after_s)
-
-    def speed_up(self) -> None:
-        self.rate = min(self.base_rate, self.rate * 1.02 + 0.5)
 
 
 class Drainer:
@@ -112,7 +83,7 @@ class Drainer:
         self._active: set[str] = set()
         self._pins: dict[str, str] = {}  # pins the file could not take (disk full)
         self._wake = asyncio.Event()  # a cluster came back: cut the backoff short
-        self._delays = _delays()
+        self._backoff = Backoff(PASS_BACKOFF_BASE_S, PASS_BACKOFF_MAX_S)
         self._loop = WatchedLoop("drain", self._round, spool.dirs.pending, _added_order,
                                  settings.scan_interval_s)
         self.passes = 0
@@ -137,8 +108,9 @@ class Drainer:
     def target(self, record: PendingRecord, usable: dict[str, str]) -> str | None:
         """Where this order may go now (CONTRACT 5), or None: it waits."""
         pinned = record.pinned_to or self._pins.get(record.serial)
-        if pinned is not None:
-            return pinned if pinned in usable else None
+        if pinned is not None:  # only its own target; a URL pin names one, if it is ours
+            return next((name for name, url in usable.items()
+                         if same_target(pinned, name, url)), None)
         if "primary" in usable:
             return "primary"
         if self._settings.drain_to_standby and "standby" in usable:
@@ -154,11 +126,11 @@ class Drainer:
         finally:
             self.passes += 1
         if clean:
-            self._delays = _delays()
+            self._backoff.reset()
             return
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), backoff.full_jitter(next(self._delays)))
+            await asyncio.wait_for(self._wake.wait(), self._backoff.next())
         self.kick()
 
     async def _pass(self) -> bool:
@@ -184,8 +156,9 @@ class Drainer:
                 if result in (Result.RETRY, Result.FAILING):
                     clean = False
 
-        workers = min(self._settings.drain_concurrency, len(queue))
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        async with asyncio.TaskGroup() as group:  # one worker failing stops the others
+            for _ in range(min(self._settings.drain_concurrency, len(queue))):
+                group.create_task(worker())
         return clean
 
     async def deliver(self, name: str, size: int, failing: set[str] | None = None) -> Result:
@@ -226,55 +199,46 @@ class Drainer:
             # A crash mid-send must leave it pinned: note the cluster durably first.
             await self._journal.intend(record.serial, cluster)
         await self._pacer.wait()
+        result: Answer | UpstreamError
         try:
-            answer = await self._upstream.post_order(
+            result = await self._upstream.post_order(
                 usable[cluster], record.raw_body, record.dedupe_key, record.serial,
                 self.timeout_s)
         except UpstreamError as exc:
-            log.info("delivery of %s to %s failed: %s", record.serial, cluster, exc)
-            self._metrics.deliveries.labels(cluster=cluster, outcome="transient").inc()
-            if isinstance(exc, UpstreamAmbiguous):
-                await self._pin(held, cluster)
-            else:
-                self._unintend(record)
-            failing.add(cluster)
-            return Result.FAILING
-        return await self._settle(held, record, cluster, answer, failing)
+            result = exc
+        return await self._settle(held, record, cluster, result, failing)
 
-    async def _settle(self, held: Held, record: PendingRecord, cluster: str, answer: Answer,
-                      failing: set[str]) -> Result:
-        outcome = answer.outcome
-        self._metrics.deliveries.labels(cluster=cluster, outcome=outcome.value).inc()
-        if answer.status in SLOW_DOWN_STATUSES:
+    async def _settle(self, held: Held, record: PendingRecord, cluster: str,
+                      result: Answer | UpstreamError, failing: set[str]) -> Result:
+        action = decide(result, Caller.DRAIN, cluster)
+        self._metrics.deliveries.labels(cluster=cluster, outcome=action.outcome).inc()
+        answer = result if isinstance(result, Answer) else None
+        if action.slow_down and answer is not None:
             self._pacer.slow_down(answer.retry_after_s)
-        if outcome is Outcome.REFUSED:
+        if action.refusing:
             self._refusals(cluster, answer)
+        elif answer is not None:
+            self._refusals(cluster, None)  # it answered: it takes orders again
+        if action.pin:
+            await self._pin(held, cluster, action.reason)
+        elif action.created_nothing:
             self._unintend(record)
-            failing.add(cluster)
-            return Result.FAILING
-        self._refusals(cluster, None)
-        if outcome.delivered:
+        if action.step is Step.MERGE and answer is not None:
             await held.delivered(answer.order_id, cluster)
             self._pacer.speed_up()
             self._observe_latency(record.received_at)
             await self._journal.mark(record.serial, MERGED, cluster, answer.order_id)
             return Result.DONE
-        if outcome.permanent:
-            self._metrics.quarantined.labels(reason=outcome.value).inc()
-            await held.quarantined(outcome.value, {
+        if action.step is Step.QUARANTINE and answer is not None:
+            self._metrics.quarantined.labels(reason=action.outcome).inc()
+            await held.quarantined(action.outcome, {
                 "status": answer.status, "error": answer.error, "serial": record.serial,
                 "dedupe_key": record.dedupe_key, "cluster": cluster,
             })
             await self._journal.mark(record.serial, REJECTED, cluster)
             return Result.DONE
-        if outcome.pins:
-            await self._pin(held, cluster)
-            if answer.status >= 500:
-                failing.add(cluster)
-                return Result.FAILING
-            return Result.RETRY
-        self._unintend(record)  # a clear "not now": no pin
-        if answer.status == 503:
+        log.info("delivery of %s to %s: %s", record.serial, cluster, action.reason)
+        if action.hold:
             failing.add(cluster)
             return Result.FAILING
         return Result.RETRY
@@ -285,11 +249,11 @@ class Drainer:
         if record.pinned_to is None and record.serial not in self._pins:
             self._journal.intend_soon(record.serial, None)
 
-    async def _pin(self, held: Held, cluster: str) -> None:
+    async def _pin(self, held: Held, cluster: str, why: str) -> None:
         """Rewrite the record pinned to ``cluster``; the journal intent covers a failure."""
         serial = held.name.removesuffix(".json")
         try:
-            await held.pin(cluster)
+            await held.pin(cluster, why)
         except PersistError as exc:
             self._pins[serial] = cluster
             log.error("could not pin %s to %s in its file (%s); held in memory and in the "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agent.errors import ConfigError, CorruptRecordError, PersistError
 from agent.spool.claims import try_claim
-from agent.spool.files import replace_durably
+from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs, PendingRecord, is_order_file, parse_tolerant
 from agent.state.journal import BUFFERED, MERGED, REJECTED, Entry, Journal, body_digest
 from agent.state.serials import parse_counter
@@ -103,11 +103,8 @@ async def _apply_intents(journal: Journal, dirs: BufferDirs) -> None:
             continue
         try:
             record = parse_tolerant(claim.data, f"pending/{path.name}")
-            if record.pinned_to != cluster:
-                data = record.pinned(cluster).to_bytes()
-                claim.replaced(await asyncio.to_thread(replace_durably, path, data), data)
-                log.warning("pending %s pinned to %s: a send there was cut short", serial,
-                            cluster, extra={"serial": serial, "cluster": cluster})
+            await asyncio.to_thread(pin_file, claim, record, cluster,
+                                    "a send there was cut short")
         except CorruptRecordError:
             pass  # the drain quarantines it
         except PersistError as exc:

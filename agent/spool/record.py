@@ -18,12 +18,12 @@ from typing import Any
 
 import orjson
 
+from agent.delivery.targets import valid_pin
 from agent.errors import CorruptRecordError
 
 RECORD_VERSION = 1
 TMP_SUFFIX = ".tmp"
 REASON_SUFFIX = ".reason.json"
-CLUSTERS = ("primary", "standby")
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,9 @@ class PendingRecord:
             raise CorruptRecordError(f"{origin}: field 'customer_phone' is not a string")
         # Written by an agent before pinned_to existed: the primary may hold it.
         pinned = obj.get("pinned_to", "primary")
-        if pinned not in CLUSTERS and pinned is not None:
+        if not valid_pin(pinned):
             raise CorruptRecordError(f"{origin}: field 'pinned_to' is {pinned!r}, expected "
-                                     "'primary', 'standby' or null")
+                                     "'primary', 'standby', an http(s) URL or null")
         return cls(
             serial=obj["serial"],
             node_id=obj["node_id"],

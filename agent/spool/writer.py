@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 from agent.errors import BufferFullError, CorruptRecordError, PersistError
 from agent.spool.claims import Claim, try_claim
-from agent.spool.files import list_pending, quarantine, replace_durably, write_pending_batch
+from agent.spool.files import list_pending, quarantine, write_pending_batch
 from agent.spool.moves import MergedState, merged_state, move_to_merged
+from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
 from agent.state.batching import GroupCommit
 
@@ -84,21 +85,15 @@ class Held:
                     extra={"file": self.name, "reason": reason})
         return where
 
-    async def pin(self, cluster: str) -> None:
-        """Rewrite the record durably with ``pinned_to=cluster`` (CONTRACT 5)."""
+    async def pin(self, target: str, why: str) -> None:
+        """Rewrite the record durably with ``pinned_to=target`` (CONTRACT 5)."""
         if self.record is None:
             raise RuntimeError(f"pin() needs a parsed record; {self.name} is corrupt: "
                                "quarantine it instead")
-        if self.record.pinned_to == cluster:
-            return
-        record = self.record.pinned(cluster)
-        data = record.to_bytes()
-        fd = await _in_thread(replace_durably, self.claim.path, data)
-        self.claim.replaced(fd, data)
-        self._spool.bytes += len(data) - self.size
-        self.size, self.record = len(data), record
-        log.warning("order %s pinned to %s: an attempt there ended without a clear answer",
-                    record.serial, cluster, extra={"serial": record.serial, "cluster": cluster})
+        self.record = await _in_thread(pin_file, self.claim, self.record, target, why)
+        size = len(self.claim.data)
+        self._spool.bytes += size - self.size
+        self.size = size
 
     def _left(self) -> None:
         self.done = True

@@ -19,7 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from agent.errors import UpstreamAmbiguous, UpstreamUnavailable
+from agent.delivery.decide import Caller, Step, decide
+from agent.errors import UpstreamError
 from agent.upstream.answers import Answer, Outcome
 from agent.upstream.client import UpstreamClient
 from agent.upstream.health import HealthMonitor
@@ -34,6 +35,9 @@ class Verdict(enum.Enum):
     CONFLICT = "conflict"    # 422: the center holds this key with another body
     REJECTED = "rejected"    # a permanent 4xx about the order itself
     BUFFER = "buffer"        # not created (or unknown): keep it on disk
+
+
+_QUARANTINE = {Outcome.CONFLICT.value: Verdict.CONFLICT, Outcome.REJECTED.value: Verdict.REJECTED}
 
 
 @dataclass(frozen=True)
@@ -68,32 +72,27 @@ class Router:
             if remaining < _MIN_ATTEMPT_S:
                 return Routed(Verdict.BUFFER, reason=f"{reason}; deadline reached")
             await before_send(name)
+            result: Answer | UpstreamError
             try:
-                answer = await self._upstream.post_order(base, body, dedupe_key, serial,
+                result = await self._upstream.post_order(base, body, dedupe_key, serial,
                                                          remaining)
-            except UpstreamUnavailable as exc:
-                reason = f"{name}: {exc}"
-                continue
-            except UpstreamAmbiguous as exc:
-                return Routed(Verdict.BUFFER, name, reason=f"{name} unclear: {exc}",
-                              pinned=name)
-            outcome = answer.outcome
-            if outcome is Outcome.REFUSED:
+            except UpstreamError as exc:
+                result = exc
+            action = decide(result, Caller.FORWARD, name)
+            answer = result if isinstance(result, Answer) else None
+            if action.refusing and answer is not None:
                 self._health.refused(name, answer.status, answer.error)
-                reason = f"{name} refuses the agent (HTTP {answer.status})"
+            elif answer is not None:
+                self._health.accepted(name)
+            if action.step is Step.NEXT:
+                reason = action.reason
                 continue
-            self._health.accepted(name)
-            if outcome.delivered:
+            if action.step is Step.BUFFER:
+                return Routed(Verdict.BUFFER, name, answer, reason=action.reason,
+                              pinned=name if action.pin else None)
+            if answer is None:  # decide() settles only answers
+                raise RuntimeError(f"decide() settled a failure: {action}")
+            if action.step is Step.MERGE:
                 return Routed(Verdict.CREATED, name, answer)
-            if outcome is Outcome.RETRY:
-                reason = f"{name} answered HTTP {answer.status}"
-                continue
-            if outcome is Outcome.CONFLICT:
-                return Routed(Verdict.CONFLICT, name, answer)
-            if outcome is Outcome.REJECTED:
-                return Routed(Verdict.REJECTED, name, answer)
-            # Unclear (409, 5xx, 2xx without order_id): the cluster may hold it: stay with it.
-            return Routed(Verdict.BUFFER, name, answer, pinned=name,
-                          reason=f"{name} answered HTTP {answer.status} without a clear "
-                                 "outcome")
+            return Routed(_QUARANTINE[action.outcome], name, answer)
         return Routed(Verdict.BUFFER, reason=reason)

@@ -1,0 +1,32 @@
+"""The one way an order file is pinned to a target (CONTRACT 5, DESIGN invariant 4).
+
+The forward path writes a new file already pinned; everything that learns later
+that a target may hold an order (the drain, edge-recover, start-up repair of a
+send cut short) rewrites the claimed file here: durably, atomically, the claim
+kept on the new inode so no other process can take the file in between.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from agent.spool.claims import Claim
+from agent.spool.files import replace_durably
+from agent.spool.record import PendingRecord
+
+log = logging.getLogger("agent.spool")
+
+
+def pin_file(claim: Claim, record: PendingRecord, target: str, why: str) -> PendingRecord:
+    """Rewrite the claimed file pinned to ``target``; the record now on disk.
+
+    Blocking (fsyncs): call it in a thread. Raises PersistError, the file unchanged.
+    """
+    if record.pinned_to == target:
+        return record
+    pinned = record.pinned(target)
+    data = pinned.to_bytes()
+    claim.replaced(replace_durably(claim.path, data), data)
+    log.warning("order %s pinned to %s: %s", record.serial, target, why,
+                extra={"serial": record.serial, "cluster": target})
+    return pinned
