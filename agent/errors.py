@@ -17,9 +17,11 @@
         ├── SmsRejected          refused for good (bad number, template, key): give up
         └── SmsAmbiguous         sent, but no answer: it may have gone out; never resent
 
-Errors of the libraries below (aiohttp, aiosqlite, OSError) are translated
-into these in exactly one place each: ``upstream.py``, ``buffer.py`` and
-(for SMS providers) ``sms_providers.py``.
+Errors of the libraries below are translated into these where the library is
+called: aiohttp's in ``agent/upstream/http_errors.py`` (the lean client in
+``agent/upstream/http1.py`` classifies its own the same way), OSError from the
+buffer's files in ``agent/spool/files.py`` (``translate``), sqlite3's in
+``agent/state/sqlite_db.py``, the SMS gateways' in ``agent/sms/providers.py``.
 """
 
 from __future__ import annotations

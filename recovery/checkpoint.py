@@ -121,10 +121,3 @@ class Checkpoint:
                 if dup is not None:
                     entry["duplicate_of"] = dup
                 yield entry
-
-
-def open_readonly(path: Path) -> sqlite3.Connection | None:
-    """For dry-run: read an existing checkpoint without creating or changing anything."""
-    if not path.exists():
-        return None
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)

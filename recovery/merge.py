@@ -199,8 +199,6 @@ class Merger:
         # A short queue: enough to keep the workers fed, few claims (open files) waiting.
         queue: asyncio.Queue[list[Work] | None] = asyncio.Queue(
             max(2, self._opts.concurrency // 4))
-        workers = [asyncio.create_task(self._worker(queue), name=f"merge-worker-{i}")
-                   for i in range(self._opts.concurrency)]
         held: list[Item] = []
         batch: list[Work] = []
         loop = asyncio.get_running_loop()
@@ -211,37 +209,42 @@ class Merger:
             return None if items is None else decide_chunk(items)
 
         try:
-            while not self._stop.is_set():
-                # Two chunks in flight: one claimed while the other's batches are sent.
-                while len(deciding) < 2:
-                    deciding.append(loop.run_in_executor(self._claimer, next_chunk))
-                decisions = await deciding.popleft()
-                if decisions is None:
-                    break
-                settled = [d for d in decisions if isinstance(d, Settled)]
-                held.extend(d.row for d in decisions if isinstance(d, Held))
-                await self._finisher.put(settled)
-                for d in decisions:
-                    if isinstance(d, Work):
-                        batch.append(d)
-                        if len(batch) >= self._batch_size():
-                            await queue.put(batch)
-                            batch = []
-            if batch:
-                await queue.put(batch)
-                batch = []
+            # A worker that fails ends the pass: the others are cancelled, not left running.
+            async with asyncio.TaskGroup() as workers:
+                for i in range(self._opts.concurrency):
+                    workers.create_task(self._worker(queue), name=f"merge-worker-{i}")
+                try:
+                    while not self._stop.is_set():
+                        # Two chunks in flight: one claimed while the other's batches are sent.
+                        while len(deciding) < 2:
+                            deciding.append(loop.run_in_executor(self._claimer, next_chunk))
+                        decisions = await deciding.popleft()
+                        if decisions is None:
+                            break
+                        settled = [d for d in decisions if isinstance(d, Settled)]
+                        held.extend(d.row for d in decisions if isinstance(d, Held))
+                        await self._finisher.put(settled)
+                        for d in decisions:
+                            if isinstance(d, Work):
+                                batch.append(d)
+                                if len(batch) >= self._batch_size():
+                                    await queue.put(batch)
+                                    batch = []
+                    if batch:
+                        await queue.put(batch)
+                        batch = []
+                finally:
+                    for w in batch:
+                        w.claim.release()
+                    for fut in deciding:  # claimed but never queued (stopped): release
+                        for d in await fut or ():
+                            if isinstance(d, Work):
+                                d.claim.release()
+                            elif isinstance(d, Settled):
+                                await self._finisher.put([d])
+                for _ in range(self._opts.concurrency):
+                    await queue.put(None)
         finally:
-            for w in batch:
-                w.claim.release()
-            for fut in deciding:  # claimed but never queued (stopped): release
-                for d in await fut or ():
-                    if isinstance(d, Work):
-                        d.claim.release()
-                    elif isinstance(d, Settled):
-                        await self._finisher.put([d])
-            for _ in workers:
-                await queue.put(None)
-            await asyncio.gather(*workers)
             await self._finisher.drain()
         return held
 
@@ -256,7 +259,9 @@ class Merger:
                 continue
             if len(batch) > 1 and self._sender.bulk is False:
                 # Formed before the probe said "no bulk": send them singly, in parallel.
-                await asyncio.gather(*(self._deliver([w]) for w in batch))
+                async with asyncio.TaskGroup() as singles:
+                    for w in batch:
+                        singles.create_task(self._deliver([w]))
             else:
                 await self._deliver(batch)
 

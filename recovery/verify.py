@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import orjson
 
+from agent.delivery.pacing import delay
 from agent.errors import CorruptRecordError, UpstreamError
 from agent.spool.record import PendingRecord, is_order_file
 from agent.upstream.client import UpstreamClient
@@ -56,17 +57,17 @@ class Verifier:
 
     async def run(self) -> None:
         names: asyncio.Queue[str | None] = asyncio.Queue(self._concurrency * 4)
-        workers = [asyncio.create_task(self._worker(names)) for _ in range(self._concurrency)]
         files = merged_files(self._merged) if self._merged.is_dir() else iter(())
-        try:
+        # A worker that fails ends the run: the others are cancelled, not left running.
+        async with asyncio.TaskGroup() as workers:
+            for _ in range(self._concurrency):
+                workers.create_task(self._worker(names))
             for name in files:
                 if self._stop.is_set():
                     break
                 await names.put(name)
-        finally:
-            for _ in workers:
+            for _ in range(self._concurrency):
                 await names.put(None)
-            await asyncio.gather(*workers)
 
     def problem_entries(self) -> Iterator[dict[str, Any]]:
         self.problems.seek(0)
@@ -112,7 +113,7 @@ class Verifier:
                         return "different", {**ids, "center_order_id": found.get("order_id")}
                     return "ok", {}
                 error = f"HTTP {status}"
-            await asyncio.sleep(0.2 * 2 ** attempt)
+            await asyncio.sleep(delay(attempt + 1, 0.2, 5.0))
         return "error", {**ids, "error": error}
 
 

@@ -123,3 +123,25 @@ async def test_a_row_committed_behind_the_reply_is_seen_at_once_and_held_from_th
     await journal.start()
     assert await journal.by_key(entry.dedupe_key) == entry
     await journal.stop()
+
+
+async def test_a_failing_journal_read_says_which_file_and_is_ours_not_sqlite3s(tmp_path: Path):
+    """Reads translate SQLite's errors where the library is called: the intake's 503 and the
+    log name the journal file instead of a bare sqlite3 error (or a 500)."""
+    import sqlite3
+
+    import pytest
+
+    from agent.errors import PersistError
+
+    journal = Journal(str(tmp_path))
+    await journal.start()
+    try:
+        with sqlite3.connect(tmp_path / "journal.sqlite3") as other:  # the damage
+            other.execute("DROP TABLE orders")
+        for read in (journal.by_key("douyin:1"), journal.by_serial("S-1"),
+                     journal.pinned_counts(), journal.pending_summary()):
+            with pytest.raises(PersistError, match=r"journal read failed in .*journal\.sqlite3"):
+                await read
+    finally:
+        await journal.stop()

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import sqlite3
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -174,7 +173,7 @@ class Intake:
             reply = await self._submit(order)
             self.failing = None
             return reply
-        except (PersistError, OSError, sqlite3.Error) as exc:
+        except (PersistError, OSError) as exc:
             # The disk or the state under us failed: refuse (not accepted), say why, and
             # let /readyz tell the load balancer until an order goes through again.
             self.failing = f"{type(exc).__name__}: {exc}"

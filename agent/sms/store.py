@@ -30,8 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiosqlite
-
 from agent.sms.phones import mask
 from agent.state.batching import GroupCommit
 from agent.state.sqlite_db import SqliteDb
@@ -145,9 +143,6 @@ class OutboxStore:
                             synchronous="NORMAL")
         self.path = self._db.path
         self._writer = GroupCommit[_Op]("sms-outbox", self._flush)
-
-    def _conn(self, reader: bool = False) -> aiosqlite.Connection:
-        return self._db.reader if reader else self._db.writer
 
     async def open(self) -> None:
         await self._db.open()
@@ -270,10 +265,8 @@ class OutboxStore:
 
     async def sending_to_ambiguous(self, reason: str) -> list[str]:
         """At start-up: every row still "sending" was interrupted mid-call."""
-        async with self._conn(reader=True).execute(
-                "SELECT serial, phone, attempts, created_at FROM sms WHERE state=?",
-                (SENDING,)) as cur:
-            rows = [Row(*r) for r in await cur.fetchall()]
+        rows = [Row(*r) for r in await self._db.read(
+            "SELECT serial, phone, attempts, created_at FROM sms WHERE state=?", (SENDING,))]
         for row in rows:
             await self.move(row, SENDING, AMBIGUOUS, reason=reason)
         return [row.serial for row in rows]
@@ -284,42 +277,24 @@ class OutboxStore:
 
     # -- reads -------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int) -> list[Row]:
-        async with self._conn(reader=True).execute(
-                "SELECT serial, phone, attempts, created_at FROM sms "
-                "WHERE state=? AND next_at<=? ORDER BY next_at LIMIT ?",
-                (QUEUED, now, limit)) as cur:
-            return [Row(*r) for r in await cur.fetchall()]
-
-    async def next_due(self) -> float | None:
-        async with self._conn(reader=True).execute(
-                "SELECT MIN(next_at) FROM sms WHERE state=?", (QUEUED,)) as cur:
-            row = await cur.fetchone()
-        return None if row is None or row[0] is None else float(row[0])
-
     async def counts(self) -> Counter[str]:
-        async with self._conn(reader=True).execute(
-                "SELECT state, COUNT(*) FROM sms GROUP BY state") as cur:
-            return Counter({str(s): int(n) for s, n in await cur.fetchall()})
+        rows = await self._db.read("SELECT state, COUNT(*) FROM sms GROUP BY state")
+        return Counter({str(s): int(n) for s, n in rows})
 
     async def serials(self) -> set[str]:
-        async with self._conn(reader=True).execute("SELECT serial FROM sms") as cur:
-            return {str(r[0]) for r in await cur.fetchall()}
+        return {str(r[0]) for r in await self._db.read("SELECT serial FROM sms")}
 
     async def notice_of(self, serial: str) -> tuple[str, str, str, float] | None:
         """(state, phone, reason, updated_at) of one serial's notice; the phone as stored
         (masked once final, normalized while open: callers mask it)."""
-        async with self._conn(reader=True).execute(
-                "SELECT state, phone, reason, updated_at FROM sms WHERE serial=?",
-                (serial,)) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        rows = await self._db.read(
+            "SELECT state, phone, reason, updated_at FROM sms WHERE serial=?", (serial,))
+        if not rows:
             return None
+        row = rows[0]
         return str(row[0]), str(row[1]), str(row[2] or ""), float(row[3] or 0.0)
 
     async def state_of(self, serial: str) -> tuple[str, str] | None:
         """(state, reason) of one serial's notice, for tests and ops."""
-        async with self._conn(reader=True).execute(
-                "SELECT state, reason FROM sms WHERE serial=?", (serial,)) as cur:
-            row = await cur.fetchone()
-        return None if row is None else (str(row[0]), str(row[1]))
+        rows = await self._db.read("SELECT state, reason FROM sms WHERE serial=?", (serial,))
+        return None if not rows else (str(rows[0][0]), str(rows[0][1]))

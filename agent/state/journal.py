@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from agent.errors import PersistError
 from agent.state.batching import GroupCommit
 from agent.state.sqlite_db import SqliteDb
@@ -118,9 +116,6 @@ class Journal:
         self._queued_by_key: dict[str, Entry] = {}
         self._queued_by_serial: dict[str, Entry] = {}
 
-    def _conn(self, reader: bool = False) -> aiosqlite.Connection:
-        return self._db.reader if reader else self._db.writer
-
     async def start(self) -> None:
         await self._db.open()
         self._writer.start()
@@ -166,14 +161,6 @@ class Journal:
             (entry.state, entry.cluster, entry.order_id, time.time(), entry.dedupe_key,
              entry.serial, entry.digest, entry.received_at),
             fallback=self._record_op(entry)))
-
-    def record_soon(self, entry: Entry) -> asyncio.Future[None]:
-        """Queue the row without waiting: for rows whose loss a crash may cost.
-
-        The writer task owns it and flushes it with the next batch (also at stop());
-        the future resolves when it is committed.
-        """
-        return self._writer.enqueue(self._record_op(entry))
 
     def record_behind(self, entry: Entry) -> None:
         """Queue the row and return at once; lookups see it before it is committed.
@@ -260,30 +247,26 @@ class Journal:
 
     async def pending_summary(self) -> tuple[int, str | None]:
         """(number of buffered orders, received_at of the oldest)."""
-        async with self._conn(reader=True).execute(
-            "SELECT COUNT(*), MIN(received_at) FROM orders WHERE state=?", (BUFFERED,)
-        ) as cur:
-            row = await cur.fetchone()
-        return (0, None) if row is None else (int(row[0]), row[1])
+        rows = await self._db.read(
+            "SELECT COUNT(*), MIN(received_at) FROM orders WHERE state=?", (BUFFERED,))
+        return (int(rows[0][0]), rows[0][1]) if rows else (0, None)
 
     async def pinned_counts(self) -> dict[str, int]:
         """Buffered orders per cluster they are pinned to ("none" for unpinned)."""
-        rows = await self._conn(reader=True).execute_fetchall(
+        rows = await self._db.read(
             "SELECT COALESCE(cluster, 'none'), COUNT(*) FROM orders WHERE state=? "
             "GROUP BY cluster", (BUFFERED,))
         return {str(name): int(n) for name, n in rows}
 
     async def buffered_pins(self) -> dict[str, str | None]:
         """serial -> the cluster the journal says it may be at, for every buffered order."""
-        rows = await self._conn(reader=True).execute_fetchall(
+        rows = await self._db.read(
             "SELECT serial, cluster FROM orders WHERE state=?", (BUFFERED,))
         return {str(serial): cluster for serial, cluster in rows}
 
     async def buffered_serials(self) -> set[str]:
-        async with self._conn(reader=True).execute(
-            "SELECT serial FROM orders WHERE state=?", (BUFFERED,)
-        ) as cur:
-            return {row[0] for row in await cur.fetchall()}
+        rows = await self._db.read("SELECT serial FROM orders WHERE state=?", (BUFFERED,))
+        return {str(row[0]) for row in rows}
 
     # -- serials -------------------------------------------------------------------
 
@@ -297,14 +280,11 @@ class Journal:
             "ON CONFLICT(name) DO UPDATE SET value = MAX(value, ?) + ?",
             (name, floor + count, floor, count),
         ))
-        async with self._conn(reader=True).execute(
-            "SELECT value FROM meta WHERE name=?", (name,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        rows = await self._db.read("SELECT value FROM meta WHERE name=?", (name,))
+        if not rows:
             raise PersistError(f"the serial reservation for {name} was not stored in "
                                f"{self._db.path}")
-        last = int(row[0])
+        last = int(rows[0][0])
         return last - count + 1, last
 
     @property
@@ -313,8 +293,7 @@ class Journal:
         return self._db.rebuilt
 
     async def setting(self, name: str) -> str | None:
-        rows = list(await self._conn(reader=True).execute_fetchall(
-            "SELECT value FROM settings WHERE name=?", (name,)))
+        rows = await self._db.read("SELECT value FROM settings WHERE name=?", (name,))
         return str(rows[0][0]) if rows else None
 
     async def set_setting(self, name: str, value: str) -> None:

@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,6 +107,13 @@ class SqliteDb:
                 os.rename(src, f"{aside}{suffix}")
         return aside
 
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """All rows of one read on the reader; errors become PersistError naming the file."""
+        try:
+            return list(await self.reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise PersistError(f"{self._what} read failed in {self.path}: {exc}") from exc
+
     async def read_inline(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """All rows of one small read (a primary-key lookup), without a thread hop.
 
@@ -120,8 +127,10 @@ class SqliteDb:
             try:
                 return self._inline.execute(sql, params).fetchall()
             except sqlite3.OperationalError:
-                pass
-        return list(await self.reader.execute_fetchall(sql, params))
+                pass  # busy: the reader thread waits its turn
+            except sqlite3.Error as exc:
+                raise PersistError(f"{self._what} read failed in {self.path}: {exc}") from exc
+        return await self.read(sql, params)
 
     async def close(self) -> None:
         if self._inline is not None:
@@ -131,31 +140,6 @@ class SqliteDb:
             if db is not None:
                 await db.close()
         self._writer = self._reader = None
-
-    @contextlib.asynccontextmanager
-    async def transaction(self, synchronous: str | None = None,
-                          ) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction on the writer; errors become PersistError naming the file.
-
-        ``synchronous``: this commit's level, when it differs from the database's.
-        """
-        db = self.writer
-        switch = synchronous is not None and synchronous != self._synchronous
-        try:
-            if switch:
-                await db.execute(f"PRAGMA synchronous={synchronous}")
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise PersistError(f"{self._what} write failed in {self.path}: {exc}") from exc
-        finally:
-            if switch:
-                await db.execute(f"PRAGMA synchronous={self._synchronous}")
 
     async def in_transaction(self, fn: Callable[[sqlite3.Connection], T],
                              synchronous: str | None = None) -> T:
