@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from agent.sms.phones import mask_phones
+from agent.base.phones import mask_phones
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message", "asctime", "taskName",

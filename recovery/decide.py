@@ -19,10 +19,10 @@ from typing import Any
 
 from agent.delivery.decide import Attempts
 from agent.errors import CorruptRecordError
+from agent.orders import body_digest as raw_body_digest
 from agent.spool.claims import Claim, try_claim
 from agent.spool.moves import already_merged, merged_document
 from agent.spool.record import BufferDirs, PendingRecord
-from agent.state.journal import body_digest as raw_body_digest
 from agent.upstream.answers import BatchItem
 from recovery.checkpoint import DELIVERED, ResultRow
 from recovery.finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled

@@ -30,9 +30,9 @@ import orjson
 
 from agent.delivery.targets import may_send
 from agent.errors import CorruptRecordError, InvalidOrderError
-from agent.intake.orders import parse_order
+from agent.orders import body_digest as raw_body_digest
+from agent.orders import parse_order
 from agent.spool.record import PendingRecord, is_order_file, parse_tolerant
-from agent.state.journal import body_digest as raw_body_digest
 
 RECOVERY_PREFIX = "RCV"
 # Larger loose files are not orders anyone sent through the agent (its limit is 1 MiB).

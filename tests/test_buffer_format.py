@@ -9,7 +9,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.intake.orders import parse_order
+from agent.orders import parse_order
 from agent.spool.files import write_pending_batch
 from agent.spool.record import BufferDirs, PendingRecord
 

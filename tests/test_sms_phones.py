@@ -8,8 +8,8 @@ import sys
 import orjson
 import pytest
 
+from agent.base.phones import check, mask, mask_phones
 from agent.logs import JsonFormatter
-from agent.sms.phones import check, mask, mask_phones
 
 
 @pytest.mark.parametrize(

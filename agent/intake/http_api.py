@@ -12,10 +12,10 @@ import orjson
 from aiohttp import web
 
 from agent import console
+from agent.base.metrics import CONTENT_TYPE, Metrics
 from agent.config import AgentSection
 from agent.intake.body import BodyTimeout, BodyTooLarge, read_body
 from agent.intake.orders import Intake
-from agent.service.metrics import CONTENT_TYPE, Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]

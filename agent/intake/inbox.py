@@ -17,9 +17,10 @@ from pathlib import Path
 
 import watchfiles
 
+from agent.base.durable import fsync_dir
+from agent.base.watched_loop import WatchedLoop
 from agent.intake.orders import Intake, Reply
-from agent.service.watched_loop import WatchedLoop
-from agent.spool.files import fsync_dir, quarantine
+from agent.spool.files import quarantine
 from agent.spool.record import BufferDirs, is_order_file
 
 log = logging.getLogger("agent.inbox")

@@ -11,95 +11,28 @@ import contextlib
 import dataclasses
 import logging
 import time
-import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Any
 
-import orjson
-
+from agent.base.metrics import Metrics
 from agent.config import Config
 from agent.delivery.router import Router, Verdict
 from agent.errors import BufferFullError, InvalidOrderError, PersistError
-from agent.service.metrics import Metrics
+from agent.orders import Order, parse_order
 from agent.spool.record import PendingRecord
 from agent.spool.writer import PendingSpool
-from agent.state.journal import (
-    BUFFERED,
-    FORWARDED,
-    FORWARDING,
-    MERGED,
-    REJECTED,
-    Entry,
-    Journal,
-    body_digest,
-)
+from agent.state.journal import BUFFERED, FORWARDED, FORWARDING, MERGED, REJECTED, Entry, Journal
 from agent.state.serials import SerialIssuer
 
 log = logging.getLogger("agent.intake")
-
-MAX_ID_CHARS = 256
-
 
 @dataclass(frozen=True)
 class Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Order:
-    raw: bytes
-    channel_id: str
-    channel_order_id: str
-    dedupe_key: str
-    customer_phone: str | None
-    digest: bytes
-
-
-def _check_id(value: Any, name: str, required: bool = True) -> str | None:
-    if value is None and not required:
-        return None
-    if value is None:
-        raise InvalidOrderError(name, f"{name} is required")
-    if not isinstance(value, str):
-        raise InvalidOrderError(name, f"{name} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InvalidOrderError(name, f"{name} must not be blank")
-    if len(value) > MAX_ID_CHARS:
-        raise InvalidOrderError(name, f"{name} is longer than {MAX_ID_CHARS} characters")
-    if value.isascii() and value.isprintable():
-        return value  # the usual case, in C: printable ASCII has no Cc/Cf/Zl/Zp character
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
-        raise InvalidOrderError(name, f"{name} contains control characters")
-    return value
-
-
-def _required_id(value: Any, name: str) -> str:
-    checked = _check_id(value, name)
-    if checked is None:
-        raise InvalidOrderError(name, f"{name} is required")
-    return checked
-
-
-def parse_order(raw: bytes, idempotency_key: str | None) -> Order:
-    """Validate one order body; raise InvalidOrderError naming the field at fault."""
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidOrderError("body", f"body is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise InvalidOrderError("body", f"body must be a JSON object, got {type(doc).__name__}")
-    channel_id = _required_id(doc.get("channel_id"), "channel_id")
-    channel_order_id = _required_id(doc.get("channel_order_id"), "channel_order_id")
-    phone = _check_id(doc.get("customer_phone"), "customer_phone", required=False)
-    if idempotency_key is not None:
-        key = _required_id(idempotency_key, "Idempotency-Key")
-    else:
-        key = f"{channel_id}:{channel_order_id}"
-    return Order(raw, channel_id, channel_order_id, key, phone, body_digest(raw))
 
 
 class LocalClock:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import watchfiles
 
+from agent.base.watched_loop import WatchedLoop
 from agent.config import Config, load_config
 from agent.errors import ConfigError
-from agent.service.watched_loop import WatchedLoop
 
 log = logging.getLogger("agent.reload")
 

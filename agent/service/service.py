@@ -15,12 +15,12 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.base.metrics import Metrics
 from agent.config import Config
 from agent.delivery.router import Router
 from agent.intake.http_api import HttpApi
 from agent.intake.inbox import InboxWatcher
 from agent.intake.orders import Intake
-from agent.service.metrics import Metrics
 from agent.service.reload import ConfigReloader
 from agent.sms.outbox import Outbox
 from agent.sms.providers import build_provider

@@ -26,6 +26,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from agent.base.metrics import Metrics
+from agent.base.phones import check, mask
 from agent.config import SmsSection
 from agent.delivery.pacing import delay as backoff_delay
 from agent.errors import (
@@ -36,8 +38,6 @@ from agent.errors import (
     SmsRejected,
     SmsTransient,
 )
-from agent.service.metrics import Metrics
-from agent.sms.phones import check, mask
 from agent.sms.providers import Notice, SmsProvider
 from agent.sms.store import (
     AMBIGUOUS,

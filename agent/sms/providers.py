@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from agent.base.phones import mask
 from agent.config import SmsSection
 from agent.errors import (
     ConfigError,
@@ -32,7 +33,6 @@ from agent.errors import (
     SmsTransient,
 )
 from agent.sms.aliyun_sign import AccessKey, sign_request
-from agent.sms.phones import mask
 from agent.upstream.http_errors import LIBRARY_ERRORS, Phase, failure_phase
 
 log = logging.getLogger("agent.sms")

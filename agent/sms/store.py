@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.sms.phones import mask
-from agent.state.batching import GroupCommit
+from agent.base.batching import GroupCommit
+from agent.base.phones import mask
 from agent.state.sqlite_db import SqliteDb
 
 QUEUED, SENDING, SENT, FAILED = "queued", "sending", "sent", "failed"

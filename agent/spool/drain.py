@@ -26,13 +26,13 @@ from datetime import datetime
 
 import watchfiles
 
+from agent.base.metrics import Metrics
+from agent.base.watched_loop import WatchedLoop
 from agent.config import BufferSection
 from agent.delivery.decide import Caller, Step, decide
 from agent.delivery.pacing import Backoff, Pacer
 from agent.delivery.targets import same_target
 from agent.errors import PersistError, UpstreamError
-from agent.service.metrics import Metrics
-from agent.service.watched_loop import WatchedLoop
 from agent.spool.moves import MergedState
 from agent.spool.record import PendingRecord, is_order_file
 from agent.spool.writer import Held, PendingSpool

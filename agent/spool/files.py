@@ -1,15 +1,13 @@
-"""Durable file steps under the buffer: temp, fsync, rename, fsync dir; quarantine.
+"""The buffer's file steps: the pending batch, quarantine, listing, expiry.
 
-All functions here block; callers run them in a thread. This is the one place
-where OSError from the buffer becomes PersistError/BufferFullError.
+All functions here block; callers run them in a thread. OSError becomes
+PersistError/BufferFullError through ``agent.base.durable.translate``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,85 +16,15 @@ from typing import Any
 
 import orjson
 
-from agent.errors import BufferFullError, PersistError
-from agent.spool.record import REASON_SUFFIX, TMP_SUFFIX, BufferDirs, PendingRecord, is_order_file
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def translate(exc: OSError, what: str) -> PersistError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return BufferFullError(f"disk full while writing {what}: free space or raise the quota")
-    return PersistError(f"cannot write {what}: {exc.strerror or exc}")
-
-
-def write_file_durably(directory: Path, name: str, data: bytes) -> Path:
-    """temp file, fsync, rename, fsync dir. Raises PersistError/BufferFullError."""
-    target = directory / name
-    tmp = directory / f".{name}{TMP_SUFFIX}"
-    try:
-        write_tmp(tmp, data)
-        os.rename(tmp, target)
-        fsync_dir(directory)
-    except OSError as exc:
-        unlink_quietly(tmp)
-        raise translate(exc, str(target)) from exc
-    return target
-
-
-def replace_durably(path: Path, data: bytes) -> int:
-    """Atomically replace ``path`` (temp, fsync, rename, fsync dir).
-
-    The new inode is flocked before the rename and its fd returned, so the
-    caller's claim on the file is never open to another process in between.
-    """
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    fd = -1
-    try:
-        write_tmp(tmp, data)
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-        unlink_quietly(tmp)
-        raise translate(exc, str(path)) from exc
-    return fd
-
-
-def write_tmp(tmp: Path, data: bytes, sync: bool = True) -> None:
-    fd = _create_written(tmp, data)
-    try:
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _create_written(tmp: Path, data: bytes) -> int:
-    """Create ``tmp`` (0600) holding ``data``, not yet synced; return its open fd."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+from agent.base.durable import (
+    TMP_SUFFIX,
+    create_written,
+    fsync_dir,
+    translate,
+    unlink_quietly,
+    write_file_durably,
+)
+from agent.spool.record import REASON_SUFFIX, BufferDirs, PendingRecord, is_order_file
 
 
 def write_pending_batch(
@@ -117,7 +45,7 @@ def write_pending_batch(
     fds: list[int] = [-1] * len(records)
     for i, (tmp, record) in enumerate(zip(tmps, records, strict=True)):
         try:
-            fds[i] = _create_written(tmp, record.to_bytes())
+            fds[i] = create_written(tmp, record.to_bytes())
         except OSError as exc:
             results[i] = translate(exc, f"pending/{record.filename}")
             unlink_quietly(tmp)

@@ -19,15 +19,10 @@ from typing import Any
 
 import orjson
 
+from agent.base.durable import TMP_SUFFIX, fsync_dir, translate, unlink_quietly, write_tmp
 from agent.spool.claims import Claim
-from agent.spool.files import (
-    fsync_dir,
-    sync_filesystem,
-    translate,
-    unlink_quietly,
-    write_tmp,
-)
-from agent.spool.record import ADDED_KEYS_MARK, TMP_SUFFIX, BufferDirs, PendingRecord
+from agent.spool.files import sync_filesystem
+from agent.spool.record import ADDED_KEYS_MARK, BufferDirs, PendingRecord
 
 log = logging.getLogger("agent.spool")
 

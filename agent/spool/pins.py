@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from agent.base.durable import replace_durably
 from agent.spool.claims import Claim
-from agent.spool.files import replace_durably
 from agent.spool.record import PendingRecord
 
 log = logging.getLogger("agent.spool")
@@ -30,3 +30,4 @@ def pin_file(claim: Claim, record: PendingRecord, target: str, why: str) -> Pend
     log.warning("order %s pinned to %s: %s", record.serial, target, why,
                 extra={"serial": record.serial, "cluster": target})
     return pinned
+

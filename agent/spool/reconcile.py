@@ -15,10 +15,11 @@ import os
 from dataclasses import dataclass
 
 from agent.errors import ConfigError, CorruptRecordError, PersistError
+from agent.orders import body_digest
 from agent.spool.claims import try_claim
 from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs, PendingRecord, is_order_file, parse_tolerant
-from agent.state.journal import BUFFERED, MERGED, REJECTED, Entry, Journal, body_digest
+from agent.state.journal import BUFFERED, MERGED, REJECTED, Entry, Journal
 from agent.state.serials import parse_counter
 
 log = logging.getLogger("agent.reconcile")

@@ -22,7 +22,6 @@ from agent.delivery.targets import valid_pin
 from agent.errors import CorruptRecordError
 
 RECORD_VERSION = 1
-TMP_SUFFIX = ".tmp"
 REASON_SUFFIX = ".reason.json"
 
 

@@ -20,13 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.base.batching import GroupCommit
 from agent.errors import BufferFullError, CorruptRecordError, PersistError
 from agent.spool.claims import Claim, try_claim
 from agent.spool.files import list_pending, quarantine, write_pending_batch
 from agent.spool.moves import MergedState, merged_state, move_to_merged
 from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
-from agent.state.batching import GroupCommit
 
 log = logging.getLogger("agent.spool")
 T = TypeVar("T")

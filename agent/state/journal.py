@@ -12,7 +12,6 @@ shares one WAL fsync among all the rows of a batch.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import sqlite3
@@ -22,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.base.batching import GroupCommit
 from agent.errors import PersistError
-from agent.state.batching import GroupCommit
 from agent.state.sqlite_db import SqliteDb
 
 log = logging.getLogger("agent.state")
@@ -56,10 +55,6 @@ CREATE TABLE IF NOT EXISTS settings (
 FORWARDED, BUFFERED, MERGED, REJECTED = "forwarded", "buffered", "merged", "rejected"
 FORWARDING = "forwarding"
 ACKNOWLEDGED_STATES = frozenset({FORWARDED, BUFFERED, MERGED, REJECTED})
-
-
-def body_digest(raw: bytes) -> bytes:
-    return hashlib.sha256(raw).digest()
 
 
 @dataclass(frozen=True)

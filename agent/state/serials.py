@@ -19,8 +19,8 @@ import re
 import time
 from pathlib import Path
 
+from agent.base.durable import fsync_dir, translate
 from agent.errors import PersistError
-from agent.spool.files import fsync_dir, translate
 from agent.state.journal import Journal
 
 _SERIAL = re.compile(r"^(?P<node>[A-Z0-9-]+)-(?P<day>\d{8})-(?P<n>\d{9,})$")
