@@ -10,10 +10,39 @@
 # debs/ (python3-venv and what it needs, so a stock Debian 12 can make a venv; only when
 # apt-get is available), systemd/ (units, install.sh), config/agent.toml, install.sh,
 # TARGET (the Python tag the wheels are for) and SHA256SUMS.
-# Installing: README "Running under systemd" (no network: pip --no-index --find-links).
+# Installing: docs/operations.md "Offline install" (no network: pip --no-index --find-links).
 set -eu
+
+usage() {
+    cat <<'EOF2'
+usage: ops/offline/build-bundle.sh [OUTDIR]
+
+Build the offline install bundle (wheels, debs, units, config, install.sh, SHA256SUMS)
+for this machine's Python and write OUTDIR/order-edge-agent-<version>-offline-<tag>.tar.gz
+(default OUTDIR: dist/ in the checkout). Needs the package index or a warm pip cache.
+PYTHON=/path/to/python3.11 picks the interpreter. See docs/operations.md.
+
+  -h, --help    show this help and exit
+EOF2
+}
+# Options first: nothing is built, downloaded or created before they are understood.
+out=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --) shift; break ;;
+        -*) echo "build-bundle.sh: unknown option $1" >&2
+            echo "usage: ops/offline/build-bundle.sh [OUTDIR]  (--help for more)" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+if [ $# -gt 1 ]; then
+    echo "build-bundle.sh: one OUTDIR at most, got: $*" >&2
+    echo "usage: ops/offline/build-bundle.sh [OUTDIR]  (--help for more)" >&2; exit 2
+fi
+out="${1:-}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
-out="${1:-$repo/dist}"
+out="${out:-$repo/dist}"
 case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
 python="${PYTHON:-python3}"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)"

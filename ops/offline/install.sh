@@ -6,6 +6,40 @@
 #   ./install.sh                 # as root on Debian 12: the systemd service (systemd/install.sh)
 #   ./install.sh --venv DIR      # only a venv with the agent in DIR (any user; for tests)
 set -eu
+
+usage() {
+    cat <<'EOF2'
+usage: ./install.sh [--venv DIR]
+
+Install Order Edge Agent from this offline bundle, with no network (pip --no-index
+--find-links wheels/). The bundle's SHA256SUMS and TARGET are checked first.
+
+  (no option)     as root on Debian 12: the systemd service (systemd/install.sh):
+                  /opt/edge-agent, the edge-agent user, the units, /etc/edge-agent
+  --venv DIR      only a venv with the agent in DIR (any user; nothing else is touched)
+  -h, --help      show this help and exit
+EOF2
+}
+bad_usage() {
+    echo "install.sh: $1" >&2
+    echo "usage: ./install.sh [--venv DIR]  (--help for more)" >&2
+    exit 2
+}
+# Options first: nothing is checked, installed or created before they are understood.
+venv="" venv_given=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --venv) venv_given=1; venv="${2:-}"; [ $# -ge 2 ] && shift; shift ;;
+        --venv=*) venv_given=1; venv="${1#--venv=}"; shift ;;
+        -*) bad_usage "unknown option $1" ;;
+        *) bad_usage "unexpected argument $1" ;;
+    esac
+done
+case "$venv" in
+    -*) bad_usage "--venv needs a directory, not an option ($venv; ./$venv if you mean it)" ;;
+esac
+if [ "$venv_given" = 1 ] && [ -z "$venv" ]; then bad_usage "--venv needs a directory"; fi
 here="$(cd "$(dirname "$0")" && pwd)"
 python="${PYTHON:-python3}"
 
@@ -29,8 +63,8 @@ pip_offline() {
         --disable-pip-version-check
 }
 
-if [ "${1:-}" = "--venv" ]; then
-    dir="${2:?usage: install.sh --venv DIR}"
+if [ -n "$venv" ]; then
+    dir="$venv"
     "$python" -m venv "$dir"
     pip_offline "$dir/bin/pip" install --quiet --upgrade order-edge-agent
     echo "install.sh: installed $("$dir/bin/edge-agent" --version) in $dir"
