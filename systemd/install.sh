@@ -53,7 +53,9 @@ fi
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "systemd/install.sh: run as root" >&2; exit 1; }
 
-python3 -m venv /opt/edge-agent
+# An existing venv is kept (an upgrade; or the offline bundle's install.sh made it without
+# ensurepip, which a server without python3-venv lacks).
+[ -x /opt/edge-agent/bin/pip ] || python3 -m venv /opt/edge-agent
 if [ -n "$wheels" ]; then
     env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_CONSTRAINT \
         PIP_CONFIG_FILE=/dev/null /opt/edge-agent/bin/pip install --quiet --upgrade --isolated \

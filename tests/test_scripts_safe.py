@@ -58,7 +58,6 @@ def stage(tmp: Path, script: Path) -> Path:
     shutil.copy2(ROOT / "systemd" / "install.sh", bundle / "systemd" / "install.sh")
     (bundle / "TARGET").write_text("cp311-linux_x86_64\n")
     (bundle / "SHA256SUMS").write_text("")
-    (bundle / "debs").mkdir()
     return bundle / "install.sh"
 
 
