@@ -556,9 +556,16 @@ def test_config_error_fails_with_exit_2_and_is_not_restarted(stack: Stack) -> No
 
 def test_offline_bundle_installs_the_service_with_no_network(stack: Stack) -> None:
     """docs/operations.md "Offline install": unpack the bundle, ./install.sh with no network at all
-    (a network namespace holding only lo), restart: the service runs the bundle's agent."""
+    (a network namespace holding only lo), restart: the service runs the bundle's agent.
+
+    The server has no python3-venv (no ensurepip) and no /opt/edge-agent yet, as a stock
+    Debian 12 that never saw the online install: the bundle must make the venv itself.
+    """
     ct = stack.ct
     stack.ensure_running()
+    ct.sh(f"systemctl stop {UNIT} && rm -rf /opt/edge-agent "
+          "&& dpkg --purge python3-venv python3.11-venv", timeout=120)
+    assert ct.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
     ct.sh("rm -rf /root/offline && mkdir /root/offline && cd /root/offline "
           "&& tar xzf /bundle/order-edge-agent-*-offline-*.tar.gz")
     links = ct.sh("unshare --net sh -c 'tail -n +3 /proc/net/dev'").stdout.split()
@@ -569,6 +576,11 @@ def test_offline_bundle_installs_the_service_with_no_network(stack: Stack) -> No
                                    "http_proxy": "http://127.0.0.1:9"})
     assert "systemd/install.sh: installed edge-agent" in proc.stdout, proc.stdout
     assert stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout == before
+    # Nothing was installed with dpkg: still no ensurepip, the venv's pip is the bundle's.
+    assert ct.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
+    pip = ct.sh("/opt/edge-agent/bin/pip --version").stdout.split()[1]
+    assert ct.sh(f"ls /root/offline/order-edge-agent-*-offline-*/wheels/pip-{pip}-*.whl",
+                 check=False).returncode == 0, pip
     ct.sh(f"systemctl restart {UNIT}", timeout=120)
     assert stack.http("GET", "/readyz") == (200, {"ready": True})
     with urllib.request.urlopen(stack.url + "/", timeout=10) as resp:  # the console
