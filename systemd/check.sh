@@ -16,6 +16,30 @@
 # Installs the "systemd" package if systemd-analyze is missing (needs root + apt).
 # Writes nothing outside the repository and one mktemp directory, removed on exit.
 set -euo pipefail
+
+usage() {
+    cat <<'EOF2'
+usage: systemd/check.sh
+
+Check the systemd units without a running systemd: systemd-analyze verify (any output
+fails), the sysusers.d/tmpfiles.d files applied to a throwaway root, and the sandbox
+exposure of each unit (at most MAX_EXPOSURE, default 2.0). Installs the systemd package
+with apt-get if systemd-analyze is missing (root). Writes only one mktemp directory.
+
+  -h, --help    show this help and exit
+EOF2
+}
+# Options first: nothing is installed or created before they are understood.
+case "${1:-}" in
+    "") ;;
+    -h|--help) usage; exit 0 ;;
+    -*) echo "systemd/check.sh: unknown option $1" >&2
+        echo "usage: systemd/check.sh  (--help for more)" >&2; exit 2 ;;
+    *) echo "systemd/check.sh: takes no arguments, got: $*" >&2
+       echo "usage: systemd/check.sh  (--help for more)" >&2; exit 2 ;;
+esac
+[ $# -le 1 ] || { echo "systemd/check.sh: takes no arguments, got: $*" >&2
+                  echo "usage: systemd/check.sh  (--help for more)" >&2; exit 2; }
 cd "$(dirname "$0")"
 
 MAX_EXPOSURE="${MAX_EXPOSURE:-2.0}"

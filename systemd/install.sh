@@ -5,7 +5,7 @@
 #   systemd/install.sh dist/order_edge_agent-*.whl   # a built wheel (python3 -m build --wheel)
 #   systemd/install.sh                               # or pip-installs this checkout
 #
-# What it does (README "Running under systemd"; tests/test_systemd_real.py runs it under a
+# What it does (docs/operations.md "Running under systemd"; tests/test_systemd_real.py runs it under a
 # real systemd): a venv in /opt/edge-agent with the package; the system user edge-agent
 # (sysusers.d); the spool /var/spool/edge-agent (tmpfiles.d); both units; /etc/edge-agent with
 # the example config and empty secret files, root-only. Rerunning it upgrades the package and
@@ -15,6 +15,36 @@ set -eu
 #
 # Offline (the bundle of ops/offline/build-bundle.sh runs it so): EDGE_AGENT_WHEELS=DIR makes
 # pip install the package named by the argument from DIR only, with no index and no network.
+usage() {
+    cat <<'EOF2'
+usage: systemd/install.sh [PACKAGE]
+
+Install Order Edge Agent as a systemd service (Debian 12, as root, from a checkout):
+a venv /opt/edge-agent with PACKAGE pip-installed (a wheel path such as
+dist/order_edge_agent-*.whl; default: this checkout), the system user edge-agent,
+/var/spool/edge-agent, both units, and /etc/edge-agent with the example config and empty
+secret files. Never overwrites a file in /etc/edge-agent; rerun it to upgrade. Does not
+start the service. EDGE_AGENT_WHEELS=DIR installs PACKAGE from DIR only (no network).
+See docs/operations.md.
+
+  -h, --help    show this help and exit
+EOF2
+}
+bad_usage() {
+    echo "systemd/install.sh: $1" >&2
+    echo "usage: systemd/install.sh [PACKAGE]  (--help for more)" >&2
+    exit 2
+}
+# Options first: nothing is installed or created before they are understood.
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --) shift; break ;;
+        -*) bad_usage "unknown option $1" ;;
+        *) break ;;
+    esac
+done
+[ $# -le 1 ] || bad_usage "one PACKAGE at most, got: $*"
 package="${1:-.}"
 wheels="${EDGE_AGENT_WHEELS:-}"
 if [ -z "$wheels" ]; then
@@ -23,7 +53,9 @@ fi
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "systemd/install.sh: run as root" >&2; exit 1; }
 
-python3 -m venv /opt/edge-agent
+# An existing venv is kept (an upgrade; or the offline bundle's install.sh made it without
+# ensurepip, which a server without python3-venv lacks).
+[ -x /opt/edge-agent/bin/pip ] || python3 -m venv /opt/edge-agent
 if [ -n "$wheels" ]; then
     env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_CONSTRAINT \
         PIP_CONFIG_FILE=/dev/null /opt/edge-agent/bin/pip install --quiet --upgrade --isolated \

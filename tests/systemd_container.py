@@ -30,7 +30,7 @@ from pathlib import Path
 from tests import host_tools
 
 SUITE = "bookworm"
-# jq: the README pipes journalctl into jq, and the test runs that pipeline as written.
+# jq: docs/operations.md pipes journalctl into jq, and the test runs that pipeline as written.
 INCLUDE = "systemd,systemd-sysv,dbus,python3,python3-venv,procps,jq"
 CACHE_DIR = Path(os.environ.get("EDGE_ROOTFS_CACHE", "/var/cache/order-edge-agent"))
 ROOTFS = CACHE_DIR / (

@@ -62,6 +62,10 @@ def test_bundle_holds_the_agent_its_dependencies_units_config_and_installer(
             "dnspython", "prometheus_client", "rich", "yarl"} <= wheels, wheels
     assert not list((bundle / "wheels").glob("*.tar.gz")), "an sdist would need a compiler"
     assert "tqdm" not in wheels
+    # pip itself, so the server needs no ensurepip (python3-venv); no .deb, whose exact
+    # python3.11 version pin would break dpkg on a server a few point releases apart.
+    assert "pip" in wheels, wheels
+    assert not (bundle / "debs").exists()
     for f in ("install.sh", "systemd/install.sh", "systemd/edge-agent.service",
               "systemd/edge-recover@.service", "systemd/edge-agent.sysusers.conf",
               "systemd/edge-agent.tmpfiles.conf", "config/agent.toml", "SHA256SUMS", "TARGET"):
@@ -79,7 +83,13 @@ def test_installs_with_no_network_and_runs_a_drill(bundle: Path, tmp_path: Path)
     assert links.split() == ["lo"], proof.stdout
     assert routes.strip() == "", proof.stdout
 
-    install = offline(f"{bundle}/install.sh --venv {venv}", tmp_path, 300)
+    # A server without python3-venv: ensurepip cannot be imported (shadowed on PYTHONPATH).
+    hide = tmp_path / "no-ensurepip" / "ensurepip"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('no ensurepip: python3-venv missing')\n")
+    no_venv_pkg = f"PYTHONPATH={hide.parent} "
+    assert offline(f"{no_venv_pkg}python3 -c 'import ensurepip'", tmp_path, 30).returncode != 0
+    install = offline(f"{no_venv_pkg}{bundle}/install.sh --venv {venv}", tmp_path, 300)
     assert install.returncode == 0, install.stdout + install.stderr
     assert "installed edge-agent" in install.stdout, install.stdout
 
@@ -92,6 +102,7 @@ def test_installs_with_no_network_and_runs_a_drill(bundle: Path, tmp_path: Path)
         if name.lower() in versions:
             assert versions[name.lower()] == version, (name, version, versions[name.lower()])
     assert versions["order_edge_agent"] == (bundle / "VERSION").read_text().strip()
+    assert "pip" in versions  # the bundle's pip (compared above), not ensurepip's
 
     drill = offline(f"{venv}/bin/edge-agent drill --scenario primary-outage "
                     f"--report {tmp_path / 'drill.json'}", tmp_path, 300)

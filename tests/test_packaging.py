@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,17 @@ def test_wheel_ships_the_console_page(wheel: Path) -> None:
               if p.suffix in (".html", ".css", ".js")}
     assert {"agent/console/index.html", "agent/console/console.js"} <= assets
     assert assets <= files, sorted(assets - files)
+
+
+def test_wheel_carries_the_licence(wheel: Path) -> None:
+    """Apache-2.0 as an SPDX expression in the metadata, and the full text in the wheel."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        text = zf.read(metadata).decode("utf-8")
+        (licence,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert zf.read(licence) == (REPO / "LICENSE").read_bytes()
+    assert "License-Expression: Apache-2.0" in text.splitlines(), text[:800]
 
 
 def test_wheel_ships_no_tests_or_stray_top_level_packages(wheel: Path) -> None:

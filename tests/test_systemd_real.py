@@ -1,8 +1,8 @@
-"""The service as operators run it: the README's install block under a real systemd 252.
+"""The service as operators run it: the documented install block under a real systemd 252.
 
 A Debian 12 root filesystem (debootstrap, cached in /var/cache/order-edge-agent) is booted
-with systemd-nspawn (tests/systemd_container.py). Inside, the README's "Running under
-systemd" install block runs line by line, verbatim, in a copy of this checkout, with the
+with systemd-nspawn (tests/systemd_container.py). Inside, docs/operations.md's "Running
+under systemd" install block runs line by line, verbatim, in a copy of this checkout, with the
 wheel built from it in dist/. pip inside the container installs from a wheelhouse that the
 host filled with ``pip wheel`` (PIP_NO_INDEX / PIP_FIND_LINKS, pip's own settings): the host
 talks to the package index through its pip cache and config, the container needs no network.
@@ -82,9 +82,12 @@ def seconds(span: str) -> float:
     return total
 
 
+OPERATIONS = REPO / "docs" / "operations.md"  # where operators read the install steps
+
+
 def readme_install_block() -> list[str]:
-    """The command lines of the README's install block, comments stripped."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The command lines of the documented install block, comments stripped."""
+    text = OPERATIONS.read_text(encoding="utf-8")
     section = text[text.index("## Running under systemd"):]
     section = section[section.index("**Install on a warehouse server**"):]
     block = section[section.index("```sh\n") + 6:]
@@ -94,12 +97,12 @@ def readme_install_block() -> list[str]:
 
 
 def readme_journal_commands() -> list[str]:
-    """The README's journalctl pipelines for the agent's JSON log (inline code spans)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The documented journalctl pipelines for the agent's JSON log (inline code spans)."""
+    text = OPERATIONS.read_text(encoding="utf-8")
     section = text[text.index("## Running under systemd"):]
     section = section[:section.index("\n## ", 5)]
     cmds = re.findall(r"`(journalctl [^`]*\| *jq\b[^`]*)`", section)
-    assert cmds, "no `journalctl ... | jq ...` command in the README's systemd section"
+    assert cmds, "no `journalctl ... | jq ...` command in docs/operations.md's systemd section"
     return cmds
 
 
@@ -221,7 +224,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         cwd=work, timeout=600)
     log(f"wheel + wheelhouse ({len(list(wheels.iterdir()))} wheels) in "
         f"{time.monotonic() - t1:.0f} s")
-    # The README's offline path: the bundle, built with its one command on the host.
+    # The documented offline path: the bundle, built with its one command on the host.
     t2 = time.monotonic()
     bundles = work / "bundle"
     run([str(REPO / "ops" / "offline" / "build-bundle.sh"), str(bundles)], cwd=work,
@@ -263,14 +266,14 @@ def test_readme_install_block_runs_verbatim_and_start_returns_when_ready(stack: 
                 assert mode == "root:root 600", f"{target} is {mode}, not root-only"
                 ct.write(target, TOKEN + "\n", mode="0600")
             else:
-                raise AssertionError(f"README edits {target}: the test does not know it")
+                raise AssertionError(f"the docs edit {target}: the test does not know it")
             ran.append(line)
             continue
         t = time.monotonic()
-        # Where pip finds packages is pip's own setting (environment), not the README's.
+        # Where pip finds packages is pip's own setting (environment), not the docs.
         proc = ct.sh(line, cwd=CHECKOUT, timeout=300,
                      env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"})
-        log(f"README: {line}  ({time.monotonic() - t:.1f} s)")
+        log(f"docs: {line}  ({time.monotonic() - t:.1f} s)")
         ran.append(line)
         if line == "systemctl enable --now edge-agent":
             # Type=notify: start returned, so READY=1 came; no polling here on purpose.
@@ -284,7 +287,7 @@ def test_readme_install_block_runs_verbatim_and_start_returns_when_ready(stack: 
         elif line.endswith("edge-agent status"):
             assert "mode: normal" in proc.stdout, proc.stdout
     for needed in ("systemd/install.sh", "systemctl enable --now edge-agent"):
-        assert any(line.startswith(needed) for line in ran), f"README block lost {needed!r}"
+        assert any(line.startswith(needed) for line in ran), f"the install block lost {needed!r}"
     assert any(line.startswith("editor /etc/edge-agent/agent.toml") for line in ran)
     # What the install made: the user, the spool, the units, the secrets root-only.
     assert ct.sh("stat -c '%U %a' /var/spool/edge-agent").stdout.strip() == "edge-agent 700"
@@ -295,7 +298,7 @@ def test_readme_install_block_runs_verbatim_and_start_returns_when_ready(stack: 
 
 
 def test_rerunning_install_upgrades_and_keeps_the_operators_files(stack: Stack) -> None:
-    """README: "It never overwrites a file in /etc/edge-agent ...; rerun it to upgrade"."""
+    """docs/operations.md: "It never overwrites a file in /etc/edge-agent; rerun it to upgrade"."""
     before = stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout
     assert TOKEN in before and f"127.0.0.1:{stack.port}" in before
     stack.ct.sh("systemd/install.sh dist/order_edge_agent-*.whl", cwd=CHECKOUT, timeout=300,
@@ -552,10 +555,17 @@ def test_config_error_fails_with_exit_2_and_is_not_restarted(stack: Stack) -> No
 
 
 def test_offline_bundle_installs_the_service_with_no_network(stack: Stack) -> None:
-    """README "Offline install": unpack the bundle, ./install.sh with no network at all
-    (a network namespace holding only lo), restart: the service runs the bundle's agent."""
+    """docs/operations.md "Offline install": unpack the bundle, ./install.sh with no network at all
+    (a network namespace holding only lo), restart: the service runs the bundle's agent.
+
+    The server has no python3-venv (no ensurepip) and no /opt/edge-agent yet, as a stock
+    Debian 12 that never saw the online install: the bundle must make the venv itself.
+    """
     ct = stack.ct
     stack.ensure_running()
+    ct.sh(f"systemctl stop {UNIT} && rm -rf /opt/edge-agent "
+          "&& dpkg --purge python3-venv python3.11-venv", timeout=120)
+    assert ct.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
     ct.sh("rm -rf /root/offline && mkdir /root/offline && cd /root/offline "
           "&& tar xzf /bundle/order-edge-agent-*-offline-*.tar.gz")
     links = ct.sh("unshare --net sh -c 'tail -n +3 /proc/net/dev'").stdout.split()
@@ -566,6 +576,11 @@ def test_offline_bundle_installs_the_service_with_no_network(stack: Stack) -> No
                                    "http_proxy": "http://127.0.0.1:9"})
     assert "systemd/install.sh: installed edge-agent" in proc.stdout, proc.stdout
     assert stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout == before
+    # Nothing was installed with dpkg: still no ensurepip, the venv's pip is the bundle's.
+    assert ct.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
+    pip = ct.sh("/opt/edge-agent/bin/pip --version").stdout.split()[1]
+    assert ct.sh(f"ls /root/offline/order-edge-agent-*-offline-*/wheels/pip-{pip}-*.whl",
+                 check=False).returncode == 0, pip
     ct.sh(f"systemctl restart {UNIT}", timeout=120)
     assert stack.http("GET", "/readyz") == (200, {"ready": True})
     with urllib.request.urlopen(stack.url + "/", timeout=10) as resp:  # the console
