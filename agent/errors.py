@@ -6,7 +6,11 @@
     ├── PersistError             an order could not be made durable (HTTP 503)
     │   └── BufferFullError      buffer.max_bytes reached or the disk is full (HTTP 507)
     ├── InvalidOrderError        an order that is not acceptable as sent (HTTP 400)
-    ├── CorruptRecordError       a buffer file that cannot be parsed (quarantined)
+    ├── OrderFileError           an order file that cannot be taken as one (names the file)
+    │   ├── UnreadableFile       cannot be opened or read (EACCES, EIO, dangling link): left alone
+    │   └── CorruptRecordError   a buffer file that cannot be parsed (quarantined)
+    │       ├── NotARegularFile  a FIFO, device, socket or directory: moved aside, never read
+    │       └── TooLarge         over the order file cap (agent.spool.reading): quarantined
     ├── UpstreamError            the order center did not answer usefully
     │   ├── UpstreamUnavailable  nothing was sent: the order surely was not created
     │   │   └── DnsError         a cluster host did not resolve (NXDOMAIN, SERVFAIL, timeout)
@@ -18,8 +22,9 @@
         └── SmsAmbiguous         sent, but no answer: it may have gone out; never resent
 
 Errors of the libraries below (aiohttp, aiosqlite, OSError) are translated
-into these in exactly one place each: ``upstream.py``, ``buffer.py`` and
-(for SMS providers) ``sms_providers.py``.
+into these in exactly one place each: ``upstream.py``, ``buffer.py``,
+``agent/spool/reading.py`` (opening and reading order files) and (for SMS
+providers) ``sms_providers.py``.
 """
 
 from __future__ import annotations
@@ -45,8 +50,34 @@ class BufferFullError(PersistError):
     """No room for another order: the caller must retry later."""
 
 
-class CorruptRecordError(EdgeError):
+class OrderFileError(EdgeError):
+    """An order file that cannot be taken as an order; the message names the file."""
+
+
+class UnreadableFile(OrderFileError):
+    """The file cannot be opened or read by us (EACCES, EIO, a link to nothing).
+
+    It is left where it is and reported: it may be an order nobody else holds,
+    and fixing its owner, mode or link makes the next run take it.
+    """
+
+
+class CorruptRecordError(OrderFileError):
     """A buffer file is not a valid record; it goes to rejected/."""
+
+
+class NotARegularFile(CorruptRecordError):
+    """A FIFO, device, socket, directory (or, where refused, a symlink) named like an
+    order file: moved aside to rejected/ without ever being read."""
+
+
+class TooLarge(CorruptRecordError):
+    """Larger than any order file can be; quarantined without being read whole."""
+
+    def __init__(self, message: str, size: int, cap: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.cap = cap
 
 
 class UpstreamError(EdgeError):

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from agent.errors import OrderFileError
 from agent.spool.claims import Claim
 from agent.spool.files import (
     fsync_dir,
@@ -27,6 +28,7 @@ from agent.spool.files import (
     unlink_quietly,
     write_tmp,
 )
+from agent.spool.reading import read_order_file
 from agent.spool.record import ADDED_KEYS_MARK, TMP_SUFFIX, BufferDirs, PendingRecord
 
 log = logging.getLogger("agent.spool")
@@ -54,10 +56,10 @@ def already_merged(dirs: BufferDirs, name: str,
     """
     path = dirs.merged / name
     try:
-        doc = orjson.loads(path.read_bytes())
+        doc = orjson.loads(read_order_file(path))
     except FileNotFoundError:
         return None
-    except (OSError, orjson.JSONDecodeError):
+    except (OSError, OrderFileError, orjson.JSONDecodeError):
         return None if record is not None else {"unreadable": True}
     if not isinstance(doc, dict):
         return None if record is not None else {"unreadable": True}
