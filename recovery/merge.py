@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -321,8 +322,11 @@ class Merger:
             return
         record = work.record.pinned(cluster)
         data = record.to_bytes()
+        # Through a symlink the pin goes to the order itself (its target): replacing the
+        # link would leave the target, maybe the agent's own file, free to go elsewhere.
+        path = Path(os.path.realpath(work.claim.path)) if work.claim.linked else work.claim.path
         try:
-            fd = await asyncio.to_thread(replace_durably, work.claim.path, data)
+            fd = await asyncio.to_thread(replace_durably, path, data)
         except PersistError as exc:
             log.error("could not pin %s to %s: %s", record.serial, cluster, exc)
             return
