@@ -22,6 +22,7 @@ it always was. Everything here blocks; callers run it in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -50,7 +51,11 @@ def kind_of(mode: int) -> str:
 
 
 def not_regular(path: str | Path, mode: int) -> NotARegularFile:
-    return NotARegularFile(f"{path}: {kind_of(mode)}, not a regular file; moved aside unread")
+    what = kind_of(mode)
+    if stat.S_ISLNK(mode):
+        with contextlib.suppress(OSError):
+            what += f" to {os.readlink(path)!r} (left untouched)"
+    return NotARegularFile(f"{path}: {what}, not a regular file; moved aside unread")
 
 
 def open_order_file(path: str | Path, writable: bool = False,
