@@ -77,10 +77,6 @@ _RSS_WRAPPER = ("import resource, subprocess, sys\n"
                 "print(f'maxrss_kb={kb}', file=sys.stderr)\n"
                 "sys.exit(code)\n")
 
-# As an operator's own account: root reads any file whatever its mode, nobody does not.
-AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--")
-
-
 class Recover:
     """``python -m recovery`` as a real subprocess, started without blocking the test's loop.
 

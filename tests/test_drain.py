@@ -6,13 +6,21 @@ import fcntl
 import os
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import orjson
 
 from agent.spool.record import PendingRecord
-from tests.conftest import AgentHandle, order, wait_for, write_config
+from tests.conftest import (
+    AS_NOBODY,
+    AgentHandle,
+    as_sudo_cp_leaves_it,
+    order,
+    wait_for,
+    write_config,
+)
 from tests.fakes import FakeCenter
 
 
@@ -237,3 +245,39 @@ async def test_fifo_symlink_and_2gb_file_in_pending_are_moved_aside_unread(
     assert _peak_rss_mb(agent.proc.pid) < 200
     agent.kill(signal.SIGTERM)
     assert await agent.reap(timeout=8) == 0, agent.log_tail()
+
+
+async def test_a_pending_file_the_agent_cannot_read_stays_and_the_rest_drain(
+        shared_dir: Path, center: FakeCenter, agent_process, http):
+    """The agent runs as its own user; a root-owned 0600 file (sudo cp) in pending/ is
+    left where it is with one clear log line; the others are delivered."""
+    config = write_config(shared_dir, center.url, buffer={"scan_interval_s": 0.2})
+    pending = shared_dir / "spool" / "pending"
+    pending.mkdir(parents=True)
+    recs = [PendingRecord(f"OTHER-20261101-00000000{i}", "other", "2026-11-01T10:00:00+08:00",
+                          "jd", f"jd:{i}", None, f'{{"channel_id":"jd","channel_order_id":"{i}"}}')
+            for i in range(1, 4)]
+    for r in recs:
+        (pending / r.filename).write_bytes(r.to_bytes())
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(shared_dir)], check=True)
+    locked = pending / recs[0].filename  # the oldest: met first by every pass
+    as_sudo_cp_leaves_it(locked)
+    agent = agent_process(config, prefix=AS_NOBODY)
+    agent.start()
+    await agent.wait_ready(http)
+    merged = shared_dir / "spool" / "merged"
+    await wait_for(lambda: sorted(os.listdir(merged)) == [r.filename for r in recs[1:]], 10,
+                   "the readable files delivered")
+    await wait_for(lambda: "pending file not delivered" in agent.log_tail(20_000), 5,
+                   "the log line")
+    assert os.listdir(pending) == [recs[0].filename]
+    assert locked.read_bytes() == recs[0].to_bytes()
+    assert center.created_keys() == {"jd:2", "jd:3"}
+    passes = lambda: agent.log_tail(50_000).count("drain pass: 1 pending")  # noqa: E731
+    await wait_for(lambda: passes() >= 3, 10, "more passes over the unreadable file")
+    agent.kill(signal.SIGTERM)
+    assert await agent.reap(timeout=8) == 0, agent.log_tail()
+    log = agent.log_tail(50_000)
+    assert "Traceback" not in log and "drain failed" not in log
+    assert log.count("pending file not delivered") == 1
+    assert "Permission denied" in log

@@ -8,18 +8,15 @@ blocks, nothing crashes, and no file outside DIR is changed.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-import pytest
 
+from tests.conftest import AS_NOBODY, as_sudo_cp_leaves_it
 from tests.fakes import FakeCenter
-from tests.recover_helpers import AS_NOBODY, files, record, recover, report, write_pending
+from tests.recover_helpers import files, record, recover, report, write_pending
 
 GB2 = 2 * 1024 ** 3
 RSS_LIMIT_MB = 200
@@ -116,22 +113,6 @@ async def test_dangling_link_and_link_to_a_fifo_are_named_counted_and_exit_1(
     assert reason["reason"] == "not_a_regular_file"
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory another user can reach (pytest's tmp_path is root's 0700)."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run edge-recover as another user")
-    base = Path(tempfile.mkdtemp(prefix="edge-hostile-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-def _as_sudo_cp_leaves_it(path: Path) -> None:
-    os.chown(path, 0, 0)
-    os.chmod(path, 0o600)
-
-
 async def test_a_file_the_user_cannot_read_is_reported_and_the_rest_merged(
         center: FakeCenter, shared_dir: Path):
     root = shared_dir / "buf"
@@ -140,8 +121,8 @@ async def test_a_file_the_user_cannot_read_is_reported_and_the_rest_merged(
     (root / "loose-raw.json").write_bytes(_raw("loose-1"))
     subprocess.run(["chown", "-R", "nobody:nogroup", str(shared_dir)], check=True)
     locked = root / "pending" / recs[2].filename
-    _as_sudo_cp_leaves_it(locked)
-    _as_sudo_cp_leaves_it(root / "loose-raw.json")
+    as_sudo_cp_leaves_it(locked)
+    as_sudo_cp_leaves_it(root / "loose-raw.json")
     kept = _targets(locked, root / "loose-raw.json")
     common = ("--path", str(root), "--target", center.url)
 
@@ -172,7 +153,7 @@ async def test_a_file_the_user_cannot_read_is_reported_and_the_rest_merged(
 
     # verify, as the same user, on a merged/ copy it cannot read
     hidden = root / "merged" / recs[0].filename
-    _as_sudo_cp_leaves_it(hidden)
+    as_sudo_cp_leaves_it(hidden)
     ver = shared_dir / "verify.json"
     run = await recover(*common, "--mode", "verify", "--report", str(ver), user=AS_NOBODY)
     assert run.code == 1, run.out + run.err
