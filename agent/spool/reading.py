@@ -69,8 +69,8 @@ def open_order_file(path: str | Path, writable: bool = False,
     try:
         try:
             fd = os.open(path, flags | (os.O_RDWR if writable else os.O_RDONLY))
-        except PermissionError:
-            if not writable:
+        except OSError as exc:
+            if not writable or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             fd, writable = os.open(path, flags | os.O_RDONLY), False
     except FileNotFoundError:
