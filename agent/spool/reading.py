@@ -55,7 +55,7 @@ def not_regular(path: str | Path, mode: int) -> NotARegularFile:
     if stat.S_ISLNK(mode):
         with contextlib.suppress(OSError):
             what += f" to {os.readlink(path)!r} (left untouched)"
-    return NotARegularFile(f"{path}: {what}, not a regular file; moved aside unread")
+    return NotARegularFile(f"{path}: {what}, not a regular file (never opened for reading)")
 
 
 def open_order_file(path: str | Path, writable: bool = False,
