@@ -5,6 +5,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -190,6 +191,22 @@ def shared_dir() -> Iterator[Path]:
     os.chmod(base, 0o755)
     yield base
     shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str = "64k") -> Iterator[Path]:
+    """A small tmpfs mounted at ``mount`` for the block (root only; else the test skips)."""
+    mount.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def as_sudo_cp_leaves_it(path: Path) -> None:

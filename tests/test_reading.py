@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -24,6 +23,7 @@ from agent.spool.claims import try_claim
 from agent.spool.files import quarantine
 from agent.spool.reading import ORDER_FILE_CAP, read_order_file
 from agent.spool.record import BufferDirs
+from tests.conftest import tmpfs
 
 
 async def _soon(fn: Callable[..., Any], *args: Any) -> Any:
@@ -121,19 +121,9 @@ async def test_quarantine_moves_a_link_or_a_fifo_as_it_is_and_touches_no_target(
 
 def test_a_claim_on_a_read_only_filesystem_falls_back_to_reading(tmp_path: Path):
     """A backup mounted read-only: edge-recover's read-write claim still reads it."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a read-only tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "ro") as mount:
         (mount / "o.json").write_bytes(b"{}")
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         claim = try_claim(mount / "o.json", writable=True)
         assert claim is not None and claim.data == b"{}" and not claim.writable
         claim.release()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
