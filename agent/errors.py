@@ -6,7 +6,11 @@
     ├── PersistError             an order could not be made durable (HTTP 503)
     │   └── BufferFullError      buffer.max_bytes reached or the disk is full (HTTP 507)
     ├── InvalidOrderError        an order that is not acceptable as sent (HTTP 400)
-    ├── CorruptRecordError       a buffer file that cannot be parsed (quarantined)
+    ├── OrderFileError           an order file that cannot be taken as one (names the file)
+    │   ├── UnreadableFile       cannot be opened or read (EACCES, EIO, dangling link): left alone
+    │   └── CorruptRecordError   a buffer file that cannot be parsed (quarantined)
+    │       ├── NotARegularFile  a FIFO, device, socket or directory: moved aside, never read
+    │       └── TooLarge         over the order file cap (agent.spool.reading): quarantined
     ├── UpstreamError            the order center did not answer usefully
     │   ├── UpstreamUnavailable  nothing was sent: the order surely was not created
     │   │   └── DnsError         a cluster host did not resolve (NXDOMAIN, SERVFAIL, timeout)
@@ -20,7 +24,8 @@
 Errors of the libraries below are translated into these where the library is
 called: aiohttp's in ``agent/upstream/http_errors.py`` (the lean client in
 ``agent/upstream/http1.py`` classifies its own the same way), OSError from the
-buffer's files in ``agent/spool/files.py`` (``translate``), sqlite3's in
+buffer's files in ``agent/base/durable.py`` (``translate``) and, for opening and
+reading order files, ``agent/spool/reading.py``, sqlite3's in
 ``agent/state/sqlite_db.py``, the SMS gateways' in ``agent/sms/providers.py``.
 """
 
@@ -47,8 +52,34 @@ class BufferFullError(PersistError):
     """No room for another order: the caller must retry later."""
 
 
-class CorruptRecordError(EdgeError):
+class OrderFileError(EdgeError):
+    """An order file that cannot be taken as an order; the message names the file."""
+
+
+class UnreadableFile(OrderFileError):
+    """The file cannot be opened or read by us (EACCES, EIO, a link to nothing).
+
+    It is left where it is and reported: it may be an order nobody else holds,
+    and fixing its owner, mode or link makes the next run take it.
+    """
+
+
+class CorruptRecordError(OrderFileError):
     """A buffer file is not a valid record; it goes to rejected/."""
+
+
+class NotARegularFile(CorruptRecordError):
+    """A FIFO, device, socket, directory (or, where refused, a symlink) named like an
+    order file: moved aside to rejected/ without ever being read."""
+
+
+class TooLarge(CorruptRecordError):
+    """Larger than any order file can be; quarantined without being read whole."""
+
+    def __init__(self, message: str, size: int, cap: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.cap = cap
 
 
 class UpstreamError(EdgeError):

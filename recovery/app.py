@@ -16,7 +16,7 @@ import resource
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from agent.spool.files import remove_stale_temps
 from agent.spool.record import BufferDirs
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
-from recovery.checkpoint import CHECKPOINT_NAME, Checkpoint
+from recovery.checkpoint import CHECKPOINT_NAME, UNREADABLE, Checkpoint
 from recovery.finisher import Finisher, Settled
 from recovery.merge import MergeOptions, Merger
 from recovery.plan import Plan
@@ -103,6 +103,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
         d.mkdir(mode=0o700, exist_ok=True)
     remove_stale_temps(dirs.merged)
     summary = Summary("merge", job.target)
+    problems: list[str] = []  # files that are no usable order, named after the summary
     ck_path = job.root / CHECKPOINT_NAME
     checkpoint = Checkpoint(ck_path, run=time_ms())
     stop = _stop_event()
@@ -116,6 +117,8 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
             def settled(items: list[Settled]) -> None:
                 for item in items:
                     summary.add(item.row.outcome)
+                    if _unusable(item.row.outcome, item.row.error):
+                        problems.append(f"{item.row.outcome}: {item.row.file}: {item.row.error}")
                     if item.error:
                         summary.extra["not_moved"] = summary.extra.get("not_moved", 0) + 1
                 if progress is not None:
@@ -148,6 +151,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
         write_report(job.report, summary.as_dict(), "orders", checkpoint.entries(checkpoint.run))
     checkpoint.close()
     print(f"edge-recover merge: {summary.line()}", flush=True)
+    _print_problems(problems, len(problems))
     c = summary.counts
     if stop.is_set():
         log.warning("interrupted: %d of %d orders settled; run again to resume",
@@ -158,7 +162,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
                   "it is back", merger.gave_up)
         return EXIT_UNREACHABLE
     left = summary.total - summary.done + c["pending"] + len(held)
-    if c["rejected"] or c["conflict"] or left or summary.extra.get("not_moved"):
+    if c["rejected"] or c["conflict"] or c[UNREADABLE] or left or summary.extra.get("not_moved"):
         return EXIT_ORDERS
     return EXIT_OK
 
@@ -173,7 +177,8 @@ def _dry_run(job: Job) -> int:
             conflicts = plan.conflicts()
             summary.total = stats.files
             summary.extra.update(
-                files=stats.files, corrupt=stats.corrupt, dedupe_keys=stats.keys,
+                files=stats.files, corrupt=stats.corrupt - stats.unreadable,
+                unreadable=stats.unreadable, dedupe_keys=stats.keys,
                 duplicate_groups=stats.duplicate_groups, duplicates=stats.losers - conflicts,
                 conflicts=conflicts, to_send=plan.to_send(),
                 already_confirmed=plan.confirmed_before())
@@ -182,7 +187,9 @@ def _dry_run(job: Job) -> int:
             print("edge-recover dry-run: " + ", ".join(
                 f"{k.replace('_', ' ')} {doc[k]}" for k in (
                     "files", "to_send", "duplicate_groups", "duplicates", "conflicts",
-                    "corrupt", "already_confirmed")), flush=True)
+                    "corrupt", "unreadable", "already_confirmed")), flush=True)
+            _print_problems((f"{p['problem']}: {p['file']}: {p['error']}"
+                             for p in plan.problems()), stats.corrupt)
             for i, (key, serials, same) in enumerate(plan.duplicate_groups()):
                 if i == 20:
                     print(f"  ... ({stats.duplicate_groups - 20} more groups in the report)")
@@ -192,10 +199,26 @@ def _dry_run(job: Job) -> int:
             _report_held(job, held, summary)
             doc = summary.as_dict()
             if job.report is not None:
-                write_report(job.report, doc, "duplicate_groups", _groups(plan))
+                write_report(job.report, doc, "duplicate_groups", _groups(plan),
+                             {"problems": plan.problems()})
         finally:
             plan.close()
     return EXIT_ORDERS if stats.corrupt or conflicts else EXIT_OK
+
+
+def _unusable(outcome: str, error: str | None) -> bool:
+    """A file that was no usable order: unreadable, or moved aside as corrupt."""
+    return outcome == UNREADABLE or (outcome == "rejected" and (error or "").startswith(
+        "corrupt"))
+
+
+def _print_problems(lines: Iterable[str], count: int, limit: int = 50) -> None:
+    """Name the files that were no usable order (all of them are in --report)."""
+    for i, line in enumerate(lines):
+        if i == limit:
+            print(f"  ... ({count - limit} more in the report)")
+            break
+        print(f"  {line}", flush=True)
 
 
 def _report_held(job: Job, held: list[Found], summary: Summary) -> None:

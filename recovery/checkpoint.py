@@ -5,7 +5,7 @@ leaves pending/ only after the center confirmed it. The checkpoint adds what
 the files cannot say after a crash:
 
 - ``results``: the last outcome per serial (created, duplicate, rejected,
-  conflict, by_agent, pending), for the report and for resume: a file whose
+  conflict, by_agent, pending, unreadable), for the report and for resume: a file whose
   serial is confirmed here is moved to merged/ without another request;
 - ``keys``: dedupe keys the center confirmed, with the winning serial and a
   body digest, so a rerun reports a loser of a duplicate group as "duplicate"
@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS keys (
 """
 
 DELIVERED = ("created", "duplicate", "by_agent")
+# A file we could not read (EACCES, EIO, a dangling link): left where it is, reported.
+UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)

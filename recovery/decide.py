@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.delivery.decide import Attempts
-from agent.errors import CorruptRecordError
+from agent.errors import CorruptRecordError, NotARegularFile, UnreadableFile
 from agent.orders import body_digest as raw_body_digest
 from agent.spool.claims import Claim, try_claim
 from agent.spool.moves import already_merged, merged_document
 from agent.spool.record import BufferDirs, PendingRecord
 from agent.upstream.answers import BatchItem
-from recovery.checkpoint import DELIVERED, ResultRow
+from recovery.checkpoint import DELIVERED, UNREADABLE, ResultRow
 from recovery.finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled
 from recovery.item import Item
 from recovery.ranking import Facts
@@ -73,9 +73,13 @@ class Work:
 
     @property
     def renamable(self) -> bool:
-        """A record-format file without our keys is moved as is, keys added in place."""
+        """A record-format file without our keys is moved as is, keys added in place.
+
+        Never a symlink: merged/ gets a real file holding the order, only the link
+        goes, and its target (maybe another buffer's only copy) is never changed."""
         data = self.claim.data
-        return (not self.raw and (data.endswith(b"}") or data.rstrip().endswith(b"}"))
+        return (not self.raw and not self.claim.linked
+                and (data.endswith(b"}") or data.rstrip().endswith(b"}"))
                 and _ADDED_KEY.search(data) is None)
 
     def quarantined(self, outcome: str, error: str, details: dict[str, Any]) -> Settled:
@@ -111,7 +115,15 @@ def open_file(root: Path, dirs: BufferDirs, node: str, row: Item) -> Opened | Se
     its dedupe key is ranked where it was met; corrupt files are settled here."""
     path = f"{root}/{row.file}"  # a str: a Path (or os.path.join) per file costs more than
     # the claim's system calls
-    claim = try_claim(path, writable=True)
+    try:
+        claim = try_claim(path, writable=True)
+    except UnreadableFile as exc:  # EACCES, EIO, a dangling link: left where it is
+        return Settled(ResultRow(row.ref, None, row.file, UNREADABLE, error=str(exc)), NOTE)
+    except CorruptRecordError as exc:  # a FIFO, a directory, over the cap: moved aside unread
+        reason = "not_a_regular_file" if isinstance(exc, NotARegularFile) else "too_large"
+        return Settled(ResultRow(row.ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
+                       QUARANTINE, reason={"reason": reason, "error": str(exc)},
+                       unclaimed=path)
     if claim is None:
         if not os.path.exists(path):
             return _vanished(dirs, row, Path(path))

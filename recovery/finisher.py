@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent.errors import PersistError
@@ -50,6 +51,8 @@ class Settled:
     added: dict[str, Any] | None = None  # ... or move the file, adding these keys
     reason: dict[str, Any] = field(default_factory=dict)
     error: str | None = None           # set when the file could not be moved
+    unclaimed: str | None = None       # QUARANTINE without a claim: a FIFO, a directory,
+    # a file over the cap, moved aside as it is (never opened for reading)
 
 
 OnSettled = Callable[[list[Settled]], None]
@@ -169,13 +172,21 @@ class Finisher:
                     log.error("%s: confirmed by the center but not moved: %s",
                               item.row.file, err)
         for item in batch:
-            if item.action == QUARANTINE and item.claim is not None:
+            if item.action == QUARANTINE and item.unclaimed is not None:
+                self._quarantine(item, Path(item.unclaimed))
+            elif item.action == QUARANTINE and item.claim is not None:
+                claim = item.claim
                 try:
-                    quarantine(self._dirs, item.claim.path, item.reason)
-                except (PersistError, OSError) as exc:
-                    item.error = f"not quarantined: {exc}"
-                    log.error("%s: cannot quarantine: %s", item.row.file, exc)
+                    # Through a link: rejected/ gets the content, only the link goes.
+                    self._quarantine(item, claim.path, claim.data if claim.linked else None)
                 finally:
-                    item.claim.release()
+                    claim.release()
             elif item.claim is not None:
                 item.claim.release()  # LEAVE, or a MERGE whose claim is already released
+
+    def _quarantine(self, item: Settled, path: Path, content: bytes | None = None) -> None:
+        try:
+            quarantine(self._dirs, path, item.reason, content)
+        except (PersistError, OSError) as exc:
+            item.error = f"not quarantined: {exc}"
+            log.error("%s: cannot quarantine: %s", item.row.file, exc)

@@ -35,13 +35,15 @@ class SortedNames:
 
     def _list(self, directory: Path) -> None:
         # The hot loop of a million-file listing: plain string slicing, no regex, no calls
-        # per entry beyond what os.scandir hands over (d_type answers is_file).
+        # per entry. Every entry with an order file's name is listed, whatever it is: a
+        # symlink is merged through, a FIFO or a directory is reported and moved aside
+        # (agent.spool.reading), none is passed over in silence.
         by_prefix = self._by_prefix
         other = self._other
         with os.scandir(directory) as it:
             for entry in it:
                 name = entry.name
-                if not is_order_file(name) or not entry.is_file(follow_symlinks=False):
+                if not is_order_file(name):
                     continue
                 digits = name[-14:-5]  # {prefix}{9 digits}.json, prefix ending in "-"
                 if name[-15:-14] == "-" and len(name) > 15 and digits.isdigit() \

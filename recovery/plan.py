@@ -19,11 +19,12 @@ from recovery.checkpoint import SCHEMA as CK_SCHEMA
 from recovery.source import Found
 
 SCHEMA = """
-CREATE TABLE scan (file TEXT, loose INTEGER, serial TEXT, key TEXT, digest BLOB, error TEXT);
+CREATE TABLE scan (file TEXT, loose INTEGER, serial TEXT, key TEXT, digest BLOB, error TEXT,
+                   unreadable INTEGER);
 """
 
 PLAN = """
-CREATE TABLE plan AS SELECT rowid AS id, file, loose, serial, key, digest, error,
+CREATE TABLE plan AS SELECT rowid AS id, file, loose, serial, key, digest, error, unreadable,
     ROW_NUMBER() OVER w AS rn, FIRST_VALUE(serial) OVER w AS winner
 FROM scan WINDOW w AS (PARTITION BY coalesce(key, char(0) || file)
                        ORDER BY serial, loose, file);
@@ -34,7 +35,8 @@ CREATE INDEX plan_key ON plan(key, rn);
 @dataclass(frozen=True)
 class PlanStats:
     files: int
-    corrupt: int
+    corrupt: int  # every file that is no usable order, unreadable ones included
+    unreadable: int
     keys: int
     duplicate_groups: int
     losers: int
@@ -69,16 +71,17 @@ class Plan:
         while chunk := list(itertools.islice(found, 2000)):
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT INTO scan VALUES (?,?,?,?,?,?)",
-                [(f.file, int(f.loose), f.serial, f.key, f.digest, f.error) for f in chunk])
+                "INSERT INTO scan VALUES (?,?,?,?,?,?,?)",
+                [(f.file, int(f.loose), f.serial, f.key, f.digest, f.error, int(f.unreadable))
+                 for f in chunk])
             self._db.execute("COMMIT")
         self._db.executescript(PLAN)
-        files, corrupt, keys, losers = self._db.execute(
-            "SELECT count(*), count(error), count(DISTINCT key), "
+        files, corrupt, unreadable, keys, losers = self._db.execute(
+            "SELECT count(*), count(error), coalesce(sum(unreadable), 0), count(DISTINCT key), "
             "coalesce(sum(rn > 1), 0) FROM plan").fetchone()
         groups = self._db.execute(
             "SELECT count(*) FROM plan WHERE rn = 2").fetchone()[0]
-        return PlanStats(files, corrupt, keys, groups, losers)
+        return PlanStats(files, corrupt, unreadable, keys, groups, losers)
 
     def conflicts(self) -> int:
         """Losers whose body differs from their group's winner."""
@@ -107,3 +110,12 @@ class Plan:
             for key, serials, digests in chunk:
                 yield key, serials.split("\n"), digests == 1
 
+    def problems(self) -> Iterator[dict[str, str]]:
+        """Every file that is no usable order, by name: what merge would move aside
+        (``corrupt``) or leave where it is (``unreadable``)."""
+        cur = self._db.execute(
+            "SELECT file, error, unreadable FROM plan WHERE error IS NOT NULL ORDER BY file")
+        while chunk := cur.fetchmany(500):
+            for file, error, unreadable in chunk:
+                yield {"file": file, "problem": "unreadable" if unreadable else "corrupt",
+                       "error": error}

@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-OUTCOMES = ("created", "duplicate", "rejected", "conflict", "by_agent", "pending")
+OUTCOMES = ("created", "duplicate", "rejected", "conflict", "by_agent", "pending",
+            "unreadable")
 
 
 @dataclass
@@ -61,18 +62,22 @@ class Summary:
 
 
 def write_report(path: Path, summary: dict[str, Any], key: str,
-                 entries: Iterable[dict[str, Any]]) -> None:
-    """Write ``{"summary": ..., key: [entries]}`` via a temp file and a rename."""
+                 entries: Iterable[dict[str, Any]],
+                 more: dict[str, Iterable[dict[str, Any]]] | None = None) -> None:
+    """Write ``{"summary": ..., key: [entries], **more}`` via a temp file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
-        fh.write(b'{"summary":' + orjson.dumps(summary) + b',"' + key.encode() + b'":[')
-        first = True
-        for entry in entries:
-            if not first:
-                fh.write(b",\n")
-            fh.write(orjson.dumps(entry))
-            first = False
-        fh.write(b"]}\n")
+        fh.write(b'{"summary":' + orjson.dumps(summary))
+        for name, items in {key: entries, **(more or {})}.items():
+            fh.write(b',"' + name.encode() + b'":[')
+            first = True
+            for entry in items:
+                if not first:
+                    fh.write(b",\n")
+                fh.write(orjson.dumps(entry))
+                first = False
+            fh.write(b"]")
+        fh.write(b"}\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

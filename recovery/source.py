@@ -29,14 +29,13 @@ from pathlib import Path
 import orjson
 
 from agent.delivery.targets import may_send
-from agent.errors import CorruptRecordError, InvalidOrderError
+from agent.errors import CorruptRecordError, InvalidOrderError, UnreadableFile
 from agent.orders import body_digest as raw_body_digest
 from agent.orders import parse_order
+from agent.spool.reading import load_order_file
 from agent.spool.record import PendingRecord, is_order_file, parse_tolerant
 
 RECOVERY_PREFIX = "RCV"
-# Larger loose files are not orders anyone sent through the agent (its limit is 1 MiB).
-MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,19 +49,24 @@ class Found:
     digest: bytes | None
     error: str | None  # set when the file is not a usable order
     pinned_to: str | None = None  # the one cluster that may hold it (CONTRACT 5)
+    unreadable: bool = False  # the error is ours to fix (EACCES, EIO, a dangling link)
 
 
 def order_files(root: Path) -> Iterator[tuple[str, bool]]:
-    """(relative path, loose?) of every order file: pending/ first, then DIR itself."""
+    """(relative path, loose?) of every order file: pending/ first, then DIR itself.
+
+    Every entry with an order file's name, whatever it is: a symlink is read
+    through, and a FIFO or a directory is reported, not passed over in silence.
+    """
     pending = root / "pending"
     if pending.is_dir():
         with os.scandir(pending) as it:
             for entry in it:
-                if is_order_file(entry.name) and entry.is_file(follow_symlinks=False):
+                if is_order_file(entry.name):
                     yield f"pending/{entry.name}", False
     with os.scandir(root) as it:
         for entry in it:
-            if is_order_file(entry.name) and entry.is_file(follow_symlinks=False):
+            if is_order_file(entry.name):
                 yield entry.name, True
 
 
@@ -79,9 +83,8 @@ def body_digest(record: PendingRecord) -> bytes:
 
 def to_record(file: str, loose: bool, data: bytes, node: str,
               mtime: float | None = None) -> PendingRecord:
-    """The order held by ``data``; CorruptRecordError says why it is not one."""
-    if len(data) > MAX_FILE_BYTES:
-        raise CorruptRecordError(f"{file}: {len(data)} bytes, over {MAX_FILE_BYTES}")
+    """The order held by ``data`` (read by ``agent.spool.reading``, so within its cap);
+    CorruptRecordError says why it is not one."""
     if not loose:
         return parse_tolerant(data, file)
     try:
@@ -109,34 +112,16 @@ def to_record(file: str, loose: bool, data: bytes, node: str,
 def read_found(root: Path, file: str, loose: bool, node: str) -> Found | None:
     """Read and classify one file; None if it vanished meanwhile (someone moved it)."""
     try:
-        fd = os.open(root / file, os.O_RDONLY | os.O_CLOEXEC)
+        data, st = load_order_file(f"{root}/{file}")
+        record = to_record(file, loose, data, node, st.st_mtime)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        return Found(file, loose, None, None, None, f"{file}: unreadable: {exc.strerror}")
-    try:
-        st = os.fstat(fd)
-        data = _read_all(fd, min(st.st_size, MAX_FILE_BYTES) + 1)
-        mtime = st.st_mtime
-    except OSError as exc:
-        return Found(file, loose, None, None, None, f"{file}: unreadable: {exc.strerror}")
-    finally:
-        os.close(fd)
-    try:
-        record = to_record(file, loose, data, node, mtime)
+    except UnreadableFile as exc:
+        return Found(file, loose, None, None, None, str(exc), unreadable=True)
     except CorruptRecordError as exc:
         return Found(file, loose, None, None, None, str(exc))
     return Found(file, loose, record.serial, record.dedupe_key, body_digest(record), None,
                  record.pinned_to)
-
-
-def _read_all(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes (one read(2) for a regular file of known size)."""
-    chunks = []
-    while limit > 0 and (chunk := os.read(fd, limit)):
-        chunks.append(chunk)
-        limit -= len(chunk)
-    return b"".join(chunks)
 
 
 def admitted(found: Iterable[Found], cluster: str | None, target: str,

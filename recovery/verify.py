@@ -19,7 +19,8 @@ from typing import IO, Any
 import orjson
 
 from agent.delivery.pacing import delay
-from agent.errors import CorruptRecordError, UpstreamError
+from agent.errors import OrderFileError, UpstreamError
+from agent.spool.reading import read_order_file
 from agent.spool.record import PendingRecord, is_order_file
 from agent.upstream.client import UpstreamClient
 from recovery.progress import Progress
@@ -31,9 +32,11 @@ TRIES = 4
 
 
 def merged_files(merged: Path) -> Iterator[str]:
+    """Every entry with an order file's name: one that is no readable regular file is
+    reported "unreadable", never passed over."""
     with os.scandir(merged) as it:
         for entry in it:
-            if is_order_file(entry.name) and entry.is_file(follow_symlinks=False):
+            if is_order_file(entry.name):
                 yield entry.name
 
 
@@ -87,14 +90,14 @@ class Verifier:
 
     async def _check(self, name: str) -> tuple[str, dict[str, Any]]:
         try:
-            data = await asyncio.to_thread((self._merged / name).read_bytes)
+            data = await asyncio.to_thread(read_order_file, self._merged / name)
             doc = orjson.loads(data)
             record = PendingRecord.from_dict(
                 {k: v for k, v in doc.items() if k in _RECORD_KEYS} if isinstance(doc, dict)
                 else doc, origin=f"merged/{name}")
         except FileNotFoundError:
             return "ok", {}  # expired by the agent's housekeeping meanwhile
-        except (OSError, orjson.JSONDecodeError, CorruptRecordError) as exc:
+        except (OSError, orjson.JSONDecodeError, OrderFileError) as exc:
             return "unreadable", {"error": str(exc)}
         ids = {"serial": record.serial, "dedupe_key": record.dedupe_key,
                "order_id": doc.get("order_id")}

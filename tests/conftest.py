@@ -3,10 +3,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,23 +156,63 @@ def order(n: int | str, **extra: Any) -> dict[str, Any]:
 class AgentProcess(AgentSubprocess):
     """``edge-agent run`` as a real subprocess, for crash and signal tests."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
         cfg = load_config(str(config))
-        super().__init__(config, log, f"http://{cfg.agent.listen}", env=env, cwd=ROOT)
+        super().__init__(config, log, f"http://{cfg.agent.listen}", env=env, cwd=ROOT,
+                         prefix=prefix)
 
 
 @pytest.fixture
 def agent_process(tmp_path: Path) -> Any:
     procs: list[AgentProcess] = []
 
-    def factory(config: Path, env: dict[str, str] | None = None) -> AgentProcess:
-        p = AgentProcess(config, tmp_path / "agent.log", env)
+    def factory(config: Path, env: dict[str, str] | None = None,
+                prefix: tuple[str, ...] = ()) -> AgentProcess:
+        p = AgentProcess(config, tmp_path / "agent.log", env, prefix)
         procs.append(p)
         return p
 
     yield factory
     for p in procs:
         p.cleanup()
+
+
+# As an operator's own account: root reads any file whatever its mode, nobody does not.
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory another user can reach (pytest's tmp_path is root's 0700)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a process as another user")
+    base = Path(tempfile.mkdtemp(prefix="edge-shared-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str = "64k") -> Iterator[Path]:
+    """A small tmpfs mounted at ``mount`` for the block (root only; else the test skips)."""
+    mount.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def as_sudo_cp_leaves_it(path: Path) -> None:
+    """Owned by root, mode 0600: what ``sudo cp`` leaves behind."""
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o600)
 
 
 @pytest.fixture

@@ -61,17 +61,36 @@ class Run:
     out: str
     err: str
 
+    @property
+    def maxrss_mb(self) -> float:
+        """Peak RSS of edge-recover, from a run with ``rss=True``."""
+        kb = next(line for line in reversed(self.err.splitlines())
+                  if line.startswith("maxrss_kb="))
+        return int(kb.split("=")[1]) / 1024
+
+
+# Runs its arguments as a child and reports the child's peak RSS (getrusage of the
+# waited-for children: exactly that one process, whatever the test process did before).
+_RSS_WRAPPER = ("import resource, subprocess, sys\n"
+                "code = subprocess.call(sys.argv[1:])\n"
+                "kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+                "print(f'maxrss_kb={kb}', file=sys.stderr)\n"
+                "sys.exit(code)\n")
 
 class Recover:
-    """``python -m recovery`` as a real subprocess, started without blocking the test's loop."""
+    """``python -m recovery`` as a real subprocess, started without blocking the test's loop.
 
-    def __init__(self, *args: str) -> None:
+    ``user``: a command prefix that runs it as another user (``AS_NOBODY``);
+    ``rss``: measure its peak RSS (``Run.maxrss_mb``)."""
+
+    def __init__(self, *args: str, user: tuple[str, ...] = (), rss: bool = False) -> None:
         self.args = args
+        self.prefix = (*user, sys.executable, "-c", _RSS_WRAPPER) if rss else user
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> Recover:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "recovery", *self.args, cwd=ROOT,
+            *self.prefix, sys.executable, "-m", "recovery", *self.args, cwd=ROOT,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "EDGE_AGENT_CONFIG": "/nonexistent/agent.toml"})
         return self
@@ -92,8 +111,9 @@ class Recover:
         return Run(self.proc.returncode, out.decode(), err.decode())
 
 
-async def recover(*args: str, timeout: float = 60) -> Run:
-    return await (await Recover(*args).start()).finish(timeout)
+async def recover(*args: str, timeout: float = 60, user: tuple[str, ...] = (),
+                  rss: bool = False) -> Run:
+    return await (await Recover(*args, user=user, rss=rss).start()).finish(timeout)
 
 
 async def kill_when(proc: Recover, predicate: Any, sig: int, what: str,

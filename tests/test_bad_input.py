@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.conftest import AgentHandle, order
+from tests.conftest import AgentHandle, order, tmpfs
 from tests.fakes import FakeCenter
 
 
@@ -138,16 +136,8 @@ async def test_buffer_full_is_507_and_accepted_orders_stay(make_agent, center: F
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a small tmpfs for a real ENOSPC")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "tiny") as mount:
+        yield mount
 
 
 async def test_disk_full_is_507_never_a_2xx(make_agent, center: FakeCenter, tiny_disk: Path):

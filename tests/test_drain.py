@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import stat
+import subprocess
 import time
 from pathlib import Path
 
 import orjson
 
 from agent.spool.record import PendingRecord
-from tests.conftest import AgentHandle, order, wait_for
+from tests.conftest import (
+    AS_NOBODY,
+    AgentHandle,
+    as_sudo_cp_leaves_it,
+    order,
+    wait_for,
+    write_config,
+)
 from tests.fakes import FakeCenter
 
 
@@ -184,3 +194,90 @@ async def test_file_torn_while_edge_recover_added_keys_is_still_delivered(
     await wait_for(lambda: agent.files("pending") == [], 10, "drain")
     assert agent.files("rejected") == []
     assert center.creates["douyin:0"] == 1
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM: the highest RSS the process ever had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+async def test_fifo_symlink_and_2gb_file_in_pending_are_moved_aside_unread(
+        tmp_path: Path, center: FakeCenter, agent_process, http):
+    """None of these is a file the agent wrote: each goes to rejected/ with its reason,
+    never read (no hang, no 2 GB in memory), a link's target never touched or delivered."""
+    config = write_config(tmp_path, center.url)
+    pending = tmp_path / "spool" / "pending"
+    pending.mkdir(parents=True)
+    os.mkfifo(pending / "AAA-fifo.json")
+    with open(pending / "AAB-huge.json", "wb") as fh:
+        fh.truncate(2 * 1024 ** 3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    theirs = PendingRecord("OTHER-20261101-000000001", "other", "2026-11-01T10:00:00+08:00",
+                           "jd", "jd:linked", None, '{"channel_id":"jd","channel_order_id":"l"}')
+    target = elsewhere / theirs.filename
+    target.write_bytes(theirs.to_bytes())
+    os.chmod(target, 0o644)
+    os.symlink(target, pending / "AAC-link.json")
+    agent = agent_process(config)
+    agent.start()
+    await agent.wait_ready(http)
+    async with http.post(f"{agent.url}/v1/orders", json=order("fine")) as r:
+        assert r.status == 201
+    rejected = tmp_path / "spool" / "rejected"
+    names = ("AAA-fifo.json", "AAB-huge.json", "AAC-link.json")
+    await wait_for(lambda: all((rejected / f"{n}.reason.json").exists() for n in names), 10,
+                   "all three moved aside")
+    reasons = {n: orjson.loads((rejected / f"{n}.reason.json").read_bytes())["reason"]
+               for n in names}
+    assert reasons == {"AAA-fifo.json": "not_a_regular_file", "AAB-huge.json": "too_large",
+                       "AAC-link.json": "not_a_regular_file"}
+    assert stat.S_ISFIFO(os.lstat(rejected / "AAA-fifo.json").st_mode)
+    assert (rejected / "AAB-huge.json").stat().st_size == 2 * 1024 ** 3
+    assert os.readlink(rejected / "AAC-link.json") == str(target)
+    assert target.read_bytes() == theirs.to_bytes()  # never changed, never delivered
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert "jd:linked" not in center.creates and center.created_keys() == {"douyin:fine"}
+    assert os.listdir(pending) == []
+    assert _peak_rss_mb(agent.proc.pid) < 200
+    agent.kill(signal.SIGTERM)
+    assert await agent.reap(timeout=8) == 0, agent.log_tail()
+
+
+async def test_a_pending_file_the_agent_cannot_read_stays_and_the_rest_drain(
+        shared_dir: Path, center: FakeCenter, agent_process, http):
+    """The agent runs as its own user; a root-owned 0600 file (sudo cp) in pending/ is
+    left where it is with one clear log line; the others are delivered."""
+    config = write_config(shared_dir, center.url, buffer={"scan_interval_s": 0.2})
+    pending = shared_dir / "spool" / "pending"
+    pending.mkdir(parents=True)
+    recs = [PendingRecord(f"OTHER-20261101-00000000{i}", "other", "2026-11-01T10:00:00+08:00",
+                          "jd", f"jd:{i}", None, f'{{"channel_id":"jd","channel_order_id":"{i}"}}')
+            for i in range(1, 4)]
+    for r in recs:
+        (pending / r.filename).write_bytes(r.to_bytes())
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(shared_dir)], check=True)
+    locked = pending / recs[0].filename  # the oldest: met first by every pass
+    as_sudo_cp_leaves_it(locked)
+    agent = agent_process(config, prefix=AS_NOBODY)
+    agent.start()
+    await agent.wait_ready(http)
+    merged = shared_dir / "spool" / "merged"
+    await wait_for(lambda: sorted(os.listdir(merged)) == [r.filename for r in recs[1:]], 10,
+                   "the readable files delivered")
+    await wait_for(lambda: "pending file not delivered" in agent.log_tail(20_000), 5,
+                   "the log line")
+    assert os.listdir(pending) == [recs[0].filename]
+    assert locked.read_bytes() == recs[0].to_bytes()
+    assert center.created_keys() == {"jd:2", "jd:3"}
+    passes = lambda: agent.log_tail(50_000).count("drain pass: 1 pending")  # noqa: E731
+    await wait_for(lambda: passes() >= 3, 10, "more passes over the unreadable file")
+    agent.kill(signal.SIGTERM)
+    assert await agent.reap(timeout=8) == 0, agent.log_tail()
+    log = agent.log_tail(50_000)
+    assert "Traceback" not in log and "drain failed" not in log
+    assert log.count("pending file not delivered") == 1
+    assert "Permission denied" in log

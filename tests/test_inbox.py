@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 
 import orjson
 
-from tests.conftest import order, wait_for
+from tests.conftest import order, wait_for, write_config
 from tests.fakes import FakeCenter
 
 
@@ -72,3 +73,30 @@ async def test_files_still_being_written_are_ignored(make_agent, center: FakeCen
     assert sorted(os.listdir(agent.spool / "inbox")) == [".partial.json", "upload.json.tmp"]
     assert agent.files("rejected") == []
     assert len(agent.files("pending")) == 1
+
+
+async def test_a_fifo_in_the_inbox_blocks_nothing_and_sigterm_still_ends_the_agent(
+        tmp_path, center: FakeCenter, agent_process, http):
+    """mkfifo inbox/x.json: never opened for reading, moved aside; the next drop is taken."""
+    config = write_config(tmp_path, center.url, buffer={"scan_interval_s": 0.5})
+    inbox = tmp_path / "spool" / "inbox"
+    agent = agent_process(config)
+    agent.start()
+    await agent.wait_ready(http)
+    os.mkfifo(inbox / "x.json")
+    _drop(inbox, "real.json", orjson.dumps(order("after-fifo")))
+
+    async def found() -> bool:
+        async with http.get(f"{agent.url}/v1/orders/by-key/douyin:after-fifo") as r:
+            return r.status == 200
+
+    await wait_for(found, 10, "the order dropped after the FIFO")
+    assert center.creates["douyin:after-fifo"] == 1
+    rejected = tmp_path / "spool" / "rejected"
+    await wait_for(lambda: (rejected / "x.json.reason.json").exists(), 10, "FIFO moved aside")
+    assert stat.S_ISFIFO(os.lstat(rejected / "x.json").st_mode)
+    reason = orjson.loads((rejected / "x.json.reason.json").read_bytes())
+    assert reason["reason"] == "not_a_regular_file" and "a FIFO" in reason["error"]
+    assert os.listdir(inbox) == []
+    agent.kill(signal.SIGTERM)
+    assert await agent.reap(timeout=5 + 3) == 0, agent.log_tail()  # shutdown_timeout_s 5

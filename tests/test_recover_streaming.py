@@ -24,7 +24,9 @@ def test_pending_names_are_listed_in_name_order_whatever_the_directory_says(tmp_
         (tmp_path / name).write_bytes(b"{}")
     for ignored in (".hidden.json", "x.json.reason.json", "notes.txt", "x.json.tmp"):
         (tmp_path / ignored).write_bytes(b"{}")
+    # Listed whatever it is: the merge reports it and moves it aside, never in silence.
     (tmp_path / "dir.json").mkdir()
+    names.append("dir.json")
     listed = SortedNames(tmp_path)
     assert list(listed) == sorted(names)
     assert len(listed) == len(names)

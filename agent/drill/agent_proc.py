@@ -73,8 +73,10 @@ class AgentSubprocess:
     """Owns one ``edge-agent run`` subprocess, its config path and its log file."""
 
     def __init__(self, config: Path, log: Path, url: str,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.prefix = prefix  # e.g. setpriv ... --: run it as another user
         self.log = log
         self.url = url
         self.env = env  # None: inherit os.environ
@@ -85,7 +87,7 @@ class AgentSubprocess:
     def start(self) -> None:
         self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in reap()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+            [*self.prefix, sys.executable, "-m", "agent", "run", "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=self._log_fh, env=self.env, cwd=self.cwd)
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:

@@ -6,6 +6,10 @@ order) the inbox copy is removed; a file the intake refuses for good goes to
 rejected/ with the reason a 4xx would have given; a refusal that may pass
 (409, 503, 507) leaves it for the next scan. Names starting with "." or not
 ending in ".json" are files still being written and are ignored.
+
+Files are read as every order file is (``agent.spool.reading``): a FIFO, a
+socket or a directory under a ``*.json`` name never blocks the scan; it is
+moved to rejected/ unread. A file the agent may not read stays, logged once.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import watchfiles
 
 from agent.base.durable import fsync_dir
 from agent.base.watched_loop import WatchedLoop
+from agent.errors import NotARegularFile, TooLarge, UnreadableFile
 from agent.intake.orders import Intake, Reply
 from agent.spool.files import quarantine
+from agent.spool.reading import ORDER_FILE_CAP, read_order_file
 from agent.spool.record import BufferDirs, is_order_file
 
 log = logging.getLogger("agent.inbox")
@@ -38,6 +44,9 @@ class InboxWatcher:
         self._dirs = dirs
         self._intake = intake
         self._max_body = max_body_bytes
+        # Never more than any order file may be (agent.spool.reading): one cap for all.
+        self._cap = min(max_body_bytes, ORDER_FILE_CAP)
+        self._unreadable: dict[str, str] = {}  # name -> the trouble already logged
         self._interval = scan_interval_s
         self._concurrency = concurrency
         self._loop = WatchedLoop("inbox", self.scan, dirs.inbox, _visible, scan_interval_s,
@@ -64,15 +73,27 @@ class InboxWatcher:
 
     async def _take(self, path: Path) -> None:
         try:
-            size = path.stat().st_size
-            if size > self._max_body:
-                reply = Reply(413, {"error": f"file is {size} bytes, over agent.max_body_bytes "
-                                             f"{self._max_body}"})
-            else:
-                data = await asyncio.to_thread(path.read_bytes)
-                reply = await self._intake.submit(data, None)
+            data = await asyncio.to_thread(read_order_file, path, self._cap)
         except FileNotFoundError:
             return
+        except TooLarge as exc:
+            reply = Reply(413, {"error": f"file is {exc.size} bytes, over agent.max_body_bytes "
+                                         f"{self._max_body}" if exc.cap == self._max_body
+                                else str(exc)})
+        except NotARegularFile as exc:  # a FIFO, a socket, a directory: never read
+            await asyncio.to_thread(quarantine, self._dirs, path,
+                                    {"reason": "not_a_regular_file", "error": str(exc)})
+            log.warning("inbox entry %s moved to rejected/ unread: %s", path.name, exc,
+                        extra={"file": path.name})
+            return
+        except UnreadableFile as exc:  # not ours to move: it stays, said once
+            if self._unreadable.get(path.name) != str(exc):
+                self._unreadable[path.name] = str(exc)
+                log.error("inbox file left in place: %s", exc, extra={"file": path.name})
+            return
+        else:
+            self._unreadable.pop(path.name, None)
+            reply = await self._intake.submit(data, None)
         if 200 <= reply.status < 300:
             await asyncio.to_thread(_remove, path)
             log.info("inbox file %s accepted: %s", path.name, reply.body.get("status"),

@@ -31,7 +31,7 @@ from agent.base.phones import check, mask
 from agent.config import SmsSection
 from agent.delivery.pacing import delay as backoff_delay
 from agent.errors import (
-    CorruptRecordError,
+    OrderFileError,
     PersistError,
     SmsAmbiguous,
     SmsRateLimited,
@@ -53,6 +53,7 @@ from agent.sms.store import (
     transition,
 )
 from agent.spool.files import list_pending
+from agent.spool.reading import read_order_file
 from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
 
 log = logging.getLogger("agent.sms")
@@ -299,8 +300,8 @@ def _unnotified(dirs: BufferDirs, known: set[str], horizon: float) -> list[Pendi
         try:
             if os.stat(path).st_mtime < horizon:
                 continue  # too late for a "we got your order" notice
-            record = parse_tolerant(path.read_bytes(), str(path))
-        except (OSError, CorruptRecordError):
+            record = parse_tolerant(read_order_file(path, follow_symlinks=False), str(path))
+        except (OSError, OrderFileError):
             continue  # the drain quarantines what cannot be read
         if record.customer_phone is not None and record.serial not in known:
             out.append(record)

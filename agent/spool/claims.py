@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
+
+from agent.spool.reading import ORDER_FILE_CAP, open_order_file, read_open
 
 
 class Claim:
@@ -20,6 +23,9 @@ class Claim:
         self.where = path
         self.data = data
         self.writable = writable
+        # ``where`` is a symlink and the lock is on its target: the target is not ours
+        # to move or change (another buffer's only copy, or the agent's own file).
+        self.linked = False
         self._fd: int | None = fd
 
     @property
@@ -43,19 +49,19 @@ class Claim:
             self._fd = None
 
 
-def try_claim(path: str | Path, writable: bool = False) -> Claim | None:
+def try_claim(path: str | Path, writable: bool = False, follow_symlinks: bool = True,
+              cap: int = ORDER_FILE_CAP) -> Claim | None:
     """Lock and read ``path``; None if it is gone or another process holds it.
 
     ``writable``: open it read-write where permitted, so the holder can add
-    keys in place after moving it (edge-recover); read-only otherwise.
+    keys in place after moving it (edge-recover); read-only otherwise. The open
+    follows ``agent.spool.reading`` (never blocks, regular files only, at most
+    ``cap`` bytes): UnreadableFile, NotARegularFile and TooLarge say why a file
+    cannot be claimed. ``follow_symlinks=False`` refuses a link (NotARegularFile);
+    otherwise the lock is on the link's target and ``Claim.linked`` is set.
     """
     try:
-        try:
-            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        except PermissionError:
-            if not writable:
-                raise
-            fd, writable = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        fd, st, writable = open_order_file(path, writable, follow_symlinks)
     except FileNotFoundError:
         return None
     try:
@@ -65,22 +71,20 @@ def try_claim(path: str | Path, writable: bool = False) -> Claim | None:
             os.close(fd)
             return None
         # The holder before us may have moved the file away while we waited.
-        st = os.fstat(fd)
         try:
-            same = os.stat(path).st_ino == st.st_ino
+            now = os.lstat(path)
+            linked = stat.S_ISLNK(now.st_mode)
+            if linked:
+                now = os.stat(path)
+            same = (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
         except FileNotFoundError:
-            same = False
+            same = linked = False
         if not same:
             os.close(fd)
             return None
-        want = st.st_size + 1  # one read(2) for a file that does not grow meanwhile
-        chunks = []
-        while chunk := os.read(fd, want):
-            chunks.append(chunk)
-            if len(chunk) < want:
-                break
-            want = 1 << 20
-        return Claim(path, fd, b"".join(chunks), writable)
+        claim = Claim(path, fd, read_open(fd, st, path, cap), writable)
+        claim.linked = linked
+        return claim
     except BaseException:
         os.close(fd)
         raise

@@ -32,7 +32,7 @@ from agent.config import BufferSection
 from agent.delivery.decide import Caller, Step, decide
 from agent.delivery.pacing import Backoff, Pacer
 from agent.delivery.targets import same_target
-from agent.errors import PersistError, UpstreamError
+from agent.errors import PersistError, UnreadableFile, UpstreamError
 from agent.spool.moves import MergedState
 from agent.spool.record import PendingRecord, is_order_file
 from agent.spool.writer import Held, PendingSpool
@@ -82,6 +82,7 @@ class Drainer:
         self._pacer = Pacer(settings.drain_rate_per_s)
         self._active: set[str] = set()
         self._pins: dict[str, str] = {}  # pins the file could not take (disk full)
+        self._unreadable: dict[str, str] = {}  # name -> the trouble already logged
         self._wake = asyncio.Event()  # a cluster came back: cut the backoff short
         self._backoff = Backoff(PASS_BACKOFF_BASE_S, PASS_BACKOFF_MAX_S)
         self._loop = WatchedLoop("drain", self._round, spool.dirs.pending, _added_order,
@@ -165,14 +166,22 @@ class Drainer:
         failing = set() if failing is None else failing
         if self._busy(name.removesuffix(".json")):
             return Result.RETRY
-        async with self._spool.claim(name, size) as held:
-            if held is None:
-                return Result.SKIPPED
-            self._active.add(name)
-            try:
-                return await self._deliver_held(held, failing)
-            finally:
-                self._active.discard(name)
+        try:
+            async with self._spool.claim(name, size) as held:
+                if held is None:
+                    return Result.SKIPPED
+                self._unreadable.pop(name, None)
+                self._active.add(name)
+                try:
+                    return await self._deliver_held(held, failing)
+                finally:
+                    self._active.discard(name)
+        except UnreadableFile as exc:
+            # Not ours to move (it may be an order): it stays, said once per trouble.
+            if self._unreadable.get(name) != str(exc):
+                self._unreadable[name] = str(exc)
+                log.error("pending file not delivered: %s", exc, extra={"file": name})
+            return Result.SKIPPED
 
     async def _deliver_held(self, held: Held, failing: set[str]) -> Result:
         state = await held.merged_copy()
@@ -182,7 +191,7 @@ class Drainer:
                          "never confirmed by the center", "corrupt": held.corrupt})
             return Result.DONE
         if held.record is None:
-            await held.quarantined("corrupt", {"error": held.corrupt})
+            await held.quarantined(held.problem, {"error": held.corrupt})
             return Result.DONE
         record = held.record
         if state is MergedState.SAME:  # a crash came between the merged/ copy and the unlink

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from agent.base.durable import (
     unlink_quietly,
     write_file_durably,
 )
+from agent.errors import PersistError
 from agent.spool.record import REASON_SUFFIX, BufferDirs, PendingRecord, is_order_file
 
 
@@ -78,26 +80,42 @@ def write_pending_batch(
     return results
 
 
-def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any]) -> Path:
+def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any],
+               content: bytes | None = None) -> Path:
     """Move ``src`` (content untouched) to rejected/ with a reason file beside it.
 
-    The reason is written first, so a rejected file never lacks one.
+    The reason is written first, so a rejected file never lacks one. ``content``:
+    ``src`` is a symlink whose target was read: rejected/ gets a real file holding
+    it, and only the link is removed (its target is not ours to move).
+    A FIFO, device or directory is moved as it is, never opened.
     """
     name = _free_name(dirs.rejected, src.name)
     reason = {**reason, "original_path": str(src), "rejected_at": time.time()}
-    write_file_durably(dirs.rejected, name + REASON_SUFFIX, orjson.dumps(reason))
+    reason_name = name + REASON_SUFFIX
+    write_file_durably(dirs.rejected, reason_name, orjson.dumps(reason))
+    target = dirs.rejected / name
     try:
-        os.rename(src, dirs.rejected / name)
-        os.chmod(dirs.rejected / name, 0o600)  # an inbox file may come in with any mode
+        if content is not None:
+            write_file_durably(dirs.rejected, name, content)
+            os.unlink(src)
+        else:
+            os.rename(src, target)
+            if stat.S_ISREG(os.lstat(target).st_mode):
+                os.chmod(target, 0o600)  # an inbox file may come in with any mode
         fsync_dir(dirs.rejected)
         fsync_dir(src.parent)
-    except OSError as exc:
+    except (OSError, PersistError) as exc:
+        if not os.path.lexists(target):  # never a reason without its file
+            unlink_quietly(dirs.rejected / reason_name)
+        if isinstance(exc, PersistError):
+            raise
         raise translate(exc, f"rejected/{name}") from exc
-    return dirs.rejected / name
+    return target
 
 
 def _free_name(directory: Path, name: str) -> str:
-    if not (directory / name).exists():
+    """``name``, or ``stem.N.ext`` beside what holds it (a dangling link counts)."""
+    if not os.path.lexists(directory / name):
         return name
     stem, dot, ext = name.rpartition(".")
     if not dot:
@@ -105,7 +123,7 @@ def _free_name(directory: Path, name: str) -> str:
     n = 1
     while True:
         candidate = f"{stem}.{n}.{ext}" if ext else f"{stem}.{n}"
-        if not (directory / candidate).exists():
+        if not os.path.lexists(directory / candidate):
             return candidate
         n += 1
 
@@ -148,7 +166,9 @@ def list_pending(dirs: BufferDirs) -> list[tuple[str, int]]:
         for entry in it:
             if is_order_file(entry.name):
                 try:
-                    out.append((entry.name, entry.stat().st_size))
+                    # Not following links: a link or a FIFO in pending/ is listed too,
+                    # and the drain moves it aside (agent.spool.reading).
+                    out.append((entry.name, entry.stat(follow_symlinks=False).st_size))
                 except FileNotFoundError:
                     continue
     out.sort()

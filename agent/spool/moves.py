@@ -20,8 +20,10 @@ from typing import Any
 import orjson
 
 from agent.base.durable import TMP_SUFFIX, fsync_dir, translate, unlink_quietly, write_tmp
+from agent.errors import OrderFileError
 from agent.spool.claims import Claim
 from agent.spool.files import sync_filesystem
+from agent.spool.reading import read_order_file
 from agent.spool.record import ADDED_KEYS_MARK, BufferDirs, PendingRecord
 
 log = logging.getLogger("agent.spool")
@@ -49,10 +51,10 @@ def already_merged(dirs: BufferDirs, name: str,
     """
     path = dirs.merged / name
     try:
-        doc = orjson.loads(path.read_bytes())
+        doc = orjson.loads(read_order_file(path))
     except FileNotFoundError:
         return None
-    except (OSError, orjson.JSONDecodeError):
+    except (OSError, OrderFileError, orjson.JSONDecodeError):
         return None if record is not None else {"unreadable": True}
     if not isinstance(doc, dict):
         return None if record is not None else {"unreadable": True}

@@ -9,6 +9,8 @@ kept on the new inode so no other process can take the file in between.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from agent.base.durable import replace_durably
 from agent.spool.claims import Claim
@@ -26,7 +28,11 @@ def pin_file(claim: Claim, record: PendingRecord, target: str, why: str) -> Pend
         return record
     pinned = record.pinned(target)
     data = pinned.to_bytes()
-    claim.replaced(replace_durably(claim.path, data), data)
+    # Through a symlink the pin goes to the order itself (the link's target, whose lock the
+    # claim holds): replacing the link would leave the target, maybe another buffer's or
+    # the agent's own file, free to go elsewhere.
+    path = Path(os.path.realpath(claim.path)) if claim.linked else claim.path
+    claim.replaced(replace_durably(path, data), data)
     log.warning("order %s pinned to %s: %s", record.serial, target, why,
                 extra={"serial": record.serial, "cluster": target})
     return pinned

@@ -14,10 +14,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-from agent.errors import ConfigError, CorruptRecordError, PersistError
+from agent.errors import ConfigError, CorruptRecordError, OrderFileError, PersistError
 from agent.orders import body_digest
 from agent.spool.claims import try_claim
 from agent.spool.pins import pin_file
+from agent.spool.reading import read_order_file
 from agent.spool.record import BufferDirs, PendingRecord, is_order_file, parse_tolerant
 from agent.state.journal import BUFFERED, MERGED, REJECTED, Entry, Journal
 from agent.state.serials import parse_counter
@@ -48,8 +49,10 @@ def read_disk(dirs: BufferDirs, node_prefix: str, known_buffered: set[str]) -> D
     for serial in pending_names - known_buffered:
         path = dirs.pending / f"{serial}.json"
         try:
-            record = parse_tolerant(path.read_bytes(), str(path))
-        except (OSError, CorruptRecordError) as exc:
+            record = parse_tolerant(read_order_file(path, follow_symlinks=False), str(path))
+        except FileNotFoundError:
+            continue
+        except (OSError, OrderFileError) as exc:
             log.warning("pending file not indexed: %s", exc)  # the drain quarantines it
             continue
         pending[record.serial] = record
@@ -99,7 +102,10 @@ async def _apply_intents(journal: Journal, dirs: BufferDirs) -> None:
         if cluster is None:
             continue
         path = dirs.pending / f"{serial}.json"
-        claim = await asyncio.to_thread(try_claim, path)
+        try:
+            claim = await asyncio.to_thread(try_claim, path, False, False)
+        except OrderFileError:
+            continue  # the drain quarantines it, or reports it unreadable
         if claim is None:
             continue
         try:

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.base.batching import GroupCommit
-from agent.errors import BufferFullError, CorruptRecordError, PersistError
+from agent.errors import (
+    BufferFullError,
+    CorruptRecordError,
+    NotARegularFile,
+    PersistError,
+    TooLarge,
+)
 from agent.spool.claims import Claim, try_claim
 from agent.spool.files import list_pending, quarantine, write_pending_batch
 from agent.spool.moves import MergedState, merged_state, move_to_merged
@@ -49,20 +55,38 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 class Held:
-    """A claimed pending file: the record (or why it is unreadable) and how it may end."""
+    """A claimed pending file: the record (or why it is unreadable) and how it may end.
 
-    def __init__(self, spool: PendingSpool, claim: Claim, size: int) -> None:
+    A file that cannot be claimed as an order at all (a FIFO, a symlink, over the
+    size cap: ``refused``) is held without a lock; it can only be quarantined,
+    and it is moved as it is, never read.
+    """
+
+    def __init__(self, spool: PendingSpool, claim: Claim | None, size: int, path: Path,
+                 refused: CorruptRecordError | None = None) -> None:
         self._spool = spool
-        self.claim = claim
-        self.name = claim.path.name
+        self._claim = claim
+        self.path = path
+        self.name = path.name
         self.size = size
         self.done = False
         self.record: PendingRecord | None = None
-        self.corrupt: str | None = None
-        try:
-            self.record = parse_tolerant(claim.data, f"pending/{self.name}")
-        except CorruptRecordError as exc:
-            self.corrupt = str(exc)
+        self.corrupt: str | None = None if refused is None else str(refused)
+        # The reason rejected/ gives: what kind of trouble the file is.
+        self.problem = ("not_a_regular_file" if isinstance(refused, NotARegularFile)
+                        else "too_large" if isinstance(refused, TooLarge) else "corrupt")
+        if claim is not None:
+            try:
+                self.record = parse_tolerant(claim.data, f"pending/{self.name}")
+            except CorruptRecordError as exc:
+                self.corrupt = str(exc)
+
+    @property
+    def claim(self) -> Claim:
+        if self._claim is None:
+            raise RuntimeError(f"{self.name} was refused unread ({self.corrupt}): "
+                               "quarantine it instead")
+        return self._claim
 
     async def merged_copy(self) -> MergedState:
         """Is this order already in merged/ (a crash came before the pending copy went)?"""
@@ -78,7 +102,7 @@ class Held:
         self._left()
 
     async def quarantined(self, reason: str, details: dict[str, Any]) -> Path:
-        where = await _in_thread(quarantine, self._spool.dirs, self.claim.path,
+        where = await _in_thread(quarantine, self._spool.dirs, self.path,
                                  {"reason": reason, **details})
         self._left()
         log.warning("quarantined %s to rejected/: %s", self.name, reason,
@@ -185,12 +209,23 @@ class PendingSpool:
 
     @contextlib.asynccontextmanager
     async def claim(self, name: str, size: int) -> AsyncIterator[Held | None]:
-        """Hold ``pending/{name}`` exclusively; None if it is gone or another process has it."""
-        claim = await asyncio.to_thread(try_claim, self.dirs.pending / name)
+        """Hold ``pending/{name}`` exclusively; None if it is gone or another process has it.
+
+        The agent wrote every file in pending/ as a regular file: a symlink, a FIFO or
+        anything over the size cap is not its order and is held only to be quarantined
+        (a link is moved as a link: its target is never touched). UnreadableFile
+        (EACCES, EIO) is raised: such a file stays where it is.
+        """
+        path = self.dirs.pending / name
+        try:
+            claim = await asyncio.to_thread(try_claim, path, False, False)
+        except CorruptRecordError as exc:  # NotARegularFile, TooLarge
+            yield Held(self, None, size, path, refused=exc)
+            return
         if claim is None:
             yield None
             return
         try:
-            yield Held(self, claim, size)
+            yield Held(self, claim, size, path)
         finally:
             claim.release()
