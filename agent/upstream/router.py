@@ -93,7 +93,8 @@ class Router:
             if outcome is Outcome.REJECTED:
                 return Routed(Verdict.REJECTED, name, answer)
             # Unclear (409, 5xx, 2xx without order_id): the cluster may hold it: stay with it.
+            detail = f": {answer.error}" if answer.error else ""
             return Routed(Verdict.BUFFER, name, answer, pinned=name,
                           reason=f"{name} answered HTTP {answer.status} without a clear "
-                                 "outcome")
+                                 f"outcome{detail}")
         return Routed(Verdict.BUFFER, reason=reason)
