@@ -65,7 +65,8 @@ class Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._busy = False       # a request waits for its answer
         self._stray = False      # bytes came that belong to no answer: never reuse
-        self._head_bytes = 0
+        self._head_wire = 0      # bytes received while a head was incomplete
+        self._head_fields = 0    # bytes of the header fields parsed
         self._in_head = False
         self._interim = False
         self._status = 0
@@ -88,8 +89,6 @@ class Conn(asyncio.Protocol):
         if not self._busy or self._reply is not None or self._error is not None:
             self._stray = True  # the peer is out of step with us
             return
-        if self._in_head:
-            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -97,9 +96,10 @@ class Conn(asyncio.Protocol):
                 self._stray = True  # bytes after the answer (a 204's "body", say)
             elif self._error is None:
                 self._error = BadAnswer(f"unreadable answer: {_describe(exc)}")
-        if self._in_head and self._head_bytes > MAX_HEAD and self._reply is None:
-            self._error = self._error or BadAnswer(f"the answer's head is over {MAX_HEAD} "
-                                                   "bytes")
+        if self._in_head:  # a head that does not end: llhttp keeps no limit of its own
+            self._head_wire += len(data)
+            if self._head_wire > MAX_HEAD and self._error is None:
+                self._error = BadAnswer(f"the answer's head is over {MAX_HEAD} bytes")
         self._wake()
 
     def eof_received(self) -> bool:
@@ -130,6 +130,9 @@ class Conn(asyncio.Protocol):
         self._body = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_fields += len(name) + len(value)  # a head that came in one piece too
+        if self._head_fields > MAX_HEAD:
+            self._fail(f"the answer's head is over {MAX_HEAD} bytes")
         key = name.lower()
         if key == b"retry-after":
             if self._retry_after is None:  # the first, as aiohttp's .get() gives
@@ -190,7 +193,7 @@ class Conn(asyncio.Protocol):
         self._busy = True
         self._reply = self._error = None
         self._body = None
-        self._head_bytes = 0
+        self._head_wire = self._head_fields = 0
         self._in_head = True
         self._interim = False
         self.transport.write(data)
