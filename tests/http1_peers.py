@@ -133,6 +133,7 @@ class RawCenter:
     connections: int = 0
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> RawCenter:
         self._server = await asyncio.start_server(self._serve, self.host, 0)
@@ -147,10 +148,17 @@ class RawCenter:
         self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
+        # Each handler ends on its own once its connection is gone; awaited, so that no
+        # loop shutdown cancels one mid-play.
+        await asyncio.wait_for(asyncio.gather(*self._handlers), 5)
         await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         self.connections += 1
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
