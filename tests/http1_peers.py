@@ -121,13 +121,20 @@ class Play:
     linger: bool = False
 
 
+_HEALTHY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
 @dataclass
 class RawCenter:
     """A TCP server on a loopback address: reads each request whole (its head and its
-    Content-Length body), then plays the next ``Play`` exactly as given."""
+    Content-Length body), then plays the next ``Play`` exactly as given, else ``always``
+    (if set), else holds the connection without an answer. With ``health``, a GET is
+    answered 200 (the agent's health checks) and is not a request."""
 
     host: str = "127.0.0.1"
     plays: list[Play] = field(default_factory=list)
+    always: Play | None = None
+    health: bool = False
     requests: list[bytes] = field(default_factory=list)
     port: int = 0
     connections: int = 0
@@ -162,14 +169,22 @@ class RawCenter:
         self.connections += 1
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            while self.plays:  # a lingering play waits here for the next request or the end
+            while True:  # a lingering play waits here for the next request or the end
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = 0
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":", 1)[1])
-                self.requests.append(head + await reader.readexactly(length))
-                play = self.plays.pop(0)
+                request = head + await reader.readexactly(length)
+                if self.health and head.startswith(b"GET "):
+                    writer.write(_HEALTHY)
+                    await writer.drain()
+                    continue
+                self.requests.append(request)
+                play = self.plays.pop(0) if self.plays else self.always
+                if play is None:
+                    await reader.read()  # no answer: held until the client ends it
+                    break
                 for i, segment in enumerate(play.segments):
                     if i:
                         await asyncio.sleep(0.002)  # a segment of its own
@@ -177,8 +192,6 @@ class RawCenter:
                     await writer.drain()
                 if not play.linger:
                     break
-            else:
-                await reader.read()  # held open until the client ends it
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -14,11 +14,13 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
 from agent.upstream.client import _answer
 from agent.upstream.codings import MAX_BODY
 from agent.upstream.http1 import Http1Client, Target
+from tests.conftest import order, wait_for
 from tests.http1_peers import (
     BODY,
     CREATED,
@@ -336,3 +338,44 @@ async def test_the_request_goes_out_once_per_post(center: RawCenter):
     finally:
         client.close()
     assert (reply.status, reply.body, len(center.requests)) == (201, CREATED, 1)
+
+
+# ---- end to end: a real agent in front of a center that answers like this ----
+
+@pytest.fixture
+async def raw_primary() -> AsyncIterator[RawCenter]:
+    server = await RawCenter(host="127.0.0.21", health=True).start()
+    yield server
+    await server.stop()
+
+
+async def test_a_gzipped_201_is_forwarded_with_its_order_id(make_agent, raw_primary: RawCenter):
+    """Defect 3 end to end: the order was created, so the client hears 201 and the
+    order_id, and nothing is buffered (no needless SMS, no buffer filling up)."""
+    raw_primary.always = Play([with_length(gzip.compress(b'{"order_id":"OC-GZ-1"}'),
+                                           b"Content-Encoding: gzip")])
+    agent = await make_agent(f"http://127.0.0.21:{raw_primary.port}/v3")
+    status, body = await agent.post(order("gz-1", customer_phone="13812345678"))
+    assert (status, body.get("status"), body.get("order_id")) == (201, "forwarded", "OC-GZ-1")
+    assert agent.files("pending") == []
+    assert len(raw_primary.requests) == 1
+
+
+async def test_a_content_length_in_non_ascii_digits_buffers_the_order_pinned(
+        make_agent, raw_primary: RawCenter):
+    """Defect 4 end to end: the center may hold the order (it answered, unreadably), so
+    the client never gets a 500: the order is buffered pinned to that cluster, and once
+    the center answers readably (a duplicate: it had created it) the drain settles it."""
+    raw_primary.always = Play([b"HTTP/1.1 201 Created\r\nContent-Length: \xb2\r\n\r\n"
+                               + b'{"order_id":"OC-B2"}'])
+    agent = await make_agent(f"http://127.0.0.21:{raw_primary.port}/v3")
+    status, body = await agent.post(order("b2-1"))
+    assert (status, body.get("status")) == (202, "buffered"), body
+    record = orjson.loads((agent.spool / "pending" / f"{body['serial']}.json").read_bytes())
+    assert record["pinned_to"] == "primary"
+    duplicate = b'{"order_id":"OC-B2","duplicate":true}'
+    raw_primary.always = Play([with_length(duplicate, status=b"HTTP/1.1 200 OK")])
+    await wait_for(lambda: agent.files("merged"), timeout=30, what="the drain to settle it")
+    assert agent.files("pending") == []
+    keys = {r.split(b"Idempotency-Key: ")[1].split(b"\r\n")[0] for r in raw_primary.requests}
+    assert keys == {b"douyin:b2-1"}  # every attempt carried the one key
