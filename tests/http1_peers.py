@@ -150,6 +150,9 @@ class RawCenter:
     def url(self) -> str:
         return f"http://orders.test:{self.port}/v3/orders"
 
+    def open_connections(self) -> int:
+        return len(self._writers)
+
     async def stop(self) -> None:
         assert self._server is not None
         self._server.close()

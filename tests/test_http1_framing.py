@@ -234,12 +234,22 @@ async def test_interim_answers_are_skipped_and_an_unasked_upgrade_is_ambiguous(
 
 # ---- no body cap ----
 
-async def test_a_body_over_the_cap_is_ambiguous_and_its_connection_closed(center: RawCenter):
+@pytest.mark.parametrize("coding", [None, b"br"])  # kept, or only counted
+async def test_a_body_over_the_cap_is_ambiguous_and_its_connection_closed(center: RawCenter,
+                                                                          coding: bytes | None):
     """An order center's answer is small; the hand parser read any size into memory."""
     big = b'{"order_id":"OC1","pad":"' + b"x" * MAX_BODY + b'"}'
-    center.plays = [Play([with_length(big)], linger=True)]
-    kind, message = await lean(center.url(), Resolver(address=HOST))
-    assert kind == "ambiguous" and f"over {MAX_BODY} bytes" in str(message)
+    headers = [] if coding is None else [b"Content-Encoding: " + coding]
+    center.plays = [Play([with_length(big, *headers)], linger=True)]
+    client = Http1Client(Resolver(address=HOST))  # type: ignore[arg-type]
+    try:
+        kind, message = await lean(center.url(), Resolver(), client=client)
+        assert kind == "ambiguous" and f"over {MAX_BODY} bytes" in str(message)
+        # Not read to its end, not pooled: closed at once, while the client lives on.
+        await wait_for(lambda: center.open_connections() == 0, timeout=2,
+                       what="the connection closed")
+    finally:
+        client.close()
 
 
 async def test_a_gzip_bomb_is_ambiguous_without_decoding_it_all(center: RawCenter):
