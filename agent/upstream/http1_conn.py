@@ -35,6 +35,11 @@ KEEPALIVE_S = 15.0        # an idle connection is not reused after this (aiohttp
 MAX_HEAD = 64 * 1024      # status lines and headers of one answer, interim ones included
 
 
+# The lengths of the header names on_header reads: a cheap first test for the others.
+_WATCHED_LENGTHS = frozenset(len(n) for n in (b"retry-after", b"content-length",
+                                              b"transfer-encoding", b"content-encoding"))
+
+
 class Reply(NamedTuple):
     status: int
     body: bytes
@@ -133,6 +138,10 @@ class Conn(asyncio.Protocol):
         self._head_fields += len(name) + len(value)  # a head that came in one piece too
         if self._head_fields > MAX_HEAD:
             self._fail(f"the answer's head is over {MAX_HEAD} bytes")
+        if b"\x00" in value:  # as aiohttp refuses it (llhttp's lenient mode lets it by)
+            self._fail(f"a NUL byte in the header {name[:100]!r}")
+        if len(name) not in _WATCHED_LENGTHS:
+            return  # most headers: not one of the four read here
         key = name.lower()
         if key == b"retry-after":
             if self._retry_after is None:  # the first, as aiohttp's .get() gives
@@ -144,8 +153,6 @@ class Conn(asyncio.Protocol):
             self._transfer = _joined(self._transfer, value)
         elif key == b"content-encoding":
             self._encoding = _joined(self._encoding, value)
-        if b"\x00" in value:  # as aiohttp refuses it (llhttp's lenient mode lets it by)
-            self._fail(f"a NUL byte in the header {name[:100]!r}")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
