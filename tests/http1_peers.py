@@ -10,7 +10,9 @@ the agent does with the order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,28 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def unanswered_listener(host: str = "127.0.0.1") -> AsyncIterator[int]:
+    """A port whose connects hang: its listener's accept queue is full, so the kernel
+    drops further SYNs (a connect then ends only by a timeout)."""
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((host, listener.getsockname()[1]))
+            fillers.append(s)
+        await asyncio.sleep(0.2)
+        yield int(listener.getsockname()[1])
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
 
 
 async def lean(url: str, resolver: Resolver, timeout_s: float = 1.0,

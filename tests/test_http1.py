@@ -25,6 +25,7 @@ from tests.http1_peers import (
     Resolver,
     closed_port,
     lean,
+    unanswered_listener,
     via_aiohttp,
 )
 
@@ -296,25 +297,10 @@ async def test_a_tls_handshake_that_fails_is_clear_as_with_aiohttp():
 async def test_a_connect_that_times_out_is_clear_as_with_aiohttp():
     # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
     # hangs until the connect timeout (min(timeout, 2 s)), well inside the deadline.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
-        await asyncio.sleep(0.2)
+    async with unanswered_listener() as port:
         url = f"http://orders.test:{port}/v3/orders"
         kinds = [(await client(url, Resolver(), timeout_s=3.0))[0]
                  for client in (lean, via_aiohttp)]
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
     assert kinds == ["unavailable", "unavailable"]
 
 
