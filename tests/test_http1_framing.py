@@ -19,6 +19,7 @@ import pytest
 from agent.upstream.client import _answer
 from agent.upstream.codings import MAX_BODY
 from agent.upstream.http1 import Http1Client, Target
+from agent.upstream.http1_conn import BadAnswer, Conn
 from tests.conftest import order, wait_for
 from tests.http1_peers import (
     BODY,
@@ -323,6 +324,22 @@ async def test_a_deadline_that_passes_while_connecting_is_unavailable():
         theirs = await via_aiohttp(url, Resolver(address=HOST), 0.5)
     assert ours[0] == "unavailable" and "(connecting): nothing was sent" in str(ours[1])
     assert theirs[0] == "ambiguous", theirs  # the deliberate difference
+
+
+async def test_a_connection_that_ended_before_the_request_fails_at_once():
+    """A peer's close that lands between the pool's check and the write: no answer can
+    come, so the request fails then (ambiguous: it was handed over), not at its deadline."""
+    conn = Conn()
+    conn.connection_made(_NullTransport())  # type: ignore[arg-type]
+    conn.connection_lost(None)
+    conn.send(b"POST /v3/orders HTTP/1.1\r\n\r\n")
+    with pytest.raises(BadAnswer, match="ended before the whole answer"):
+        await asyncio.wait_for(conn.read_answer(), 1)
+
+
+class _NullTransport:
+    def write(self, data: bytes) -> None:
+        pass
 
 
 async def test_the_request_goes_out_once_per_post(center: RawCenter):

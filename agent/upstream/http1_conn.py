@@ -204,6 +204,8 @@ class Conn(asyncio.Protocol):
         self._in_head = True
         self._interim = False
         self.transport.write(data)
+        if self.ended:  # closed by the peer since it was checked: no answer will come
+            self._error = BadAnswer("the connection ended before the whole answer")
 
     async def read_answer(self) -> tuple[Reply, bool]:
         """The answer to the request sent (1xx ones skipped): (the reply, whether the
