@@ -13,36 +13,21 @@ import asyncio
 import socket
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp.abc import AbstractResolver, ResolveResult
 
-from agent.errors import DnsError, UpstreamAmbiguous, UpstreamUnavailable
+from agent.errors import DnsError, UpstreamUnavailable
 from agent.upstream.http1 import Http1Client, Target
-from agent.upstream.http_errors import LIBRARY_ERRORS, Phase, failure_phase
-
-BODY = b'{"channel_id":"douyin","channel_order_id":"1","total_amount":"199.10"}'
-HEADERS = {"Idempotency-Key": "douyin:1", "X-Edge-Serial": "S-1", "X-Edge-Node": "n1"}
-CREATED = b'{"order_id":"OC1"}'
-
-
-class Resolver(AbstractResolver):
-    """Resolves every name to 127.0.0.1, or fails like the ClusterResolver does."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.fail = fail
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        if self.fail:
-            raise DnsError(f"{host}: no such domain (NXDOMAIN)")
-        return [ResolveResult(hostname=host, host="127.0.0.1", port=port,
-                              family=socket.AF_INET, proto=0, flags=socket.AI_NUMERICHOST)]
-
-    async def close(self) -> None:
-        pass
+from tests.http1_peers import (
+    BODY,
+    CREATED,
+    HEADERS,
+    Resolver,
+    closed_port,
+    lean,
+    unanswered_listener,
+    via_aiohttp,
+)
 
 
 class Dribbling:
@@ -173,53 +158,6 @@ async def scripted() -> AsyncIterator[Scripted]:
     server = await Scripted().start()
     yield server
     await server.stop()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def lean(url: str, resolver: Resolver, timeout_s: float = 1.0,
-               client: Http1Client | None = None) -> tuple[str, Any]:
-    """("ok", (status, body, retry_after)) or ("unavailable"|"ambiguous", message)."""
-    own = client is None
-    client = client or Http1Client(resolver)  # type: ignore[arg-type]
-    try:
-        reply = await client.post(Target(url), dict(HEADERS), BODY, timeout_s)
-        return "ok", (reply.status, reply.body, reply.retry_after)
-    except UpstreamAmbiguous as exc:
-        return "ambiguous", str(exc)
-    except UpstreamUnavailable as exc:
-        return "unavailable", str(exc)
-    finally:
-        if own:
-            client.close()
-
-
-async def via_aiohttp(url: str, resolver: Resolver, timeout_s: float = 1.0,
-                      session: aiohttp.ClientSession | None = None) -> tuple[str, Any]:
-    """The same request as the agent made it with aiohttp, judged by failure_phase."""
-    own = session is None
-    if session is None:
-        connector = aiohttp.TCPConnector(limit=100, resolver=resolver, use_dns_cache=False)
-        session = aiohttp.ClientSession(connector=connector,
-                                        cookie_jar=aiohttp.DummyCookieJar())
-    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
-    try:
-        async with session.post(url, data=BODY, headers={"Content-Type": "application/json",
-                                                         **HEADERS},
-                                timeout=timeout) as resp:
-            payload = await resp.read()
-            return "ok", (resp.status, payload, resp.headers.get("Retry-After"))
-    except LIBRARY_ERRORS as exc:
-        phase = failure_phase(exc)
-        clear = phase in (Phase.DNS, Phase.CONNECT, Phase.INVALID_URL)
-        return ("unavailable" if clear else "ambiguous"), repr(exc)
-    finally:
-        if own:
-            await session.close()
 
 
 @pytest.mark.parametrize("how", ["length", "chunked", "close-framed", "continue",
@@ -359,25 +297,10 @@ async def test_a_tls_handshake_that_fails_is_clear_as_with_aiohttp():
 async def test_a_connect_that_times_out_is_clear_as_with_aiohttp():
     # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
     # hangs until the connect timeout (min(timeout, 2 s)), well inside the deadline.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
-        await asyncio.sleep(0.2)
+    async with unanswered_listener() as port:
         url = f"http://orders.test:{port}/v3/orders"
         kinds = [(await client(url, Resolver(), timeout_s=3.0))[0]
                  for client in (lean, via_aiohttp)]
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
     assert kinds == ["unavailable", "unavailable"]
 
 

@@ -59,7 +59,7 @@ def test_bundle_holds_the_agent_its_dependencies_units_config_and_installer(
         bundle: Path) -> None:
     wheels = {p.name.split("-")[0].lower() for p in (bundle / "wheels").glob("*.whl")}
     assert {"order_edge_agent", "aiohttp", "aiosqlite", "watchfiles", "orjson", "backoff",
-            "dnspython", "prometheus_client", "rich", "yarl"} <= wheels, wheels
+            "dnspython", "prometheus_client", "rich", "yarl", "httptools"} <= wheels, wheels
     assert not list((bundle / "wheels").glob("*.tar.gz")), "an sdist would need a compiler"
     assert "tqdm" not in wheels
     # pip itself, so the server needs no ensurepip (python3-venv); no .deb, whose exact

@@ -127,7 +127,7 @@ class UpstreamClient:
             if len(self._order_targets) < 1024:
                 self._order_targets[base] = target
         reply = await self._http1.post(target, headers, body, timeout_s)
-        return _answer(reply.status, reply.body, reply.retry_after)
+        return _answer(reply.status, reply.body, reply.retry_after, reply.problem)
 
     async def check_health(self, base: str, timeout_s: float) -> dict[str, str | None]:
         """``GET {base}/health`` on every address of the host: {address: error or None}.
@@ -215,7 +215,12 @@ class BatchAnswer:
         return self.status in BATCH_UNSUPPORTED_STATUSES
 
 
-def _answer(status: int, payload: bytes, retry_after: str | None) -> Answer:
+def _answer(status: int, payload: bytes, retry_after: str | None,
+            problem: str = "") -> Answer:
+    """What a center answered; ``problem``: why its body could not be read (then only
+    the status speaks, and a 2xx is unclear: no order_id could be seen)."""
+    if problem:
+        return Answer(status, None, parse_retry_after(retry_after), problem)
     order_id: Any = None
     error = ""
     try:
