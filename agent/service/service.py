@@ -30,6 +30,7 @@ from agent.spool.reconcile import reconcile
 from agent.spool.record import BufferDirs
 from agent.spool.writer import PendingSpool
 from agent.state.journal import Journal
+from agent.state.owner import DirOwner, own_all
 from agent.state.serials import SerialIssuer
 from agent.upstream.answers import Answer
 from agent.upstream.client import UpstreamClient
@@ -50,6 +51,11 @@ class Service:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.dirs = BufferDirs(Path(cfg.buffer.path))
+        # One agent per buffer and per state dir (DESIGN 10): locked before any write.
+        self.owners = [
+            DirOwner(cfg.buffer.path, "buffer", "buffer.path", cfg.agent.node_id),
+            DirOwner(cfg.agent.state_dir, "state dir", "agent.state_dir", cfg.agent.node_id)]
+        self._owned: list[DirOwner] = []
         self.metrics = Metrics()
         self.journal = Journal(cfg.agent.state_dir)
         self.serials = SerialIssuer(self.journal, cfg.agent.node_id, self.dirs.root)
@@ -143,6 +149,9 @@ class Service:
             await self.health.reconfigure(cfg.health, _clusters(cfg))
         self.drainer.timeout_s = cfg.upstream.timeout_s
     async def start(self, config_path: str | None = None) -> None:
+        """Raises DirectoryHeld (nothing written, nothing to stop) if another agent owns
+        the buffer or the state dir."""
+        self._owned = await own_all(self.owners)
         await asyncio.to_thread(self.dirs.ensure)
         removed = await asyncio.to_thread(remove_stale_temps, self.dirs.pending)
         if removed:
@@ -209,8 +218,12 @@ class Service:
             self._runner = None
         while self._stack:
             await self._stack.pop().stop()
-        with contextlib.suppress(OSError):
-            self._running_marker.unlink()
+        if self._owned:  # never another owner's marker
+            with contextlib.suppress(OSError):
+                self._running_marker.unlink()
+        for owner in reversed(self._owned):
+            await owner.stop()
+        self._owned = []
         log.info("agent stopped")
 
     def _mark_running(self) -> bool:
