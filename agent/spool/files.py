@@ -1,13 +1,14 @@
 """Durable file steps under the buffer: temp, fsync, rename, fsync dir; quarantine.
 
 All functions here block; callers run them in a thread. This is the one place
-where OSError from the buffer becomes PersistError/BufferFullError.
+where OSError from the buffer becomes PersistError/BufferFullError. A rename
+into pending/ or rejected/ never replaces a file there (``rename_noreplace``);
+only ``replace_durably`` replaces, and only the claimed file itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -20,6 +21,10 @@ import orjson
 
 from agent.errors import BufferFullError, PersistError
 from agent.spool.record import REASON_SUFFIX, TMP_SUFFIX, BufferDirs, PendingRecord, is_order_file
+from agent.spool.syscalls import rename_noreplace
+
+# How many free names quarantine() tries when others keep taking them first.
+QUARANTINE_ATTEMPTS = 100
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,13 +42,19 @@ def translate(exc: OSError, what: str) -> PersistError:
 
 
 def write_file_durably(directory: Path, name: str, data: bytes) -> Path:
-    """temp file, fsync, rename, fsync dir. Raises PersistError/BufferFullError."""
+    """temp file, fsync, rename (never over an existing file), fsync dir.
+
+    Raises PersistError/BufferFullError; FileExistsError if ``name`` is taken.
+    """
     target = directory / name
     tmp = directory / f".{name}{TMP_SUFFIX}"
     try:
         write_tmp(tmp, data)
-        os.rename(tmp, target)
+        rename_noreplace(tmp, target)
         fsync_dir(directory)
+    except FileExistsError:
+        unlink_quietly(tmp)
+        raise
     except OSError as exc:
         unlink_quietly(tmp)
         raise translate(exc, str(target)) from exc
@@ -51,7 +62,8 @@ def write_file_durably(directory: Path, name: str, data: bytes) -> Path:
 
 
 def replace_durably(path: Path, data: bytes) -> int:
-    """Atomically replace ``path`` (temp, fsync, rename, fsync dir).
+    """Atomically replace ``path`` (temp, fsync, rename, fsync dir): the one rename that
+    replaces, and only the caller's claimed file by its own new version.
 
     The new inode is flocked before the rename and its fd returned, so the
     caller's claim on the file is never open to another process in between.
@@ -135,8 +147,18 @@ def write_pending_batch(
         if results[i] is not None:
             continue
         try:
-            os.rename(tmps[i], pending / record.filename)
+            rename_noreplace(tmps[i], pending / record.filename)
             renamed = True
+        except FileExistsError:
+            # The serial was issued before (the counter went backwards somehow): the
+            # file there is another acknowledged order. Never touch it; refuse this one.
+            results[i] = PersistError(
+                f"pending/{record.filename} already exists, so order {record.dedupe_key!r} "
+                f"(written to pending/.{record.filename}{TMP_SUFFIX}) was not accepted and "
+                f"its temp file removed; serial {record.serial} was issued twice (did the "
+                "serial counter in agent.state_dir go back, or does another agent write "
+                "this buffer?); the existing file is untouched")
+            unlink_quietly(tmps[i])
         except OSError as exc:
             results[i] = translate(exc, f"pending/{record.filename}")
             unlink_quietly(tmps[i])
@@ -153,64 +175,49 @@ def write_pending_batch(
 def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any]) -> Path:
     """Move ``src`` (content untouched) to rejected/ with a reason file beside it.
 
-    The reason is written first, so a rejected file never lacks one.
+    The reason is written first, so a rejected file never lacks one. Neither
+    rename replaces anything: a name taken meanwhile (by edge-recover beside the
+    agent) means the next free name.
     """
-    name = _free_name(dirs.rejected, src.name)
-    reason = {**reason, "original_path": str(src), "rejected_at": time.time()}
-    write_file_durably(dirs.rejected, name + REASON_SUFFIX, orjson.dumps(reason))
-    try:
-        os.rename(src, dirs.rejected / name)
-        os.chmod(dirs.rejected / name, 0o600)  # an inbox file may come in with any mode
-        fsync_dir(dirs.rejected)
-        fsync_dir(src.parent)
-    except OSError as exc:
-        raise translate(exc, f"rejected/{name}") from exc
-    return dirs.rejected / name
+    reason_data = orjson.dumps({**reason, "original_path": str(src),
+                                "rejected_at": time.time()})
+    for _ in range(QUARANTINE_ATTEMPTS):
+        name = _free_name(dirs.rejected, src.name)
+        try:
+            write_file_durably(dirs.rejected, name + REASON_SUFFIX, reason_data)
+        except FileExistsError:
+            continue  # taken since _free_name looked: the next look sees it
+        try:
+            rename_noreplace(src, dirs.rejected / name)
+        except FileExistsError:
+            unlink_quietly(dirs.rejected / (name + REASON_SUFFIX))  # ours, just written
+            continue
+        except OSError as exc:
+            raise translate(exc, f"rejected/{name}") from exc
+        try:
+            os.chmod(dirs.rejected / name, 0o600)  # an inbox file may come in with any mode
+            fsync_dir(dirs.rejected)
+            fsync_dir(src.parent)
+        except OSError as exc:
+            raise translate(exc, f"rejected/{name}") from exc
+        return dirs.rejected / name
+    raise PersistError(f"no free name in rejected/ for {src.name} after "
+                       f"{QUARANTINE_ATTEMPTS} attempts; it stays where it is")
 
 
 def _free_name(directory: Path, name: str) -> str:
-    if not (directory / name).exists():
-        return name
+    """``name``, else ``stem.1.ext``, ``stem.2.ext`` ...: the first one free for both the
+    file and its reason file."""
     stem, dot, ext = name.rpartition(".")
     if not dot:
         stem, ext = name, ""
-    n = 1
+    n = 0
     while True:
-        candidate = f"{stem}.{n}.{ext}" if ext else f"{stem}.{n}"
-        if not (directory / candidate).exists():
+        candidate = name if n == 0 else f"{stem}.{n}.{ext}" if ext else f"{stem}.{n}"
+        if not (os.path.lexists(directory / candidate)
+                or os.path.lexists(directory / (candidate + REASON_SUFFIX))):
             return candidate
         n += 1
-
-
-def sync_filesystem(path: Path) -> None:
-    """Make every write on ``path``'s filesystem durable (syncfs(2); sync(2) elsewhere).
-
-    One call replaces thousands of per-file fsyncs when a batch of files was
-    written; like fsync it returns only once the data and the directory entries
-    are on disk.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
-            return
-        if _LIBC is not None and ctypes.get_errno() not in (errno.ENOSYS, 0):
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-        os.sync()
-    finally:
-        os.close(fd)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syncfs.argtypes = [ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def list_pending(dirs: BufferDirs) -> list[tuple[str, int]]:
