@@ -19,6 +19,9 @@ from agent.config import Config
 from agent.intake.http_api import HttpApi
 from agent.intake.inbox import InboxWatcher
 from agent.intake.orders import Intake
+from agent.limits import raise_fd_limit
+from agent.service.accept_errors import AcceptErrorLog
+from agent.service.http_server import BoundedAppRunner
 from agent.service.metrics import Metrics
 from agent.service.reload import ConfigReloader
 from agent.sms.outbox import Outbox
@@ -84,6 +87,7 @@ class Service:
                            self.status, self.ready, self.refresh_metrics,
                            sms_lookup=self.outbox.notice if self.outbox else None)
         self._runner: web.AppRunner | None = None
+        self.accept_errors = AcceptErrorLog()
         self.port: int | None = None
         self.health.subscribe(self._on_health_change)
         self._stack: list[Any] = []
@@ -152,6 +156,8 @@ class Service:
         """Raises DirectoryHeld (nothing written, nothing to stop) if another agent owns
         the buffer or the state dir."""
         self._owned = await own_all(self.owners)
+        fd_limit = raise_fd_limit()  # a descriptor per client connection
+        await self._start(self.accept_errors)
         await asyncio.to_thread(self.dirs.ensure)
         removed = await asyncio.to_thread(remove_stale_temps, self.dirs.pending)
         if removed:
@@ -171,8 +177,10 @@ class Service:
         await self._start(self.health)
         self._mode = self.mode()
         await self._start(self.housekeeper)
-        runner = web.AppRunner(self.api.build_app(), access_log=None,
-                               shutdown_timeout=self.cfg.agent.shutdown_timeout_s)
+        runner = BoundedAppRunner(self.api.build_app(), access_log=None,
+                                  shutdown_timeout=self.cfg.agent.shutdown_timeout_s,
+                                  head_timeout_s=self.cfg.agent.head_timeout_s,
+                                  keepalive_timeout=self.cfg.agent.keepalive_timeout_s)
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.cfg.agent.host, self.cfg.agent.port)
@@ -196,7 +204,7 @@ class Service:
         self.metrics.unclean_start.set(int(await asyncio.to_thread(self._mark_running)))
         log.info("agent accepting orders", extra={
             "listen": f"{self.cfg.agent.host}:{self.port}", "node_id": self.cfg.agent.node_id,
-            "pending": self.spool.count, "mode": self.mode()})
+            "pending": self.spool.count, "mode": self.mode(), "fd_limit": fd_limit})
 
     async def _start(self, component: Any) -> None:
         await component.start()
