@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import orjson
 import pytest
 
 from agent.config import load_config
-from agent.errors import DirectoryHeld
+from agent.errors import DirectoryHeld, PersistError
 from agent.service.service import Service
 from agent.state.owner import LOCK_NAME, DirOwner, own_all
 from tests.conftest import AgentProcess, order, write_config
@@ -30,14 +31,28 @@ from tests.fakes import FakeCenter, free_port
 pytestmark = pytest.mark.slow
 
 
-def second_config(tmp: Path, first: Path, **agent: Any) -> Path:
+def second_config(tmp: Path, first: Path, buffer: Path | None = None, **agent: Any) -> Path:
     """A copy of ``first`` in ``tmp`` with another listen port and ``agent`` keys."""
     tmp.mkdir(exist_ok=True)
     cfg = load_config(str(first))
     return write_config(tmp, cfg.upstream.primary,
                         agent={"node_id": cfg.agent.node_id, "state_dir": cfg.agent.state_dir,
                                "listen": f"127.0.0.1:{free_port()}", **agent},
-                        buffer={"path": cfg.buffer.path})
+                        buffer={"path": str(buffer or cfg.buffer.path)})
+
+
+@pytest.fixture
+async def first(tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession,
+                ) -> AsyncIterator[AgentProcess]:
+    """A running agent (a subprocess) whose orders are all buffered: 202 and a file."""
+    await center.go_down()
+    agent = AgentProcess(write_config(tmp_path, center.url), tmp_path / "first.log")
+    try:
+        agent.start()
+        await agent.wait_ready(http)
+        yield agent
+    finally:
+        agent.cleanup()
 
 
 async def post_orders(session: aiohttp.ClientSession, url: str, prefix: str, n: int,
@@ -78,50 +93,33 @@ async def refused_second(first: AgentProcess, config: Path, log: Path) -> str:
 
 @pytest.mark.parametrize("own_state_dir", [False, True], ids=["same-state", "own-state"])
 async def test_second_agent_on_one_buffer_exits_2_and_the_first_keeps_every_order(
-        tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession, own_state_dir: bool):
-    await center.go_down()  # every order is buffered: 202 and a pending file
-    config = write_config(tmp_path, center.url)
+        tmp_path: Path, first: AgentProcess, http: aiohttp.ClientSession, own_state_dir: bool):
     spool = tmp_path / "spool"
-    first = AgentProcess(config, tmp_path / "first.log")
-    try:
-        first.start()
-        await first.wait_ready(http)
-        acked = await post_orders(http, first.url, "before", 3)
-        extra = {"state_dir": str(tmp_path / "state2")} if own_state_dir else {}
-        line = await refused_second(first, second_config(tmp_path / "two", config, **extra),
-                                    tmp_path / "second.log")
-        assert re.fullmatch(
-            rf"edge-agent: buffer {re.escape(str(spool))} is held by pid \d+ \(node wh-test-01 "
-            rf"on host {re.escape(socket.gethostname())} since \S+\); stop that agent or give "
-            r"this one its own buffer\.path", line), line
-        acked |= await post_orders(http, first.url, "after", 3)
-        assert_kept(spool, acked)
-        assert not (tmp_path / "state2").exists() or not os.listdir(tmp_path / "state2"), \
-            "the refused agent wrote into its state dir"
-    finally:
-        first.cleanup()
+    acked = await post_orders(http, first.url, "before", 3)
+    extra = {"state_dir": str(tmp_path / "state2")} if own_state_dir else {}
+    line = await refused_second(first, second_config(tmp_path / "two", first.config, **extra),
+                                tmp_path / "second.log")
+    assert re.fullmatch(
+        rf"edge-agent: buffer {re.escape(str(spool))} is held by pid \d+ \(node wh-test-01 "
+        rf"on host {re.escape(socket.gethostname())} since \S+\); stop that agent or give "
+        r"this one its own buffer\.path", line), line
+    acked |= await post_orders(http, first.url, "after", 3)
+    assert_kept(spool, acked)
+    assert not (tmp_path / "state2").exists() or not os.listdir(tmp_path / "state2"), \
+        "the refused agent wrote into its state dir"
 
 
 async def test_second_agent_on_one_state_dir_exits_2(
-        tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession):
-    await center.go_down()
-    config = write_config(tmp_path, center.url)
-    first = AgentProcess(config, tmp_path / "first.log")
-    try:
-        first.start()
-        await first.wait_ready(http)
-        acked = await post_orders(http, first.url, "before", 3)
-        other_spool = tmp_path / "spool2"
-        cfg2 = second_config(tmp_path / "two", config)
-        text = cfg2.read_text().replace(str(tmp_path / "spool"), str(other_spool))
-        cfg2.write_text(text)
-        line = await refused_second(first, cfg2, tmp_path / "second.log")
-        assert line.startswith(f"edge-agent: state dir {tmp_path / 'state'} is held by pid ")
-        assert line.endswith("; stop that agent or give this one its own agent.state_dir")
-        assert not (other_spool / "pending").exists(), "the refused agent wrote a buffer"
-        assert_kept(tmp_path / "spool", acked)
-    finally:
-        first.cleanup()
+        tmp_path: Path, first: AgentProcess, http: aiohttp.ClientSession):
+    acked = await post_orders(http, first.url, "before", 3)
+    other_spool = tmp_path / "spool2"
+    line = await refused_second(first, second_config(tmp_path / "two", first.config,
+                                                     buffer=other_spool),
+                                tmp_path / "second.log")
+    assert line.startswith(f"edge-agent: state dir {tmp_path / 'state'} is held by pid ")
+    assert line.endswith("; stop that agent or give this one its own agent.state_dir")
+    assert not (other_spool / "pending").exists(), "the refused agent wrote a buffer"
+    assert_kept(tmp_path / "spool", acked)
 
 
 async def test_a_kill9_agent_leaves_no_stale_lock(
@@ -190,3 +188,12 @@ async def test_in_process_agent_refused_touches_nothing(tmp_path: Path, center: 
     finally:
         await first.stop()
     assert not marker.exists()  # the owner's own clean stop removes it
+
+
+async def test_an_unusable_directory_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "a-file").write_text("")
+    owner = DirOwner(tmp_path / "a-file" / "spool", "buffer", "buffer.path", "n1")
+    with pytest.raises(PersistError, match=r"cannot lock the buffer .*a-file/spool: Not a "
+                                           r"directory; check buffer\.path"):
+        await own_all([owner])
+    assert not owner.held

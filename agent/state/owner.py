@@ -27,7 +27,7 @@ from pathlib import Path
 
 import orjson
 
-from agent.errors import DirectoryHeld
+from agent.errors import DirectoryHeld, PersistError
 
 LOCK_NAME = ".agent.lock"
 log = logging.getLogger("agent.state")
@@ -55,11 +55,15 @@ class DirOwner:
         self.release()
 
     def acquire(self) -> None:
-        """Take the lock or raise DirectoryHeld naming the holder (blocks: a few syscalls)."""
+        """Take the lock or raise DirectoryHeld naming the holder, PersistError if the
+        directory cannot be used at all (blocks: a few syscalls)."""
         if self.held:
             return
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.ensure_dir()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self._unusable(exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,6 +86,18 @@ class DirOwner:
             log.warning("cannot write the owner's identity into %s: %s", self.path,
                         exc.strerror or exc)
 
+    def ensure_dir(self) -> None:
+        """Create the directory (0700) if it is not there; PersistError if we cannot."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unusable(exc) from exc
+
+    def _unusable(self, exc: OSError) -> PersistError:
+        return PersistError(f"cannot lock the {self._what} {self.directory}: "
+                            f"{exc.strerror or exc}; check {self._key} (a directory the "
+                            "agent's user may write)")
+
     def release(self) -> None:
         """Give the directory up (the file stays: unlinking it would race a new owner)."""
         if self._fd >= 0:
@@ -100,8 +116,7 @@ async def own_all(owners: list[DirOwner]) -> list[DirOwner]:
     held: list[DirOwner] = []
     try:
         for owner in owners:
-            await asyncio.to_thread(owner.directory.mkdir, mode=0o700, parents=True,
-                                    exist_ok=True)
+            await asyncio.to_thread(owner.ensure_dir)
             if any(os.path.samefile(owner.directory, h.directory) for h in held):
                 continue
             await owner.start()
