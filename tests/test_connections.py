@@ -83,9 +83,8 @@ async def half_heads(port: int, n: int, silent: int = 0,
 
 
 async def all_closed(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
-                     timeout: float) -> float:
-    """Seconds until the server closed every one; fails after ``timeout``."""
-    t0 = time.monotonic()
+                     timeout: float) -> None:
+    """Wait until the server closed every one; fails after ``timeout``."""
     try:
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(closed_by_server(r) for r, _ in conns))
@@ -94,7 +93,6 @@ async def all_closed(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWrite
     finally:
         for _, w in conns:
             w.close()
-    return time.monotonic() - t0
 
 
 async def post_order(http: aiohttp.ClientSession, url: str, n: int) -> int:
@@ -109,8 +107,7 @@ async def test_half_sent_heads_are_closed_and_orders_served(
     agent = await agent_with(tmp_path, center, http, head_timeout_s=1)
     cleanup.append(agent)
     conns = await half_heads(port_of(agent), 60, silent=10)
-    took = await all_closed(conns, timeout=20)
-    assert took < 10, took
+    await all_closed(conns, timeout=20)  # aiohttp's own bound (keep-alive, 75 s) is far later
     assert await post_order(http, agent.url, 1) == 202
 
 
@@ -126,9 +123,9 @@ async def test_an_idle_keepalive_connection_is_closed(
     assert head.startswith(b"HTTP/1.1 200")
     length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
     await reader.readexactly(length)
-    # Kept alive after the answer, then closed once idle past the bound.
-    took = await all_closed([(reader, writer)], timeout=15)
-    assert took < 10, took
+    # Kept alive after the answer, then closed once idle past the bound (the head bound,
+    # 60 s, and aiohttp's default, an hour, are far later).
+    await all_closed([(reader, writer)], timeout=15)
 
 
 async def test_a_slow_body_is_not_cut_by_the_head_bound(
