@@ -127,11 +127,11 @@ def place_in_merged(merged_dir: Path, moves: list[MergedMove]) -> list[BaseExcep
 def _into_merged(merged_dir: Path, move: MergedMove, src: str | Path, data: bytes) -> bool:
     """Rename ``src`` to merged/{move.name}, or past it (see place_in_merged); False if
     merged/ already holds this order (``src`` stays)."""
-    stem, n = move.name.removesuffix(".json"), 0
+    into, stem, n = os.fspath(merged_dir), move.name.removesuffix(".json"), 0
     while True:
         name = move.name if n == 0 else f"{stem}.{n}.json"
         try:
-            rename_noreplace(src, merged_dir / name)
+            rename_noreplace(src, f"{into}/{name}")  # a str: this runs a million times
         except FileExistsError:
             if _same_order(merged_dir / name, data):
                 log.info("merged/%s already holds this order; its source is dropped", name)
