@@ -16,7 +16,7 @@ import orjson
 
 from agent import __version__
 from agent.config import load_config, resolve_config_path
-from agent.errors import ConfigError, UsageError
+from agent.errors import ConfigError, DirectoryHeld, UsageError
 from agent.logs import setup_logging
 from agent.service.sd_notify import SdNotifier
 from agent.service.service import Service
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edge-agent: config error: {exc}", file=sys.stderr)
         return 2
-    except UsageError as exc:
+    except (UsageError, DirectoryHeld) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
 
@@ -90,6 +90,9 @@ async def _serve(service: Service, config_path: str) -> int:
     await notifier.start()  # watchdog pings (if asked for) run from here on
     try:
         await service.start(config_path)
+    except DirectoryHeld:
+        await notifier.stop()
+        raise  # one line, exit 2: another agent owns the buffer; nothing was touched
     except ConfigError:
         await service.stop()
         await notifier.stop()

@@ -40,6 +40,11 @@ class AgentSection:
     journal_retention_days: float = 30.0
     shutdown_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    # A request head (request line and headers) must arrive whole within this of the
+    # connection opening or its first byte; an idle keep-alive connection is closed
+    # after keepalive_timeout_s. Both bound the descriptors idle clients can hold.
+    head_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
 
     @property
     def host(self) -> str:
@@ -254,6 +259,10 @@ def _validate(cfg: Config, source: str) -> None:
            a.journal_retention_days)
     _check(a.body_timeout_s > 0, source, "agent.body_timeout_s", "must be > 0",
            a.body_timeout_s)
+    _check(a.head_timeout_s > 0, source, "agent.head_timeout_s", "must be > 0",
+           a.head_timeout_s)
+    _check(a.keepalive_timeout_s > 0, source, "agent.keepalive_timeout_s", "must be > 0",
+           a.keepalive_timeout_s)
     _check(bool(a.state_dir), source, "agent.state_dir", "must not be empty", a.state_dir)
     _check(bool(b.path), source, "buffer.path", "must not be empty", b.path)
     _check(b.scan_interval_s > 0, source, "buffer.scan_interval_s", "must be > 0",

@@ -3,6 +3,7 @@
     EdgeError
     ├── ConfigError              bad or unreadable configuration (exit 2)
     ├── UsageError               bad command line (exit 2)
+    ├── DirectoryHeld            another agent holds buffer.path or agent.state_dir (exit 2)
     ├── PersistError             an order could not be made durable (HTTP 503)
     │   └── BufferFullError      buffer.max_bytes reached or the disk is full (HTTP 507)
     ├── InvalidOrderError        an order that is not acceptable as sent (HTTP 400)
@@ -42,6 +43,10 @@ class ConfigError(EdgeError):
 
 class UsageError(EdgeError):
     """The command line is invalid."""
+
+
+class DirectoryHeld(EdgeError):
+    """Another process owns a directory this agent needs; the message names it and the holder."""
 
 
 class PersistError(EdgeError):

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import resource
 import signal
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from agent.delivery.targets import normalize_url
 from agent.errors import UpstreamError
+from agent.limits import raise_fd_limit
 from agent.spool.files import remove_stale_temps
 from agent.spool.record import BufferDirs
 from agent.upstream.client import UpstreamClient
@@ -302,14 +302,6 @@ def _merge_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def raise_fd_limit() -> None:
-    """Every order in flight holds its claim (an open file): allow as many as permitted."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def time_ms() -> int:

@@ -44,6 +44,10 @@ def test_example_config_is_valid():
          "sms.template"),
         ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nlisten = "0.0.0.0:8470"\n'
          '[auth]\ntokens_file = ""\n', "agent.listen"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nhead_timeout_s = 0\n',
+         "agent.head_timeout_s"),
+        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nkeepalive_timeout_s = -1\n',
+         "agent.keepalive_timeout_s"),
         ('[upstream]\nprimary = "http://127.0.0.1:1"\n[extra]\n', "[extra]"),
         ("[upstream\n", "not valid TOML"),
     ],

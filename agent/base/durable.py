@@ -13,6 +13,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from agent.base.syscalls import rename_noreplace
 from agent.errors import BufferFullError, PersistError
 
 TMP_SUFFIX = ".tmp"
@@ -33,13 +34,19 @@ def translate(exc: OSError, what: str) -> PersistError:
 
 
 def write_file_durably(directory: Path, name: str, data: bytes) -> Path:
-    """temp file, fsync, rename, fsync dir. Raises PersistError/BufferFullError."""
+    """temp file, fsync, rename (never over an existing file), fsync dir.
+
+    Raises PersistError/BufferFullError; FileExistsError if ``name`` is taken.
+    """
     target = directory / name
     tmp = directory / f".{name}{TMP_SUFFIX}"
     try:
         write_tmp(tmp, data)
-        os.rename(tmp, target)
+        rename_noreplace(tmp, target)
         fsync_dir(directory)
+    except FileExistsError:
+        unlink_quietly(tmp)
+        raise
     except OSError as exc:
         unlink_quietly(tmp)
         raise translate(exc, str(target)) from exc
@@ -47,7 +54,8 @@ def write_file_durably(directory: Path, name: str, data: bytes) -> Path:
 
 
 def replace_durably(path: Path, data: bytes) -> int:
-    """Atomically replace ``path`` (temp, fsync, rename, fsync dir).
+    """Atomically replace ``path`` (temp, fsync, rename, fsync dir): the one rename that
+    replaces, and only the caller's claimed file by its own new version.
 
     The new inode is flocked before the rename and its fd returned, so the
     caller's claim on the file is never open to another process in between.

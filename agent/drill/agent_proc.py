@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -83,12 +84,15 @@ class AgentSubprocess:
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_fh: IO[bytes] | None = None
+        # Run in the child before exec (e.g. lower RLIMIT_NOFILE for a test).
+        self.preexec_fn: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in reap()
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=self._log_fh, env=self.env, cwd=self.cwd)
+            stdout=subprocess.DEVNULL, stderr=self._log_fh, env=self.env, cwd=self.cwd,
+            preexec_fn=self.preexec_fn)
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

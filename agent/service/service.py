@@ -21,6 +21,9 @@ from agent.delivery.router import Router
 from agent.intake.http_api import HttpApi
 from agent.intake.inbox import InboxWatcher
 from agent.intake.orders import Intake
+from agent.limits import raise_fd_limit
+from agent.service.accept_errors import AcceptErrorLog
+from agent.service.http_server import BoundedAppRunner
 from agent.service.reload import ConfigReloader
 from agent.sms.outbox import Outbox
 from agent.sms.providers import build_provider
@@ -31,6 +34,7 @@ from agent.spool.reconcile import reconcile
 from agent.spool.record import BufferDirs
 from agent.spool.writer import PendingSpool
 from agent.state.journal import Journal
+from agent.state.owner import DirOwner, own_all
 from agent.state.serials import SerialIssuer
 from agent.upstream.answers import Answer
 from agent.upstream.client import UpstreamClient
@@ -58,6 +62,11 @@ class Service:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.dirs = BufferDirs(Path(cfg.buffer.path))
+        # One agent per buffer and per state dir (DESIGN 10): locked before any write.
+        self.owners = [
+            DirOwner(cfg.buffer.path, "buffer", "buffer.path", cfg.agent.node_id),
+            DirOwner(cfg.agent.state_dir, "state dir", "agent.state_dir", cfg.agent.node_id)]
+        self._owned: list[DirOwner] = []
         self.metrics = Metrics()
         self.journal = Journal(cfg.agent.state_dir)
         self.serials = SerialIssuer(self.journal, cfg.agent.node_id, self.dirs.root)
@@ -86,6 +95,7 @@ class Service:
                            self.status, self.ready, self.refresh_metrics,
                            sms_lookup=self.outbox.notice if self.outbox else None)
         self._runner: web.AppRunner | None = None
+        self.accept_errors = AcceptErrorLog()
         self.port: int | None = None
         self.health.subscribe(self._on_health_change)
         self._stack: list[Any] = []
@@ -151,6 +161,11 @@ class Service:
             await self.health.reconfigure(cfg.health, _clusters(cfg))
         self.drainer.timeout_s = cfg.upstream.timeout_s
     async def start(self, config_path: str | None = None) -> None:
+        """Raises DirectoryHeld (nothing written, nothing to stop) if another agent owns
+        the buffer or the state dir."""
+        self._owned = await own_all(self.owners)
+        fd_limit = raise_fd_limit()  # a descriptor per client connection
+        await self._start(self.accept_errors)
         await asyncio.to_thread(self.dirs.ensure)
         removed = await asyncio.to_thread(remove_stale_temps, self.dirs.pending)
         if removed:
@@ -170,8 +185,10 @@ class Service:
         await self._start(self.health)
         self._mode = self.mode()
         await self._start(self.housekeeper)
-        runner = web.AppRunner(self.api.build_app(), access_log=None,
-                               shutdown_timeout=self.cfg.agent.shutdown_timeout_s)
+        runner = BoundedAppRunner(self.api.build_app(), access_log=None,
+                                  shutdown_timeout=self.cfg.agent.shutdown_timeout_s,
+                                  head_timeout_s=self.cfg.agent.head_timeout_s,
+                                  keepalive_timeout=self.cfg.agent.keepalive_timeout_s)
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.cfg.agent.host, self.cfg.agent.port)
@@ -195,7 +212,7 @@ class Service:
         self.metrics.unclean_start.set(int(await asyncio.to_thread(self._mark_running)))
         log.info("agent accepting orders", extra={
             "listen": f"{self.cfg.agent.host}:{self.port}", "node_id": self.cfg.agent.node_id,
-            "pending": self.spool.count, "mode": self.mode()})
+            "pending": self.spool.count, "mode": self.mode(), "fd_limit": fd_limit})
 
     async def _start(self, component: Any) -> None:
         await component.start()
@@ -217,8 +234,12 @@ class Service:
             self._runner = None
         while self._stack:
             await self._stack.pop().stop()
-        with contextlib.suppress(OSError):
-            self._running_marker.unlink()
+        if self._owned:  # never another owner's marker
+            with contextlib.suppress(OSError):
+                self._running_marker.unlink()
+        for owner in reversed(self._owned):
+            await owner.stop()
+        self._owned = []
         log.info("agent stopped")
 
     def _mark_running(self) -> bool:

@@ -1,13 +1,13 @@
 """The buffer's file steps: the pending batch, quarantine, listing, expiry.
 
 All functions here block; callers run them in a thread. OSError becomes
-PersistError/BufferFullError through ``agent.base.durable.translate``.
+PersistError/BufferFullError through ``agent.base.durable.translate``. A rename
+into pending/ or rejected/ never replaces a file there (``rename_noreplace``);
+only ``replace_durably`` replaces, and only the claimed file itself.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import stat
 import time
@@ -25,8 +25,12 @@ from agent.base.durable import (
     unlink_quietly,
     write_file_durably,
 )
+from agent.base.syscalls import rename_noreplace
 from agent.errors import PersistError
 from agent.spool.record import REASON_SUFFIX, BufferDirs, PendingRecord, is_order_file
+
+# How many free names quarantine() tries when others keep taking them first.
+QUARANTINE_ATTEMPTS = 100
 
 
 def write_pending_batch(
@@ -65,8 +69,18 @@ def write_pending_batch(
         if results[i] is not None:
             continue
         try:
-            os.rename(tmps[i], pending / record.filename)
+            rename_noreplace(tmps[i], pending / record.filename)
             renamed = True
+        except FileExistsError:
+            # The serial was issued before (the counter went backwards somehow): the
+            # file there is another acknowledged order. Never touch it; refuse this one.
+            results[i] = PersistError(
+                f"pending/{record.filename} already exists, so order {record.dedupe_key!r} "
+                f"(written to pending/.{record.filename}{TMP_SUFFIX}) was not accepted and "
+                f"its temp file removed; serial {record.serial} was issued twice (did the "
+                "serial counter in agent.state_dir go back, or does another agent write "
+                "this buffer?); the existing file is untouched")
+            unlink_quietly(tmps[i])
         except OSError as exc:
             results[i] = translate(exc, f"pending/{record.filename}")
             unlink_quietly(tmps[i])
@@ -87,76 +101,57 @@ def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any],
     The reason is written first, so a rejected file never lacks one. ``content``:
     ``src`` is a symlink whose target was read: rejected/ gets a real file holding
     it, and only the link is removed (its target is not ours to move).
-    A FIFO, device or directory is moved as it is, never opened.
+    A FIFO, device or directory is moved as it is, never opened. Nothing written or
+    renamed here replaces anything: a name taken meanwhile (by edge-recover beside
+    the agent) means the next free name.
     """
-    name = _free_name(dirs.rejected, src.name)
-    reason = {**reason, "original_path": str(src), "rejected_at": time.time()}
-    reason_name = name + REASON_SUFFIX
-    write_file_durably(dirs.rejected, reason_name, orjson.dumps(reason))
-    target = dirs.rejected / name
-    try:
-        if content is not None:
-            write_file_durably(dirs.rejected, name, content)
-            os.unlink(src)
-        else:
-            os.rename(src, target)
-            if stat.S_ISREG(os.lstat(target).st_mode):
-                os.chmod(target, 0o600)  # an inbox file may come in with any mode
-        fsync_dir(dirs.rejected)
-        fsync_dir(src.parent)
-    except (OSError, PersistError) as exc:
-        if not os.path.lexists(target):  # never a reason without its file
-            unlink_quietly(dirs.rejected / reason_name)
-        if isinstance(exc, PersistError):
-            raise
-        raise translate(exc, f"rejected/{name}") from exc
-    return target
+    reason_data = orjson.dumps({**reason, "original_path": str(src),
+                                "rejected_at": time.time()})
+    for _ in range(QUARANTINE_ATTEMPTS):
+        name = _free_name(dirs.rejected, src.name)
+        reason_path = dirs.rejected / (name + REASON_SUFFIX)
+        try:
+            write_file_durably(dirs.rejected, reason_path.name, reason_data)
+        except FileExistsError:
+            continue  # taken since _free_name looked: the next look sees it
+        target = dirs.rejected / name
+        try:
+            if content is not None:
+                write_file_durably(dirs.rejected, name, content)
+                os.unlink(src)
+            else:
+                rename_noreplace(src, target)
+                if stat.S_ISREG(os.lstat(target).st_mode):
+                    os.chmod(target, 0o600)  # an inbox file may come in with any mode
+            fsync_dir(dirs.rejected)
+            fsync_dir(src.parent)
+        except FileExistsError:
+            unlink_quietly(reason_path)  # ours, just written; try the next name
+            continue
+        except (OSError, PersistError) as exc:
+            if not os.path.lexists(target):  # never a reason without its file
+                unlink_quietly(reason_path)
+            if isinstance(exc, PersistError):
+                raise
+            raise translate(exc, f"rejected/{name}") from exc
+        return target
+    raise PersistError(f"no free name in rejected/ for {src.name} after "
+                       f"{QUARANTINE_ATTEMPTS} attempts; it stays where it is")
 
 
 def _free_name(directory: Path, name: str) -> str:
-    """``name``, or ``stem.N.ext`` beside what holds it (a dangling link counts)."""
-    if not os.path.lexists(directory / name):
-        return name
+    """``name``, else ``stem.1.ext``, ``stem.2.ext`` ...: the first one free for both the
+    file and its reason file (a dangling link counts as taken)."""
     stem, dot, ext = name.rpartition(".")
     if not dot:
         stem, ext = name, ""
-    n = 1
+    n = 0
     while True:
-        candidate = f"{stem}.{n}.{ext}" if ext else f"{stem}.{n}"
-        if not os.path.lexists(directory / candidate):
+        candidate = name if n == 0 else f"{stem}.{n}.{ext}" if ext else f"{stem}.{n}"
+        if not (os.path.lexists(directory / candidate)
+                or os.path.lexists(directory / (candidate + REASON_SUFFIX))):
             return candidate
         n += 1
-
-
-def sync_filesystem(path: Path) -> None:
-    """Make every write on ``path``'s filesystem durable (syncfs(2); sync(2) elsewhere).
-
-    One call replaces thousands of per-file fsyncs when a batch of files was
-    written; like fsync it returns only once the data and the directory entries
-    are on disk.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
-            return
-        if _LIBC is not None and ctypes.get_errno() not in (errno.ENOSYS, 0):
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-        os.sync()
-    finally:
-        os.close(fd)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syncfs.argtypes = [ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def list_pending(dirs: BufferDirs) -> list[tuple[str, int]]:

@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 
 from agent.base.durable import TMP_SUFFIX, fsync_dir, translate, unlink_quietly, write_tmp
+from agent.base.syscalls import rename_noreplace, sync_filesystem
 from agent.errors import OrderFileError
 from agent.spool.claims import Claim
-from agent.spool.files import sync_filesystem
 from agent.spool.reading import read_order_file
 from agent.spool.record import ADDED_KEYS_MARK, BufferDirs, PendingRecord
 
@@ -99,26 +99,66 @@ def place_in_merged(merged_dir: Path, moves: list[MergedMove]) -> list[BaseExcep
        sources of 2 and of already merged ones, fsync their directories.
 
     Nothing is synced or unlinked here.
+
+    No rename replaces a file in merged/: where the name is taken, by this very
+    order (a crash left it) the source is dropped as in "neither", and by another
+    order the move goes to the next free name beside it.
     """
     results: list[BaseException | None] = [None] * len(moves)
     into = os.fspath(merged_dir)
     for i, move in enumerate(moves):
-        target = f"{into}/{move.name}"
         try:
             if move.added is not None:
                 _add_keys(move.claim.where, move.claim, move.added)
-                os.rename(move.claim.where, target)
+                _into_merged(merged_dir, move, move.claim.where, move.claim.data)
             elif move.document is not None:
                 tmp = Path(into, f".{move.name}{TMP_SUFFIX}")
                 try:
                     write_tmp(tmp, move.document, sync=False)
-                    os.rename(tmp, target)
+                    renamed = _into_merged(merged_dir, move, tmp, move.document)
                 except OSError:
                     unlink_quietly(tmp)
                     raise
+                if not renamed:
+                    unlink_quietly(tmp)
         except OSError as exc:
             results[i] = translate(exc, f"merged/{move.name}")
     return results
+
+
+def _into_merged(merged_dir: Path, move: MergedMove, src: str | Path, data: bytes) -> bool:
+    """Rename ``src`` to merged/{move.name}, or past it (see place_in_merged); False if
+    merged/ already holds this order (``src`` stays)."""
+    into, stem, n = os.fspath(merged_dir), move.name.removesuffix(".json"), 0
+    while True:
+        name = move.name if n == 0 else f"{stem}.{n}.json"
+        try:
+            rename_noreplace(src, f"{into}/{name}")  # a str: this runs a million times
+        except FileExistsError:
+            if _same_order(merged_dir / name, data):
+                log.info("merged/%s already holds this order; its source is dropped", name)
+                move.added = move.document = None  # now "neither": unlinked after the sync
+                return False
+            n += 1
+            continue
+        if n:
+            log.warning("merged/%s holds another order: this one is kept as merged/%s",
+                        move.name, name)
+        move.name = name
+        return True
+
+
+def _same_order(path: Path, data: bytes) -> bool:
+    """Does ``path`` hold the order in ``data`` (same serial, dedupe key and body)?"""
+    try:
+        ours = orjson.loads(data)
+        theirs = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    fields = ("serial", "dedupe_key", "body")
+    return (isinstance(ours, dict) and isinstance(theirs, dict)
+            and all(ours.get(f) is not None and ours.get(f) == theirs.get(f)
+                    for f in fields))
 
 
 def complete_merged(merged_dir: Path, moves: list[MergedMove],
@@ -218,7 +258,7 @@ def move_to_merged(dirs: BufferDirs, claim: Claim, record: PendingRecord,
         log.warning("merged/%s keeps no order_id (%s); the journal has it",
                     claim.path.name, exc.strerror or exc)
     try:
-        os.rename(claim.path, target)
+        rename_noreplace(claim.path, target)  # taken since merged_state looked: stays
         fsync_dir(dirs.merged)
         fsync_dir(claim.path.parent)
     except OSError as exc:

@@ -1,0 +1,91 @@
+"""The two system calls the buffer needs that Python's os module lacks, through libc.
+
+- ``sync_filesystem``: syncfs(2), one call for a batch of files (sync(2) elsewhere);
+- ``rename_noreplace``: renameat2(2) with RENAME_NOREPLACE, so that no move into
+  pending/, merged/ or rejected/ ever replaces an order file (DESIGN 10). Where
+  the filesystem refuses the flag (EINVAL: a FUSE filesystem such as LazyFS,
+  NFS, older kernels) the same result comes from link(2) + unlink(2).
+
+Both block; callers run them in a thread (ctypes releases the GIL meanwhile).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+# renameat2 itself is missing (ENOSYS) or the filesystem does not take the flag.
+_NO_RENAMEAT2 = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def rename_noreplace(src: str | Path, dst: str | Path) -> None:
+    """Move ``src`` to ``dst`` unless ``dst`` exists: then FileExistsError, both untouched.
+
+    Atomic with renameat2. The link/unlink fallback has one difference: a crash
+    between the two steps leaves the file under both names, which every caller
+    already meets after a crash (a stale temp file is removed at start-up; an
+    order in pending/ and in merged/ is recognised as merged).
+    """
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+                           RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _NO_RENAMEAT2:
+            raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))
+    link_then_unlink(src, dst)
+
+
+def link_then_unlink(src: str | Path, dst: str | Path) -> None:
+    """rename_noreplace where renameat2 cannot: link(2) fails with EEXIST like it."""
+    os.link(src, dst, follow_symlinks=False)
+    os.unlink(src)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make every write on ``path``'s filesystem durable (syncfs(2); sync(2) elsewhere).
+
+    One call replaces thousands of per-file fsyncs when a batch of files was
+    written; like fsync it returns only once the data and the directory entries
+    are on disk.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
+            return
+        if _LIBC is not None and ctypes.get_errno() not in (errno.ENOSYS, 0):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syncfs.argtypes = [ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _load_renameat2() -> Any:
+    """libc's renameat2 (glibc 2.28+), or None: then link(2) + unlink(2) stand in."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_LIBC = _load_libc()
+_RENAMEAT2 = _load_renameat2()
