@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -95,22 +97,34 @@ def test_status_exit_codes(tmp_path: Path):
 
 async def test_status_against_a_running_agent(tmp_path: Path, center: FakeCenter,
                                               agent_process, http):
+    """edge-agent status runs in a thread: a blocking run would stall the fake center's
+    health answers on this loop, and the agent would rightly call it down."""
+    from tests.conftest import wait_for
+
+    async def status(*extra: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(_run, "status", "--config", str(path), *extra)
+
     path = write_config(tmp_path, center.url)
     proc = agent_process(path)
     proc.start()
     await proc.wait_ready(http)
-    done = _run("status", "--config", str(path), "--json")
-    assert done.returncode == 0, done.stderr
+    # Ready means "accepts orders"; the primary counts as healthy after its first checks.
+    done = await wait_for(lambda: _ok(status("--json")), 15, "status to report normal")
     doc = orjson.loads(done.stdout)
     assert doc["mode"] == "normal" and doc["clusters"]["primary"]["healthy"] is True
     assert doc["pending"] == 0
     await center.go_down()
-    from tests.conftest import wait_for
-
-    await wait_for(lambda: _run("status", "--config", str(path)).returncode == 1, 15,
-                   "status to report offline")
-    done = _run("status", "--config", str(path))
+    done = await wait_for(lambda: _exits(status(), 1), 15, "status to report offline")
     assert "mode: offline" in done.stdout
+
+
+async def _ok(run: Any) -> subprocess.CompletedProcess[str] | None:
+    return await _exits(run, 0)
+
+
+async def _exits(run: Any, code: int) -> subprocess.CompletedProcess[str] | None:
+    done: subprocess.CompletedProcess[str] = await run
+    return done if done.returncode == code else None
 
 
 def test_port_helper_gives_a_free_port():
