@@ -104,7 +104,8 @@ class AuthSection:
 
 CHAIN_METHODS = ("GET", "POST", "PUT", "PATCH")
 _STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_STEP_KIND = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
+# "module:Class", or an entry point name (letters, digits, '_', '.', '-').
+_STEP_KIND = re.compile(r"^([A-Za-z_][\w.]*:[A-Za-z_]\w*|[\w][\w.-]*)$")
 
 
 @dataclass(frozen=True)

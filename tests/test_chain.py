@@ -255,3 +255,90 @@ async def test_step_tokens_are_sent_and_never_logged(
     assert "Bearer s3cret-tms-token" in downstream.seen_auth
     assert "s3cret" not in caplog.text
     assert not re.search("s3cret", repr(agent.cfg))
+
+
+async def test_intake_is_not_slowed_by_a_downstream_that_hangs(
+        make_agent: AgentFactory, center: FakeCenter, downstream: Downstream):
+    downstream.hang = True
+    agent = await make_agent(center.url, chain=chain_section(downstream, timeout_s=60,
+                                                             concurrency=4))
+    verifier = agent.service.chain
+    assert verifier is not None
+    await outage(agent, center, [order(n, total_amount="1") for n in range(8)])
+    await wait_for(lambda: len(verifier.in_flight) == 4 and downstream.hanging == 4,
+                   what="every check slot held by a hanging downstream")
+    # Orders keep getting their answers: 201 while the center is up...
+    for n in range(100, 120):
+        status, doc = await agent.post(order(n, total_amount="1"))
+        assert status == 201, doc
+    # ...and 202 while it is down (these are enrolled behind the reply, later).
+    center.mode = "503"
+    await wait_for(lambda: agent.service.mode() == "offline", what="offline")
+    for n in range(200, 220):
+        status, doc = await agent.post(order(n, total_amount="1"))
+        assert status == 202, doc
+    # The whole time, the verifier's checks were in flight and still are.
+    assert len(verifier.in_flight) == 4 and downstream.hanging == 4
+    assert verifier.checks == 0
+
+
+async def test_a_step_class_by_module_and_by_entry_point(
+        make_agent: AgentFactory, center: FakeCenter, downstream: Downstream,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    dist = tmp_path / "site" / "example_wms-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: example-wms\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[order_edge_agent.chain_steps]\nexample-wms = tests.chain_plugin:ExampleStep\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    steps = [{"name": "wms", "kind": "tests.chain_plugin:ExampleStep"},
+             {"name": "wms2", "kind": "example-wms"}]
+    agent = await make_agent(center.url, chain=chain_section(downstream, step=steps))
+    serials = await outage(agent, center, [order(1, wms_code="SH-7"), order(2),
+                                           order("sdk-down", wms_code="SH-8")])
+    for step in ("wms", "wms2"):
+        await wait_for(lambda step=step: all_in(agent, serials[:1], step, VERIFIED),
+                       what=f"{step} verified")
+        await wait_for(lambda step=step: all_in(agent, serials[1:2], step, FAILED),
+                       what=f"{step} failed")
+    verifier = agent.service.chain
+    assert verifier is not None
+    down = await wait_for(lambda: _detail_has(verifier, serials[2], "wms", "retrying"),
+                          what="an SDK exception retried")
+    assert down["state"] == PENDING and "connection reset" in down["detail"]
+
+
+async def _detail_has(verifier: Any, serial: str, step: str, text: str) -> Any:
+    steps = await verifier.ledger.chain_of(serial, 3600)
+    return steps[step] if step in steps and text in steps[step]["detail"] else None
+
+
+@pytest.mark.parametrize("kind", ["tests.chain_plugin:NotAStep", "tests.chain_plugin:Nope",
+                                  "no_such_module:Step", "no-such-entry-point"])
+def test_a_bad_step_class_stops_the_start_with_a_config_error(tmp_path: Path, kind: str):
+    from agent.config import load_config
+    from agent.errors import ConfigError
+    from agent.service.service import Service
+    from tests.conftest import write_config
+    path = write_config(tmp_path, "http://127.0.0.2:1/v3",
+                        chain={"enabled": True, "step": [{"name": "wms", "kind": kind}]})
+    with pytest.raises(ConfigError, match="chain step wms: "):
+        Service(load_config(str(path)))
+
+
+async def test_merged_retention_keeps_files_whose_chain_is_unfinished(
+        make_agent: AgentFactory, center: FakeCenter, downstream: Downstream):
+    import os
+    agent = await make_agent(center.url, buffer={"retention_days": 0.0},
+                             chain=chain_section(downstream))
+    serials = await outage(agent, center, [order(1, total_amount="4"),
+                                           order(2, total_amount="4")])
+    downstream.invoice_ready.add(order_id_of(center, 1))
+    await wait_for(lambda: all_in(agent, serials[:1], "invoice", VERIFIED), what="invoice 1")
+    await wait_for(lambda: all_in(agent, serials[:1], "logistics", VERIFIED), what="tracking")
+    await wait_for(lambda: all_in(agent, serials[:1], "finance", VERIFIED), what="finance")
+    for name in agent.files("merged"):  # past retention (0 days) from now on
+        os.utime(agent.spool / "merged" / name, (1, 1))
+    await agent.service.housekeeper.run_once()
+    # Order 1's chain is finished: its copy may go. Order 2's invoice is pending: it stays.
+    assert agent.files("merged") == [f"{serials[1]}.json"]
