@@ -12,6 +12,7 @@ the order carried it (string or number), unless overridden.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ class Downstream(Listener):
     repushed: set[str] = field(default_factory=set)
     ignore_repush: set[str] = field(default_factory=set)  # tracking never appears
     repush_calls: Counter[str] = field(default_factory=Counter)
+    repush_times: dict[str, list[float]] = field(default_factory=dict)  # monotonic
     invoice_ready: set[str] = field(default_factory=set)
     invoice_all: bool = False
     amount_override: dict[str, Any] = field(default_factory=dict)  # by channel_order_id
@@ -70,6 +72,7 @@ class Downstream(Listener):
         await self._maybe_hang(request)
         order_no = orjson.loads(await request.read())["order_no"]
         self.repush_calls[order_no] += 1
+        self.repush_times.setdefault(order_no, []).append(time.monotonic())
         if order_no not in self.ignore_repush:
             self.repushed.add(order_no)
         return web.json_response({"ok": True})

@@ -9,7 +9,9 @@ it from there. Moments are awaited by polling, never by sleeping.
 
 from __future__ import annotations
 
+import itertools
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.chain.ledger import FAILED, OVERDUE, PENDING, VERIFIED
+from agent.chain.ledger import FAILED, OVERDUE, PENDING, VERIFIED, Due
 from tests.chain_fakes import Downstream, RawNumber, chain_section
 from tests.conftest import AgentFactory, AgentHandle, order, wait_for
 from tests.fakes import FakeCenter
@@ -121,16 +123,35 @@ async def test_repair_is_asked_at_most_once_per_recheck_interval(
     downstream.ignore_repush.add(oid)  # the TMS takes the re-push but never shows tracking
     verifier = agent.service.chain
     assert verifier is not None
-    first = await wait_for(lambda: downstream.repush_calls[oid] >= 1, what="a repair")
-    assert first
-    import time
-    start = time.monotonic()
-    checks = verifier.checks
-    await wait_for(lambda: verifier.checks >= checks + 12, timeout=20, what="rechecks")
-    elapsed = time.monotonic() - start
-    # Rechecks come every 0.24-0.36 s; a repair at most once per 0.3 s of them.
-    assert downstream.repush_calls[oid] <= 2 + elapsed / 0.3
+    # Rechecks come every 0.24-0.36 s (jitter); a repair at most once per 0.3 s.
+    await wait_for(lambda: downstream.repush_calls[oid] >= 6, timeout=20, what="repairs")
+    times = downstream.repush_times[oid]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.3 - 0.05, gaps  # 0.05: the check's own answer time
     assert (await chain(agent, serials[0]))["logistics"] == PENDING  # type: ignore[index]
+
+
+async def test_repair_only_for_a_pending_step_and_not_again_within_the_interval(
+        make_agent: AgentFactory, center: FakeCenter, downstream: Downstream):
+    """The rule itself, one check at a time (jitter makes the loop's timing random)."""
+    agent = await make_agent(center.url, chain=chain_section(downstream,
+                                                             recheck_interval_s=30))
+    serials = await outage(agent, center, [order(1, total_amount="5")])
+    oid = order_id_of(center, 1)
+    downstream.ignore_repush.add(oid)
+    verifier = agent.service.chain
+    assert verifier is not None
+    await wait_for(lambda: downstream.repush_calls[oid] == 1, what="the first repair")
+    facts = (await verifier.ledger.due(time.time() + 60, 10))[0].order
+    assert facts.serial == serials[0]
+    await verifier.check_one(Due(facts, "logistics", PENDING, last_repair=time.time() - 29))
+    assert downstream.repush_calls[oid] == 1  # asked 29 s ago: not again
+    await verifier.check_one(Due(facts, "logistics", PENDING, last_repair=time.time() - 31))
+    assert downstream.repush_calls[oid] == 2  # a full interval since: asked again
+    downstream.repushed.add(oid)  # the tracking shows now: verified, no repair
+    await verifier.check_one(Due(facts, "logistics", PENDING, last_repair=None))
+    assert downstream.repush_calls[oid] == 2
+    assert (await chain(agent, serials[0]))["logistics"] == VERIFIED
 
 
 async def test_overdue_past_a_fractional_deadline(

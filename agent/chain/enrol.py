@@ -19,6 +19,7 @@ import orjson
 
 from agent.chain.steps import ChainOrder
 from agent.errors import CorruptRecordError
+from agent.orders import Order
 from agent.spool.record import BufferDirs, PendingRecord, is_order_file, parse_tolerant
 
 STANDBY = "standby"
@@ -40,11 +41,20 @@ def channel_order_id(body: str) -> str | None:
 
 
 def from_record(record: PendingRecord, order_id: Any) -> ChainOrder:
+    """A buffered order the center confirmed (the drain, or a merged/ copy)."""
     return ChainOrder(serial=record.serial,
                       order_id=None if order_id is None else str(order_id),
                       dedupe_key=record.dedupe_key, channel_id=record.channel_id,
                       channel_order_id=channel_order_id(record.body),
                       received_at=record.received_at, body=record.body)
+
+
+def from_order(order: Order, serial: str, received_at: str, order_id: Any) -> ChainOrder:
+    """An order the forward path had created (at the standby)."""
+    return ChainOrder(serial=serial, order_id=None if order_id is None else str(order_id),
+                      dedupe_key=order.dedupe_key, channel_id=order.channel_id,
+                      channel_order_id=order.channel_order_id, received_at=received_at,
+                      body=order.raw.decode("utf-8"))
 
 
 def timestamp(iso: str, default: float) -> float:

@@ -27,7 +27,15 @@ from typing import Any
 
 import aiohttp
 
-from agent.chain.enrol import STANDBY, Found, from_record, read_merged, timestamp, unknown_merged
+from agent.chain.enrol import (
+    STANDBY,
+    Found,
+    from_order,
+    from_record,
+    read_merged,
+    timestamp,
+    unknown_merged,
+)
 from agent.chain.ledger import FAILED, PENDING, VERIFIED, Due, Ledger
 from agent.chain.steps import (
     ChainOrder,
@@ -112,10 +120,8 @@ class Verifier:
         """The forward path created an order: the standby's are outage orders."""
         if cluster != STANDBY:
             return
-        from_body = PendingRecord(serial=serial, node_id="", received_at=received_at,
-                                  channel_id=order.channel_id, dedupe_key=order.dedupe_key,
-                                  customer_phone=None, body=order.raw.decode("utf-8"))
-        self._enrol(Found(from_record(from_body, order_id), time.time()), "standby")
+        self._enrol(Found(from_order(order, serial, received_at, order_id), time.time()),
+                    "standby")
 
     def on_merged(self, record: PendingRecord, order_id: Any, cluster: str) -> None:
         """The drain delivered a buffered order."""
@@ -220,8 +226,10 @@ class Verifier:
             try:
                 due = await self.ledger.due(time.time(), batch)
             except PersistError as exc:
-                log.error("chain: cannot read the ledger: %s", exc)
-                due = []
+                log.error("chain: cannot read the ledger: %s; trying again in %.1fs", exc,
+                          self.cfg.recheck_interval_s)
+                await asyncio.sleep(self.cfg.recheck_interval_s)
+                continue
             fresh = [d for d in due if d.key not in self.in_flight]
             for item in fresh:
                 await self._slots.acquire()
@@ -244,17 +252,21 @@ class Verifier:
 
     async def _run(self, item: Due) -> None:
         try:
-            await self._check_one(item)
+            await self.check_one(item)
         except PersistError as exc:
             log.error("chain: result for %s %s not stored: %s", item.order.serial, item.step,
                       exc)
+        except Exception as exc:  # a bug in one check never stops the others
+            log.exception("chain: check of %s %s failed: %s", item.order.serial, item.step,
+                          exc)
         finally:
             self.in_flight.discard(item.key)
             self._slots.release()
             self.checks += 1
             self._wake.set()
 
-    async def _check_one(self, item: Due) -> None:
+    async def check_one(self, item: Due) -> None:
+        """Check one step of one order, ask its repair if due, store the result."""
         step = self._steps[item.step]
         result: CheckResult = await step.check(item.order)
         now = time.time()
