@@ -12,7 +12,6 @@ the order carried it (string or number), unless overridden.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +28,8 @@ class Downstream(Listener):
     host: str = "127.0.0.5"
     port: int = 0
     repushed: set[str] = field(default_factory=set)
-    ignore_repush: set[str] = field(default_factory=set)  # tracking never appears
+    repush_works: bool = True  # False: re-pushes are taken, tracking never appears
     repush_calls: Counter[str] = field(default_factory=Counter)
-    repush_times: dict[str, list[float]] = field(default_factory=dict)  # monotonic
     invoice_ready: set[str] = field(default_factory=set)
     invoice_all: bool = False
     amount_override: dict[str, Any] = field(default_factory=dict)  # by channel_order_id
@@ -72,8 +70,7 @@ class Downstream(Listener):
         await self._maybe_hang(request)
         order_no = orjson.loads(await request.read())["order_no"]
         self.repush_calls[order_no] += 1
-        self.repush_times.setdefault(order_no, []).append(time.monotonic())
-        if order_no not in self.ignore_repush:
+        if self.repush_works:
             self.repushed.add(order_no)
         return web.json_response({"ok": True})
 
