@@ -189,9 +189,9 @@ async def test_other_4xx_is_failed_and_404_is_not_yet(
     assert "HTTP 403" in detail and "maintenance" in detail
 
 
-async def test_standby_orders_are_outage_orders(
+async def test_standby_orders_are_outage_orders_and_rebuilt_from_the_journal(
         make_agent: AgentFactory, center: FakeCenter, standby: FakeCenter,
-        downstream: Downstream):
+        downstream: Downstream, tmp_path: Path):
     downstream.invoice_all = True
     agent = await make_agent(center.url, upstream={"standby": standby.url},
                              chain=chain_section(downstream))
@@ -206,6 +206,21 @@ async def test_standby_orders_are_outage_orders(
     _, by_key = await agent.get("/v1/orders/by-key/douyin:1")
     assert by_key["chain"] == {"logistics": VERIFIED, "invoice": VERIFIED,
                                "finance": VERIFIED}
+    # A damaged ledger: the standby's order is in no merged/ file, the journal has it.
+    await agent.service.stop()
+    ledger = tmp_path / "state" / "chain.sqlite3"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+    ledger.write_bytes(b"garbage" * 1000)
+    again = await make_agent(center.url, upstream={"standby": standby.url},
+                             chain=chain_section(downstream))
+    await wait_for(lambda: all_in(again, [doc["serial"]], "logistics", VERIFIED),
+                   what="the standby's order back in the ledger")
+    # The journal keeps no order body: a step that needs one says so (reported failed).
+    await wait_for(lambda: all_in(again, [doc["serial"]], "finance", FAILED), what="finance")
+    steps = await again.service.chain.ledger.chain_of(doc["serial"], 3600)  # type: ignore[union-attr]
+    assert steps["finance"]["detail"] == ("cannot build the expected value: the order body "
+                                          "is not known")
 
 
 async def test_merged_files_from_edge_recover_are_enrolled_by_the_scan(

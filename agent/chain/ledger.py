@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS steps (
 );
 CREATE INDEX IF NOT EXISTS steps_due ON steps(next_check) WHERE state != 'verified';
 """
+# The due queries spell 'verified' out (not a bound parameter): SQLite uses a partial
+# index only when the query's WHERE visibly implies the index's.
 
 _ORDER_COLUMNS = ("serial, order_id, dedupe_key, channel_id, channel_order_id, received_at, "
                   "body")
@@ -167,15 +169,15 @@ class Ledger:
             f"SELECT o.serial, o.order_id, o.dedupe_key, o.channel_id, o.channel_order_id, "
             f"o.received_at, o.body, s.step, s.state, s.last_repair "
             f"FROM steps s JOIN orders o ON o.serial = s.serial "
-            f"WHERE s.state != ? AND s.next_check <= ? AND s.step IN ({marks}) "
-            f"ORDER BY s.next_check LIMIT ?", (VERIFIED, now, *self.steps, limit))
+            f"WHERE s.state != 'verified' AND s.next_check <= ? AND s.step IN ({marks}) "
+            f"ORDER BY s.next_check LIMIT ?", (now, *self.steps, limit))
         return [Due(ChainOrder(*row[:7]), row[7], row[8], row[9]) for row in rows]
 
     async def next_check(self) -> float | None:
         marks = ",".join("?" * len(self.steps))
         rows = await self._db.read(
-            f"SELECT MIN(next_check) FROM steps WHERE state != ? AND step IN ({marks})",
-            (VERIFIED, *self.steps))
+            f"SELECT MIN(next_check) FROM steps WHERE state != 'verified' AND "
+            f"step IN ({marks})", self.steps)
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
     async def chain_of(self, serial: str, deadline_s: float) -> dict[str, dict[str, Any]]:
