@@ -359,3 +359,26 @@ async def test_merged_retention_keeps_files_whose_chain_is_unfinished(
     await agent.service.housekeeper.run_once()
     # Order 1's chain is finished: its copy may go. Order 2's invoice is pending: it stays.
     assert agent.files("merged") == [f"{serials[1]}.json"]
+
+
+async def test_a_failing_ledger_never_fails_intake_and_the_scan_catches_up(
+        make_agent: AgentFactory, center: FakeCenter, downstream: Downstream,
+        monkeypatch: pytest.MonkeyPatch):
+    from agent.errors import PersistError
+    agent = await make_agent(center.url, chain=chain_section(downstream))
+    verifier = agent.service.chain
+    assert verifier is not None
+    db = verifier.ledger._db  # the fault: every ledger write fails (a disk error)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise PersistError("chain ledger write failed: disk I/O error")
+
+    monkeypatch.setattr(db, "in_transaction", broken)
+    serials = await outage(agent, center, [order(n, total_amount="6.60") for n in range(4)])
+    status, doc = await agent.post(order(99, total_amount="1"))  # and a forwarded one
+    assert status == 201, doc
+    for serial in serials:
+        assert await chain(agent, serial) is None  # nothing stored, every order answered
+    monkeypatch.undo()  # the disk is fine again: the merged/ scan enrols them
+    await wait_for(lambda: all_in(agent, serials, "invoice", PENDING), timeout=15,
+                   what="the scan catches up")
