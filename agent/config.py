@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.base.template import Template, TemplateError, parse_pointer
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
@@ -106,6 +107,50 @@ class AuthSection:
     tokens_file: str = "/etc/edge-agent/tokens"
 
 
+CHAIN_METHODS = ("GET", "POST", "PUT", "PATCH")
+_STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# "module:Class", or an entry point name (letters, digits, '_', '.', '-').
+_STEP_KIND = re.compile(r"^([A-Za-z_][\w.]*:[A-Za-z_]\w*|[\w][\w.-]*)$")
+
+
+@dataclass(frozen=True)
+class Request:
+    """``"METHOD URL-template"``, compiled once: the URL's placeholders are URL-encoded."""
+
+    method: str
+    url: Template
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One ``[[chain.step]]``: an HTTP check (``check`` + ``present``/``equal``, optional
+    ``repair``) or a Python class (``kind``, CONTRACT 10)."""
+
+    name: str
+    check: Request | None = None
+    present: tuple[str, ...] | None = None  # JSON pointer that must exist in the answer
+    equal: tuple[tuple[tuple[str, ...], Template], ...] = ()  # pointer -> expected value
+    repair: Request | None = None
+    repair_body: Template | None = None  # JSON-escaped placeholders
+    token_file: str = ""
+    kind: str = ""  # "module:Class" or an entry point name in order_edge_agent.chain_steps
+    token: str = field(default="", repr=False)  # secret, read at load
+
+
+@dataclass(frozen=True)
+class ChainSection:
+    enabled: bool = False
+    deadline_h: float = 24.0
+    recheck_interval_s: float = 300.0
+    concurrency: int = 8  # checks in flight at once: what a real ERP tolerates
+    timeout_s: float = 10.0
+    steps: tuple[ChainStep, ...] = ()
+
+    @property
+    def deadline_s(self) -> float:
+        return self.deadline_h * 3600.0
+
+
 @dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
@@ -114,6 +159,7 @@ class Config:
     health: HealthSection = field(default_factory=HealthSection)
     sms: SmsSection = field(default_factory=SmsSection)
     auth: AuthSection = field(default_factory=AuthSection)
+    chain: ChainSection = field(default_factory=ChainSection)
     source: str = "<defaults>"
     # Secrets: loaded at load time, never printed.
     tokens: frozenset[str] = field(default=frozenset(), repr=False)
@@ -155,7 +201,7 @@ def load_config(path: str, tokens: bool = True) -> Config:
 
 def parse_config(data: dict[str, Any], source: str = "<memory>", tokens: bool = True) -> Config:
     for name in data:
-        if name not in _SECTIONS:
+        if name not in _SECTIONS and name != "chain":
             raise ConfigError(f"{source}: unknown section [{name}]")
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -163,7 +209,10 @@ def parse_config(data: dict[str, Any], source: str = "<memory>", tokens: bool = 
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
         sections[name] = _build(cls, table, name, source)
-    cfg = Config(**sections, source=source)
+    chain = data.get("chain", {})
+    if not isinstance(chain, dict):
+        raise ConfigError(f"{source}: [chain] must be a table")
+    cfg = Config(**sections, chain=parse_chain(chain, source), source=source)
     _validate(cfg, source)
     if tokens:
         cfg = dataclasses.replace(cfg, tokens=load_tokens(cfg.auth.tokens_file))
@@ -353,3 +402,138 @@ def check_auth_exposure(cfg: Config) -> None:
             f"are configured (auth.tokens_file {cfg.auth.tokens_file!r} is empty or absent); "
             "add tokens or listen on 127.0.0.1"
         )
+
+
+# -- [chain] (CONTRACT 10) ----------------------------------------------------------------
+
+_CHAIN_KEYS = {"enabled": bool, "deadline_h": float, "recheck_interval_s": float,
+               "concurrency": int, "timeout_s": float}
+_STEP_KEYS = ("name", "check", "present", "equal", "repair", "repair_body", "token_file",
+              "kind")
+
+
+def parse_chain(table: dict[str, Any], source: str) -> ChainSection:
+    """``[chain]`` and its ``[[chain.step]]`` entries, every template compiled once."""
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "step":
+            continue
+        if key not in _CHAIN_KEYS:
+            raise ConfigError(f"{source}: unknown key chain.{key}")
+        values[key] = _coerce(value, _CHAIN_KEYS[key], f"chain.{key}", source)
+    entries = table.get("step", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{source}: chain.step must be [[chain.step]] tables, got "
+                          f"{entries!r}")
+    steps = tuple(_parse_step(entry, i, source) for i, entry in enumerate(entries))
+    chain = ChainSection(**values, steps=steps)
+    _check(chain.deadline_h > 0, source, "chain.deadline_h", "must be > 0", chain.deadline_h)
+    _check(chain.recheck_interval_s > 0, source, "chain.recheck_interval_s", "must be > 0",
+           chain.recheck_interval_s)
+    _check(chain.concurrency >= 1, source, "chain.concurrency", "must be >= 1",
+           chain.concurrency)
+    _check(chain.timeout_s > 0, source, "chain.timeout_s", "must be > 0", chain.timeout_s)
+    names = [s.name for s in steps]
+    for name in names:
+        _check(names.count(name) == 1, source, "chain.step.name", "must be unique", name)
+    _check(bool(steps) or not chain.enabled, source, "chain.step",
+           "needs at least one [[chain.step]] when chain.enabled = true", [])
+    return chain
+
+
+def _parse_step(entry: dict[str, Any], index: int, source: str) -> ChainStep:
+    where = f"chain.step[{index}]"
+    raw: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key not in _STEP_KEYS:
+            raise ConfigError(f"{source}: unknown key {where}.{key}")
+        if key == "equal":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in
+                                                      value.values()):
+                raise ConfigError(f"{source}: {where}.equal must be a table of "
+                                  f"pointer = \"template\", got {value!r}")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{source}: {where}.{key} must be a string, got {value!r}")
+        raw[key] = value
+    name = raw.get("name", "")
+    _check(bool(_STEP_NAME.match(name)), source, f"{where}.name",
+           "must be 1-64 letters, digits, '_', '.' or '-'", name)
+    where = f"chain.step[{index}] ({name})"
+    kind = raw.get("kind", "")
+    if kind:
+        _check(bool(_STEP_KIND.match(kind)), source, f"{where}.kind",
+               "must be module:Class or an entry point name", kind)
+        extra = [k for k in ("check", "present", "equal", "repair", "repair_body") if k in raw]
+        _check(not extra, source, f"{where}.kind", "excludes the HTTP keys "
+               "check/present/equal/repair/repair_body", extra)
+        return ChainStep(name=name, kind=kind)
+    _check("check" in raw, source, f"{where}.check",
+           "is required (\"GET https://...\") unless the step has a kind", None)
+    _check("present" in raw or "equal" in raw, source, f"{where}.present",
+           "or .equal is required: what a 200 answer must hold", None)
+    _check("repair_body" not in raw or "repair" in raw, source, f"{where}.repair_body",
+           "needs a repair request", raw.get("repair_body"))
+    try:
+        check = _request(raw["check"], f"{where}.check")
+        repair = _request(raw["repair"], f"{where}.repair") if "repair" in raw else None
+        present = parse_pointer(raw["present"]) if "present" in raw else None
+        equal = tuple((parse_pointer(p), Template.compile(t))
+                      for p, t in raw.get("equal", {}).items())
+        body = Template.compile(raw["repair_body"]) if "repair_body" in raw else None
+    except _BadKey as exc:
+        raise ConfigError(f"{source}: {exc.key} {exc}") from exc
+    except TemplateError as exc:
+        raise ConfigError(f"{source}: {where}: {exc}") from exc
+    token_file = raw.get("token_file", "")
+    return ChainStep(name=name, check=check, present=present, equal=equal, repair=repair,
+                     repair_body=body, token_file=token_file,
+                     token=load_step_token(name, token_file))
+
+
+class _BadKey(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _request(text: str, key: str) -> Request:
+    method, _, url = text.strip().partition(" ")
+    if method not in CHAIN_METHODS or not url.strip():
+        raise _BadKey(key, f"must be \"METHOD URL\" with METHOD one of "
+                           f"{', '.join(CHAIN_METHODS)}, got {text!r}")
+    try:
+        template = Template.compile(url.strip())
+    except TemplateError as exc:
+        raise _BadKey(key, f"{exc}, in {text!r}") from exc
+    parts = urlsplit(template.sample())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _BadKey(key, f"must hold an http(s) URL, got {text!r}")
+    return Request(method, template)
+
+
+def load_step_token(name: str, token_file: str) -> str:
+    """A step's bearer token: ``$CREDENTIALS_DIRECTORY/chain-{name}`` wins, else
+    ``token_file``; "" for none. First non-comment line; never logged."""
+    candidates = []
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        candidates.append((Path(cred_dir) / f"chain-{name}", False))
+    if token_file:
+        candidates.append((Path(token_file), True))
+    for path, required in candidates:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if required:
+                raise ConfigError(f"chain step {name}: token_file {path} does not exist"
+                                  ) from None
+            continue
+        except OSError as exc:
+            raise ConfigError(f"chain step {name}: cannot read token file {path}: "
+                              f"{exc.strerror}") from exc
+        lines = (line.strip() for line in text.splitlines())
+        token = next((line for line in lines if line and not line.startswith("#")), "")
+        if not token:
+            raise ConfigError(f"chain step {name}: token file {path} holds no token")
+        return token
+    return ""

@@ -59,6 +59,9 @@ class Metrics:
         self.sms_outbox = Gauge("edge_sms_outbox", "SMS outbox rows, by state (queued, sending, "
                                 "sent, failed, suppressed, skipped, ambiguous).", ["state"],
                                 registry=r)
+        self.chain_steps = Gauge("edge_chain_steps", "Outage orders' chain verification steps "
+                                 "(CONTRACT 10), by step and state (verified, pending, "
+                                 "failed, overdue).", ["step", "state"], registry=r)
         # For alerts (ops/prometheus/edge-agent.rules.yml) and the dashboard.
         self.mode = Gauge("edge_mode", "1 for the agent's current mode (normal, standby, "
                           "offline), 0 for the others.", ["mode"], registry=r)

@@ -9,6 +9,7 @@ The delays come from the ``backoff`` library's generators (``expo`` and
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Generator
 
@@ -20,6 +21,12 @@ def delay(attempt: int, base_s: float, max_s: float, at_least_s: float = 0.0) ->
     capped at ``max_s``, never shorter than ``at_least_s`` (a Retry-After)."""
     ceiling = min(max_s, base_s * 2 ** max(0, attempt - 1))
     return max(at_least_s, backoff.full_jitter(ceiling))
+
+
+def jittered(interval_s: float, spread: float = 0.2) -> float:
+    """A periodic wait spread by +-``spread``, so rechecks of many items started
+    together do not stay in lockstep."""
+    return interval_s * random.uniform(1.0 - spread, 1.0 + spread)
 
 
 class Backoff:

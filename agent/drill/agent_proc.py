@@ -36,17 +36,29 @@ def toml_value(value: Any) -> str:
         return orjson.dumps(value).decode()
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. equal = { "/amount" = "..." }
+        return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}"
+                                for k, v in value.items()) + " }"
     if isinstance(value, (int, float)):
         return repr(value)
     raise TypeError(f"no TOML form for {type(value).__name__}: {value!r}")
 
 
 def write_config_file(path: Path, sections: Sections) -> Path:
+    """A list of tables under a key (``chain.step``) is written as ``[[name.key]]``."""
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        tables = {k: v for k, v in values.items() if isinstance(v, list) and v
+                  and all(isinstance(t, dict) for t in v)}
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()
+                  if key not in tables]
         lines.append("")
+        for key, entries in tables.items():
+            for entry in entries:
+                lines.append(f"[[{name}.{key}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+                lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 

@@ -22,6 +22,7 @@ StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 ReadySource = Callable[[], bool]
 Refresh = Callable[[], Awaitable[None]]
 SmsLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
+ChainLookup = Callable[[str], Awaitable[dict[str, str] | None]]
 log = logging.getLogger("agent.http")
 # Headers we read; a value that is not valid UTF-8 is a 400 naming the header.
 READ_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key")
@@ -35,7 +36,8 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
 class HttpApi:
     def __init__(self, intake: Intake, metrics: Metrics, tokens: frozenset[str],
                  settings: AgentSection, status: StatusSource, ready: ReadySource,
-                 refresh_metrics: Refresh, sms_lookup: SmsLookup | None = None) -> None:
+                 refresh_metrics: Refresh, sms_lookup: SmsLookup | None = None,
+                 chain_lookup: ChainLookup | None = None) -> None:
         self._intake = intake
         self._metrics = metrics
         self.tokens = tokens
@@ -45,6 +47,7 @@ class HttpApi:
         self._ready = ready
         self._refresh_metrics = refresh_metrics
         self._sms_lookup = sms_lookup
+        self._chain_lookup = chain_lookup
 
     def build_app(self) -> web.Application:
         # Bodies are read by hand below, so aiohttp's own limit only guards the rest.
@@ -142,11 +145,16 @@ class HttpApi:
         return json_response(200, await self._with_sms(entry.public()))
 
     async def _with_sms(self, answer: dict[str, Any]) -> dict[str, Any]:
-        """Add the order's SMS notice (state, masked phone), null when it has none."""
+        """Add the order's SMS notice (state, masked phone), null when it has none, and,
+        with chain verification on, its steps (``chain``: step -> state, null for an
+        order that is no outage order)."""
         notice = None
+        serial = str(answer["serial"])
         if self._sms_lookup is not None:
-            notice = await self._sms_lookup(str(answer["serial"]))
-        return {**answer, "sms": notice}
+            notice = await self._sms_lookup(serial)
+        if self._chain_lookup is None:
+            return {**answer, "sms": notice}
+        return {**answer, "sms": notice, "chain": await self._chain_lookup(serial)}
 
     async def console_page(self, request: web.Request) -> web.Response:
         return web.Response(body=console.page(request.headers.get("Accept-Language", "")),

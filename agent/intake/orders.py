@@ -27,6 +27,9 @@ from agent.state.journal import BUFFERED, FORWARDED, FORWARDING, MERGED, REJECTE
 from agent.state.serials import SerialIssuer
 
 log = logging.getLogger("agent.intake")
+# Told of each order a cluster created: (order, serial, received_at, cluster, order_id).
+# Must return at once (the chain verifier queues behind the reply).
+CreatedSink = Callable[[Order, str, str, str, Any], None]
 
 @dataclass(frozen=True)
 class Reply:
@@ -63,6 +66,7 @@ class Intake:
         router: Router,
         metrics: Metrics,
         on_buffered: Callable[[PendingRecord], Awaitable[str]] | None = None,
+        on_created: CreatedSink | None = None,
     ) -> None:
         self.cfg = cfg
         self._journal = journal
@@ -71,6 +75,7 @@ class Intake:
         self._router = router
         self._metrics = metrics
         self._on_buffered = on_buffered
+        self._on_created = on_created
         self._outcomes: dict[str, Any] = {}
         self._clock = LocalClock()
         self._inflight: dict[str, str | None] = {}
@@ -189,6 +194,8 @@ class Intake:
                 # Created upstream, so the answer is still 201; a retry of the key goes
                 # to the same cluster (the intent above), which answers "duplicate".
                 log.error("journal row for forwarded %s not stored: %s", serial, exc)
+            if self._on_created is not None:
+                self._on_created(order, serial, received_at, routed.cluster, answer.order_id)
             return self._count("forwarded", Reply(201, {
                 "status": "forwarded", "serial": serial, "cluster": routed.cluster,
                 "order_id": answer.order_id,

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.base.metrics import Metrics
+from agent.chain.verifier import Verifier
 from agent.config import Config
 from agent.delivery.router import Router
 from agent.intake.http_api import HttpApi
@@ -81,19 +82,29 @@ class Service:
         if cfg.sms.enabled:
             self.outbox = Outbox(cfg.sms, cfg.agent.state_dir, self.dirs,
                                  build_provider(cfg.sms), self.metrics)
+        # Full-chain verification of outage orders (CONTRACT 10); loads step classes now.
+        self.chain: Verifier | None = None
+        if cfg.chain.enabled:
+            self.chain = Verifier(cfg.chain, cfg.agent.state_dir, self.dirs, self.journal,
+                                  cfg.buffer.scan_interval_s)
+        chain = self.chain
         self.intake = Intake(cfg, self.journal, self.serials, self.spool, self.router,
                              self.metrics,
-                             on_buffered=self.outbox.on_buffered if self.outbox else None)
+                             on_buffered=self.outbox.on_buffered if self.outbox else None,
+                             on_created=chain.on_created if chain else None)
         self.drainer = Drainer(cfg.buffer, cfg.upstream.timeout_s, self.spool, self.journal,
                                self.upstream, self.health.usable, self._on_refusal,
-                               self.metrics, busy=self.intake.writing)
+                               self.metrics, busy=self.intake.writing,
+                               on_merged=chain.on_merged if chain else None)
         self.inbox = InboxWatcher(self.dirs, self.intake, cfg.agent.max_body_bytes,
                                   cfg.buffer.scan_interval_s)
         self.housekeeper = Housekeeper(self.journal, self.dirs, cfg.agent.journal_retention_days,
-                                       cfg.buffer.retention_days)
+                                       cfg.buffer.retention_days,
+                                       finished=chain.finished if chain else None)
         self.api = HttpApi(self.intake, self.metrics, cfg.tokens, cfg.agent,
                            self.status, self.ready, self.refresh_metrics,
-                           sms_lookup=self.outbox.notice if self.outbox else None)
+                           sms_lookup=self.outbox.notice if self.outbox else None,
+                           chain_lookup=chain.chain_of if chain else None)
         self._runner: web.AppRunner | None = None
         self.accept_errors = AcceptErrorLog()
         self.port: int | None = None
@@ -160,6 +171,9 @@ class Service:
         if cfg.health != old.health or _clusters(cfg) != _clusters(old):
             await self.health.reconfigure(cfg.health, _clusters(cfg))
         self.drainer.timeout_s = cfg.upstream.timeout_s
+        if cfg.chain != old.chain:
+            log.warning("[chain] changed: restart the agent to apply it")
+
     async def start(self, config_path: str | None = None) -> None:
         """Raises DirectoryHeld (nothing written, nothing to stop) if another agent owns
         the buffer or the state dir."""
@@ -177,6 +191,8 @@ class Service:
         await self._start(self.spool)
         if self.outbox is not None:  # before the listener: a 202 may queue an SMS
             await self._start(self.outbox)
+        if self.chain is not None:  # before the listener and the drain: both enrol
+            await self._start(self.chain)
         await self._start(self.upstream)
         # No cluster checked yet: the agent starts offline until the first checks pass.
         self._mode_since = time.time()
@@ -286,6 +302,10 @@ class Service:
         self.metrics.oldest_pending_age.set(await self._oldest_age())
         for name, count in pin_buckets(await self.journal.pinned_counts()).items():
             self.metrics.pinned.labels(cluster=name).set(count)
+        if self.chain is not None:
+            for step, states in (await self.chain.counts()).items():
+                for state, n in states.items():
+                    self.metrics.chain_steps.labels(step=step, state=state).set(n)
 
     def ready(self) -> bool:
         """Can persist orders: a load balancer stops sending while the disk fails us."""
@@ -351,6 +371,8 @@ class Service:
                             round(pending / rate, 1) if rate > 0 else None),
             "max_bytes": self.cfg.buffer.max_bytes,
             "mode_history": list(self.mode_history),
+            # step -> {state: count} for outage orders (CONTRACT 10); null when off
+            "chain": await self.chain.counts() if self.chain is not None else None,
             "now": time.time(),
         }
 

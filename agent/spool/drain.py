@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import watchfiles
 
@@ -50,6 +51,8 @@ Usable = Callable[[], dict[str, str]]
 RefusalSink = Callable[[str, Answer | None], None]
 # True for a serial the intake is still writing (its journal row is not there yet).
 BusyCheck = Callable[[str], bool]
+# Told of each order delivered (record, order_id, cluster); returns at once.
+MergedSink = Callable[[PendingRecord, Any, str], None]
 
 
 def _added_order(change: watchfiles.Change, path: str) -> bool:
@@ -69,7 +72,8 @@ class Drainer:
     def __init__(self, settings: BufferSection, timeout_s: float, spool: PendingSpool,
                  journal: Journal, upstream: UpstreamClient, usable: Usable,
                  refusals: RefusalSink, metrics: Metrics,
-                 busy: BusyCheck = lambda serial: False) -> None:
+                 busy: BusyCheck = lambda serial: False,
+                 on_merged: MergedSink | None = None) -> None:
         self._settings = settings
         self.timeout_s = timeout_s
         self._spool = spool
@@ -78,6 +82,7 @@ class Drainer:
         self._usable = usable
         self._refusals = refusals
         self._busy = busy
+        self._on_merged = on_merged
         self._metrics = metrics
         self._pacer = Pacer(settings.drain_rate_per_s)
         self._active: set[str] = set()
@@ -237,6 +242,8 @@ class Drainer:
             self._pacer.speed_up()
             self._observe_latency(record.received_at)
             await self._journal.mark(record.serial, MERGED, cluster, answer.order_id)
+            if self._on_merged is not None:
+                self._on_merged(record, answer.order_id, cluster)
             return Result.DONE
         if action.step is Step.QUARANTINE and answer is not None:
             self._metrics.quarantined.labels(reason=action.outcome).inc()

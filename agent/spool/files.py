@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -181,12 +182,18 @@ def remove_stale_temps(directory: Path) -> int:
     return removed
 
 
-def expire_merged(dirs: BufferDirs, older_than_s: float) -> int:
-    """Delete merged/ audit copies past retention: those orders are confirmed delivered."""
+def expire_merged(dirs: BufferDirs, older_than_s: float,
+                  only: Container[str] | None = None) -> int:
+    """Delete merged/ audit copies past retention: those orders are confirmed delivered.
+
+    ``only``: the names that may go (chain verification keeps the others: an order whose
+    chain is unfinished, or that the ledger has not enrolled yet)."""
     cutoff = time.time() - older_than_s
     removed = 0
     with os.scandir(dirs.merged) as it:
         for entry in it:
+            if only is not None and entry.name not in only:
+                continue
             try:
                 if entry.is_file() and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)

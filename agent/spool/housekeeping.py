@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from agent.spool.files import expire_merged
 from agent.spool.record import BufferDirs
@@ -15,16 +16,21 @@ from agent.state.journal import Journal
 
 log = logging.getLogger("agent.housekeeping")
 DAY = 86_400.0
+# The serials whose chain verification is finished (CONTRACT 10): only their merged/
+# copies may expire. None: chain verification is off, every copy may.
+Finished = Callable[[], Awaitable[set[str]]]
 
 
 class Housekeeper:
     def __init__(self, journal: Journal, dirs: BufferDirs, journal_retention_days: float,
-                 merged_retention_days: float, interval_s: float = 3600.0) -> None:
+                 merged_retention_days: float, interval_s: float = 3600.0,
+                 finished: Finished | None = None) -> None:
         self._journal = journal
         self._dirs = dirs
         self._journal_keep = journal_retention_days * DAY
         self._merged_keep = merged_retention_days * DAY
         self._interval = interval_s
+        self._finished = finished
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -38,7 +44,10 @@ class Housekeeper:
 
     async def run_once(self) -> None:
         await self._journal.prune(self._journal_keep)
-        removed = await asyncio.to_thread(expire_merged, self._dirs, self._merged_keep)
+        only = None
+        if self._finished is not None:
+            only = {f"{serial}.json" for serial in await self._finished()}
+        removed = await asyncio.to_thread(expire_merged, self._dirs, self._merged_keep, only)
         if removed:
             log.info("expired %d merged/ files past retention", removed)
 

@@ -259,6 +259,13 @@ class Journal:
             "SELECT serial, cluster FROM orders WHERE state=?", (BUFFERED,))
         return {str(serial): cluster for serial, cluster in rows}
 
+    async def forwarded_to(self, cluster: str) -> list[Entry]:
+        """Every order created at ``cluster`` by the forward path (the chain ledger's
+        rebuild: the standby's orders are outage orders, CONTRACT 10)."""
+        rows = await self._db.read(f"SELECT {_COLUMNS} FROM orders WHERE state=? AND "
+                                   "cluster=?", (FORWARDED, cluster))
+        return [Entry(*row) for row in rows]
+
     async def buffered_serials(self) -> set[str]:
         rows = await self._db.read("SELECT serial FROM orders WHERE state=?", (BUFFERED,))
         return {str(row[0]) for row in rows}
