@@ -30,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--config", help="config file (default $EDGE_AGENT_CONFIG, then "
-                                      "/etc/edge-agent/agent.toml)")
+    run.add_argument(
+        "--config", help="config file (default $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml)"
+    )
     status = sub.add_parser("status", help="ask the running agent how it is")
     status.add_argument("--config")
     status.add_argument("--json", action="store_true", help="print the raw JSON status")
@@ -41,8 +42,6 @@ def _parser() -> argparse.ArgumentParser:
     drill.add_argument("--report")
     sub.add_parser("sandbox", help="run the loopback sandbox alone, for manual drills")
     return p
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,33 +298,62 @@ def nameserver_address(spec: str) -> tuple[str, int]:
 
 def _validate(cfg: Config, source: str) -> None:
     a, b, u, h, s = cfg.agent, cfg.buffer, cfg.upstream, cfg.health, cfg.sms
-    _check(bool(_NODE_ID.match(a.node_id)), source, "agent.node_id",
-           "must be 1-32 letters, digits or '-'", a.node_id)
+    _check(
+        bool(_NODE_ID.match(a.node_id)),
+        source,
+        "agent.node_id",
+        "must be 1-32 letters, digits or '-'",
+        a.node_id,
+    )
     host, sep, port = a.listen.rpartition(":")
-    _check(bool(sep and host and port.isdigit() and int(port) <= 65535), source,
-           "agent.listen", "must be host:port", a.listen)
+    _check(
+        bool(sep and host and port.isdigit() and int(port) <= 65535),
+        source,
+        "agent.listen",
+        "must be host:port",
+        a.listen,
+    )
     _check(a.max_body_bytes > 0, source, "agent.max_body_bytes", "must be > 0", a.max_body_bytes)
-    _check(a.journal_retention_days > 0, source, "agent.journal_retention_days", "must be > 0",
-           a.journal_retention_days)
-    _check(a.body_timeout_s > 0, source, "agent.body_timeout_s", "must be > 0",
-           a.body_timeout_s)
-    _check(a.head_timeout_s > 0, source, "agent.head_timeout_s", "must be > 0",
-           a.head_timeout_s)
-    _check(a.keepalive_timeout_s > 0, source, "agent.keepalive_timeout_s", "must be > 0",
-           a.keepalive_timeout_s)
+    _check(
+        a.journal_retention_days > 0,
+        source,
+        "agent.journal_retention_days",
+        "must be > 0",
+        a.journal_retention_days,
+    )
+    _check(a.body_timeout_s > 0, source, "agent.body_timeout_s", "must be > 0", a.body_timeout_s)
+    _check(a.head_timeout_s > 0, source, "agent.head_timeout_s", "must be > 0", a.head_timeout_s)
+    _check(
+        a.keepalive_timeout_s > 0,
+        source,
+        "agent.keepalive_timeout_s",
+        "must be > 0",
+        a.keepalive_timeout_s,
+    )
     _check(bool(a.state_dir), source, "agent.state_dir", "must not be empty", a.state_dir)
     _check(bool(b.path), source, "buffer.path", "must not be empty", b.path)
-    _check(b.scan_interval_s > 0, source, "buffer.scan_interval_s", "must be > 0",
-           b.scan_interval_s)
+    _check(
+        b.scan_interval_s > 0, source, "buffer.scan_interval_s", "must be > 0", b.scan_interval_s
+    )
     _check(b.max_bytes > 0, source, "buffer.max_bytes", "must be > 0", b.max_bytes)
-    _check(b.drain_rate_per_s > 0, source, "buffer.drain_rate_per_s", "must be > 0",
-           b.drain_rate_per_s)
-    _check(b.drain_concurrency > 0, source, "buffer.drain_concurrency", "must be > 0",
-           b.drain_concurrency)
-    _check(b.retention_days >= 0, source, "buffer.retention_days", "must be >= 0",
-           b.retention_days)
-    _check(bool(u.primary), source, "upstream.primary", "is required (the primary cluster's "
-           "base URL)", u.primary)
+    _check(
+        b.drain_rate_per_s > 0, source, "buffer.drain_rate_per_s", "must be > 0", b.drain_rate_per_s
+    )
+    _check(
+        b.drain_concurrency > 0,
+        source,
+        "buffer.drain_concurrency",
+        "must be > 0",
+        b.drain_concurrency,
+    )
+    _check(b.retention_days >= 0, source, "buffer.retention_days", "must be >= 0", b.retention_days)
+    _check(
+        bool(u.primary),
+        source,
+        "upstream.primary",
+        "is required (the primary cluster's base URL)",
+        u.primary,
+    )
     _check_url(u.primary, source, "upstream.primary", required=True)
     _check_url(u.standby, source, "upstream.standby", required=False)
     _check(u.timeout_s > 0, source, "upstream.timeout_s", "must be > 0", u.timeout_s)
@@ -337,20 +366,45 @@ def _validate(cfg: Config, source: str) -> None:
         _check(ok, source, "upstream.nameservers", "entries must be IP or IP:port", ns)
     _check(h.interval_s > 0, source, "health.interval_s", "must be > 0", h.interval_s)
     _check(h.timeout_s > 0, source, "health.timeout_s", "must be > 0", h.timeout_s)
-    _check(h.unhealthy_threshold >= 1, source, "health.unhealthy_threshold", "must be >= 1",
-           h.unhealthy_threshold)
-    _check(h.healthy_threshold >= 1, source, "health.healthy_threshold", "must be >= 1",
-           h.healthy_threshold)
-    _check(s.provider in ("http", "aliyun", "log"), source, "sms.provider",
-           "must be one of http, aliyun, log", s.provider)
-    _check(s.per_phone_per_hour >= 0, source, "sms.per_phone_per_hour", "must be >= 0",
-           s.per_phone_per_hour)
+    _check(
+        h.unhealthy_threshold >= 1,
+        source,
+        "health.unhealthy_threshold",
+        "must be >= 1",
+        h.unhealthy_threshold,
+    )
+    _check(
+        h.healthy_threshold >= 1,
+        source,
+        "health.healthy_threshold",
+        "must be >= 1",
+        h.healthy_threshold,
+    )
+    _check(
+        s.provider in ("http", "aliyun", "log"),
+        source,
+        "sms.provider",
+        "must be one of http, aliyun, log",
+        s.provider,
+    )
+    _check(
+        s.per_phone_per_hour >= 0,
+        source,
+        "sms.per_phone_per_hour",
+        "must be >= 0",
+        s.per_phone_per_hour,
+    )
     try:
         names = {f[1] for f in string.Formatter().parse(s.template) if f[1] is not None}
     except ValueError as exc:
         raise ConfigError(f"{source}: sms.template is malformed: {exc}") from exc
-    _check(names <= {"SN", "sign_name"}, source, "sms.template",
-           "may only use the placeholders {SN} and {sign_name}", s.template)
+    _check(
+        names <= {"SN", "sign_name"},
+        source,
+        "sms.template",
+        "may only use the placeholders {SN} and {sign_name}",
+        s.template,
+    )
     _check("SN" in names, source, "sms.template", "must contain {SN}", s.template)
     _validate_sms(s, source)
 
@@ -358,8 +412,13 @@ def _validate(cfg: Config, source: str) -> None:
 def _validate_sms(s: SmsSection, source: str) -> None:
     for key in ("timeout_s", "give_up_after_s", "retry_initial_s", "retry_max_s"):
         _check(getattr(s, key) > 0, source, f"sms.{key}", "must be > 0", getattr(s, key))
-    _check(s.rate_limited_pause_s >= 0, source, "sms.rate_limited_pause_s", "must be >= 0",
-           s.rate_limited_pause_s)
+    _check(
+        s.rate_limited_pause_s >= 0,
+        source,
+        "sms.rate_limited_pause_s",
+        "must be >= 0",
+        s.rate_limited_pause_s,
+    )
     _check(s.concurrency >= 1, source, "sms.concurrency", "must be >= 1", s.concurrency)
     if not s.enabled:
         return
@@ -367,11 +426,20 @@ def _validate_sms(s: SmsSection, source: str) -> None:
         _check_url(s.url, source, "sms.url", required=True)
     if s.provider == "aliyun":
         _check_url(s.endpoint, source, "sms.endpoint", required=True)
-        _check(bool(s.template_code.strip()), source, "sms.template_code",
-               "is required for provider aliyun (the approved template's code)",
-               s.template_code)
-        _check(bool(s.sign_name.strip()), source, "sms.sign_name",
-               "is required for provider aliyun", s.sign_name)
+        _check(
+            bool(s.template_code.strip()),
+            source,
+            "sms.template_code",
+            "is required for provider aliyun (the approved template's code)",
+            s.template_code,
+        )
+        _check(
+            bool(s.sign_name.strip()),
+            source,
+            "sms.sign_name",
+            "is required for provider aliyun",
+            s.sign_name,
+        )
 
 
 def load_tokens(tokens_file: str) -> frozenset[str]:
@@ -406,10 +474,14 @@ def check_auth_exposure(cfg: Config) -> None:
 
 # -- [chain] (CONTRACT 10) ----------------------------------------------------------------
 
-_CHAIN_KEYS = {"enabled": bool, "deadline_h": float, "recheck_interval_s": float,
-               "concurrency": int, "timeout_s": float}
-_STEP_KEYS = ("name", "check", "present", "equal", "repair", "repair_body", "token_file",
-              "kind")
+_CHAIN_KEYS = {
+    "enabled": bool,
+    "deadline_h": float,
+    "recheck_interval_s": float,
+    "concurrency": int,
+    "timeout_s": float,
+}
+_STEP_KEYS = ("name", "check", "present", "equal", "repair", "repair_body", "token_file", "kind")
 
 
 def parse_chain(table: dict[str, Any], source: str) -> ChainSection:
@@ -423,21 +495,29 @@ def parse_chain(table: dict[str, Any], source: str) -> ChainSection:
         values[key] = _coerce(value, _CHAIN_KEYS[key], f"chain.{key}", source)
     entries = table.get("step", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ConfigError(f"{source}: chain.step must be [[chain.step]] tables, got "
-                          f"{entries!r}")
+        raise ConfigError(f"{source}: chain.step must be [[chain.step]] tables, got {entries!r}")
     steps = tuple(_parse_step(entry, i, source) for i, entry in enumerate(entries))
     chain = ChainSection(**values, steps=steps)
     _check(chain.deadline_h > 0, source, "chain.deadline_h", "must be > 0", chain.deadline_h)
-    _check(chain.recheck_interval_s > 0, source, "chain.recheck_interval_s", "must be > 0",
-           chain.recheck_interval_s)
-    _check(chain.concurrency >= 1, source, "chain.concurrency", "must be >= 1",
-           chain.concurrency)
+    _check(
+        chain.recheck_interval_s > 0,
+        source,
+        "chain.recheck_interval_s",
+        "must be > 0",
+        chain.recheck_interval_s,
+    )
+    _check(chain.concurrency >= 1, source, "chain.concurrency", "must be >= 1", chain.concurrency)
     _check(chain.timeout_s > 0, source, "chain.timeout_s", "must be > 0", chain.timeout_s)
     names = [s.name for s in steps]
     for name in names:
         _check(names.count(name) == 1, source, "chain.step.name", "must be unique", name)
-    _check(bool(steps) or not chain.enabled, source, "chain.step",
-           "needs at least one [[chain.step]] when chain.enabled = true", [])
+    _check(
+        bool(steps) or not chain.enabled,
+        source,
+        "chain.step",
+        "needs at least one [[chain.step]] when chain.enabled = true",
+        [],
+    )
     return chain
 
 
@@ -448,46 +528,85 @@ def _parse_step(entry: dict[str, Any], index: int, source: str) -> ChainStep:
         if key not in _STEP_KEYS:
             raise ConfigError(f"{source}: unknown key {where}.{key}")
         if key == "equal":
-            if not isinstance(value, dict) or not all(isinstance(v, str) for v in
-                                                      value.values()):
-                raise ConfigError(f"{source}: {where}.equal must be a table of "
-                                  f"pointer = \"template\", got {value!r}")
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ConfigError(
+                    f"{source}: {where}.equal must be a table of "
+                    f'pointer = "template", got {value!r}'
+                )
         elif not isinstance(value, str):
             raise ConfigError(f"{source}: {where}.{key} must be a string, got {value!r}")
         raw[key] = value
     name = raw.get("name", "")
-    _check(bool(_STEP_NAME.match(name)), source, f"{where}.name",
-           "must be 1-64 letters, digits, '_', '.' or '-'", name)
+    _check(
+        bool(_STEP_NAME.match(name)),
+        source,
+        f"{where}.name",
+        "must be 1-64 letters, digits, '_', '.' or '-'",
+        name,
+    )
     where = f"chain.step[{index}] ({name})"
     kind = raw.get("kind", "")
     if kind:
-        _check(bool(_STEP_KIND.match(kind)), source, f"{where}.kind",
-               "must be module:Class or an entry point name", kind)
+        _check(
+            bool(_STEP_KIND.match(kind)),
+            source,
+            f"{where}.kind",
+            "must be module:Class or an entry point name",
+            kind,
+        )
         extra = [k for k in ("check", "present", "equal", "repair", "repair_body") if k in raw]
-        _check(not extra, source, f"{where}.kind", "excludes the HTTP keys "
-               "check/present/equal/repair/repair_body", extra)
+        _check(
+            not extra,
+            source,
+            f"{where}.kind",
+            "excludes the HTTP keys check/present/equal/repair/repair_body",
+            extra,
+        )
         return ChainStep(name=name, kind=kind)
-    _check("check" in raw, source, f"{where}.check",
-           "is required (\"GET https://...\") unless the step has a kind", None)
-    _check("present" in raw or "equal" in raw, source, f"{where}.present",
-           "or .equal is required: what a 200 answer must hold", None)
-    _check("repair_body" not in raw or "repair" in raw, source, f"{where}.repair_body",
-           "needs a repair request", raw.get("repair_body"))
+    _check(
+        "check" in raw,
+        source,
+        f"{where}.check",
+        'is required ("GET https://...") unless the step has a kind',
+        None,
+    )
+    _check(
+        "present" in raw or "equal" in raw,
+        source,
+        f"{where}.present",
+        "or .equal is required: what a 200 answer must hold",
+        None,
+    )
+    _check(
+        "repair_body" not in raw or "repair" in raw,
+        source,
+        f"{where}.repair_body",
+        "needs a repair request",
+        raw.get("repair_body"),
+    )
     try:
         check = _request(raw["check"], f"{where}.check")
         repair = _request(raw["repair"], f"{where}.repair") if "repair" in raw else None
         present = parse_pointer(raw["present"]) if "present" in raw else None
-        equal = tuple((parse_pointer(p), Template.compile(t))
-                      for p, t in raw.get("equal", {}).items())
+        equal = tuple(
+            (parse_pointer(p), Template.compile(t)) for p, t in raw.get("equal", {}).items()
+        )
         body = Template.compile(raw["repair_body"]) if "repair_body" in raw else None
     except _BadKey as exc:
         raise ConfigError(f"{source}: {exc.key} {exc}") from exc
     except TemplateError as exc:
         raise ConfigError(f"{source}: {where}: {exc}") from exc
     token_file = raw.get("token_file", "")
-    return ChainStep(name=name, check=check, present=present, equal=equal, repair=repair,
-                     repair_body=body, token_file=token_file,
-                     token=load_step_token(name, token_file))
+    return ChainStep(
+        name=name,
+        check=check,
+        present=present,
+        equal=equal,
+        repair=repair,
+        repair_body=body,
+        token_file=token_file,
+        token=load_step_token(name, token_file),
+    )
 
 
 class _BadKey(ValueError):
@@ -499,8 +618,9 @@ class _BadKey(ValueError):
 def _request(text: str, key: str) -> Request:
     method, _, url = text.strip().partition(" ")
     if method not in CHAIN_METHODS or not url.strip():
-        raise _BadKey(key, f"must be \"METHOD URL\" with METHOD one of "
-                           f"{', '.join(CHAIN_METHODS)}, got {text!r}")
+        raise _BadKey(
+            key, f'must be "METHOD URL" with METHOD one of {", ".join(CHAIN_METHODS)}, got {text!r}'
+        )
     try:
         template = Template.compile(url.strip())
     except TemplateError as exc:
@@ -525,12 +645,12 @@ def load_step_token(name: str, token_file: str) -> str:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             if required:
-                raise ConfigError(f"chain step {name}: token_file {path} does not exist"
-                                  ) from None
+                raise ConfigError(f"chain step {name}: token_file {path} does not exist") from None
             continue
         except OSError as exc:
-            raise ConfigError(f"chain step {name}: cannot read token file {path}: "
-                              f"{exc.strerror}") from exc
+            raise ConfigError(
+                f"chain step {name}: cannot read token file {path}: {exc.strerror}"
+            ) from exc
         lines = (line.strip() for line in text.splitlines())
         token = next((line for line in lines if line and not line.startswith("#")), "")
         if not token:

@@ -45,10 +45,8 @@ class Center:
 
     async def post(self, request: web.Request) -> web.Response:
         self.requests += 1
-        status, doc = self.create(request.headers.get("Idempotency-Key", ""),
-                                  await request.read())
-        return web.Response(status=status, body=orjson.dumps(doc),
-                            content_type="application/json")
+        status, doc = self.create(request.headers.get("Idempotency-Key", ""), await request.read())
+        return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
 
     async def batch(self, request: web.Request) -> web.Response:
         self.requests += 1
@@ -58,23 +56,34 @@ class Center:
             key = item["idempotency_key"]
             status, res = self.create(key, item["body"].encode())
             results.append({"idempotency_key": key, "status": status, **res})
-        return web.Response(body=orjson.dumps({"results": results}),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"results": results}), content_type="application/json"
+        )
 
     async def by_key(self, request: web.Request) -> web.Response:
         seen = self.orders.get(request.match_info["key"])
         if seen is None:
-            return web.Response(status=404, body=b'{"error":"not found"}',
-                                content_type="application/json")
-        return web.Response(body=orjson.dumps({"order_id": seen[0], "body": seen[1].decode()}),
-                            content_type="application/json")
+            return web.Response(
+                status=404, body=b'{"error":"not found"}', content_type="application/json"
+            )
+        return web.Response(
+            body=orjson.dumps({"order_id": seen[0], "body": seen[1].decode()}),
+            content_type="application/json",
+        )
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps({
-            "orders": len(self.orders), "creates": sum(self.creates.values()),
-            "duplicated_keys": sum(1 for n in self.creates.values() if n > 1),
-            "requests": self.requests, "first_create_at": self.first_create_at}),
-            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "orders": len(self.orders),
+                    "creates": sum(self.creates.values()),
+                    "duplicated_keys": sum(1 for n in self.creates.values() if n > 1),
+                    "requests": self.requests,
+                    "first_create_at": self.first_create_at,
+                }
+            ),
+            content_type="application/json",
+        )
 
     async def reset(self, request: web.Request) -> web.Response:
         self.__init__()  # type: ignore[misc]
@@ -92,8 +101,9 @@ def main() -> None:
     app.router.add_get("/v3/orders/by-key/{key:.+}", c.by_key)
     app.router.add_get("/admin/stats", c.stats)
     app.router.add_post("/admin/reset", c.reset)
-    web.run_app(app, host=host, port=port, access_log=None, print=lambda *_: print(
-        "ready", flush=True))
+    web.run_app(
+        app, host=host, port=port, access_log=None, print=lambda *_: print("ready", flush=True)
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ class Load:
     async def run(self, session: aiohttp.ClientSession) -> None:
         while not self._stop.is_set():
             self.n += 1
-            body = orjson.dumps({"channel_id": "bench", "channel_order_id":
-                                 f"{self.prefix}-{self.n}"})
+            body = orjson.dumps(
+                {"channel_id": "bench", "channel_order_id": f"{self.prefix}-{self.n}"}
+            )
             task = asyncio.create_task(self._one(session, body))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -61,8 +62,9 @@ class Load:
     async def _one(self, session: aiohttp.ClientSession, body: bytes) -> None:
         started = time.monotonic()
         try:
-            async with session.post(self.url, data=body,
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                self.url, data=body, headers={"Content-Type": "application/json"}
+            ) as r:
                 await r.read()
                 if r.status >= 300:
                     self.errors += 1
@@ -83,12 +85,19 @@ async def _until(pred, timeout: float = 30.0) -> float:  # type: ignore[no-untyp
     return time.monotonic()
 
 
-async def failover_once(box: Sandbox, session: aiohttp.ClientSession, work: Path,
-                        how: str, rep: int) -> tuple[float, float]:
+async def failover_once(
+    box: Sandbox, session: aiohttp.ClientSession, work: Path, how: str, rep: int
+) -> tuple[float, float]:
     box.reset()
     (work / f"{how}-{rep}").mkdir(parents=True)
-    agent = AgentUnderDrill(work / f"{how}-{rep}", box, interval_s=INTERVAL,
-                            health_timeout_s=TIMEOUT, unhealthy=UNHEALTHY, healthy=HEALTHY)
+    agent = AgentUnderDrill(
+        work / f"{how}-{rep}",
+        box,
+        interval_s=INTERVAL,
+        health_timeout_s=TIMEOUT,
+        unhealthy=UNHEALTHY,
+        healthy=HEALTHY,
+    )
     await agent.start_ready(session)
     primary, standby = box.centers["primary"], box.centers["standby"]
     load = Load(agent.url, f"{how}{rep}")
@@ -114,12 +123,19 @@ async def failover_once(box: Sandbox, session: aiohttp.ClientSession, work: Path
         await agent.stop()
 
 
-async def drain_start_once(box: Sandbox, session: aiohttp.ClientSession, work: Path,
-                           rep: int) -> float:
+async def drain_start_once(
+    box: Sandbox, session: aiohttp.ClientSession, work: Path, rep: int
+) -> float:
     box.reset()
     (work / f"drain-{rep}").mkdir(parents=True)
-    agent = AgentUnderDrill(work / f"drain-{rep}", box, interval_s=INTERVAL,
-                            health_timeout_s=TIMEOUT, unhealthy=UNHEALTHY, healthy=HEALTHY)
+    agent = AgentUnderDrill(
+        work / f"drain-{rep}",
+        box,
+        interval_s=INTERVAL,
+        health_timeout_s=TIMEOUT,
+        unhealthy=UNHEALTHY,
+        healthy=HEALTHY,
+    )
     primary = box.centers["primary"]
     await primary.go_down()
     await box.centers["standby"].go_down()
@@ -127,8 +143,9 @@ async def drain_start_once(box: Sandbox, session: aiohttp.ClientSession, work: P
     try:
         for n in range(20):
             body = orjson.dumps({"channel_id": "bench", "channel_order_id": f"d{rep}-{n}"})
-            async with session.post(f"{agent.url}/v1/orders", data=body,
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                f"{agent.url}/v1/orders", data=body, headers={"Content-Type": "application/json"}
+            ) as r:
                 assert r.status == 202, await r.text()
         await primary.come_up()
         await _until(lambda: len(primary.creates) > 0)
@@ -142,13 +159,16 @@ async def drain_start_once(box: Sandbox, session: aiohttp.ClientSession, work: P
 
 
 def _row(name: str, values: list[float], goal: str) -> str:
-    return (f"{name:<34} median {statistics.median(values):6.3f}s  max {max(values):6.3f}s"
-            f"   goal {goal}")
+    return (
+        f"{name:<34} median {statistics.median(values):6.3f}s  max {max(values):6.3f}s"
+        f"   goal {goal}"
+    )
 
 
 async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
     bound = UNHEALTHY * INTERVAL + TIMEOUT
@@ -166,13 +186,14 @@ async def main() -> int:
             drains = [await drain_start_once(box, s, work, rep) for rep in range(args.reps)]
     finally:
         await box.stop()
-    print(f"health: interval {INTERVAL}s, timeout {TIMEOUT}s, thresholds "
-          f"{UNHEALTHY}/{HEALTHY}; upstream.timeout_s {UPSTREAM_TIMEOUT}s; {args.reps} reps")
+    print(
+        f"health: interval {INTERVAL}s, timeout {TIMEOUT}s, thresholds "
+        f"{UNHEALTHY}/{HEALTHY}; upstream.timeout_s {UPSTREAM_TIMEOUT}s; {args.reps} reps"
+    )
     print(f"configured detection bound (unhealthy x interval + timeout): {bound:.1f}s")
     for how in ("refuse", "503", "hang"):
         print(_row(f"failover, primary {how}", results[how], "<= 4.0s worst case"))
-        print(_row(f"  longest order wait ({how})", waits[how],
-                   f"<= {UPSTREAM_TIMEOUT + 1:.1f}s"))
+        print(_row(f"  longest order wait ({how})", waits[how], f"<= {UPSTREAM_TIMEOUT + 1:.1f}s"))
     print(_row("drain start after declared healthy", drains, "<= 1.5s"))
     worst = max(max(v) for v in results.values())
     print(f"ratio worst failover / detection bound: {worst / bound:.2f}")

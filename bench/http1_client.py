@@ -37,14 +37,17 @@ from agent.upstream.http1_conn import Conn
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = b'{"channel_id":"douyin","channel_order_id":"1","total_amount":"199.10"}'
 CREATED = b'{"order_id": "OC000000001"}'
-_HEAD = (b"HTTP/1.1 201 Created\r\nContent-Type: application/json; charset=utf-8\r\n"
-         b"Date: Thu, 03 Dec 2026 14:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.14.5\r\n")
+_HEAD = (
+    b"HTTP/1.1 201 Created\r\nContent-Type: application/json; charset=utf-8\r\n"
+    b"Date: Thu, 03 Dec 2026 14:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.14.5\r\n"
+)
 ANSWERS = {
     "201 Content-Length": _HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(CREATED), CREATED),
-    "201 chunked": _HEAD + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
-                   % (len(CREATED), CREATED),
-    "201 gzip": _HEAD + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(gzip.compress(CREATED)), gzip.compress(CREATED)),
+    "201 chunked": _HEAD
+    + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(CREATED), CREATED),
+    "201 gzip": _HEAD
+    + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(gzip.compress(CREATED)), gzip.compress(CREATED)),
 }
 
 
@@ -73,8 +76,10 @@ def _read(conn: Conn, pieces: list[bytes]) -> Any:
 def parse_bench(n: int) -> None:
     print(f"[1/2] parse: {n} answers each, one keep-alive connection, no socket")
     for name, answer in ANSWERS.items():
-        for how, pieces in (("whole", [answer]),
-                            ("1-byte pieces", [answer[i:i + 1] for i in range(len(answer))])):
+        for how, pieces in (
+            ("whole", [answer]),
+            ("1-byte pieces", [answer[i : i + 1] for i in range(len(answer))]),
+        ):
             conn = Conn()
             conn.connection_made(_Transport())  # type: ignore[arg-type]
             reply, keep = _read(conn, pieces)
@@ -86,8 +91,10 @@ def parse_bench(n: int) -> None:
                 for _ in range(count):
                     _read(conn, pieces)
                 rounds.append((time.perf_counter() - started) / count * 1e6)
-            print(f"    {name:20s} {how:14s} {min(rounds):8.2f} us per answer "
-                  f"({len(answer)} bytes; best of 5)")
+            print(
+                f"    {name:20s} {how:14s} {min(rounds):8.2f} us per answer "
+                f"({len(answer)} bytes; best of 5)"
+            )
 
 
 class _Resolver:
@@ -103,8 +110,11 @@ async def client_bench(base: str, n: int, concurrency: int) -> None:
 
     async def one() -> float:
         i = next(counter)
-        headers = {"Idempotency-Key": f"bench:{os.getpid()}:{i}", "X-Edge-Serial": f"S-{i}",
-                   "X-Edge-Node": "bench"}
+        headers = {
+            "Idempotency-Key": f"bench:{os.getpid()}:{i}",
+            "X-Edge-Serial": f"S-{i}",
+            "X-Edge-Node": "bench",
+        }
         started = time.perf_counter()
         reply = await client.post(target, headers, ORDER, 5.0)
         if reply.status not in (200, 201):
@@ -117,8 +127,10 @@ async def client_bench(base: str, n: int, concurrency: int) -> None:
         cpu, wall = time.process_time(), time.perf_counter()
         latencies = [await one() for _ in range(n)]
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        print(f"    concurrency 1   p50 {statistics.median(latencies) * 1e3:6.3f} ms   "
-              f"{n / wall:7.0f} req/s   client CPU {cpu / n * 1e6:6.1f} us per request")
+        print(
+            f"    concurrency 1   p50 {statistics.median(latencies) * 1e3:6.3f} ms   "
+            f"{n / wall:7.0f} req/s   client CPU {cpu / n * 1e6:6.1f} us per request"
+        )
 
         async def worker(count: int) -> None:
             for _ in range(count):
@@ -128,8 +140,10 @@ async def client_bench(base: str, n: int, concurrency: int) -> None:
         await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
         done = n // concurrency * concurrency
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        print(f"    concurrency {concurrency:<3d} {done / wall:22.0f} req/s   "
-              f"client CPU {cpu / done * 1e6:6.1f} us per request")
+        print(
+            f"    concurrency {concurrency:<3d} {done / wall:22.0f} req/s   "
+            f"client CPU {cpu / done * 1e6:6.1f} us per request"
+        )
     finally:
         client.close()
 
@@ -146,14 +160,17 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.2", 0))
         port = s.getsockname()[1]
-    center = subprocess.Popen([sys.executable, "-m", "bench.center", "127.0.0.2", str(port)],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    center = subprocess.Popen(
+        [sys.executable, "-m", "bench.center", "127.0.0.2", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert center.stdout is not None
         if b"ready" not in center.stdout.readline():
             raise RuntimeError("bench.center did not start")
-        asyncio.run(client_bench(f"http://127.0.0.2:{port}/v3", args.requests,
-                                 args.concurrency))
+        asyncio.run(client_bench(f"http://127.0.0.2:{port}/v3", args.requests, args.concurrency))
     finally:
         center.terminate()
         center.wait(10)

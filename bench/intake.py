@@ -61,16 +61,26 @@ START_TIMEOUT_S = 30.0
 
 # Goals (issue 14; what the summary checks). Every one is a ratio to, or a difference
 # from, a baseline measured in the same run: the machine's speed drifts 2-3x.
-GOAL_INTAKE_VS_RAW = 1.5    # offline intake rate / one-sequential-fsync'd-file-per-order rate
+GOAL_INTAKE_VS_RAW = 1.5  # offline intake rate / one-sequential-fsync'd-file-per-order rate
 GOAL_INTAKE_P99_MS = 50.0
-GOAL_ADDED_P50_MS = 1.0     # forwarding via the agent vs straight to the center
+GOAL_ADDED_P50_MS = 1.0  # forwarding via the agent vs straight to the center
 GOAL_THROUGHPUT_KEPT = 0.50
-GOAL_CPU_VS_CENTER = 2.5    # agent CPU per forwarded order / the center's CPU per request
+GOAL_CPU_VS_CENTER = 2.5  # agent CPU per forwarded order / the center's CPU per request
 
-FULL = {"orders": 20_000, "forward_requests": 2_000, "throughput_requests": 10_000,
-        "raw_files": 3_000, "warmup": 500}
-QUICK = {"orders": 2_000, "forward_requests": 300, "throughput_requests": 2_000,
-         "raw_files": 300, "warmup": 100}
+FULL = {
+    "orders": 20_000,
+    "forward_requests": 2_000,
+    "throughput_requests": 10_000,
+    "raw_files": 3_000,
+    "warmup": 500,
+}
+QUICK = {
+    "orders": 2_000,
+    "forward_requests": 300,
+    "throughput_requests": 2_000,
+    "raw_files": 300,
+    "warmup": 100,
+}
 
 
 class BenchError(Exception):
@@ -134,14 +144,17 @@ PRODUCTS = (
     ("SKU-520018", "高山绿茶 明前特级 250g", 19910),
     ("SKU-600781", "有机杂粮组合 八宝粥料 2kg", 4580),
 )
-CITIES = (("上海市", "浦东新区", "张江路 188 弄 6 号 1203 室"),
-          ("北京市", "朝阳区", "望京街道 阜通东大街 9 号院 3 单元 501"),
-          ("广东省", "深圳市南山区", "科技园南区 高新南七道 R3-B 栋 12 楼"),
-          ("浙江省", "杭州市西湖区", "文三路 478 号 华星时代广场 A 座 807"))
+CITIES = (
+    ("上海市", "浦东新区", "张江路 188 弄 6 号 1203 室"),
+    ("北京市", "朝阳区", "望京街道 阜通东大街 9 号院 3 单元 501"),
+    ("广东省", "深圳市南山区", "科技园南区 高新南七道 R3-B 栋 12 楼"),
+    ("浙江省", "杭州市西湖区", "文三路 478 号 华星时代广场 A 座 807"),
+)
 
 
-def make_order(rng: random.Random, channel_id: str, channel_order_id: str,
-               phone: bool = True) -> bytes:
+def make_order(
+    rng: random.Random, channel_id: str, channel_order_id: str, phone: bool = True
+) -> bytes:
     """A realistic order of 512-1024 bytes of UTF-8 JSON; amounts as decimal strings.
 
     With ``phone`` it carries a ``customer_phone``, so a buffered order queues an SMS.
@@ -159,15 +172,21 @@ def make_order(rng: random.Random, channel_id: str, channel_order_id: str,
         "channel_order_id": channel_order_id,
         "customer_phone": f"1{rng.choice('3456789')}{rng.randrange(10**9):09d}",
         "customer_name": rng.choice(("王芳", "李伟", "张敏", "刘洋", "陈静")),
-        "shipping_address": {"province": province, "district": district, "street": street,
-                             "postcode": f"{rng.randrange(100000, 999999)}"},
+        "shipping_address": {
+            "province": province,
+            "district": district,
+            "street": street,
+            "postcode": f"{rng.randrange(100000, 999999)}",
+        },
         "items": items,
         "shipping_fee": "0.00" if total >= 9900 else "8.00",
         "total_amount": f"{total / 100:.2f}",
         "currency": "CNY",
         "paid_at": f"2026-11-25T10:{rng.randrange(60):02d}:{rng.randrange(60):02d}+08:00",
-        "payment": {"method": rng.choice(("wechat", "alipay")),
-                    "transaction_id": f"42000{rng.randrange(10**15):015d}"},
+        "payment": {
+            "method": rng.choice(("wechat", "alipay")),
+            "transaction_id": f"42000{rng.randrange(10**15):015d}",
+        },
         "remark": "",
     }
     if not phone:
@@ -192,8 +211,7 @@ class Req(NamedTuple):
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def agent_requests(base: str, tag: str, count: int, seed: int,
-                   phone: bool = True) -> list[Req]:
+def agent_requests(base: str, tag: str, count: int, seed: int, phone: bool = True) -> list[Req]:
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -211,8 +229,12 @@ def center_requests(base: str, tag: str, count: int, seed: int) -> list[Req]:
         channel = rng.choice(CHANNELS)
         order_id = f"{tag}-{i:07d}"
         body = make_order(rng, channel, order_id)
-        headers = {"Content-Type": "application/json", "Idempotency-Key": f"{channel}:{order_id}",
-                   "X-Edge-Serial": f"BENCH-{i:09d}", "X-Edge-Node": "bench-direct"}
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": f"{channel}:{order_id}",
+            "X-Edge-Serial": f"BENCH-{i:09d}",
+            "X-Edge-Node": "bench-direct",
+        }
         out.append(Req(f"{base}/orders", body, headers))
     return out
 
@@ -222,12 +244,16 @@ def center_requests(base: str, tag: str, count: int, seed: int) -> list[Req]:
 
 def new_session(concurrency: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
-    return aiohttp.ClientSession(connector=connector,
-                                 timeout=aiohttp.ClientTimeout(total=30))
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
 
 
-async def one(session: aiohttp.ClientSession, req: Req, expect: int, stats: RunStats,
-              on_ok: Callable[[bytes], None] | None = None) -> None:
+async def one(
+    session: aiohttp.ClientSession,
+    req: Req,
+    expect: int,
+    stats: RunStats,
+    on_ok: Callable[[bytes], None] | None = None,
+) -> None:
     """Send one request, timing it to the last byte of the answer."""
     start = time.perf_counter()
     try:
@@ -247,8 +273,13 @@ async def one(session: aiohttp.ClientSession, req: Req, expect: int, stats: RunS
         on_ok(payload)
 
 
-async def drive(session: aiohttp.ClientSession, reqs: Sequence[Req], concurrency: int,
-                expect: int, on_ok: Callable[[bytes], None] | None = None) -> RunStats:
+async def drive(
+    session: aiohttp.ClientSession,
+    reqs: Sequence[Req],
+    concurrency: int,
+    expect: int,
+    on_ok: Callable[[bytes], None] | None = None,
+) -> RunStats:
     """``concurrency`` clients working through ``reqs``; throughput over the wall time."""
     stats = RunStats()
     todo = iter(reqs)
@@ -293,8 +324,9 @@ class Child:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
         self.exit_code: int | None = None
 
     def cpu(self) -> tuple[float, float]:
@@ -309,8 +341,9 @@ class Child:
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited with code {self.proc.returncode}:\n"
-                             f"{self.log_tail()}")
+            raise BenchError(
+                f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}"
+            )
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -335,8 +368,12 @@ class Child:
     def __enter__(self) -> Child:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 
@@ -344,8 +381,12 @@ def write_agent_config(work: Path, primary: str) -> tuple[Path, str]:
     """A config for one bench agent under ``work``; returns (path, agent base URL)."""
     port = free_port()
     sections: dict[str, dict[str, object]] = {
-        "agent": {"node_id": "bench-01", "listen": f"127.0.0.1:{port}",
-                  "state_dir": str(work / "state"), "shutdown_timeout_s": 5},
+        "agent": {
+            "node_id": "bench-01",
+            "listen": f"127.0.0.1:{port}",
+            "state_dir": str(work / "state"),
+            "shutdown_timeout_s": 5,
+        },
         "buffer": {"path": str(work / "spool"), "max_bytes": 1 << 40},
         "upstream": {"primary": primary, "timeout_s": 5},
         "health": {"interval_s": 0.5, "timeout_s": 0.5},
@@ -372,13 +413,13 @@ async def wait_until(child: Child, probe: Callable[[], Any], what: str) -> None:
         except (aiohttp.ClientError, TimeoutError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {START_TIMEOUT_S:.0f}s waiting for {what}:\n"
-                             f"{child.log_tail()}")
+            raise BenchError(
+                f"timed out after {START_TIMEOUT_S:.0f}s waiting for {what}:\n{child.log_tail()}"
+            )
         await asyncio.sleep(0.05)
 
 
-async def wait_agent(session: aiohttp.ClientSession, child: Child, base: str,
-                     mode: str) -> None:
+async def wait_agent(session: aiohttp.ClientSession, child: Child, base: str, mode: str) -> None:
     async def ready() -> bool:
         async with session.get(f"{base}/readyz") as resp:
             return resp.status == 200
@@ -437,6 +478,7 @@ def full_commit_ms(directory: Path, commits: int = 200) -> float:
     """
     import sqlite3
     import statistics
+
     path = directory / "bench-commit.sqlite3"
     db = sqlite3.connect(path, isolation_level=None)
     try:
@@ -480,8 +522,14 @@ def filesystem_of(path: Path) -> str:
 def git_revision() -> str:
     """The commit the agent code is at, "+dirty" when it has uncommitted changes."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty=+dirty"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown revision"
     return out.stdout.strip()
@@ -514,8 +562,8 @@ class Results:
     via_lat: RunStats | None = None
     direct_tp: RunStats | None = None
     via_tp: RunStats | None = None
-    agent_cpu_us: float = math.nan    # agent CPU per forwarded order (throughput run)
-    center_cpu_us: float = math.nan   # the center's CPU per request, direct run
+    agent_cpu_us: float = math.nan  # agent CPU per forwarded order (throughput run)
+    center_cpu_us: float = math.nan  # the center's CPU per request, direct run
     commit_full_ms: float = math.nan  # median one-row synchronous=FULL commit, same disk
     errors: list[str] = field(default_factory=list)
 
@@ -528,12 +576,18 @@ class Results:
 # -- the phases -----------------------------------------------------------------------
 
 
-RAW_RECORD = orjson.dumps({
-    "v": 1, "serial": "BENCH-01-20261125-000000001", "node_id": "bench-01",
-    "received_at": "2026-11-25T10:00:00.000+08:00", "channel_id": "douyin",
-    "dedupe_key": "douyin:BENCH-RAW", "customer_phone": "13800138000",
-    "body": make_order(random.Random(0), "douyin", "BENCH-RAW").decode(),
-})
+RAW_RECORD = orjson.dumps(
+    {
+        "v": 1,
+        "serial": "BENCH-01-20261125-000000001",
+        "node_id": "bench-01",
+        "received_at": "2026-11-25T10:00:00.000+08:00",
+        "channel_id": "douyin",
+        "dedupe_key": "douyin:BENCH-RAW",
+        "customer_phone": "13800138000",
+        "body": make_order(random.Random(0), "douyin", "BENCH-RAW").decode(),
+    }
+)
 
 
 def raw_run(tmp: Path, name: str, count: int) -> float:
@@ -541,23 +595,31 @@ def raw_run(tmp: Path, name: str, count: int) -> float:
     rate = raw_fsync_rate(tmp / f"raw-{name}", count, RAW_RECORD)
     user1, sys1 = own_cpu()
     user, system = user1 - user0, sys1 - sys0
-    row(f"raw rate, {name}", f"{rate:8.0f} files/s   ({1000 / rate:.2f} ms per file; CPU user "
-        f"{user / count * 1e6:.0f} us + sys {system / count * 1e6:.0f} us per file)")
+    row(
+        f"raw rate, {name}",
+        f"{rate:8.0f} files/s   ({1000 / rate:.2f} ms per file; CPU user "
+        f"{user / count * 1e6:.0f} us + sys {system / count * 1e6:.0f} us per file)",
+    )
     return rate
 
 
 def phase_raw(tmp: Path, count: int, res: Results) -> None:
-    say(f"[1/3] raw disk: sequential one fsync'd file per order, 2 x {count // 2} files of "
-        f"{len(RAW_RECORD)} B (one run before, one after the agent's intake run)")
+    say(
+        f"[1/3] raw disk: sequential one fsync'd file per order, 2 x {count // 2} files of "
+        f"{len(RAW_RECORD)} B (one run before, one after the agent's intake run)"
+    )
     res.raw_before = raw_run(tmp, "before", count // 2)
     say()
 
 
-async def phase_intake(tmp: Path, orders: int, concurrency: int, raw_files: int,
-                       phone: bool, res: Results) -> None:
-    say(f"[2/3] offline durable intake over HTTP: {orders} orders, {concurrency} "
+async def phase_intake(
+    tmp: Path, orders: int, concurrency: int, raw_files: int, phone: bool, res: Results
+) -> None:
+    say(
+        f"[2/3] offline durable intake over HTTP: {orders} orders, {concurrency} "
         "keep-alive clients, "
-        f"{'each with a customer_phone (SMS notice)' if phone else 'no customer_phone'}")
+        f"{'each with a customer_phone (SMS notice)' if phone else 'no customer_phone'}"
+    )
     dead = f"http://127.0.0.1:{free_port()}/v3"  # nothing listens there
     work = tmp / "offline"
     child, base = start_agent(work, dead)
@@ -577,42 +639,63 @@ async def phase_intake(tmp: Path, orders: int, concurrency: int, raw_files: int,
             (user1, sys1), me1 = child.cpu(), time.process_time()
             status = await agent_status(session, base)
         res.intake = stats
-        pending = {e.name[:-5] for e in os.scandir(work / "spool" / "pending")
-                   if e.name.endswith(".json") and not e.name.startswith(".")}
+        pending = {
+            e.name[:-5]
+            for e in os.scandir(work / "spool" / "pending")
+            if e.name.endswith(".json") and not e.name.startswith(".")
+        }
     row("order body size", f"{sizes[0]}-{sizes[-1]} B (median {sizes[len(sizes) // 2]} B)")
     row("acknowledged (202)", f"{stats.ok}")
     row("not acknowledged", f"{stats.unexpected}  ({stats.problems()})")
     row("throughput", f"{stats.rate:8.0f} orders/s   ({stats.elapsed_s:.2f} s)")
-    row("latency p50 / p99", f"{stats.p(50):.2f} ms / {stats.p(99):.2f} ms "
-        f"(max {max(stats.latencies_ms, default=math.nan):.2f} ms)")
+    row(
+        "latency p50 / p99",
+        f"{stats.p(50):.2f} ms / {stats.p(99):.2f} ms "
+        f"(max {max(stats.latencies_ms, default=math.nan):.2f} ms)",
+    )
     user, system = user1 - user0, sys1 - sys0
-    row("agent CPU", f"{(user + system) / stats.elapsed_s:.2f} cores; per order user "
-        f"{user / max(1, orders) * 1e6:.0f} us + sys {system / max(1, orders) * 1e6:.0f} us")
+    row(
+        "agent CPU",
+        f"{(user + system) / stats.elapsed_s:.2f} cores; per order user "
+        f"{user / max(1, orders) * 1e6:.0f} us + sys {system / max(1, orders) * 1e6:.0f} us",
+    )
     row("bench client CPU", f"{(me1 - me0) / stats.elapsed_s:.2f} cores")
     missing = serials - pending
-    row("pending/ files", f"{len(pending)} (status says {status.get('pending')}, "
-        f"acked {stats.ok}, acked but missing {len(missing)})")
+    row(
+        "pending/ files",
+        f"{len(pending)} (status says {status.get('pending')}, "
+        f"acked {stats.ok}, acked but missing {len(missing)})",
+    )
     if len(serials) != stats.ok:
         res.errors.append(f"intake: {stats.ok} acks but {len(serials)} distinct serials")
     if missing or len(pending) != stats.ok:
-        res.errors.append(f"intake: LOST ORDERS: {stats.ok} acknowledged, {len(pending)} files "
-                          f"in pending/, {len(missing)} acknowledged serials without a file")
+        res.errors.append(
+            f"intake: LOST ORDERS: {stats.ok} acknowledged, {len(pending)} files "
+            f"in pending/, {len(missing)} acknowledged serials without a file"
+        )
     if stats.unexpected:
-        res.errors.append(f"intake: {stats.unexpected} orders not acknowledged "
-                          f"({stats.problems()})")
+        res.errors.append(
+            f"intake: {stats.unexpected} orders not acknowledged ({stats.problems()})"
+        )
     code = child.exit_code
     if code != 0:
         say(f"    WARNING: offline agent exited with code {code} on SIGTERM (expected 0)")
     res.raw_after = raw_run(tmp, "after", raw_files)
-    row("agent / raw disk rate", f"{stats.rate / res.raw_rate:8.2f}x   (raw = mean of before "
-        f"and after: {res.raw_rate:.0f} files/s)")
+    row(
+        "agent / raw disk rate",
+        f"{stats.rate / res.raw_rate:8.2f}x   (raw = mean of before "
+        f"and after: {res.raw_rate:.0f} files/s)",
+    )
     say()
 
 
-async def phase_forward(tmp: Path, latency_n: int, tp_n: int, warmup: int, concurrency: int,
-                        res: Results) -> None:
-    say(f"[3/3] forwarding overhead: center in its own process, {latency_n} requests at "
-        f"concurrency 1, {tp_n} at concurrency {concurrency} (each, direct and via agent)")
+async def phase_forward(
+    tmp: Path, latency_n: int, tp_n: int, warmup: int, concurrency: int, res: Results
+) -> None:
+    say(
+        f"[3/3] forwarding overhead: center in its own process, {latency_n} requests at "
+        f"concurrency 1, {tp_n} at concurrency {concurrency} (each, direct and via agent)"
+    )
     center_port = free_port("127.0.0.2")
     center_base = f"http://127.0.0.2:{center_port}/v3"
     work = tmp / "forward"
@@ -620,6 +703,7 @@ async def phase_forward(tmp: Path, latency_n: int, tp_n: int, warmup: int, concu
     argv = [sys.executable, str(CENTER_SCRIPT), "127.0.0.2", str(center_port)]
     with Child("order center", argv, work / "center.log") as center:
         async with new_session(4) as probe_session:
+
             async def center_up() -> bool:
                 async with probe_session.get(f"{center_base}/health") as resp:
                     return resp.status == 200
@@ -628,32 +712,56 @@ async def phase_forward(tmp: Path, latency_n: int, tp_n: int, warmup: int, concu
             agent, agent_base = start_agent(work, center_base)
             with agent:
                 await wait_agent(probe_session, agent, agent_base, "normal")
-                async with new_session(concurrency) as direct, \
-                        new_session(concurrency) as via:
-                    await _forward_runs(res, direct, via, center_base, agent_base, latency_n,
-                                        tp_n, warmup, concurrency, center, agent)
+                async with new_session(concurrency) as direct, new_session(concurrency) as via:
+                    await _forward_runs(
+                        res,
+                        direct,
+                        via,
+                        center_base,
+                        agent_base,
+                        latency_n,
+                        tp_n,
+                        warmup,
+                        concurrency,
+                        center,
+                        agent,
+                    )
                 status = await agent_status(probe_session, agent_base)
             if status.get("mode") != "normal" or status.get("pending"):
-                res.errors.append(f"forward: agent ended in mode {status.get('mode')!r} with "
-                                  f"{status.get('pending')} pending orders")
+                res.errors.append(
+                    f"forward: agent ended in mode {status.get('mode')!r} with "
+                    f"{status.get('pending')} pending orders"
+                )
     assert res.direct_lat and res.via_lat and res.direct_tp and res.via_tp
-    for name, stats in (("direct, concurrency 1", res.direct_lat),
-                        ("via agent, concurrency 1", res.via_lat),
-                        (f"direct, concurrency {concurrency}", res.direct_tp),
-                        (f"via agent, concurrency {concurrency}", res.via_tp)):
+    for name, stats in (
+        ("direct, concurrency 1", res.direct_lat),
+        ("via agent, concurrency 1", res.via_lat),
+        (f"direct, concurrency {concurrency}", res.direct_tp),
+        (f"via agent, concurrency {concurrency}", res.via_tp),
+    ):
         if stats.unexpected:
-            res.errors.append(f"forward {name}: {stats.unexpected} requests failed "
-                              f"({stats.problems()})")
+            res.errors.append(
+                f"forward {name}: {stats.unexpected} requests failed ({stats.problems()})"
+            )
     code = agent.exit_code
     if code != 0:
         say(f"    WARNING: forwarding agent exited with code {code} on SIGTERM (expected 0)")
     say()
 
 
-async def _forward_runs(res: Results, direct: aiohttp.ClientSession,
-                        via: aiohttp.ClientSession, center_base: str, agent_base: str,
-                        latency_n: int, tp_n: int, warmup: int, concurrency: int,
-                        center: Child, agent: Child) -> None:
+async def _forward_runs(
+    res: Results,
+    direct: aiohttp.ClientSession,
+    via: aiohttp.ClientSession,
+    center_base: str,
+    agent_base: str,
+    latency_n: int,
+    tp_n: int,
+    warmup: int,
+    concurrency: int,
+    center: Child,
+    agent: Child,
+) -> None:
     tag = f"BENCH-FWD-{os.getpid()}-{int(time.time())}"
     # Warm-up: connections, code paths, the agent's serial block and SQLite pages.
     await drive(direct, center_requests(center_base, f"{tag}-wd", warmup, 2), concurrency, 201)
@@ -678,9 +786,12 @@ async def _forward_runs(res: Results, direct: aiohttp.ClientSession,
     row("concurrency 1, direct p50 / p99", f"{d_lat.p(50):.2f} ms / {d_lat.p(99):.2f} ms")
     row("concurrency 1, via agent p50 / p99", f"{v_lat.p(50):.2f} ms / {v_lat.p(99):.2f} ms")
     row("added by the agent p50 / p99", f"{added50:+.2f} ms / {added99:+.2f} ms")
-    row("floor: 2 durable journal commits", f"{2 * res.commit_full_ms:.2f} ms  (median one-row "
+    row(
+        "floor: 2 durable journal commits",
+        f"{2 * res.commit_full_ms:.2f} ms  (median one-row "
         f"synchronous=FULL commit here: {res.commit_full_ms:.2f} ms; the intent before the send "
-        "and the row before the 201)")
+        "and the row before the 201)",
+    )
 
     # (b) throughput at ``concurrency``: alternate direct/via blocks (ABBA) to share conditions.
     d_reqs = center_requests(center_base, f"{tag}-td", tp_n, 5)
@@ -688,7 +799,10 @@ async def _forward_runs(res: Results, direct: aiohttp.ClientSession,
     half = tp_n // 2
     d_tp, v_tp = RunStats(), RunStats()
     meters: dict[str, Callable[[], tuple[float, float]]] = {
-        "client": own_cpu, "center": center.cpu, "agent": agent.cpu}
+        "client": own_cpu,
+        "center": center.cpu,
+        "agent": agent.cpu,
+    }
     cpu: defaultdict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     plan = [("direct", 0, half), ("via", 0, half), ("via", half, tp_n), ("direct", half, tp_n)]
     for kind, lo, hi in plan:
@@ -702,10 +816,14 @@ async def _forward_runs(res: Results, direct: aiohttp.ClientSession,
             cpu[kind, who][0] += u1 - u0
             cpu[kind, who][1] += s1 - s0
     res.direct_tp, res.via_tp = d_tp, v_tp
-    row(f"concurrency {concurrency}, direct", f"{d_tp.rate:8.0f} req/s   "
-        f"(p50 {d_tp.p(50):.2f} ms, p99 {d_tp.p(99):.2f} ms)")
-    row(f"concurrency {concurrency}, via agent", f"{v_tp.rate:8.0f} req/s   "
-        f"(p50 {v_tp.p(50):.2f} ms, p99 {v_tp.p(99):.2f} ms)")
+    row(
+        f"concurrency {concurrency}, direct",
+        f"{d_tp.rate:8.0f} req/s   (p50 {d_tp.p(50):.2f} ms, p99 {d_tp.p(99):.2f} ms)",
+    )
+    row(
+        f"concurrency {concurrency}, via agent",
+        f"{v_tp.rate:8.0f} req/s   (p50 {v_tp.p(50):.2f} ms, p99 {v_tp.p(99):.2f} ms)",
+    )
     row("via / direct throughput", f"{v_tp.rate / d_tp.rate:8.2f}")
     for kind, stats in (("direct", d_tp), ("via", v_tp)):
         parts = []
@@ -713,16 +831,23 @@ async def _forward_runs(res: Results, direct: aiohttp.ClientSession,
             user, system = cpu[kind, who]
             if kind == "direct" and who == "agent":
                 continue
-            parts.append(f"{who} {(user + system) / max(1, stats.ok) * 1e6:.0f} us "
-                         f"({(user + system) / stats.elapsed_s:.2f} cores)")
+            parts.append(
+                f"{who} {(user + system) / max(1, stats.ok) * 1e6:.0f} us "
+                f"({(user + system) / stats.elapsed_s:.2f} cores)"
+            )
         row(f"CPU per request, {kind}", ", ".join(parts))
     user, system = cpu["via", "agent"]
-    row("agent CPU per forwarded order", f"user {user / max(1, v_tp.ok) * 1e6:.0f} us + sys "
-        f"{system / max(1, v_tp.ok) * 1e6:.0f} us")
+    row(
+        "agent CPU per forwarded order",
+        f"user {user / max(1, v_tp.ok) * 1e6:.0f} us + sys {system / max(1, v_tp.ok) * 1e6:.0f} us",
+    )
     res.agent_cpu_us = (user + system) / max(1, v_tp.ok) * 1e6
     res.center_cpu_us = sum(cpu["direct", "center"]) / max(1, d_tp.ok) * 1e6
-    row("agent CPU / center CPU per request", f"{res.agent_cpu_us / res.center_cpu_us:8.2f}x "
-        f"  (center, direct run: {res.center_cpu_us:.0f} us)")
+    row(
+        "agent CPU / center CPU per request",
+        f"{res.agent_cpu_us / res.center_cpu_us:8.2f}x "
+        f"  (center, direct run: {res.center_cpu_us:.0f} us)",
+    )
 
 
 def summary(res: Results) -> None:
@@ -736,29 +861,53 @@ def summary(res: Results) -> None:
     intake, vl, dl, vt, dt = res.intake, res.via_lat, res.direct_lat, res.via_tp, res.direct_tp
     if intake is not None and res.raw_rate > 0:
         ratio = intake.rate / res.raw_rate
-        goal("offline intake / raw fsync'd-file rate", f">= {GOAL_INTAKE_VS_RAW:.1f}x",
-             f"{ratio:.2f}x", ratio >= GOAL_INTAKE_VS_RAW)
+        goal(
+            "offline intake / raw fsync'd-file rate",
+            f">= {GOAL_INTAKE_VS_RAW:.1f}x",
+            f"{ratio:.2f}x",
+            ratio >= GOAL_INTAKE_VS_RAW,
+        )
         say(f"    (intake {intake.rate:.0f}/s, raw {res.raw_rate:.0f} files/s)")
         p99 = intake.p(99)
-        goal("offline intake p99 latency", f"<= {GOAL_INTAKE_P99_MS:.0f} ms", f"{p99:.2f} ms",
-             p99 <= GOAL_INTAKE_P99_MS)
+        goal(
+            "offline intake p99 latency",
+            f"<= {GOAL_INTAKE_P99_MS:.0f} ms",
+            f"{p99:.2f} ms",
+            p99 <= GOAL_INTAKE_P99_MS,
+        )
     if vl is not None and dl is not None:
         added = vl.p(50) - dl.p(50)
-        goal("forwarding adds at p50", f"<= {GOAL_ADDED_P50_MS:.1f} ms", f"{added:+.2f} ms",
-             added <= GOAL_ADDED_P50_MS)
-        say(f"    (direct p50 {dl.p(50):.2f} ms; floor of 2 FULL commits here "
-            f"{2 * res.commit_full_ms:.2f} ms)")
+        goal(
+            "forwarding adds at p50",
+            f"<= {GOAL_ADDED_P50_MS:.1f} ms",
+            f"{added:+.2f} ms",
+            added <= GOAL_ADDED_P50_MS,
+        )
+        say(
+            f"    (direct p50 {dl.p(50):.2f} ms; floor of 2 FULL commits here "
+            f"{2 * res.commit_full_ms:.2f} ms)"
+        )
     if vt is not None and dt is not None and dt.rate > 0:
         kept = vt.rate / dt.rate
-        goal("forwarding keeps of direct throughput", f">= {GOAL_THROUGHPUT_KEPT:.0%}",
-             f"{kept:.0%}", kept >= GOAL_THROUGHPUT_KEPT)
+        goal(
+            "forwarding keeps of direct throughput",
+            f">= {GOAL_THROUGHPUT_KEPT:.0%}",
+            f"{kept:.0%}",
+            kept >= GOAL_THROUGHPUT_KEPT,
+        )
         say(f"    (direct {dt.rate:.0f} req/s, via agent {vt.rate:.0f} req/s)")
     if res.center_cpu_us > 0:
         cpu_ratio = res.agent_cpu_us / res.center_cpu_us
-        goal("agent CPU per order / center's", f"<= {GOAL_CPU_VS_CENTER:.1f}x",
-             f"{cpu_ratio:.2f}x", cpu_ratio <= GOAL_CPU_VS_CENTER)
-        say(f"    (agent {res.agent_cpu_us:.0f} us per forwarded order, center "
-            f"{res.center_cpu_us:.0f} us per request)")
+        goal(
+            "agent CPU per order / center's",
+            f"<= {GOAL_CPU_VS_CENTER:.1f}x",
+            f"{cpu_ratio:.2f}x",
+            cpu_ratio <= GOAL_CPU_VS_CENTER,
+        )
+        say(
+            f"    (agent {res.agent_cpu_us:.0f} us per forwarded order, center "
+            f"{res.center_cpu_us:.0f} us per request)"
+        )
     say("-" * 78)
     if res.errors:
         say("ERRORS (the run is not valid):")
@@ -775,22 +924,43 @@ def summary(res: Results) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    p.add_argument("--orders", type=int, help=f"offline intake orders (default "
-                   f"{FULL['orders']}, quick {QUICK['orders']})")
+    p.add_argument(
+        "--orders",
+        type=int,
+        help=f"offline intake orders (default {FULL['orders']}, quick {QUICK['orders']})",
+    )
     p.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
-    p.add_argument("--forward-requests", type=int, help="requests each for the concurrency-1 "
-                   f"latency run (default {FULL['forward_requests']}, quick "
-                   f"{QUICK['forward_requests']})")
-    p.add_argument("--throughput-requests", type=int, help="requests each for the forwarding "
-                   f"throughput run (default {FULL['throughput_requests']}, quick "
-                   f"{QUICK['throughput_requests']})")
-    p.add_argument("--raw-files", type=int, help="files for the raw fsync baseline, half "
-                   "before and half after the intake run (default "
-                   f"{FULL['raw_files']}, quick {QUICK['raw_files']})")
-    p.add_argument("--no-phone", action="store_true", help="offline orders without "
-                   "customer_phone: measures intake without the SMS outbox")
-    p.add_argument("--tmp-dir", help="parent of the scratch directory (default: system temp); "
-                   "the agent's buffer and the raw baseline both live there")
+    p.add_argument(
+        "--forward-requests",
+        type=int,
+        help="requests each for the concurrency-1 "
+        f"latency run (default {FULL['forward_requests']}, quick "
+        f"{QUICK['forward_requests']})",
+    )
+    p.add_argument(
+        "--throughput-requests",
+        type=int,
+        help="requests each for the forwarding "
+        f"throughput run (default {FULL['throughput_requests']}, quick "
+        f"{QUICK['throughput_requests']})",
+    )
+    p.add_argument(
+        "--raw-files",
+        type=int,
+        help="files for the raw fsync baseline, half "
+        "before and half after the intake run (default "
+        f"{FULL['raw_files']}, quick {QUICK['raw_files']})",
+    )
+    p.add_argument(
+        "--no-phone",
+        action="store_true",
+        help="offline orders without customer_phone: measures intake without the SMS outbox",
+    )
+    p.add_argument(
+        "--tmp-dir",
+        help="parent of the scratch directory (default: system temp); "
+        "the agent's buffer and the raw baseline both live there",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
@@ -808,10 +978,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace, tmp: Path) -> Results:
     res = Results()
     phase_raw(tmp, args.raw_files, res)
-    await phase_intake(tmp, args.orders, args.concurrency, args.raw_files // 2,
-                       not args.no_phone, res)
-    await phase_forward(tmp, args.forward_requests, args.throughput_requests, args.warmup,
-                        args.concurrency, res)
+    await phase_intake(
+        tmp, args.orders, args.concurrency, args.raw_files // 2, not args.no_phone, res
+    )
+    await phase_forward(
+        tmp, args.forward_requests, args.throughput_requests, args.warmup, args.concurrency, res
+    )
     return res
 
 
@@ -819,8 +991,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-", dir=args.tmp_dir))
     started = time.perf_counter()
-    say(f"Order Edge Agent benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-        f"aiohttp {aiohttp.__version__}{' (quick)' if args.quick else ''}")
+    say(
+        f"Order Edge Agent benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"aiohttp {aiohttp.__version__}{' (quick)' if args.quick else ''}"
+    )
     say(f"agent code: {ROOT} at {git_revision()}")
     say(f"scratch {tmp}: {filesystem_of(tmp)}")
     say(f"load average at start: {load_average()}")
@@ -836,8 +1010,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     summary(res)
-    say(f"total run time {time.perf_counter() - started:.1f} s; load average at end: "
-        f"{load_average()}")
+    say(
+        f"total run time {time.perf_counter() - started:.1f} s; load average at end: "
+        f"{load_average()}"
+    )
     return 1 if res.errors else 0
 
 

@@ -38,20 +38,31 @@ REFERENCE_S_PER_100K = 480.0
 HOST = "127.0.0.3"
 
 # Goals (issue 14), each against a baseline measured in the same run.
-GOAL_BULK_VS_BARE = 2.0      # bulk merge time <= 2x the bare aiohttp batch loop's
-GOAL_SINGLE_VS_BARE = 0.70   # single-POST merge rate >= 70% of a bare single-POST loop's
+GOAL_BULK_VS_BARE = 2.0  # bulk merge time <= 2x the bare aiohttp batch loop's
+GOAL_SINGLE_VS_BARE = 0.70  # single-POST merge rate >= 70% of a bare single-POST loop's
 GOAL_FIRST_DELIVERY_S = 1.0  # the first order created within 1 s of the merge's start
-GOAL_RSS_MB = 150.0          # peak RSS (the check that matters is at 1,000,000 files)
+GOAL_RSS_MB = 150.0  # peak RSS (the check that matters is at 1,000,000 files)
 
 
 def order_body(n: int, rng: random.Random) -> str:
-    items = [{"sku": f"SKU-{rng.randrange(10**6):06d}", "name": "商品" + "x" * rng.randrange(8, 40),
-              "qty": rng.randrange(1, 5), "price": f"{rng.randrange(100, 99999) / 100:.2f}"}
-             for _ in range(rng.randrange(2, 12))]
-    doc = {"channel_id": "douyin", "channel_order_id": f"69{n:010d}", "amount": "199.10",
-           "customer_phone": f"138{rng.randrange(10**8):08d}", "items": items,
-           "address": {"city": "上海", "line": "浦东新区 " + "x" * rng.randrange(20, 200)},
-           "note": "n" * rng.randrange(0, 300)}
+    items = [
+        {
+            "sku": f"SKU-{rng.randrange(10**6):06d}",
+            "name": "商品" + "x" * rng.randrange(8, 40),
+            "qty": rng.randrange(1, 5),
+            "price": f"{rng.randrange(100, 99999) / 100:.2f}",
+        }
+        for _ in range(rng.randrange(2, 12))
+    ]
+    doc = {
+        "channel_id": "douyin",
+        "channel_order_id": f"69{n:010d}",
+        "amount": "199.10",
+        "customer_phone": f"138{rng.randrange(10**8):08d}",
+        "items": items,
+        "address": {"city": "上海", "line": "浦东新区 " + "x" * rng.randrange(20, 200)},
+        "note": "n" * rng.randrange(0, 300),
+    }
     text = orjson.dumps(doc).decode()
     while len(text.encode()) < 500:
         doc["note"] = str(doc["note"]) + "n" * 100
@@ -66,9 +77,15 @@ def generate(root: Path, n: int, seed: int = 7) -> int:
     total = 0
     for i in range(n):
         text = order_body(i, rng)
-        rec = PendingRecord(f"WH-BENCH-20261125-{i + 1:09d}", "wh-bench",
-                            "2026-11-25T10:00:00+08:00", "douyin", f"douyin:69{i:010d}",
-                            None, text)
+        rec = PendingRecord(
+            f"WH-BENCH-20261125-{i + 1:09d}",
+            "wh-bench",
+            "2026-11-25T10:00:00+08:00",
+            "douyin",
+            f"douyin:69{i:010d}",
+            None,
+            text,
+        )
         data = rec.to_bytes()
         total += len(text)
         fd = os.open(pending / rec.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -91,8 +108,10 @@ def http(method: str, url: str) -> dict[str, object]:
         return doc
 
 
-def run_measured(cmd: list[str], first_create_url: str | None = None,
-                 ) -> tuple[float, float, int, str, float | None]:
+def run_measured(
+    cmd: list[str],
+    first_create_url: str | None = None,
+) -> tuple[float, float, int, str, float | None]:
     """(seconds, peak RSS MB, exit code, stdout, seconds to the center's first create)."""
     start_wall = time.time()
     start = time.monotonic()
@@ -124,12 +143,15 @@ def file_floor(root: Path, n: int) -> float:
     names = sorted(os.listdir(root / "pending"))
     for chunk_start in range(0, n, 256):
         moves = []
-        for entry in names[chunk_start:chunk_start + 256]:
+        for entry in names[chunk_start : chunk_start + 256]:
             claim = try_claim(f"{root}/pending/{entry}", writable=True)
             assert claim is not None
             parse_tolerant(claim.data, entry)
-            moves.append(MergedMove(claim, entry, None, {"order_id": f"OC{chunk_start}",
-                                                         "merged_at": time.time()}))
+            moves.append(
+                MergedMove(
+                    claim, entry, None, {"order_id": f"OC{chunk_start}", "merged_at": time.time()}
+                )
+            )
         complete_merged(merged, moves, place_in_merged(merged, moves))
     elapsed = time.monotonic() - start
     shutil.rmtree(root, ignore_errors=True)
@@ -143,6 +165,7 @@ def verdict(ok: bool | None) -> str:
 async def bare_loop(url: str, n: int, batch: int, concurrency: int = 32) -> None:
     """The yardstick: no files, no checkpoint, no dedupe; just keep-alive POSTs."""
     import aiohttp
+
     rng = random.Random(11)
     bodies = [order_body(i, rng) for i in range(min(n, 5000))]
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -154,16 +177,34 @@ async def bare_loop(url: str, n: int, batch: int, concurrency: int = 32) -> None
                 idx = range(start, min(n, start + batch))
                 if batch == 1:
                     i = idx[0]
-                    async with session.post(f"{url}/orders", data=bodies[i % len(bodies)],
-                                            headers={"Idempotency-Key": f"bare:{i}",
-                                                     "Content-Type": "application/json"}) as r:
+                    async with session.post(
+                        f"{url}/orders",
+                        data=bodies[i % len(bodies)],
+                        headers={
+                            "Idempotency-Key": f"bare:{i}",
+                            "Content-Type": "application/json",
+                        },
+                    ) as r:
                         await r.read()
                 else:
-                    payload = orjson.dumps({"orders": [
-                        {"idempotency_key": f"bare:{i}", "serial": str(i), "node_id": "b",
-                         "body": bodies[i % len(bodies)]} for i in idx]})
-                    async with session.post(f"{url}/orders:batch", data=payload,
-                                            headers={"Content-Type": "application/json"}) as r:
+                    payload = orjson.dumps(
+                        {
+                            "orders": [
+                                {
+                                    "idempotency_key": f"bare:{i}",
+                                    "serial": str(i),
+                                    "node_id": "b",
+                                    "body": bodies[i % len(bodies)],
+                                }
+                                for i in idx
+                            ]
+                        }
+                    )
+                    async with session.post(
+                        f"{url}/orders:batch",
+                        data=payload,
+                        headers={"Content-Type": "application/json"},
+                    ) as r:
                         await r.read()
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -182,8 +223,9 @@ def main() -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="edge-bench-"))
     port = free_port()
     base = f"http://{HOST}:{port}/v3"
-    center = subprocess.Popen([sys.executable, "-m", "bench.center", HOST, str(port)],
-                              cwd=ROOT, stdout=subprocess.PIPE)
+    center = subprocess.Popen(
+        [sys.executable, "-m", "bench.center", HOST, str(port)], cwd=ROOT, stdout=subprocess.PIPE
+    )
     try:
         assert center.stdout is not None
         center.stdout.readline()
@@ -193,60 +235,117 @@ def main() -> int:
         print(f"orders: {n}; center: {base} (separate process); cpus: {os.cpu_count()}")
         sample = min(n, 20_000)
         floor = file_floor(work / "floor", sample)
-        print(f"file steps alone (claim, read, parse, add order_id, rename into merged/, "
-              f"{sample} files, no network): {floor * 1e6:.0f} us per file")
+        print(
+            f"file steps alone (claim, read, parse, add order_id, rename into merged/, "
+            f"{sample} files, no network): {floor * 1e6:.0f} us per file"
+        )
         for mode in args.modes.split(","):
             batch = 100 if mode == "bulk" else 1
             root = work / f"buffer-{mode}"
             shutil.rmtree(root, ignore_errors=True)
             t = time.monotonic()
             size = generate(root, n)
-            print(f"[{mode}] generated {n} orders, {size / n:.0f} B avg body, "
-                  f"in {time.monotonic() - t:.1f}s")
+            print(
+                f"[{mode}] generated {n} orders, {size / n:.0f} B avg body, "
+                f"in {time.monotonic() - t:.1f}s"
+            )
             http("POST", f"http://{HOST}:{port}/admin/reset")
-            bare_s, _, _, _, _ = run_measured([sys.executable, "bench/merge.py", "--bare", base,
-                                               str(n), str(batch)])
+            bare_s, _, _, _, _ = run_measured(
+                [sys.executable, "bench/merge.py", "--bare", base, str(n), str(batch)]
+            )
             bare_rate = n / bare_s
             http("POST", f"http://{HOST}:{port}/admin/reset")
             stats_url = f"http://{HOST}:{port}/admin/stats"
-            secs, rss, code, out, first = run_measured([
-                sys.executable, "-m", "recovery", "--path", str(root), "--mode", "merge",
-                "--target", base, "--batch", str(batch), "--concurrency", "32"], stats_url)
+            secs, rss, code, out, first = run_measured(
+                [
+                    sys.executable,
+                    "-m",
+                    "recovery",
+                    "--path",
+                    str(root),
+                    "--mode",
+                    "merge",
+                    "--target",
+                    base,
+                    "--batch",
+                    str(batch),
+                    "--concurrency",
+                    "32",
+                ],
+                stats_url,
+            )
             stats = http("GET", stats_url)
             left = len(os.listdir(root / "pending"))
             rate = n / secs
             print(f"[{mode}] exit {code}; {out.strip()}")
-            print(f"[{mode}] merge: {secs:.2f} s, {rate:,.0f} orders/s, peak RSS {rss:.0f} MB, "
-                  f"{REFERENCE_S_PER_100K * n / 100_000 / secs:.1f}x the 480 s/100k reference")
-            print(f"[{mode}] bare aiohttp loop (batch {batch}, 32 concurrent): {bare_s:.2f} s, "
-                  f"{bare_rate:,.0f} orders/s; merge reaches {rate / bare_rate:.0%} of it")
-            print(f"[{mode}] center: {stats['creates']} creates for {stats['orders']} keys, "
-                  f"{stats['duplicated_keys']} keys created twice; {left} files left in pending/")
+            print(
+                f"[{mode}] merge: {secs:.2f} s, {rate:,.0f} orders/s, peak RSS {rss:.0f} MB, "
+                f"{REFERENCE_S_PER_100K * n / 100_000 / secs:.1f}x the 480 s/100k reference"
+            )
+            print(
+                f"[{mode}] bare aiohttp loop (batch {batch}, 32 concurrent): {bare_s:.2f} s, "
+                f"{bare_rate:,.0f} orders/s; merge reaches {rate / bare_rate:.0%} of it"
+            )
+            print(
+                f"[{mode}] center: {stats['creates']} creates for {stats['orders']} keys, "
+                f"{stats['duplicated_keys']} keys created twice; {left} files left in pending/"
+            )
             if code != 0 or stats["duplicated_keys"] or left or stats["creates"] != n:
-                errors.append(f"{mode}: exit {code}, {stats['creates']} creates of {n}, "
-                              f"{stats['duplicated_keys']} created twice, {left} left")
+                errors.append(
+                    f"{mode}: exit {code}, {stats['creates']} creates of {n}, "
+                    f"{stats['duplicated_keys']} created twice, {left} left"
+                )
             first_s = math.inf if first is None else first
             floor_s = floor * n
-            print(f"[{mode}] the file steps alone would take {floor_s:.2f} s = "
-                  f"{floor_s / bare_s:.2f}x the bare loop; the merge takes {secs / floor_s:.2f}x "
-                  "the file steps")
+            print(
+                f"[{mode}] the file steps alone would take {floor_s:.2f} s = "
+                f"{floor_s / bare_s:.2f}x the bare loop; the merge takes {secs / floor_s:.2f}x "
+                "the file steps"
+            )
             if mode == "bulk":
                 ratio = secs / bare_s
-                goals.append((f"bulk {n:,}: merge time / bare batch loop", f"<= "
-                              f"{GOAL_BULK_VS_BARE:.1f}x", f"{ratio:.2f}x ({secs:.1f} s vs "
-                              f"{bare_s:.1f} s)", ratio <= GOAL_BULK_VS_BARE))
-                goals.append(("  (file steps alone / bare batch loop)", "",
-                              f"{floor_s / bare_s:.2f}x ({floor * 1e6:.0f} us/file)", None))
+                goals.append(
+                    (
+                        f"bulk {n:,}: merge time / bare batch loop",
+                        f"<= {GOAL_BULK_VS_BARE:.1f}x",
+                        f"{ratio:.2f}x ({secs:.1f} s vs {bare_s:.1f} s)",
+                        ratio <= GOAL_BULK_VS_BARE,
+                    )
+                )
+                goals.append(
+                    (
+                        "  (file steps alone / bare batch loop)",
+                        "",
+                        f"{floor_s / bare_s:.2f}x ({floor * 1e6:.0f} us/file)",
+                        None,
+                    )
+                )
             else:
                 kept = rate / bare_rate
-                goals.append((f"single {n:,}: merge rate / bare POST loop",
-                               f">= {GOAL_SINGLE_VS_BARE:.0%}", f"{kept:.0%} ({rate:,.0f} vs "
-                               f"{bare_rate:,.0f}/s)", kept >= GOAL_SINGLE_VS_BARE))
-            goals.append((f"{mode} {n:,}: first order delivered after",
-                           f"<= {GOAL_FIRST_DELIVERY_S:.0f} s", f"{first_s:.2f} s",
-                           first_s <= GOAL_FIRST_DELIVERY_S))
-            goals.append((f"{mode} {n:,}: peak RSS", f"<= {GOAL_RSS_MB:.0f} MB",
-                          f"{rss:.0f} MB", rss <= GOAL_RSS_MB))
+                goals.append(
+                    (
+                        f"single {n:,}: merge rate / bare POST loop",
+                        f">= {GOAL_SINGLE_VS_BARE:.0%}",
+                        f"{kept:.0%} ({rate:,.0f} vs {bare_rate:,.0f}/s)",
+                        kept >= GOAL_SINGLE_VS_BARE,
+                    )
+                )
+            goals.append(
+                (
+                    f"{mode} {n:,}: first order delivered after",
+                    f"<= {GOAL_FIRST_DELIVERY_S:.0f} s",
+                    f"{first_s:.2f} s",
+                    first_s <= GOAL_FIRST_DELIVERY_S,
+                )
+            )
+            goals.append(
+                (
+                    f"{mode} {n:,}: peak RSS",
+                    f"<= {GOAL_RSS_MB:.0f} MB",
+                    f"{rss:.0f} MB",
+                    rss <= GOAL_RSS_MB,
+                )
+            )
             shutil.rmtree(root, ignore_errors=True)
     finally:
         center.terminate()

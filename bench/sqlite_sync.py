@@ -56,10 +56,19 @@ def measure(directory: Path, sync: str, commits: int, rows: int) -> tuple[float,
             db.execute("BEGIN")
             for _ in range(rows):
                 n += 1
-                db.execute("INSERT INTO orders VALUES (?,?,?,?,?,?,?,?)",
-                           (f"douyin:{n}", f"WH-SH-01-20261130-{n:09d}", "forwarded",
-                            "primary", f"PR{n:08d}", os.urandom(32),
-                            "2026-11-30T10:00:00.000+08:00", time.time()))
+                db.execute(
+                    "INSERT INTO orders VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        f"douyin:{n}",
+                        f"WH-SH-01-20261130-{n:09d}",
+                        "forwarded",
+                        "primary",
+                        f"PR{n:08d}",
+                        os.urandom(32),
+                        "2026-11-30T10:00:00.000+08:00",
+                        time.time(),
+                    ),
+                )
             db.execute("COMMIT")
             lat.append(time.perf_counter() - t0)
     finally:
@@ -67,17 +76,25 @@ def measure(directory: Path, sync: str, commits: int, rows: int) -> tuple[float,
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     lat.sort()
-    return (statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99) - 1] * 1e3,
-            len(lat) / sum(lat))
+    return (statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99) - 1] * 1e3, len(lat) / sum(lat))
 
 
 def mount_lazyfs(base: Path) -> tuple[Path, Path]:
-    binary = subprocess.run(["bash", str(LAZYFS / "build.sh")], check=True,
-                            stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+    binary = (
+        subprocess.run(
+            ["bash", str(LAZYFS / "build.sh")], check=True, stdout=subprocess.PIPE, text=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     mnt, fifo = base / "mnt", base / "faults.fifo"
     env = dict(os.environ, LAZYFS_BIN=binary, LAZYFS_CACHE_SIZE="512MB")
-    subprocess.run(["bash", str(LAZYFS / "lazyfs-mount"), str(base / "root"), str(mnt),
-                    str(fifo)], check=True, stdout=subprocess.DEVNULL, env=env)
+    subprocess.run(
+        ["bash", str(LAZYFS / "lazyfs-mount"), str(base / "root"), str(mnt), str(fifo)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
     return mnt, fifo
 
 
@@ -96,14 +113,18 @@ def main() -> int:
         if args.lazyfs:
             mnt, _ = mount_lazyfs(tmp / "lazyfs")
             targets.append(("LazyFS", mnt))
-        print(f"{'where':<40} {'sync':<7} {'rows':>4} {'median ms':>10} {'p99 ms':>8} "
-              f"{'commits/s':>10}")
+        print(
+            f"{'where':<40} {'sync':<7} {'rows':>4} {'median ms':>10} {'p99 ms':>8} "
+            f"{'commits/s':>10}"
+        )
         for label, d in targets:
             for r in rows:
                 for sync in ("NORMAL", "FULL"):
                     med, p99, rate = measure(d, sync, args.commits, r)
-                    print(f"{label[:40]:<40} {sync:<7} {r:>4} {med:>10.3f} {p99:>8.3f} "
-                          f"{rate:>10.0f}", flush=True)
+                    print(
+                        f"{label[:40]:<40} {sync:<7} {r:>4} {med:>10.3f} {p99:>8.3f} {rate:>10.0f}",
+                        flush=True,
+                    )
     finally:
         if mnt is not None:
             subprocess.run(["bash", str(LAZYFS / "lazyfs-umount"), str(mnt)], check=False)

@@ -59,7 +59,6 @@ class Job:
     cluster: str | None = None  # the target's configured cluster: pinned orders of others stay
     clusters: tuple[tuple[str, str], ...] = ()  # (name, URL) from the config, for advice
 
-
     @property
     def pin(self) -> str:
         """What an unclear answer pins an order to: the target's cluster, else its URL, so
@@ -73,9 +72,11 @@ class AlreadyRunning(Exception):
 
 async def run(job: Job) -> int:
     raise_fd_limit()
-    client = UpstreamClient(f"recover-{job.node}".lower()[:32],
-                            ClusterResolver(job.nameservers, job.timeout_s),
-                            max_connections=job.concurrency)
+    client = UpstreamClient(
+        f"recover-{job.node}".lower()[:32],
+        ClusterResolver(job.nameservers, job.timeout_s),
+        max_connections=job.concurrency,
+    )
     await client.start()
     try:
         try:
@@ -84,8 +85,11 @@ async def run(job: Job) -> int:
             log.error("target %s is unreachable: %s", job.target, exc)
             return EXIT_UNREACHABLE
         if not any(error is None for error in addresses.values()):
-            log.error("target %s is unreachable: %s", job.target,
-                      "; ".join(str(e) for e in addresses.values()))
+            log.error(
+                "target %s is unreachable: %s",
+                job.target,
+                "; ".join(str(e) for e in addresses.values()),
+            )
             return EXIT_UNREACHABLE
         if job.mode == "verify":
             return await _verify(job, client)
@@ -110,8 +114,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
         ranker = Ranker(Path(tmp) / "rank.db", ck_path)
         try:
-            sender = Sender(client, job.target, job.concurrency, job.rate, job.batch,
-                            job.timeout_s)
+            sender = Sender(client, job.target, job.concurrency, job.rate, job.batch, job.timeout_s)
             progress: Progress | None = None
 
             def settled(items: list[Settled]) -> None:
@@ -125,12 +128,24 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
                     progress.update(len(items))
 
             finisher = Finisher(dirs, checkpoint, settled)
-            opts = MergeOptions(job.root, job.target, job.node, job.concurrency, job.batch,
-                                job.held_wait_s, job.cluster, job.pin)
+            opts = MergeOptions(
+                job.root,
+                job.target,
+                job.node,
+                job.concurrency,
+                job.batch,
+                job.held_wait_s,
+                job.cluster,
+                job.pin,
+            )
             merger = Merger(opts, ranker, sender, finisher, stop)
             summary.total = await merger.prepare()
-            log.info("%d order files listed in %.1fs; merging into %s", summary.total,
-                     time.monotonic() - summary.started, job.target)
+            log.info(
+                "%d order files listed in %.1fs; merging into %s",
+                summary.total,
+                time.monotonic() - summary.started,
+                job.target,
+            )
             progress = Progress(summary.total, "merge")
             finisher.start()
             try:
@@ -144,8 +159,9 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     held = merger.held_elsewhere
     summary.total -= len(held)
     summary.finish()
-    summary.extra.update(requests=sender.requests, bulk=bool(sender.bulk),
-                         interrupted=stop.is_set())
+    summary.extra.update(
+        requests=sender.requests, bulk=bool(sender.bulk), interrupted=stop.is_set()
+    )
     _report_held(job, held, summary)
     if job.report is not None:
         write_report(job.report, summary.as_dict(), "orders", checkpoint.entries(checkpoint.run))
@@ -154,12 +170,15 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     _print_problems(problems, len(problems))
     c = summary.counts
     if stop.is_set():
-        log.warning("interrupted: %d of %d orders settled; run again to resume",
-                    summary.done, summary.total)
+        log.warning(
+            "interrupted: %d of %d orders settled; run again to resume", summary.done, summary.total
+        )
         return EXIT_ORDERS
     if merger.gave_up:
-        log.error("the target stopped answering: %d orders left in pending/; run again once "
-                  "it is back", merger.gave_up)
+        log.error(
+            "the target stopped answering: %d orders left in pending/; run again once it is back",
+            merger.gave_up,
+        )
         return EXIT_UNREACHABLE
     left = summary.total - summary.done + c["pending"] + len(held)
     if c["rejected"] or c["conflict"] or c[UNREADABLE] or left or summary.extra.get("not_moved"):
@@ -177,30 +196,57 @@ def _dry_run(job: Job) -> int:
             conflicts = plan.conflicts()
             summary.total = stats.files
             summary.extra.update(
-                files=stats.files, corrupt=stats.corrupt - stats.unreadable,
-                unreadable=stats.unreadable, dedupe_keys=stats.keys,
-                duplicate_groups=stats.duplicate_groups, duplicates=stats.losers - conflicts,
-                conflicts=conflicts, to_send=plan.to_send(),
-                already_confirmed=plan.confirmed_before())
+                files=stats.files,
+                corrupt=stats.corrupt - stats.unreadable,
+                unreadable=stats.unreadable,
+                dedupe_keys=stats.keys,
+                duplicate_groups=stats.duplicate_groups,
+                duplicates=stats.losers - conflicts,
+                conflicts=conflicts,
+                to_send=plan.to_send(),
+                already_confirmed=plan.confirmed_before(),
+            )
             summary.finish()
             doc = summary.as_dict()
-            print("edge-recover dry-run: " + ", ".join(
-                f"{k.replace('_', ' ')} {doc[k]}" for k in (
-                    "files", "to_send", "duplicate_groups", "duplicates", "conflicts",
-                    "corrupt", "unreadable", "already_confirmed")), flush=True)
-            _print_problems((f"{p['problem']}: {p['file']}: {p['error']}"
-                             for p in plan.problems()), stats.corrupt)
+            print(
+                "edge-recover dry-run: "
+                + ", ".join(
+                    f"{k.replace('_', ' ')} {doc[k]}"
+                    for k in (
+                        "files",
+                        "to_send",
+                        "duplicate_groups",
+                        "duplicates",
+                        "conflicts",
+                        "corrupt",
+                        "unreadable",
+                        "already_confirmed",
+                    )
+                ),
+                flush=True,
+            )
+            _print_problems(
+                (f"{p['problem']}: {p['file']}: {p['error']}" for p in plan.problems()),
+                stats.corrupt,
+            )
             for i, (key, serials, same) in enumerate(plan.duplicate_groups()):
                 if i == 20:
                     print(f"  ... ({stats.duplicate_groups - 20} more groups in the report)")
                     break
-                print(f"  {key}: {serials[0]} wins over {', '.join(serials[1:])}"
-                      f"{'' if same else ' (different bodies: conflict)'}")
+                print(
+                    f"  {key}: {serials[0]} wins over {', '.join(serials[1:])}"
+                    f"{'' if same else ' (different bodies: conflict)'}"
+                )
             _report_held(job, held, summary)
             doc = summary.as_dict()
             if job.report is not None:
-                write_report(job.report, doc, "duplicate_groups", _groups(plan),
-                             {"problems": plan.problems()})
+                write_report(
+                    job.report,
+                    doc,
+                    "duplicate_groups",
+                    _groups(plan),
+                    {"problems": plan.problems()},
+                )
         finally:
             plan.close()
     return EXIT_ORDERS if stats.corrupt or conflicts else EXIT_OK
@@ -208,8 +254,7 @@ def _dry_run(job: Job) -> int:
 
 def _unusable(outcome: str, error: str | None) -> bool:
     """A file that was no usable order: unreadable, or moved aside as corrupt."""
-    return outcome == UNREADABLE or (outcome == "rejected" and (error or "").startswith(
-        "corrupt"))
+    return outcome == UNREADABLE or (outcome == "rejected" and (error or "").startswith("corrupt"))
 
 
 def _print_problems(lines: Iterable[str], count: int, limit: int = 50) -> None:
@@ -235,16 +280,23 @@ def _report_held(job: Job, held: list[Found], summary: Summary) -> None:
         where = url or urls.get(pin, f"<the {pin} cluster URL>")
         command = f"edge-recover --path {job.root} --mode merge --target {where}"
         entries[pin] = {"count": len(serials), "serials": serials, "command": command}
-        print(f"edge-recover: {len(serials)} orders are pinned to "
-              f"{url or 'the ' + pin + ' cluster'} (it may hold them already) and were not "
-              f"sent to {job.target}; to deliver them: {command}", flush=True)
+        print(
+            f"edge-recover: {len(serials)} orders are pinned to "
+            f"{url or 'the ' + pin + ' cluster'} (it may hold them already) and were not "
+            f"sent to {job.target}; to deliver them: {command}",
+            flush=True,
+        )
     summary.extra["pinned_elsewhere"] = entries
 
 
 def _groups(plan: Plan) -> Iterator[dict[str, object]]:
     for key, serials, same in plan.duplicate_groups():
-        yield {"dedupe_key": key, "winner": serials[0], "duplicates": serials[1:],
-               "same_body": same}
+        yield {
+            "dedupe_key": key,
+            "winner": serials[0],
+            "duplicates": serials[1:],
+            "same_body": same,
+        }
 
 
 async def _verify(job: Job, client: UpstreamClient) -> int:
@@ -253,8 +305,9 @@ async def _verify(job: Job, client: UpstreamClient) -> int:
     summary.total = await asyncio.to_thread(count_merged, merged)
     progress = Progress(summary.total, "verify")
     stop = _stop_event()
-    verifier = Verifier(merged, client, job.target, job.concurrency, job.timeout_s, summary,
-                        progress, stop)
+    verifier = Verifier(
+        merged, client, job.target, job.concurrency, job.timeout_s, summary, progress, stop
+    )
     try:
         await verifier.run()
         progress.close()
@@ -280,8 +333,9 @@ def _stop_event() -> asyncio.Event:
 
     def first(signame: str) -> None:
         if not stop.is_set():
-            log.warning("%s: finishing in-flight requests, then stopping "
-                        "(again to abort at once)", signame)
+            log.warning(
+                "%s: finishing in-flight requests, then stopping (again to abort at once)", signame
+            )
             stop.set()
             loop.remove_signal_handler(signal.SIGINT)
 

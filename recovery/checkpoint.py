@@ -88,12 +88,29 @@ class Checkpoint:
         try:
             self._db.executemany(
                 "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
-                [(r.serial, r.key, r.file, r.outcome, dump_id(r.order_id), r.error,
-                  r.duplicate_of, self.run, now) for r in rows])
+                [
+                    (
+                        r.serial,
+                        r.key,
+                        r.file,
+                        r.outcome,
+                        dump_id(r.order_id),
+                        r.error,
+                        r.duplicate_of,
+                        self.run,
+                        now,
+                    )
+                    for r in rows
+                ],
+            )
             self._db.executemany(
                 "INSERT OR IGNORE INTO keys VALUES (?,?,?,?)",
-                [(r.key, r.serial, dump_id(r.order_id), r.digest) for r in rows
-                 if r.key is not None and r.outcome in DELIVERED and r.duplicate_of is None])
+                [
+                    (r.key, r.serial, dump_id(r.order_id), r.digest)
+                    for r in rows
+                    if r.key is not None and r.outcome in DELIVERED and r.duplicate_of is None
+                ],
+            )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -111,11 +128,17 @@ class Checkpoint:
         """This run's rows, streamed (a million rows never sit in memory at once)."""
         cur = self._db.execute(
             "SELECT serial, key, file, outcome, order_id, error, duplicate_of FROM results "
-            "WHERE run = ? ORDER BY rowid", (run,))
+            "WHERE run = ? ORDER BY rowid",
+            (run,),
+        )
         while chunk := cur.fetchmany(1000):
             for serial, key, file, outcome, order_id, error, dup in chunk:
-                entry: dict[str, Any] = {"serial": serial, "dedupe_key": key, "file": file,
-                                         "outcome": outcome}
+                entry: dict[str, Any] = {
+                    "serial": serial,
+                    "dedupe_key": key,
+                    "file": file,
+                    "outcome": outcome,
+                }
                 if order_id is not None:
                     entry["order_id"] = load_id(order_id)
                 if error is not None:

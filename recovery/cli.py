@@ -22,26 +22,35 @@ from recovery.app import EXIT_USAGE, AlreadyRunning, Job, run
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(
-        prog="edge-recover",
-        description="Merge an offline buffer directory into the order center.")
+        prog="edge-recover", description="Merge an offline buffer directory into the order center."
+    )
     p.add_argument("--version", action="version", version=f"edge-recover {__version__}")
-    p.add_argument("--path", required=True, help="buffer directory (DIR/pending/*.json and "
-                                                 "loose DIR/*.json files)")
+    p.add_argument(
+        "--path",
+        required=True,
+        help="buffer directory (DIR/pending/*.json and loose DIR/*.json files)",
+    )
     p.add_argument("--mode", required=True, choices=("merge", "dry-run", "verify"))
-    p.add_argument("--config", help="agent config (default $EDGE_AGENT_CONFIG, then "
-                                    "/etc/edge-agent/agent.toml); gives the target and node id")
+    p.add_argument(
+        "--config",
+        help="agent config (default $EDGE_AGENT_CONFIG, then "
+        "/etc/edge-agent/agent.toml); gives the target and node id",
+    )
     p.add_argument("--target", help="order center base URL (default: upstream.primary)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
     p.add_argument("--rate", type=float, help="at most N orders per second (default: no cap)")
-    p.add_argument("--batch", type=int, default=100,
-                   help="orders per orders:batch request (100; 1 forces single POSTs)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=100,
+        help="orders per orders:batch request (100; 1 forces single POSTs)",
+    )
     p.add_argument("--report", help="write a JSON report to FILE")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="edge-recover: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="edge-recover: %(message)s")
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
@@ -66,9 +75,14 @@ def _job(args: argparse.Namespace) -> Job:
         raise UsageError("--rate must be > 0 orders per second")
     cfg = _config(args.config, need=args.target is None)
     target = args.target or (cfg.upstream.primary if cfg else "")
-    clusters = tuple((name, url.rstrip("/")) for name, url in (
-        ("primary", cfg.upstream.primary if cfg else ""),
-        ("standby", cfg.upstream.standby if cfg else "")) if url)
+    clusters = tuple(
+        (name, url.rstrip("/"))
+        for name, url in (
+            ("primary", cfg.upstream.primary if cfg else ""),
+            ("standby", cfg.upstream.standby if cfg else ""),
+        )
+        if url
+    )
     # The target's cluster decides which pinned orders it may take (CONTRACT 5): the
     # configured cluster with this URL (spelled alike once normalised); the primary by
     # default; none for another URL, which is then what unclear answers pin orders to.
@@ -79,12 +93,20 @@ def _job(args: argparse.Namespace) -> Job:
     report = Path(args.report) if args.report else None
     if report is not None and not report.parent.is_dir():
         raise UsageError(f"--report {args.report}: directory {report.parent} does not exist")
-    return Job(root=root.resolve(), mode=args.mode, target=target.rstrip("/"),
-               node=cfg.agent.node_id if cfg else "X",
-               timeout_s=cfg.upstream.timeout_s if cfg else 5.0,
-               nameservers=cfg.upstream.nameservers if cfg else (),
-               concurrency=args.concurrency, rate=args.rate, batch=args.batch, report=report,
-               cluster=cluster, clusters=clusters)
+    return Job(
+        root=root.resolve(),
+        mode=args.mode,
+        target=target.rstrip("/"),
+        node=cfg.agent.node_id if cfg else "X",
+        timeout_s=cfg.upstream.timeout_s if cfg else 5.0,
+        nameservers=cfg.upstream.nameservers if cfg else (),
+        concurrency=args.concurrency,
+        rate=args.rate,
+        batch=args.batch,
+        report=report,
+        cluster=cluster,
+        clusters=clusters,
+    )
 
 
 def _config(arg: str | None, need: bool) -> Config | None:
@@ -92,7 +114,8 @@ def _config(arg: str | None, need: bool) -> Config | None:
     path = resolve_config_path(arg)
     if arg is None and not Path(path).exists():
         if need:
-            raise UsageError(f"no target: pass --target URL or --config PATH "
-                             f"(no config file at {path})")
+            raise UsageError(
+                f"no target: pass --target URL or --config PATH (no config file at {path})"
+            )
         return None
     return load_config(path, tokens=False)  # it serves no API: never handed tokens

@@ -51,17 +51,28 @@ class Work:
         r = self.record
         return BatchItem(r.dedupe_key, r.serial, r.node_id, r.body)
 
-    def result(self, outcome: str, order_id: Any = None, error: str | None = None,
-               duplicate_of: str | None = None) -> ResultRow:
+    def result(
+        self,
+        outcome: str,
+        order_id: Any = None,
+        error: str | None = None,
+        duplicate_of: str | None = None,
+    ) -> ResultRow:
         r = self.record
         digest = body_digest(r) if outcome in DELIVERED and duplicate_of is None else None
-        return ResultRow(r.serial, r.dedupe_key, self.row.file, outcome, order_id, error,
-                         duplicate_of, digest)
+        return ResultRow(
+            r.serial, r.dedupe_key, self.row.file, outcome, order_id, error, duplicate_of, digest
+        )
 
-    def merged(self, outcome: str, order_id: Any, target: str,
-               duplicate_of: str | None = None) -> Settled:
-        added: dict[str, Any] = {"order_id": order_id, "cluster": CLUSTER,
-                                 "merged_at": time.time(), "target": target}
+    def merged(
+        self, outcome: str, order_id: Any, target: str, duplicate_of: str | None = None
+    ) -> Settled:
+        added: dict[str, Any] = {
+            "order_id": order_id,
+            "cluster": CLUSTER,
+            "merged_at": time.time(),
+            "target": target,
+        }
         if duplicate_of is not None:
             added["duplicate_of"] = duplicate_of
         row = self.result(outcome, order_id, duplicate_of=duplicate_of)
@@ -78,13 +89,21 @@ class Work:
         Never a symlink: merged/ gets a real file holding the order, only the link
         goes, and its target (maybe another buffer's only copy) is never changed."""
         data = self.claim.data
-        return (not self.raw and not self.claim.linked
-                and (data.endswith(b"}") or data.rstrip().endswith(b"}"))
-                and _ADDED_KEY.search(data) is None)
+        return (
+            not self.raw
+            and not self.claim.linked
+            and (data.endswith(b"}") or data.rstrip().endswith(b"}"))
+            and _ADDED_KEY.search(data) is None
+        )
 
     def quarantined(self, outcome: str, error: str, details: dict[str, Any]) -> Settled:
-        reason = {"reason": outcome, "error": error, "serial": self.record.serial,
-                  "dedupe_key": self.record.dedupe_key, **details}
+        reason = {
+            "reason": outcome,
+            "error": error,
+            "serial": self.record.serial,
+            "dedupe_key": self.record.dedupe_key,
+            **details,
+        }
         return Settled(self.result(outcome, error=error), QUARANTINE, self.claim, reason=reason)
 
     def left(self, error: str) -> Settled:
@@ -121,9 +140,12 @@ def open_file(root: Path, dirs: BufferDirs, node: str, row: Item) -> Opened | Se
         return Settled(ResultRow(row.ref, None, row.file, UNREADABLE, error=str(exc)), NOTE)
     except CorruptRecordError as exc:  # a FIFO, a directory, over the cap: moved aside unread
         reason = "not_a_regular_file" if isinstance(exc, NotARegularFile) else "too_large"
-        return Settled(ResultRow(row.ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
-                       QUARANTINE, reason={"reason": reason, "error": str(exc)},
-                       unclaimed=path)
+        return Settled(
+            ResultRow(row.ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
+            QUARANTINE,
+            reason={"reason": reason, "error": str(exc)},
+            unclaimed=path,
+        )
     if claim is None:
         if not os.path.exists(path):
             return _vanished(dirs, row, Path(path))
@@ -134,25 +156,38 @@ def open_file(root: Path, dirs: BufferDirs, node: str, row: Item) -> Opened | Se
                 row.digest = peek.digest
         return Held(row)
     try:
-        record = to_record(row.file, row.loose, claim.data, node,
-                           _mtime(claim) if row.loose else None)
+        record = to_record(
+            row.file, row.loose, claim.data, node, _mtime(claim) if row.loose else None
+        )
     except CorruptRecordError as exc:
-        return Settled(ResultRow(row.ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
-                       QUARANTINE, claim, reason={"reason": "corrupt", "error": str(exc)})
-    if row.serial is not None and (record.dedupe_key != row.key
-                                   or record.serial != row.serial):
-        return Work(row, claim, record, "").left("the file changed during the merge; "
-                                                 "run again")
+        return Settled(
+            ResultRow(row.ref, None, row.file, "rejected", error=f"corrupt: {exc}"),
+            QUARANTINE,
+            claim,
+            reason={"reason": "corrupt", "error": str(exc)},
+        )
+    if row.serial is not None and (record.dedupe_key != row.key or record.serial != row.serial):
+        return Work(row, claim, record, "").left("the file changed during the merge; run again")
     row.serial, row.key, row.pinned_to = record.serial, record.dedupe_key, record.pinned_to
     return Opened(row, claim, record)
 
 
-def decide(dirs: BufferDirs, node: str, target: str, opened: Opened, own: Facts, key: Facts,
-           winner_outcome: str | None) -> Work | Settled | None:
+def decide(
+    dirs: BufferDirs,
+    node: str,
+    target: str,
+    opened: Opened,
+    own: Facts,
+    key: Facts,
+    winner_outcome: str | None,
+) -> Work | Settled | None:
     """Work to send, settled, or None: a loser whose winner is not confirmed yet."""
     row, claim, record = opened.row, opened.claim, opened.record
-    wanted = os.path.basename(row.file) if not row.loose or row.file.endswith(record.filename) \
+    wanted = (
+        os.path.basename(row.file)
+        if not row.loose or row.file.endswith(record.filename)
         else record.filename
+    )
     # pending/{serial}.json can only meet its own order in merged/ (left there by a
     # crash of the agent between copy and unlink): replacing it is harmless, so only
     # loose files, whose names are anyone's, pay for a lookup in merged/.
@@ -163,30 +198,40 @@ def decide(dirs: BufferDirs, node: str, target: str, opened: Opened, own: Facts,
     work = Work(row, claim, record, name, raw=raw)
     if key.confirmed_serial == record.serial or merged_before:
         # Confirmed in an earlier run (or by the agent): finish the move, no request.
-        order_id = own.own_order_id if own.own_order_id is not None else (
-            key.confirmed_order_id if key.confirmed_serial == record.serial
-            else merged_before.get("order_id") if merged_before else None)
+        order_id = (
+            own.own_order_id
+            if own.own_order_id is not None
+            else (
+                key.confirmed_order_id
+                if key.confirmed_serial == record.serial
+                else merged_before.get("order_id")
+                if merged_before
+                else None
+            )
+        )
         outcome = own.own_outcome if own.own_outcome in DELIVERED else "duplicate"
         if merged_before:
             return Settled(work.result(outcome or "duplicate", order_id), MERGE, claim, name)
         return work.merged(outcome or "duplicate", order_id, target)
     if key.confirmed_serial is not None:
-        return _loser(work, key.confirmed_serial, key.confirmed_order_id,
-                      key.confirmed_digest, target)
+        return _loser(
+            work, key.confirmed_serial, key.confirmed_order_id, key.confirmed_digest, target
+        )
     if not row.wins and winner_outcome not in ("rejected", "conflict"):
         return None
     return work
 
 
-def _loser(work: Work, winner: str, order_id: Any, digest: bytes | None,
-           target: str) -> Settled:
+def _loser(work: Work, winner: str, order_id: Any, digest: bytes | None, target: str) -> Settled:
     """Same key as a confirmed order: a duplicate if the body is the same, else a conflict."""
     if digest is None or digest == body_digest(work.record):
         return work.merged("duplicate", order_id, target, duplicate_of=winner)
     return work.quarantined(
-        "conflict", f"dedupe key {work.record.dedupe_key!r} was merged with serial {winner} "
-                    "and a different body; the first order stands",
-        {"duplicate_of": winner})
+        "conflict",
+        f"dedupe key {work.record.dedupe_key!r} was merged with serial {winner} "
+        "and a different body; the first order stands",
+        {"duplicate_of": winner},
+    )
 
 
 def _vanished(dirs: BufferDirs, row: Item, path: Path) -> Settled:
@@ -195,19 +240,38 @@ def _vanished(dirs: BufferDirs, row: Item, path: Path) -> Settled:
     doc = already_merged(dirs, path.name)  # without the record: its name says delivered
     if doc is not None:
         key, digest = row.key, row.digest
-        if key is None and isinstance(doc.get("dedupe_key"), str) \
-                and isinstance(doc.get("body"), str):
+        if (
+            key is None
+            and isinstance(doc.get("dedupe_key"), str)
+            and isinstance(doc.get("body"), str)
+        ):
             # Never read by this run: the merged copy says which key the center now holds,
             # so later files with that key are settled against it, not sent.
             key, digest = doc["dedupe_key"], raw_body_digest(doc["body"].encode("utf-8"))
-        return Settled(ResultRow(ref, key, row.file, "by_agent", doc.get("order_id"), None,
-                                 None, digest), NOTE)
+        return Settled(
+            ResultRow(ref, key, row.file, "by_agent", doc.get("order_id"), None, None, digest), NOTE
+        )
     if (dirs.rejected / path.name).exists():
-        return Settled(ResultRow(ref, row.key, row.file, "rejected",
-                                 error="refused while the agent delivered it: see rejected/"),
-                       NOTE)
-    return Settled(ResultRow(ref, row.key, row.file, "pending",
-                             error="moved away by another process during the merge"), NOTE)
+        return Settled(
+            ResultRow(
+                ref,
+                row.key,
+                row.file,
+                "rejected",
+                error="refused while the agent delivered it: see rejected/",
+            ),
+            NOTE,
+        )
+    return Settled(
+        ResultRow(
+            ref,
+            row.key,
+            row.file,
+            "pending",
+            error="moved away by another process during the merge",
+        ),
+        NOTE,
+    )
 
 
 def _exists(dirs: BufferDirs, name: str) -> bool:

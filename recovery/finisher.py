@@ -44,14 +44,14 @@ class Settled:
     """One order whose outcome is known, and what to do with its file."""
 
     row: ResultRow
-    action: str                        # MERGE, QUARANTINE, LEAVE or NOTE (no file)
+    action: str  # MERGE, QUARANTINE, LEAVE or NOTE (no file)
     claim: Claim | None = None
     merged_name: str = ""
-    document: bytes | None = None      # MERGE: a new merged/ copy ...
+    document: bytes | None = None  # MERGE: a new merged/ copy ...
     added: dict[str, Any] | None = None  # ... or move the file, adding these keys
     reason: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None           # set when the file could not be moved
-    unclaimed: str | None = None       # QUARANTINE without a claim: a FIFO, a directory,
+    error: str | None = None  # set when the file could not be moved
+    unclaimed: str | None = None  # QUARANTINE without a claim: a FIFO, a directory,
     # a file over the cap, moved aside as it is (never opened for reading)
 
 
@@ -62,8 +62,9 @@ Moved = tuple[list[Settled], list[MergedMove], list[BaseException | None]]
 
 
 class Finisher:
-    def __init__(self, dirs: BufferDirs, checkpoint: Checkpoint, on_settled: OnSettled,
-                 limit: int = 2048) -> None:
+    def __init__(
+        self, dirs: BufferDirs, checkpoint: Checkpoint, on_settled: OnSettled, limit: int = 2048
+    ) -> None:
         self._dirs = dirs
         self._checkpoint = checkpoint
         self._on_settled = on_settled
@@ -73,15 +74,19 @@ class Finisher:
         self._unsettled = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"finisher-{n}")
-                       for n in ("checkpoint", "move", "sync")]
+        self._pools = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"finisher-{n}")
+            for n in ("checkpoint", "move", "sync")
+        ]
         self._to_move: asyncio.Queue[list[Settled] | None] = asyncio.Queue(2)
         self._to_sync: asyncio.Queue[Moved | None] = asyncio.Queue(2)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(coro, name=f"finisher-{i}") for i, coro in
-                       enumerate((self._record(), self._move(), self._sync()))]
+        self._tasks = [
+            asyncio.create_task(coro, name=f"finisher-{i}")
+            for i, coro in enumerate((self._record(), self._move(), self._sync()))
+        ]
 
     async def put(self, items: list[Settled]) -> None:
         for item in items:
@@ -117,8 +122,9 @@ class Finisher:
                 batch = [i for i in queued if i is not None]
                 if batch:
                     try:
-                        await loop.run_in_executor(self._pools[0], self._checkpoint.write,
-                                                   [i.row for i in batch])
+                        await loop.run_in_executor(
+                            self._pools[0], self._checkpoint.write, [i.row for i in batch]
+                        )
                     except Exception as exc:  # e.g. the disk is full: move nothing
                         log.error("cannot record %d outcomes: %s", len(batch), exc)
                         for item in batch:
@@ -133,12 +139,16 @@ class Finisher:
         loop = asyncio.get_running_loop()
         while (batch := await self._to_move.get()) is not None:
             merges = [i for i in batch if i.action == MERGE and i.claim is not None]
-            moves = [MergedMove(i.claim, i.merged_name, i.document, i.added)
-                     for i in merges if i.claim is not None]
+            moves = [
+                MergedMove(i.claim, i.merged_name, i.document, i.added)
+                for i in merges
+                if i.claim is not None
+            ]
             results: list[BaseException | None] = []
             if moves:
                 results = await loop.run_in_executor(
-                    self._pools[1], place_in_merged, self._dirs.merged, moves)
+                    self._pools[1], place_in_merged, self._dirs.merged, moves
+                )
             await self._to_sync.put((batch, moves, results))
         await self._to_sync.put(None)
 
@@ -165,12 +175,12 @@ class Finisher:
         batch, moves, results = moved
         if moves:
             merges = [i for i in batch if i.action == MERGE and i.claim is not None]
-            for item, err in zip(merges, complete_merged(self._dirs.merged, moves, results),
-                                 strict=True):
+            for item, err in zip(
+                merges, complete_merged(self._dirs.merged, moves, results), strict=True
+            ):
                 if err is not None:
                     item.error = f"left in place: {err}"
-                    log.error("%s: confirmed by the center but not moved: %s",
-                              item.row.file, err)
+                    log.error("%s: confirmed by the center but not moved: %s", item.row.file, err)
         for item in batch:
             if item.action == QUARANTINE and item.unclaimed is not None:
                 self._quarantine(item, Path(item.unclaimed))

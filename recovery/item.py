@@ -10,7 +10,7 @@ from pathlib import Path
 class Item:
     """One order file on its way through the merge, and its place in its dedupe group."""
 
-    file: str                  # relative to DIR: "pending/S.json" or "x.json"
+    file: str  # relative to DIR: "pending/S.json" or "x.json"
     loose: bool
     serial: str | None = None  # known once read (None: not read yet)
     key: str | None = None

@@ -46,8 +46,12 @@ class SortedNames:
                 if not is_order_file(name):
                     continue
                 digits = name[-14:-5]  # {prefix}{9 digits}.json, prefix ending in "-"
-                if name[-15:-14] == "-" and len(name) > 15 and digits.isdigit() \
-                        and digits.isascii():
+                if (
+                    name[-15:-14] == "-"
+                    and len(name) > 15
+                    and digits.isdigit()
+                    and digits.isascii()
+                ):
                     prefix = name[:-14]
                     counters = by_prefix.get(prefix)
                     if counters is None:

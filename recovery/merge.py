@@ -48,7 +48,7 @@ from recovery.source import Found, read_found
 
 log = logging.getLogger("recovery.merge")
 
-CHUNK = 256           # files claimed per hop to the claim thread
+CHUNK = 256  # files claimed per hop to the claim thread
 NO_FACTS = Facts()
 
 
@@ -68,8 +68,14 @@ ChunkFn = Callable[[list[Item]], list[Decision]]
 
 
 class Merger:
-    def __init__(self, opts: MergeOptions, ranker: Ranker, sender: Sender, finisher: Finisher,
-                 stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        opts: MergeOptions,
+        ranker: Ranker,
+        sender: Sender,
+        finisher: Finisher,
+        stop: asyncio.Event,
+    ) -> None:
         self._opts = opts
         self._dirs = BufferDirs(opts.root)
         self._ranker = ranker
@@ -92,11 +98,18 @@ class Merger:
 
     def _list(self) -> tuple[list[Found], SortedNames]:
         root, node = self._opts.root, self._opts.node
-        loose = [f for f in (read_found(root, name, True, node) for name in SortedNames(root))
-                 if f is not None]
-        self._ranker.add_loose([(f.key, f.serial, f.file) for f in loose
-                                if f.key is not None and f.serial is not None
-                                and self._admitted(f.pinned_to)])
+        loose = [
+            f
+            for f in (read_found(root, name, True, node) for name in SortedNames(root))
+            if f is not None
+        ]
+        self._ranker.add_loose(
+            [
+                (f.key, f.serial, f.file)
+                for f in loose
+                if f.key is not None and f.serial is not None and self._admitted(f.pinned_to)
+            ]
+        )
         loose.sort(key=lambda f: (f.serial or "", f.file))
         return loose, SortedNames(root / "pending")
 
@@ -127,8 +140,7 @@ class Merger:
         opened = self._open(items, out)
         ranked = [o.row for o in opened if o.row.key is not None and o.row.serial is not None]
         entries = [(r.key or "", r.serial or "", r.file) for r in ranked]
-        for row, (winner, wins) in zip(ranked, self._ranker.rank(entries, pending),
-                                       strict=True):
+        for row, (winner, wins) in zip(ranked, self._ranker.rank(entries, pending), strict=True):
             row.winner, row.wins = winner, wins
         self._ranker.defer(self._decide(opened, out))
         return out
@@ -137,9 +149,18 @@ class Merger:
         """Claim and decide files already ranked: held ones, deferred losers."""
         out: list[Decision] = []
         for row in self._decide(self._open(items, out), out):
-            out.append(Settled(ResultRow(
-                row.ref, row.key, row.file, "pending",
-                error=f"waits for serial {row.winner} (same dedupe key) to be confirmed"), NOTE))
+            out.append(
+                Settled(
+                    ResultRow(
+                        row.ref,
+                        row.key,
+                        row.file,
+                        "pending",
+                        error=f"waits for serial {row.winner} (same dedupe key) to be confirmed",
+                    ),
+                    NOTE,
+                )
+            )
         return out
 
     def _open(self, items: list[Item], out: list[Decision]) -> list[Opened | Held]:
@@ -155,8 +176,9 @@ class Merger:
             else:
                 if isinstance(o, Opened):
                     o.claim.release()
-                self.held_elsewhere.append(Found(item.file, item.loose, item.serial, item.key,
-                                                 None, None, item.pinned_to))
+                self.held_elsewhere.append(
+                    Found(item.file, item.loose, item.serial, item.key, None, None, item.pinned_to)
+                )
         return opened
 
     def _decide(self, opened: list[Opened | Held], out: list[Decision]) -> list[Item]:
@@ -165,7 +187,8 @@ class Merger:
         by_serial, by_key = self._ranker.facts(
             [r.serial for r in rows if r.serial is not None]
             + [r.winner for r in rows if r.winner is not None and not r.wins],
-            [r.key for r in rows if r.key is not None])
+            [r.key for r in rows if r.key is not None],
+        )
         waiting: list[Item] = []
         for o in opened:
             if isinstance(o, Held):
@@ -173,9 +196,15 @@ class Merger:
                 continue
             row = o.row
             winner = by_serial.get(row.winner or "", NO_FACTS) if not row.wins else NO_FACTS
-            d = decide(self._dirs, self._opts.node, self._opts.target, o,
-                       by_serial.get(row.serial or "", NO_FACTS),
-                       by_key.get(row.key or "", NO_FACTS), winner.own_outcome)
+            d = decide(
+                self._dirs,
+                self._opts.node,
+                self._opts.target,
+                o,
+                by_serial.get(row.serial or "", NO_FACTS),
+                by_key.get(row.key or "", NO_FACTS),
+                winner.own_outcome,
+            )
             if d is None:
                 o.claim.release()
                 waiting.append(row)
@@ -197,8 +226,7 @@ class Merger:
     async def _pass(self, chunks: Iterator[list[Item]], decide_chunk: ChunkFn) -> list[Item]:
         """Run one pipeline over ``chunks``; return the files someone else held."""
         # A short queue: enough to keep the workers fed, few claims (open files) waiting.
-        queue: asyncio.Queue[list[Work] | None] = asyncio.Queue(
-            max(2, self._opts.concurrency // 4))
+        queue: asyncio.Queue[list[Work] | None] = asyncio.Queue(max(2, self._opts.concurrency // 4))
         held: list[Item] = []
         batch: list[Work] = []
         loop = asyncio.get_running_loop()
@@ -290,8 +318,9 @@ class Merger:
                 return
             rounds += 1
             if self._stop.is_set() or await self._sleep(delay(rounds, 0.25, 30.0, wait_s)):
-                await self._finisher.put([w.left("interrupted before the center confirmed it")
-                                          for w in again])
+                await self._finisher.put(
+                    [w.left("interrupted before the center confirmed it") for w in again]
+                )
                 return
             todo = again
 
@@ -307,16 +336,19 @@ class Merger:
             raise RuntimeError(f"decide() settled a failure: {action}")
         if action.step is Step.MERGE:
             return work.merged(action.outcome, res.order_id, self._opts.target)
-        return work.quarantined(action.outcome,
-                                f"HTTP {res.status}: {res.error or 'no reason given'}",
-                                {"status": res.status, "target": self._opts.target})
+        return work.quarantined(
+            action.outcome,
+            f"HTTP {res.status}: {res.error or 'no reason given'}",
+            {"status": res.status, "target": self._opts.target},
+        )
 
     async def _pin(self, work: Work, why: str) -> None:
         """The target may hold this order now: pin the file to it (CONTRACT 5), so nothing
         sends it anywhere else: the target's cluster name, or its URL when it is none."""
         try:
-            work.record = await asyncio.to_thread(pin_file, work.claim, work.record,
-                                                  self._opts.pin, why)
+            work.record = await asyncio.to_thread(
+                pin_file, work.claim, work.record, self._opts.pin, why
+            )
         except PersistError as exc:
             log.error("could not pin %s to %s: %s", work.record.serial, self._opts.pin, exc)
 
@@ -336,7 +368,13 @@ def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
 
 
 def _held_too_long(row: Item) -> Settled:
-    return Settled(ResultRow(row.ref, row.key, row.file, "pending",
-                             error="held by another process (the agent?) for the whole "
-                                   "wait; run again"), NOTE)
-
+    return Settled(
+        ResultRow(
+            row.ref,
+            row.key,
+            row.file,
+            "pending",
+            error="held by another process (the agent?) for the whole wait; run again",
+        ),
+        NOTE,
+    )

@@ -36,10 +36,15 @@ class Progress:
         self._task: TaskID | None = None
         if use_bar and total:
             self._bar = RichProgress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(),
-                console=Console(file=sys.stderr), refresh_per_second=4)
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=sys.stderr),
+                refresh_per_second=4,
+            )
             self._task = self._bar.add_task(what, total=total, rate="")
             self._bar.start()
 
@@ -57,8 +62,15 @@ class Progress:
         tenth = min(10, self.done * 10 // self.total)
         if tenth >= self._next_tenth:
             eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            log.info("%s: %d%% (%d/%d), %.0f orders/s, ETA %.0fs", self._what,
-                     tenth * 10, self.done, self.total, rate, eta)
+            log.info(
+                "%s: %d%% (%d/%d), %.0f orders/s, ETA %.0fs",
+                self._what,
+                tenth * 10,
+                self.done,
+                self.total,
+                rate,
+                eta,
+            )
             self._next_tenth = tenth + 1
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ class Facts:
 
     own_outcome: str | None = None
     own_order_id: Any = None
-    confirmed_serial: str | None = None   # the key was confirmed with this serial
+    confirmed_serial: str | None = None  # the key was confirmed with this serial
     confirmed_order_id: Any = None
     confirmed_digest: bytes | None = None
 
@@ -46,8 +46,7 @@ class Ranker:
     """Owns the temporary database; used from one thread at a time, in file order."""
 
     def __init__(self, db_path: Path, checkpoint_path: Path) -> None:
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None,
-                                   uri=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, uri=True)
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(SCHEMA)
@@ -61,7 +60,9 @@ class Ranker:
         self._db.execute("BEGIN")
         self._db.executemany(
             "INSERT INTO loose VALUES (?1, ?2, ?3) ON CONFLICT(key) DO UPDATE "
-            "SET serial = ?2, file = ?3 WHERE (?2, ?3) < (serial, file)", items)
+            "SET serial = ?2, file = ?3 WHERE (?2, ?3) < (serial, file)",
+            items,
+        )
         self._db.execute("COMMIT")
 
     def rank(self, items: Sequence[Entry], pending: bool) -> list[tuple[str, bool]]:
@@ -72,19 +73,31 @@ class Ranker:
         lower serial takes first. Loose items come after pending/, by serial.
         """
         keys = list({k for k, _, _ in items})
-        known = {k: (s, f) for k, s, f in
-                 self._in("SELECT key, serial, file FROM seen WHERE key IN ({})", keys)}
-        loose = {k: (s, f) for k, s, f in
-                 self._in("SELECT key, serial, file FROM loose WHERE key IN ({})", keys)} \
-            if pending else {}
+        known = {
+            k: (s, f)
+            for k, s, f in self._in("SELECT key, serial, file FROM seen WHERE key IN ({})", keys)
+        }
+        loose = (
+            {
+                k: (s, f)
+                for k, s, f in self._in(
+                    "SELECT key, serial, file FROM loose WHERE key IN ({})", keys
+                )
+            }
+            if pending
+            else {}
+        )
         out: list[tuple[str, bool]] = []
         new: list[Entry] = []
         for key, serial, file in items:
             winner = known.get(key)
             if winner is None:
                 first_loose = loose.get(key)
-                winner = first_loose if first_loose is not None and first_loose[0] < serial \
+                winner = (
+                    first_loose
+                    if first_loose is not None and first_loose[0] < serial
                     else (serial, file)
+                )
                 known[key] = winner
                 new.append((key, *winner))
             out.append((winner[0], winner == (serial, file)))
@@ -98,9 +111,10 @@ class Ranker:
         """Losers whose winner is on its way: settled in the losers' pass."""
         if losers:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO losers VALUES (?,?,?,?,?)",
-                                 [(x.file, int(x.loose), x.serial, x.key, x.winner)
-                                  for x in losers])
+            self._db.executemany(
+                "INSERT INTO losers VALUES (?,?,?,?,?)",
+                [(x.file, int(x.loose), x.serial, x.key, x.winner) for x in losers],
+            )
             self._db.execute("COMMIT")
 
     def losers(self, chunk: int = 256) -> Iterator[list[Item]]:
@@ -108,26 +122,36 @@ class Ranker:
         (it would hold one snapshot of the checkpoint while ``facts`` reads it)."""
         last = 0
         while rows := self._db.execute(
-                "SELECT rowid, file, loose, serial, key, winner FROM losers WHERE rowid > ? "
-                "ORDER BY rowid LIMIT ?", (last, chunk)).fetchall():
+            "SELECT rowid, file, loose, serial, key, winner FROM losers WHERE rowid > ? "
+            "ORDER BY rowid LIMIT ?",
+            (last, chunk),
+        ).fetchall():
             last = rows[-1][0]
             yield [Item(f, bool(lo), s, k, w, wins=False) for _, f, lo, s, k, w in rows]
 
-    def facts(self, serials: Sequence[str], keys: Sequence[str]) -> tuple[
-            dict[str, Facts], dict[str, Facts]]:
+    def facts(
+        self, serials: Sequence[str], keys: Sequence[str]
+    ) -> tuple[dict[str, Facts], dict[str, Facts]]:
         """Checkpoint facts by serial and by key (two queries for a whole chunk)."""
-        by_serial = {s: Facts(own_outcome=o, own_order_id=load_id(i)) for s, o, i in self._in(
-            "SELECT serial, outcome, order_id FROM ck.results WHERE serial IN ({})",
-            list(set(serials)))}
-        by_key = {k: Facts(confirmed_serial=s, confirmed_order_id=load_id(i),
-                           confirmed_digest=d) for k, s, i, d in self._in(
-            "SELECT key, serial, order_id, digest FROM ck.keys WHERE key IN ({})",
-            list(set(keys)))}
+        by_serial = {
+            s: Facts(own_outcome=o, own_order_id=load_id(i))
+            for s, o, i in self._in(
+                "SELECT serial, outcome, order_id FROM ck.results WHERE serial IN ({})",
+                list(set(serials)),
+            )
+        }
+        by_key = {
+            k: Facts(confirmed_serial=s, confirmed_order_id=load_id(i), confirmed_digest=d)
+            for k, s, i, d in self._in(
+                "SELECT key, serial, order_id, digest FROM ck.keys WHERE key IN ({})",
+                list(set(keys)),
+            )
+        }
         return by_serial, by_key
 
     def _in(self, sql: str, values: list[str]) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
         for start in range(0, len(values), 500):
-            part = values[start:start + 500]
+            part = values[start : start + 500]
             out.extend(self._db.execute(sql.format(",".join("?" * len(part))), part))
         return out

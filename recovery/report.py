@@ -18,8 +18,7 @@ from typing import Any
 
 import orjson
 
-OUTCOMES = ("created", "duplicate", "rejected", "conflict", "by_agent", "pending",
-            "unreadable")
+OUTCOMES = ("created", "duplicate", "rejected", "conflict", "by_agent", "pending", "unreadable")
 
 
 @dataclass
@@ -44,8 +43,7 @@ class Summary:
         self.elapsed_s = time.monotonic() - self.started
 
     def as_dict(self) -> dict[str, Any]:
-        elapsed = self.elapsed_s if self.elapsed_s is not None else \
-            time.monotonic() - self.started
+        elapsed = self.elapsed_s if self.elapsed_s is not None else time.monotonic() - self.started
         doc: dict[str, Any] = {"mode": self.mode, "target": self.target, "total": self.total}
         doc.update({name: self.counts.get(name, 0) for name in self.outcomes})
         doc["elapsed_s"] = round(elapsed, 3)
@@ -55,15 +53,20 @@ class Summary:
 
     def line(self) -> str:
         d = self.as_dict()
-        parts = [f"total {d['total']}"] + [f"{name} {d[name]}" for name in self.outcomes
-                                           if d[name] or name in self.outcomes[:4]]
+        parts = [f"total {d['total']}"] + [
+            f"{name} {d[name]}" for name in self.outcomes if d[name] or name in self.outcomes[:4]
+        ]
         rate = f", {d['rate_per_s']:.0f} orders/s" if d["rate_per_s"] else ""
         return f"{', '.join(parts)}; elapsed {d['elapsed_s']:.1f}s{rate}"
 
 
-def write_report(path: Path, summary: dict[str, Any], key: str,
-                 entries: Iterable[dict[str, Any]],
-                 more: dict[str, Iterable[dict[str, Any]]] | None = None) -> None:
+def write_report(
+    path: Path,
+    summary: dict[str, Any],
+    key: str,
+    entries: Iterable[dict[str, Any]],
+    more: dict[str, Iterable[dict[str, Any]]] | None = None,
+) -> None:
     """Write ``{"summary": ..., key: [entries], **more}`` via a temp file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:

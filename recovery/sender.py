@@ -25,8 +25,15 @@ ItemResult = Answer | UpstreamError
 
 
 class Sender:
-    def __init__(self, client: UpstreamClient, base: str, concurrency: int,
-                 rate: float | None, batch: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        base: str,
+        concurrency: int,
+        rate: float | None,
+        batch: int,
+        timeout_s: float,
+    ) -> None:
         self._client = client
         self._base = base
         self._slots = asyncio.Semaphore(concurrency)
@@ -57,8 +64,9 @@ class Sender:
             return list(await asyncio.gather(*(self._send_one(i) for i in items)))
         return results
 
-    async def _send_batch(self, items: list[BatchItem],
-                          probing: bool = False) -> list[ItemResult] | None:
+    async def _send_batch(
+        self, items: list[BatchItem], probing: bool = False
+    ) -> list[ItemResult] | None:
         """Per-item results, or None: send these items one by one instead."""
         await self._pacer.wait(len(items))
         async with self._slots:
@@ -72,8 +80,11 @@ class Sender:
                 return [exc] * len(items)
         if answer.unsupported:
             if self.bulk is not False:
-                log.info("the target has no bulk import (HTTP %d to orders:batch): "
-                         "single POSTs from now on", answer.status)
+                log.info(
+                    "the target has no bulk import (HTTP %d to orders:batch): "
+                    "single POSTs from now on",
+                    answer.status,
+                )
             self.bulk = False
             return None
         if answer.answers is None:
@@ -83,8 +94,11 @@ class Sender:
                 return [whole] * len(items)
             # The center refused the request as a whole (e.g. 400, 413): let each
             # order get its own verdict.
-            log.info("orders:batch answered HTTP %d; sending these %d orders singly",
-                     answer.status, len(items))
+            log.info(
+                "orders:batch answered HTTP %d; sending these %d orders singly",
+                answer.status,
+                len(items),
+            )
             return None
         self.bulk = True
         for a in answer.answers:
@@ -97,8 +111,12 @@ class Sender:
             self.requests += 1
             try:
                 answer = await self._client.post_order(
-                    self._base, item.body.encode("utf-8"), item.idempotency_key, item.serial,
-                    self._timeout_s)
+                    self._base,
+                    item.body.encode("utf-8"),
+                    item.idempotency_key,
+                    item.serial,
+                    self._timeout_s,
+                )
             except UpstreamError as exc:
                 return exc
         self._observe(answer)

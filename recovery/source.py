@@ -42,7 +42,7 @@ RECOVERY_PREFIX = "RCV"
 class Found:
     """One order file as the scan saw it (no lock held; the claim re-reads it)."""
 
-    file: str          # path relative to DIR: "pending/S.json" or "x.json"
+    file: str  # path relative to DIR: "pending/S.json" or "x.json"
     loose: bool
     serial: str | None
     key: str | None
@@ -81,8 +81,9 @@ def body_digest(record: PendingRecord) -> bytes:
     return raw_body_digest(record.raw_body)
 
 
-def to_record(file: str, loose: bool, data: bytes, node: str,
-              mtime: float | None = None) -> PendingRecord:
+def to_record(
+    file: str, loose: bool, data: bytes, node: str, mtime: float | None = None
+) -> PendingRecord:
     """The order held by ``data`` (read by ``agent.spool.reading``, so within its cap);
     CorruptRecordError says why it is not one."""
     if not loose:
@@ -120,12 +121,14 @@ def read_found(root: Path, file: str, loose: bool, node: str) -> Found | None:
         return Found(file, loose, None, None, None, str(exc), unreadable=True)
     except CorruptRecordError as exc:
         return Found(file, loose, None, None, None, str(exc))
-    return Found(file, loose, record.serial, record.dedupe_key, body_digest(record), None,
-                 record.pinned_to)
+    return Found(
+        file, loose, record.serial, record.dedupe_key, body_digest(record), None, record.pinned_to
+    )
 
 
-def admitted(found: Iterable[Found], cluster: str | None, target: str,
-             held: list[Found]) -> Iterator[Found]:
+def admitted(
+    found: Iterable[Found], cluster: str | None, target: str, held: list[Found]
+) -> Iterator[Found]:
     """The files this target may be sent: unpinned, or pinned to it (its cluster or URL).
 
     An order pinned elsewhere may already exist there; sending it here could create it
@@ -140,6 +143,7 @@ def admitted(found: Iterable[Found], cluster: str | None, target: str,
 
 def scan(root: Path, node: str, threads: int = 2) -> Iterator[Found]:
     """Every order file, read by ``threads`` threads (reads overlap), in listing order."""
+
     def read_chunk(chunk: list[tuple[str, bool]]) -> list[Found | None]:
         return [read_found(root, file, loose, node) for file, loose in chunk]
 

@@ -45,9 +45,17 @@ def count_merged(merged: Path) -> int:
 
 
 class Verifier:
-    def __init__(self, merged: Path, client: UpstreamClient, base: str, concurrency: int,
-                 timeout_s: float, summary: Summary, progress: Progress,
-                 stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        merged: Path,
+        client: UpstreamClient,
+        base: str,
+        concurrency: int,
+        timeout_s: float,
+        summary: Summary,
+        progress: Progress,
+        stop: asyncio.Event,
+    ) -> None:
         self._merged = merged
         self._client = client
         self._base = base
@@ -85,27 +93,35 @@ class Verifier:
             self._summary.add(status)
             self._progress.update(1)
             if status != "ok":
-                self.problems.write(orjson.dumps({"file": f"merged/{name}", "status": status,
-                                                  **details}) + b"\n")
+                self.problems.write(
+                    orjson.dumps({"file": f"merged/{name}", "status": status, **details}) + b"\n"
+                )
 
     async def _check(self, name: str) -> tuple[str, dict[str, Any]]:
         try:
             data = await asyncio.to_thread(read_order_file, self._merged / name)
             doc = orjson.loads(data)
             record = PendingRecord.from_dict(
-                {k: v for k, v in doc.items() if k in _RECORD_KEYS} if isinstance(doc, dict)
-                else doc, origin=f"merged/{name}")
+                {k: v for k, v in doc.items() if k in _RECORD_KEYS}
+                if isinstance(doc, dict)
+                else doc,
+                origin=f"merged/{name}",
+            )
         except FileNotFoundError:
             return "ok", {}  # expired by the agent's housekeeping meanwhile
         except (OSError, orjson.JSONDecodeError, OrderFileError) as exc:
             return "unreadable", {"error": str(exc)}
-        ids = {"serial": record.serial, "dedupe_key": record.dedupe_key,
-               "order_id": doc.get("order_id")}
+        ids = {
+            "serial": record.serial,
+            "dedupe_key": record.dedupe_key,
+            "order_id": doc.get("order_id"),
+        }
         error = ""
         for attempt in range(TRIES):
             try:
-                status, found = await self._client.get_by_key(self._base, record.dedupe_key,
-                                                              self._timeout_s)
+                status, found = await self._client.get_by_key(
+                    self._base, record.dedupe_key, self._timeout_s
+                )
             except UpstreamError as exc:
                 error = str(exc)
             else:
@@ -120,5 +136,6 @@ class Verifier:
         return "error", {**ids, "error": error}
 
 
-_RECORD_KEYS = frozenset({"v", "serial", "node_id", "received_at", "channel_id", "dedupe_key",
-                          "customer_phone", "body"})
+_RECORD_KEYS = frozenset(
+    {"v", "serial", "node_id", "received_at", "channel_id", "dedupe_key", "customer_phone", "body"}
+)

@@ -92,8 +92,9 @@ class Downstream(Listener):
         amount = self.amount_override.get(body["channel_order_id"], body.get("total_amount"))
         # The amount exactly as given: a string, or a number written with its digits.
         text = orjson.dumps(amount).decode() if not isinstance(amount, RawNumber) else amount
-        return web.Response(text=f'{{"order_id": "{order_id}", "amount": {text}}}',
-                            content_type="application/json")
+        return web.Response(
+            text=f'{{"order_id": "{order_id}", "amount": {text}}}', content_type="application/json"
+        )
 
     def _order_body(self, order_id: str) -> dict[str, Any] | None:
         if self.center is None:
@@ -112,18 +113,34 @@ class RawNumber(str):
 def chain_steps(ds: Downstream) -> list[dict[str, Any]]:
     """The logistics / invoice / finance trio of CONTRACT 10 against ``ds``."""
     return [
-        {"name": "logistics", "check": f"GET {ds.url}/tms/tracks?order_no={{order_id}}",
-         "present": "/events/0", "repair": f"POST {ds.url}/tms/repush",
-         "repair_body": '{"order_no": "{order_id}"}'},
-        {"name": "invoice", "check": f"GET {ds.url}/inv/invoices?order_no={{order_id}}",
-         "present": "/items/0/invoice_no"},
-        {"name": "finance", "check": f"GET {ds.url}/erp/postings/{{order_id}}",
-         "equal": {"/amount": "{order:/total_amount}"}},
+        {
+            "name": "logistics",
+            "check": f"GET {ds.url}/tms/tracks?order_no={{order_id}}",
+            "present": "/events/0",
+            "repair": f"POST {ds.url}/tms/repush",
+            "repair_body": '{"order_no": "{order_id}"}',
+        },
+        {
+            "name": "invoice",
+            "check": f"GET {ds.url}/inv/invoices?order_no={{order_id}}",
+            "present": "/items/0/invoice_no",
+        },
+        {
+            "name": "finance",
+            "check": f"GET {ds.url}/erp/postings/{{order_id}}",
+            "equal": {"/amount": "{order:/total_amount}"},
+        },
     ]
 
 
 def chain_section(ds: Downstream, **over: Any) -> dict[str, Any]:
-    section: dict[str, Any] = {"enabled": True, "deadline_h": 1.0, "recheck_interval_s": 0.2,
-                               "timeout_s": 2.0, "concurrency": 4, "step": chain_steps(ds)}
+    section: dict[str, Any] = {
+        "enabled": True,
+        "deadline_h": 1.0,
+        "recheck_interval_s": 0.2,
+        "timeout_s": 2.0,
+        "concurrency": 4,
+        "step": chain_steps(ds),
+    }
     section.update(over)
     return section

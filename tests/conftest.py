@@ -29,13 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_config(tmp: Path, primary: str, **sections: dict[str, Any]) -> Path:
     """A config file for a test agent in ``tmp``; ``sections`` override keys."""
     base: dict[str, dict[str, Any]] = {
-        "agent": {"node_id": "wh-test-01", "listen": f"127.0.0.1:{free_port()}",
-                  "state_dir": str(tmp / "state"), "shutdown_timeout_s": 5},
-        "buffer": {"path": str(tmp / "spool"), "scan_interval_s": 1,
-                   "drain_rate_per_s": 1000},
+        "agent": {
+            "node_id": "wh-test-01",
+            "listen": f"127.0.0.1:{free_port()}",
+            "state_dir": str(tmp / "state"),
+            "shutdown_timeout_s": 5,
+        },
+        "buffer": {"path": str(tmp / "spool"), "scan_interval_s": 1, "drain_rate_per_s": 1000},
         "upstream": {"primary": primary, "timeout_s": 2},
-        "health": {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2,
-                   "healthy_threshold": 1},
+        "health": {
+            "interval_s": 0.1,
+            "timeout_s": 0.5,
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+        },
         "sms": {"provider": "log"},
         "auth": {"tokens_file": ""},
     }
@@ -44,8 +51,12 @@ def write_config(tmp: Path, primary: str, **sections: dict[str, Any]) -> Path:
     return write_config_file(tmp / "agent.toml", base)
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
-                   what: str = "condition", interval: float = 0.02) -> Any:
+async def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.02,
+) -> Any:
     """Poll ``predicate`` (sync or async) until truthy or the deadline passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -110,8 +121,11 @@ class AgentHandle:
     def spool(self) -> Path:
         return Path(self.cfg.buffer.path)
 
-    async def post(self, body: bytes | dict[str, Any], headers: dict[str, str] | None = None,
-                   ) -> tuple[int, dict[str, Any]]:
+    async def post(
+        self,
+        body: bytes | dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         async with self.session.post(f"{self.url}/v1/orders", data=raw, headers=hdrs) as r:
@@ -156,19 +170,26 @@ def order(n: int | str, **extra: Any) -> dict[str, Any]:
 class AgentProcess(AgentSubprocess):
     """``edge-agent run`` as a real subprocess, for crash and signal tests."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
-                 prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         cfg = load_config(str(config))
-        super().__init__(config, log, f"http://{cfg.agent.listen}", env=env, cwd=ROOT,
-                         prefix=prefix)
+        super().__init__(
+            config, log, f"http://{cfg.agent.listen}", env=env, cwd=ROOT, prefix=prefix
+        )
 
 
 @pytest.fixture
 def agent_process(tmp_path: Path) -> Any:
     procs: list[AgentProcess] = []
 
-    def factory(config: Path, env: dict[str, str] | None = None,
-                prefix: tuple[str, ...] = ()) -> AgentProcess:
+    def factory(
+        config: Path, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> AgentProcess:
         p = AgentProcess(config, tmp_path / "agent.log", env, prefix)
         procs.append(p)
         return p
@@ -199,8 +220,9 @@ def tmpfs(mount: Path, size: str = "64k") -> Iterator[Path]:
     mount.mkdir(exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root to mount a small tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                          capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -231,8 +253,14 @@ async def aliyun() -> AsyncIterator[FakeAliyun]:
 
 def sms_http(gateway: FakeSmsGateway, **extra: Any) -> dict[str, Any]:
     """``[sms]`` keys for the http provider against ``gateway``, with fast retries."""
-    return {"provider": "http", "url": gateway.url, "retry_initial_s": 0.1,
-            "retry_max_s": 0.3, "timeout_s": 2, **extra}
+    return {
+        "provider": "http",
+        "url": gateway.url,
+        "retry_initial_s": 0.1,
+        "retry_max_s": 0.3,
+        "timeout_s": 2,
+        **extra,
+    }
 
 
 def _dump_tasks(signum: int, frame: Any) -> None:

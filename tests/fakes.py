@@ -27,9 +27,14 @@ def aliyun_percent(value: str) -> str:
     return quote(value, safe="-_.~")
 
 
-def aliyun_expected_signature(secret: str, method: str, raw_query: str,
-                              headers: dict[str, str], signed_names: list[str],
-                              body: bytes) -> str:
+def aliyun_expected_signature(
+    secret: str,
+    method: str,
+    raw_query: str,
+    headers: dict[str, str],
+    signed_names: list[str],
+    body: bytes,
+) -> str:
     """Recompute an ACS3-HMAC-SHA256 signature from a received request, as the service does."""
     import hashlib
     import hmac
@@ -39,8 +44,10 @@ def aliyun_expected_signature(secret: str, method: str, raw_query: str,
     query = "&".join(f"{aliyun_percent(k)}={aliyun_percent(v)}" for k, v in sorted(pairs))
     lowered = {k.lower(): v.strip() for k, v in headers.items()}
     canonical_headers = "".join(f"{name}:{lowered.get(name, '')}\n" for name in signed_names)
-    canonical = (f"{method}\n/\n{query}\n{canonical_headers}\n{';'.join(signed_names)}\n"
-                 f"{hashlib.sha256(body).hexdigest()}")
+    canonical = (
+        f"{method}\n/\n{query}\n{canonical_headers}\n{';'.join(signed_names)}\n"
+        f"{hashlib.sha256(body).hexdigest()}"
+    )
     to_sign = "ACS3-HMAC-SHA256\n" + hashlib.sha256(canonical.encode()).hexdigest()
     return hmac.new(secret.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
 
@@ -79,8 +86,9 @@ class FakeAliyun(Listener):
 
     def _refuse(self, code: str, status: int = 400) -> web.Response:
         self.rejected.append(code)
-        return web.json_response({"Code": code, "Message": code, "RequestId": "R-refused"},
-                                 status=status)
+        return web.json_response(
+            {"Code": code, "Message": code, "RequestId": "R-refused"}, status=status
+        )
 
     async def _rpc(self, request: web.Request) -> web.Response:
         import hashlib
@@ -91,23 +99,37 @@ class FakeAliyun(Listener):
 
         body = await request.read()
         auth = request.headers.get("Authorization", "")
-        m = re.fullmatch(r"ACS3-HMAC-SHA256 Credential=([^,]+),SignedHeaders=([^,]+),"
-                         r"Signature=([0-9a-f]{64})", auth)
+        m = re.fullmatch(
+            r"ACS3-HMAC-SHA256 Credential=([^,]+),SignedHeaders=([^,]+),"
+            r"Signature=([0-9a-f]{64})",
+            auth,
+        )
         if m is None:
             return self._refuse("MissingAuthorization")
         key_id, signed, signature = m.groups()
         if key_id != self.access_key_id:
             return self._refuse("InvalidAccessKeyId.NotFound", 404)
         names = signed.split(";")
-        required = {"host", "x-acs-action", "x-acs-version", "x-acs-date",
-                    "x-acs-signature-nonce", "x-acs-content-sha256"}
+        required = {
+            "host",
+            "x-acs-action",
+            "x-acs-version",
+            "x-acs-date",
+            "x-acs-signature-nonce",
+            "x-acs-content-sha256",
+        }
         if names != sorted(names) or not required <= set(names):
             return self._refuse("IncompleteSignature")
         if request.headers.get("x-acs-content-sha256") != hashlib.sha256(body).hexdigest():
             return self._refuse("ContentSha256Mismatch")
-        expected = aliyun_expected_signature(self.access_key_secret, request.method,
-                                             request.query_string, dict(request.headers),
-                                             names, body)
+        expected = aliyun_expected_signature(
+            self.access_key_secret,
+            request.method,
+            request.query_string,
+            dict(request.headers),
+            names,
+            body,
+        )
         if not hmac.compare_digest(expected, signature):
             return self._refuse("SignatureDoesNotMatch")
         sent_at = datetime.strptime(request.headers["x-acs-date"], "%Y-%m-%dT%H:%M:%SZ")
@@ -118,7 +140,9 @@ class FakeAliyun(Listener):
             return self._refuse("SignatureNonceUsed")
         self.nonces.add(nonce)
         if (request.headers.get("x-acs-action"), request.headers.get("x-acs-version")) != (
-                "SendSms", "2017-05-25"):
+            "SendSms",
+            "2017-05-25",
+        ):
             return self._refuse("InvalidAction.NotFound", 404)
         q = request.query
         for name in ("PhoneNumbers", "SignName", "TemplateCode"):
@@ -131,7 +155,15 @@ class FakeAliyun(Listener):
         params = orjson.loads(q.get("TemplateParam", "{}"))
         if not isinstance(params, dict) or params.get("SN") != q.get("OutId"):
             return self._refuse("isv.TEMPLATE_PARAMS_ILLEGAL")
-        self.received.append(SmsReceived(q.get("OutId", ""), q["PhoneNumbers"], dict(q),
-                                         dict(request.headers), time.monotonic()))
-        return web.json_response({"Code": "OK", "Message": "OK",
-                                  "BizId": f"{len(self.received)}^0", "RequestId": "R-ok"})
+        self.received.append(
+            SmsReceived(
+                q.get("OutId", ""),
+                q["PhoneNumbers"],
+                dict(q),
+                dict(request.headers),
+                time.monotonic(),
+            )
+        )
+        return web.json_response(
+            {"Code": "OK", "Message": "OK", "BizId": f"{len(self.received)}^0", "RequestId": "R-ok"}
+        )

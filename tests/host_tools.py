@@ -15,8 +15,14 @@ def required() -> bool:
 
 def apt_get(*args: str, timeout: float) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", *args], check=True, env=env,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=timeout)
+    subprocess.run(
+        ["apt-get", "-o", "DPkg::Lock::Timeout=600", *args],
+        check=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 def ensure(binaries: dict[str, str]) -> None:

@@ -37,12 +37,21 @@ class Resolver(AbstractResolver):
         self.fail = fail
         self.address = address
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         if self.fail:
             raise DnsError(f"{host}: no such domain (NXDOMAIN)")
-        return [ResolveResult(hostname=host, host=self.address, port=port,
-                              family=socket.AF_INET, proto=0, flags=socket.AI_NUMERICHOST)]
+        return [
+            ResolveResult(
+                hostname=host,
+                host=self.address,
+                port=port,
+                family=socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+        ]
 
     async def close(self) -> None:
         pass
@@ -76,8 +85,9 @@ async def unanswered_listener(host: str = "127.0.0.1") -> AsyncIterator[int]:
         listener.close()
 
 
-async def lean(url: str, resolver: Resolver, timeout_s: float = 1.0,
-               client: Http1Client | None = None) -> tuple[str, Any]:
+async def lean(
+    url: str, resolver: Resolver, timeout_s: float = 1.0, client: Http1Client | None = None
+) -> tuple[str, Any]:
     """("ok", (status, body, retry_after[, problem])) or ("unavailable"|"ambiguous",
     message); the problem (why the body could not be read) only when there is one."""
     own = client is None
@@ -96,19 +106,22 @@ async def lean(url: str, resolver: Resolver, timeout_s: float = 1.0,
             client.close()
 
 
-async def via_aiohttp(url: str, resolver: Resolver, timeout_s: float = 1.0,
-                      session: aiohttp.ClientSession | None = None) -> tuple[str, Any]:
+async def via_aiohttp(
+    url: str,
+    resolver: Resolver,
+    timeout_s: float = 1.0,
+    session: aiohttp.ClientSession | None = None,
+) -> tuple[str, Any]:
     """The same request as the agent made it with aiohttp, judged by failure_phase."""
     own = session is None
     if session is None:
         connector = aiohttp.TCPConnector(limit=100, resolver=resolver, use_dns_cache=False)
-        session = aiohttp.ClientSession(connector=connector,
-                                        cookie_jar=aiohttp.DummyCookieJar())
+        session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
     try:
-        async with session.post(url, data=BODY, headers={"Content-Type": "application/json",
-                                                         **HEADERS},
-                                timeout=timeout) as resp:
+        async with session.post(
+            url, data=BODY, headers={"Content-Type": "application/json", **HEADERS}, timeout=timeout
+        ) as resp:
             payload = await resp.read()
             return "ok", (resp.status, payload, resp.headers.get("Retry-After"))
     except LIBRARY_ERRORS as exc:

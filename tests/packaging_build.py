@@ -17,20 +17,40 @@ REPO = Path(__file__).resolve().parent.parent
 TOP_PACKAGES = ("agent", "recovery")
 # Never copied into the build tree: local state that is not part of the source.
 _IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis",
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
     "out",
 )
 
 
-def run(cmd: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None,
-        ) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str],
+    *,
+    cwd: Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run cmd, capture its output, and fail with that output if it exits non-zero."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, cmd))} exited {proc.returncode} (cwd {cwd})\n"
-            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -43,8 +63,11 @@ def build_wheel(workdir: Path) -> Path:
     src = workdir / "src"
     shutil.copytree(REPO, src, ignore=_IGNORE, symlinks=True)
     dist = workdir / "dist"
-    run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)],
-        cwd=workdir, timeout=600)
+    run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)],
+        cwd=workdir,
+        timeout=600,
+    )
     wheels = sorted(dist.glob("*.whl"))
     assert len(wheels) == 1, f"expected one wheel in {dist}, found {wheels}"
     return wheels[0]
@@ -79,7 +102,10 @@ def wheel_files(wheel: Path) -> set[str]:
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for commands run from the installed venv: no PYTHONPATH, no
     virtualenv of the test run leaking in."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP")
+    }
     env.update(extra)
     return env

@@ -49,14 +49,23 @@ def unavailable_reason() -> str | None:
 
 def build() -> str:
     """build.sh (a no-op when up to date); the lazyfs binary path."""
-    out = subprocess.run(["bash", str(LAZYFS_DIR / "build.sh")], check=True,
-                         stdout=subprocess.PIPE, text=True, timeout=900).stdout
+    out = subprocess.run(
+        ["bash", str(LAZYFS_DIR / "build.sh")],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=900,
+    ).stdout
     return out.strip().splitlines()[-1]
 
 
 def is_mounted(mnt: Path) -> bool:
-    r = subprocess.run(["findmnt", "-rn", "--mountpoint", str(mnt), "-o", "FSTYPE"],
-                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    r = subprocess.run(
+        ["findmnt", "-rn", "--mountpoint", str(mnt), "-o", "FSTYPE"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     return r.stdout.strip().startswith("fuse")
 
 
@@ -80,9 +89,20 @@ class LazyFs:
 
     def mount(self) -> None:
         env = dict(os.environ, LAZYFS_BIN=self.binary, LAZYFS_CACHE_SIZE=CACHE_SIZE)
-        out = subprocess.run(["bash", str(LAZYFS_DIR / "lazyfs-mount"), str(self.root),
-                              str(self.mnt), str(self.fifo)], check=True,
-                             stdout=subprocess.PIPE, text=True, env=env, timeout=90).stdout
+        out = subprocess.run(
+            [
+                "bash",
+                str(LAZYFS_DIR / "lazyfs-mount"),
+                str(self.root),
+                str(self.mnt),
+                str(self.fifo),
+            ],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=90,
+        ).stdout
         self.pid = int(out.strip().splitlines()[-1])
         self.mounts += 1
         # LazyFS's fault worker opens FIFO.done for writing before it reads any command,
@@ -174,8 +194,9 @@ class LazyFs:
             if m:
                 return float(m.group(1))
             time.sleep(0.05)
-        raise AssertionError("no cache usage line in the LazyFS log: "
-                             + self.log_text()[before:][-500:])
+        raise AssertionError(
+            "no cache usage line in the LazyFS log: " + self.log_text()[before:][-500:]
+        )
 
     def crash_fault(self, spec: str) -> None:
         """Arm a ``lazyfs::crash::...`` or ``lazyfs::torn-op::...`` fault; wait until valid."""
@@ -189,8 +210,9 @@ class LazyFs:
             if "configured successfully" in text or "VALID crash fault" in text:
                 return
             time.sleep(0.05)
-        raise AssertionError(f"LazyFS did not confirm the fault {spec!r}: "
-                             + self.log_text()[before:][-600:])
+        raise AssertionError(
+            f"LazyFS did not confirm the fault {spec!r}: " + self.log_text()[before:][-600:]
+        )
 
     def fault_fired(self) -> bool:
         return "Killing LazyFS" in self.log_text() or not self.alive()

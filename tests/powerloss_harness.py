@@ -68,8 +68,11 @@ def order_files(directory: Path) -> list[str]:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(n for n in names if n.endswith(".json") and not n.startswith(".")
-                  and not n.endswith(".reason.json"))
+    return sorted(
+        n
+        for n in names
+        if n.endswith(".json") and not n.startswith(".") and not n.endswith(".reason.json")
+    )
 
 
 class Proc:
@@ -79,8 +82,14 @@ class Proc:
         self.args = args
         self.log = log
         self._fh = open(log, "ab")  # noqa: SIM115 - closed in reap()
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._fh, stderr=self._fh,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            stdout=self._fh,
+            stderr=self._fh,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -122,8 +131,12 @@ def orders(prefix: str, n: int, phone_every: int = 3) -> dict[str, bytes]:
     """dedupe key -> raw body; every ``phone_every``-th order has a customer phone."""
     out = {}
     for i in range(n):
-        doc: dict[str, Any] = {"channel_id": "pl", "channel_order_id": f"{prefix}-{i}",
-                               "amount": "199.10", "items": [{"sku": "A-1", "qty": 2}]}
+        doc: dict[str, Any] = {
+            "channel_id": "pl",
+            "channel_order_id": f"{prefix}-{i}",
+            "amount": "199.10",
+            "items": [{"sku": "A-1", "qty": 2}],
+        }
         if phone_every and i % phone_every == 0:
             doc["customer_phone"] = f"139{i % 100_000_000:08d}"
         out[f"pl:{prefix}-{i}"] = orjson.dumps(doc)
@@ -133,8 +146,9 @@ def orders(prefix: str, n: int, phone_every: int = 3) -> dict[str, bytes]:
 class World:
     """One scenario's agent, neighbours, clients and disk, on a shared LazyFS mount."""
 
-    def __init__(self, fs: LazyFs, name: str, spool_at_mount: bool = False,
-                 **overrides: dict[str, Any]) -> None:
+    def __init__(
+        self, fs: LazyFs, name: str, spool_at_mount: bool = False, **overrides: dict[str, Any]
+    ) -> None:
         self.fs = fs
         self.name = name
         self.dir = fs.mnt / name
@@ -179,22 +193,40 @@ class World:
         self.write_config()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=20))
+            timeout=aiohttp.ClientTimeout(total=20),
+        )
         await self.start_agent()
         await self.settle()
 
     def write_config(self) -> None:
         cfg: dict[str, dict[str, Any]] = {
-            "agent": {"node_id": self.node_id, "listen": f"127.0.0.1:{self.port}",
-                      "state_dir": str(self.state), "shutdown_timeout_s": 2},
-            "buffer": {"path": str(self.spool), "scan_interval_s": 1,
-                       "drain_rate_per_s": 1000, "drain_concurrency": 8},
-            "upstream": {"primary": self.primary.url, "standby": self.standby.url,
-                         "timeout_s": 2},
-            "health": {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2,
-                       "healthy_threshold": 1},
-            "sms": {"provider": "http", "url": self.sms.url, "retry_initial_s": 0.2,
-                    "retry_max_s": 0.5, "timeout_s": 2, "per_phone_per_hour": 0},
+            "agent": {
+                "node_id": self.node_id,
+                "listen": f"127.0.0.1:{self.port}",
+                "state_dir": str(self.state),
+                "shutdown_timeout_s": 2,
+            },
+            "buffer": {
+                "path": str(self.spool),
+                "scan_interval_s": 1,
+                "drain_rate_per_s": 1000,
+                "drain_concurrency": 8,
+            },
+            "upstream": {"primary": self.primary.url, "standby": self.standby.url, "timeout_s": 2},
+            "health": {
+                "interval_s": 0.1,
+                "timeout_s": 0.5,
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+            },
+            "sms": {
+                "provider": "http",
+                "url": self.sms.url,
+                "retry_initial_s": 0.2,
+                "retry_max_s": 0.5,
+                "timeout_s": 2,
+                "per_phone_per_hour": 0,
+            },
             "auth": {"tokens_file": ""},
         }
         for section, values in self.overrides.items():
@@ -206,8 +238,18 @@ class World:
         self.config.write_text("\n".join(lines) + "\n")
 
     async def start_agent(self, ready_timeout: float = 30) -> None:
-        self.agent = Proc([*self.agent_prefix, sys.executable, "-m", "agent", "run",
-                           "--config", str(self.config)], self.agent_log)
+        self.agent = Proc(
+            [
+                *self.agent_prefix,
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                "--config",
+                str(self.config),
+            ],
+            self.agent_log,
+        )
         agent = self.agent
 
         async def ready() -> bool:
@@ -215,20 +257,26 @@ class World:
                 raise AssertionError(
                     f"[{self.name}] the agent exited {agent.proc.returncode} at start-up "
                     f"(cut #{self.cuts}); it must start by itself whatever state the disk "
-                    f"was left in. Log tail:\n{self.log_tail()}")
+                    f"was left in. Log tail:\n{self.log_tail()}"
+                )
             return await self.get_status("/readyz") == 200
 
         try:
-            await wait_until(ready, ready_timeout, f"[{self.name}] agent /readyz after "
-                                                   f"cut #{self.cuts}", interval=0.05)
+            await wait_until(
+                ready,
+                ready_timeout,
+                f"[{self.name}] agent /readyz after cut #{self.cuts}",
+                interval=0.05,
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nagent log tail:\n{self.log_tail()}") from None
 
     async def get_status(self, path: str) -> int | None:
         assert self.session is not None
         try:
-            async with self.session.get(f"{self.url}{path}",
-                                        timeout=aiohttp.ClientTimeout(total=3)) as r:
+            async with self.session.get(
+                f"{self.url}{path}", timeout=aiohttp.ClientTimeout(total=3)
+            ) as r:
                 await r.read()
                 return r.status
         except (aiohttp.ClientError, TimeoutError):
@@ -237,8 +285,9 @@ class World:
     async def get_json(self, path: str) -> tuple[int | None, Any]:
         assert self.session is not None
         try:
-            async with self.session.get(f"{self.url}{path}",
-                                        timeout=aiohttp.ClientTimeout(total=5)) as r:
+            async with self.session.get(
+                f"{self.url}{path}", timeout=aiohttp.ClientTimeout(total=5)
+            ) as r:
                 data = await r.read()
                 try:
                     return r.status, orjson.loads(data)
@@ -283,8 +332,12 @@ class World:
         assert self.session is not None
         headers = {"Content-Type": "application/json"}
         try:
-            async with self.session.post(f"{self.url}/v1/orders", data=raw, headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            async with self.session.post(
+                f"{self.url}/v1/orders",
+                data=raw,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as r:
                 data = await r.read()
                 try:
                     body: Any = orjson.loads(data)
@@ -328,8 +381,21 @@ class World:
 
     def start_recover(self, *extra: str) -> Proc:
         log = self.logs / f"recover-{len(self.recovers)}.log"
-        p = Proc([sys.executable, "-m", "recovery", "--path", str(self.spool), "--mode",
-                  "merge", "--target", self.primary.url, *extra], log)
+        p = Proc(
+            [
+                sys.executable,
+                "-m",
+                "recovery",
+                "--path",
+                str(self.spool),
+                "--mode",
+                "merge",
+                "--target",
+                self.primary.url,
+                *extra,
+            ],
+            log,
+        )
         self.recovers.append(p)
         return p
 
@@ -391,8 +457,10 @@ class World:
             await self.finish_load(30)
         self.ledger.acked_at_cut = dict(self.ledger.first_ack)
         usage = self.last_usage = self.fs.cache_usage_pct()
-        assert usage < 50, (f"LazyFS cache {usage}% full before the clear-cache: unsynced "
-                            "data would survive for the wrong reason; lower the load")
+        assert usage < 50, (
+            f"LazyFS cache {usage}% full before the clear-cache: unsynced "
+            "data would survive for the wrong reason; lower the load"
+        )
         self.fs.clear_cache()
         self.after_cut.append(self.inspect_disk())
 
@@ -419,19 +487,30 @@ class World:
                     if doc.get("body", "").encode() != self.ledger.bodies[key]:
                         lost.append(f"{serial} ({key}): pending file has another body")
                 except (ValueError, OSError) as exc:
-                    lost.append(f"{serial} ({key}): pending file unreadable after the cut: "
-                                f"{exc!r:.80}")
+                    lost.append(
+                        f"{serial} ({key}): pending file unreadable after the cut: {exc!r:.80}"
+                    )
             elif not (merged_dir / name).exists() and self.creates_of(key) == 0:
-                lost.append(f"{serial} ({key}): acknowledged 202, no file in pending/ or "
-                            "merged/ after the cut, not at any cluster")
-        self.where_after_cut = {n.removesuffix(".json"): d for d in ("merged", "rejected",
-                                                                     "pending")
-                                for n in order_files(self.spool / d)}
+                lost.append(
+                    f"{serial} ({key}): acknowledged 202, no file in pending/ or "
+                    "merged/ after the cut, not at any cluster"
+                )
+        self.where_after_cut = {
+            n.removesuffix(".json"): d
+            for d in ("merged", "rejected", "pending")
+            for n in order_files(self.spool / d)
+        }
         if lost:
-            self.violations.append(f"cut #{self.cuts}: {len(lost)} acknowledged buffered "
-                                   f"orders not on disk: {lost[:8]}")
-        return {"pending": len(self.pending()), "merged": len(self.merged()),
-                "unparsable": unparsable, "cache_pct_before_clear": self.last_usage}
+            self.violations.append(
+                f"cut #{self.cuts}: {len(lost)} acknowledged buffered "
+                f"orders not on disk: {lost[:8]}"
+            )
+        return {
+            "pending": len(self.pending()),
+            "merged": len(self.merged()),
+            "unparsable": unparsable,
+            "cache_pct_before_clear": self.last_usage,
+        }
 
     def creates_of(self, key: str) -> int:
         return self.primary.creates[key] + self.standby.creates[key]
@@ -470,40 +549,56 @@ class World:
             async with sem:
                 status, body = await until_answer(key)
             first = acked[key][1]
-            ok = (status == 200 and isinstance(body, dict)
-                  and body.get("status") == "duplicate" and body.get("serial") == first)
+            ok = (
+                status == 200
+                and isinstance(body, dict)
+                and body.get("status") == "duplicate"
+                and body.get("serial") == first
+            )
             if not ok:
                 where = self.where_after_cut.get(first, "no file")
-                wrong.append(f"{key} first {acked[key][0]} {first} ({where} after the cut) "
-                             f"-> retry got {status} "
-                             f"{orjson.dumps(body).decode()[:160] if body else body}")
+                wrong.append(
+                    f"{key} first {acked[key][0]} {first} ({where} after the cut) "
+                    f"-> retry got {status} "
+                    f"{orjson.dumps(body).decode()[:160] if body else body}"
+                )
 
         async def retry_unacked(key: str) -> None:
             async with sem:
                 await until_answer(key)
 
         client_keys = [k for k in self.ledger.bodies if k not in self.ledger.inbox_keys]
-        await asyncio.gather(*(retry_acked(k) for k in client_keys if k in acked),
-                             *(retry_unacked(k) for k in client_keys if k not in acked))
+        await asyncio.gather(
+            *(retry_acked(k) for k in client_keys if k in acked),
+            *(retry_unacked(k) for k in client_keys if k not in acked),
+        )
         never = [k for k in client_keys if k not in self.ledger.first_ack]
         if never:
-            self.violations.append(f"{len(never)} orders never got a 2xx after the restart "
-                                   f"(retried for {timeout}s): {never[:5]}")
+            self.violations.append(
+                f"{len(never)} orders never got a 2xx after the restart "
+                f"(retried for {timeout}s): {never[:5]}"
+            )
         if wrong:
             places = Counter(w.split("(", 1)[1].split(" after", 1)[0] for w in wrong)
-            self.violations.append(f"retried acknowledged orders that went wrong, by where "
-                                   f"their file was after the cut: {dict(places)}")
+            self.violations.append(
+                f"retried acknowledged orders that went wrong, by where "
+                f"their file was after the cut: {dict(places)}"
+            )
             self.violations.append(
                 f"{len(wrong)} of {len(acked)} acknowledged orders, retried after the cut, did "
-                f"not get 200 duplicate with their first serial: {wrong[:6]}")
+                f"not get 200 duplicate with their first serial: {wrong[:6]}"
+            )
 
     async def drained(self, timeout: float = 60) -> None:
         """The agent delivers every buffered order and takes every inbox file."""
         keys = set(self.ledger.bodies)
 
         def done() -> bool:
-            return (not self.pending() and not order_files(self.spool / "inbox")
-                    and all(self.creates_of(k) for k in keys))
+            return (
+                not self.pending()
+                and not order_files(self.spool / "inbox")
+                and all(self.creates_of(k) for k in keys)
+            )
 
         try:
             await wait_until(done, timeout, "the buffer to drain", interval=0.1)
@@ -512,7 +607,8 @@ class World:
             self.violations.append(
                 f"not drained after {timeout}s: pending/ {len(self.pending())}, inbox/ "
                 f"{len(order_files(self.spool / 'inbox'))}, {len(missing)} orders at no "
-                f"cluster: {missing[:5]}")
+                f"cluster: {missing[:5]}"
+            )
 
     async def check(self) -> None:
         """The promise, as a user would check it; all violations in one failure."""
@@ -523,33 +619,37 @@ class World:
             n = self.creates_of(key)
             acked = key in led.first_ack or key in led.inbox_keys
             if n > 1:
-                twice.append(f"{key}: primary {self.primary.creates[key]}, standby "
-                             f"{self.standby.creates[key]}")
+                twice.append(
+                    f"{key}: primary {self.primary.creates[key]}, standby "
+                    f"{self.standby.creates[key]}"
+                )
             elif n == 0 and acked:
                 never.append(key)
         if twice:
             self.violations.append(f"{len(twice)} orders created more than once: {twice[:6]}")
         if never:
-            self.violations.append(f"{len(never)} acknowledged orders never created: "
-                                   f"{never[:6]}")
+            self.violations.append(f"{len(never)} acknowledged orders never created: {never[:6]}")
         # 2. no serial of this node issued twice (every serial of every 2xx, across cuts)
         reused = {s: sorted(k) for s, k in led.serial_keys.items() if len(k) > 1}
         if reused:
-            self.violations.append(f"{len(reused)} serials issued to more than one order: "
-                                   f"{list(reused.items())[:5]}")
+            self.violations.append(
+                f"{len(reused)} serials issued to more than one order: {list(reused.items())[:5]}"
+            )
         # 3. no serial gets a second SMS
         sms_twice = {s: n for s, n in self.sms.per_serial().items() if n > 1}
         if sms_twice:
-            self.violations.append(f"{len(sms_twice)} serials got more than one SMS: "
-                                   f"{list(sms_twice.items())[:6]}")
+            self.violations.append(
+                f"{len(sms_twice)} serials got more than one SMS: {list(sms_twice.items())[:6]}"
+            )
         # 4. pending/ files that did not parse after a cut were quarantined with a reason
         rejected = self.spool / "rejected"
         for n, snap in enumerate(self.after_cut, 1):
             for name, why in snap["unparsable"].items():
-                if not ((rejected / name).exists()
-                        and (rejected / f"{name}.reason.json").exists()):
-                    self.violations.append(f"cut #{n}: pending/{name} did not parse ({why}) "
-                                           "and is not in rejected/ with a reason")
+                if not ((rejected / name).exists() and (rejected / f"{name}.reason.json").exists()):
+                    self.violations.append(
+                        f"cut #{n}: pending/{name} did not parse ({why}) "
+                        "and is not in rejected/ with a reason"
+                    )
         for name in order_files(self.spool / "pending"):
             self.violations.append(f"pending/{name} still there at the end")
         # 5. GET /v1/orders/{serial} answers 200 for every acknowledged serial
@@ -559,8 +659,10 @@ class World:
             if code != 200:
                 missing.append(f"{serial} (first answer {status}, {key}) -> {code}")
         if missing:
-            self.violations.append(f"{len(missing)} acknowledged serials unknown after the "
-                                   f"restart (GET /v1/orders/{{serial}}): {missing[:6]}")
+            self.violations.append(
+                f"{len(missing)} acknowledged serials unknown after the "
+                f"restart (GET /v1/orders/{{serial}}): {missing[:6]}"
+            )
         for key in sorted(led.inbox_keys):
             code, _ = await self.get_json(f"/v1/orders/by-key/{key}")
             if code != 200:
@@ -577,8 +679,11 @@ class World:
                 f"[{self.name}] {len(self.violations)} broken promises after {self.cuts} "
                 f"power cut(s); {led.acks()} orders acknowledged before the last cut "
                 f"({len(led.acked_at_cut)}), {len(led.bodies)} sent, creates {self.creates()}"
-                f", SMS {len(self.sms.received)}:\n- " + "\n- ".join(self.violations)
-                + "\nagent log (errors):\n" + "\n".join(evidence))
+                f", SMS {len(self.sms.received)}:\n- "
+                + "\n- ".join(self.violations)
+                + "\nagent log (errors):\n"
+                + "\n".join(evidence)
+            )
 
     def summarize(self) -> None:
         """One JSON line per scenario in $POWERLOSS_SUMMARY (figures for the README)."""
@@ -586,23 +691,29 @@ class World:
         if not path:
             return
         led = self.ledger
-        line = {"scenario": self.name, "cuts": self.cuts,
-                "acked_before_cut": len(led.acked_at_cut),
-                "acked_202_before_cut": sum(1 for s, _ in led.acked_at_cut.values()
-                                            if s == 202),
-                "acked_201_before_cut": sum(1 for s, _ in led.acked_at_cut.values()
-                                            if s == 201),
-                "orders": len(led.bodies), "inbox": len(led.inbox_keys),
-                "creates_primary": sum(self.primary.creates.values()),
-                "creates_standby": sum(self.standby.creates.values()),
-                "sms": len(self.sms.received), "after_cut": self.after_cut,
-                # buffered orders with a phone whose notice never reached the gateway
-                # (figure only: "ambiguous" rows are rightly never resent)
-                "sms_never_sent": sum(
-                    1 for k, (st, serial) in led.first_ack.items()
-                    if st == 202 and b"customer_phone" in led.bodies[k]
-                    and serial not in self.sms.per_serial()),
-                "violations": [v[:300] for v in self.violations]}
+        line = {
+            "scenario": self.name,
+            "cuts": self.cuts,
+            "acked_before_cut": len(led.acked_at_cut),
+            "acked_202_before_cut": sum(1 for s, _ in led.acked_at_cut.values() if s == 202),
+            "acked_201_before_cut": sum(1 for s, _ in led.acked_at_cut.values() if s == 201),
+            "orders": len(led.bodies),
+            "inbox": len(led.inbox_keys),
+            "creates_primary": sum(self.primary.creates.values()),
+            "creates_standby": sum(self.standby.creates.values()),
+            "sms": len(self.sms.received),
+            "after_cut": self.after_cut,
+            # buffered orders with a phone whose notice never reached the gateway
+            # (figure only: "ambiguous" rows are rightly never resent)
+            "sms_never_sent": sum(
+                1
+                for k, (st, serial) in led.first_ack.items()
+                if st == 202
+                and b"customer_phone" in led.bodies[k]
+                and serial not in self.sms.per_serial()
+            ),
+            "violations": [v[:300] for v in self.violations],
+        }
         with open(path, "a") as fh:
             fh.write(orjson.dumps(line).decode() + "\n")
 
@@ -613,14 +724,17 @@ class World:
         await self.check()
 
 
-async def cut_when(world: World, predicate: Callable[[], Any], what: str,
-                   timeout: float = 30) -> None:
+async def cut_when(
+    world: World, predicate: Callable[[], Any], what: str, timeout: float = 30
+) -> None:
     """Wait for observable progress, then pull the plug."""
     try:
         await wait_until(predicate, timeout, what, interval=0.005)
     except AssertionError as exc:
-        raise AssertionError(f"[{world.name}] cut point never reached: {exc}; ledger "
-                             f"{dict(world.ledger.statuses)}\n{world.log_tail(1500)}") from None
+        raise AssertionError(
+            f"[{world.name}] cut point never reached: {exc}; ledger "
+            f"{dict(world.ledger.statuses)}\n{world.log_tail(1500)}"
+        ) from None
     await world.power_cut()
 
 

@@ -16,14 +16,18 @@ from pathlib import Path
 
 # The issue's list, plus unlink (a pending entry going), pwrite64 (SQLite writes its WAL
 # with it) and recvfrom (when a request arrived).
-TRACE_CALLS = ("openat,write,writev,pwrite64,sendto,sendmsg,recvfrom,fsync,fdatasync,rename,"
-               "renameat,renameat2,syncfs,unlink,unlinkat")
+TRACE_CALLS = (
+    "openat,write,writev,pwrite64,sendto,sendmsg,recvfrom,fsync,fdatasync,rename,"
+    "renameat,renameat2,syncfs,unlink,unlinkat"
+)
 
 _LINE = re.compile(r"^(?P<pid>\d+)\s+(?P<ts>\d\d:\d\d:\d\d\.\d{6}) (?P<rest>.*)$")
 _CALL = re.compile(r"^(?P<name>\w+)\((?P<args>.*)$")
 _RESUMED = re.compile(r"^<\.\.\. (?P<name>\w+) resumed>(?P<args>.*)$")
-_RESULT = re.compile(r"\)\s+=\s+(?P<ret>-?\d+|\?)(?: (?P<err>E[A-Z]+)[^<]*)?"
-                     r"(?:\s+<(?P<dur>\d+\.\d+)>)?\s*$")
+_RESULT = re.compile(
+    r"\)\s+=\s+(?P<ret>-?\d+|\?)(?: (?P<err>E[A-Z]+)[^<]*)?"
+    r"(?:\s+<(?P<dur>\d+\.\d+)>)?\s*$"
+)
 _FD = re.compile(r"^(?P<fd>\d+)<(?P<what>.*?)>(?=[,)])")  # "TCP:[a:1->b:2]" has a '>'
 _STR = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
@@ -81,8 +85,18 @@ def parse(path: Path) -> list[Call]:
         dur = float(result["dur"]) if result["dur"] else 0.0
         end = max(end_guess, start + dur)
         fd = _FD.match(text)
-        calls.append(Call(pid, name, start, end, result["ret"] not in ("-1", "?"),
-                          fd["what"] if fd else "", _STR.findall(text), raw))
+        calls.append(
+            Call(
+                pid,
+                name,
+                start,
+                end,
+                result["ret"] not in ("-1", "?"),
+                fd["what"] if fd else "",
+                _STR.findall(text),
+                raw,
+            )
+        )
     calls.sort(key=lambda c: c.start)
     return calls
 

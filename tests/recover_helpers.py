@@ -17,18 +17,29 @@ from tests.conftest import ROOT, wait_for
 
 
 def body(n: int | str, **extra: Any) -> str:
-    return orjson.dumps({"channel_id": "douyin", "channel_order_id": str(n),
-                         "amount": "199.10", "items": [{"sku": f"SKU-{n}", "qty": 1}],
-                         **extra}).decode()
+    return orjson.dumps(
+        {
+            "channel_id": "douyin",
+            "channel_order_id": str(n),
+            "amount": "199.10",
+            "items": [{"sku": f"SKU-{n}", "qty": 1}],
+            **extra,
+        }
+    ).decode()
 
 
-def record(n: int | str, serial_n: int, node: str = "wh-a", text: str | None = None,
-           key: str | None = None) -> PendingRecord:
+def record(
+    n: int | str, serial_n: int, node: str = "wh-a", text: str | None = None, key: str | None = None
+) -> PendingRecord:
     return PendingRecord(
-        serial=f"{node.upper()}-20261125-{serial_n:09d}", node_id=node,
-        received_at="2026-11-25T10:00:00+08:00", channel_id="douyin",
-        dedupe_key=key or f"douyin:{n}", customer_phone=None,
-        body=text if text is not None else body(n))
+        serial=f"{node.upper()}-20261125-{serial_n:09d}",
+        node_id=node,
+        received_at="2026-11-25T10:00:00+08:00",
+        channel_id="douyin",
+        dedupe_key=key or f"douyin:{n}",
+        customer_phone=None,
+        body=text if text is not None else body(n),
+    )
 
 
 def write_pending(root: Path, records: list[PendingRecord]) -> None:
@@ -64,18 +75,20 @@ class Run:
     @property
     def maxrss_mb(self) -> float:
         """Peak RSS of edge-recover, from a run with ``rss=True``."""
-        kb = next(line for line in reversed(self.err.splitlines())
-                  if line.startswith("maxrss_kb="))
+        kb = next(line for line in reversed(self.err.splitlines()) if line.startswith("maxrss_kb="))
         return int(kb.split("=")[1]) / 1024
 
 
 # Runs its arguments as a child and reports the child's peak RSS (getrusage of the
 # waited-for children: exactly that one process, whatever the test process did before).
-_RSS_WRAPPER = ("import resource, subprocess, sys\n"
-                "code = subprocess.call(sys.argv[1:])\n"
-                "kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-                "print(f'maxrss_kb={kb}', file=sys.stderr)\n"
-                "sys.exit(code)\n")
+_RSS_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[1:])\n"
+    "kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "print(f'maxrss_kb={kb}', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
 
 class Recover:
     """``python -m recovery`` as a real subprocess, started without blocking the test's loop.
@@ -90,9 +103,16 @@ class Recover:
 
     async def start(self) -> Recover:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.prefix, sys.executable, "-m", "recovery", *self.args, cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "EDGE_AGENT_CONFIG": "/nonexistent/agent.toml"})
+            *self.prefix,
+            sys.executable,
+            "-m",
+            "recovery",
+            *self.args,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "EDGE_AGENT_CONFIG": "/nonexistent/agent.toml"},
+        )
         return self
 
     def signal(self, sig: int = signal.SIGKILL) -> None:
@@ -111,14 +131,17 @@ class Recover:
         return Run(self.proc.returncode, out.decode(), err.decode())
 
 
-async def recover(*args: str, timeout: float = 60, user: tuple[str, ...] = (),
-                  rss: bool = False) -> Run:
+async def recover(
+    *args: str, timeout: float = 60, user: tuple[str, ...] = (), rss: bool = False
+) -> Run:
     return await (await Recover(*args, user=user, rss=rss).start()).finish(timeout)
 
 
-async def kill_when(proc: Recover, predicate: Any, sig: int, what: str,
-                    timeout: float = 30) -> None:
+async def kill_when(
+    proc: Recover, predicate: Any, sig: int, what: str, timeout: float = 30
+) -> None:
     """Send ``sig`` as soon as ``predicate`` holds (polled with a deadline)."""
+
     def ready() -> bool:
         assert proc.proc is not None
         if proc.proc.returncode is not None:

@@ -24,8 +24,9 @@ class Center:
         self.creates: Counter[str] = Counter()  # Idempotency-Key -> 201s sent
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="fake-center")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="fake-center"
+        )
         self._thread.start()
         self._runner: web.AppRunner | None = None
 

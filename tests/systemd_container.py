@@ -33,8 +33,7 @@ SUITE = "bookworm"
 # jq: docs/operations.md pipes journalctl into jq, and the test runs that pipeline as written.
 INCLUDE = "systemd,systemd-sysv,dbus,python3,python3-venv,procps,jq"
 CACHE_DIR = Path(os.environ.get("EDGE_ROOTFS_CACHE", "/var/cache/order-edge-agent"))
-ROOTFS = CACHE_DIR / (
-    f"rootfs-{SUITE}-" + hashlib.sha256(INCLUDE.encode()).hexdigest()[:10])
+ROOTFS = CACHE_DIR / (f"rootfs-{SUITE}-" + hashlib.sha256(INCLUDE.encode()).hexdigest()[:10])
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -83,12 +82,24 @@ def rootfs() -> Path:
             log(f"debootstrap {SUITE} from {mirror} into {tmp} (once; cached in {ROOTFS})")
             start = time.monotonic()
             proc = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={INCLUDE}", SUITE,
-                 str(tmp / "root"), mirror],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={INCLUDE}",
+                    SUITE,
+                    str(tmp / "root"),
+                    mirror,
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             if proc.returncode != 0:
-                raise RuntimeError(f"debootstrap failed ({proc.returncode}):\n"
-                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                raise RuntimeError(
+                    f"debootstrap failed ({proc.returncode}):\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+                )
             log(f"debootstrap took {time.monotonic() - start:.0f} s")
             (tmp / "root").rename(ROOTFS)
         finally:
@@ -115,10 +126,10 @@ def find_pid1(nspawn_pid: int) -> int:
     PID namespace (the last NSpid field), or 0."""
     for status in Path("/proc").glob("[0-9]*/status"):
         with contextlib.suppress(OSError, ValueError, StopIteration):
-            nspid = next(line for line in status.read_text().splitlines()
-                         if line.startswith("NSpid:")).split()[1:]
-            if len(nspid) >= 2 and nspid[-1] == "1" and \
-                    _descends_from(int(nspid[0]), nspawn_pid):
+            nspid = next(
+                line for line in status.read_text().splitlines() if line.startswith("NSpid:")
+            ).split()[1:]
+            if len(nspid) >= 2 and nspid[-1] == "1" and _descends_from(int(nspid[0]), nspawn_pid):
                 return int(nspid[0])
     return 0
 
@@ -133,18 +144,36 @@ class Container:
 
     # -- lifecycle ------------------------------------------------------------------
     def boot(self, timeout: float = 60) -> None:
-        cmd = ["systemd-nspawn", "--quiet", "-b", "-D", str(self.root), "--volatile=overlay",
-               "-M", self.name, "--register=no", "--keep-unit", "--console=read-only"]
+        cmd = [
+            "systemd-nspawn",
+            "--quiet",
+            "-b",
+            "-D",
+            str(self.root),
+            "--volatile=overlay",
+            "-M",
+            self.name,
+            "--register=no",
+            "--keep-unit",
+            "--console=read-only",
+        ]
         cmd += [f"--bind-ro={src}:{dst}" for src, dst in self.binds_ro.items()]
         log(" ".join(cmd))
         with open(self.logfile, "wb") as out:
-            self.nspawn = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
+            self.nspawn = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.nspawn.poll() is not None:
-                raise RuntimeError(f"systemd-nspawn exited {self.nspawn.returncode}:\n"
-                                   + self.logfile.read_text(errors="replace")[-3000:])
+                raise RuntimeError(
+                    f"systemd-nspawn exited {self.nspawn.returncode}:\n"
+                    + self.logfile.read_text(errors="replace")[-3000:]
+                )
             self.pid1 = self.pid1 or find_pid1(self.nspawn.pid)
             if self.pid1 and Path(f"/proc/{self.pid1}/root/run/systemd/private").exists():
                 break
@@ -152,8 +181,11 @@ class Container:
         else:
             raise TimeoutError(f"container {self.name}: no systemd manager after {timeout} s")
         # Wait for boot to finish (running or degraded both mean "startup done").
-        out = self.sh("systemctl is-system-running --wait", check=False,
-                      timeout=max(5.0, deadline - time.monotonic())).stdout.strip()
+        out = self.sh(
+            "systemctl is-system-running --wait",
+            check=False,
+            timeout=max(5.0, deadline - time.monotonic()),
+        ).stdout.strip()
         log(f"container {self.name} booted: PID 1 is host PID {self.pid1}, state {out}")
 
     def poweroff(self, timeout: float = 30) -> None:
@@ -191,27 +223,58 @@ class Container:
         self.poweroff()
 
     # -- commands inside --------------------------------------------------------------
-    def sh(self, script: str, *, check: bool = True, timeout: float = 60, cwd: str = "/",
-           env: dict[str, str] | None = None, input: str | None = None,
-           ) -> subprocess.CompletedProcess[str]:
+    def sh(
+        self,
+        script: str,
+        *,
+        check: bool = True,
+        timeout: float = 60,
+        cwd: str = "/",
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a shell command line inside the container (as root, clean environment)."""
         assert self.pid1, "container not booted"
-        envs = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "SYSTEMD_PAGER": "",
-                "SYSTEMD_COLORS": "0", **(env or {})}
-        cmd = ["nsenter", "-t", str(self.pid1), "-a", "env", "-i",
-               *(f"{k}={v}" for k, v in envs.items()),
-               "sh", "-c", f"cd {shlex.quote(cwd)} && {script}"]
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
-                              stdin=None if input is not None else subprocess.DEVNULL)
+        envs = {
+            "PATH": PATH,
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "SYSTEMD_PAGER": "",
+            "SYSTEMD_COLORS": "0",
+            **(env or {}),
+        }
+        cmd = [
+            "nsenter",
+            "-t",
+            str(self.pid1),
+            "-a",
+            "env",
+            "-i",
+            *(f"{k}={v}" for k, v in envs.items()),
+            "sh",
+            "-c",
+            f"cd {shlex.quote(cwd)} && {script}",
+        ]
+        proc = subprocess.run(
+            cmd,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"in container: {script!r} exited {proc.returncode}\n"
-                                 f"--- stdout ---\n{proc.stdout[-3000:]}\n"
-                                 f"--- stderr ---\n{proc.stderr[-3000:]}")
+            raise AssertionError(
+                f"in container: {script!r} exited {proc.returncode}\n"
+                f"--- stdout ---\n{proc.stdout[-3000:]}\n"
+                f"--- stderr ---\n{proc.stderr[-3000:]}"
+            )
         return proc
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
-        out = self.sh(f"systemctl show {shlex.quote(unit)} "
-                      + " ".join(f"-p {p}" for p in props)).stdout
+        out = self.sh(
+            f"systemctl show {shlex.quote(unit)} " + " ".join(f"-p {p}" for p in props)
+        ).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def write(self, path: str, text: str, mode: str = "0644") -> None:

@@ -74,8 +74,9 @@ async def test_wrong_content_type_is_415_and_too_large_is_413(make_agent, center
     agent = await make_agent(center.url, agent={"max_body_bytes": 2048})
     baseline = await _accepted_baseline(agent)
     url = f"{agent.url}/v1/orders"
-    async with agent.session.post(url, data=orjson.dumps(order(9)),
-                                  headers={"Content-Type": "text/plain"}) as r:
+    async with agent.session.post(
+        url, data=orjson.dumps(order(9)), headers={"Content-Type": "text/plain"}
+    ) as r:
         assert r.status == 415 and "error" in await r.json()
     async with agent.session.post(url, data=orjson.dumps(order(9))) as r:  # no content type
         assert r.status == 415
@@ -87,8 +88,9 @@ async def test_wrong_content_type_is_415_and_too_large_is_413(make_agent, center
         yield big[:1000]
         yield big[1000:]
 
-    async with agent.session.post(url, data=chunked(),
-                                  headers={"Content-Type": "application/json"}) as r:
+    async with agent.session.post(
+        url, data=chunked(), headers={"Content-Type": "application/json"}
+    ) as r:
         assert r.status == 413
     await _assert_untouched(agent, baseline)
 
@@ -173,8 +175,10 @@ async def test_keys_never_become_paths(make_agent, center: FakeCenter):
     nasty = ["../../etc/passwd", "/abs/path", "a" * 250, "..", "con:aux", "订单/../x"]
     serials = []
     for i, value in enumerate(nasty):
-        status, body = await agent.post({"channel_id": value, "channel_order_id": value + str(i)},
-                                        headers={"Idempotency-Key": f"{value}|{i}"})
+        status, body = await agent.post(
+            {"channel_id": value, "channel_order_id": value + str(i)},
+            headers={"Idempotency-Key": f"{value}|{i}"},
+        )
         assert status == 202, body
         serials.append(body["serial"])
     assert agent.files("pending") == sorted(f"{s}.json" for s in serials)

@@ -25,8 +25,14 @@ from agent.config import load_config
 from .conftest import ROOT, order, write_config
 
 
-async def raw_request(url: str, head: bytes, parts: list[bytes], gap_s: float = 0.0,
-                      close_after: bool = False, timeout: float = 20) -> tuple[int, dict]:
+async def raw_request(
+    url: str,
+    head: bytes,
+    parts: list[bytes],
+    gap_s: float = 0.0,
+    close_after: bool = False,
+    timeout: float = 20,
+) -> tuple[int, dict]:
     """Send ``head`` then each part as its own write, ``gap_s`` apart; read the answer."""
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -54,17 +60,23 @@ async def raw_request(url: str, head: bytes, parts: list[bytes], gap_s: float = 
 
 
 def head(length: int | None, extra: bytes = b"") -> bytes:
-    size = b"Transfer-Encoding: chunked\r\n" if length is None else \
-        f"Content-Length: {length}\r\n".encode()
-    return (b"POST /v1/orders HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
-            + size + extra + b"\r\n")
+    size = (
+        b"Transfer-Encoding: chunked\r\n"
+        if length is None
+        else f"Content-Length: {length}\r\n".encode()
+    )
+    return (
+        b"POST /v1/orders HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
+        + size
+        + extra
+        + b"\r\n"
+    )
 
 
 async def test_a_body_split_over_two_writes_is_one_order(make_agent, center):
     agent = await make_agent(center.url)
     body = orjson.dumps(order("split-1"))
-    status, reply = await raw_request(agent.url, head(len(body)), [body[:20], body[20:]],
-                                      gap_s=0.3)
+    status, reply = await raw_request(agent.url, head(len(body)), [body[:20], body[20:]], gap_s=0.3)
     assert status == 201, reply
     assert center.orders["douyin:split-1"][1] == body  # byte for byte, whole
 
@@ -72,8 +84,9 @@ async def test_a_body_split_over_two_writes_is_one_order(make_agent, center):
 async def test_a_body_sent_byte_by_byte_is_one_order(make_agent, center):
     agent = await make_agent(center.url)
     body = orjson.dumps(order("slow-1"))
-    status, reply = await raw_request(agent.url, head(len(body)),
-                                      [body[i:i + 1] for i in range(len(body))], gap_s=0.002)
+    status, reply = await raw_request(
+        agent.url, head(len(body)), [body[i : i + 1] for i in range(len(body))], gap_s=0.002
+    )
     assert status == 201, reply
     assert center.orders["douyin:slow-1"][1] == body
 
@@ -92,9 +105,12 @@ async def test_a_900_kb_order_is_buffered_whole(make_agent, center):
     await center.go_down()
     agent = await make_agent(center.url)
     body = orjson.dumps(order("big-1", note="x" * 900_000))
-    status, reply = await raw_request(agent.url, head(len(body)),
-                                      [body[i:i + 65536] for i in range(0, len(body), 65536)],
-                                      gap_s=0.01)
+    status, reply = await raw_request(
+        agent.url,
+        head(len(body)),
+        [body[i : i + 65536] for i in range(0, len(body), 65536)],
+        gap_s=0.01,
+    )
     assert status == 202, reply
     stored = orjson.loads((agent.spool / "pending" / f"{reply['serial']}.json").read_bytes())
     assert stored["body"].encode() == body
@@ -106,8 +122,9 @@ async def test_bodies_at_the_limit_pass_and_one_byte_over_get_413(make_agent, ce
     base = orjson.dumps(order("limit-1", note=""))
     exact = base.replace(b'"note":""', b'"note":"' + b"y" * (4096 - len(base)) + b'"')
     assert len(exact) == 4096
-    status, reply = await raw_request(agent.url, head(len(exact)), [exact[:100], exact[100:]],
-                                      gap_s=0.05)
+    status, reply = await raw_request(
+        agent.url, head(len(exact)), [exact[:100], exact[100:]], gap_s=0.05
+    )
     assert status == 202, reply
     over = exact.replace(b'"note":"', b'"note":"y')
     status, reply = await raw_request(agent.url, head(len(over)), [over])
@@ -132,8 +149,7 @@ async def test_a_client_that_stops_mid_body_gets_408_and_nothing_is_kept(make_ag
 
 
 @pytest.mark.parametrize("header", [b"Idempotency-Key", b"Authorization", b"Content-Type"])
-async def test_header_bytes_that_are_not_utf8_get_400_naming_the_header(make_agent, center,
-                                                                        header):
+async def test_header_bytes_that_are_not_utf8_get_400_naming_the_header(make_agent, center, header):
     agent = await make_agent(center.url)
     body = orjson.dumps(order("hdr-1"))
     extra = header + b": abc\xff\xfe\r\n"
@@ -147,7 +163,8 @@ async def test_header_bytes_that_are_not_utf8_get_400_naming_the_header(make_age
 
 
 _header_bytes = st.binary(min_size=1, max_size=40).filter(
-    lambda b: b"\r" not in b and b"\n" not in b and b"\x00" not in b)
+    lambda b: b"\r" not in b and b"\n" not in b and b"\x00" not in b
+)
 
 
 def _blocking_request(url: str, raw: bytes) -> tuple[int, bytes]:
@@ -179,14 +196,22 @@ def fuzz_agent(tmp_path: Path) -> Iterator[str]:
     """A real agent subprocess whose clusters are unreachable: it buffers what it accepts."""
     config = write_config(tmp_path, "http://127.0.0.9:9/v3")
     url = "http://" + load_config(str(config)).agent.listen
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                if _blocking_request(url, b"GET /readyz HTTP/1.1\r\nHost: a\r\n"
-                                          b"Connection: close\r\n\r\n")[0] == 200:
+                if (
+                    _blocking_request(
+                        url, b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                    )[0]
+                    == 200
+                ):
                     break
             except OSError:
                 pass
@@ -198,17 +223,24 @@ def fuzz_agent(tmp_path: Path) -> Iterator[str]:
         proc.wait(10)
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(key=_header_bytes, auth=_header_bytes, ctype=_header_bytes, body=st.binary(max_size=300))
-def test_fuzzed_headers_and_bodies_never_get_a_5xx(fuzz_agent: str, key: bytes, auth: bytes,
-                                                   ctype: bytes, body: bytes):
+def test_fuzzed_headers_and_bodies_never_get_a_5xx(
+    fuzz_agent: str, key: bytes, auth: bytes, ctype: bytes, body: bytes
+):
     """Whatever bytes come in the headers we read and the body, the answer is JSON < 500."""
-    raw = (b"POST /v1/orders HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n"
-           b"Content-Type: " + ctype.strip() + b"\r\n"
-           b"Idempotency-Key: " + key.strip() + b"\r\n"
-           b"Authorization: Bearer " + auth.strip() + b"\r\n"
-           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    raw = (
+        b"POST /v1/orders HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n"
+        b"Content-Type: " + ctype.strip() + b"\r\n"
+        b"Idempotency-Key: " + key.strip() + b"\r\n"
+        b"Authorization: Bearer "
+        + auth.strip()
+        + b"\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     status, payload = _blocking_request(fuzz_agent, raw)
     assert status < 500, payload
     if status == 400 and not payload.startswith(b"{"):
@@ -223,8 +255,11 @@ def test_fuzzing_reaches_the_validation(fuzz_agent: str):
     """The fuzz above would prove little if every request died in the parser: a valid one
     with a non-UTF-8 key is judged by our code (400 naming the header)."""
     body = orjson.dumps(order("fuzz-1"))
-    raw = (b"POST /v1/orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
-           b"Content-Type: application/json\r\nIdempotency-Key: \xc3\x28\r\n"
-           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    raw = (
+        b"POST /v1/orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nIdempotency-Key: \xc3\x28\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     status, payload = _blocking_request(fuzz_agent, raw)
     assert (status, orjson.loads(payload)["field"]) == (400, "Idempotency-Key")

@@ -37,9 +37,19 @@ CHROMIUM = "/usr/bin/chromium"
 DRIVER = "/usr/bin/chromedriver"
 # Without the background-networking flags chromium dials out (updates, sync, field
 # trials); this closed network refuses it and the log fills with errors.
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--disable-extensions", "--no-default-browser-check")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-extensions",
+    "--no-default-browser-check",
+)
 
 
 # A CJK font, so the Chinese page renders in screenshots (a user's browser has one).
@@ -49,8 +59,16 @@ CJK_FONT = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 def ensure_chromium() -> None:
     if not all(os.path.exists(p) for p in (CHROMIUM, DRIVER, CJK_FONT)):
         host_tools.apt_get("update", "-qq", timeout=600)
-        host_tools.apt_get("install", "-y", "-qq", "--no-install-recommends", "chromium",
-                           "chromium-driver", "fonts-wqy-microhei", timeout=1200)
+        host_tools.apt_get(
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "chromium",
+            "chromium-driver",
+            "fonts-wqy-microhei",
+            timeout=1200,
+        )
 
 
 class Browser:
@@ -70,8 +88,10 @@ class Browser:
         options.add_experimental_option("prefs", {"intl.accept_languages": lang})
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         if phone:
-            options.add_experimental_option("mobileEmulation", {
-                "deviceMetrics": {"width": 360, "height": 780, "pixelRatio": 2.0}})
+            options.add_experimental_option(
+                "mobileEmulation",
+                {"deviceMetrics": {"width": 360, "height": 780, "pixelRatio": 2.0}},
+            )
         else:
             options.add_argument("--window-size=1280,1000")
         self.phone = phone
@@ -85,14 +105,20 @@ class Browser:
         return await asyncio.to_thread(self.driver.execute_script, script, *args)
 
     async def text(self, element_id: str) -> str:
-        return str(await self.js(
-            "const e = document.getElementById(arguments[0]); return e ? e.textContent : ''",
-            element_id))
+        return str(
+            await self.js(
+                "const e = document.getElementById(arguments[0]); return e ? e.textContent : ''",
+                element_id,
+            )
+        )
 
     async def attr(self, element_id: str, name: str) -> str | None:
         value = await self.js(
             "const e = document.getElementById(arguments[0]);"
-            "return e ? e.getAttribute(arguments[1]) : null", element_id, name)
+            "return e ? e.getAttribute(arguments[1]) : null",
+            element_id,
+            name,
+        )
         return None if value is None else str(value)
 
     async def fill(self, element_id: str, value: str) -> None:
@@ -102,13 +128,13 @@ class Browser:
             el = self.driver.find_element(By.ID, element_id)
             el.clear()
             el.send_keys(value)
+
         await asyncio.to_thread(do)
 
     async def click(self, selector: str) -> None:
         from selenium.webdriver.common.by import By
 
-        await asyncio.to_thread(
-            lambda: self.driver.find_element(By.CSS_SELECTOR, selector).click())
+        await asyncio.to_thread(lambda: self.driver.find_element(By.CSS_SELECTOR, selector).click())
 
     async def screenshot(self, name: str) -> Path:
         SHOTS.mkdir(parents=True, exist_ok=True)
@@ -116,17 +142,21 @@ class Browser:
 
         def full_page() -> None:
             # The whole page, not only the viewport: size the window to the document.
-            height = self.driver.execute_script(
-                "return document.documentElement.scrollHeight")
+            height = self.driver.execute_script("return document.documentElement.scrollHeight")
             width = self.driver.execute_script("return window.innerWidth")
-            self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
-                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 500})
+            self.driver.execute_cdp_cmd(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 500},
+            )
             self.driver.save_screenshot(str(path))
             if self.phone:  # back to the phone's viewport (clearing would drop the emulation)
-                self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
-                    "width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": True})
+                self.driver.execute_cdp_cmd(
+                    "Emulation.setDeviceMetricsOverride",
+                    {"width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": True},
+                )
             else:
                 self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
         await asyncio.to_thread(full_page)
         return path
 
@@ -174,13 +204,17 @@ async def agent(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[AgentSubproce
         await proc.reap()
 
 
-async def post(session: aiohttp.ClientSession, url: str, n: int,
-               phone: str | None) -> dict[str, Any]:
+async def post(
+    session: aiohttp.ClientSession, url: str, n: int, phone: str | None
+) -> dict[str, Any]:
     doc: dict[str, Any] = {"channel_id": "douyin", "channel_order_id": str(n), "amount": "9.90"}
     if phone:
         doc["customer_phone"] = phone
-    async with session.post(f"{url}/v1/orders", data=orjson.dumps(doc), headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}) as r:
+    async with session.post(
+        f"{url}/v1/orders",
+        data=orjson.dumps(doc),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+    ) as r:
         body: dict[str, Any] = await r.json()
         assert r.status in (201, 202), body
         return body
@@ -189,13 +223,19 @@ async def post(session: aiohttp.ClientSession, url: str, n: int,
 def expected_errors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Severe console entries that are NOT the lookups the test made fail on purpose
     (chromium logs every 401/404 answer of a fetch as a failed resource)."""
-    return [e for e in entries
-            if not ("/v1/orders/" in e.get("message", "")
-                    and ("status of 401" in e["message"] or "status of 404" in e["message"]))]
+    return [
+        e
+        for e in entries
+        if not (
+            "/v1/orders/" in e.get("message", "")
+            and ("status of 401" in e["message"] or "status of 404" in e["message"])
+        )
+    ]
 
 
-async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbox,
-                                         browsers: list[Browser]) -> None:
+async def test_console_through_an_outage(
+    agent: AgentSubprocess, sandbox: Sandbox, browsers: list[Browser]
+) -> None:
     desktop = await asyncio.to_thread(Browser, "en-US,en", False)
     browsers.append(desktop)
     phone = await asyncio.to_thread(Browser, "zh-CN,zh;q=0.9,en;q=0.5", True)
@@ -214,8 +254,12 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
     assert await desktop.js("return document.documentElement.lang") == "en"
     assert await phone.js("return document.documentElement.lang") == "zh-CN"
     assert "primary" in await desktop.text("clusters")
-    assert await desktop.js("return document.querySelectorAll("
-                            "'.cluster[data-healthy=\"true\"]').length") == 2
+    assert (
+        await desktop.js(
+            "return document.querySelectorAll('.cluster[data-healthy=\"true\"]').length"
+        )
+        == 2
+    )
 
     async with aiohttp.ClientSession() as session:
         forwarded = await post(session, agent.url, 1, None)
@@ -227,13 +271,18 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
         await until(lambda: mode_is(desktop, "offline"), "desktop: mode offline")
         await until(lambda: mode_is(phone, "offline"), "phone: mode offline")
         assert await phone.text("mode") == "离线"
-        assert await desktop.js("return document.querySelectorAll("
-                                "'.cluster[data-healthy=\"false\"]').length") == 2
+        assert (
+            await desktop.js(
+                "return document.querySelectorAll('.cluster[data-healthy=\"false\"]').length"
+            )
+            == 2
+        )
         buffered = [await post(session, agent.url, n, f"1380013{n:04d}") for n in range(10, 22)]
         assert all(b["status"] == "buffered" for b in buffered)
 
         async def pending_shown() -> bool:
             return await desktop.text("pending") == "12"
+
         await until(pending_shown, "desktop: 12 pending")
         assert "offline" in await desktop.text("history")
 
@@ -241,8 +290,10 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
         await desktop.fill("q-channel", "douyin")
         await desktop.fill("q", "15")
         await desktop.click("#lookup button[type=submit]")
-        await until(lambda: desktop.js(
-            "return !document.getElementById('token-form').hidden"), "the token form")
+        await until(
+            lambda: desktop.js("return !document.getElementById('token-form').hidden"),
+            "the token form",
+        )
         assert await desktop.attr("token-msg", "data-kind") == "missing"
         # A wrong token: a clear message, nothing shown.
         await desktop.fill("token", "not-the-token")
@@ -250,6 +301,7 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
 
         async def wrong_said() -> bool:
             return await desktop.attr("token-msg", "data-kind") == "wrong"
+
         await until(wrong_said, "the wrong-token message")
         assert "Wrong API token" in await desktop.text("token-msg")
         assert await desktop.text("result") == ""
@@ -259,17 +311,24 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
 
         async def order_state() -> str | None:
             return await desktop.attr("order", "data-state")
+
         await until(lambda: _is(order_state, "buffered"), "the lookup: buffered")
         serial = buffered[5]["serial"]
-        assert await desktop.js(
-            "return document.querySelector('[data-field=serial]').textContent") == serial
+        assert (
+            await desktop.js("return document.querySelector('[data-field=serial]').textContent")
+            == serial
+        )
 
         async def sms_sent() -> bool:
             await desktop.click("#lookup button[type=submit]")  # look again, token kept
-            text = str(await desktop.js(
-                "const e = document.querySelector('[data-field=sms]');"
-                "return e ? e.textContent : ''"))
+            text = str(
+                await desktop.js(
+                    "const e = document.querySelector('[data-field=sms]');"
+                    "return e ? e.textContent : ''"
+                )
+            )
             return "sent to 138****0015" in text
+
         await until(sms_sent, "the lookup: SMS sent, phone masked")
         page = str(await desktop.js("return document.body.innerText"))
         assert "13800130015" not in page
@@ -278,8 +337,10 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
         # The phone: same facts, fits 360 px without sideways scrolling.
         await until(lambda: _is(lambda: phone.text("pending"), "12"), "phone: 12 pending")
         assert await phone.js("return window.innerWidth") == 360
-        assert await phone.js(
-            "return document.documentElement.scrollWidth <= window.innerWidth") is True
+        assert (
+            await phone.js("return document.documentElement.scrollWidth <= window.innerWidth")
+            is True
+        )
         await until(lambda: _contains(lambda: desktop.text("sms"), "12"), "desktop: 12 SMS")
         assert await desktop.js("return document.getElementById('sms-alert').hidden") is True
         # The SMS gateway answers too late for one notice: ambiguous, called out with what
@@ -289,16 +350,24 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
         assert late["sms"] == "queued"
 
         async def ambiguous_called_out() -> bool:
-            return bool(await desktop.js(
-                "const a = document.getElementById('sms-alert');"
-                "return !a.hidden && a.textContent.includes('ambiguous')"
-                " && a.textContent.includes('OutId')"))
+            return bool(
+                await desktop.js(
+                    "const a = document.getElementById('sms-alert');"
+                    "return !a.hidden && a.textContent.includes('ambiguous')"
+                    " && a.textContent.includes('OutId')"
+                )
+            )
+
         await until(ambiguous_called_out, "desktop: the ambiguous SMS callout")
-        await until(lambda: phone.js("return !document.getElementById('sms-alert').hidden"),
-                    "phone: the ambiguous SMS callout")
+        await until(
+            lambda: phone.js("return !document.getElementById('sms-alert').hidden"),
+            "phone: the ambiguous SMS callout",
+        )
         sandbox.sms.delay_s = 0
-        shots = [await desktop.screenshot("console-desktop-offline.png"),
-                 await phone.screenshot("console-phone-offline.png")]
+        shots = [
+            await desktop.screenshot("console-desktop-offline.png"),
+            await phone.screenshot("console-phone-offline.png"),
+        ]
 
         # 4. The clusters return: normal again, the buffer drains to 0.
         await sandbox.restore()
@@ -315,23 +384,30 @@ async def test_console_through_an_outage(agent: AgentSubprocess, sandbox: Sandbo
         await desktop.click("#lookup button[type=submit]")
         await until(lambda: _is(order_state, "merged"), "the lookup: merged")
         order_id = await desktop.js(
-            "return document.querySelector('[data-field=order_id]').textContent")
+            "return document.querySelector('[data-field=order_id]').textContent"
+        )
         key = "douyin:15"
-        assert order_id in {sandbox.centers[c].orders.get(key, ("?",))[0]
-                            for c in ("primary", "standby")}
+        assert order_id in {
+            sandbox.centers[c].orders.get(key, ("?",))[0] for c in ("primary", "standby")
+        }
         # An unknown order number says so.
         await desktop.fill("q", "no-such-order")
         await desktop.click("#lookup button[type=submit]")
-        await until(lambda: _contains(lambda: desktop.text("lookup-error"), "No order found"),
-                    "not found")
+        await until(
+            lambda: _contains(lambda: desktop.text("lookup-error"), "No order found"), "not found"
+        )
         # The language switch.
         await desktop.click("#lang-zh")
         assert await desktop.text("mode") == "正常"
         assert await phone.js("return window.innerWidth") == 360  # still the phone
-        assert await phone.js(
-            "return document.documentElement.scrollWidth <= window.innerWidth") is True
-        shots += [await desktop.screenshot("console-desktop-normal-zh.png"),
-                  await phone.screenshot("console-phone-normal.png")]
+        assert (
+            await phone.js("return document.documentElement.scrollWidth <= window.innerWidth")
+            is True
+        )
+        shots += [
+            await desktop.screenshot("console-desktop-normal-zh.png"),
+            await phone.screenshot("console-phone-normal.png"),
+        ]
     for path in shots:
         assert path.stat().st_size > 10_000, path
     for b in (desktop, phone):

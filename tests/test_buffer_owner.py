@@ -35,15 +35,25 @@ def second_config(tmp: Path, first: Path, buffer: Path | None = None, **agent: A
     """A copy of ``first`` in ``tmp`` with another listen port and ``agent`` keys."""
     tmp.mkdir(exist_ok=True)
     cfg = load_config(str(first))
-    return write_config(tmp, cfg.upstream.primary,
-                        agent={"node_id": cfg.agent.node_id, "state_dir": cfg.agent.state_dir,
-                               "listen": f"127.0.0.1:{free_port()}", **agent},
-                        buffer={"path": str(buffer or cfg.buffer.path)})
+    return write_config(
+        tmp,
+        cfg.upstream.primary,
+        agent={
+            "node_id": cfg.agent.node_id,
+            "state_dir": cfg.agent.state_dir,
+            "listen": f"127.0.0.1:{free_port()}",
+            **agent,
+        },
+        buffer={"path": str(buffer or cfg.buffer.path)},
+    )
 
 
 @pytest.fixture
-async def first(tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession,
-                ) -> AsyncIterator[AgentProcess]:
+async def first(
+    tmp_path: Path,
+    center: FakeCenter,
+    http: aiohttp.ClientSession,
+) -> AsyncIterator[AgentProcess]:
     """A running agent (a subprocess) whose orders are all buffered: 202 and a file."""
     await center.go_down()
     agent = AgentProcess(write_config(tmp_path, center.url), tmp_path / "first.log")
@@ -55,13 +65,18 @@ async def first(tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession,
         agent.cleanup()
 
 
-async def post_orders(session: aiohttp.ClientSession, url: str, prefix: str, n: int,
-                      ) -> dict[str, tuple[int, dict[str, Any]]]:
+async def post_orders(
+    session: aiohttp.ClientSession,
+    url: str,
+    prefix: str,
+    n: int,
+) -> dict[str, tuple[int, dict[str, Any]]]:
     out = {}
     for i in range(n):
         body = orjson.dumps(order(f"{prefix}-{i}"))
-        async with session.post(f"{url}/v1/orders", data=body,
-                                headers={"Content-Type": "application/json"}) as r:
+        async with session.post(
+            f"{url}/v1/orders", data=body, headers={"Content-Type": "application/json"}
+        ) as r:
             out[f"douyin:{prefix}-{i}"] = (r.status, orjson.loads(await r.read()))
     return out
 
@@ -93,29 +108,37 @@ async def refused_second(first: AgentProcess, config: Path, log: Path) -> str:
 
 @pytest.mark.parametrize("own_state_dir", [False, True], ids=["same-state", "own-state"])
 async def test_second_agent_on_one_buffer_exits_2_and_the_first_keeps_every_order(
-        tmp_path: Path, first: AgentProcess, http: aiohttp.ClientSession, own_state_dir: bool):
+    tmp_path: Path, first: AgentProcess, http: aiohttp.ClientSession, own_state_dir: bool
+):
     spool = tmp_path / "spool"
     acked = await post_orders(http, first.url, "before", 3)
     extra = {"state_dir": str(tmp_path / "state2")} if own_state_dir else {}
-    line = await refused_second(first, second_config(tmp_path / "two", first.config, **extra),
-                                tmp_path / "second.log")
+    line = await refused_second(
+        first, second_config(tmp_path / "two", first.config, **extra), tmp_path / "second.log"
+    )
     assert re.fullmatch(
         rf"edge-agent: buffer {re.escape(str(spool))} is held by pid \d+ \(node wh-test-01 "
         rf"on host {re.escape(socket.gethostname())} since \S+\); stop that agent or give "
-        r"this one its own buffer\.path", line), line
+        r"this one its own buffer\.path",
+        line,
+    ), line
     acked |= await post_orders(http, first.url, "after", 3)
     assert_kept(spool, acked)
-    assert not (tmp_path / "state2").exists() or not os.listdir(tmp_path / "state2"), \
+    assert not (tmp_path / "state2").exists() or not os.listdir(tmp_path / "state2"), (
         "the refused agent wrote into its state dir"
+    )
 
 
 async def test_second_agent_on_one_state_dir_exits_2(
-        tmp_path: Path, first: AgentProcess, http: aiohttp.ClientSession):
+    tmp_path: Path, first: AgentProcess, http: aiohttp.ClientSession
+):
     acked = await post_orders(http, first.url, "before", 3)
     other_spool = tmp_path / "spool2"
-    line = await refused_second(first, second_config(tmp_path / "two", first.config,
-                                                     buffer=other_spool),
-                                tmp_path / "second.log")
+    line = await refused_second(
+        first,
+        second_config(tmp_path / "two", first.config, buffer=other_spool),
+        tmp_path / "second.log",
+    )
     assert line.startswith(f"edge-agent: state dir {tmp_path / 'state'} is held by pid ")
     assert line.endswith("; stop that agent or give this one its own agent.state_dir")
     assert not (other_spool / "pending").exists(), "the refused agent wrote a buffer"
@@ -123,7 +146,8 @@ async def test_second_agent_on_one_state_dir_exits_2(
 
 
 async def test_a_kill9_agent_leaves_no_stale_lock(
-        tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession):
+    tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession
+):
     await center.go_down()
     config = write_config(tmp_path, center.url)
     agent = AgentProcess(config, tmp_path / "agent.log")
@@ -151,8 +175,11 @@ async def test_owner_lock_refuses_a_second_owner_and_is_free_after_stop(tmp_path
     one = DirOwner(tmp_path / "buf", "buffer", "buffer.path", "n1")
     two = DirOwner(tmp_path / "buf", "buffer", "buffer.path", "n1")
     await one.start()
-    with pytest.raises(DirectoryHeld, match=rf"buffer {tmp_path / 'buf'} is held by pid "
-                                            rf"{os.getpid()} \(node n1 on host "):
+    with pytest.raises(
+        DirectoryHeld,
+        match=rf"buffer {tmp_path / 'buf'} is held by pid "
+        rf"{os.getpid()} \(node n1 on host ",
+    ):
         await two.start()
     assert not two.held
     await one.stop()
@@ -162,8 +189,10 @@ async def test_owner_lock_refuses_a_second_owner_and_is_free_after_stop(tmp_path
 
 async def test_state_dir_equal_to_buffer_path_is_owned_once(tmp_path: Path):
     same = tmp_path / "both"
-    owners = [DirOwner(same, "buffer", "buffer.path", "n1"),
-              DirOwner(Path(str(same) + "/"), "state dir", "agent.state_dir", "n1")]
+    owners = [
+        DirOwner(same, "buffer", "buffer.path", "n1"),
+        DirOwner(Path(str(same) + "/"), "state dir", "agent.state_dir", "n1"),
+    ]
     held = await own_all(owners)
     assert held == owners[:1]
     with pytest.raises(DirectoryHeld):
@@ -193,7 +222,10 @@ async def test_in_process_agent_refused_touches_nothing(tmp_path: Path, center: 
 async def test_an_unusable_directory_is_a_clear_error(tmp_path: Path):
     (tmp_path / "a-file").write_text("")
     owner = DirOwner(tmp_path / "a-file" / "spool", "buffer", "buffer.path", "n1")
-    with pytest.raises(PersistError, match=r"cannot lock the buffer .*a-file/spool: Not a "
-                                           r"directory; check buffer\.path"):
+    with pytest.raises(
+        PersistError,
+        match=r"cannot lock the buffer .*a-file/spool: Not a "
+        r"directory; check buffer\.path",
+    ):
         await own_all([owner])
     assert not owner.held

@@ -33,12 +33,12 @@ async def downstream(center: FakeCenter) -> AsyncIterator[Downstream]:
 
 
 def merged(spool: Path) -> list[str]:
-    return sorted(n for n in os.listdir(spool / "merged") if n.endswith(".json")
-                  and not n.startswith("."))
+    return sorted(
+        n for n in os.listdir(spool / "merged") if n.endswith(".json") and not n.startswith(".")
+    )
 
 
-async def chains(session: aiohttp.ClientSession, url: str, serials: list[str]
-                 ) -> dict[str, Any]:
+async def chains(session: aiohttp.ClientSession, url: str, serials: list[str]) -> dict[str, Any]:
     out = {}
     for serial in serials:
         async with session.get(f"{url}/v1/orders/{serial}") as r:
@@ -47,9 +47,14 @@ async def chains(session: aiohttp.ClientSession, url: str, serials: list[str]
 
 
 async def test_kill9_mid_drain_and_mid_verification_keeps_every_order_in_the_ledger(
-        tmp_path: Path, center: FakeCenter, downstream: Downstream, agent_process: Any):
-    config = write_config(tmp_path, center.url, buffer={"drain_rate_per_s": 40},
-                          chain=chain_section(downstream, recheck_interval_s=0.2))
+    tmp_path: Path, center: FakeCenter, downstream: Downstream, agent_process: Any
+):
+    config = write_config(
+        tmp_path,
+        center.url,
+        buffer={"drain_rate_per_s": 40},
+        chain=chain_section(downstream, recheck_interval_s=0.2),
+    )
     spool = tmp_path / "spool"
     center.mode = "503"  # the outage: every order is buffered
     async with aiohttp.ClientSession() as session:
@@ -58,14 +63,17 @@ async def test_kill9_mid_drain_and_mid_verification_keeps_every_order_in_the_led
         await agent.wait_ready(session)
         serials = []
         for n in range(ORDERS):
-            async with session.post(f"{agent.url}/v1/orders",
-                                    data=orjson.dumps(order(n, total_amount="8.80")),
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                f"{agent.url}/v1/orders",
+                data=orjson.dumps(order(n, total_amount="8.80")),
+                headers={"Content-Type": "application/json"},
+            ) as r:
                 assert r.status == 202
                 serials.append((await r.json())["serial"])
         center.mode = "up"  # recovery: the drain delivers at 40/s, the verifier follows
-        await wait_for(lambda: len(merged(spool)) >= ORDERS // 3, timeout=30,
-                       what="a third delivered")
+        await wait_for(
+            lambda: len(merged(spool)) >= ORDERS // 3, timeout=30, what="a third delivered"
+        )
         agent.kill()  # SIGKILL mid-drain, mid-enrolment, mid-check
         assert await agent.reap() != 0
 
@@ -77,16 +85,20 @@ async def test_kill9_mid_drain_and_mid_verification_keeps_every_order_in_the_led
 
         async def all_enrolled() -> bool:
             found = await chains(session, agent.url, serials)
-            return all(c is not None and set(c) == {"logistics", "invoice", "finance"}
-                       for c in found.values())
+            return all(
+                c is not None and set(c) == {"logistics", "invoice", "finance"}
+                for c in found.values()
+            )
 
         await wait_for(all_enrolled, timeout=30, what="every order in the ledger")
         downstream.invoice_all = True
 
         async def all_verified() -> bool:
             found = await chains(session, agent.url, serials)
-            return all(c == {"logistics": "verified", "invoice": "verified",
-                             "finance": "verified"} for c in found.values())
+            return all(
+                c == {"logistics": "verified", "invoice": "verified", "finance": "verified"}
+                for c in found.values()
+            )
 
         await wait_for(all_verified, timeout=60, what="every step verified")
         async with session.get(f"{agent.url}/status") as r:

@@ -17,8 +17,14 @@ from tests.fakes import FakeCenter, free_port
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=30, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        env=env,
+    )
 
 
 def test_example_config_is_valid():
@@ -32,24 +38,41 @@ def test_example_config_is_valid():
     ("toml", "named"),
     [
         ('[upstream]\nprimary = "http://127.0.0.1:1"\nprimry = "x"\n', "upstream.primry"),
-        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nmax_body_bytes = "1MB"\n',
-         "agent.max_body_bytes"),
-        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[health]\ninterval_s = true\n',
-         "health.interval_s"),
-        ("[agent]\nnode_id = \"wh-1\"\n", "upstream.primary"),
+        (
+            '[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nmax_body_bytes = "1MB"\n',
+            "agent.max_body_bytes",
+        ),
+        (
+            '[upstream]\nprimary = "http://127.0.0.1:1"\n[health]\ninterval_s = true\n',
+            "health.interval_s",
+        ),
+        ('[agent]\nnode_id = "wh-1"\n', "upstream.primary"),
         ('[upstream]\nprimary = "ftp://x"\n', "upstream.primary"),
-        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nnode_id = "../x"\n',
-         "agent.node_id"),
-        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[sms]\ntemplate = "no serial"\n',
-         "sms.template"),
-        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[sms]\ntemplate = "{SN} {phone}"\n',
-         "sms.template"),
-        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nlisten = "0.0.0.0:8470"\n'
-         '[auth]\ntokens_file = ""\n', "agent.listen"),
-        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nhead_timeout_s = 0\n',
-         "agent.head_timeout_s"),
-        ('[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nkeepalive_timeout_s = -1\n',
-         "agent.keepalive_timeout_s"),
+        (
+            '[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nnode_id = "../x"\n',
+            "agent.node_id",
+        ),
+        (
+            '[upstream]\nprimary = "http://127.0.0.1:1"\n[sms]\ntemplate = "no serial"\n',
+            "sms.template",
+        ),
+        (
+            '[upstream]\nprimary = "http://127.0.0.1:1"\n[sms]\ntemplate = "{SN} {phone}"\n',
+            "sms.template",
+        ),
+        (
+            '[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nlisten = "0.0.0.0:8470"\n'
+            '[auth]\ntokens_file = ""\n',
+            "agent.listen",
+        ),
+        (
+            '[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nhead_timeout_s = 0\n',
+            "agent.head_timeout_s",
+        ),
+        (
+            '[upstream]\nprimary = "http://127.0.0.1:1"\n[agent]\nkeepalive_timeout_s = -1\n',
+            "agent.keepalive_timeout_s",
+        ),
         ('[upstream]\nprimary = "http://127.0.0.1:1"\n[extra]\n', "[extra]"),
         ("[upstream\n", "not valid TOML"),
     ],
@@ -75,8 +98,9 @@ def test_config_path_from_environment(tmp_path: Path):
     assert done.returncode == 2 and "upstream.bogus" in done.stderr and "env.toml" in done.stderr
 
 
-@pytest.mark.parametrize("args", [("frobnicate",), ("drill", "--orders", "abc"),
-                                  ("drill", "--scenario", "no-such")])
+@pytest.mark.parametrize(
+    "args", [("frobnicate",), ("drill", "--orders", "abc"), ("drill", "--scenario", "no-such")]
+)
 def test_usage_error_exits_2_with_one_line(args):
     done = _run(*args)
     assert done.returncode == 2
@@ -84,8 +108,13 @@ def test_usage_error_exits_2_with_one_line(args):
 
 
 def test_recover_usage_error_exits_2():
-    done = subprocess.run([sys.executable, "-m", "recovery", "--path", "x", "--mode", "merge"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "recovery", "--path", "x", "--mode", "merge"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
     assert done.returncode == 2 and "not a directory" in done.stderr
 
 
@@ -95,8 +124,9 @@ def test_status_exit_codes(tmp_path: Path):
     assert done.returncode == 3 and "not reachable" in done.stderr
 
 
-async def test_status_against_a_running_agent(tmp_path: Path, center: FakeCenter,
-                                              agent_process, http):
+async def test_status_against_a_running_agent(
+    tmp_path: Path, center: FakeCenter, agent_process, http
+):
     """edge-agent status runs in a thread: a blocking run would stall the fake center's
     health answers on this loop, and the agent would rightly call it down."""
     from tests.conftest import wait_for

@@ -35,8 +35,13 @@ HALF_HEAD = b"POST /v1/orders HTTP/1.1\r\nHost"
 ACCEPT_LOG = re.compile(r"socket\.accept\(\)|cannot accept new connections")
 
 
-async def agent_with(tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession,
-                     nofile: int | None = None, **agent: Any) -> AgentProcess:
+async def agent_with(
+    tmp_path: Path,
+    center: FakeCenter,
+    http: aiohttp.ClientSession,
+    nofile: int | None = None,
+    **agent: Any,
+) -> AgentProcess:
     await center.go_down()  # orders are buffered: 202
     config = write_config(tmp_path, center.url, agent=agent)
     proc = AgentProcess(config, tmp_path / "agent.log")
@@ -69,9 +74,13 @@ async def closed_by_server(reader: asyncio.StreamReader) -> bool:
     return True
 
 
-async def half_heads(port: int, n: int, silent: int = 0,
-                     ) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def half_heads(
+    port: int,
+    n: int,
+    silent: int = 0,
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """``n`` connections that sent half a head, and ``silent`` that sent nothing."""
+
     async def one(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         if i >= silent:
@@ -82,8 +91,9 @@ async def half_heads(port: int, n: int, silent: int = 0,
     return await asyncio.gather(*(one(i) for i in range(n + silent)))
 
 
-async def all_closed(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
-                     timeout: float) -> None:
+async def all_closed(
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], timeout: float
+) -> None:
     """Wait until the server closed every one; fails after ``timeout``."""
     try:
         async with asyncio.timeout(timeout):
@@ -96,14 +106,17 @@ async def all_closed(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 
 async def post_order(http: aiohttp.ClientSession, url: str, n: int) -> int:
-    async with http.post(f"{url}/v1/orders", data=orjson.dumps(order(n)),
-                         headers={"Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{url}/v1/orders",
+        data=orjson.dumps(order(n)),
+        headers={"Content-Type": "application/json"},
+    ) as r:
         return r.status
 
 
 async def test_half_sent_heads_are_closed_and_orders_served(
-        tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession,
-        cleanup: list[AgentProcess]):
+    tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession, cleanup: list[AgentProcess]
+):
     agent = await agent_with(tmp_path, center, http, head_timeout_s=1)
     cleanup.append(agent)
     conns = await half_heads(port_of(agent), 60, silent=10)
@@ -112,8 +125,8 @@ async def test_half_sent_heads_are_closed_and_orders_served(
 
 
 async def test_an_idle_keepalive_connection_is_closed(
-        tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession,
-        cleanup: list[AgentProcess]):
+    tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession, cleanup: list[AgentProcess]
+):
     agent = await agent_with(tmp_path, center, http, keepalive_timeout_s=1, head_timeout_s=60)
     cleanup.append(agent)
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(agent))
@@ -129,21 +142,23 @@ async def test_an_idle_keepalive_connection_is_closed(
 
 
 async def test_a_slow_body_is_not_cut_by_the_head_bound(
-        tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession,
-        cleanup: list[AgentProcess]):
+    tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession, cleanup: list[AgentProcess]
+):
     """The head bound ends with the head: a body trickling in for 3 s (head_timeout_s 1)
     is still one order (agent.body_timeout_s governs the body)."""
     agent = await agent_with(tmp_path, center, http, head_timeout_s=1)
     cleanup.append(agent)
     body = orjson.dumps(order("slow"))
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(agent))
-    writer.write(b"POST /v1/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode())
+    writer.write(
+        b"POST /v1/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
     await writer.drain()
     step = max(1, len(body) // 10)
     for i in range(0, len(body), step):
         await asyncio.sleep(0.3)
-        writer.write(body[i:i + step])
+        writer.write(body[i : i + step])
         await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     writer.close()
@@ -151,8 +166,8 @@ async def test_a_slow_body_is_not_cut_by_the_head_bound(
 
 
 async def test_out_of_descriptors_logs_a_line_per_interval_and_recovers(
-        tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession,
-        cleanup: list[AgentProcess]):
+    tmp_path: Path, center: FakeCenter, http: aiohttp.ClientSession, cleanup: list[AgentProcess]
+):
     """RLIMIT_NOFILE 64/64 and 150 half heads: accept() fails with EMFILE for a while."""
     agent = await agent_with(tmp_path, center, http, nofile=64, head_timeout_s=1)
     cleanup.append(agent)
@@ -178,8 +193,7 @@ async def test_out_of_descriptors_logs_a_line_per_interval_and_recovers(
 # -- the exception handler alone ------------------------------------------------------
 
 
-async def test_accept_errors_are_counted_and_others_pass_through(
-        caplog: pytest.LogCaptureFixture):
+async def test_accept_errors_are_counted_and_others_pass_through(caplog: pytest.LogCaptureFixture):
     loop = asyncio.get_running_loop()
     seen: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
@@ -188,11 +202,15 @@ async def test_accept_errors_are_counted_and_others_pass_through(
     try:
         with caplog.at_level(logging.ERROR, logger="agent.service"):
             for _ in range(500):
-                loop.call_exception_handler({
-                    "message": "socket.accept() out of system resource",
-                    "exception": OSError(errno.EMFILE, "Too many open files")})
-            loop.call_exception_handler({"message": "something else",
-                                         "exception": RuntimeError("x")})
+                loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(errno.EMFILE, "Too many open files"),
+                    }
+                )
+            loop.call_exception_handler(
+                {"message": "something else", "exception": RuntimeError("x")}
+            )
             await asyncio.sleep(0.3)  # one interval: the 499 after the first in one line
         lines = [r.getMessage() for r in caplog.records]
         assert len(lines) == 2, lines

@@ -20,14 +20,17 @@ def test_language_follows_accept_language():
 
 
 async def test_page_and_assets_are_open_while_lookups_need_the_token(
-        make_agent, center: FakeCenter, tmp_path: Path):
+    make_agent, center: FakeCenter, tmp_path: Path
+):
     tokens = tmp_path / "tokens"
     tokens.write_text("cs-token\n")
     agent = await make_agent(center.url, auth={"tokens_file": str(tokens)})
-    for path, kind in (("/", "text/html"), ("/console/console.js", "application/javascript"),
-                       ("/console/console.css", "text/css")):
-        async with agent.session.get(agent.url + path,
-                                     headers={"Accept-Language": "zh-CN"}) as r:
+    for path, kind in (
+        ("/", "text/html"),
+        ("/console/console.js", "application/javascript"),
+        ("/console/console.css", "text/css"),
+    ):
+        async with agent.session.get(agent.url + path, headers={"Accept-Language": "zh-CN"}) as r:
             assert r.status == 200, path
             assert r.content_type == kind
             assert "script-src 'self'" in r.headers["Content-Security-Policy"]
@@ -44,7 +47,8 @@ async def test_page_and_assets_are_open_while_lookups_need_the_token(
 
 
 async def test_lookup_says_whether_an_sms_went_out_with_the_phone_masked(
-        make_agent, center: FakeCenter):
+    make_agent, center: FakeCenter
+):
     await center.go_down()
     agent = await make_agent(center.url)
     status, body = await agent.post(orjson.dumps(order(7, customer_phone="13812345678")))
@@ -86,7 +90,11 @@ async def test_status_has_mode_history_drain_rate_and_eta(make_agent, center: Fa
     assert st["mode_history"][-1]["to"] == "normal"
     assert st["mode_history"][-1]["from"] == "offline"
     _, text = await agent.get("/metrics")
-    for name in ("edge_mode{mode=\"normal\"} 1.0", "edge_oldest_pending_age_seconds",
-                 "edge_buffer_max_bytes", "edge_agent_unclean_start 0.0",
-                 "process_start_time_seconds"):
+    for name in (
+        'edge_mode{mode="normal"} 1.0',
+        "edge_oldest_pending_age_seconds",
+        "edge_buffer_max_bytes",
+        "edge_agent_unclean_start 0.0",
+        "process_start_time_seconds",
+    ):
         assert name in text, name

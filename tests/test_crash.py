@@ -35,12 +35,14 @@ CLIENTS = 16
 
 def client() -> aiohttp.ClientSession:
     """A fresh client session: pooled connections to a killed agent are dead."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
-                                 timeout=aiohttp.ClientTimeout(total=30))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30)
+    )
 
 
-async def post(session: aiohttp.ClientSession, url: str, raw: bytes,
-               headers: dict[str, str] | None = None) -> tuple[int | None, dict[str, Any]]:
+async def post(
+    session: aiohttp.ClientSession, url: str, raw: bytes, headers: dict[str, str] | None = None
+) -> tuple[int | None, dict[str, Any]]:
     """POST one order; (None, {"error": ...}) when the connection failed (not acknowledged)."""
     hdrs = {"Content-Type": "application/json", **(headers or {})}
     try:
@@ -56,8 +58,11 @@ def order_files(directory: Path) -> list[str]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n.endswith(".json") and not n.startswith(".")
-                  and not n.endswith(".reason.json"))
+    return sorted(
+        n
+        for n in names
+        if n.endswith(".json") and not n.startswith(".") and not n.endswith(".reason.json")
+    )
 
 
 def read_records(directory: Path) -> dict[str, dict[str, Any]]:
@@ -74,8 +79,11 @@ def log_tail(tmp_path: Path, n: int = 3000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "<no agent.log>"
 
 
-async def start_agent(factory: Any, config: Path, session: aiohttp.ClientSession,
-                      ) -> AgentProcess:
+async def start_agent(
+    factory: Any,
+    config: Path,
+    session: aiohttp.ClientSession,
+) -> AgentProcess:
     agent: AgentProcess = factory(config)
     agent.start()
     await agent.wait_ready(session)
@@ -106,9 +114,13 @@ def orders_for(prefix: str, n: int) -> dict[str, bytes]:
     return bodies
 
 
-async def send_all(session: aiohttp.ClientSession, url: str, bodies: dict[str, bytes],
-                   keys: Iterable[str], clients: int = CLIENTS,
-                   ) -> dict[str, tuple[int | None, dict[str, Any]]]:
+async def send_all(
+    session: aiohttp.ClientSession,
+    url: str,
+    bodies: dict[str, bytes],
+    keys: Iterable[str],
+    clients: int = CLIENTS,
+) -> dict[str, tuple[int | None, dict[str, Any]]]:
     """Send ``keys`` from ``clients`` concurrent clients; key -> (status, body)."""
     queue = deque(keys)
     answers: dict[str, tuple[int | None, dict[str, Any]]] = {}
@@ -122,9 +134,13 @@ async def send_all(session: aiohttp.ClientSession, url: str, bodies: dict[str, b
     return answers
 
 
-async def load_until_kill(session: aiohttp.ClientSession, agent: AgentProcess,
-                          bodies: dict[str, bytes], kill_at: int, tmp_path: Path,
-                          ) -> tuple[dict[str, str], dict[str, int]]:
+async def load_until_kill(
+    session: aiohttp.ClientSession,
+    agent: AgentProcess,
+    bodies: dict[str, bytes],
+    kill_at: int,
+    tmp_path: Path,
+) -> tuple[dict[str, str], dict[str, int]]:
     """Send ``bodies`` from 16 clients; SIGKILL the agent once ``kill_at`` were acked.
 
     Returns (key -> serial, key -> status) of every 2xx answer. An answer that
@@ -164,7 +180,8 @@ def assert_exactly_once(center: FakeCenter, keys: Iterable[str], what: str) -> N
     missing = sorted(k for k in keys if center.creates[k] != 1)
     assert not missing, f"{len(missing)} {what} not created exactly once, e.g. {missing[:5]}"
     assert center.created_keys() == keys, (
-        f"unexpected keys created: {sorted(center.created_keys() - keys)[:5]}")
+        f"unexpected keys created: {sorted(center.created_keys() - keys)[:5]}"
+    )
 
 
 # -- 1. kill -9 under load ----------------------------------------------------------------
@@ -174,7 +191,8 @@ N_LOAD = 2000
 
 @pytest.mark.parametrize("kill_fraction", [0.1, 0.5, 0.9], ids=["at10pct", "at50pct", "at90pct"])
 async def test_kill9_under_load_loses_nothing_and_creates_nothing_twice(
-        tmp_path: Path, center: FakeCenter, agent_process: Any, kill_fraction: float):
+    tmp_path: Path, center: FakeCenter, agent_process: Any, kill_fraction: float
+):
     t0 = time.monotonic()
     await center.go_down()
     config = write_config(tmp_path, center.url)
@@ -205,10 +223,12 @@ async def test_kill9_under_load_loses_nothing_and_creates_nothing_twice(
         redelivered_dups = sum(1 for status, _ in second.values() if status == 200)
         # Serials issued after the restart are above every one the dead process used.
         first_counters = [counter(s) for s in [*acked.values(), *pending]]
-        new_counters = [counter(body["serial"]) for status, body in second.values()
-                        if status == 202]
+        new_counters = [
+            counter(body["serial"]) for status, body in second.values() if status == 202
+        ]
         assert new_counters and min(new_counters) > max(first_counters), (
-            "a serial counter was reused after kill -9")
+            "a serial counter was reused after kill -9"
+        )
         for key, (_, body) in second.items():
             acked[key] = body["serial"]
         assert set(acked) == set(keys)
@@ -229,13 +249,16 @@ async def test_kill9_under_load_loses_nothing_and_creates_nothing_twice(
     for serial, rec in merged.items():
         assert rec["order_id"] == center.orders[rec["dedupe_key"]][0], serial
     assert exit_code == 0, log_tail(tmp_path)
-    print(f"\nkill at {kill_fraction:.0%}: {len(first_life)} acked before kill, "
-          f"{len(unacked)} retried ({redelivered_dups} were already durable -> 200), "
-          f"{len(center.received)} center POSTs, {time.monotonic() - t0:.1f}s")
+    print(
+        f"\nkill at {kill_fraction:.0%}: {len(first_life)} acked before kill, "
+        f"{len(unacked)} retried ({redelivered_dups} were already durable -> 200), "
+        f"{len(center.received)} center POSTs, {time.monotonic() - t0:.1f}s"
+    )
 
 
 async def test_kill9_while_forwarding_never_creates_twice(
-        tmp_path: Path, center: FakeCenter, agent_process: Any):
+    tmp_path: Path, center: FakeCenter, agent_process: Any
+):
     """The center is up: orders in flight at the center when the agent dies are
     created there without an answer; the channel's retry must come back 2xx and
     the center must still hold one order per key (Idempotency-Key on every path)."""
@@ -269,10 +292,12 @@ async def test_kill9_while_forwarding_never_creates_twice(
     assert_exactly_once(center, keys, "orders")
     assert len(set(acked.values())) == len(keys), "a serial was issued to two orders"
     assert os.listdir(spool / "rejected") == []
-    print(f"\nforwarding, kill at 50%: {len(first_life)} acked before kill "
-          f"({sum(1 for st in first_life.values() if st == 201)} with 201), "
-          f"{len(created_unanswered)} created at the center without an answer, "
-          f"{len(center.received)} center POSTs, {time.monotonic() - t0:.1f}s")
+    print(
+        f"\nforwarding, kill at 50%: {len(first_life)} acked before kill "
+        f"({sum(1 for st in first_life.values() if st == 201)} with 201), "
+        f"{len(created_unanswered)} created at the center without an answer, "
+        f"{len(center.received)} center POSTs, {time.monotonic() - t0:.1f}s"
+    )
 
 
 # -- 2. kill -9 while the drain is running ------------------------------------------------
@@ -281,7 +306,8 @@ N_DRAIN = 1500
 
 
 async def test_kill9_during_drain_redelivers_as_duplicates_and_merges_once(
-        tmp_path: Path, center: FakeCenter, agent_process: Any):
+    tmp_path: Path, center: FakeCenter, agent_process: Any
+):
     t0 = time.monotonic()
     await center.go_down()
     config = write_config(tmp_path, center.url)
@@ -342,16 +368,19 @@ async def test_kill9_during_drain_redelivers_as_duplicates_and_merges_once(
     redelivered = sorted(k for k, n in sent_per_key.items() if n > 1)
     assert not stale, f"journal disagrees with the files after restart: {stale[:5]}"
     assert exit_code == 0, log_tail(tmp_path)
-    print(f"\nkilled with {merged_before} merged / {pending_before} pending; "
-          f"{received_before} center POSTs before, {len(center.received)} after; "
-          f"{len(redelivered)} keys redelivered; {time.monotonic() - t0:.1f}s")
+    print(
+        f"\nkilled with {merged_before} merged / {pending_before} pending; "
+        f"{received_before} center POSTs before, {len(center.received)} after; "
+        f"{len(redelivered)} keys redelivered; {time.monotonic() - t0:.1f}s"
+    )
 
 
 # -- 3. SIGTERM is graceful ------------------------------------------------------------------
 
 
 async def test_sigterm_finishes_in_flight_orders_refuses_new_ones_and_exits_0(
-        tmp_path: Path, center: FakeCenter, agent_process: Any):
+    tmp_path: Path, center: FakeCenter, agent_process: Any
+):
     config = write_config(tmp_path, center.url)
     spool = tmp_path / "spool"
     bodies = orders_for("term", 20)
@@ -360,10 +389,14 @@ async def test_sigterm_finishes_in_flight_orders_refuses_new_ones_and_exits_0(
 
     async with client() as session:
         agent = await start_agent(agent_process, config, session)
-        in_flight = {k: asyncio.create_task(post(session, agent.url, raw))
-                     for k, raw in bodies.items()}
-        await wait_for(lambda: len(center.received) >= len(bodies), 10,
-                       "all 20 orders to be in flight at the center")
+        in_flight = {
+            k: asyncio.create_task(post(session, agent.url, raw)) for k, raw in bodies.items()
+        }
+        await wait_for(
+            lambda: len(center.received) >= len(bodies),
+            10,
+            "all 20 orders to be in flight at the center",
+        )
         agent.kill(signal.SIGTERM)
 
         # Meanwhile channels keep sending: whatever gets a 2xx must not be lost.
@@ -378,8 +411,11 @@ async def test_sigterm_finishes_in_flight_orders_refuses_new_ones_and_exits_0(
                     return  # the listener is gone
 
         sender = asyncio.create_task(late_sender())
-        await wait_for(lambda: "stopping: no new orders" in log_tail(tmp_path, 100_000), 10,
-                       "the agent to log that it saw SIGTERM")
+        await wait_for(
+            lambda: "stopping: no new orders" in log_tail(tmp_path, 100_000),
+            10,
+            "the agent to log that it saw SIGTERM",
+        )
         observed_key = "douyin:after-sigterm"
         after = await post(session, agent.url, orjson.dumps(order("after-sigterm")))
         answers = dict(zip(in_flight, await asyncio.gather(*in_flight.values()), strict=True))
@@ -405,9 +441,11 @@ async def test_sigterm_finishes_in_flight_orders_refuses_new_ones_and_exits_0(
         assert await stop_gracefully(agent) == 0, log_tail(tmp_path)
     assert_exactly_once(center, [*bodies, *late_acked], "acknowledged orders")
     assert observed_key not in center.creates
-    print(f"\nSIGTERM: in-flight answers {sorted({a[0] for a in answers.values()})}; "
-          f"late senders: {sorted(late_statuses, key=str)} ({len(late_acked)} acked); "
-          f"post after SIGTERM observed -> {after[0]}")
+    print(
+        f"\nSIGTERM: in-flight answers {sorted({a[0] for a in answers.values()})}; "
+        f"late senders: {sorted(late_statuses, key=str)} ({len(late_acked)} acked); "
+        f"post after SIGTERM observed -> {after[0]}"
+    )
 
 
 # -- 4. dedupe survives kill -9 -------------------------------------------------------------
@@ -436,11 +474,11 @@ async def test_dedupe_survives_kill9(tmp_path: Path, center: FakeCenter, agent_p
         for key, (status, body) in again.items():
             assert (status, body) == (200, {"status": "duplicate", "serial": serials[key]}), key
         status, body = await post(session, url, header_body, header_key)
-        assert (status, body) == (200, {"status": "duplicate",
-                                        "serial": serials["shop-77:A-1"]})
+        assert (status, body) == (200, {"status": "duplicate", "serial": serials["shop-77:A-1"]})
         for key in ("douyin:dedupe-0", "douyin:dedupe-7", "shop-77:A-1"):
-            changed = order(key.split(":", 1)[1] if key != "shop-77:A-1" else "hdr-1",
-                            amount="1.00")
+            changed = order(
+                key.split(":", 1)[1] if key != "shop-77:A-1" else "hdr-1", amount="1.00"
+            )
             hdrs = header_key if key == "shop-77:A-1" else None
             status, body = await post(session, url, orjson.dumps(changed), hdrs)
             assert status == 422 and body["serial"] == serials[key], (key, status, body)
@@ -474,7 +512,8 @@ async def test_dedupe_survives_kill9(tmp_path: Path, center: FakeCenter, agent_p
 
 
 async def test_kill9_between_merged_copy_and_pending_unlink_heals_the_index(
-        tmp_path: Path, center: FakeCenter, agent_process: Any):
+    tmp_path: Path, center: FakeCenter, agent_process: Any
+):
     """``buffer.finish_merged`` writes merged/{serial}.json durably, then unlinks
     pending/{serial}.json. A kill -9 between the two leaves both files, a journal
     row still "buffered", and the order created at the center. We rebuild exactly
@@ -496,8 +535,12 @@ async def test_kill9_between_merged_copy_and_pending_unlink_heals_the_index(
 
         # What the drain had done when it died: the center confirmed, merged/ copy durable.
         await center.come_up()
-        headers = {"Content-Type": "application/json", "Idempotency-Key": key,
-                   "X-Edge-Serial": serial, "X-Edge-Node": "wh-test-01"}
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": key,
+            "X-Edge-Serial": serial,
+            "X-Edge-Node": "wh-test-01",
+        }
         async with session.post(f"{center.url}/orders", data=raw, headers=headers) as r:
             assert r.status == 201
         name = f"{serial}.json"
@@ -531,5 +574,6 @@ async def test_kill9_between_merged_copy_and_pending_unlink_heals_the_index(
         f"state={healed['state']!r} for {key}; /status journal_buffered="
         f"{healed['status']['journal_buffered']}, oldest_pending_age_s="
         f"{healed['status']['oldest_pending_age_s']} (the drain's already_merged path drops "
-        "the pending copy without journal.mark(MERGED))")
+        "the pending copy without journal.mark(MERGED))"
+    )
     assert exit_code == 0, log_tail(tmp_path)

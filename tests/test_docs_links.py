@@ -115,11 +115,14 @@ def test_the_checker_catches_a_broken_link_and_a_missing_anchor(tmp_path: Path) 
     repo.mkdir()
     (repo / "other.md").write_text("# Other\n\n## Same\n\n## Same\n\n## `GET /x/{y}` and z\n")
     page = repo / "page.md"
-    page.write_text("[a](other.md#same-1) [b](other.md#get-xy-and-z) [c](#top)\n# Top\n"
-                    "```sh\n# not a heading\n[x](nowhere.md)\n```\n`[y](nowhere.md)`\n")
+    page.write_text(
+        "[a](other.md#same-1) [b](other.md#get-xy-and-z) [c](#top)\n# Top\n"
+        "```sh\n# not a heading\n[x](nowhere.md)\n```\n`[y](nowhere.md)`\n"
+    )
     assert broken_links(page, repo) == []
-    page.write_text("[a](missing.md) [b](other.md#same-2) [c](#not-a-heading)\n"
-                    "```\n# not-a-heading\n```\n")
+    page.write_text(
+        "[a](missing.md) [b](other.md#same-2) [c](#not-a-heading)\n```\n# not-a-heading\n```\n"
+    )
     assert len(broken_links(page, repo)) == 3, broken_links(page, repo)
     (tmp_path / "outside.md").touch()
     page.write_text("[up](../outside.md)\n")
@@ -130,5 +133,5 @@ def test_the_readme_shows_the_ci_command_verbatim() -> None:
     """.ci/run evals the README's second set-up line; a drift would fail CI at its start."""
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     (assignment,) = [line for line in ci.splitlines() if line.startswith("cmd=")]
-    cmd = shlex.split(assignment[len("cmd="):])[0]
+    cmd = shlex.split(assignment[len("cmd=") :])[0]
     assert cmd in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()

@@ -70,8 +70,13 @@ async def test_422_and_other_4xx_are_quarantined_with_reason(make_agent, center:
     center.script.extend([422, 400])  # oldest first: order 0 conflicts, order 1 is refused
     await wait_for(lambda: agent.files("pending") == [], 10, "drain")
     assert agent.files("rejected") == sorted(
-        [f"{serials[0]}.json", f"{serials[0]}.json.reason.json",
-         f"{serials[1]}.json", f"{serials[1]}.json.reason.json"])
+        [
+            f"{serials[0]}.json",
+            f"{serials[0]}.json.reason.json",
+            f"{serials[1]}.json",
+            f"{serials[1]}.json.reason.json",
+        ]
+    )
     assert _reason(agent, serials[0])["reason"] == "conflict"
     assert _reason(agent, serials[1])["status"] == 400
     # The quarantined file is the order, untouched.
@@ -83,7 +88,8 @@ async def test_422_and_other_4xx_are_quarantined_with_reason(make_agent, center:
 
 
 async def test_corrupt_pending_file_is_quarantined_and_blocks_nothing(
-        make_agent, center: FakeCenter):
+    make_agent, center: FakeCenter
+):
     await center.go_down()
     agent = await make_agent(center.url)
     accepted = await _buffer_orders(agent, 3)
@@ -102,10 +108,18 @@ async def test_corrupt_pending_file_is_quarantined_and_blocks_nothing(
 
 
 async def test_file_placed_in_pending_by_another_process_is_delivered(
-        make_agent, center: FakeCenter):
+    make_agent, center: FakeCenter
+):
     agent = await make_agent(center.url, buffer={"scan_interval_s": 60})
-    record = PendingRecord("OTHER-20261101-000000001", "other", "2026-11-01T10:00:00+08:00",
-                           "jd", "jd:1", None, '{"channel_id":"jd","channel_order_id":"1"}')
+    record = PendingRecord(
+        "OTHER-20261101-000000001",
+        "other",
+        "2026-11-01T10:00:00+08:00",
+        "jd",
+        "jd:1",
+        None,
+        '{"channel_id":"jd","channel_order_id":"1"}',
+    )
     tmp = agent.spool / "pending" / ".incoming.tmp"
     tmp.write_bytes(record.to_bytes())
     os.rename(tmp, agent.spool / "pending" / record.filename)
@@ -136,7 +150,8 @@ async def test_a_file_claimed_by_another_process_is_left_alone(make_agent, cente
 
 
 async def test_crash_between_merged_copy_and_unlink_finishes_the_move(
-        make_agent, center: FakeCenter, tmp_path: Path):
+    make_agent, center: FakeCenter, tmp_path: Path
+):
     await center.go_down()
     agent = await make_agent(center.url)
     accepted = await _buffer_orders(agent, 1)
@@ -151,13 +166,20 @@ async def test_crash_between_merged_copy_and_unlink_finishes_the_move(
 
 
 async def test_startup_indexes_pending_files_the_journal_missed(
-        make_agent, center: FakeCenter, tmp_path: Path):
+    make_agent, center: FakeCenter, tmp_path: Path
+):
     await center.go_down()
     spool = tmp_path / "spool" / "pending"
     spool.mkdir(parents=True)
-    record = PendingRecord("WH-TEST-01-20261125-000005000", "wh-test-01",
-                           "2026-11-25T10:00:00+08:00", "douyin", "douyin:lost-row", None,
-                           orjson.dumps(order("lost-row")).decode())
+    record = PendingRecord(
+        "WH-TEST-01-20261125-000005000",
+        "wh-test-01",
+        "2026-11-25T10:00:00+08:00",
+        "douyin",
+        "douyin:lost-row",
+        None,
+        orjson.dumps(order("lost-row")).decode(),
+    )
     (spool / record.filename).write_bytes(record.to_bytes())
     (spool / ".WH-TEST-01-20261125-000005001.json.tmp").write_bytes(b"half")
     agent = await make_agent(center.url)
@@ -182,7 +204,8 @@ async def test_pacing_holds_the_drain_rate(make_agent, center: FakeCenter):
 
 
 async def test_file_torn_while_edge_recover_added_keys_is_still_delivered(
-        make_agent, center: FakeCenter):
+    make_agent, center: FakeCenter
+):
     """edge-recover adds order_id in place before its rename; a crash can tear that tail."""
     await center.go_down()
     agent = await make_agent(center.url)
@@ -205,7 +228,8 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 async def test_fifo_symlink_and_2gb_file_in_pending_are_moved_aside_unread(
-        tmp_path: Path, center: FakeCenter, agent_process, http):
+    tmp_path: Path, center: FakeCenter, agent_process, http
+):
     """None of these is a file the agent wrote: each goes to rejected/ with its reason,
     never read (no hang, no 2 GB in memory), a link's target never touched or delivered."""
     config = write_config(tmp_path, center.url)
@@ -213,11 +237,18 @@ async def test_fifo_symlink_and_2gb_file_in_pending_are_moved_aside_unread(
     pending.mkdir(parents=True)
     os.mkfifo(pending / "AAA-fifo.json")
     with open(pending / "AAB-huge.json", "wb") as fh:
-        fh.truncate(2 * 1024 ** 3)
+        fh.truncate(2 * 1024**3)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    theirs = PendingRecord("OTHER-20261101-000000001", "other", "2026-11-01T10:00:00+08:00",
-                           "jd", "jd:linked", None, '{"channel_id":"jd","channel_order_id":"l"}')
+    theirs = PendingRecord(
+        "OTHER-20261101-000000001",
+        "other",
+        "2026-11-01T10:00:00+08:00",
+        "jd",
+        "jd:linked",
+        None,
+        '{"channel_id":"jd","channel_order_id":"l"}',
+    )
     target = elsewhere / theirs.filename
     target.write_bytes(theirs.to_bytes())
     os.chmod(target, 0o644)
@@ -229,14 +260,21 @@ async def test_fifo_symlink_and_2gb_file_in_pending_are_moved_aside_unread(
         assert r.status == 201
     rejected = tmp_path / "spool" / "rejected"
     names = ("AAA-fifo.json", "AAB-huge.json", "AAC-link.json")
-    await wait_for(lambda: all((rejected / f"{n}.reason.json").exists() for n in names), 10,
-                   "all three moved aside")
-    reasons = {n: orjson.loads((rejected / f"{n}.reason.json").read_bytes())["reason"]
-               for n in names}
-    assert reasons == {"AAA-fifo.json": "not_a_regular_file", "AAB-huge.json": "too_large",
-                       "AAC-link.json": "not_a_regular_file"}
+    await wait_for(
+        lambda: all((rejected / f"{n}.reason.json").exists() for n in names),
+        10,
+        "all three moved aside",
+    )
+    reasons = {
+        n: orjson.loads((rejected / f"{n}.reason.json").read_bytes())["reason"] for n in names
+    }
+    assert reasons == {
+        "AAA-fifo.json": "not_a_regular_file",
+        "AAB-huge.json": "too_large",
+        "AAC-link.json": "not_a_regular_file",
+    }
     assert stat.S_ISFIFO(os.lstat(rejected / "AAA-fifo.json").st_mode)
-    assert (rejected / "AAB-huge.json").stat().st_size == 2 * 1024 ** 3
+    assert (rejected / "AAB-huge.json").stat().st_size == 2 * 1024**3
     assert os.readlink(rejected / "AAC-link.json") == str(target)
     assert target.read_bytes() == theirs.to_bytes()  # never changed, never delivered
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
@@ -248,15 +286,25 @@ async def test_fifo_symlink_and_2gb_file_in_pending_are_moved_aside_unread(
 
 
 async def test_a_pending_file_the_agent_cannot_read_stays_and_the_rest_drain(
-        shared_dir: Path, center: FakeCenter, agent_process, http):
+    shared_dir: Path, center: FakeCenter, agent_process, http
+):
     """The agent runs as its own user; a root-owned 0600 file (sudo cp) in pending/ is
     left where it is with one clear log line; the others are delivered."""
     config = write_config(shared_dir, center.url, buffer={"scan_interval_s": 0.2})
     pending = shared_dir / "spool" / "pending"
     pending.mkdir(parents=True)
-    recs = [PendingRecord(f"OTHER-20261101-00000000{i}", "other", "2026-11-01T10:00:00+08:00",
-                          "jd", f"jd:{i}", None, f'{{"channel_id":"jd","channel_order_id":"{i}"}}')
-            for i in range(1, 4)]
+    recs = [
+        PendingRecord(
+            f"OTHER-20261101-00000000{i}",
+            "other",
+            "2026-11-01T10:00:00+08:00",
+            "jd",
+            f"jd:{i}",
+            None,
+            f'{{"channel_id":"jd","channel_order_id":"{i}"}}',
+        )
+        for i in range(1, 4)
+    ]
     for r in recs:
         (pending / r.filename).write_bytes(r.to_bytes())
     subprocess.run(["chown", "-R", "nobody:nogroup", str(shared_dir)], check=True)
@@ -266,10 +314,14 @@ async def test_a_pending_file_the_agent_cannot_read_stays_and_the_rest_drain(
     agent.start()
     await agent.wait_ready(http)
     merged = shared_dir / "spool" / "merged"
-    await wait_for(lambda: sorted(os.listdir(merged)) == [r.filename for r in recs[1:]], 10,
-                   "the readable files delivered")
-    await wait_for(lambda: "pending file not delivered" in agent.log_tail(20_000), 5,
-                   "the log line")
+    await wait_for(
+        lambda: sorted(os.listdir(merged)) == [r.filename for r in recs[1:]],
+        10,
+        "the readable files delivered",
+    )
+    await wait_for(
+        lambda: "pending file not delivered" in agent.log_tail(20_000), 5, "the log line"
+    )
     assert os.listdir(pending) == [recs[0].filename]
     assert locked.read_bytes() == recs[0].to_bytes()
     assert center.created_keys() == {"jd:2", "jd:3"}

@@ -19,8 +19,16 @@ from tests.conftest import ROOT
 
 def _drill(tmp_path: Path, *scenarios: str, orders: int = 60) -> tuple[int, str, dict]:
     report = tmp_path / "drill.json"
-    args = [sys.executable, "-m", "agent", "drill", "--orders", str(orders),
-            "--report", str(report)]
+    args = [
+        sys.executable,
+        "-m",
+        "agent",
+        "drill",
+        "--orders",
+        str(orders),
+        "--report",
+        str(report),
+    ]
     for name in scenarios:
         args += ["--scenario", name]
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -23,8 +23,9 @@ async def dns() -> AsyncIterator[SandboxDns]:
 
 
 async def _agent(make_agent, primary: FakeCenter, standby: FakeCenter, **kw) -> AgentHandle:
-    return await make_agent(primary.url, upstream={"standby": standby.url, "timeout_s": 1.0},
-                            health=HEALTH, **kw)
+    return await make_agent(
+        primary.url, upstream={"standby": standby.url, "timeout_s": 1.0}, health=HEALTH, **kw
+    )
 
 
 def _mode(agent: AgentHandle) -> str:
@@ -32,8 +33,9 @@ def _mode(agent: AgentHandle) -> str:
 
 
 @pytest.mark.parametrize("failure", ["refuse", "503"])
-async def test_primary_down_fails_over_then_back(make_agent, center: FakeCenter,
-                                                 standby: FakeCenter, failure: str):
+async def test_primary_down_fails_over_then_back(
+    make_agent, center: FakeCenter, standby: FakeCenter, failure: str
+):
     agent = await _agent(make_agent, center, standby)
     status, body = await agent.post(order(1))
     assert (status, body["cluster"]) == (201, "primary")
@@ -69,7 +71,8 @@ async def test_primary_down_fails_over_then_back(make_agent, center: FakeCenter,
 
 @pytest.mark.parametrize("how", ["timeout", "500", "502", "504"])
 async def test_ambiguous_primary_answer_is_buffered_never_sent_to_standby(
-        make_agent, center: FakeCenter, standby: FakeCenter, how: str):
+    make_agent, center: FakeCenter, standby: FakeCenter, how: str
+):
     agent = await _agent(make_agent, center, standby)
     if how == "timeout":
         center.delay_s = 2.0  # beyond upstream.timeout_s: sent, but no answer
@@ -85,7 +88,8 @@ async def test_ambiguous_primary_answer_is_buffered_never_sent_to_standby(
 
 
 async def test_both_down_then_an_unpinned_order_drains_to_the_standby(
-        make_agent, center: FakeCenter, standby: FakeCenter):
+    make_agent, center: FakeCenter, standby: FakeCenter
+):
     """Refused connections everywhere: no cluster can hold the order, so the standby,
     back first, may take it (buffer.drain_to_standby, default true)."""
     agent = await _agent(make_agent, center, standby)
@@ -105,9 +109,14 @@ async def test_both_down_then_an_unpinned_order_drains_to_the_standby(
 
 
 async def test_without_drain_to_standby_buffered_orders_wait_for_the_primary(
-        make_agent, center: FakeCenter, standby: FakeCenter):
-    agent = await make_agent(center.url, upstream={"standby": standby.url},
-                             buffer={"drain_to_standby": False}, health=HEALTH)
+    make_agent, center: FakeCenter, standby: FakeCenter
+):
+    agent = await make_agent(
+        center.url,
+        upstream={"standby": standby.url},
+        buffer={"drain_to_standby": False},
+        health=HEALTH,
+    )
     await center.go_down()
     await standby.go_down()
     await wait_for(lambda: _mode(agent) == "offline", 5, "offline")
@@ -136,8 +145,9 @@ async def test_drain_starts_quickly_when_the_primary_is_back(make_agent, center:
     await wait_for(lambda: agent.files("pending") == [], 10, "drain")
 
 
-async def test_flapping_primary_loses_and_duplicates_nothing(make_agent, center: FakeCenter,
-                                                             standby: FakeCenter):
+async def test_flapping_primary_loses_and_duplicates_nothing(
+    make_agent, center: FakeCenter, standby: FakeCenter
+):
     agent = await _agent(make_agent, center, standby)
     acked: dict[str, int] = {}
     stop = asyncio.Event()
@@ -174,8 +184,9 @@ async def test_flapping_primary_loses_and_duplicates_nothing(make_agent, center:
     created = center.created_keys() | standby.created_keys()
     assert set(acked) <= created
     transitions = agent.service.metrics.mode_transitions
-    total = sum(s.value for m in transitions.collect() for s in m.samples
-                if s.name.endswith("_total"))
+    total = sum(
+        s.value for m in transitions.collect() for s in m.samples if s.name.endswith("_total")
+    )
     assert total <= 2 * 5 / 0.3 + 2  # hysteresis: at most one change per flap
 
 
@@ -218,14 +229,16 @@ async def test_dns_failures_are_health_failures_with_a_reason(make_agent, dns, f
         host = "orders.sandbox.test"
         dns.set(host, "127.0.0.2")
         dns.mode = failure
-    agent = await make_agent(f"http://{host}:9/v3", upstream={"nameservers": [dns.nameserver]},
-                             health=HEALTH)
+    agent = await make_agent(
+        f"http://{host}:9/v3", upstream={"nameservers": [dns.nameserver]}, health=HEALTH
+    )
     status, body = await agent.post(order(1))
     assert status == 202 and body["status"] == "buffered"  # offline: buffered, not crashed
     status, st = await agent.get("/status")
     error = st["clusters"]["primary"]["last_error"]
-    expected = {"nxdomain": "NXDOMAIN", "servfail": "nameserver failed",
-                "silent": "timeout"}[failure]
+    expected = {"nxdomain": "NXDOMAIN", "servfail": "nameserver failed", "silent": "timeout"}[
+        failure
+    ]
     assert expected in error, error
     assert st["mode"] == "offline"
 
@@ -251,12 +264,14 @@ async def test_garbage_health_answer_is_a_failure(make_agent):
 
 
 async def test_retry_after_a_crash_mid_forward_stays_with_that_cluster(
-        tmp_path, center: FakeCenter, standby: FakeCenter, agent_process, http):
+    tmp_path, center: FakeCenter, standby: FakeCenter, agent_process, http
+):
     """kill -9 while the primary holds the request: the retry must not go to the standby."""
     from tests.conftest import write_config
 
-    path = write_config(tmp_path, center.url, upstream={"standby": standby.url, "timeout_s": 5},
-                        health=HEALTH)
+    path = write_config(
+        tmp_path, center.url, upstream={"standby": standby.url, "timeout_s": 5}, health=HEALTH
+    )
     proc = agent_process(path)
     proc.start()
     await proc.wait_ready(http)

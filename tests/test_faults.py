@@ -21,8 +21,7 @@ from tests.conftest import ROOT, AgentHandle, order, wait_for, write_config
 from tests.fakes import FakeCenter
 from tests.recover_helpers import recover
 
-HEALTH = {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2,
-          "healthy_threshold": 1}
+HEALTH = {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2, "healthy_threshold": 1}
 
 
 async def _buffer(agent: AgentHandle, n: int, prefix: str, **extra: Any) -> dict[str, str]:
@@ -51,8 +50,9 @@ def small_disk(tmp_path: Path):
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mnt)], check=True
+    )
     try:
         yield mnt
     finally:
@@ -70,11 +70,14 @@ def _fill(directory: Path) -> None:
         pass
 
 
-async def test_a_full_disk_never_stalls_the_drain(make_agent, center: FakeCenter,
-                                                  small_disk: Path):
+async def test_a_full_disk_never_stalls_the_drain(make_agent, center: FakeCenter, small_disk: Path):
     await center.go_down()
-    agent = await make_agent(center.url, buffer={"path": str(small_disk / "spool")},
-                             health=HEALTH, sms={"enabled": False})
+    agent = await make_agent(
+        center.url,
+        buffer={"path": str(small_disk / "spool")},
+        health=HEALTH,
+        sms={"enabled": False},
+    )
     accepted: dict[str, str] = {}
     note = "z" * 3000
     for i in range(2000):  # until the disk is full: 507, nothing dropped
@@ -97,8 +100,7 @@ async def test_a_full_disk_never_stalls_the_drain(make_agent, center: FakeCenter
     assert sorted(agent.files("merged")) == sorted(f"{s}.json" for s in accepted.values())
     for key, serial in list(accepted.items())[:5]:  # the journal has the order_id
         status, found = await agent.get(f"/v1/orders/{serial}")
-        assert (status, found["state"], found["order_id"]) == (
-            200, "merged", center.orders[key][0])
+        assert (status, found["state"], found["order_id"]) == (200, "merged", center.orders[key][0])
 
 
 # -- a cluster that refuses the agent keeps every order -----------------------------------
@@ -106,7 +108,8 @@ async def test_a_full_disk_never_stalls_the_drain(make_agent, center: FakeCenter
 
 @pytest.mark.parametrize("refusal", [401, 404])
 async def test_a_cluster_refusing_the_agent_never_quarantines_the_buffer(
-        make_agent, center: FakeCenter, refusal: int):
+    make_agent, center: FakeCenter, refusal: int
+):
     await center.go_down()
     agent = await make_agent(center.url, health=HEALTH)
     buffered = await _buffer(agent, 20, f"refused{refusal}")
@@ -122,8 +125,10 @@ async def test_a_cluster_refusing_the_agent_never_quarantines_the_buffer(
     assert agent.files("rejected") == []
     assert len(agent.files("pending")) == 20
     status = await _status(agent)
-    assert status["mode"] == "offline" and f"HTTP {refusal}" in \
-        status["clusters"]["primary"]["refusing"]
+    assert (
+        status["mode"] == "offline"
+        and f"HTTP {refusal}" in status["clusters"]["primary"]["refusing"]
+    )
     metrics = (await agent.get("/metrics"))[1]
     assert 'edge_cluster_refusing{cluster="primary"} 1.0' in metrics
     # New orders are kept too, not passed back as a 401 or 404 to the channel.
@@ -136,7 +141,8 @@ async def test_a_cluster_refusing_the_agent_never_quarantines_the_buffer(
 
 
 async def test_the_forward_path_moves_on_when_the_primary_refuses_the_agent(
-        make_agent, center: FakeCenter, standby: FakeCenter):
+    make_agent, center: FakeCenter, standby: FakeCenter
+):
     agent = await make_agent(center.url, upstream={"standby": standby.url}, health=HEALTH)
     center.refuse = 403
     status, body = await agent.post(order("fwd-403"))
@@ -147,8 +153,7 @@ async def test_the_forward_path_moves_on_when_the_primary_refuses_the_agent(
 # -- a 2xx without an order_id is not proof of creation -----------------------------------
 
 
-async def test_a_maintenance_page_answering_200_is_not_a_delivery(make_agent,
-                                                                  center: FakeCenter):
+async def test_a_maintenance_page_answering_200_is_not_a_delivery(make_agent, center: FakeCenter):
     await center.go_down()
     agent = await make_agent(center.url, health=HEALTH)
     buffered = await _buffer(agent, 10, "page")
@@ -157,8 +162,10 @@ async def test_a_maintenance_page_answering_200_is_not_a_delivery(make_agent,
     center.page = 200
 
     def pins() -> list[Any]:
-        return [orjson.loads((agent.spool / "pending" / f).read_bytes())["pinned_to"]
-                for f in agent.files("pending")]
+        return [
+            orjson.loads((agent.spool / "pending" / f).read_bytes())["pinned_to"]
+            for f in agent.files("pending")
+        ]
 
     # Each attempt is unclear (the primary may hold the order now): pinned to it.
     await wait_for(lambda: pins() == ["primary"] * 10, 10, "every order pinned to primary")
@@ -176,8 +183,9 @@ async def test_a_maintenance_page_answering_200_is_not_a_delivery(make_agent,
 
 async def test_capacity_and_counts_follow_edge_recover(make_agent, center: FakeCenter):
     await center.go_down()
-    agent = await make_agent(center.url, health=HEALTH, buffer={"max_bytes": 6000},
-                             sms={"enabled": False})
+    agent = await make_agent(
+        center.url, health=HEALTH, buffer={"max_bytes": 6000}, sms={"enabled": False}
+    )
     accepted = 0
     serials = []
     while True:
@@ -190,8 +198,7 @@ async def test_capacity_and_counts_follow_edge_recover(make_agent, center: FakeC
     assert (await _status(agent))["pending"] == accepted
     standby = await FakeCenter(host="127.0.0.5", name="other").start()
     try:
-        run = await recover("--path", str(agent.spool), "--mode", "merge",
-                            "--target", standby.url)
+        run = await recover("--path", str(agent.spool), "--mode", "merge", "--target", standby.url)
         assert run.code == 0, run.err
     finally:
         await standby.stop()
@@ -207,10 +214,10 @@ async def test_capacity_and_counts_follow_edge_recover(make_agent, center: FakeC
 
 
 async def test_a_damaged_journal_and_outbox_are_moved_aside_and_rebuilt(
-        tmp_path: Path, center: FakeCenter, sms_gateway, http: aiohttp.ClientSession):
+    tmp_path: Path, center: FakeCenter, sms_gateway, http: aiohttp.ClientSession
+):
     await center.go_down()
-    sms = {"provider": "http", "url": sms_gateway.url, "retry_initial_s": 0.1,
-           "retry_max_s": 0.3}
+    sms = {"provider": "http", "url": sms_gateway.url, "retry_initial_s": 0.1, "retry_max_s": 0.3}
     path = write_config(tmp_path, center.url, health=HEALTH, sms=sms)
     agent = AgentHandle(load_config(str(path)), http)
     await agent.service.start()
@@ -228,14 +235,17 @@ async def test_a_damaged_journal_and_outbox_are_moved_aside_and_rebuilt(
     agent = AgentHandle(load_config(str(path)), http)
     await agent.service.start()  # no exit, no restart loop
     try:
-        assert sorted(p.name.split(".damaged-")[0] for p in state.iterdir()
-                      if ".damaged-" in p.name and not p.name.endswith(("-wal", "-shm"))
-                      ) == ["journal.sqlite3", "outbox.sqlite3"]
+        assert sorted(
+            p.name.split(".damaged-")[0]
+            for p in state.iterdir()
+            if ".damaged-" in p.name and not p.name.endswith(("-wal", "-shm"))
+        ) == ["journal.sqlite3", "outbox.sqlite3"]
         for i, (key, serial) in enumerate(buffered.items()):  # rebuilt from the files
             status, found = await agent.get(f"/v1/orders/{serial}")
             assert (status, found["state"]) == (200, "buffered")
-            status, body = await agent.post(order(key.split(":")[1],
-                                                  customer_phone=f"1381234567{i}"))
+            status, body = await agent.post(
+                order(key.split(":")[1], customer_phone=f"1381234567{i}")
+            )
             assert (status, body["serial"]) == (200, serial)
         sms_state = (await _status(agent))["sms"]["by_state"]
         assert sms_state.get("ambiguous") == 5 and sms_state.get("queued", 0) == 0
@@ -247,8 +257,9 @@ async def test_a_damaged_journal_and_outbox_are_moved_aside_and_rebuilt(
 # -- kill -9 right after 201s: every forwarded order is findable --------------------------
 
 
-async def test_every_201_is_findable_after_kill9(tmp_path: Path, center: FakeCenter,
-                                                 agent_process, http):
+async def test_every_201_is_findable_after_kill9(
+    tmp_path: Path, center: FakeCenter, agent_process, http
+):
     config = write_config(tmp_path, center.url, health=HEALTH)
     agent = agent_process(config)
     agent.start()
@@ -257,8 +268,9 @@ async def test_every_201_is_findable_after_kill9(tmp_path: Path, center: FakeCen
     answers: dict[str, dict[str, Any]] = {}
 
     async def one(key: str) -> None:
-        async with http.post(f"{agent.url}/v1/orders", data=bodies[key],
-                             headers={"Content-Type": "application/json"}) as r:
+        async with http.post(
+            f"{agent.url}/v1/orders", data=bodies[key], headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status == 201
             answers[key] = orjson.loads(await r.read())
 
@@ -272,8 +284,9 @@ async def test_every_201_is_findable_after_kill9(tmp_path: Path, center: FakeCen
             assert r.status == 200, key
             found = orjson.loads(await r.read())
         assert (found["state"], found["order_id"]) == ("forwarded", answer["order_id"])
-        async with http.post(f"{agent.url}/v1/orders", data=bodies[key],
-                             headers={"Content-Type": "application/json"}) as r:
+        async with http.post(
+            f"{agent.url}/v1/orders", data=bodies[key], headers={"Content-Type": "application/json"}
+        ) as r:
             assert (r.status, orjson.loads(await r.read())["serial"]) == (200, answer["serial"])
     assert all(n == 1 for n in center.creates.values())
 
@@ -282,23 +295,40 @@ async def test_every_201_is_findable_after_kill9(tmp_path: Path, center: FakeCen
 
 
 async def test_changing_buffer_path_with_orders_left_behind_refuses_to_start(
-        tmp_path: Path, center: FakeCenter, agent_process, http):
+    tmp_path: Path, center: FakeCenter, agent_process, http
+):
     await center.go_down()
     config = write_config(tmp_path, center.url, health=HEALTH)
     agent = agent_process(config)
     agent.start()
     await agent.wait_ready(http)
-    async with http.post(f"{agent.url}/v1/orders", data=orjson.dumps(order("moved-1")),
-                         headers={"Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{agent.url}/v1/orders",
+        data=orjson.dumps(order("moved-1")),
+        headers={"Content-Type": "application/json"},
+    ) as r:
         assert r.status == 202
     agent.kill(15)
     assert await agent.reap() == 0
     listen = load_config(str(config)).agent.listen  # the same agent, moved buffer
-    write_config(tmp_path, center.url, health=HEALTH, agent={"listen": listen},
-                 buffer={"path": str(tmp_path / "new")})
+    write_config(
+        tmp_path,
+        center.url,
+        health=HEALTH,
+        agent={"listen": listen},
+        buffer={"path": str(tmp_path / "new")},
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "run", "--config", str(config), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "agent",
+        "run",
+        "--config",
+        str(config),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
@@ -309,8 +339,9 @@ async def test_changing_buffer_path_with_orders_left_behind_refuses_to_start(
     last = err.decode().strip().splitlines()[-1]
     assert str(tmp_path / "spool") in last and str(tmp_path / "new") in last, last
     # Moving the files as the message says lets it start and serve them.
-    shutil.copytree(tmp_path / "spool" / "pending", tmp_path / "new" / "pending",
-                    dirs_exist_ok=True)
+    shutil.copytree(
+        tmp_path / "spool" / "pending", tmp_path / "new" / "pending", dirs_exist_ok=True
+    )
     agent.start()
     await agent.wait_ready(http)
     await center.come_up()
@@ -321,17 +352,16 @@ async def test_changing_buffer_path_with_orders_left_behind_refuses_to_start(
 
 
 async def test_a_pending_file_is_not_dropped_for_a_different_order_in_merged(
-        make_agent, center: FakeCenter):
+    make_agent, center: FakeCenter
+):
     await center.go_down()
     agent = await make_agent(center.url, health=HEALTH)
     (serial,) = (await _buffer(agent, 1, "clash")).values()
-    impostor = {"v": 1, "serial": serial, "dedupe_key": "other:1", "body": "{}",
-                "order_id": "X1"}
+    impostor = {"v": 1, "serial": serial, "dedupe_key": "other:1", "body": "{}", "order_id": "X1"}
     (agent.spool / "merged" / f"{serial}.json").write_bytes(orjson.dumps(impostor))
     await center.come_up()
     await wait_for(lambda: agent.files("pending") == [], 10, "the pending file handled")
     assert f"{serial}.json" in agent.files("rejected")
-    reason = orjson.loads((agent.spool / "rejected" / f"{serial}.json.reason.json")
-                          .read_bytes())
+    reason = orjson.loads((agent.spool / "rejected" / f"{serial}.json.reason.json").read_bytes())
     assert reason["reason"] == "name_clash"
     assert orjson.loads((agent.spool / "merged" / f"{serial}.json").read_bytes()) == impostor

@@ -14,8 +14,9 @@ from tests.fakes import FakeCenter
 
 async def test_forward_is_byte_exact_and_carries_the_key(make_agent, center: FakeCenter):
     agent = await make_agent(center.url)
-    raw = (b'{"channel_id":"douyin","channel_order_id":"6912345",  '
-           b'"amount":199.10,"x":"\xe8\xae\xa2"}')
+    raw = (
+        b'{"channel_id":"douyin","channel_order_id":"6912345",  "amount":199.10,"x":"\xe8\xae\xa2"}'
+    )
     status, body = await agent.post(raw)
     assert status == 201, body
     assert body["status"] == "forwarded" and body["cluster"] == "primary"
@@ -82,7 +83,8 @@ async def test_center_down_buffers_durably_with_contract_fields(make_agent, cent
 
 
 async def test_drain_after_center_returns_then_duplicates_in_each_state(
-        make_agent, center: FakeCenter):
+    make_agent, center: FakeCenter
+):
     await center.go_down()
     agent = await make_agent(center.url)
     accepted = {}

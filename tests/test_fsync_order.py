@@ -49,6 +49,7 @@ if shutil.which("strace") is None:
     else:
         pytestmark.append(pytest.mark.skip(reason="strace missing: apt-get install strace"))
 
+
 @dataclass
 class PlainDisk:
     """Stands in for a LazyFs mount: a plain directory (strace needs no FUSE)."""
@@ -61,8 +62,20 @@ class PlainDisk:
 
 
 def strace_prefix(trace: Path) -> list[str]:
-    return ["strace", "-f", "-tt", "-T", "-yy", "-qq", "-s", "65536", "-o", str(trace),
-            "-e", f"trace={TRACE_CALLS}"]
+    return [
+        "strace",
+        "-f",
+        "-tt",
+        "-T",
+        "-yy",
+        "-qq",
+        "-s",
+        "65536",
+        "-o",
+        str(trace),
+        "-e",
+        f"trace={TRACE_CALLS}",
+    ]
 
 
 def agent_pid(strace_pid: int) -> int:
@@ -110,8 +123,11 @@ def replies(calls: list[Call], port: int) -> list[Reply]:
 def first_request(calls: list[Call], port: int) -> float | None:
     marker = f"127.0.0.1:{port}->"
     for c in calls:
-        if c.name == "recvfrom" and marker in c.fd_path and any(
-                "POST /v1/orders" in s for s in c.strings):
+        if (
+            c.name == "recvfrom"
+            and marker in c.fd_path
+            and any("POST /v1/orders" in s for s in c.strings)
+        ):
             return c.start
     return None
 
@@ -134,7 +150,8 @@ class Index:
             if c.name in ("fsync", "fdatasync"):
                 self.fsyncs[c.fd_path].append(c)
                 if c.fd_path.endswith("journal.sqlite3-wal") or c.fd_path.endswith(
-                        "journal.sqlite3"):
+                    "journal.sqlite3"
+                ):
                     self.wal_fsyncs.append(c)
             elif c.name.startswith("rename") and len(c.strings) >= 2:
                 self.renames[c.strings[1]] = c
@@ -166,8 +183,10 @@ def check_buffered(idx: Index, spool: Path, reply: Reply) -> str | None:
     if rename is None or idx.rename_src.get(final) != tmp:
         return f"{reply.serial}: no rename {tmp} -> {final} in the trace"
     if rename.start > reply.start:
-        return f"{reply.serial}: renamed into pending/ {rename.start - reply.start:.6f}s after " \
-               "the 202 was written"
+        return (
+            f"{reply.serial}: renamed into pending/ {rename.start - reply.start:.6f}s after "
+            "the 202 was written"
+        )
     if idx.fsync_between(tmp, 0, rename.start) is None:
         return f"{reply.serial}: the temp file was not fsync'd before its rename"
     if idx.fsync_between(pending, rename.end, reply.start) is None:
@@ -194,16 +213,19 @@ def check_merged(idx: Index, spool: Path, serial: str) -> str | None:
     unlink = unlinks[0]
     if rename.end > unlink.start:
         return f"{serial}: pending entry unlinked before the merged copy was renamed in"
-    if (idx.fsync_between(src, 0, rename.start) is None
-            and idx.synced_between("", rename.end, unlink.start) is None):
+    if (
+        idx.fsync_between(src, 0, rename.start) is None
+        and idx.synced_between("", rename.end, unlink.start) is None
+    ):
         return f"{serial}: merged copy {src} not durable before the pending unlink"
     if idx.synced_between(merged, rename.end, unlink.start) is None:
         return f"{serial}: merged/ not synced between the rename and the pending unlink"
     return None
 
 
-def check_inbox(calls: list[Call], idx: Index, spool: Path,
-                key_of_file: dict[str, str]) -> list[str]:
+def check_inbox(
+    calls: list[Call], idx: Index, spool: Path, key_of_file: dict[str, str]
+) -> list[str]:
     """An inbox file (the only copy of its order until then) is unlinked only after the
     order's pending file is renamed in and pending/ is fsync'd."""
     serial_of = {}
@@ -220,13 +242,16 @@ def check_inbox(calls: list[Call], idx: Index, spool: Path,
         serial = serial_of.get(key)
         rename = idx.renames.get(f"{pending}/{serial}.json") if serial else None
         if not unlinks or rename is None:
-            problems.append(f"inbox/{name} ({key}): no pending file written "
-                            f"({serial}) or never unlinked ({bool(unlinks)})")
+            problems.append(
+                f"inbox/{name} ({key}): no pending file written "
+                f"({serial}) or never unlinked ({bool(unlinks)})"
+            )
         elif rename.end > unlinks[0].start:
             problems.append(f"inbox/{name}: unlinked before {serial} was renamed into pending/")
         elif idx.fsync_between(pending, rename.end, unlinks[0].start) is None:
-            problems.append(f"inbox/{name}: unlinked before pending/ was fsync'd after "
-                            f"{serial} was renamed in")
+            problems.append(
+                f"inbox/{name}: unlinked before pending/ was fsync'd after {serial} was renamed in"
+            )
     return problems
 
 
@@ -238,8 +263,10 @@ def check_reservation(calls: list[Call], idx: Index, port: int, run: str) -> str
     first = min(got, key=lambda r: r.start)
     wal = [c for c in idx.wal_fsyncs if c.start >= t0 and c.end <= first.start]
     if not wal:
-        return (f"{run}: no fsync of the journal between the first request and the first "
-                f"serial handed out ({first.serial}): the serial block is not durable")
+        return (
+            f"{run}: no fsync of the journal between the first request and the first "
+            f"serial handed out ({first.serial}): the serial block is not durable"
+        )
     return None
 
 
@@ -256,8 +283,11 @@ async def test_fsync_order_under_strace() -> None:
         buffered = {s for _, s in w.ledger.first_ack.values()}
         assert w.ledger.acks(202) == 48, dict(w.ledger.statuses)
         await w.primary.come_up()
-        await wait_until(lambda: len(w.merged()) == 48 and not w.pending(), 60,
-                         "the drain to move every order to merged/")
+        await wait_until(
+            lambda: len(w.merged()) == 48 and not w.pending(),
+            60,
+            "the drain to move every order to merged/",
+        )
         await stop_agent(w)
         # run 2: restart offline; a new serial block must be reserved durably again
         await w.primary.go_down()
@@ -274,9 +304,21 @@ async def test_fsync_order_under_strace() -> None:
         recovered = {n.removesuffix(".json") for n in w.pending()}
         assert len(recovered) == 24, w.pending()
         await w.primary.come_up()
-        rec = Proc([*strace_prefix(trace3), sys.executable, "-m", "recovery", "--path",
-                    str(w.spool), "--mode", "merge", "--target", w.primary.url],
-                   w.logs / "recover.log")
+        rec = Proc(
+            [
+                *strace_prefix(trace3),
+                sys.executable,
+                "-m",
+                "recovery",
+                "--path",
+                str(w.spool),
+                "--mode",
+                "merge",
+                "--target",
+                w.primary.url,
+            ],
+            w.logs / "recover.log",
+        )
         try:
             await wait_until(lambda: rec.proc.poll() is not None, 60, "edge-recover to finish")
         finally:
@@ -294,16 +336,20 @@ async def test_fsync_order_under_strace() -> None:
         for idx, rs in ((idx1, rs1), (idx2, rs2)):
             problems += [p for r in rs if (p := check_buffered(idx, w.spool, r))]
         problems += [p for s in sorted(buffered) if (p := check_merged(idx1, w.spool, s))]
-        problems += check_inbox(calls2, idx2, w.spool,
-                                {f"drop-{i:05d}.json": k for i, k in enumerate(dropped)})
+        problems += check_inbox(
+            calls2, idx2, w.spool, {f"drop-{i:05d}.json": k for i, k in enumerate(dropped)}
+        )
         idx3 = Index(parse(trace3))
-        problems += [f"edge-recover: {p}" for s in sorted(recovered)
-                     if (p := check_merged(idx3, w.spool, s))]
+        problems += [
+            f"edge-recover: {p}" for s in sorted(recovered) if (p := check_merged(idx3, w.spool, s))
+        ]
         for calls, idx, run in ((calls1, idx1, "run 1"), (calls2, idx2, "run 2")):
             if p := check_reservation(calls, idx, w.port, run):
                 problems.append(p)
-        assert not problems, (f"{len(problems)} durability steps out of order (traces in "
-                              f"{base}):\n- " + "\n- ".join(problems[:20]))
+        assert not problems, (
+            f"{len(problems)} durability steps out of order (traces in "
+            f"{base}):\n- " + "\n- ".join(problems[:20])
+        )
     finally:
         await w.close()
     shutil.rmtree(base, ignore_errors=True)
@@ -311,8 +357,10 @@ async def test_fsync_order_under_strace() -> None:
 
 def _reply(ts: str, serial: str) -> str:
     body = '{\\"status\\":\\"buffered\\",\\"serial\\":\\"' + serial + '\\"}'
-    return (f'11 {ts} sendto(9<TCP:[127.0.0.1:1->127.0.0.1:2]>, "HTTP/1.1 202 Accepted'
-            f'\\r\\n\\r\\n{body}", 60, 0, NULL, 0) = 60 <0.000010>')
+    return (
+        f'11 {ts} sendto(9<TCP:[127.0.0.1:1->127.0.0.1:2]>, "HTTP/1.1 202 Accepted'
+        f'\\r\\n\\r\\n{body}", 60, 0, NULL, 0) = 60 <0.000010>'
+    )
 
 
 def _rename(ts: str, n: int) -> str:
@@ -320,15 +368,21 @@ def _rename(ts: str, n: int) -> str:
     return f'10 {ts} rename("/s/pending/.{name}.tmp", "/s/pending/{name}") = 0 <0.000010>'
 
 
-_SYNTHETIC = "\n".join([
-    "10 10:00:00.000100 fsync(5</s/pending/.N-20260101-000000001.json.tmp> <unfinished ...>",
-    _reply("10:00:00.000150", "N-20260101-000000002"),
-    "10 10:00:00.000200 <... fsync resumed>) = 0 <0.000100>",
-    _rename("10:00:00.000300", 1),
-    "10 10:00:00.000400 fsync(6</s/pending>) = 0 <0.000050>",
-    _reply("10:00:00.000500", "N-20260101-000000001"),
-    _rename("10:00:00.000600", 2),
-]) + "\n"
+_SYNTHETIC = (
+    "\n".join(
+        [
+            "10 10:00:00.000100 fsync(5</s/pending/.N-20260101-000000001.json.tmp> "
+            "<unfinished ...>",
+            _reply("10:00:00.000150", "N-20260101-000000002"),
+            "10 10:00:00.000200 <... fsync resumed>) = 0 <0.000100>",
+            _rename("10:00:00.000300", 1),
+            "10 10:00:00.000400 fsync(6</s/pending>) = 0 <0.000050>",
+            _reply("10:00:00.000500", "N-20260101-000000001"),
+            _rename("10:00:00.000600", 2),
+        ]
+    )
+    + "\n"
+)
 
 
 def test_checker_catches_a_reply_before_durability(tmp_path: Path) -> None:
@@ -360,8 +414,7 @@ def upstream_sends(calls: list[Call], cluster_host: str) -> dict[str, float]:
     """serial -> when the agent started sending its POST to the cluster."""
     out: dict[str, float] = {}
     for c in calls:
-        if c.name in ("write", "writev", "sendto", "sendmsg") and f"->{cluster_host}:" in \
-                c.fd_path:
+        if c.name in ("write", "writev", "sendto", "sendmsg") and f"->{cluster_host}:" in c.fd_path:
             for m in re.finditer(r"X-Edge-Serial: ([^\r\\]+)", unescape("".join(c.strings))):
                 out.setdefault(m[1].strip(), c.start)
     return out
@@ -395,13 +448,19 @@ async def test_forwarded_rows_durable_around_the_send() -> None:
                 problems.append(f"{r.serial}: request or upstream send not in the trace")
                 continue
             if not [c for c in idx.wal_fsyncs if c.start >= t_req and c.end <= t_send]:
-                problems.append(f"{r.serial}: no journal fsync between the request and the "
-                                "send to the cluster (the intent row is not durable)")
+                problems.append(
+                    f"{r.serial}: no journal fsync between the request and the "
+                    "send to the cluster (the intent row is not durable)"
+                )
             if not [c for c in idx.wal_fsyncs if c.start >= t_send and c.end <= r.start]:
-                problems.append(f"{r.serial}: no journal fsync between the send and the 201 "
-                                "(the forwarded row is not durable when the client is told)")
-        assert not problems, (f"{len(problems)} of {2 * 32} durability steps missing (trace "
-                              f"{trace}):\n- " + "\n- ".join(problems[:12]))
+                problems.append(
+                    f"{r.serial}: no journal fsync between the send and the 201 "
+                    "(the forwarded row is not durable when the client is told)"
+                )
+        assert not problems, (
+            f"{len(problems)} of {2 * 32} durability steps missing (trace "
+            f"{trace}):\n- " + "\n- ".join(problems[:12])
+        )
     finally:
         await w.close()
     shutil.rmtree(base, ignore_errors=True)

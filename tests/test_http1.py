@@ -49,7 +49,7 @@ class Dribbling:
     async def drain(self) -> None:
         data, self._pending = bytes(self._pending), bytearray()
         for i in range(len(data)):
-            self._writer.write(data[i:i + 1])
+            self._writer.write(data[i : i + 1])
             await self._writer.drain()
             await asyncio.sleep(0.001)
 
@@ -106,29 +106,43 @@ class Scripted:
     async def _answer(self, how: str, w: asyncio.StreamWriter) -> bool:
         """Play one behaviour; False ends the connection."""
         if how == "length":
-            w.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(CREATED), CREATED))
+            w.write(
+                b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(CREATED), CREATED)
+            )
         elif how == "chunked":
-            w.write(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    b"5;x=y\r\n" + CREATED[:5] + b"\r\n" + b"%x\r\n" % (len(CREATED) - 5)
-                    + CREATED[5:] + b"\r\n0\r\nX-Trailer: 1\r\n\r\n")
+            w.write(
+                b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5;x=y\r\n"
+                + CREATED[:5]
+                + b"\r\n"
+                + b"%x\r\n" % (len(CREATED) - 5)
+                + CREATED[5:]
+                + b"\r\n0\r\nX-Trailer: 1\r\n\r\n"
+            )
         elif how == "close-framed":
             w.write(b"HTTP/1.1 201 Created\r\nConnection: close\r\n\r\n" + CREATED)
             await w.drain()
             return False
         elif how == "continue":
-            w.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(CREATED), CREATED))
+            w.write(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(CREATED), CREATED)
+            )
         elif how == "retry-after":
-            w.write(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\n"
-                    b"Content-Length: 0\r\n\r\n")
+            w.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n"
+            )
         elif how == "html":
             page = b"<html><body>maintenance</body></html>"
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
-                    % (len(page), page))
+            w.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(page), page)
+            )
         elif how == "keepalive-then-close":
-            w.write(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s"
-                    % (len(CREATED), CREATED))
+            w.write(
+                b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(CREATED), CREATED)
+            )
             await w.drain()
             return False  # the server ends an idle keep-alive connection
         elif how == "close":
@@ -139,7 +153,7 @@ class Scripted:
             w.transport.abort()
             return False
         elif how == "partial":
-            w.write(b"HTTP/1.1 201 Created\r\nContent-Length: 50\r\n\r\n{\"order")
+            w.write(b'HTTP/1.1 201 Created\r\nContent-Length: 50\r\n\r\n{"order')
             await w.drain()
             return False
         elif how == "garbage":
@@ -160,8 +174,9 @@ async def scripted() -> AsyncIterator[Scripted]:
     await server.stop()
 
 
-@pytest.mark.parametrize("how", ["length", "chunked", "close-framed", "continue",
-                                 "retry-after", "html"])
+@pytest.mark.parametrize(
+    "how", ["length", "chunked", "close-framed", "continue", "retry-after", "html"]
+)
 async def test_answers_read_the_same_as_aiohttp(scripted: Scripted, how: str):
     url = f"http://orders.test:{scripted.port}/v3/orders"
     results = []
@@ -172,10 +187,10 @@ async def test_answers_read_the_same_as_aiohttp(scripted: Scripted, how: str):
     assert results[0][0] == "ok"
 
 
-@pytest.mark.parametrize("how", ["length", "chunked", "close-framed", "continue",
-                                 "retry-after", "html"])
-async def test_answers_split_into_one_byte_segments_read_the_same(scripted: Scripted,
-                                                                  how: str):
+@pytest.mark.parametrize(
+    "how", ["length", "chunked", "close-framed", "continue", "retry-after", "html"]
+)
+async def test_answers_split_into_one_byte_segments_read_the_same(scripted: Scripted, how: str):
     """Every boundary the parser looks for (the head's blank line, a chunk size line, the
     trailer) arrives cut in two somewhere."""
     scripted.dribble = True
@@ -189,8 +204,7 @@ async def test_answers_split_into_one_byte_segments_read_the_same(scripted: Scri
 
 
 @pytest.mark.parametrize("how", ["close", "reset", "partial", "garbage", "silent"])
-async def test_failures_after_sending_are_ambiguous_as_with_aiohttp(scripted: Scripted,
-                                                                    how: str):
+async def test_failures_after_sending_are_ambiguous_as_with_aiohttp(scripted: Scripted, how: str):
     url = f"http://orders.test:{scripted.port}/v3/orders"
     kinds = []
     for client in (lean, via_aiohttp):
@@ -201,9 +215,11 @@ async def test_failures_after_sending_are_ambiguous_as_with_aiohttp(scripted: Sc
 
 
 async def test_failures_before_sending_are_clear_as_with_aiohttp():
-    cases = [(f"http://orders.test:{closed_port()}/v3/orders", Resolver()),  # refused
-             ("http://orders.test:1/v3/orders", Resolver(fail=True)),        # DNS
-             ("http://[zz/v3/orders", Resolver())]                           # invalid URL
+    cases = [
+        (f"http://orders.test:{closed_port()}/v3/orders", Resolver()),  # refused
+        ("http://orders.test:1/v3/orders", Resolver(fail=True)),  # DNS
+        ("http://[zz/v3/orders", Resolver()),
+    ]  # invalid URL
     for url, resolver in cases:
         kinds = []
         for client in (lean, via_aiohttp):
@@ -242,8 +258,7 @@ async def test_the_request_goes_out_byte_for_byte_with_the_agent_headers(scripte
     assert body == BODY
 
 
-async def test_keep_alive_is_reused_and_a_connection_the_server_closed_is_not(
-        scripted: Scripted):
+async def test_keep_alive_is_reused_and_a_connection_the_server_closed_is_not(scripted: Scripted):
     client = Http1Client(Resolver())  # type: ignore[arg-type]
     url = f"http://orders.test:{scripted.port}/v3/orders"
     try:
@@ -275,8 +290,12 @@ async def test_a_retired_pool_is_not_reused(scripted: Scripted):
 async def test_a_header_with_a_newline_is_refused_like_aiohttp():
     client = Http1Client(Resolver())  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        await client.post(Target("http://orders.test:1/v3/orders"),
-                          {"Idempotency-Key": "a\r\nX-Evil: 1"}, BODY, 1.0)
+        await client.post(
+            Target("http://orders.test:1/v3/orders"),
+            {"Idempotency-Key": "a\r\nX-Evil: 1"},
+            BODY,
+            1.0,
+        )
 
 
 async def test_a_tls_handshake_that_fails_is_clear_as_with_aiohttp():
@@ -299,8 +318,9 @@ async def test_a_connect_that_times_out_is_clear_as_with_aiohttp():
     # hangs until the connect timeout (min(timeout, 2 s)), well inside the deadline.
     async with unanswered_listener() as port:
         url = f"http://orders.test:{port}/v3/orders"
-        kinds = [(await client(url, Resolver(), timeout_s=3.0))[0]
-                 for client in (lean, via_aiohttp)]
+        kinds = [
+            (await client(url, Resolver(), timeout_s=3.0))[0] for client in (lean, via_aiohttp)
+        ]
     assert kinds == ["unavailable", "unavailable"]
 
 

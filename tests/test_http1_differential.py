@@ -57,21 +57,73 @@ _TRAILING = "bytes-after-the-answer"
 # speaks: a 503 is a clear "not taken", a 2xx is unclear (pinned) for both.
 _STATUS_SPEAKS = "undecodable-coding"
 
-_CODES = [200, 201, 202, 204, 299, 304, 400, 401, 403, 404, 408, 409, 422, 425, 429, 500,
-          502, 503, 504, 599]
+_CODES = [
+    200,
+    201,
+    202,
+    204,
+    299,
+    304,
+    400,
+    401,
+    403,
+    404,
+    408,
+    409,
+    422,
+    425,
+    429,
+    500,
+    502,
+    503,
+    504,
+    599,
+]
 _CLEAN_CODES = [200, 201, 201, 201, 202, 204, 400, 404, 409, 422, 422, 429, 500, 503]
-_BAD_STATUS_LINES = [b"HTTP/1.1 2000 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 2x1 OK",
-                     b"HTTP/2 201 OK", b"HTTP/1.1201 OK", b"http/1.1 201 OK", b"garbage",
-                     b"HTTP/1.1 201 OK\x00", b"HTTP/1.1 \xb201 OK", b" HTTP/1.1 201 OK"]
-_INTERIM = [b"", b"HTTP/1.1 100 Continue\r\n\r\n",
-            b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"]
-_EXTRA_HEADERS = [b"Retry-After: 5", b"Retry-After: Wed, 21 Oct 2037 07:28:00 GMT",
-                  b"Connection: close", b"Connection: keep-alive", b"Server: center/1.0",
-                  b"Content-Type: application/json; charset=utf-8", b"X-Odd: a\x01b",
-                  b"X-High: \xff\xfe", b"X-Nul: a\x00b", b"X Bad: 1", b"Date : today",
-                  b"Set-Cookie: a=b", b"X-Empty:", b" X-Folded: 1"]
-_BAD_LENGTHS = ["²".encode("latin-1"), "1²".encode("latin-1"), "١".encode(), b"+{n}",
-                b"{n}, {n}", b"{n} {n}", b"0x{n}", b"-{n}", b""]
+_BAD_STATUS_LINES = [
+    b"HTTP/1.1 2000 OK",
+    b"HTTP/1.1 20 OK",
+    b"HTTP/1.1 2x1 OK",
+    b"HTTP/2 201 OK",
+    b"HTTP/1.1201 OK",
+    b"http/1.1 201 OK",
+    b"garbage",
+    b"HTTP/1.1 201 OK\x00",
+    b"HTTP/1.1 \xb201 OK",
+    b" HTTP/1.1 201 OK",
+]
+_INTERIM = [
+    b"",
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n",
+]
+_EXTRA_HEADERS = [
+    b"Retry-After: 5",
+    b"Retry-After: Wed, 21 Oct 2037 07:28:00 GMT",
+    b"Connection: close",
+    b"Connection: keep-alive",
+    b"Server: center/1.0",
+    b"Content-Type: application/json; charset=utf-8",
+    b"X-Odd: a\x01b",
+    b"X-High: \xff\xfe",
+    b"X-Nul: a\x00b",
+    b"X Bad: 1",
+    b"Date : today",
+    b"Set-Cookie: a=b",
+    b"X-Empty:",
+    b" X-Folded: 1",
+]
+_BAD_LENGTHS = [
+    "²".encode("latin-1"),
+    "1²".encode("latin-1"),
+    "١".encode(),
+    b"+{n}",
+    b"{n}, {n}",
+    b"{n} {n}",
+    b"0x{n}",
+    b"-{n}",
+    b"",
+]
 _BAD_CHUNK_SIZES = [b"0x{x}", b"0_{x}", b"+{x}", b"{x}{x} {x}", b"g", b"-{x}"]
 
 
@@ -110,11 +162,10 @@ def _chunked(body: bytes, draw: st.DrawFn, clean: bool) -> bytes:
     while rest:
         n = draw(st.integers(1, max(1, len(rest))))
         piece, rest = rest[:n], rest[n:]
-        size = draw(st.sampled_from([b"%x" % len(piece), b"%X" % len(piece),
-                                     b"00%x" % len(piece)]))
+        size = draw(st.sampled_from([b"%x" % len(piece), b"%X" % len(piece), b"00%x" % len(piece)]))
         if not clean and draw(st.integers(0, 9)) == 0:
             size = draw(st.sampled_from(_BAD_CHUNK_SIZES)).replace(b"{x}", b"%x" % len(piece))
-        ext = draw(st.sampled_from([b"", b"", b";a=b", b";q=\"x y\"", b" "]))
+        ext = draw(st.sampled_from([b"", b"", b";a=b", b';q="x y"', b" "]))
         out.append(size + ext + b"\r\n" + piece + b"\r\n")
     trailer = draw(st.sampled_from([b"", b"", b"X-Trailer: 1\r\n", b"Expires: never\r\n"]))
     return b"".join(out) + b"0\r\n" + trailer + b"\r\n"
@@ -139,30 +190,57 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         status_line = version + b" %d" % status + reason
     order_id = draw(st.sampled_from(["OC1", "OC-77"] if clean else ["OC1", "", None]))
     with_id = b'{"order_id":"%s"}' % order_id.encode() if order_id is not None else b"{}"
-    payload = draw(st.sampled_from([
-        with_id, with_id, b'{"order_id":"%s","duplicate":true}' % (order_id or "x").encode(),
-        b'{"error":"busy"}', *([] if clean else [b"<html>maintenance</html>", b"",
-                                                 b"\x00\xffnot json"])]))
-    coding = draw(st.sampled_from(["none", "none", "gzip", "GZIP", "deflate", "deflate-raw",
-                                   "identity"] + ([] if clean else ["gzip-lie", "br", "x-foo"])))
+    payload = draw(
+        st.sampled_from(
+            [
+                with_id,
+                with_id,
+                b'{"order_id":"%s","duplicate":true}' % (order_id or "x").encode(),
+                b'{"error":"busy"}',
+                *([] if clean else [b"<html>maintenance</html>", b"", b"\x00\xffnot json"]),
+            ]
+        )
+    )
+    coding = draw(
+        st.sampled_from(
+            ["none", "none", "gzip", "GZIP", "deflate", "deflate-raw", "identity"]
+            + ([] if clean else ["gzip-lie", "br", "x-foo"])
+        )
+    )
     encoding, body = _encode(coding, payload)
     if coding == "br":
         tags.add(_STATUS_SPEAKS)
     if coding == "x-foo":
         tags.add("unknown-coding")
-    headers = draw(st.lists(st.sampled_from(_EXTRA_HEADERS[:6] if clean else _EXTRA_HEADERS),
-                            max_size=3))
+    headers = draw(
+        st.lists(st.sampled_from(_EXTRA_HEADERS[:6] if clean else _EXTRA_HEADERS), max_size=3)
+    )
     if encoding is not None:
         headers.append(b"Content-Encoding: " + encoding)
-    framing = draw(st.sampled_from(["length", "chunked", "eof"] if clean else [
-        "length", "chunked", "eof", "length-short", "length-long", "length-bad",
-        "length-twice", "transfer-other", "length-and-chunked"]))
+    framing = draw(
+        st.sampled_from(
+            ["length", "chunked", "eof"]
+            if clean
+            else [
+                "length",
+                "chunked",
+                "eof",
+                "length-short",
+                "length-long",
+                "length-bad",
+                "length-twice",
+                "transfer-other",
+                "length-and-chunked",
+            ]
+        )
+    )
     n = len(body)
     if framing == "length":
         headers.append(b"Content-Length: %d" % n)
     elif framing == "chunked":
-        headers.append(b"Transfer-Encoding: " + draw(st.sampled_from(
-            [b"chunked", b"Chunked", b"chunked "])))
+        headers.append(
+            b"Transfer-Encoding: " + draw(st.sampled_from([b"chunked", b"Chunked", b"chunked "]))
+        )
         body = _chunked(body, draw, clean)
     elif framing == "length-short":
         headers.append(b"Content-Length: %d" % max(0, n - draw(st.integers(1, 4))))
@@ -178,8 +256,14 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         second = draw(st.sampled_from([n, n + 1]))
         headers += [b"Content-Length: %d" % n, b"Content-Length: %d" % second]
     elif framing == "transfer-other":
-        headers.append(b"Transfer-Encoding: " + draw(st.sampled_from(
-            [b"gzip, chunked", b"chunked, gzip", b"identity", b"chunked, chunked"])))
+        headers.append(
+            b"Transfer-Encoding: "
+            + draw(
+                st.sampled_from(
+                    [b"gzip, chunked", b"chunked, gzip", b"identity", b"chunked, chunked"]
+                )
+            )
+        )
         body = _chunked(body, draw, clean)
         tags.add("transfer-coding")
     elif framing == "length-and-chunked":
@@ -187,19 +271,20 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         body = _chunked(body, draw, clean)
     headers = draw(st.permutations(headers))
     interim = draw(st.sampled_from(_INTERIM))
-    data = (interim + status_line + b"\r\n" + b"".join(h + b"\r\n" for h in headers)
-            + b"\r\n" + body)
+    data = interim + status_line + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
     cut_short = not clean and draw(st.integers(0, 3)) == 0
     if cut_short:  # the center closes early, at a random point
-        data = data[:draw(st.integers(0, max(0, len(data) - 1)))]
+        data = data[: draw(st.integers(0, max(0, len(data) - 1)))]
         if encoding is not None and framing == "eof":
             tags.add("compressed-cut-short")
-    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=5,
-                                unique=True)))
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=5, unique=True)))
     if status in (204, 304) and body:
         tags.add(_TRAILING)  # they never have a body, whatever their headers say
-    complete = (status is not None and not cut_short
-                and (framing in ("length", "chunked") or status in (204, 304)))
+    complete = (
+        status is not None
+        and not cut_short
+        and (framing in ("length", "chunked") or status in (204, 304))
+    )
     linger = complete and draw(st.booleans())
     return Scenario(data, cuts, linger, status, tags)
 
@@ -215,8 +300,7 @@ async def _both(s: Scenario) -> tuple[tuple[str, ...], tuple[str, ...]]:
         results = []
         for client in (lean, via_aiohttp):
             center.plays = [Play(_segments(s), linger=s.linger)]
-            results.append(verdict(await client(center.url(), Resolver(address=HOST),
-                                                TIMEOUT_S)))
+            results.append(verdict(await client(center.url(), Resolver(address=HOST), TIMEOUT_S)))
         return results[0], results[1]
     finally:
         await center.stop()
@@ -240,8 +324,13 @@ def verdict_of_status(status: int) -> tuple[str, ...]:
     return ("pinned",) if outcome.pins else (outcome.value,)
 
 
-_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def test_the_lean_client_and_aiohttp_lead_to_the_same_verdict():
@@ -257,5 +346,12 @@ def test_the_lean_client_and_aiohttp_lead_to_the_same_verdict():
         seen.add(ours[:1])
 
     check()
-    assert {("created",), ("duplicate",), ("pinned",), ("retry",), ("refused",),
-            ("rejected",), ("conflict",)} <= seen, seen
+    assert {
+        ("created",),
+        ("duplicate",),
+        ("pinned",),
+        ("retry",),
+        ("refused",),
+        ("rejected",),
+        ("conflict",),
+    } <= seen, seen

@@ -51,8 +51,12 @@ async def test_invalid_drop_goes_to_rejected_with_the_400_reason(make_agent, cen
     _drop(agent.spool / "inbox", "bad.json", b'{"channel_id": "douyin"}', mode=0o644)
     _drop(agent.spool / "inbox", "garbage.json", b"\x00\x01 not json")
     await wait_for(lambda: agent.files("inbox") == [], 10, "inbox pick-up")
-    assert agent.files("rejected") == ["bad.json", "bad.json.reason.json",
-                                       "garbage.json", "garbage.json.reason.json"]
+    assert agent.files("rejected") == [
+        "bad.json",
+        "bad.json.reason.json",
+        "garbage.json",
+        "garbage.json.reason.json",
+    ]
     assert stat.S_IMODE(os.stat(agent.spool / "rejected" / "bad.json").st_mode) == 0o600
     reason = orjson.loads((agent.spool / "rejected" / "bad.json.reason.json").read_bytes())
     assert reason["status"] == 400 and reason["field"] == "channel_order_id"
@@ -76,7 +80,8 @@ async def test_files_still_being_written_are_ignored(make_agent, center: FakeCen
 
 
 async def test_a_fifo_in_the_inbox_blocks_nothing_and_sigterm_still_ends_the_agent(
-        tmp_path, center: FakeCenter, agent_process, http):
+    tmp_path, center: FakeCenter, agent_process, http
+):
     """mkfifo inbox/x.json: never opened for reading, moved aside; the next drop is taken."""
     config = write_config(tmp_path, center.url, buffer={"scan_interval_s": 0.5})
     inbox = tmp_path / "spool" / "inbox"

@@ -30,10 +30,15 @@ FOREIGN = b'{"v":1,"serial":"X","dedupe_key":"someone:else","body":"{}"}'
 
 
 def record(serial: str, key: str = "douyin:1") -> PendingRecord:
-    return PendingRecord(serial=serial, node_id="wh-test-01",
-                         received_at="2026-12-03T10:00:00+00:00", channel_id="douyin",
-                         dedupe_key=key, customer_phone=None,
-                         body=orjson.dumps(order(key.split(":")[1])).decode())
+    return PendingRecord(
+        serial=serial,
+        node_id="wh-test-01",
+        received_at="2026-12-03T10:00:00+00:00",
+        channel_id="douyin",
+        dedupe_key=key,
+        customer_phone=None,
+        body=orjson.dumps(order(key.split(":")[1])).decode(),
+    )
 
 
 @pytest.fixture
@@ -43,8 +48,9 @@ def dirs(tmp_path: Path) -> BufferDirs:
     return d
 
 
-@pytest.mark.parametrize("move", [rename_noreplace, link_then_unlink],
-                         ids=["renameat2", "link-unlink"])
+@pytest.mark.parametrize(
+    "move", [rename_noreplace, link_then_unlink], ids=["renameat2", "link-unlink"]
+)
 def test_the_primitive_never_replaces(tmp_path: Path, move: Any):
     src, dst = tmp_path / "a", tmp_path / "b"
     src.write_bytes(b"new")
@@ -60,8 +66,10 @@ def test_the_primitive_never_replaces(tmp_path: Path, move: Any):
 def test_a_pending_file_at_the_target_name_is_never_replaced(dirs: BufferDirs):
     taken = dirs.pending / "wh-test-01-20261203-000000007.json"
     taken.write_bytes(FOREIGN)
-    clash, fine = record("wh-test-01-20261203-000000007"), record(
-        "wh-test-01-20261203-000000008", "douyin:2")
+    clash, fine = (
+        record("wh-test-01-20261203-000000007"),
+        record("wh-test-01-20261203-000000008", "douyin:2"),
+    )
     with ThreadPoolExecutor(2) as pool:
         results = write_pending_batch(dirs, [clash, fine], pool)
     assert isinstance(results[0], PersistError)
@@ -74,7 +82,8 @@ def test_a_pending_file_at_the_target_name_is_never_replaced(dirs: BufferDirs):
 
 
 async def test_intake_answers_503_for_a_serial_whose_file_exists(
-        make_agent: Any, center: FakeCenter, caplog: pytest.LogCaptureFixture):
+    make_agent: Any, center: FakeCenter, caplog: pytest.LogCaptureFixture
+):
     """The serial counter went backwards somehow: no 202, the existing order untouched."""
     await center.go_down()
     agent = await make_agent(center.url)
@@ -88,8 +97,10 @@ async def test_intake_answers_503_for_a_serial_whose_file_exists(
     assert status == 503, body
     assert "already exists" in body["error"]
     assert taken.read_bytes() == FOREIGN
-    assert any(taken.name in r.getMessage() and f".{taken.name}.tmp" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert any(
+        taken.name in r.getMessage() and f".{taken.name}.tmp" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
     status, body = await agent.post(order(3))  # the next serial is free again
     assert status == 202, body
 
@@ -131,8 +142,7 @@ def test_edge_recover_moves_into_merged_never_replace(dirs: BufferDirs, same: bo
     rec = record("wh-test-01-20261203-000000003")
     src = dirs.pending / rec.filename
     src.write_bytes(rec.to_bytes())
-    there = (orjson.dumps({**rec.to_dict(), "order_id": "OID-earlier"}) if same
-             else FOREIGN)
+    there = orjson.dumps({**rec.to_dict(), "order_id": "OID-earlier"}) if same else FOREIGN
     (dirs.merged / rec.filename).write_bytes(there)
     claim = try_claim(src, writable=True)
     assert claim is not None

@@ -26,8 +26,7 @@ from .packaging_build import (
 
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
 
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
-    "version"]
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +41,12 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("venv") / "venv"
     base = getattr(sys, "_base_executable", sys.executable)
     run([base, "-m", "venv", str(root)], cwd=root.parent, timeout=120)
-    run([str(root / "bin" / "pip"), "install", "-q", str(wheel)], cwd=root.parent, timeout=600,
-        env=clean_env())
+    run(
+        [str(root / "bin" / "pip"), "install", "-q", str(wheel)],
+        cwd=root.parent,
+        timeout=600,
+        env=clean_env(),
+    )
     return root
 
 
@@ -67,8 +70,11 @@ def test_every_source_package_is_in_the_wheel(wheel: Path) -> None:
 def test_wheel_ships_the_console_page(wheel: Path) -> None:
     """The one set of data files: the console (agent/console/*.html, .css, .js)."""
     files = wheel_files(wheel)
-    assets = {p.relative_to(REPO).as_posix() for p in (REPO / "agent" / "console").iterdir()
-              if p.suffix in (".html", ".css", ".js")}
+    assets = {
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "agent" / "console").iterdir()
+        if p.suffix in (".html", ".css", ".js")
+    }
     assert {"agent/console/index.html", "agent/console/console.js"} <= assets
     assert assets <= files, sorted(assets - files)
 
@@ -91,29 +97,42 @@ def test_wheel_ships_no_tests_or_stray_top_level_packages(wheel: Path) -> None:
 
 
 def test_installed_package_is_the_venvs_not_the_checkouts(venv: Path, outside: Path) -> None:
-    out = run([str(venv / "bin" / "python"), "-c",
-               "import agent, recovery; print(agent.__file__); print(recovery.__file__)"],
-              cwd=outside, timeout=60, env=clean_env()).stdout.split()
+    out = run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import agent, recovery; print(agent.__file__); print(recovery.__file__)",
+        ],
+        cwd=outside,
+        timeout=60,
+        env=clean_env(),
+    ).stdout.split()
     for path in out:
         assert Path(path).resolve().is_relative_to(venv.resolve()), out
         assert not Path(path).resolve().is_relative_to(REPO), out
 
 
-@pytest.mark.parametrize("argv", [
-    ["bin/edge-agent", "--help"],
-    ["bin/edge-recover", "--help"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bin/edge-agent", "--help"],
+        ["bin/edge-recover", "--help"],
+    ],
+)
 def test_console_scripts_help(venv: Path, outside: Path, argv: list[str]) -> None:
     out = run([str(venv / argv[0]), *argv[1:]], cwd=outside, timeout=60, env=clean_env())
     assert "usage:" in out.stdout.lower(), out.stdout
 
 
-@pytest.mark.parametrize("argv, name", [
-    (["bin/edge-agent", "--version"], "edge-agent"),
-    (["bin/edge-recover", "--version"], "edge-recover"),
-    (["bin/python", "-m", "agent", "--version"], "edge-agent"),
-    (["bin/python", "-m", "recovery", "--version"], "edge-recover"),
-])
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["bin/edge-agent", "--version"], "edge-agent"),
+        (["bin/edge-recover", "--version"], "edge-recover"),
+        (["bin/python", "-m", "agent", "--version"], "edge-agent"),
+        (["bin/python", "-m", "recovery", "--version"], "edge-recover"),
+    ],
+)
 def test_version(venv: Path, outside: Path, argv: list[str], name: str) -> None:
     out = run([str(venv / argv[0]), *argv[1:]], cwd=outside, timeout=60, env=clean_env())
     assert out.stdout.strip() == f"{name} {VERSION}", (out.stdout, out.stderr)
@@ -123,10 +142,21 @@ def test_drill_runs_from_the_installed_package(venv: Path, outside: Path) -> Non
     """The README's first command, against the wheel: the drill imports agent.drill and
     agent.sandbox and runs the agent as a subprocess of the venv's python."""
     proc = subprocess.run(
-        [str(venv / "bin" / "edge-agent"), "drill", "--scenario", "primary-outage",
-         "--report", str(outside / "drill.json")],
-        cwd=outside, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True,
-        text=True, timeout=300)
+        [
+            str(venv / "bin" / "edge-agent"),
+            "drill",
+            "--scenario",
+            "primary-outage",
+            "--report",
+            str(outside / "drill.json"),
+        ],
+        cwd=outside,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"drill exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "1 passed, 0 failed" in proc.stdout, proc.stdout
     assert (outside / "drill.json").is_file()

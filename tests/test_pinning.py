@@ -17,8 +17,7 @@ import pytest
 from tests.conftest import AgentHandle, order, wait_for, write_config
 from tests.fakes import FakeCenter
 
-HEALTH = {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2,
-          "healthy_threshold": 1}
+HEALTH = {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2, "healthy_threshold": 1}
 
 
 def once_across(primary: FakeCenter, standby: FakeCenter, keys: set[str]) -> dict[str, str]:
@@ -36,8 +35,9 @@ def pinned_of(agent: AgentHandle, serial: str) -> Any:
 
 
 async def _agent(make_agent, primary: FakeCenter, standby: FakeCenter, **kw) -> AgentHandle:
-    return await make_agent(primary.url, upstream={"standby": standby.url, "timeout_s": 1.0},
-                            health=HEALTH, **kw)
+    return await make_agent(
+        primary.url, upstream={"standby": standby.url, "timeout_s": 1.0}, health=HEALTH, **kw
+    )
 
 
 async def _mode(agent: AgentHandle) -> str:
@@ -46,7 +46,8 @@ async def _mode(agent: AgentHandle) -> str:
 
 @pytest.mark.parametrize("fault", ["late", "500", "409", "200 without order_id"])
 async def test_an_unclear_answer_from_the_standby_pins_the_order_to_it(
-        make_agent, center: FakeCenter, standby: FakeCenter, fault: str):
+    make_agent, center: FakeCenter, standby: FakeCenter, fault: str
+):
     agent = await _agent(make_agent, center, standby)
     await center.go_down()
     await wait_for(lambda: _mode_is(agent, "standby"), 5, "standby mode")
@@ -83,7 +84,8 @@ def _mode_is(agent: AgentHandle, mode: str) -> bool:
 
 
 async def test_an_unclear_answer_from_the_primary_pins_to_the_primary(
-        make_agent, center: FakeCenter, standby: FakeCenter):
+    make_agent, center: FakeCenter, standby: FakeCenter
+):
     agent = await _agent(make_agent, center, standby)
     center.after_create.append(502)
     status, body = await agent.post(order("pin-pri"))
@@ -102,7 +104,8 @@ async def test_an_unclear_answer_from_the_primary_pins_to_the_primary(
 
 
 async def test_a_long_primary_outage_drains_unpinned_orders_to_the_standby(
-        make_agent, center: FakeCenter, standby: FakeCenter):
+    make_agent, center: FakeCenter, standby: FakeCenter
+):
     agent = await _agent(make_agent, center, standby)
     center.late_s = 1.5  # the first order may be created at the primary: pinned there
     status, body = await agent.post(order("held"))
@@ -128,7 +131,8 @@ async def test_a_long_primary_outage_drains_unpinned_orders_to_the_standby(
 
 
 async def test_the_primary_back_does_not_take_orders_pinned_to_the_standby(
-        make_agent, center: FakeCenter, standby: FakeCenter):
+    make_agent, center: FakeCenter, standby: FakeCenter
+):
     agent = await _agent(make_agent, center, standby)
     await center.go_down()
     await wait_for(lambda: _mode_is(agent, "standby"), 5, "standby")
@@ -150,17 +154,20 @@ async def test_the_primary_back_does_not_take_orders_pinned_to_the_standby(
 
 async def _post(http, url: str, raw: bytes) -> tuple[int | None, dict[str, Any]]:
     try:
-        async with http.post(f"{url}/v1/orders", data=raw,
-                             headers={"Content-Type": "application/json"}) as r:
+        async with http.post(
+            f"{url}/v1/orders", data=raw, headers={"Content-Type": "application/json"}
+        ) as r:
             return r.status, orjson.loads(await r.read())
     except Exception as exc:
         return None, {"error": repr(exc)}
 
 
 async def test_a_503_failover_then_kill9_retries_only_at_the_standby(
-        tmp_path: Path, center: FakeCenter, standby: FakeCenter, agent_process, http):
-    config = write_config(tmp_path, center.url, health=HEALTH,
-                          upstream={"standby": standby.url, "timeout_s": 5})
+    tmp_path: Path, center: FakeCenter, standby: FakeCenter, agent_process, http
+):
+    config = write_config(
+        tmp_path, center.url, health=HEALTH, upstream={"standby": standby.url, "timeout_s": 5}
+    )
     agent = agent_process(config)
     agent.start()
     await agent.wait_ready(http)
@@ -181,9 +188,11 @@ async def test_a_503_failover_then_kill9_retries_only_at_the_standby(
 
 
 async def test_a_drain_send_cut_by_kill9_is_not_sent_to_the_other_cluster(
-        tmp_path: Path, center: FakeCenter, standby: FakeCenter, agent_process, http):
-    config = write_config(tmp_path, center.url, health=HEALTH,
-                          upstream={"standby": standby.url, "timeout_s": 5})
+    tmp_path: Path, center: FakeCenter, standby: FakeCenter, agent_process, http
+):
+    config = write_config(
+        tmp_path, center.url, health=HEALTH, upstream={"standby": standby.url, "timeout_s": 5}
+    )
     agent = agent_process(config)
     await center.go_down()
     await standby.go_down()
@@ -211,9 +220,13 @@ async def test_a_drain_send_cut_by_kill9_is_not_sent_to_the_other_cluster(
             doc = orjson.loads(await r.read())
         passes_seen += 1
         return doc["pinned_to"] == "primary" and passes_seen > 20
+
     await wait_for(status_pinned, 10, "the order pinned to the primary, waiting")
     assert standby.sends()["douyin:drain-k9"] == 0
     await center.come_up()
-    await wait_for(lambda: not (tmp_path / "spool" / "pending" /
-                                f"{body['serial']}.json").exists(), 10, "delivered")
+    await wait_for(
+        lambda: not (tmp_path / "spool" / "pending" / f"{body['serial']}.json").exists(),
+        10,
+        "delivered",
+    )
     assert once_across(center, standby, {"douyin:drain-k9"}) == {"douyin:drain-k9": "primary"}

@@ -63,13 +63,13 @@ def lazyfs() -> Iterator[LazyFs]:
 
 
 @pytest.fixture
-async def world_factory(lazyfs: LazyFs, request: pytest.FixtureRequest
-                        ) -> AsyncIterator[object]:
+async def world_factory(lazyfs: LazyFs, request: pytest.FixtureRequest) -> AsyncIterator[object]:
     lazyfs.ensure_mounted()
     worlds: list[World] = []
 
-    async def make(primary: bool = True, standby: bool = True, sms: bool = True,
-                   **overrides: dict[str, object]) -> World:
+    async def make(
+        primary: bool = True, standby: bool = True, sms: bool = True, **overrides: dict[str, object]
+    ) -> World:
         name = request.node.name.replace("[", "-").replace("]", "")
         w = World(lazyfs, f"{name}-{len(worlds)}", **overrides)
         worlds.append(w)
@@ -154,8 +154,11 @@ async def test_failover_switch_under_load(world_factory) -> None:
     w.start_load(orders("switch", 300), clients=8)
     await wait_until(lambda: w.ledger.acks(201) >= 30, 30, "30 x 201 from the primary")
     await w.primary.go_down()
-    await cut_when(w, lambda: sum(w.standby.creates.values()) >= 20,
-                   "20 creates at the standby after the primary died")
+    await cut_when(
+        w,
+        lambda: sum(w.standby.creates.values()) >= 20,
+        "20 creates at the standby after the primary died",
+    )
     await w.recover_and_check()
 
 
@@ -165,8 +168,9 @@ async def test_primary_timeouts_buffered_then_cut(world_factory) -> None:
     w = await world_factory(upstream={"timeout_s": 1})
     w.primary.delay_s = 1.5
     w.start_load(orders("hang", 60))
-    await cut_when(w, lambda: w.ledger.acks(202) >= 10, "10 x 202 after primary timeouts",
-                   timeout=45)
+    await cut_when(
+        w, lambda: w.ledger.acks(202) >= 10, "10 x 202 after primary timeouts", timeout=45
+    )
     await w.recover_and_check()
 
 
@@ -174,9 +178,12 @@ async def test_primary_timeouts_buffered_then_cut(world_factory) -> None:
 
 
 async def _buffer_then_primary_up(world_factory, prefix: str, n: int, **overrides):
-    w = await world_factory(primary=False, standby=False,
-                            buffer={"drain_rate_per_s": 60, "drain_concurrency": 4},
-                            **overrides)
+    w = await world_factory(
+        primary=False,
+        standby=False,
+        buffer={"drain_rate_per_s": 60, "drain_concurrency": 4},
+        **overrides,
+    )
     w.start_load(orders(prefix, n))
     await w.finish_load()
     assert w.ledger.acks(202) == n, dict(w.ledger.statuses)
@@ -294,8 +301,7 @@ async def test_cut_during_startup_reconcile(world_factory) -> None:
     w = await world_factory(primary=False, standby=False)
     w.start_load(orders("boot", 150))
     await cut_when(w, lambda: w.ledger.acks(202) >= 100, "100 x 202")
-    w.agent = Proc([sys.executable, "-m", "agent", "run", "--config", str(w.config)],
-                   w.agent_log)
+    w.agent = Proc([sys.executable, "-m", "agent", "run", "--config", str(w.config)], w.agent_log)
     await cut_when(w, lambda: w.get_status("/healthz"), "the restarted agent listening")
     await w.recover_and_check()
 
@@ -303,16 +309,21 @@ async def test_cut_during_startup_reconcile(world_factory) -> None:
 # == LazyFS crash faults at chosen syscalls ==============================================
 
 
-@pytest.mark.parametrize("spec,primary,sms", [
-    # right after the fsync of a pending temp file, before its rename
-    ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/pending/\\..*\\.tmp", False, True),
-    # in the middle of a journal commit (a write to its WAL: the next order's intent row)
-    ("lazyfs::crash::timing=before::op=write::from_rgx=.*/journal\\.sqlite3-wal", True, True),
-    # right after the outbox commit that moves a notice to "sending" (its WAL fsync)
-    ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/outbox\\.sqlite3-wal", False, False),
-], ids=["pending-tmp-fsynced", "journal-commit", "outbox-sending-commit"])
-async def test_crash_fault(world_factory, lazyfs: LazyFs, spec: str, primary: bool,
-                           sms: bool) -> None:
+@pytest.mark.parametrize(
+    "spec,primary,sms",
+    [
+        # right after the fsync of a pending temp file, before its rename
+        ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/pending/\\..*\\.tmp", False, True),
+        # in the middle of a journal commit (a write to its WAL: the next order's intent row)
+        ("lazyfs::crash::timing=before::op=write::from_rgx=.*/journal\\.sqlite3-wal", True, True),
+        # right after the outbox commit that moves a notice to "sending" (its WAL fsync)
+        ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/outbox\\.sqlite3-wal", False, False),
+    ],
+    ids=["pending-tmp-fsynced", "journal-commit", "outbox-sending-commit"],
+)
+async def test_crash_fault(
+    world_factory, lazyfs: LazyFs, spec: str, primary: bool, sms: bool
+) -> None:
     """40 orders acknowledged first; then the fault is armed and 80 more are sent: LazyFS
     kills itself at the chosen syscall, losing everything not fsync'd."""
     w = await world_factory(primary=primary, standby=False, sms=sms)
@@ -339,8 +350,9 @@ async def test_torn_write_of_a_pending_file() -> None:
         await w.finish_load()
         assert w.ledger.acks(202) == 20, dict(w.ledger.statuses)
         first = f"P-{datetime.now(UTC):%Y%m%d}-{21:09d}"  # the next serial of the block
-        fs.crash_fault(f"lazyfs::torn-op::file={fs.root}/pending/.{first}.json.tmp"
-                       "::parts=2::persist=1")
+        fs.crash_fault(
+            f"lazyfs::torn-op::file={fs.root}/pending/.{first}.json.tmp::parts=2::persist=1"
+        )
         w.start_load(orders("torn", 60))
         await wait_until(fs.fault_fired, 30, "the torn write to crash LazyFS")
         await _after_crash_fault(w, fs)
@@ -364,8 +376,9 @@ async def _after_crash_fault(w: World, lazyfs: LazyFs) -> None:
 
 
 @pytest.mark.parametrize("primary", [False, True], ids=["offline", "primary-up"])
-async def test_broken_disk_answers_json_503_and_not_ready(world_factory, lazyfs: LazyFs,
-                                                           primary: bool) -> None:
+async def test_broken_disk_answers_json_503_and_not_ready(
+    world_factory, lazyfs: LazyFs, primary: bool
+) -> None:
     """After a crash fault every syscall on the mount fails (ENOTCONN): POST /v1/orders
     must answer a JSON 503 (not accepted, retry), never a 2xx nor a plain-text 500, and
     /readyz must say 503."""
@@ -389,8 +402,10 @@ async def test_broken_disk_answers_json_503_and_not_ready(world_factory, lazyfs:
     ready = await w.get_status("/readyz")
     for status, body in answers:
         if status != 503 or not isinstance(body, dict) or "error" not in body:
-            w.violations.append(f"disk broken (ENOTCONN): POST /v1/orders -> {status} "
-                                f"{str(body)[:100]!r}, expected a JSON 503")
+            w.violations.append(
+                f"disk broken (ENOTCONN): POST /v1/orders -> {status} "
+                f"{str(body)[:100]!r}, expected a JSON 503"
+            )
     if ready != 503:
         w.violations.append(f"disk broken (ENOTCONN): GET /readyz -> {ready}, expected 503")
     # then the operator fixes the disk: remount, restart; nothing acknowledged is lost.

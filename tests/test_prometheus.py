@@ -61,12 +61,18 @@ def fast_rules(text: str) -> str:
 
 def test_promtool_checks_and_unit_tests_the_rules() -> None:
     ensure_prometheus()
-    check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "SUCCESS: 11 rules found" in check.stdout
-    unit = subprocess.run(["promtool", "test", "rules", RULE_TESTS.name], capture_output=True,
-                          text=True, timeout=120, cwd=RULE_TESTS.parent)
+    unit = subprocess.run(
+        ["promtool", "test", "rules", RULE_TESTS.name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=RULE_TESTS.parent,
+    )
     assert unit.returncode == 0, unit.stdout + unit.stderr
     assert "SUCCESS" in unit.stdout
 
@@ -92,24 +98,32 @@ class Prom:
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n  scrape_timeout: 900ms\n"
             "rule_files:\n  - rules.yml\n"
             "scrape_configs:\n  - job_name: edge-agent\n    static_configs:\n"
-            f"      - targets: ['{target}']\n")
+            f"      - targets: ['{target}']\n"
+        )
         self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            ["prometheus", f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}",
-             "--storage.tsdb.retention.time=1h"],
-            stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL, cwd=workdir)
+            [
+                "prometheus",
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+        )
 
-    async def get(self, session: aiohttp.ClientSession, path: str,
-                  params: dict[str, str] | None = None) -> Any:
+    async def get(
+        self, session: aiohttp.ClientSession, path: str, params: dict[str, str] | None = None
+    ) -> Any:
         async with session.get(self.url + path, params=params) as r:
             return await r.json()
 
     async def firing(self, session: aiohttp.ClientSession) -> set[str]:
         doc = await self.get(session, "/api/v1/alerts")
-        return {a["labels"]["alertname"] for a in doc["data"]["alerts"]
-                if a["state"] == "firing"}
+        return {a["labels"]["alertname"] for a in doc["data"]["alerts"] if a["state"] == "firing"}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -148,13 +162,13 @@ class Recorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def until(self, want: Callable[[set[str]], bool], what: str,
-                    timeout: float = 45) -> None:
+    async def until(self, want: Callable[[set[str]], bool], what: str, timeout: float = 45) -> None:
         deadline = time.monotonic() + timeout
         while not want(self.now):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.phase}: timed out waiting for {what}; "
-                                     f"firing: {sorted(self.now)}")
+                raise AssertionError(
+                    f"{self.phase}: timed out waiting for {what}; firing: {sorted(self.now)}"
+                )
             await asyncio.sleep(0.25)
 
 
@@ -163,7 +177,8 @@ async def wait(predicate: Callable[[], Any], what: str, timeout: float = 30) -> 
 
 
 async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
-        tmp_path: Path, sandbox: Sandbox) -> None:
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
     ensure_prometheus()
     port = free_port()
     config = drill_config(tmp_path, sandbox, port)
@@ -178,13 +193,19 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
         rec = Recorder(prom, session)
 
         async def post(phone: bool = False) -> int:
-            doc: dict[str, Any] = {"channel_id": "douyin",
-                                   "channel_order_id": str(next(counter)), "amount": "9.90",
-                                   "note": "x" * 200}
+            doc: dict[str, Any] = {
+                "channel_id": "douyin",
+                "channel_order_id": str(next(counter)),
+                "amount": "9.90",
+                "note": "x" * 200,
+            }
             if phone:
                 doc["customer_phone"] = "13800138000"
-            async with session.post(f"{agent.url}/v1/orders", data=orjson.dumps(doc),
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                f"{agent.url}/v1/orders",
+                data=orjson.dumps(doc),
+                headers={"Content-Type": "application/json"},
+            ) as r:
                 await r.read()
                 return r.status
 
@@ -218,13 +239,13 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
             rec.phase = "refusing"
             sandbox.centers["primary"].refuse = 401
             assert await post() == 201  # the standby takes it
-            await rec.until(lambda f: "EdgeClusterRefusingAgent" in f,
-                            "EdgeClusterRefusingAgent")
+            await rec.until(lambda f: "EdgeClusterRefusingAgent" in f, "EdgeClusterRefusingAgent")
             sandbox.centers["primary"].refuse = None
 
             async def refusal_cleared() -> bool:
                 await post()
                 return (await status())["clusters"]["primary"]["refusing"] is None
+
             await wait(refusal_cleared, "the refusal to clear", 30)
             await rec.until(lambda f: not f, "all resolved")
 
@@ -238,8 +259,13 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
             assert codes == [202] * 3
             while await post() != 507:
                 pass
-            for alert in ("EdgeAgentOffline", "EdgeAgentOldestPendingHigh",
-                          "EdgeBufferNearFull", "EdgeAgentRefusingOrders", "EdgeSmsAmbiguous"):
+            for alert in (
+                "EdgeAgentOffline",
+                "EdgeAgentOldestPendingHigh",
+                "EdgeBufferNearFull",
+                "EdgeAgentRefusingOrders",
+                "EdgeSmsAmbiguous",
+            ):
                 await rec.until(lambda f, a=alert: a in rec.seen["offline"], alert)
 
             # The primary answers again but with a maintenance page (200, no order_id):
@@ -256,11 +282,22 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
 
             async def drained() -> bool:
                 return bool((await status())["pending"] == 0)
+
             await wait(drained, "the buffer to drain", 60)
-            await rec.until(lambda f: not (f & {"EdgeAgentDrainStalled", "EdgeAgentOffline",
-                                                 "EdgeBufferNearFull",
-                                                 "EdgeAgentOldestPendingHigh"}),
-                            "buffer alerts resolved")
+            await rec.until(
+                lambda f: (
+                    not (
+                        f
+                        & {
+                            "EdgeAgentDrainStalled",
+                            "EdgeAgentOffline",
+                            "EdgeBufferNearFull",
+                            "EdgeAgentOldestPendingHigh",
+                        }
+                    )
+                ),
+                "buffer alerts resolved",
+            )
 
             # The watchdog kills a wedged agent (SIGABRT, as systemd does) three times.
             rec.phase = "restarts"
@@ -285,23 +322,37 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
                 "normal": set(),
                 "standby": {"EdgeAgentOnStandby"},
                 "refusing": {"EdgeClusterRefusingAgent", "EdgeAgentOnStandby"},
-                "offline": {"EdgeAgentOffline", "EdgeAgentOldestPendingHigh",
-                            "EdgeBufferNearFull", "EdgeAgentRefusingOrders",
-                            "EdgeSmsAmbiguous"},
-                "stalled": {"EdgeAgentDrainStalled", "EdgeAgentOldestPendingHigh",
-                            "EdgeBufferNearFull", "EdgeAgentRefusingOrders",
-                            "EdgeSmsAmbiguous", "EdgeAgentOffline"},
-                "restarts": {"EdgeAgentDown", "EdgeAgentUncleanRestart",
-                             "EdgeAgentRestartLoop", "EdgeSmsAmbiguous",
-                             "EdgeAgentRefusingOrders"},
+                "offline": {
+                    "EdgeAgentOffline",
+                    "EdgeAgentOldestPendingHigh",
+                    "EdgeBufferNearFull",
+                    "EdgeAgentRefusingOrders",
+                    "EdgeSmsAmbiguous",
+                },
+                "stalled": {
+                    "EdgeAgentDrainStalled",
+                    "EdgeAgentOldestPendingHigh",
+                    "EdgeBufferNearFull",
+                    "EdgeAgentRefusingOrders",
+                    "EdgeSmsAmbiguous",
+                    "EdgeAgentOffline",
+                },
+                "restarts": {
+                    "EdgeAgentDown",
+                    "EdgeAgentUncleanRestart",
+                    "EdgeAgentRestartLoop",
+                    "EdgeSmsAmbiguous",
+                    "EdgeAgentRefusingOrders",
+                },
             }
             for phase, fired in rec.seen.items():
                 if phase in allowed:
                     assert fired <= allowed[phase], (phase, fired - allowed[phase])
             out = ROOT / "test-artifacts"
             out.mkdir(exist_ok=True)
-            (out / "prometheus-alerts.json").write_text(json.dumps(
-                {phase: sorted(fired) for phase, fired in rec.seen.items()}, indent=2))
+            (out / "prometheus-alerts.json").write_text(
+                json.dumps({phase: sorted(fired) for phase, fired in rec.seen.items()}, indent=2)
+            )
             every = set().union(*rec.seen.values())
             assert every == set().union(*allowed.values()), every
 
@@ -330,8 +381,11 @@ async def check_dashboard(prom: Prom, session: aiohttp.ClientSession) -> None:
     empty = []
     for panel in doc["panels"]:
         for target in panel["targets"]:
-            expr = (target["expr"].replace("$__rate_interval", "1m")
-                    .replace('instance=~"$instance"', 'instance=~".*"'))
+            expr = (
+                target["expr"]
+                .replace("$__rate_interval", "1m")
+                .replace('instance=~"$instance"', 'instance=~".*"')
+            )
             assert "$" not in expr.replace("$labels", ""), expr
             answer = await prom.get(session, "/api/v1/query", {"query": expr})
             assert answer["status"] == "success", (panel["title"], expr, answer)
@@ -339,14 +393,21 @@ async def check_dashboard(prom: Prom, session: aiohttp.ClientSession) -> None:
                 empty.append(panel["title"])
     # The panels about what just happened have data (an empty answer is no error, but these
     # would mean a wrong metric name).
-    for title in ("Mode", "Agent up", "Pending orders", "Oldest pending", "Buffer use",
-                  "Orders received by outcome (/s)", "SMS outbox by state", "Restarts"):
+    for title in (
+        "Mode",
+        "Agent up",
+        "Pending orders",
+        "Oldest pending",
+        "Buffer use",
+        "Orders received by outcome (/s)",
+        "SMS outbox by state",
+        "Restarts",
+    ):
         assert title not in empty, (title, empty)
     var = doc["templating"]["list"][0]["query"]["query"]
     match = re.fullmatch(r"label_values\((.+), instance\)", var)
     assert match, var
-    values = await prom.get(session, "/api/v1/label/instance/values",
-                            {"match[]": match.group(1)})
+    values = await prom.get(session, "/api/v1/label/instance/values", {"match[]": match.group(1)})
     assert values["status"] == "success" and values["data"], values
 
 

@@ -54,8 +54,7 @@ async def test_special_files_are_refused_without_blocking(tmp_path: Path, kind: 
         await _soon(try_claim, path, True)  # the claim opens read-write where it may
 
 
-async def test_links_are_read_through_or_refused_and_dangling_ones_are_unreadable(
-        tmp_path: Path):
+async def test_links_are_read_through_or_refused_and_dangling_ones_are_unreadable(tmp_path: Path):
     target = tmp_path / "target.json"
     target.write_bytes(b'{"a": 1}')
     os.symlink(target, tmp_path / "link.json")
@@ -93,8 +92,7 @@ async def test_the_cap_is_checked_on_the_descriptor_and_holds_exactly(tmp_path: 
         await _soon(try_claim, tmp_path / "sparse.json", True)
 
 
-async def test_quarantine_moves_a_link_or_a_fifo_as_it_is_and_touches_no_target(
-        tmp_path: Path):
+async def test_quarantine_moves_a_link_or_a_fifo_as_it_is_and_touches_no_target(tmp_path: Path):
     dirs = BufferDirs(tmp_path / "buf")
     dirs.ensure()
     target = tmp_path / "theirs.json"

@@ -12,15 +12,27 @@ from tests.recover_helpers import Recover, files, record, recover, report, write
 
 
 async def test_merge_beside_a_running_agent_delivers_each_order_once(
-        make_agent: AgentFactory, center: FakeCenter, tmp_path: Path):
-    agent = await make_agent(center.url, buffer={"drain_rate_per_s": 2000,
-                                                 "drain_concurrency": 8})
+    make_agent: AgentFactory, center: FakeCenter, tmp_path: Path
+):
+    agent = await make_agent(center.url, buffer={"drain_rate_per_s": 2000, "drain_concurrency": 8})
     root = agent.spool
     center.delay_s = 0.005
     recs = [record(i, i + 1, node="wh-x") for i in range(1500)]
     rep = tmp_path / "r.json"
-    proc = await Recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                         "--batch", "10", "--concurrency", "4", "--report", str(rep)).start()
+    proc = await Recover(
+        "--path",
+        str(root),
+        "--mode",
+        "merge",
+        "--target",
+        center.url,
+        "--batch",
+        "10",
+        "--concurrency",
+        "4",
+        "--report",
+        str(rep),
+    ).start()
     write_pending(root, recs)  # the agent's watch and the merge's scan race for them
     agent.service.drainer.kick()
     run = await proc.finish()
@@ -53,8 +65,9 @@ async def test_verify_finds_deleted_and_modified_orders(center: FakeCenter, tmp_
     order_id, _ = center.orders["douyin:42"]
     center.orders["douyin:42"] = (order_id, b'{"channel_id":"douyin","channel_order_id":"42"}')
     rep = tmp_path / "verify.json"
-    run = await recover("--path", str(root), "--mode", "verify", "--target", center.url,
-                        "--report", str(rep))
+    run = await recover(
+        "--path", str(root), "--mode", "verify", "--target", center.url, "--report", str(rep)
+    )
     assert run.code == 1
     problems = {p["dedupe_key"]: p for p in report(rep)["problems"]}
     assert set(problems) == {"douyin:17", "douyin:42"}

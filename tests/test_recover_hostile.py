@@ -18,7 +18,7 @@ from tests.conftest import AS_NOBODY, as_sudo_cp_leaves_it
 from tests.fakes import FakeCenter
 from tests.recover_helpers import files, record, recover, report, write_pending
 
-GB2 = 2 * 1024 ** 3
+GB2 = 2 * 1024**3
 RSS_LIMIT_MB = 200
 
 
@@ -37,7 +37,8 @@ def _targets(*paths: Path) -> dict[Path, tuple[bytes, int]]:
 
 
 async def test_symlinked_order_files_are_merged_and_only_the_links_go(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     own = [record(i, i + 1) for i in range(3)]
     write_pending(root, own)
@@ -58,8 +59,9 @@ async def test_symlinked_order_files_are_merged_and_only_the_links_go(
     before = _targets(other / theirs.filename, gathered / "raw-1.json", gathered / rel.filename)
     rep = tmp_path / "report.json"
 
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--report", str(rep))
+    run = await recover(
+        "--path", str(root), "--mode", "merge", "--target", center.url, "--report", str(rep)
+    )
 
     assert run.code == 0, run.out + run.err
     keys = {r.dedupe_key for r in (*own, theirs, rel)} | {"jd:raw-1"}
@@ -80,7 +82,8 @@ async def test_symlinked_order_files_are_merged_and_only_the_links_go(
 
 
 async def test_dangling_link_and_link_to_a_fifo_are_named_counted_and_exit_1(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     write_pending(root, [record(1, 1)])
     dangling = "WH-X-20261125-000000009.json"
@@ -90,8 +93,17 @@ async def test_dangling_link_and_link_to_a_fifo_are_named_counted_and_exit_1(
     os.symlink(fifo, root / "piped.json")
     rep = tmp_path / "report.json"
 
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--report", str(rep), timeout=30)
+    run = await recover(
+        "--path",
+        str(root),
+        "--mode",
+        "merge",
+        "--target",
+        center.url,
+        "--report",
+        str(rep),
+        timeout=30,
+    )
 
     assert run.code == 1, run.out + run.err
     assert "Traceback" not in run.err
@@ -114,7 +126,8 @@ async def test_dangling_link_and_link_to_a_fifo_are_named_counted_and_exit_1(
 
 
 async def test_a_file_the_user_cannot_read_is_reported_and_the_rest_merged(
-        center: FakeCenter, shared_dir: Path):
+    center: FakeCenter, shared_dir: Path
+):
     root = shared_dir / "buf"
     recs = [record(i, i + 1) for i in range(5)]
     write_pending(root, recs)
@@ -174,7 +187,9 @@ async def test_a_2gb_sparse_file_is_never_read_whole(center: FakeCenter, tmp_pat
     assert run.code == 1, run.out + run.err
     assert run.maxrss_mb < RSS_LIMIT_MB, run.maxrss_mb
     assert {p["file"] for p in report(dry)["problems"]} == {
-        "huge.json", "pending/WH-A-20261125-000000099.json"}
+        "huge.json",
+        "pending/WH-A-20261125-000000099.json",
+    }
 
     rep = tmp_path / "merge.json"
     run = await recover(*common, "--mode", "merge", "--report", str(rep), rss=True)
@@ -200,7 +215,8 @@ async def test_a_2gb_sparse_file_is_never_read_whole(center: FakeCenter, tmp_pat
 
 
 async def test_fifos_and_directories_named_json_are_moved_aside_unread(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     recs = [record(i, i + 1) for i in range(3)]
     write_pending(root, recs)

@@ -23,21 +23,24 @@ def _buffer_with_duplicates(root: Path, n: int) -> dict[str, str]:
     100th (offset 5) again from node C with another body. Returns key -> winning serial."""
     recs = [record(i, i + 1) for i in range(n)]
     recs += [record(i, 50_000 + i, node="wh-b") for i in range(0, n, 10)]
-    recs += [record(i, 90_000 + i, node="wh-c", text=body(i, amount="1.00"))
-             for i in range(5, n, 100)]
+    recs += [
+        record(i, 90_000 + i, node="wh-c", text=body(i, amount="1.00")) for i in range(5, n, 100)
+    ]
     write_pending(root, recs)
     return {r.dedupe_key: r.serial for r in recs[:n]}
 
 
 async def test_merge_dedupes_inside_the_directory_and_against_the_center(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     winners = _buffer_with_duplicates(root, 3000)
     # One order reached the center before the outage ended: the center dedupes it.
     center.orders["douyin:7"] = ("OC-EARLY", record(7, 8).raw_body)
     rep = tmp_path / "report.json"
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--report", str(rep))
+    run = await recover(
+        "--path", str(root), "--mode", "merge", "--target", center.url, "--report", str(rep)
+    )
     assert run.code == 1, run.err  # the 30 conflicting copies are listed: not "all fine"
     assert center.duplicates() == {}
     assert set(center.orders) == set(winners)
@@ -56,12 +59,18 @@ async def test_merge_dedupes_inside_the_directory_and_against_the_center(
     # Different body under a merged key: a conflict, quarantined with its reason.
     rejected = files(root, "rejected")
     assert "WH-C-20261125-000090005.json" in rejected
-    reason = orjson.loads((root / "rejected" / "WH-C-20261125-000090005.json.reason.json")
-                          .read_bytes())
+    reason = orjson.loads(
+        (root / "rejected" / "WH-C-20261125-000090005.json.reason.json").read_bytes()
+    )
     assert reason["reason"] == "conflict" and winners["douyin:5"] in reason["error"]
     summary = report(rep)["summary"]
-    assert (summary["total"], summary["created"], summary["duplicate"], summary["conflict"],
-            summary["rejected"]) == (3330, 2999, 301, 30, 0)
+    assert (
+        summary["total"],
+        summary["created"],
+        summary["duplicate"],
+        summary["conflict"],
+        summary["rejected"],
+    ) == (3330, 2999, 301, 30, 0)
     entries = {e["serial"]: e for e in report(rep)["orders"]}
     assert len(entries) == 3330
     assert entries[winners["douyin:7"]]["outcome"] == "duplicate"  # 200 from the center
@@ -72,38 +81,53 @@ async def test_merge_dedupes_inside_the_directory_and_against_the_center(
 
 
 async def test_dry_run_changes_nothing_and_lists_duplicate_groups(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     _buffer_with_duplicates(root, 500)
-    (root / "loose-raw.json").write_bytes(orjson.dumps({"channel_id": "jd",
-                                                        "channel_order_id": "x1"}))
+    (root / "loose-raw.json").write_bytes(
+        orjson.dumps({"channel_id": "jd", "channel_order_id": "x1"})
+    )
     before = snapshot(root)
     rep = tmp_path / "dry.json"
-    run = await recover("--path", str(root), "--mode", "dry-run", "--target", center.url,
-                        "--report", str(rep))
+    run = await recover(
+        "--path", str(root), "--mode", "dry-run", "--target", center.url, "--report", str(rep)
+    )
     assert run.code == 1, run.err  # it predicts the 5 conflicts
     assert snapshot(root) == before
     assert center.received == [] and center.batch_requests == 0
     assert center.health_checks >= 1
     doc = report(rep)
     s = doc["summary"]
-    assert (s["files"], s["to_send"], s["duplicate_groups"], s["duplicates"], s["conflicts"],
-            s["corrupt"]) == (556, 501, 55, 50, 5, 0)
+    assert (
+        s["files"],
+        s["to_send"],
+        s["duplicate_groups"],
+        s["duplicates"],
+        s["conflicts"],
+        s["corrupt"],
+    ) == (556, 501, 55, 50, 5, 0)
     groups = {g["dedupe_key"]: g for g in doc["duplicate_groups"]}
-    assert groups["douyin:10"] == {"dedupe_key": "douyin:10", "winner": "WH-A-20261125-000000011",
-                                   "duplicates": ["WH-B-20261125-000050010"], "same_body": True}
+    assert groups["douyin:10"] == {
+        "dedupe_key": "douyin:10",
+        "winner": "WH-A-20261125-000000011",
+        "duplicates": ["WH-B-20261125-000050010"],
+        "same_body": True,
+    }
     assert groups["douyin:5"]["same_body"] is False
     assert "douyin:10: WH-A-20261125-000000011 wins over WH-B-20261125-000050010" in run.out
 
 
 async def test_partly_accepted_batch_retries_only_the_items_that_need_it(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     write_pending(root, [record(i, i + 1) for i in range(10)])
     # First batch: items 4 and 5 get 503 and 429; the rest are created.
     center.item_script.extend([0, 0, 0, 0, 503, 429, 0, 0, 0, 0])
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--batch", "10")
+    run = await recover(
+        "--path", str(root), "--mode", "merge", "--target", center.url, "--batch", "10"
+    )
     assert run.code == 0, run.err
     sends = center.sends()
     assert sorted(sends.values()) == [1] * 8 + [2, 2]
@@ -124,35 +148,54 @@ async def test_no_bulk_import_falls_back_to_single_posts(center: FakeCenter, tmp
     assert files(root, "pending") == []
 
 
-async def test_422_and_other_4xx_are_quarantined_and_reported(
-        center: FakeCenter, tmp_path: Path):
+async def test_422_and_other_4xx_are_quarantined_and_reported(center: FakeCenter, tmp_path: Path):
     root = tmp_path / "buf"
     recs = [record(i, i + 1) for i in range(4)]
     write_pending(root, recs)
     center.script.extend([422, 400])
     rep = tmp_path / "r.json"
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--batch", "1", "--concurrency", "1", "--report", str(rep))
+    run = await recover(
+        "--path",
+        str(root),
+        "--mode",
+        "merge",
+        "--target",
+        center.url,
+        "--batch",
+        "1",
+        "--concurrency",
+        "1",
+        "--report",
+        str(rep),
+    )
     assert run.code == 1
     entries = report(rep)["orders"]
     by_outcome = {e["outcome"]: e for e in entries}
-    assert sorted(e["outcome"] for e in entries) == ["conflict", "created", "created",
-                                                     "rejected"]
+    assert sorted(e["outcome"] for e in entries) == ["conflict", "created", "created", "rejected"]
     conflict, refused = by_outcome["conflict"], by_outcome["rejected"]
     assert "HTTP 400" in refused["error"] and "HTTP 422" in conflict["error"]
     assert files(root, "rejected") == sorted(
-        [f"{conflict['serial']}.json", f"{conflict['serial']}.json.reason.json",
-         f"{refused['serial']}.json", f"{refused['serial']}.json.reason.json"])
-    reason = orjson.loads((root / "rejected" / f"{refused['serial']}.json.reason.json")
-                          .read_bytes())
+        [
+            f"{conflict['serial']}.json",
+            f"{conflict['serial']}.json.reason.json",
+            f"{refused['serial']}.json",
+            f"{refused['serial']}.json.reason.json",
+        ]
+    )
+    reason = orjson.loads(
+        (root / "rejected" / f"{refused['serial']}.json.reason.json").read_bytes()
+    )
     assert reason["status"] == 400 and reason["dedupe_key"] == refused["dedupe_key"]
     assert set(center.creates) == {r.dedupe_key for r in recs} - {
-        conflict["dedupe_key"], refused["dedupe_key"]}
+        conflict["dedupe_key"],
+        refused["dedupe_key"],
+    }
     assert files(root, "pending") == []
 
 
 async def test_corrupt_files_are_quarantined_and_loose_files_merged(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     good = [record(i, i + 1) for i in range(3)]
     write_pending(root, good)
@@ -164,8 +207,9 @@ async def test_corrupt_files_are_quarantined_and_loose_files_merged(
     other = record("m", 42, node="wh-z")
     (root / "from-other-machine.json").write_bytes(other.to_bytes())
     rep = tmp_path / "r.json"
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--report", str(rep))
+    run = await recover(
+        "--path", str(root), "--mode", "merge", "--target", center.url, "--report", str(rep)
+    )
     assert run.code == 1
     rejected = files(root, "rejected")
     for name in ("AAA-broken.json", "AAB-fields.json", "not-an-order.json"):
@@ -179,8 +223,9 @@ async def test_corrupt_files_are_quarantined_and_loose_files_merged(
     assert entries["old-tool-777.json"]["outcome"] == "created"
     assert entries["pending/AAA-broken.json"]["outcome"] == "rejected"
     assert "corrupt" in entries["pending/AAA-broken.json"]["error"]
-    merged_raw = orjson.loads((root / "merged" / f"{entries['old-tool-777.json']['serial']}.json")
-                              .read_bytes())
+    merged_raw = orjson.loads(
+        (root / "merged" / f"{entries['old-tool-777.json']['serial']}.json").read_bytes()
+    )
     assert merged_raw["dedupe_key"] == "jd:777" and merged_raw["body"] == raw.decode()
 
 
@@ -188,8 +233,9 @@ async def test_unreachable_target_exits_3_and_touches_nothing(tmp_path: Path):
     root = tmp_path / "buf"
     write_pending(root, [record(1, 1)])
     before = snapshot(root)
-    run = await recover("--path", str(root), "--mode", "merge",
-                        "--target", f"http://127.0.0.1:{free_port()}/v3")
+    run = await recover(
+        "--path", str(root), "--mode", "merge", "--target", f"http://127.0.0.1:{free_port()}/v3"
+    )
     assert run.code == 3
     assert "unreachable" in run.err
     assert snapshot(root) == before
@@ -200,8 +246,9 @@ async def test_usage_errors_exit_2_with_one_line(tmp_path: Path):
     run = await recover("--path", str(tmp_path / "buf"), "--mode", "merge")
     assert run.code == 2 and "no target" in run.err
     assert len(run.err.strip().splitlines()) == 1
-    run = await recover("--path", str(tmp_path / "nope"), "--mode", "merge",
-                        "--target", "http://127.0.0.1:1/v3")
+    run = await recover(
+        "--path", str(tmp_path / "nope"), "--mode", "merge", "--target", "http://127.0.0.1:1/v3"
+    )
     assert run.code == 2 and "not a directory" in run.err
     run = await recover("--path", str(tmp_path), "--mode", "bogus")
     assert run.code == 2
@@ -213,13 +260,15 @@ async def test_usage_errors_exit_2_with_one_line(tmp_path: Path):
 
 async def test_target_defaults_to_the_configured_primary(center: FakeCenter, tmp_path: Path):
     from tests.conftest import write_config
+
     cfg = write_config(tmp_path, center.url)
     root = tmp_path / "buf"
     write_pending(root, [record(i, i + 1) for i in range(5)])
     (root / "raw.json").write_bytes(orjson.dumps({"channel_id": "jd", "channel_order_id": "1"}))
     rep = tmp_path / "r.json"
-    run = await recover("--path", str(root), "--mode", "merge", "--config", str(cfg),
-                        "--report", str(rep))
+    run = await recover(
+        "--path", str(root), "--mode", "merge", "--config", str(cfg), "--report", str(rep)
+    )
     assert run.code == 0, run.err
     assert len(center.creates) == 6
     serials = {e["file"]: e["serial"] for e in report(rep)["orders"]}
@@ -230,8 +279,20 @@ async def test_rate_caps_orders_per_second(center: FakeCenter, tmp_path: Path):
     root = tmp_path / "buf"
     write_pending(root, [record(i, i + 1) for i in range(60)])
     rep = tmp_path / "r.json"
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--batch", "10", "--rate", "40", "--report", str(rep))
+    run = await recover(
+        "--path",
+        str(root),
+        "--mode",
+        "merge",
+        "--target",
+        center.url,
+        "--batch",
+        "10",
+        "--rate",
+        "40",
+        "--report",
+        str(rep),
+    )
     assert run.code == 0, run.err
     # 6 requests of 10 orders at 40 orders/s: the last one leaves >= 1.25 s after the first.
     assert report(rep)["summary"]["elapsed_s"] >= 1.2

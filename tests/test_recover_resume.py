@@ -48,20 +48,36 @@ def _assert_all_merged_once(root: Path, center: FakeCenter, keys: set[str], n_fi
     assert len(merged) == n_files
     for name in merged:  # audit copies are whole, with the center's order_id
         doc = orjson.loads((root / "merged" / name).read_bytes())
-        record_ = PendingRecord.from_dict({k: v for k, v in doc.items() if k not in (
-            "order_id", "cluster", "merged_at", "target", "duplicate_of")})
+        record_ = PendingRecord.from_dict(
+            {
+                k: v
+                for k, v in doc.items()
+                if k not in ("order_id", "cluster", "merged_at", "target", "duplicate_of")
+            }
+        )
         assert doc["order_id"] == center.orders[record_.dedupe_key][0], name
         assert center.orders[record_.dedupe_key][1] == record_.raw_body
     assert _no_temp_files(root)
 
 
 async def test_sigkill_at_several_points_then_rerun_is_exactly_once(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     keys, n_files = _buffer(root)
     center.delay_s = 0.01
-    args = ("--path", str(root), "--mode", "merge", "--target", center.url,
-            "--batch", "20", "--concurrency", "2")
+    args = (
+        "--path",
+        str(root),
+        "--mode",
+        "merge",
+        "--target",
+        center.url,
+        "--batch",
+        "20",
+        "--concurrency",
+        "2",
+    )
     points = [
         (lambda: (root / ".edge-recover.db").exists(), "checkpoint opened (scan)"),
         (lambda: len(center.received) >= 1, "first batch at the center"),
@@ -89,24 +105,35 @@ async def test_sigkill_at_several_points_then_rerun_is_exactly_once(
 
 
 async def test_sigint_finishes_in_flight_requests_then_rerun_completes(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     keys, n_files = _buffer(root)
     center.delay_s = 0.05
-    args = ("--path", str(root), "--mode", "merge", "--target", center.url,
-            "--batch", "10", "--concurrency", "4")
+    args = (
+        "--path",
+        str(root),
+        "--mode",
+        "merge",
+        "--target",
+        center.url,
+        "--batch",
+        "10",
+        "--concurrency",
+        "4",
+    )
     proc = await Recover(*args, "--report", str(tmp_path / "first.json")).start()
-    await kill_when(proc, lambda: len(files(root, "merged")) >= 100, signal.SIGINT,
-                    "100 merged")
+    await kill_when(proc, lambda: len(files(root, "merged")) >= 100, signal.SIGINT, "100 merged")
     run = await proc.finish(timeout=15)
     assert run.code == 1, run.err
     assert "interrupted" in run.err and "run again to resume" in run.err
     # In-flight requests were finished and settled: what the center created is in merged/.
-    merged_keys = {orjson.loads((root / "merged" / n).read_bytes())["dedupe_key"]
-                   for n in files(root, "merged")}
+    merged_keys = {
+        orjson.loads((root / "merged" / n).read_bytes())["dedupe_key"]
+        for n in files(root, "merged")
+    }
     assert set(center.creates) == merged_keys
-    assert len(files(root, "pending")) + len(files(root)) + len(files(root, "merged")) \
-        == n_files
+    assert len(files(root, "pending")) + len(files(root)) + len(files(root, "merged")) == n_files
     assert _no_temp_files(root)
     first = report(tmp_path / "first.json")
     assert first["summary"]["interrupted"] is True
@@ -120,7 +147,8 @@ async def test_sigint_finishes_in_flight_requests_then_rerun_completes(
 
 
 async def test_a_file_killed_while_its_keys_were_added_is_merged_whole(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     """SIGKILL (or a crash) between adding order_id and the rename leaves a pending file
     with the keys added, or with a torn tail: the order before them is intact."""
     root = tmp_path / "buf"
@@ -130,11 +158,13 @@ async def test_a_file_killed_while_its_keys_were_added_is_merged_whole(
     pending = root / "pending"
     pending.mkdir(parents=True)
     (pending / whole.filename).write_bytes(
-        whole.to_bytes()[:-1] + b',"order_id":"OC-douyin:1","cluster":"recover"}')
+        whole.to_bytes()[:-1] + b',"order_id":"OC-douyin:1","cluster":"recover"}'
+    )
     (pending / torn.filename).write_bytes(torn.to_bytes()[:-1] + b',"order_id":"OC-dou')
     rep = tmp_path / "r.json"
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--report", str(rep))
+    run = await recover(
+        "--path", str(root), "--mode", "merge", "--target", center.url, "--report", str(rep)
+    )
     assert run.code == 0, run.err
     assert center.creates == {} and files(root, "pending") == []
     for r in (whole, torn):

@@ -33,7 +33,8 @@ def test_pending_names_are_listed_in_name_order_whatever_the_directory_says(tmp_
 
 
 async def test_a_loose_file_with_a_lower_serial_wins_over_pending(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     # 600 pending orders: the contested one lies in the third chunk of 256.
     recs = [record(i, 10 + i, node="wh-b") for i in range(600)]
@@ -42,14 +43,14 @@ async def test_a_loose_file_with_a_lower_serial_wins_over_pending(
     loose = record(555, 3, node="wh-a", text=body(555, amount="2.00"))
     (root / "copied-from-wh-a.json").write_bytes(loose.to_bytes())
     rep = tmp_path / "r.json"
-    run = await recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                        "--report", str(rep))
+    run = await recover(
+        "--path", str(root), "--mode", "merge", "--target", center.url, "--report", str(rep)
+    )
     assert run.code == 1, run.err  # the conflict is listed
     assert center.orders["douyin:555"][1] == loose.raw_body
     assert center.duplicates() == {} and len(center.orders) == 600
     assert f"{contested.serial}.json" in files(root, "rejected")
-    reason = orjson.loads((root / "rejected" / f"{contested.serial}.json.reason.json")
-                          .read_bytes())
+    reason = orjson.loads((root / "rejected" / f"{contested.serial}.json.reason.json").read_bytes())
     assert reason["reason"] == "conflict" and loose.serial in reason["error"]
     entries = {e["serial"]: e for e in report(rep)["orders"]}
     assert entries[loose.serial]["outcome"] == "created"
@@ -58,7 +59,8 @@ async def test_a_loose_file_with_a_lower_serial_wins_over_pending(
 
 
 async def test_a_file_the_agent_holds_keeps_its_place_in_its_dedupe_group(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     root = tmp_path / "buf"
     first = record(7, 1, node="wh-a")
     later = record(7, 9, node="wh-b", text=body(7, amount="9.99"))  # same key, other body
@@ -68,11 +70,13 @@ async def test_a_file_the_agent_holds_keeps_its_place_in_its_dedupe_group(
     fd = os.open(root / "pending" / first.filename, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     rep = tmp_path / "r.json"
-    proc = await Recover("--path", str(root), "--mode", "merge", "--target", center.url,
-                         "--report", str(rep)).start()
+    proc = await Recover(
+        "--path", str(root), "--mode", "merge", "--target", center.url, "--report", str(rep)
+    ).start()
     try:
-        await wait_for(lambda: len(center.orders) >= len(others), 30,
-                       "the orders nobody holds to be delivered")
+        await wait_for(
+            lambda: len(center.orders) >= len(others), 30, "the orders nobody holds to be delivered"
+        )
         assert "douyin:7" not in center.orders  # the later serial waits for the held one
     finally:
         os.close(fd)  # the drain lets go without delivering it
@@ -88,7 +92,8 @@ async def test_a_file_the_agent_holds_keeps_its_place_in_its_dedupe_group(
 
 
 async def test_an_order_confirmed_before_a_kill_is_moved_on_rerun_without_a_request(
-        center: FakeCenter, tmp_path: Path):
+    center: FakeCenter, tmp_path: Path
+):
     """SIGKILL between the checkpoint's commit and the rename leaves a confirmed order in
     pending/: the rerun moves it with the center's order_id, and its later duplicate is
     settled against it, neither sent again."""
@@ -100,8 +105,18 @@ async def test_an_order_confirmed_before_a_kill_is_moved_on_rerun_without_a_requ
     fresh = [record(10 + i, 10 + i) for i in range(5)]
     write_pending(root, [done, dup, *fresh])
     ck = Checkpoint(root / CHECKPOINT_NAME, run=1)
-    ck.write([ResultRow(done.serial, done.dedupe_key, f"pending/{done.filename}", "created",
-                        "OC-BEFORE-THE-KILL", digest=body_digest(done))])
+    ck.write(
+        [
+            ResultRow(
+                done.serial,
+                done.dedupe_key,
+                f"pending/{done.filename}",
+                "created",
+                "OC-BEFORE-THE-KILL",
+                digest=body_digest(done),
+            )
+        ]
+    )
     ck.close()
     run = await recover("--path", str(root), "--mode", "merge", "--target", center.url)
     assert run.code == 0, run.err

@@ -18,8 +18,7 @@ from tests.fakes import FakeCenter
 from tests.recover_helpers import Recover, kill_when, record, recover, write_pending
 from tests.test_pinning import once_across
 
-HEALTH = {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2,
-          "healthy_threshold": 1}
+HEALTH = {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_threshold": 2, "healthy_threshold": 1}
 KEY = "douyin:tp-1"
 
 
@@ -31,8 +30,9 @@ async def _merge_cut_after_unclear(root: Path, target: str, standby: FakeCenter)
     """The standby creates, answers 500 to every send; edge-recover is killed after its
     second send (the first answer's pin, if any, is durable by then)."""
     standby.after_create.extend([500] * 50)
-    proc = await Recover("--path", str(root), "--mode", "merge", "--target", target,
-                         "--batch", "1").start()
+    proc = await Recover(
+        "--path", str(root), "--mode", "merge", "--target", target, "--batch", "1"
+    ).start()
     await kill_when(proc, lambda: standby.sends()[KEY] >= 2, 9, "a second send")
     await proc.finish()
     standby.after_create.clear()
@@ -40,7 +40,8 @@ async def _merge_cut_after_unclear(root: Path, target: str, standby: FakeCenter)
 
 
 async def test_an_unnamed_target_is_pinned_by_its_url_and_the_agent_never_sends_elsewhere(
-        tmp_path: Path, make_agent, center: FakeCenter, standby: FakeCenter) -> None:
+    tmp_path: Path, make_agent, center: FakeCenter, standby: FakeCenter
+) -> None:
     root = tmp_path / "spool"
     rec = record("tp-1", 1)
     write_pending(root, [rec])
@@ -49,8 +50,11 @@ async def test_an_unnamed_target_is_pinned_by_its_url_and_the_agent_never_sends_
 
     # The agent knows the standby under another spelling (a name, not the address): it
     # cannot prove that URL is its standby, so it sends the order nowhere.
-    agent = await make_agent(center.url, upstream={
-        "standby": f"http://localhost:{standby.port}/v3", "timeout_s": 1.0}, health=HEALTH)
+    agent = await make_agent(
+        center.url,
+        upstream={"standby": f"http://localhost:{standby.port}/v3", "timeout_s": 1.0},
+        health=HEALTH,
+    )
     passes = agent.service.drainer.passes
     await wait_for(lambda: agent.service.drainer.passes >= passes + 3, 10, "drain passes")
     assert center.sends()[KEY] == 0
@@ -69,7 +73,8 @@ async def test_an_unnamed_target_is_pinned_by_its_url_and_the_agent_never_sends_
 
 
 async def test_a_target_that_names_no_configured_cluster_is_not_sent_orders_pinned_elsewhere(
-        tmp_path: Path, center: FakeCenter, standby: FakeCenter) -> None:
+    tmp_path: Path, center: FakeCenter, standby: FakeCenter
+) -> None:
     root = tmp_path / "spool"
     rec = record("tp-1", 1)
     write_pending(root, [rec.pinned(standby.url)])
@@ -81,19 +86,22 @@ async def test_a_target_that_names_no_configured_cluster_is_not_sent_orders_pinn
 
 
 async def test_the_agent_drains_a_url_pin_to_the_cluster_configured_at_that_url(
-        tmp_path: Path, make_agent, center: FakeCenter, standby: FakeCenter) -> None:
+    tmp_path: Path, make_agent, center: FakeCenter, standby: FakeCenter
+) -> None:
     root = tmp_path / "spool"
     rec = record("tp-1", 1)
     write_pending(root, [rec.pinned(standby.url)])
-    agent = await make_agent(center.url, upstream={"standby": standby.url + "/",
-                                                   "timeout_s": 1.0}, health=HEALTH)
+    agent = await make_agent(
+        center.url, upstream={"standby": standby.url + "/", "timeout_s": 1.0}, health=HEALTH
+    )
     await wait_for(lambda: agent.files("pending") == [], 10, "the drain to the standby")
     assert once_across(center, standby, {KEY}) == {KEY: "standby"}
     assert center.sends()[KEY] == 0
 
 
 async def test_a_loose_raw_order_that_got_an_unclear_answer_is_pinned_too(
-        tmp_path: Path, center: FakeCenter, standby: FakeCenter) -> None:
+    tmp_path: Path, center: FakeCenter, standby: FakeCenter
+) -> None:
     """A raw order object (no record around it) left in DIR by another tool: once the
     target may hold it, the file becomes a record pinned there, its body verbatim."""
     root = tmp_path / "outage"

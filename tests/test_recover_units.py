@@ -15,8 +15,12 @@ async def test_finisher_hands_on_more_orders_than_it_has_room_for(tmp_path: Path
     """put() of a list longer than the room must not wait for a flush it never asked for."""
     settled: list[str] = []
     checkpoint = Checkpoint(tmp_path / "ck.db", run=1)
-    finisher = Finisher(BufferDirs(tmp_path), checkpoint,
-                        lambda items: settled.extend(i.row.serial for i in items), limit=3)
+    finisher = Finisher(
+        BufferDirs(tmp_path),
+        checkpoint,
+        lambda items: settled.extend(i.row.serial for i in items),
+        limit=3,
+    )
     finisher.start()
     items = [Settled(ResultRow(f"S{i}", f"k:{i}", f"f{i}", "pending"), NOTE) for i in range(20)]
     await asyncio.wait_for(finisher.put(items), 10)

@@ -19,7 +19,8 @@ def _replace(path: Path, text: str) -> None:
 
 
 async def test_file_change_applies_upstream_and_auth_live(
-        tmp_path: Path, center: FakeCenter, agent_process, http):
+    tmp_path: Path, center: FakeCenter, agent_process, http
+):
     other = await FakeCenter(host="127.0.0.3").start()
     try:
         path = write_config(tmp_path, center.url)
@@ -42,8 +43,11 @@ async def test_file_change_applies_upstream_and_auth_live(
         async def moved() -> bool:
             nonlocal attempt
             attempt += 1
-            async with http.post(url, data=orjson.dumps(order(f"2-{attempt}")),
-                                 headers={**hdrs, "Authorization": "Bearer t0ken"}) as r:
+            async with http.post(
+                url,
+                data=orjson.dumps(order(f"2-{attempt}")),
+                headers={**hdrs, "Authorization": "Bearer t0ken"},
+            ) as r:
                 return r.status == 201 and f"douyin:2-{attempt}" in other.creates
 
         await wait_for(moved, 10, "new primary and token in effect", interval=0.1)
@@ -55,7 +59,8 @@ async def test_file_change_applies_upstream_and_auth_live(
 
 
 async def test_invalid_file_is_refused_and_sighup_reloads(
-        tmp_path: Path, center: FakeCenter, agent_process, http):
+    tmp_path: Path, center: FakeCenter, agent_process, http
+):
     path = write_config(tmp_path, center.url)
     good = path.read_text()
     proc = agent_process(path)
@@ -71,8 +76,9 @@ async def test_invalid_file_is_refused_and_sighup_reloads(
     # A restart-only key changes: logged; SIGHUP also triggers a reload.
     path.write_text(good.replace("shutdown_timeout_s = 5", "shutdown_timeout_s = 7"))
     proc.kill(signal.SIGHUP)
-    await wait_for(lambda: "agent.shutdown_timeout_s" in proc.log.read_text(), 10,
-                   "restart-needed log")
+    await wait_for(
+        lambda: "agent.shutdown_timeout_s" in proc.log.read_text(), 10, "restart-needed log"
+    )
     async with http.get(f"{proc.url}/healthz") as r:
         assert r.status == 200
     assert proc.proc is not None and proc.proc.poll() is None
@@ -84,8 +90,7 @@ async def test_health_settings_reload_in_process(make_agent, center: FakeCenter,
     from agent.service.reload import ConfigReloader
 
     reloader = ConfigReloader(str(path), lambda: agent.service.cfg, agent.service.apply_config)
-    path.write_text(path.read_text().replace("unhealthy_threshold = 2",
-                                             "unhealthy_threshold = 4"))
+    path.write_text(path.read_text().replace("unhealthy_threshold = 2", "unhealthy_threshold = 4"))
     assert await reloader.reload_now() is True
     assert agent.service.cfg.health.unhealthy_threshold == 4
     assert agent.service.health.is_healthy("primary")

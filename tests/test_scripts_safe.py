@@ -23,11 +23,39 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Commands that install, configure or build something; each is replaced by a recorder.
 STUBBED = (
-    "apt", "apt-get", "build", "chmod", "chown", "cp", "curl", "debootstrap", "dpkg",
-    "groupadd", "install", "ln", "mkdir", "mktemp", "mv", "pip", "pip3", "python", "python3",
-    "python3.11", "rm", "sha256sum", "sudo", "systemctl", "systemd-analyze",
-    "systemd-nspawn", "systemd-sysusers", "systemd-tmpfiles", "tar", "touch", "useradd",
-    "wget", "xargs",
+    "apt",
+    "apt-get",
+    "build",
+    "chmod",
+    "chown",
+    "cp",
+    "curl",
+    "debootstrap",
+    "dpkg",
+    "groupadd",
+    "install",
+    "ln",
+    "mkdir",
+    "mktemp",
+    "mv",
+    "pip",
+    "pip3",
+    "python",
+    "python3",
+    "python3.11",
+    "rm",
+    "sha256sum",
+    "sudo",
+    "systemctl",
+    "systemd-analyze",
+    "systemd-nspawn",
+    "systemd-sysusers",
+    "systemd-tmpfiles",
+    "tar",
+    "touch",
+    "useradd",
+    "wget",
+    "xargs",
 )
 
 
@@ -43,8 +71,12 @@ def scripts() -> list[Path]:
 
 def test_every_shell_script_is_covered() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in scripts()}
-    assert {"ops/offline/install.sh", "ops/offline/build-bundle.sh", "systemd/install.sh",
-            "systemd/check.sh"} <= names, names
+    assert {
+        "ops/offline/install.sh",
+        "ops/offline/build-bundle.sh",
+        "systemd/install.sh",
+        "systemd/check.sh",
+    } <= names, names
 
 
 def stage(tmp: Path, script: Path) -> Path:
@@ -65,11 +97,15 @@ def tree(base: Path) -> set[str]:
     return {p.relative_to(base).as_posix() for p in base.rglob("*")}
 
 
-@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--bogus"], ["-x"], ["--bogus", "--help"]],
-                         ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["-h"], ["--bogus"], ["-x"], ["--bogus", "--help"]],
+    ids=lambda a: " ".join(a),
+)
 @pytest.mark.parametrize("script", scripts(), ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_script_answers_help_and_refuses_unknown_options_doing_nothing(
-        tmp_path: Path, script: Path, args: list[str]) -> None:
+    tmp_path: Path, script: Path, args: list[str]
+) -> None:
     stubs, log = tmp_path / "stubs", tmp_path / "called.log"
     stubs.mkdir()
     for name in STUBBED:
@@ -83,15 +119,28 @@ def test_script_answers_help_and_refuses_unknown_options_doing_nothing(
     target = stage(tmp_path, script)
     repo_before = tree(ROOT / "ops") | tree(ROOT / "systemd")
     before = tree(tmp_path)
-    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
-           "LANG": "C.UTF-8", "PYTHON": str(stubs / "python3")}
-    proc = subprocess.run([str(target), *args], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=30, check=False)
+    env = {
+        "PATH": f"{stubs}:/usr/bin:/bin",
+        "HOME": str(work),
+        "TMPDIR": str(work),
+        "LANG": "C.UTF-8",
+        "PYTHON": str(stubs / "python3"),
+    }
+    proc = subprocess.run(
+        [str(target), *args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     name = script.name
     if args[0] in ("--help", "-h"):
         assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
-        assert proc.stdout.startswith("usage: ") and name in proc.stdout.splitlines()[0], \
+        assert proc.stdout.startswith("usage: ") and name in proc.stdout.splitlines()[0], (
             proc.stdout
+        )
         assert "-h, --help" in proc.stdout, proc.stdout
     else:
         assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
@@ -108,8 +157,14 @@ def test_offline_install_refuses_venv_without_a_directory(tmp_path: Path) -> Non
     """``--venv`` followed by an option (or nothing) is a usage error, not a venv named so."""
     target = stage(tmp_path, ROOT / "ops" / "offline" / "install.sh")
     for args in (["--venv"], ["--venv", "--help"], ["--venv="]):
-        proc = subprocess.run([str(target), *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=30, check=False,
-                              env={**os.environ, "PYTHON": "/bin/false"})
+        proc = subprocess.run(
+            [str(target), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "PYTHON": "/bin/false"},
+        )
         assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
         assert "--venv needs a directory" in proc.stderr, proc.stderr

@@ -69,16 +69,25 @@ def listener(tmp_path: Path) -> Iterator[NotifyListener]:
 
 
 def _env(notify_socket: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    }
     return {**env, "NOTIFY_SOCKET": notify_socket, **extra}
 
 
 async def test_agent_under_systemd_notify_ready_watchdog_stopping(
-        tmp_path: Path, center: FakeCenter, listener: NotifyListener, agent_process,
-        http: aiohttp.ClientSession):
-    proc = agent_process(write_config(tmp_path, center.url),
-                         env=_env(str(tmp_path / "notify.sock"), WATCHDOG_USEC="200000"))
+    tmp_path: Path,
+    center: FakeCenter,
+    listener: NotifyListener,
+    agent_process,
+    http: aiohttp.ClientSession,
+):
+    proc = agent_process(
+        write_config(tmp_path, center.url),
+        env=_env(str(tmp_path / "notify.sock"), WATCHDOG_USEC="200000"),
+    )
     proc.start()
 
     async def ready_seen() -> bool:
@@ -106,7 +115,8 @@ async def test_agent_under_systemd_notify_ready_watchdog_stopping(
 
 
 async def test_agent_without_notify_socket_runs_normally(
-        tmp_path: Path, center: FakeCenter, agent_process, http: aiohttp.ClientSession):
+    tmp_path: Path, center: FakeCenter, agent_process, http: aiohttp.ClientSession
+):
     env = _env("")
     del env["NOTIFY_SOCKET"]
     proc = agent_process(write_config(tmp_path, center.url), env=env)
@@ -117,7 +127,8 @@ async def test_agent_without_notify_socket_runs_normally(
 
 
 async def test_watchdog_stops_while_the_event_loop_is_blocked(
-        tmp_path: Path, listener: NotifyListener):
+    tmp_path: Path, listener: NotifyListener
+):
     notifier = SdNotifier(_env(str(tmp_path / "notify.sock"), WATCHDOG_USEC="100000"))
     assert notifier.watchdog_interval_s == pytest.approx(0.05)
     await notifier.start()
@@ -155,9 +166,10 @@ async def test_abstract_socket():
         notifier.ready("accepting orders")
         notifier.stopping()
         await wait_for(lambda: lst.total() >= 2, 5, "both datagrams")
-        assert lst.messages == [{"READY": "1", "STATUS": "accepting orders"},
-                                {"STOPPING": "1",
-                                 "STATUS": "stopping: finishing in-flight orders"}]
+        assert lst.messages == [
+            {"READY": "1", "STATUS": "accepting orders"},
+            {"STOPPING": "1", "STATUS": "stopping: finishing in-flight orders"},
+        ]
     finally:
         await notifier.stop()
         lst.close()
@@ -173,12 +185,18 @@ async def test_no_notify_socket_is_a_noop():
     await notifier.stop()
 
 
-@pytest.mark.parametrize("extra", [
-    {"WATCHDOG_PID": "1"},                  # the watchdog is meant for another process
-    {"WATCHDOG_USEC": "0"}, {"WATCHDOG_USEC": "soon"}, {},
-])
-async def test_no_watchdog_unless_meant_for_us(tmp_path: Path, listener: NotifyListener,
-                                               extra: dict[str, str]):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"WATCHDOG_PID": "1"},  # the watchdog is meant for another process
+        {"WATCHDOG_USEC": "0"},
+        {"WATCHDOG_USEC": "soon"},
+        {},
+    ],
+)
+async def test_no_watchdog_unless_meant_for_us(
+    tmp_path: Path, listener: NotifyListener, extra: dict[str, str]
+):
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "100000", **extra}
     if not extra:
         del env["WATCHDOG_USEC"]
@@ -194,8 +212,13 @@ async def test_no_watchdog_unless_meant_for_us(tmp_path: Path, listener: NotifyL
 
 
 async def test_watchdog_pid_equal_to_ours_is_honoured(tmp_path: Path, listener: NotifyListener):
-    notifier = SdNotifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
-                           "WATCHDOG_USEC": "100000", "WATCHDOG_PID": str(os.getpid())})
+    notifier = SdNotifier(
+        {
+            "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+            "WATCHDOG_USEC": "100000",
+            "WATCHDOG_PID": str(os.getpid()),
+        }
+    )
     await notifier.start()
     try:
         await wait_for(lambda: listener.count("WATCHDOG=1") >= 2, 5, "pings")
@@ -204,9 +227,11 @@ async def test_watchdog_pid_equal_to_ours_is_honoured(tmp_path: Path, listener: 
 
 
 async def test_send_errors_are_logged_once_and_never_raise(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    notifier = SdNotifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock"),
-                           "WATCHDOG_USEC": "20000"})
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    notifier = SdNotifier(
+        {"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock"), "WATCHDOG_USEC": "20000"}
+    )
     caplog.set_level(logging.WARNING, logger="agent.sd_notify")
     await notifier.start()
     try:
@@ -219,8 +244,11 @@ async def test_send_errors_are_logged_once_and_never_raise(
     finally:
         await notifier.stop()
     assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
-    assert caplog.records[0].getMessage().startswith(
-        f"cannot notify systemd at {tmp_path / 'nobody-listens.sock'}: ")
+    assert (
+        caplog.records[0]
+        .getMessage()
+        .startswith(f"cannot notify systemd at {tmp_path / 'nobody-listens.sock'}: ")
+    )
 
 
 def test_relative_notify_socket_is_ignored():

@@ -24,18 +24,24 @@ async def _status(session: aiohttp.ClientSession, p: AgentProcess) -> dict[str, 
         return dict(orjson.loads(await r.read()))
 
 
-async def _load(session: aiohttp.ClientSession, url: str, worker: int,
-                accepted: dict[str, str], answered: list[str]) -> None:
+async def _load(
+    session: aiohttp.ClientSession,
+    url: str,
+    worker: int,
+    accepted: dict[str, str],
+    answered: list[str],
+) -> None:
     """Post orders with phones until cancelled; remember every 202 that said "queued"."""
     n = 0
     while True:
         n += 1
         phone = f"139{worker:02d}{n:06d}"
         try:
-            async with session.post(f"{url}/v1/orders",
-                                    data=orjson.dumps(order(f"k{worker}-{n}-{random.random()}",
-                                                            customer_phone=phone)),
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                f"{url}/v1/orders",
+                data=orjson.dumps(order(f"k{worker}-{n}-{random.random()}", customer_phone=phone)),
+                headers={"Content-Type": "application/json"},
+            ) as r:
                 body = orjson.loads(await r.read())
         except (aiohttp.ClientError, orjson.JSONDecodeError):
             await asyncio.sleep(0.01)  # the agent is gone: wait for the next one
@@ -49,8 +55,13 @@ async def _load(session: aiohttp.ClientSession, url: str, worker: int,
 @pytest.mark.slow
 @pytest.mark.parametrize("round_", range(3))
 async def test_kill_9_at_random_moments_never_sends_an_sms_twice(
-        round_: int, tmp_path: Path, center: FakeCenter, sms_gateway: FakeSmsGateway,
-        http: aiohttp.ClientSession, agent_process: Any):
+    round_: int,
+    tmp_path: Path,
+    center: FakeCenter,
+    sms_gateway: FakeSmsGateway,
+    http: aiohttp.ClientSession,
+    agent_process: Any,
+):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     await center.go_down()
@@ -101,25 +112,41 @@ async def test_kill_9_at_random_moments_never_sends_an_sms_twice(
 
 
 async def test_stderr_never_has_a_full_phone_or_a_secret(
-        tmp_path: Path, center: FakeCenter, aliyun: FakeAliyun,
-        http: aiohttp.ClientSession, agent_process: Any):
+    tmp_path: Path,
+    center: FakeCenter,
+    aliyun: FakeAliyun,
+    http: aiohttp.ClientSession,
+    agent_process: Any,
+):
     await center.go_down()
     cred = tmp_path / "aliyun.cred"
-    cred.write_text(f"access_key_id = {aliyun.access_key_id}\n"
-                    f"access_key_secret = {aliyun.access_key_secret}\n")
+    cred.write_text(
+        f"access_key_id = {aliyun.access_key_id}\naccess_key_secret = {aliyun.access_key_secret}\n"
+    )
     aliyun.codes.append("isv.BUSINESS_LIMIT_CONTROL")
-    config = write_config(tmp_path, center.url, sms={
-        "provider": "aliyun", "endpoint": aliyun.endpoint, "template_code": "SMS_1",
-        "credentials_file": str(cred), "per_phone_per_hour": 1,
-        "rate_limited_pause_s": 0.2, "retry_initial_s": 0.1})
+    config = write_config(
+        tmp_path,
+        center.url,
+        sms={
+            "provider": "aliyun",
+            "endpoint": aliyun.endpoint,
+            "template_code": "SMS_1",
+            "credentials_file": str(cred),
+            "per_phone_per_hour": 1,
+            "rate_limited_pause_s": 0.2,
+            "retry_initial_s": 0.1,
+        },
+    )
     p = agent_process(config)
     p.start()
     await p.wait_ready(http)
     phones = ["13812345678", "+8613912345678", "+447911123456", "12812345678", "13812345678"]
     for n, phone in enumerate(phones):
-        async with http.post(f"{p.url}/v1/orders", data=orjson.dumps(order(
-                f"m{n}", customer_phone=phone, note=f"call {phone}")),
-                headers={"Content-Type": "application/json"}) as r:
+        async with http.post(
+            f"{p.url}/v1/orders",
+            data=orjson.dumps(order(f"m{n}", customer_phone=phone, note=f"call {phone}")),
+            headers={"Content-Type": "application/json"},
+        ) as r:
             assert r.status == 202
     # The notices reach the fake endpoint; one is throttled once, the repeat suppressed.
     await wait_for(lambda: len(aliyun.received) == 3, 15, "3 SendSms")

@@ -48,7 +48,8 @@ async def _post_sent(agent: AgentHandle, gw: FakeSmsGateway, n: str, phone: str)
 
 
 async def test_one_sms_per_buffered_order_with_a_phone_none_for_forwarded(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway, tmp_path: Path):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway, tmp_path: Path
+):
     sms_gateway.token = "gw-secret-token"
     cred = tmp_path / "sms.cred"
     cred.write_text("gw-secret-token\n")
@@ -74,7 +75,9 @@ async def test_one_sms_per_buffered_order_with_a_phone_none_for_forwarded(
         if got.serial not in serials:
             continue
         assert got.doc == {
-            "phone": serials[got.serial], "sign_name": "搭贝", "template": TEMPLATE,
+            "phone": serials[got.serial],
+            "sign_name": "搭贝",
+            "template": TEMPLATE,
             "params": {"SN": got.serial},
             "text": TEMPLATE.format(sign_name="搭贝", SN=got.serial),
         }
@@ -87,12 +90,14 @@ async def test_one_sms_per_buffered_order_with_a_phone_none_for_forwarded(
 
 
 async def test_invalid_phones_are_skipped_the_order_is_still_accepted(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway
+):
     await center.go_down()
     agent = await make_agent(center.url, sms=sms_http(sms_gateway))
     skipped = []
-    for n, phone in enumerate(["12345", "1381234567", "12812345678", "+86 21 5555 1234",
-                               "call me"]):
+    for n, phone in enumerate(
+        ["12345", "1381234567", "12812345678", "+86 21 5555 1234", "call me"]
+    ):
         status, body = await agent.post(order(f"bad{n}", customer_phone=phone))
         assert status == 202 and body["sms"] == "none", (phone, body)
         skipped.append(body["serial"])
@@ -108,12 +113,14 @@ async def test_invalid_phones_are_skipped_the_order_is_still_accepted(
 
 
 async def test_per_phone_limit_holds_across_a_restart(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway
+):
     await center.go_down()
     sms = sms_http(sms_gateway, per_phone_per_hour=2)
     agent = await make_agent(center.url, sms=sms)
-    answers = [(await agent.post(order(f"r{n}", customer_phone="13800000001")))[1]["sms"]
-               for n in range(3)]
+    answers = [
+        (await agent.post(order(f"r{n}", customer_phone="13800000001")))[1]["sms"] for n in range(3)
+    ]
     assert answers == ["queued", "queued", "none"]
     await wait_for(lambda: len(sms_gateway.received) == 2, 10, "2 SMS")
     assert (await _by_state(agent))["suppressed"] == 1
@@ -130,7 +137,8 @@ async def test_per_phone_limit_holds_across_a_restart(
 
 
 async def test_gateway_down_then_up_delivers_each_once(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway
+):
     await center.go_down()
     await sms_gateway.go_down()
     agent = await make_agent(center.url, sms=sms_http(sms_gateway))
@@ -155,7 +163,8 @@ async def test_gateway_down_then_up_delivers_each_once(
 
 
 async def test_transient_answers_are_retried_permanent_ones_are_not(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway
+):
     await center.go_down()
     agent = await make_agent(center.url, sms=sms_http(sms_gateway, rate_limited_pause_s=0.3))
     sms_gateway.script.extend([503, 429])
@@ -179,7 +188,8 @@ async def test_transient_answers_are_retried_permanent_ones_are_not(
 
 
 async def test_gives_up_after_the_configured_time(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway
+):
     await center.go_down()
     await sms_gateway.go_down()
     agent = await make_agent(center.url, sms=sms_http(sms_gateway, give_up_after_s=0.5))
@@ -198,7 +208,8 @@ async def test_gives_up_after_the_configured_time(
 
 
 async def test_no_answer_is_ambiguous_and_never_resent(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway
+):
     await center.go_down()
     agent = await make_agent(center.url, sms=sms_http(sms_gateway, timeout_s=0.3))
     sms_gateway.delay_s = 1.0
@@ -215,7 +226,8 @@ async def test_no_answer_is_ambiguous_and_never_resent(
 
 
 async def test_a_row_left_sending_by_a_crash_becomes_ambiguous_not_resent(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway, tmp_path: Path):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway, tmp_path: Path
+):
     await center.go_down()
     await sms_gateway.go_down()
     agent = await make_agent(center.url, sms=sms_http(sms_gateway))
@@ -235,16 +247,23 @@ async def test_a_row_left_sending_by_a_crash_becomes_ambiguous_not_resent(
 
 
 async def test_pending_files_without_an_outbox_row_get_their_sms_at_start(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway, tmp_path: Path):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway, tmp_path: Path
+):
     """A crash between the pending fsync and the outbox commit: the file wins."""
     await center.go_down()
     pending = tmp_path / "spool" / "pending"
     pending.mkdir(parents=True)
 
     def put(serial: str, phone: str | None, age_s: float = 0) -> None:
-        rec = PendingRecord(serial, "wh-test-01", "2026-01-01T00:00:00+08:00", "douyin",
-                            f"douyin:{serial}", phone,
-                            orjson.dumps(order(serial, customer_phone=phone)).decode())
+        rec = PendingRecord(
+            serial,
+            "wh-test-01",
+            "2026-01-01T00:00:00+08:00",
+            "douyin",
+            f"douyin:{serial}",
+            phone,
+            orjson.dumps(order(serial, customer_phone=phone)).decode(),
+        )
         path = pending / rec.filename
         path.write_bytes(rec.to_bytes())
         if age_s:
@@ -265,7 +284,8 @@ async def test_pending_files_without_an_outbox_row_get_their_sms_at_start(
 
 
 async def test_sms_disabled_answers_none_and_sends_nothing(
-        make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway):
+    make_agent, center: FakeCenter, sms_gateway: FakeSmsGateway
+):
     await center.go_down()
     agent = await make_agent(center.url, sms=sms_http(sms_gateway, enabled=False))
     status, body = await agent.post(order("x", customer_phone="13000000001"))

@@ -22,11 +22,11 @@ from agent.logs import JsonFormatter
         ("19912345678", "19912345678"),
         ("+447911123456", "+447911123456"),
         ("+1 (415) 555-2671", "+14155552671"),
-        ("12812345678", None),      # 1[3-9] only
-        ("1381234567", None),       # 10 digits
-        ("138123456789", None),     # 12 digits
-        ("+862155551234", None),    # a +86 landline cannot take an SMS
-        ("+0123456789", None),      # E.164 never starts with 0
+        ("12812345678", None),  # 1[3-9] only
+        ("1381234567", None),  # 10 digits
+        ("138123456789", None),  # 12 digits
+        ("+862155551234", None),  # a +86 landline cannot take an SMS
+        ("+0123456789", None),  # E.164 never starts with 0
         ("+1234567890123456", None),  # more than 15 digits
         ("", None),
         ("call me", None),
@@ -46,19 +46,29 @@ def test_mask():
 
 
 def test_mask_phones_in_text_leaves_serials_and_numbers_alone():
-    text = ("to 13812345678, +8613912345678 and +447911123456; serial "
-            "WH-SH-01-20261125-000000123, 2147483648 bytes, t=1718000000.123")
+    text = (
+        "to 13812345678, +8613912345678 and +447911123456; serial "
+        "WH-SH-01-20261125-000000123, 2147483648 bytes, t=1718000000.123"
+    )
     assert mask_phones(text) == (
         "to 138****5678, 139****5678 and +447****3456; serial "
-        "WH-SH-01-20261125-000000123, 2147483648 bytes, t=1718000000.123")
+        "WH-SH-01-20261125-000000123, 2147483648 bytes, t=1718000000.123"
+    )
 
 
 def test_every_log_line_is_masked_whatever_logged_it():
     try:
         raise ValueError("bad phone 13812345678")
     except ValueError:
-        record = logging.LogRecord("some.library", logging.ERROR, __file__, 1,
-                                   "sending to %s", ("13912345678",), sys.exc_info())
+        record = logging.LogRecord(
+            "some.library",
+            logging.ERROR,
+            __file__,
+            1,
+            "sending to %s",
+            ("13912345678",),
+            sys.exc_info(),
+        )
     record.customer = {"phone": "+8613712345678"}
     line = JsonFormatter().format(record)
     doc = orjson.loads(line)

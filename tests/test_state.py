@@ -79,8 +79,11 @@ async def test_serials_never_repeat_after_the_state_directory_is_lost(tmp_path: 
 async def test_retention_prunes_delivered_rows_and_old_merged_files(tmp_path: Path):
     journal = Journal(str(tmp_path / "state"))
     await journal.start()
-    for key, state in (("k:old-fwd", FORWARDED), ("k:old-merged", MERGED),
-                       ("k:old-buffered", BUFFERED)):
+    for key, state in (
+        ("k:old-fwd", FORWARDED),
+        ("k:old-merged", MERGED),
+        ("k:old-buffered", BUFFERED),
+    ):
         await journal.record(Entry(key, f"S-{key}", state, None, None, b"d", "2026-01-01"))
     dirs = BufferDirs(tmp_path / "spool")
     dirs.ensure()
@@ -101,21 +104,38 @@ async def test_retention_prunes_delivered_rows_and_old_merged_files(tmp_path: Pa
 
 
 async def test_a_row_committed_behind_the_reply_is_seen_at_once_and_held_from_the_drain(
-        tmp_path: Path):
+    tmp_path: Path,
+):
     """record_behind (a buffered order's row, behind its 202): lookups see it before the
     commit, so a retry is a duplicate; queued() keeps the drain off the file until the
     row is durable; afterwards the row comes from the database itself."""
     journal = Journal(str(tmp_path))
     await journal.start()
-    entry = Entry("douyin:behind-1", "WH-SH-01-20261130-000000001", BUFFERED, None, None,
-                  b"d" * 32, "2026-11-30T10:00:00.000+08:00")
+    entry = Entry(
+        "douyin:behind-1",
+        "WH-SH-01-20261130-000000001",
+        BUFFERED,
+        None,
+        None,
+        b"d" * 32,
+        "2026-11-30T10:00:00.000+08:00",
+    )
     journal.record_behind(entry)
     assert journal.queued(entry.serial)
     assert await journal.by_key(entry.dedupe_key) == entry
     assert await journal.by_serial(entry.serial) == entry
     # A later row commits after it (one writer, in order): then it is durable.
-    await journal.record(Entry("douyin:behind-2", "WH-SH-01-20261130-000000002", FORWARDED,
-                               "primary", "OC1", b"e" * 32, "2026-11-30T10:00:00.000+08:00"))
+    await journal.record(
+        Entry(
+            "douyin:behind-2",
+            "WH-SH-01-20261130-000000002",
+            FORWARDED,
+            "primary",
+            "OC1",
+            b"e" * 32,
+            "2026-11-30T10:00:00.000+08:00",
+        )
+    )
     assert not journal.queued(entry.serial)
     await journal.stop()
 
@@ -139,8 +159,12 @@ async def test_a_failing_journal_read_says_which_file_and_is_ours_not_sqlite3s(t
     try:
         with sqlite3.connect(tmp_path / "journal.sqlite3") as other:  # the damage
             other.execute("DROP TABLE orders")
-        for read in (journal.by_key("douyin:1"), journal.by_serial("S-1"),
-                     journal.pinned_counts(), journal.pending_summary()):
+        for read in (
+            journal.by_key("douyin:1"),
+            journal.by_serial("S-1"),
+            journal.pinned_counts(),
+            journal.pending_summary(),
+        ):
             with pytest.raises(PersistError, match=r"journal read failed in .*journal\.sqlite3"):
                 await read
     finally:

@@ -88,10 +88,10 @@ OPERATIONS = REPO / "docs" / "operations.md"  # where operators read the install
 def readme_install_block() -> list[str]:
     """The command lines of the documented install block, comments stripped."""
     text = OPERATIONS.read_text(encoding="utf-8")
-    section = text[text.index("## Running under systemd"):]
-    section = section[section.index("**Install on a warehouse server**"):]
-    block = section[section.index("```sh\n") + 6:]
-    block = block[:block.index("```")]
+    section = text[text.index("## Running under systemd") :]
+    section = section[section.index("**Install on a warehouse server**") :]
+    block = section[section.index("```sh\n") + 6 :]
+    block = block[: block.index("```")]
     lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in block.splitlines()]
     return [line for line in lines if line]
 
@@ -99,8 +99,8 @@ def readme_install_block() -> list[str]:
 def readme_journal_commands() -> list[str]:
     """The documented journalctl pipelines for the agent's JSON log (inline code spans)."""
     text = OPERATIONS.read_text(encoding="utf-8")
-    section = text[text.index("## Running under systemd"):]
-    section = section[:section.index("\n## ", 5)]
+    section = text[text.index("## Running under systemd") :]
+    section = section[: section.index("\n## ", 5)]
     cmds = re.findall(r"`(journalctl [^`]*\| *jq\b[^`]*)`", section)
     assert cmds, "no `journalctl ... | jq ...` command in docs/operations.md's systemd section"
     return cmds
@@ -137,23 +137,27 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def config(self, primary: str) -> str:
-        return edit_toml(self.example_config, {
-            ("agent", "node_id"): '"wh-ct-01"',
-            ("agent", "listen"): f'"127.0.0.1:{self.port}"',
-            ("buffer", "scan_interval_s"): "1",
-            ("upstream", "primary"): json.dumps(primary),
-            ("upstream", "standby"): '""',
-            ("upstream", "timeout_s"): "2",
-            ("health", "interval_s"): "0.2",
-            ("health", "timeout_s"): "0.5",
-            ("health", "unhealthy_threshold"): "2",
-            ("health", "healthy_threshold"): "1",
-            ("sms", "provider"): '"log"',
-        })
+        return edit_toml(
+            self.example_config,
+            {
+                ("agent", "node_id"): '"wh-ct-01"',
+                ("agent", "listen"): f'"127.0.0.1:{self.port}"',
+                ("buffer", "scan_interval_s"): "1",
+                ("upstream", "primary"): json.dumps(primary),
+                ("upstream", "standby"): '""',
+                ("upstream", "timeout_s"): "2",
+                ("health", "interval_s"): "0.2",
+                ("health", "timeout_s"): "0.5",
+                ("health", "unhealthy_threshold"): "2",
+                ("health", "healthy_threshold"): "1",
+                ("sms", "provider"): '"log"',
+            },
+        )
 
     # -- HTTP ---------------------------------------------------------------------------
-    def http(self, method: str, path: str, body: dict[str, Any] | None = None,
-             token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
+    def http(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = TOKEN
+    ) -> tuple[int, dict[str, Any]]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
@@ -168,8 +172,12 @@ class Stack:
 
     def order(self, prefix: str) -> tuple[str, dict[str, Any]]:
         self.order_seq += 1
-        body = {"channel_id": "ct", "channel_order_id": f"{prefix}-{self.order_seq}",
-                "amount": "199.10", "items": [{"sku": "A-1", "qty": 2}]}
+        body = {
+            "channel_id": "ct",
+            "channel_order_id": f"{prefix}-{self.order_seq}",
+            "amount": "199.10",
+            "items": [{"sku": "A-1", "qty": 2}],
+        }
         return f"ct:{prefix}-{self.order_seq}", body
 
     def status(self) -> dict[str, Any]:
@@ -191,9 +199,11 @@ class Stack:
 
     def pending(self) -> dict[str, str]:
         """pending/ in the spool: file name -> dedupe_key (read as root inside)."""
-        script = ("import glob, json, os; print(json.dumps({os.path.basename(f): "
-                  "json.load(open(f))['dedupe_key'] "
-                  f"for f in glob.glob('{SPOOL}/pending/*.json')}}))")
+        script = (
+            "import glob, json, os; print(json.dumps({os.path.basename(f): "
+            "json.load(open(f))['dedupe_key'] "
+            f"for f in glob.glob('{SPOOL}/pending/*.json')}}))"
+        )
         out = self.ct.sh(f"python3 -c {shlex.quote(script)}").stdout
         return json.loads(out)
 
@@ -202,8 +212,9 @@ class Stack:
 
     def ensure_running(self) -> None:
         if self.show("ActiveState")["ActiveState"] != "active":
-            self.ct.sh(f"systemctl reset-failed {UNIT} || true; systemctl start {UNIT}",
-                       timeout=120)
+            self.ct.sh(
+                f"systemctl reset-failed {UNIT} || true; systemctl start {UNIT}", timeout=120
+            )
         code, _ = self.http("GET", "/readyz")
         assert code == 200
 
@@ -220,31 +231,41 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     t1 = time.monotonic()
     wheel = build_wheel(work / "build")
     wheels = work / "wheelhouse"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(wheel)],
-        cwd=work, timeout=600)
-    log(f"wheel + wheelhouse ({len(list(wheels.iterdir()))} wheels) in "
-        f"{time.monotonic() - t1:.0f} s")
+    run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(wheel)],
+        cwd=work,
+        timeout=600,
+    )
+    log(
+        f"wheel + wheelhouse ({len(list(wheels.iterdir()))} wheels) in "
+        f"{time.monotonic() - t1:.0f} s"
+    )
     # The documented offline path: the bundle, built with its one command on the host.
     t2 = time.monotonic()
     bundles = work / "bundle"
-    run([str(REPO / "ops" / "offline" / "build-bundle.sh"), str(bundles)], cwd=work,
-        timeout=600)
+    run([str(REPO / "ops" / "offline" / "build-bundle.sh"), str(bundles)], cwd=work, timeout=600)
     log(f"offline bundle in {time.monotonic() - t2:.0f} s")
     center = Center(free_port())
     center.up()
     try:
-        with booted({str(REPO): "/src", str(wheels): "/wheels", str(bundles): "/bundle"},
-                    work / "console.log") as ct:
+        with booted(
+            {str(REPO): "/src", str(wheels): "/wheels", str(bundles): "/bundle"},
+            work / "console.log",
+        ) as ct:
             # The wheelhouse holds wheels for this interpreter: the container's must match.
             theirs = ct.sh("python3 -c 'import sys; print(*sys.version_info[:2])'").stdout
             ours = f"{sys.version_info[0]} {sys.version_info[1]}"
-            assert theirs.strip() == ours, f"container python {theirs}, host {ours}: " \
+            assert theirs.strip() == ours, (
+                f"container python {theirs}, host {ours}: "
                 "the host's pip wheel built for the wrong interpreter"
+            )
             # The operator's checkout: a writable copy of this one, with the wheel in dist/.
-            ct.sh(f"mkdir -p {CHECKOUT} && cd /src && tar --exclude=./.venv --exclude=./.git "
-                  f"--exclude='__pycache__' --exclude=./build --exclude=./dist -cf - . "
-                  f"| tar -C {CHECKOUT} -xf - && mkdir -p {CHECKOUT}/dist "
-                  f"&& cp /wheels/{wheel.name} {CHECKOUT}/dist/")
+            ct.sh(
+                f"mkdir -p {CHECKOUT} && cd /src && tar --exclude=./.venv --exclude=./.git "
+                f"--exclude='__pycache__' --exclude=./build --exclude=./dist -cf - . "
+                f"| tar -C {CHECKOUT} -xf - && mkdir -p {CHECKOUT}/dist "
+                f"&& cp /wheels/{wheel.name} {CHECKOUT}/dist/"
+            )
             yield Stack(ct, center, free_port())
             log(f"container stage: {time.monotonic() - t0:.0f} s in all")
     finally:
@@ -271,8 +292,9 @@ def test_readme_install_block_runs_verbatim_and_start_returns_when_ready(stack: 
             continue
         t = time.monotonic()
         # Where pip finds packages is pip's own setting (environment), not the docs.
-        proc = ct.sh(line, cwd=CHECKOUT, timeout=300,
-                     env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"})
+        proc = ct.sh(
+            line, cwd=CHECKOUT, timeout=300, env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"}
+        )
         log(f"docs: {line}  ({time.monotonic() - t:.1f} s)")
         ran.append(line)
         if line == "systemctl enable --now edge-agent":
@@ -282,8 +304,9 @@ def test_readme_install_block_runs_verbatim_and_start_returns_when_ready(stack: 
             assert props["StatusText"] == f"accepting orders on 127.0.0.1:{stack.port}", props
             assert stack.http("GET", "/readyz") == (200, {"ready": True})
         elif line == "systemctl status edge-agent":
-            assert f'Status: "accepting orders on 127.0.0.1:{stack.port}"' in proc.stdout, \
+            assert f'Status: "accepting orders on 127.0.0.1:{stack.port}"' in proc.stdout, (
                 proc.stdout
+            )
         elif line.endswith("edge-agent status"):
             assert "mode: normal" in proc.stdout, proc.stdout
     for needed in ("systemd/install.sh", "systemctl enable --now edge-agent"):
@@ -293,16 +316,19 @@ def test_readme_install_block_runs_verbatim_and_start_returns_when_ready(stack: 
     assert ct.sh("stat -c '%U %a' /var/spool/edge-agent").stdout.strip() == "edge-agent 700"
     assert ct.sh("stat -c '%U %a' /var/lib/edge-agent").stdout.strip() == "edge-agent 700"
     assert ct.sh("stat -c '%U:%G %a' /etc/edge-agent/sms").stdout.strip() == "root:root 600"
-    assert stack.show("User", "UnitFileState") == {"User": "edge-agent",
-                                                   "UnitFileState": "enabled"}
+    assert stack.show("User", "UnitFileState") == {"User": "edge-agent", "UnitFileState": "enabled"}
 
 
 def test_rerunning_install_upgrades_and_keeps_the_operators_files(stack: Stack) -> None:
     """docs/operations.md: "It never overwrites a file in /etc/edge-agent; rerun it to upgrade"."""
     before = stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout
     assert TOKEN in before and f"127.0.0.1:{stack.port}" in before
-    stack.ct.sh("systemd/install.sh dist/order_edge_agent-*.whl", cwd=CHECKOUT, timeout=300,
-                env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"})
+    stack.ct.sh(
+        "systemd/install.sh dist/order_edge_agent-*.whl",
+        cwd=CHECKOUT,
+        timeout=300,
+        env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"},
+    )
     assert stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout == before
     assert stack.show("ActiveState")["ActiveState"] == "active"
 
@@ -343,8 +369,11 @@ def test_kill_9_restarts_and_the_buffered_order_survives_and_drains(stack: Stack
 
     def restarted() -> bool:
         now = stack.show("MainPID", "NRestarts", "ActiveState")
-        return (int(now["NRestarts"]) > int(before["NRestarts"]) and now["ActiveState"] ==
-                "active" and now["MainPID"] not in ("0", before["MainPID"]))
+        return (
+            int(now["NRestarts"]) > int(before["NRestarts"])
+            and now["ActiveState"] == "active"
+            and now["MainPID"] not in ("0", before["MainPID"])
+        )
 
     wait_for("restart after kill -9 (RestartSec=5s)", restarted, 30)
     assert stack.http("GET", "/readyz")[0] == 200  # active means READY=1 came again
@@ -354,8 +383,11 @@ def test_kill_9_restarts_and_the_buffered_order_survives_and_drains(stack: Stack
         assert code == 200 and answer["state"] == "buffered", (code, answer)
         assert not stack.center.has(key)
     stack.center.up()
-    wait_for("buffered orders at the center", lambda: all(
-        stack.center.has(k) for k in pending.values()), 30)
+    wait_for(
+        "buffered orders at the center",
+        lambda: all(stack.center.has(k) for k in pending.values()),
+        30,
+    )
     wait_for("pending/ empty after the drain", lambda: not stack.pending(), 30)
     for name in pending:
         code, answer = stack.http("GET", f"/v1/orders/{name.removesuffix('.json')}")
@@ -380,9 +412,14 @@ def test_reload_applies_a_config_change(stack: Stack) -> None:
         stack.ct.sh("mount --bind /root/agent-other.toml /etc/edge-agent/agent.toml")
         assert stack.status()["clusters"]["primary"]["url"] == stack.center.base
         stack.ct.sh("systemctl reload edge-agent")
-        wait_for("/status: primary is the new center and healthy", lambda: (
-            stack.status()["clusters"]["primary"]["url"] == other.base
-            and stack.status()["clusters"]["primary"]["healthy"]), 15)
+        wait_for(
+            "/status: primary is the new center and healthy",
+            lambda: (
+                stack.status()["clusters"]["primary"]["url"] == other.base
+                and stack.status()["clusters"]["primary"]["healthy"]
+            ),
+            15,
+        )
         key, body = stack.order("reload")
         code, answer = stack.http("POST", "/v1/orders", body)
         assert code == 201, (code, answer)
@@ -392,9 +429,14 @@ def test_reload_applies_a_config_change(stack: Stack) -> None:
         other.close()
     stack.write_config(stack.config(stack.center.base))
     stack.ct.sh("systemctl reload edge-agent")
-    wait_for("/status: primary back to the first center", lambda: (
-        stack.status()["clusters"]["primary"]["url"] == stack.center.base
-        and stack.status()["clusters"]["primary"]["healthy"]), 15)
+    wait_for(
+        "/status: primary back to the first center",
+        lambda: (
+            stack.status()["clusters"]["primary"]["url"] == stack.center.base
+            and stack.status()["clusters"]["primary"]["healthy"]
+        ),
+        15,
+    )
     assert stack.show("MainPID", "NRestarts") == before, "reload restarted the agent"
 
 
@@ -409,18 +451,28 @@ def test_watchdog_kills_a_wedged_agent_and_it_is_restarted(stack: Stack) -> None
 
     def restarted() -> bool:
         now = stack.show("MainPID", "NRestarts", "ActiveState")
-        return (int(now["NRestarts"]) > int(props["NRestarts"])
-                and now["ActiveState"] == "active" and now["MainPID"] != props["MainPID"])
+        return (
+            int(now["NRestarts"]) > int(props["NRestarts"])
+            and now["ActiveState"] == "active"
+            and now["MainPID"] != props["MainPID"]
+        )
 
-    wait_for("restart after the watchdog timeout", restarted,
-             watchdog + seconds(props["RestartUSec"]) + 30, interval=0.5)
+    wait_for(
+        "restart after the watchdog timeout",
+        restarted,
+        watchdog + seconds(props["RestartUSec"]) + 30,
+        interval=0.5,
+    )
     took = time.monotonic() - t
     assert took >= watchdog, f"restarted after {took:.1f} s, before WatchdogSec"
     journal = stack.journal_since(since, "-u", UNIT)
     assert f"{UNIT}: Watchdog timeout (limit 10s)!" in journal, (
-        journal, stack.ct.sh(f"journalctl -u {UNIT} -o short-precise | tail -n 40").stdout)
-    assert f"Killing process {props['MainPID']} (edge-agent) with signal SIGABRT" in journal, \
+        journal,
+        stack.ct.sh(f"journalctl -u {UNIT} -o short-precise | tail -n 40").stdout,
+    )
+    assert f"Killing process {props['MainPID']} (edge-agent) with signal SIGABRT" in journal, (
         journal
+    )
     assert stack.http("GET", "/readyz")[0] == 200
 
 
@@ -443,8 +495,11 @@ def test_stop_under_load_loses_no_acknowledged_order(stack: Stack) -> None:
                 return
             body = {"channel_id": "load", "channel_order_id": str(i), "amount": "1.00"}
             try:
-                async with session.post(f"{stack.url}/v1/orders", json=body,
-                                        headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                async with session.post(
+                    f"{stack.url}/v1/orders",
+                    json=body,
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                ) as r:
                     await r.read()
                     if 200 <= r.status < 300:
                         acked[f"load:{i}"] = r.status
@@ -474,11 +529,11 @@ def test_stop_under_load_loses_no_acknowledged_order(stack: Stack) -> None:
 
             await until("100 forwarded orders", lambda: len(acked) >= 100)
             await asyncio.to_thread(stack.center.down)
-            await until("100 buffered orders",
-                        lambda: sum(1 for s in acked.values() if s == 202) >= 100)
+            await until(
+                "100 buffered orders", lambda: sum(1 for s in acked.values() if s == 202) >= 100
+            )
             stopping.set()
-            stop = await asyncio.to_thread(stack.ct.sh, "systemctl stop edge-agent",
-                                           timeout=60)
+            stop = await asyncio.to_thread(stack.ct.sh, "systemctl stop edge-agent", timeout=60)
             stop_done.set()
             await asyncio.gather(*clients)
             return stop
@@ -492,9 +547,11 @@ def test_stop_under_load_loses_no_acknowledged_order(stack: Stack) -> None:
     assert not lost, f"{len(lost)} of {len(acked)} acknowledged orders lost: {lost[:10]}"
     assert all(n == 1 for n in stack.center.creates.values())
     forwarded = sum(1 for s in acked.values() if s == 201)
-    log(f"stop under load: {len(acked)} acknowledged ({forwarded} forwarded, "
+    log(
+        f"stop under load: {len(acked)} acknowledged ({forwarded} forwarded, "
         f"{len(acked) - forwarded} buffered), {len(refused)} refused during the stop; "
-        f"{len(pending)} in pending/")
+        f"{len(pending)} in pending/"
+    )
     stack.acked = acked
 
 
@@ -563,24 +620,35 @@ def test_offline_bundle_installs_the_service_with_no_network(stack: Stack) -> No
     """
     ct = stack.ct
     stack.ensure_running()
-    ct.sh(f"systemctl stop {UNIT} && rm -rf /opt/edge-agent "
-          "&& dpkg --purge python3-venv python3.11-venv", timeout=120)
+    ct.sh(
+        f"systemctl stop {UNIT} && rm -rf /opt/edge-agent "
+        "&& dpkg --purge python3-venv python3.11-venv",
+        timeout=120,
+    )
     assert ct.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
-    ct.sh("rm -rf /root/offline && mkdir /root/offline && cd /root/offline "
-          "&& tar xzf /bundle/order-edge-agent-*-offline-*.tar.gz")
+    ct.sh(
+        "rm -rf /root/offline && mkdir /root/offline && cd /root/offline "
+        "&& tar xzf /bundle/order-edge-agent-*-offline-*.tar.gz"
+    )
     links = ct.sh("unshare --net sh -c 'tail -n +3 /proc/net/dev'").stdout.split()
     assert links[0] == "lo:" and not [w for w in links if w.endswith(":") and w != "lo:"]
     before = stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout
-    proc = ct.sh("cd /root/offline/order-edge-agent-*-offline-*/ && unshare --net ./install.sh",
-                 timeout=300, env={"https_proxy": "http://127.0.0.1:9",
-                                   "http_proxy": "http://127.0.0.1:9"})
+    proc = ct.sh(
+        "cd /root/offline/order-edge-agent-*-offline-*/ && unshare --net ./install.sh",
+        timeout=300,
+        env={"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"},
+    )
     assert "systemd/install.sh: installed edge-agent" in proc.stdout, proc.stdout
     assert stack.ct.sh("cat /etc/edge-agent/agent.toml /etc/edge-agent/tokens").stdout == before
     # Nothing was installed with dpkg: still no ensurepip, the venv's pip is the bundle's.
     assert ct.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
     pip = ct.sh("/opt/edge-agent/bin/pip --version").stdout.split()[1]
-    assert ct.sh(f"ls /root/offline/order-edge-agent-*-offline-*/wheels/pip-{pip}-*.whl",
-                 check=False).returncode == 0, pip
+    assert (
+        ct.sh(
+            f"ls /root/offline/order-edge-agent-*-offline-*/wheels/pip-{pip}-*.whl", check=False
+        ).returncode
+        == 0
+    ), pip
     ct.sh(f"systemctl restart {UNIT}", timeout=120)
     assert stack.http("GET", "/readyz") == (200, {"ready": True})
     with urllib.request.urlopen(stack.url + "/", timeout=10) as resp:  # the console

@@ -32,8 +32,10 @@ def rename_noreplace(src: str | Path, dst: str | Path) -> None:
     order in pending/ and in merged/ is recognised as merged).
     """
     if _RENAMEAT2 is not None:
-        if _RENAMEAT2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
-                           RENAME_NOREPLACE) == 0:
+        if (
+            _RENAMEAT2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+            == 0
+        ):
             return
         err = ctypes.get_errno()
         if err not in _NO_RENAMEAT2:
@@ -81,8 +83,7 @@ def _load_renameat2() -> Any:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                   ctypes.c_uint]
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return fn
 

@@ -28,8 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 # Facts of the order record a template may name (the ledger keeps each of them).
-FIELDS = ("order_id", "serial", "dedupe_key", "channel_id", "channel_order_id",
-          "received_at")
+FIELDS = ("order_id", "serial", "dedupe_key", "channel_id", "channel_order_id", "received_at")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:[^{}]*)?\}")
 _INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
 
@@ -137,8 +136,10 @@ class Template:
             else:
                 raise TemplateError(
                     f"unknown placeholder {m.group(0)}; use one of "
-                    + ", ".join(f"{{{f}}}" for f in FIELDS) + " or {order:/json/pointer}")
-            parts += [text[at:m.start()], slot]
+                    + ", ".join(f"{{{f}}}" for f in FIELDS)
+                    + " or {order:/json/pointer}"
+                )
+            parts += [text[at : m.start()], slot]
             at = m.end()
         parts.append(text[at:])
         return cls(text, tuple(p for p in parts if p != ""))

@@ -19,8 +19,15 @@ Accept = Callable[[watchfiles.Change, str], bool]
 
 
 class WatchedLoop:
-    def __init__(self, name: str, body: Callable[[], Awaitable[None]], watch: Path,
-                 accept: Accept, interval_s: float | None, debounce_ms: int = 300) -> None:
+    def __init__(
+        self,
+        name: str,
+        body: Callable[[], Awaitable[None]],
+        watch: Path,
+        accept: Accept,
+        interval_s: float | None,
+        debounce_ms: int = 300,
+    ) -> None:
         self._name = name
         self._body = body
         self._watch_dir = watch
@@ -65,10 +72,15 @@ class WatchedLoop:
         self._loop_task = self._watch_task = None
 
     async def _watch(self) -> None:
-        async for _ in watchfiles.awatch(self._watch_dir, watch_filter=self._accept,
-                                         stop_event=self._stop, recursive=False,
-                                         debounce=self._debounce, step=20,
-                                         ignore_permission_denied=True):
+        async for _ in watchfiles.awatch(
+            self._watch_dir,
+            watch_filter=self._accept,
+            stop_event=self._stop,
+            recursive=False,
+            debounce=self._debounce,
+            step=20,
+            ignore_permission_denied=True,
+        ):
             self.kick()
 
     async def _loop(self) -> None:

@@ -42,19 +42,28 @@ def channel_order_id(body: str) -> str | None:
 
 def from_record(record: PendingRecord, order_id: Any) -> ChainOrder:
     """A buffered order the center confirmed (the drain, or a merged/ copy)."""
-    return ChainOrder(serial=record.serial,
-                      order_id=None if order_id is None else str(order_id),
-                      dedupe_key=record.dedupe_key, channel_id=record.channel_id,
-                      channel_order_id=channel_order_id(record.body),
-                      received_at=record.received_at, body=record.body)
+    return ChainOrder(
+        serial=record.serial,
+        order_id=None if order_id is None else str(order_id),
+        dedupe_key=record.dedupe_key,
+        channel_id=record.channel_id,
+        channel_order_id=channel_order_id(record.body),
+        received_at=record.received_at,
+        body=record.body,
+    )
 
 
 def from_order(order: Order, serial: str, received_at: str, order_id: Any) -> ChainOrder:
     """An order the forward path had created (at the standby)."""
-    return ChainOrder(serial=serial, order_id=None if order_id is None else str(order_id),
-                      dedupe_key=order.dedupe_key, channel_id=order.channel_id,
-                      channel_order_id=order.channel_order_id, received_at=received_at,
-                      body=order.raw.decode("utf-8"))
+    return ChainOrder(
+        serial=serial,
+        order_id=None if order_id is None else str(order_id),
+        dedupe_key=order.dedupe_key,
+        channel_id=order.channel_id,
+        channel_order_id=order.channel_order_id,
+        received_at=received_at,
+        body=order.raw.decode("utf-8"),
+    )
 
 
 def timestamp(iso: str, default: float) -> float:
@@ -64,8 +73,9 @@ def timestamp(iso: str, default: float) -> float:
         return default
 
 
-def unknown_merged(dirs: BufferDirs, known: Container[str], skip: Container[str],
-                   limit: int) -> list[str]:
+def unknown_merged(
+    dirs: BufferDirs, known: Container[str], skip: Container[str], limit: int
+) -> list[str]:
     """Names in merged/ whose serial is not in ``known`` (nor in ``skip``), at most
     ``limit``, oldest serial first."""
     try:

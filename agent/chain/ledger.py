@@ -60,8 +60,7 @@ CREATE INDEX IF NOT EXISTS steps_due ON steps(next_check) WHERE state != 'verifi
 # The due queries spell 'verified' out (not a bound parameter): SQLite uses a partial
 # index only when the query's WHERE visibly implies the index's.
 
-_ORDER_COLUMNS = ("serial, order_id, dedupe_key, channel_id, channel_order_id, received_at, "
-                  "body")
+_ORDER_COLUMNS = "serial, order_id, dedupe_key, channel_id, channel_order_id, received_at, body"
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,9 @@ class Ledger:
     """Owns the ledger database and its group-commit writer."""
 
     def __init__(self, state_dir: str, steps: Sequence[str]) -> None:
-        self._db = SqliteDb(Path(state_dir) / "chain.sqlite3", "chain ledger", SCHEMA,
-                            synchronous="NORMAL")
+        self._db = SqliteDb(
+            Path(state_dir) / "chain.sqlite3", "chain ledger", SCHEMA, synchronous="NORMAL"
+        )
         self._writer = GroupCommit[_Op]("chain-ledger", self._flush)
         self.steps = tuple(steps)
         self.fresh = False  # created new (first start, or moved aside as damaged)
@@ -107,9 +107,19 @@ class Ledger:
         self._writer.start()
         # A step added to the config since: every enrolled order gets it, from pending.
         for step in self.steps:
-            await self._writer.submit(_Op(((
-                "INSERT OR IGNORE INTO steps(serial, step, state, delivered_at, next_check) "
-                "SELECT serial, ?, ?, delivered_at, 0 FROM orders", (step, PENDING)),), True))
+            await self._writer.submit(
+                _Op(
+                    (
+                        (
+                            "INSERT OR IGNORE INTO steps"
+                            "(serial, step, state, delivered_at, next_check) "
+                            "SELECT serial, ?, ?, delivered_at, 0 FROM orders",
+                            (step, PENDING),
+                        ),
+                    ),
+                    True,
+                )
+            )
 
     async def stop(self) -> None:
         await self._writer.stop()
@@ -127,35 +137,65 @@ class Ledger:
 
     # -- writes --------------------------------------------------------------------------
 
-    def enrol(self, order: ChainOrder, delivered_at: float, source: str
-              ) -> asyncio.Future[None]:
+    def enrol(self, order: ChainOrder, delivered_at: float, source: str) -> asyncio.Future[None]:
         """Queue the order and a pending row per step; the future says when committed.
 
         An order already enrolled keeps its place and its states; a fact it lacked
         (order_id, body) is filled in.
         """
-        statements: list[tuple[str, tuple[Any, ...]]] = [(
-            f"INSERT INTO orders ({_ORDER_COLUMNS}, delivered_at, source) "
-            "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(serial) DO UPDATE SET "
-            "order_id=COALESCE(orders.order_id, excluded.order_id), "
-            "body=COALESCE(orders.body, excluded.body), "
-            "channel_id=COALESCE(orders.channel_id, excluded.channel_id), "
-            "channel_order_id=COALESCE(orders.channel_order_id, excluded.channel_order_id)",
-            (order.serial, order.order_id, order.dedupe_key, order.channel_id,
-             order.channel_order_id, order.received_at, order.body, delivered_at, source))]
-        statements += [(
-            "INSERT OR IGNORE INTO steps(serial, step, state, delivered_at, next_check) "
-            "VALUES (?,?,?,?,0)", (order.serial, step, PENDING, delivered_at))
-            for step in self.steps]
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                f"INSERT INTO orders ({_ORDER_COLUMNS}, delivered_at, source) "
+                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(serial) DO UPDATE SET "
+                "order_id=COALESCE(orders.order_id, excluded.order_id), "
+                "body=COALESCE(orders.body, excluded.body), "
+                "channel_id=COALESCE(orders.channel_id, excluded.channel_id), "
+                "channel_order_id=COALESCE(orders.channel_order_id, excluded.channel_order_id)",
+                (
+                    order.serial,
+                    order.order_id,
+                    order.dedupe_key,
+                    order.channel_id,
+                    order.channel_order_id,
+                    order.received_at,
+                    order.body,
+                    delivered_at,
+                    source,
+                ),
+            )
+        ]
+        statements += [
+            (
+                "INSERT OR IGNORE INTO steps(serial, step, state, delivered_at, next_check) "
+                "VALUES (?,?,?,?,0)",
+                (order.serial, step, PENDING, delivered_at),
+            )
+            for step in self.steps
+        ]
         return self._writer.enqueue(_Op(tuple(statements), True))
 
-    async def record(self, serial: str, step: str, state: str, detail: str,
-                     next_check: float, last_repair: float | None) -> None:
+    async def record(
+        self,
+        serial: str,
+        step: str,
+        state: str,
+        detail: str,
+        next_check: float,
+        last_repair: float | None,
+    ) -> None:
         """A check's result; waits for the commit (at the base level: may cost a recheck)."""
-        await self._writer.submit(_Op(((
-            "UPDATE steps SET state=?, detail=?, next_check=?, last_repair=?, checked_at=? "
-            "WHERE serial=? AND step=?",
-            (state, detail, next_check, last_repair, time.time(), serial, step)),), False))
+        await self._writer.submit(
+            _Op(
+                (
+                    (
+                        "UPDATE steps SET state=?, detail=?, next_check=?, last_repair=?, "
+                        "checked_at=? WHERE serial=? AND step=?",
+                        (state, detail, next_check, last_repair, time.time(), serial, step),
+                    ),
+                ),
+                False,
+            )
+        )
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -170,30 +210,38 @@ class Ledger:
             f"o.received_at, o.body, s.step, s.state, s.last_repair "
             f"FROM steps s JOIN orders o ON o.serial = s.serial "
             f"WHERE s.state != 'verified' AND s.next_check <= ? AND s.step IN ({marks}) "
-            f"ORDER BY s.next_check LIMIT ?", (now, *self.steps, limit))
+            f"ORDER BY s.next_check LIMIT ?",
+            (now, *self.steps, limit),
+        )
         return [Due(ChainOrder(*row[:7]), row[7], row[8], row[9]) for row in rows]
 
     async def next_check(self) -> float | None:
         marks = ",".join("?" * len(self.steps))
         rows = await self._db.read(
-            f"SELECT MIN(next_check) FROM steps WHERE state != 'verified' AND "
-            f"step IN ({marks})", self.steps)
+            f"SELECT MIN(next_check) FROM steps WHERE state != 'verified' AND step IN ({marks})",
+            self.steps,
+        )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
     async def chain_of(self, serial: str, deadline_s: float) -> dict[str, dict[str, Any]]:
         """step -> {state, detail} for one order ({} if it is not an outage order)."""
         rows = await self._db.read_inline(
-            "SELECT step, state, detail, delivered_at FROM steps WHERE serial=?", (serial,))
+            "SELECT step, state, detail, delivered_at FROM steps WHERE serial=?", (serial,)
+        )
         now = time.time()
-        return {str(step): {"state": _shown(state, delivered_at, deadline_s, now),
-                            "detail": detail}
-                for step, state, detail, delivered_at in rows if step in self.steps}
+        return {
+            str(step): {"state": _shown(state, delivered_at, deadline_s, now), "detail": detail}
+            for step, state, detail, delivered_at in rows
+            if step in self.steps
+        }
 
     async def counts(self, deadline_s: float) -> dict[str, dict[str, int]]:
         """step -> {state: count}, every configured step and state present (0 included)."""
         rows = await self._db.read(
             "SELECT step, CASE WHEN state=? AND delivered_at + ? < ? THEN ? ELSE state END, "
-            "COUNT(*) FROM steps GROUP BY 1, 2", (PENDING, deadline_s, time.time(), OVERDUE))
+            "COUNT(*) FROM steps GROUP BY 1, 2",
+            (PENDING, deadline_s, time.time(), OVERDUE),
+        )
         out = {step: dict.fromkeys(STATES, 0) for step in self.steps}
         for step, state, n in rows:
             if step in out:
@@ -208,7 +256,8 @@ class Ledger:
             "FROM steps s JOIN orders o ON o.serial = s.serial "
             "WHERE s.state=? OR (s.state=? AND s.delivered_at + ? < ?) "
             "ORDER BY s.delivered_at LIMIT ?",
-            (PENDING, OVERDUE, FAILED, PENDING, deadline_s, time.time(), limit))
+            (PENDING, OVERDUE, FAILED, PENDING, deadline_s, time.time(), limit),
+        )
         keys = ("serial", "order_id", "dedupe_key", "step", "state", "detail", "delivered_at")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
@@ -217,7 +266,9 @@ class Ledger:
         marks = ",".join("?" * len(self.steps))
         rows = await self._db.read(
             f"SELECT serial FROM orders WHERE serial NOT IN (SELECT serial FROM steps "
-            f"WHERE state=? AND step IN ({marks}))", (PENDING, *self.steps))
+            f"WHERE state=? AND step IN ({marks}))",
+            (PENDING, *self.steps),
+        )
         return {str(r[0]) for r in rows}
 
 

@@ -47,9 +47,9 @@ SNIPPET = 200
 
 class Outcome(enum.Enum):
     VERIFIED = "verified"
-    PENDING = "pending"    # not there yet: check again at the next recheck (and repair)
-    FAILED = "failed"      # there, but wrong (or refused for good): reported, rechecked
-    RETRY = "retry"        # the system did not answer usefully: nothing learnt
+    PENDING = "pending"  # not there yet: check again at the next recheck (and repair)
+    FAILED = "failed"  # there, but wrong (or refused for good): reported, rechecked
+    RETRY = "retry"  # the system did not answer usefully: nothing learnt
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,17 @@ class ChainOrder:
                 doc = load_json(self.body)
             except ValueError:
                 doc = None
-        return Values({"order_id": self.order_id, "serial": self.serial,
-                       "dedupe_key": self.dedupe_key, "channel_id": self.channel_id,
-                       "channel_order_id": self.channel_order_id,
-                       "received_at": self.received_at}, doc)
+        return Values(
+            {
+                "order_id": self.order_id,
+                "serial": self.serial,
+                "dedupe_key": self.dedupe_key,
+                "channel_id": self.channel_id,
+                "channel_order_id": self.channel_order_id,
+                "received_at": self.received_at,
+            },
+            doc,
+        )
 
 
 class StepCheck(Protocol):
@@ -112,12 +119,12 @@ class HttpStep:
         except Absent as exc:
             return CheckResult(Outcome.FAILED, f"cannot build the check: {exc}")
         try:
-            async with self._session.request(self._check.method, url,
-                                             headers=self._headers) as r:
+            async with self._session.request(self._check.method, url, headers=self._headers) as r:
                 status, data = r.status, await r.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return CheckResult(Outcome.RETRY, f"{self._check.method} {url}: "
-                                              f"{type(exc).__name__} {exc}".strip())
+            return CheckResult(
+                Outcome.RETRY, f"{self._check.method} {url}: {type(exc).__name__} {exc}".strip()
+            )
         where = f"{self._check.method} {url}: HTTP {status}"
         if 200 <= status < 300:
             return self._judge(data, values, where)
@@ -137,8 +144,9 @@ class HttpStep:
             try:
                 resolve(doc, step.present)
             except Absent:
-                return CheckResult(Outcome.PENDING,
-                                   f"{where}, no {pointer_text(step.present)} in the answer")
+                return CheckResult(
+                    Outcome.PENDING, f"{where}, no {pointer_text(step.present)} in the answer"
+                )
         seen = []
         for pointer, template in step.equal:
             try:
@@ -148,12 +156,15 @@ class HttpStep:
             try:
                 got = resolve(doc, pointer)
             except Absent:
-                return CheckResult(Outcome.PENDING,
-                                   f"{where}, no {pointer_text(pointer)} in the answer")
+                return CheckResult(
+                    Outcome.PENDING, f"{where}, no {pointer_text(pointer)} in the answer"
+                )
             if not same_value(got, expected):
-                return CheckResult(Outcome.FAILED,
-                                   f"{pointer_text(pointer)} is {shown(got)} downstream, "
-                                   f"expected {shown(expected)}")
+                return CheckResult(
+                    Outcome.FAILED,
+                    f"{pointer_text(pointer)} is {shown(got)} downstream, "
+                    f"expected {shown(expected)}",
+                )
             seen.append(f"{pointer_text(pointer)} = {shown(got)}")
         return CheckResult(Outcome.VERIFIED, "; ".join(seen))
 
@@ -164,11 +175,15 @@ class HttpStep:
         values = order.values()
         try:
             url = repair.url.url(values)
-            body = (self._step.repair_body.json_body(values)
-                    if self._step.repair_body is not None else None)
+            body = (
+                self._step.repair_body.json_body(values)
+                if self._step.repair_body is not None
+                else None
+            )
         except Absent as exc:
-            log.warning("chain step %s: cannot build the repair for %s: %s", self.name,
-                        order.serial, exc)
+            log.warning(
+                "chain step %s: cannot build the repair for %s: %s", self.name, order.serial, exc
+            )
             return
         await self._send(repair, url, body, order.serial)
 
@@ -177,15 +192,25 @@ class HttpStep:
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
-            async with self._session.request(repair.method, url, headers=headers,
-                                             data=None if body is None else body.encode()
-                                             ) as r:
+            async with self._session.request(
+                repair.method, url, headers=headers, data=None if body is None else body.encode()
+            ) as r:
                 await r.read()
-                log.info("chain step %s: repair for %s asked: HTTP %d", self.name, serial,
-                         r.status, extra={"serial": serial, "step": self.name})
+                log.info(
+                    "chain step %s: repair for %s asked: HTTP %d",
+                    self.name,
+                    serial,
+                    r.status,
+                    extra={"serial": serial, "step": self.name},
+                )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.warning("chain step %s: repair for %s not asked: %s %s", self.name, serial,
-                        type(exc).__name__, exc)
+            log.warning(
+                "chain step %s: repair for %s not asked: %s %s",
+                self.name,
+                serial,
+                type(exc).__name__,
+                exc,
+            )
 
 
 class PluginStep:
@@ -202,8 +227,9 @@ class PluginStep:
         except Exception as exc:
             return CheckResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}")
         if not isinstance(result, CheckResult):
-            return CheckResult(Outcome.RETRY, f"check() returned {type(result).__name__}, "
-                                              "not a CheckResult")
+            return CheckResult(
+                Outcome.RETRY, f"check() returned {type(result).__name__}, not a CheckResult"
+            )
         return result
 
     async def repair(self, order: ChainOrder) -> None:
@@ -212,8 +238,13 @@ class PluginStep:
         try:
             await self._impl.repair(order)
         except Exception as exc:
-            log.warning("chain step %s: repair for %s failed: %s: %s", self.name,
-                        order.serial, type(exc).__name__, exc)
+            log.warning(
+                "chain step %s: repair for %s failed: %s: %s",
+                self.name,
+                order.serial,
+                type(exc).__name__,
+                exc,
+            )
 
 
 def load_plugin(step: ChainStep) -> PluginStep:
@@ -230,8 +261,9 @@ def load_plugin(step: ChainStep) -> PluginStep:
             cls = next(iter(found)).load()
         impl = cls()
     except Exception as exc:
-        raise ConfigError(f"chain step {step.name}: cannot load kind {kind!r}: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"chain step {step.name}: cannot load kind {kind!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     if not callable(getattr(impl, "check", None)):
         raise ConfigError(f"chain step {step.name}: {kind!r} has no check(order) method")
     return PluginStep(step.name, impl)
@@ -242,8 +274,9 @@ def load_plugins(steps: tuple[ChainStep, ...]) -> dict[str, PluginStep]:
     return {s.name: load_plugin(s) for s in steps if s.kind}
 
 
-def build_steps(steps: tuple[ChainStep, ...], session: aiohttp.ClientSession,
-                plugins: dict[str, PluginStep]) -> list[StepCheck]:
+def build_steps(
+    steps: tuple[ChainStep, ...], session: aiohttp.ClientSession, plugins: dict[str, PluginStep]
+) -> list[StepCheck]:
     return [plugins[s.name] if s.kind else HttpStep(s, session) for s in steps]
 
 

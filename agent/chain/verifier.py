@@ -58,8 +58,14 @@ _STATE = {Outcome.VERIFIED: VERIFIED, Outcome.PENDING: PENDING, Outcome.FAILED: 
 
 
 class Verifier:
-    def __init__(self, cfg: ChainSection, state_dir: str, dirs: BufferDirs, journal: Journal,
-                 scan_interval_s: float) -> None:
+    def __init__(
+        self,
+        cfg: ChainSection,
+        state_dir: str,
+        dirs: BufferDirs,
+        journal: Journal,
+        scan_interval_s: float,
+    ) -> None:
         self.cfg = cfg
         self._dirs = dirs
         self._journal = journal
@@ -71,7 +77,7 @@ class Verifier:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self._wake = asyncio.Event()
-        self._known: set[str] = set()    # serials enrolled (or queued to be)
+        self._known: set[str] = set()  # serials enrolled (or queued to be)
         self._unreadable: set[str] = set()  # merged/ names that are no order: read once
         self.in_flight: set[tuple[str, str]] = set()  # (serial, step) being checked now
         self.checks = 0  # checks finished since start
@@ -83,17 +89,20 @@ class Verifier:
         await self.ledger.start()
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
-            connector=aiohttp.TCPConnector(limit=self.cfg.concurrency))
-        self._steps = {s.name: s for s in build_steps(self.cfg.steps, self._session,
-                                                      self._plugins)}
+            connector=aiohttp.TCPConnector(limit=self.cfg.concurrency),
+        )
+        self._steps = {s.name: s for s in build_steps(self.cfg.steps, self._session, self._plugins)}
         self._known = await self.ledger.serials()
         self._running = True
         if self.ledger.fresh:
             await self._from_journal()
         self._spawn(self._check_loop(), "chain-checks")
         self._spawn(self._scan_loop(), "chain-scan")
-        log.info("chain verification on: %d steps, %d orders in the ledger",
-                 len(self._steps), len(self._known))
+        log.info(
+            "chain verification on: %d steps, %d orders in the ledger",
+            len(self._steps),
+            len(self._known),
+        )
 
     async def stop(self) -> None:
         self._running = False
@@ -115,13 +124,13 @@ class Verifier:
 
     # -- enrolment (never waits, never raises) -------------------------------------------
 
-    def on_created(self, order: Order, serial: str, received_at: str, cluster: str,
-                   order_id: Any) -> None:
+    def on_created(
+        self, order: Order, serial: str, received_at: str, cluster: str, order_id: Any
+    ) -> None:
         """The forward path created an order: the standby's are outage orders."""
         if cluster != STANDBY:
             return
-        self._enrol(Found(from_order(order, serial, received_at, order_id), time.time()),
-                    "standby")
+        self._enrol(Found(from_order(order, serial, received_at, order_id), time.time()), "standby")
 
     def on_merged(self, record: PendingRecord, order_id: Any, cluster: str) -> None:
         """The drain delivered a buffered order."""
@@ -141,9 +150,11 @@ class Verifier:
         def committed(done: asyncio.Future[None]) -> None:
             if done.cancelled() or done.exception() is not None:
                 self._known.discard(serial)
-                log.error("chain: ledger row for %s not stored (%s); the merged/ scan "
-                          "enrols it again", serial,
-                          "cancelled" if done.cancelled() else done.exception())
+                log.error(
+                    "chain: ledger row for %s not stored (%s); the merged/ scan enrols it again",
+                    serial,
+                    "cancelled" if done.cancelled() else done.exception(),
+                )
             else:
                 self._wake.set()
 
@@ -162,9 +173,15 @@ class Verifier:
         for e in entries:
             if e.serial in self._known:
                 continue
-            order = ChainOrder(serial=e.serial, order_id=e.order_id, dedupe_key=e.dedupe_key,
-                               channel_id=None, channel_order_id=None,
-                               received_at=e.received_at, body=None)
+            order = ChainOrder(
+                serial=e.serial,
+                order_id=e.order_id,
+                dedupe_key=e.dedupe_key,
+                channel_id=None,
+                channel_order_id=None,
+                received_at=e.received_at,
+                body=None,
+            )
             self._enrol(Found(order, timestamp(e.received_at, time.time())), "journal")
         if entries:
             log.info("chain: %d standby orders from the journal", len(entries))
@@ -173,8 +190,9 @@ class Verifier:
         """Enrol merged/ files not in the ledger; how many were enrolled."""
         enrolled = 0
         while True:
-            names = await asyncio.to_thread(unknown_merged, self._dirs, self._known,
-                                            self._unreadable, SCAN_BATCH)
+            names = await asyncio.to_thread(
+                unknown_merged, self._dirs, self._known, self._unreadable, SCAN_BATCH
+            )
             if not names:
                 return enrolled
             found = await asyncio.to_thread(self._read_all, names)
@@ -203,8 +221,7 @@ class Verifier:
                 found.append(read_merged(self._dirs, name))
             except CorruptRecordError as exc:
                 self._unreadable.add(name)
-                log.warning("chain: merged/%s is not an order record, not verified: %s",
-                            name, exc)
+                log.warning("chain: merged/%s is not an order record, not verified: %s", name, exc)
         return found
 
     async def _scan_loop(self) -> None:
@@ -214,8 +231,9 @@ class Verifier:
                 if n:
                     log.info("chain: %d orders enrolled from merged/", n)
             except (PersistError, OSError) as exc:
-                log.error("chain: merged/ scan failed: %s; next scan in %.0fs", exc,
-                          self._scan_interval_s)
+                log.error(
+                    "chain: merged/ scan failed: %s; next scan in %.0fs", exc, self._scan_interval_s
+                )
             await asyncio.sleep(self._scan_interval_s)
 
     # -- checks --------------------------------------------------------------------------
@@ -226,8 +244,11 @@ class Verifier:
             try:
                 due = await self.ledger.due(time.time(), batch)
             except PersistError as exc:
-                log.error("chain: cannot read the ledger: %s; trying again in %.1fs", exc,
-                          self.cfg.recheck_interval_s)
+                log.error(
+                    "chain: cannot read the ledger: %s; trying again in %.1fs",
+                    exc,
+                    self.cfg.recheck_interval_s,
+                )
                 await asyncio.sleep(self.cfg.recheck_interval_s)
                 continue
             fresh = [d for d in due if d.key not in self.in_flight]
@@ -254,11 +275,9 @@ class Verifier:
         try:
             await self.check_one(item)
         except PersistError as exc:
-            log.error("chain: result for %s %s not stored: %s", item.order.serial, item.step,
-                      exc)
+            log.error("chain: result for %s %s not stored: %s", item.order.serial, item.step, exc)
         except Exception as exc:  # a bug in one check never stops the others
-            log.exception("chain: check of %s %s failed: %s", item.order.serial, item.step,
-                          exc)
+            log.exception("chain: check of %s %s failed: %s", item.order.serial, item.step, exc)
         finally:
             self.in_flight.discard(item.key)
             self._slots.release()
@@ -276,18 +295,29 @@ class Verifier:
         if result.outcome is Outcome.RETRY:
             detail = f"retrying: {result.detail}"
         last_repair = item.last_repair
-        if (result.outcome is Outcome.PENDING and step.can_repair
-                and (last_repair is None or now - last_repair >= interval)):
+        if (
+            result.outcome is Outcome.PENDING
+            and step.can_repair
+            and (last_repair is None or now - last_repair >= interval)
+        ):
             await step.repair(item.order)
             last_repair = now
             detail = f"{detail}; repair asked"
         if state != item.state:
             level = logging.WARNING if state == FAILED else logging.INFO
-            log.log(level, "chain: %s %s %s -> %s: %s", item.order.serial, item.step,
-                    item.state, state, detail,
-                    extra={"serial": item.order.serial, "step": item.step, "state": state})
-        await self.ledger.record(item.order.serial, item.step, state, detail,
-                                 now + jittered(interval), last_repair)
+            log.log(
+                level,
+                "chain: %s %s %s -> %s: %s",
+                item.order.serial,
+                item.step,
+                item.state,
+                state,
+                detail,
+                extra={"serial": item.order.serial, "step": item.step, "state": state},
+            )
+        await self.ledger.record(
+            item.order.serial, item.step, state, detail, now + jittered(interval), last_repair
+        )
 
     # -- views ---------------------------------------------------------------------------
 
@@ -301,4 +331,3 @@ class Verifier:
 
     async def finished(self) -> set[str]:
         return await self.ledger.finished()
-

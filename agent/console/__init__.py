@@ -9,16 +9,21 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-ASSETS = {"index.html": "text/html", "console.css": "text/css",
-          "console.js": "application/javascript"}
+ASSETS = {
+    "index.html": "text/html",
+    "console.css": "text/css",
+    "console.js": "application/javascript",
+}
 # The page is static and the same for everyone; data comes from /status and /v1/orders.
 HEADERS = {
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self'; "
-                                "img-src 'self' data:; connect-src 'self'; "
-                                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; "
+        "img-src 'self' data:; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
 }
 
 

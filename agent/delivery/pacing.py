@@ -38,8 +38,9 @@ class Backoff:
         self._gen = self._fresh()
 
     def _fresh(self) -> Generator[float, None, None]:
-        gen: Generator[float, None, None] = backoff.expo(base=2, factor=self._base_s,
-                                                         max_value=self._max_s)
+        gen: Generator[float, None, None] = backoff.expo(
+            base=2, factor=self._base_s, max_value=self._max_s
+        )
         next(gen)  # backoff's wait generators yield None first, to be primed
         return gen
 

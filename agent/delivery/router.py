@@ -31,10 +31,10 @@ BeforeSend = Callable[[str], Awaitable[None]]
 
 
 class Verdict(enum.Enum):
-    CREATED = "created"      # 201/200 from a cluster
-    CONFLICT = "conflict"    # 422: the center holds this key with another body
-    REJECTED = "rejected"    # a permanent 4xx about the order itself
-    BUFFER = "buffer"        # not created (or unknown): keep it on disk
+    CREATED = "created"  # 201/200 from a cluster
+    CONFLICT = "conflict"  # 422: the center holds this key with another body
+    REJECTED = "rejected"  # a permanent 4xx about the order itself
+    BUFFER = "buffer"  # not created (or unknown): keep it on disk
 
 
 _QUARANTINE = {Outcome.CONFLICT.value: Verdict.CONFLICT, Outcome.REJECTED.value: Verdict.REJECTED}
@@ -63,8 +63,15 @@ class Router:
                 out.append((name, cluster.base))
         return out
 
-    async def forward(self, clusters: list[tuple[str, str]], body: bytes, dedupe_key: str,
-                      serial: str, timeout_s: float, before_send: BeforeSend) -> Routed:
+    async def forward(
+        self,
+        clusters: list[tuple[str, str]],
+        body: bytes,
+        dedupe_key: str,
+        serial: str,
+        timeout_s: float,
+        before_send: BeforeSend,
+    ) -> Routed:
         deadline = time.monotonic() + timeout_s
         reason = "no cluster takes orders"
         for name, base in clusters:
@@ -74,8 +81,7 @@ class Router:
             await before_send(name)
             result: Answer | UpstreamError
             try:
-                result = await self._upstream.post_order(base, body, dedupe_key, serial,
-                                                         remaining)
+                result = await self._upstream.post_order(base, body, dedupe_key, serial, remaining)
             except UpstreamError as exc:
                 result = exc
             action = decide(result, Caller.FORWARD, name)
@@ -88,8 +94,13 @@ class Router:
                 reason = action.reason
                 continue
             if action.step is Step.BUFFER:
-                return Routed(Verdict.BUFFER, name, answer, reason=action.reason,
-                              pinned=name if action.pin else None)
+                return Routed(
+                    Verdict.BUFFER,
+                    name,
+                    answer,
+                    reason=action.reason,
+                    pinned=name if action.pin else None,
+                )
             if answer is None:  # decide() settles only answers
                 raise RuntimeError(f"decide() settled a failure: {action}")
             if action.step is Step.MERGE:

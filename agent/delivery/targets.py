@@ -38,8 +38,11 @@ def normalize_url(url: str) -> str | None:
 
 def valid_pin(value: object) -> bool:
     """What a record's ``pinned_to`` may hold: null, a cluster name, or an http(s) URL."""
-    return value is None or value in CLUSTERS or (
-        isinstance(value, str) and normalize_url(value) is not None)
+    return (
+        value is None
+        or value in CLUSTERS
+        or (isinstance(value, str) and normalize_url(value) is not None)
+    )
 
 
 def same_target(pinned_to: str, name: str | None, url: str | None) -> bool:

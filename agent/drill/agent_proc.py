@@ -37,8 +37,11 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):  # an inline table, e.g. equal = { "/amount" = "..." }
-        return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}"
-                                for k, v in value.items()) + " }"
+        return (
+            "{ "
+            + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}" for k, v in value.items())
+            + " }"
+        )
     if isinstance(value, (int, float)):
         return repr(value)
     raise TypeError(f"no TOML form for {type(value).__name__}: {value!r}")
@@ -49,10 +52,14 @@ def write_config_file(path: Path, sections: Sections) -> Path:
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        tables = {k: v for k, v in values.items() if isinstance(v, list) and v
-                  and all(isinstance(t, dict) for t in v)}
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()
-                  if key not in tables]
+        tables = {
+            k: v
+            for k, v in values.items()
+            if isinstance(v, list) and v and all(isinstance(t, dict) for t in v)
+        }
+        lines += [
+            f"{key} = {toml_value(value)}" for key, value in values.items() if key not in tables
+        ]
         lines.append("")
         for key, entries in tables.items():
             for entry in entries:
@@ -63,21 +70,43 @@ def write_config_file(path: Path, sections: Sections) -> Path:
     return path
 
 
-def drill_config(workdir: Path, sandbox: Sandbox, port: int, interval_s: float = 0.2,
-                 unhealthy: int = 3, healthy: int = 2, health_timeout_s: float = 0.5,
-                 ) -> Sections:
+def drill_config(
+    workdir: Path,
+    sandbox: Sandbox,
+    port: int,
+    interval_s: float = 0.2,
+    unhealthy: int = 3,
+    healthy: int = 2,
+    health_timeout_s: float = 0.5,
+) -> Sections:
     """A config like an operator's, with time compressed so a drill takes seconds."""
     return {
-        "agent": {"node_id": "drill-01", "listen": f"127.0.0.1:{port}",
-                  "state_dir": str(workdir / "state"), "shutdown_timeout_s": 5},
-        "buffer": {"path": str(workdir / "spool"), "scan_interval_s": 2,
-                   "drain_rate_per_s": 500},
-        "upstream": {"primary": sandbox.primary_url, "standby": sandbox.standby_url,
-                     "timeout_s": 2, "nameservers": [sandbox.dns.nameserver]},
-        "health": {"interval_s": interval_s, "timeout_s": health_timeout_s,
-                   "unhealthy_threshold": unhealthy, "healthy_threshold": healthy},
-        "sms": {"provider": "http", "url": sandbox.sms.url, "per_phone_per_hour": 1000,
-                "retry_initial_s": 0.2, "retry_max_s": 1},
+        "agent": {
+            "node_id": "drill-01",
+            "listen": f"127.0.0.1:{port}",
+            "state_dir": str(workdir / "state"),
+            "shutdown_timeout_s": 5,
+        },
+        "buffer": {"path": str(workdir / "spool"), "scan_interval_s": 2, "drain_rate_per_s": 500},
+        "upstream": {
+            "primary": sandbox.primary_url,
+            "standby": sandbox.standby_url,
+            "timeout_s": 2,
+            "nameservers": [sandbox.dns.nameserver],
+        },
+        "health": {
+            "interval_s": interval_s,
+            "timeout_s": health_timeout_s,
+            "unhealthy_threshold": unhealthy,
+            "healthy_threshold": healthy,
+        },
+        "sms": {
+            "provider": "http",
+            "url": sandbox.sms.url,
+            "per_phone_per_hour": 1000,
+            "retry_initial_s": 0.2,
+            "retry_max_s": 1,
+        },
         "auth": {"tokens_file": ""},
     }
 
@@ -85,9 +114,15 @@ def drill_config(workdir: Path, sandbox: Sandbox, port: int, interval_s: float =
 class AgentSubprocess:
     """Owns one ``edge-agent run`` subprocess, its config path and its log file."""
 
-    def __init__(self, config: Path, log: Path, url: str,
-                 env: dict[str, str] | None = None, cwd: Path | None = None,
-                 prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        url: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.config = config
         self.prefix = prefix  # e.g. setpriv ... --: run it as another user
         self.log = log
@@ -103,8 +138,12 @@ class AgentSubprocess:
         self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in reap()
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=self._log_fh, env=self.env, cwd=self.cwd,
-            preexec_fn=self.preexec_fn)
+            stdout=subprocess.DEVNULL,
+            stderr=self._log_fh,
+            env=self.env,
+            cwd=self.cwd,
+            preexec_fn=self.preexec_fn,
+        )
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -167,8 +206,9 @@ class AgentUnderDrill(AgentSubprocess):
     def __init__(self, workdir: Path, sandbox: Sandbox, **health: Any) -> None:
         self.workdir = workdir
         self.port = free_port()
-        config = write_config_file(workdir / "agent.toml",
-                                   drill_config(workdir, sandbox, self.port, **health))
+        config = write_config_file(
+            workdir / "agent.toml", drill_config(workdir, sandbox, self.port, **health)
+        )
         super().__init__(config, workdir / "agent.log", f"http://127.0.0.1:{self.port}")
         self.spool = workdir / "spool"
 
@@ -195,7 +235,10 @@ class AgentUnderDrill(AgentSubprocess):
 
     def pending(self) -> int:
         try:
-            return sum(1 for n in os.listdir(self.spool / "pending") if n.endswith(".json")
-                       and not n.startswith("."))
+            return sum(
+                1
+                for n in os.listdir(self.spool / "pending")
+                if n.endswith(".json") and not n.startswith(".")
+            )
         except FileNotFoundError:
             return 0

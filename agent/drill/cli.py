@@ -55,8 +55,9 @@ async def _sandbox() -> int:
             center.mode = "503"
         else:
             center.delay_s = center.health_delay_s = 3.0
-        return web.json_response({"center": target, "action": action,
-                                  "creates": len(center.creates)})
+        return web.json_response(
+            {"center": target, "action": action, "creates": len(center.creates)}
+        )
 
     app.router.add_post("/control/{target}/{action}", control)
     runner = web.AppRunner(app, access_log=None)
@@ -67,13 +68,17 @@ async def _sandbox() -> int:
     print("edge-agent sandbox (Ctrl-C to stop)")
     for line in box.describe():
         print("  " + line)
-    print(f"  control  POST http://127.0.0.1:{port}/control/{{primary|standby|spare}}/"
-          "{up|down|503|slow}")
+    print(
+        f"  control  POST http://127.0.0.1:{port}/control/{{primary|standby|spare}}/"
+        "{up|down|503|slow}"
+    )
     print(f"           POST http://127.0.0.1:{port}/control/dns/{{primary|standby|spare}}")
-    print("agent config:\n"
-          f'  [upstream]\n  primary = "{box.primary_url}"\n  standby = "{box.standby_url}"\n'
-          f'  nameservers = ["{box.dns.nameserver}"]\n'
-          f'  [sms]\n  provider = "http"\n  url = "{box.sms.url}"')
+    print(
+        "agent config:\n"
+        f'  [upstream]\n  primary = "{box.primary_url}"\n  standby = "{box.standby_url}"\n'
+        f'  nameservers = ["{box.dns.nameserver}"]\n'
+        f'  [sms]\n  provider = "http"\n  url = "{box.sms.url}"'
+    )
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

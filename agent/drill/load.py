@@ -28,16 +28,25 @@ class Sent:
 class Load:
     """``n`` orders under ``prefix``; a share of them carry a customer phone."""
 
-    def __init__(self, url: str, prefix: str, n: int, concurrency: int = 8,
-                 phone_every: int = 3, rate: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        n: int,
+        concurrency: int = 8,
+        phone_every: int = 3,
+        rate: float | None = None,
+    ) -> None:
         self.url = f"{url}/v1/orders"
         self.rate = rate
         self.orders: dict[str, Sent] = {}
         self.concurrency = concurrency
         for i in range(n):
             doc: dict[str, object] = {
-                "channel_id": "drill", "channel_order_id": f"{prefix}-{i:06d}",
-                "amount": "199.10", "items": [{"sku": f"SKU-{i % 97}", "qty": 1 + i % 3}],
+                "channel_id": "drill",
+                "channel_order_id": f"{prefix}-{i:06d}",
+                "amount": "199.10",
+                "items": [{"sku": f"SKU-{i % 97}", "qty": 1 + i % 3}],
             }
             if i % phone_every == 0:
                 doc["customer_phone"] = f"138{i:08d}"
@@ -46,8 +55,12 @@ class Load:
         self.acks = 0
         self.sms_queued: dict[str, str] = {}  # serial -> key, for "sms":"queued" answers
 
-    async def run(self, session: aiohttp.ClientSession, only_unacked: bool = False,
-                  on_ack: Callable[[int], None] | None = None) -> None:
+    async def run(
+        self,
+        session: aiohttp.ClientSession,
+        only_unacked: bool = False,
+        on_ack: Callable[[int], None] | None = None,
+    ) -> None:
         todo = [s for s in self.orders.values() if not (only_unacked and s.acked)]
         queue: asyncio.Queue[Sent] = asyncio.Queue()
         for sent in todo:
@@ -69,8 +82,9 @@ class Load:
 
     async def _send(self, session: aiohttp.ClientSession, sent: Sent) -> None:
         try:
-            async with session.post(self.url, data=sent.body,
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                self.url, data=sent.body, headers={"Content-Type": "application/json"}
+            ) as r:
                 doc = await r.json(content_type=None)
                 status = r.status
         except (TimeoutError, aiohttp.ClientError, ValueError):

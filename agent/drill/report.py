@@ -21,17 +21,31 @@ def print_table(results: list[Result]) -> None:
     # Colour only on a terminal; a log file gets plain text at a readable width.
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110)
     table = Table(title="edge-agent drill", header_style="bold")
-    for col in ("scenario", "result", "sent", "acked", "lost", "created twice", "sms sent",
-                "failover", "drain", "time"):
+    for col in (
+        "scenario",
+        "result",
+        "sent",
+        "acked",
+        "lost",
+        "created twice",
+        "sms sent",
+        "failover",
+        "drain",
+        "time",
+    ):
         table.add_column(col, justify="left" if col in ("scenario", "result") else "right")
     for r in results:
         table.add_row(
             r.scenario,
             "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]",
-            str(r.sent), str(r.acked),
+            str(r.sent),
+            str(r.acked),
             str(len(r.lost)) if not r.lost else f"[red]{len(r.lost)}[/red]",
             str(len(r.duplicated)) if not r.duplicated else f"[red]{len(r.duplicated)}[/red]",
-            str(r.sms_sent), _fig(r, "failover_s"), _fig(r, "drain_s"), f"{r.elapsed_s:.1f}s",
+            str(r.sms_sent),
+            _fig(r, "failover_s"),
+            _fig(r, "drain_s"),
+            f"{r.elapsed_s:.1f}s",
         )
     console.print(table)
     for r in results:
@@ -45,11 +59,11 @@ def print_table(results: list[Result]) -> None:
         if r.sms_twice:
             console.print(f"  SMS sent twice: {r.sms_twice[:20]}")
         if r.sms_missing > r.sms_ambiguous:
-            console.print(f"  queued SMS never sent: {r.sms_missing} "
-                          f"(ambiguous: {r.sms_ambiguous})")
+            console.print(
+                f"  queued SMS never sent: {r.sms_missing} (ambiguous: {r.sms_ambiguous})"
+            )
         if r.acked != r.sent:
-            console.print(f"  orders never acknowledged, even after retries: "
-                          f"{r.sent - r.acked}")
+            console.print(f"  orders never acknowledged, even after retries: {r.sent - r.acked}")
         if "workdir" in r.figures:
             console.print(f"  logs kept in {r.figures['workdir']}")
     passed = sum(r.passed for r in results)
@@ -57,6 +71,5 @@ def print_table(results: list[Result]) -> None:
 
 
 def write_report(results: list[Result], path: str) -> None:
-    doc = {"passed": all(r.passed for r in results),
-           "scenarios": [r.to_dict() for r in results]}
+    doc = {"passed": all(r.passed for r in results), "scenarios": [r.to_dict() for r in results]}
     Path(path).write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))

@@ -38,14 +38,22 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "scenario": self.scenario, "passed": self.passed, "sent": self.sent,
-            "acknowledged": self.acked, "lost": len(self.lost),
-            "duplicated": len(self.duplicated), "sms_sent": self.sms_sent,
-            "sms_twice": len(self.sms_twice), "sms_missing": self.sms_missing,
-            "sms_ambiguous": self.sms_ambiguous, "figures": self.figures,
-            "elapsed_s": self.elapsed_s, "error": self.error,
-            "lost_keys": self.lost[:50], "duplicated_keys": dict(list(
-                self.duplicated.items())[:50]), "sms_twice_serials": self.sms_twice[:50],
+            "scenario": self.scenario,
+            "passed": self.passed,
+            "sent": self.sent,
+            "acknowledged": self.acked,
+            "lost": len(self.lost),
+            "duplicated": len(self.duplicated),
+            "sms_sent": self.sms_sent,
+            "sms_twice": len(self.sms_twice),
+            "sms_missing": self.sms_missing,
+            "sms_ambiguous": self.sms_ambiguous,
+            "figures": self.figures,
+            "elapsed_s": self.elapsed_s,
+            "error": self.error,
+            "lost_keys": self.lost[:50],
+            "duplicated_keys": dict(list(self.duplicated.items())[:50]),
+            "sms_twice_serials": self.sms_twice[:50],
         }
 
 
@@ -65,8 +73,9 @@ async def run_drills(names: list[str], orders: int, keep: bool = False) -> list[
     return results
 
 
-async def _run_one(name: str, sandbox: Sandbox, session: aiohttp.ClientSession,
-                   workdir: Path, orders: int) -> Result:
+async def _run_one(
+    name: str, sandbox: Sandbox, session: aiohttp.ClientSession, workdir: Path, orders: int
+) -> Result:
     workdir.mkdir(parents=True)
     agent = AgentUnderDrill(workdir, sandbox)
     ctx = Context(sandbox, agent, session, workdir, name, orders)
@@ -119,8 +128,13 @@ def _verify(ctx: Context, status: dict[str, Any]) -> Result:
         sms_ambiguous=ambiguous,
         figures=dict(ctx.figures),
     )
-    result.passed = (not result.lost and not result.duplicated and not result.sms_twice
-                     and missing <= ambiguous and result.acked == result.sent)
+    result.passed = (
+        not result.lost
+        and not result.duplicated
+        and not result.sms_twice
+        and missing <= ambiguous
+        and result.acked == result.sent
+    )
     return result
 
 

@@ -27,8 +27,11 @@ class Sandbox:
 
     async def start(self) -> Sandbox:
         self.port = self.port or free_port("127.0.0.2")
-        for name, host in (("primary", "127.0.0.2"), ("standby", "127.0.0.3"),
-                           ("spare", "127.0.0.6")):
+        for name, host in (
+            ("primary", "127.0.0.2"),
+            ("standby", "127.0.0.3"),
+            ("spare", "127.0.0.6"),
+        ):
             center = SandboxCenter(host=host, port=self.port, name=name)
             self.centers[name] = await center.start()
         await self.dns.start("127.0.0.1", 0)

@@ -22,18 +22,21 @@ from agent.drill.steps import (
 def _created_on(center: str) -> Predicate:
     def pred(ctx: Context) -> bool:
         return len(ctx.sandbox.centers[center].creates) > 0
+
     return pred
 
 
 def _mode(mode: str) -> Predicate:
     async def pred(ctx: Context) -> bool:
         return bool((await ctx.status())["mode"] == mode)
+
     return pred
 
 
 def _pinned(cluster: str) -> Predicate:
     async def pred(ctx: Context) -> bool:
         return bool((await ctx.status())["pinned"][cluster] > 0)
+
     return pred
 
 
@@ -51,8 +54,12 @@ SCENARIOS: dict[str, list[Step]] = {
     "primary-outage": [
         StartLoad(),
         Fail("primary", "refuse"),
-        WaitUntil("a create on the standby", _created_on("standby"),
-                  record="failover_s", since="fail:primary"),
+        WaitUntil(
+            "a create on the standby",
+            _created_on("standby"),
+            record="failover_s",
+            since="fail:primary",
+        ),
         WaitUntil("mode standby", _mode("standby")),
         WaitLoad(),
         Restore("primary"),
@@ -83,8 +90,12 @@ SCENARIOS: dict[str, list[Step]] = {
         WaitLoad(),
         SwitchDns("spare"),
         StartLoad(0.5, rate=40),  # spread over the TTL, so the switch shows mid-load
-        WaitUntil("a create on the new primary", _created_on("spare"),
-                  record="failover_s", since="dns-switch"),
+        WaitUntil(
+            "a create on the new primary",
+            _created_on("spare"),
+            record="failover_s",
+            since="dns-switch",
+        ),
         WaitLoad(),
     ],
     # kill -9 while orders are being buffered; restart; the channel retries.

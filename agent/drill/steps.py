@@ -41,8 +41,12 @@ class Context:
         self.marks[what] = time.monotonic()
 
     def new_load(self, share: float = 1.0, rate: float | None = None) -> Load:
-        load = Load(self.agent.url, f"{self.name}-{len(self.loads)}",
-                    max(1, int(self.orders * share)), rate=rate)
+        load = Load(
+            self.agent.url,
+            f"{self.name}-{len(self.loads)}",
+            max(1, int(self.orders * share)),
+            rate=rate,
+        )
         self.loads.append(load)
         return load
 
@@ -214,9 +218,23 @@ class Merge(Step):
         spool = ctx.agent.spool
         total = ctx.agent.pending()
         primary = ctx.sandbox.centers["primary"]
-        args = [sys.executable, "-m", "recovery", "--path", str(spool), "--mode", "merge",
-                "--target", primary.url, "--batch", "10", "--rate", "400",
-                "--report", str(ctx.workdir / "merge-report.json")]
+        args = [
+            sys.executable,
+            "-m",
+            "recovery",
+            "--path",
+            str(spool),
+            "--mode",
+            "merge",
+            "--target",
+            primary.url,
+            "--batch",
+            "10",
+            "--rate",
+            "400",
+            "--report",
+            str(ctx.workdir / "merge-report.json"),
+        ]
         ctx.mark("merge")
         log = open(ctx.workdir / "merge.log", "ab")  # noqa: SIM115 - closed below
         try:

@@ -30,8 +30,10 @@ class BodyTimeout(BodyError, TimeoutError):
 async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
     """The whole body (by Content-Length or chunked), at most ``max_bytes``."""
     if request.content_length is not None and request.content_length > max_bytes:
-        raise BodyTooLarge(f"body is {request.content_length} bytes, larger than "
-                           f"agent.max_body_bytes ({max_bytes})")
+        raise BodyTooLarge(
+            f"body is {request.content_length} bytes, larger than "
+            f"agent.max_body_bytes ({max_bytes})"
+        )
     content = request.content
     if content.is_eof():
         # The usual small order: the whole body came with the headers. Take it as it is,
@@ -58,6 +60,8 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> b
         async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for
             await read_all()
     except TimeoutError as exc:
-        raise BodyTimeout(f"the body did not arrive whole within agent.body_timeout_s "
-                          f"({timeout_s:g} s): {size} bytes came; send it again") from exc
+        raise BodyTimeout(
+            f"the body did not arrive whole within agent.body_timeout_s "
+            f"({timeout_s:g} s): {size} bytes came; send it again"
+        ) from exc
     return b"".join(chunks)

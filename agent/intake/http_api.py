@@ -29,15 +29,24 @@ READ_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key")
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body),
-                        content_type="application/json", headers=headers)
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
 
 
 class HttpApi:
-    def __init__(self, intake: Intake, metrics: Metrics, tokens: frozenset[str],
-                 settings: AgentSection, status: StatusSource, ready: ReadySource,
-                 refresh_metrics: Refresh, sms_lookup: SmsLookup | None = None,
-                 chain_lookup: ChainLookup | None = None) -> None:
+    def __init__(
+        self,
+        intake: Intake,
+        metrics: Metrics,
+        tokens: frozenset[str],
+        settings: AgentSection,
+        status: StatusSource,
+        ready: ReadySource,
+        refresh_metrics: Refresh,
+        sms_lookup: SmsLookup | None = None,
+        chain_lookup: ChainLookup | None = None,
+    ) -> None:
         self._intake = intake
         self._metrics = metrics
         self.tokens = tokens
@@ -82,8 +91,9 @@ class HttpApi:
             raise  # the client went away: there is no one to answer
         except Exception as exc:  # never a plain-text 500: say what failed, as JSON
             log.exception("%s %s failed: %s", request.method, request.path, exc)
-            return json_response(500, {"error": f"internal error: {type(exc).__name__}; "
-                                                "nothing was accepted, retry"})
+            return json_response(
+                500, {"error": f"internal error: {type(exc).__name__}; nothing was accepted, retry"}
+            )
 
     @staticmethod
     def _check_headers(request: web.Request) -> web.Response | None:
@@ -96,14 +106,18 @@ class HttpApi:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                return json_response(400, {"error": f"header {name} is not valid UTF-8",
-                                           "field": name})
+                return json_response(
+                    400, {"error": f"header {name} is not valid UTF-8", "field": name}
+                )
         return None
 
     def _check_auth(self, request: web.Request) -> web.Response | None:
         if self.tokens and request.path.startswith("/v1/") and not self._authorized(request):
-            return json_response(401, {"error": "missing or wrong bearer token"},
-                                 headers={"WWW-Authenticate": "Bearer"})
+            return json_response(
+                401,
+                {"error": "missing or wrong bearer token"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return None
 
     def _authorized(self, request: web.Request) -> bool:
@@ -121,8 +135,10 @@ class HttpApi:
         if not self._intake.accepting:
             return json_response(503, {"error": "agent is shutting down; retry"})
         if request.content_type != "application/json":
-            return json_response(415, {"error": "Content-Type must be application/json, got "
-                                                f"{request.content_type!r}"})
+            return json_response(
+                415,
+                {"error": f"Content-Type must be application/json, got {request.content_type!r}"},
+            )
         try:
             raw = await read_body(request, self._max_body, self._body_timeout_s)
         except BodyTooLarge as exc:
@@ -157,17 +173,21 @@ class HttpApi:
         return {**answer, "sms": notice, "chain": await self._chain_lookup(serial)}
 
     async def console_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=console.page(request.headers.get("Accept-Language", "")),
-                            content_type="text/html", charset="utf-8",
-                            headers=console.HEADERS)
+        return web.Response(
+            body=console.page(request.headers.get("Accept-Language", "")),
+            content_type="text/html",
+            charset="utf-8",
+            headers=console.HEADERS,
+        )
 
     async def console_asset(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         kind = console.content_type(name)
         if kind is None:
             return json_response(404, {"error": "no such console file"})
-        return web.Response(body=console.asset(name), content_type=kind, charset="utf-8",
-                            headers=console.HEADERS)
+        return web.Response(
+            body=console.asset(name), content_type=kind, charset="utf-8", headers=console.HEADERS
+        )
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response(200, {"ok": True})
@@ -181,5 +201,4 @@ class HttpApi:
 
     async def metrics(self, request: web.Request) -> web.Response:
         await self._refresh_metrics()
-        return web.Response(body=self._metrics.render(),
-                            headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})

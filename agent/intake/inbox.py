@@ -39,8 +39,14 @@ def _visible(change: watchfiles.Change, path: str) -> bool:
 
 
 class InboxWatcher:
-    def __init__(self, dirs: BufferDirs, intake: Intake, max_body_bytes: int,
-                 scan_interval_s: float, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        dirs: BufferDirs,
+        intake: Intake,
+        max_body_bytes: int,
+        scan_interval_s: float,
+        concurrency: int = 8,
+    ) -> None:
         self._dirs = dirs
         self._intake = intake
         self._max_body = max_body_bytes
@@ -49,8 +55,9 @@ class InboxWatcher:
         self._unreadable: dict[str, str] = {}  # name -> the trouble already logged
         self._interval = scan_interval_s
         self._concurrency = concurrency
-        self._loop = WatchedLoop("inbox", self.scan, dirs.inbox, _visible, scan_interval_s,
-                                 debounce_ms=100)
+        self._loop = WatchedLoop(
+            "inbox", self.scan, dirs.inbox, _visible, scan_interval_s, debounce_ms=100
+        )
         self.scans = 0
 
     async def start(self) -> None:
@@ -60,8 +67,9 @@ class InboxWatcher:
         await self._loop.stop()
 
     async def scan(self) -> None:
-        names = sorted(n for n in await asyncio.to_thread(os.listdir, self._dirs.inbox)
-                       if is_order_file(n))
+        names = sorted(
+            n for n in await asyncio.to_thread(os.listdir, self._dirs.inbox) if is_order_file(n)
+        )
         sem = asyncio.Semaphore(self._concurrency)
 
         async def take(name: str) -> None:
@@ -77,14 +85,24 @@ class InboxWatcher:
         except FileNotFoundError:
             return
         except TooLarge as exc:
-            reply = Reply(413, {"error": f"file is {exc.size} bytes, over agent.max_body_bytes "
-                                         f"{self._max_body}" if exc.cap == self._max_body
-                                else str(exc)})
+            reply = Reply(
+                413,
+                {
+                    "error": f"file is {exc.size} bytes, over agent.max_body_bytes {self._max_body}"
+                    if exc.cap == self._max_body
+                    else str(exc)
+                },
+            )
         except NotARegularFile as exc:  # a FIFO, a socket, a directory: never read
-            await asyncio.to_thread(quarantine, self._dirs, path,
-                                    {"reason": "not_a_regular_file", "error": str(exc)})
-            log.warning("inbox entry %s moved to rejected/ unread: %s", path.name, exc,
-                        extra={"file": path.name})
+            await asyncio.to_thread(
+                quarantine, self._dirs, path, {"reason": "not_a_regular_file", "error": str(exc)}
+            )
+            log.warning(
+                "inbox entry %s moved to rejected/ unread: %s",
+                path.name,
+                exc,
+                extra={"file": path.name},
+            )
             return
         except UnreadableFile as exc:  # not ours to move: it stays, said once
             if self._unreadable.get(path.name) != str(exc):
@@ -96,13 +114,25 @@ class InboxWatcher:
             reply = await self._intake.submit(data, None)
         if 200 <= reply.status < 300:
             await asyncio.to_thread(_remove, path)
-            log.info("inbox file %s accepted: %s", path.name, reply.body.get("status"),
-                     extra={"file": path.name, "serial": reply.body.get("serial")})
+            log.info(
+                "inbox file %s accepted: %s",
+                path.name,
+                reply.body.get("status"),
+                extra={"file": path.name, "serial": reply.body.get("serial")},
+            )
         elif reply.status not in _TRY_AGAIN:
-            await asyncio.to_thread(quarantine, self._dirs, path,
-                                    {"reason": "invalid", "status": reply.status, **reply.body})
-            log.warning("inbox file %s rejected: %s", path.name, reply.body.get("error"),
-                        extra={"file": path.name, "status": reply.status})
+            await asyncio.to_thread(
+                quarantine,
+                self._dirs,
+                path,
+                {"reason": "invalid", "status": reply.status, **reply.body},
+            )
+            log.warning(
+                "inbox file %s rejected: %s",
+                path.name,
+                reply.body.get("error"),
+                extra={"file": path.name, "status": reply.status},
+            )
 
 
 def _remove(path: Path) -> None:

@@ -31,6 +31,7 @@ log = logging.getLogger("agent.intake")
 # Must return at once (the chain verifier queues behind the reply).
 CreatedSink = Callable[[Order, str, str, str, Any], None]
 
+
 @dataclass(frozen=True)
 class Reply:
     status: int
@@ -101,10 +102,16 @@ class Intake:
             return self._count("invalid", Reply(400, {"error": str(exc), "field": exc.field}))
         key = order.dedupe_key
         if key in self._inflight:
-            return self._count("in_flight", Reply(409, {
-                "error": f"an order with dedupe key {key!r} is still being handled; retry",
-                "serial": self._inflight[key],
-            }))
+            return self._count(
+                "in_flight",
+                Reply(
+                    409,
+                    {
+                        "error": f"an order with dedupe key {key!r} is still being handled; retry",
+                        "serial": self._inflight[key],
+                    },
+                ),
+            )
         self._inflight[key] = None
         self._idle.clear()
         try:
@@ -116,8 +123,7 @@ class Intake:
             # let /readyz tell the load balancer until an order goes through again.
             self.failing = f"{type(exc).__name__}: {exc}"
             log.error("order refused, cannot persist: %s", exc)
-            return self._count("refused", Reply(503, {"error": f"cannot persist: {exc}; "
-                                                               "retry"}))
+            return self._count("refused", Reply(503, {"error": f"cannot persist: {exc}; retry"}))
         finally:
             del self._inflight[key]
             if not self._inflight:
@@ -146,13 +152,20 @@ class Intake:
         seen = await self.lookup(order.dedupe_key)
         if seen is not None and seen.acknowledged:
             if seen.digest == order.digest:
-                return self._count("duplicate", Reply(200, {"status": "duplicate",
-                                                            "serial": seen.serial}))
-            return self._count("conflict", Reply(422, {
-                "error": f"dedupe key {order.dedupe_key!r} was accepted before with a "
-                         "different body; the first order stands",
-                "serial": seen.serial,
-            }))
+                return self._count(
+                    "duplicate", Reply(200, {"status": "duplicate", "serial": seen.serial})
+                )
+            return self._count(
+                "conflict",
+                Reply(
+                    422,
+                    {
+                        "error": f"dedupe key {order.dedupe_key!r} was accepted before with a "
+                        "different body; the first order stands",
+                        "serial": seen.serial,
+                    },
+                ),
+            )
         # A "forwarding" row is a send cut short by a crash: that cluster may hold the key.
         only = seen.cluster if seen is not None else None
         serial = seen.serial if seen is not None else await self._serials.next()
@@ -166,28 +179,45 @@ class Intake:
                 return reply
         return await self._buffer(order, serial, received_at, pinned)
 
-    async def _forward(self, order: Order, serial: str, received_at: str,
-                       clusters: list[tuple[str, str]]) -> tuple[Reply | None, str | None]:
+    async def _forward(
+        self, order: Order, serial: str, received_at: str, clusters: list[tuple[str, str]]
+    ) -> tuple[Reply | None, str | None]:
         """Try the clusters: (the reply, None) or (None, the cluster it is pinned to)."""
         intended: list[str] = []
 
         async def before_send(cluster: str) -> None:
             # The intent, durable before the request leaves: a retry after a crash (or
             # a power cut) must go to this cluster only.
-            await self._journal.record(Entry(order.dedupe_key, serial, FORWARDING, cluster,
-                                             None, order.digest, received_at))
+            await self._journal.record(
+                Entry(
+                    order.dedupe_key, serial, FORWARDING, cluster, None, order.digest, received_at
+                )
+            )
             intended.append(cluster)
 
         try:
-            routed = await self._router.forward(clusters, order.raw, order.dedupe_key, serial,
-                                                self.cfg.upstream.timeout_s, before_send)
+            routed = await self._router.forward(
+                clusters,
+                order.raw,
+                order.dedupe_key,
+                serial,
+                self.cfg.upstream.timeout_s,
+                before_send,
+            )
         except PersistError as exc:
             log.error("journal intent for %s failed, buffering: %s", serial, exc)
             return None, intended[-1] if intended else clusters[0][0]
         answer = routed.answer
         if routed.verdict is Verdict.CREATED and answer is not None and routed.cluster:
-            entry = Entry(order.dedupe_key, serial, FORWARDED, routed.cluster,
-                          str(answer.order_id), order.digest, received_at)
+            entry = Entry(
+                order.dedupe_key,
+                serial,
+                FORWARDED,
+                routed.cluster,
+                str(answer.order_id),
+                order.digest,
+                received_at,
+            )
             try:  # committed before the 201: a customer may look it up right after a crash
                 await self._journal.record_update(entry)  # the intent's row, now forwarded
             except PersistError as exc:
@@ -196,27 +226,48 @@ class Intake:
                 log.error("journal row for forwarded %s not stored: %s", serial, exc)
             if self._on_created is not None:
                 self._on_created(order, serial, received_at, routed.cluster, answer.order_id)
-            return self._count("forwarded", Reply(201, {
-                "status": "forwarded", "serial": serial, "cluster": routed.cluster,
-                "order_id": answer.order_id,
-            })), None
+            return self._count(
+                "forwarded",
+                Reply(
+                    201,
+                    {
+                        "status": "forwarded",
+                        "serial": serial,
+                        "cluster": routed.cluster,
+                        "order_id": answer.order_id,
+                    },
+                ),
+            ), None
         if routed.verdict is Verdict.CONFLICT and answer is not None:
-            return self._count("upstream_conflict", Reply(422, {
-                "error": f"the {routed.cluster} order center already holds this dedupe key "
-                         f"with a different body: {answer.error or 'HTTP 422'}",
-                "serial": None,
-            })), None
+            return self._count(
+                "upstream_conflict",
+                Reply(
+                    422,
+                    {
+                        "error": f"the {routed.cluster} order center already holds this dedupe key "
+                        f"with a different body: {answer.error or 'HTTP 422'}",
+                        "serial": None,
+                    },
+                ),
+            ), None
         if routed.verdict is Verdict.REJECTED and answer is not None:
-            return self._count("upstream_rejected", Reply(answer.status, {
-                "error": f"the {routed.cluster} order center rejected the order "
-                         f"(HTTP {answer.status}): {answer.error or 'no reason given'}",
-                "field": None,
-            })), None
+            return self._count(
+                "upstream_rejected",
+                Reply(
+                    answer.status,
+                    {
+                        "error": f"the {routed.cluster} order center rejected the order "
+                        f"(HTTP {answer.status}): {answer.error or 'no reason given'}",
+                        "field": None,
+                    },
+                ),
+            ), None
         log.info("order %s not created upstream, buffering: %s", serial, routed.reason)
         return None, routed.pinned
 
-    async def _buffer(self, order: Order, serial: str, received_at: str,
-                      pinned: str | None) -> Reply:
+    async def _buffer(
+        self, order: Order, serial: str, received_at: str, pinned: str | None
+    ) -> Reply:
         record = PendingRecord(
             serial=serial,
             node_id=self.cfg.agent.node_id,
@@ -234,13 +285,15 @@ class Intake:
             return self._count("refused", Reply(507, {"error": str(exc)}))
         # The file is durable and is the truth: its journal row is committed behind the
         # 202 (lookups see it at once; a crash that takes it is healed at start-up).
-        self._journal.record_behind(Entry(order.dedupe_key, serial, BUFFERED, pinned, None,
-                                          order.digest, received_at))
+        self._journal.record_behind(
+            Entry(order.dedupe_key, serial, BUFFERED, pinned, None, order.digest, received_at)
+        )
         sms = "none"
         if self._on_buffered is not None:
             sms = await self._on_buffered(record)
-        return self._count("buffered", Reply(202, {"status": "buffered", "serial": serial,
-                                                   "sms": sms}))
+        return self._count(
+            "buffered", Reply(202, {"status": "buffered", "serial": serial, "sms": sms})
+        )
 
     def _count(self, outcome: str, reply: Reply) -> Reply:
         counter = self._outcomes.get(outcome)

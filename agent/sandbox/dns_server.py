@@ -33,8 +33,7 @@ class SandboxDns(asyncio.DatagramProtocol):
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> SandboxDns:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: self,
-                                                           local_addr=(host, port))
+        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.address = (sockname[0], sockname[1])
@@ -74,7 +73,9 @@ class SandboxDns(asyncio.DatagramProtocol):
                 if addresses is None:
                     response.set_rcode(dns.rcode.NXDOMAIN)
                 elif question.rdtype == dns.rdatatype.A and addresses:
-                    response.answer.append(dns.rrset.from_text_list(
-                        question.name, self.ttl, dns.rdataclass.IN, dns.rdatatype.A,
-                        addresses))
+                    response.answer.append(
+                        dns.rrset.from_text_list(
+                            question.name, self.ttl, dns.rdataclass.IN, dns.rdatatype.A, addresses
+                        )
+                    )
         self._transport.sendto(response.to_wire(), addr)

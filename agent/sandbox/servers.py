@@ -165,23 +165,30 @@ class SandboxCenter(Listener):
         if self.mode != "up":
             return web.json_response({"error": "unavailable"}, status=503)
         if self.refuse is not None:
-            return web.json_response({"error": "refused: not authorized or no such route"},
-                                     status=self.refuse)
+            return web.json_response(
+                {"error": "refused: not authorized or no such route"}, status=self.refuse
+            )
         if self.page is not None:
-            return web.Response(text="<html><body>Down for maintenance</body></html>",
-                                status=self.page, content_type="text/html")
+            return web.Response(
+                text="<html><body>Down for maintenance</body></html>",
+                status=self.page,
+                content_type="text/html",
+            )
         if self.script:
             status = self.script.popleft()
             headers = {"Retry-After": self.retry_after} if self.retry_after else None
-            return web.json_response({"error": f"scripted {status}"}, status=status,
-                                     headers=headers)
+            return web.json_response(
+                {"error": f"scripted {status}"}, status=status, headers=headers
+            )
         status, doc = self.take(key, body)
         if self.late_s:
             await asyncio.sleep(self.late_s)  # created; the answer comes too late
         if self.after_create:
             status = self.after_create.popleft()
-            return web.json_response({"error": f"scripted {status} after creating"} if
-                                     status != 200 else {"ok": True}, status=status)
+            return web.json_response(
+                {"error": f"scripted {status} after creating"} if status != 200 else {"ok": True},
+                status=status,
+            )
         return web.json_response(doc, status=status)
 
     def take(self, key: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -212,21 +219,25 @@ class SandboxCenter(Listener):
             self.received.append(Received(key, body, dict(request.headers)))
             status = self.item_script.popleft() if self.item_script else 0
             if status:  # 0: no script for this item, handle it normally
-                results.append({"idempotency_key": key, "status": status,
-                                "error": f"scripted {status}"})
+                results.append(
+                    {"idempotency_key": key, "status": status, "error": f"scripted {status}"}
+                )
                 continue
             status, res = self.take(key, body)
             results.append({"idempotency_key": key, "status": status, **res})
-        return web.Response(body=orjson.dumps({"results": results}),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"results": results}), content_type="application/json"
+        )
 
     async def _by_key(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
         if key not in self.orders:
             return web.json_response({"error": "not found"}, status=404)
         order_id, body = self.orders[key]
-        return web.Response(body=orjson.dumps({"order_id": order_id, "body": body.decode()}),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"order_id": order_id, "body": body.decode()}),
+            content_type="application/json",
+        )
 
 
 @dataclass
@@ -274,8 +285,11 @@ class SandboxSmsGateway(Listener):
             status = self.script.popleft()
             return web.json_response({"error": f"scripted {status}"}, status=status)
         # Counted when accepted: what a customer's phone would show.
-        self.received.append(SmsReceived(doc["params"]["SN"], doc["phone"], doc,
-                                         dict(request.headers), time.monotonic()))
+        self.received.append(
+            SmsReceived(
+                doc["params"]["SN"], doc["phone"], doc, dict(request.headers), time.monotonic()
+            )
+        )
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         return web.json_response({"id": f"M{len(self.received)}"})

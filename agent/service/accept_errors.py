@@ -21,9 +21,11 @@ from typing import Any
 log = logging.getLogger("agent.service")
 # What asyncio's accept loop reports as "out of system resource".
 ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ADVICE = ("connections whose head or keep-alive timed out are closed "
-          "(agent.head_timeout_s, agent.keepalive_timeout_s); if this lasts, raise "
-          "LimitNOFILE= or find who holds the connections")
+ADVICE = (
+    "connections whose head or keep-alive timed out are closed "
+    "(agent.head_timeout_s, agent.keepalive_timeout_s); if this lasts, raise "
+    "LimitNOFILE= or find who holds the connections"
+)
 
 
 class AcceptErrorLog:
@@ -55,8 +57,11 @@ class AcceptErrorLog:
 
     def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if (isinstance(exc, OSError) and exc.errno in ACCEPT_ERRNOS
-                and "accept" in str(context.get("message", ""))):
+        if (
+            isinstance(exc, OSError)
+            and exc.errno in ACCEPT_ERRNOS
+            and "accept" in str(context.get("message", ""))
+        ):
             self.total += 1
             self._counted += 1
             self._last = exc
@@ -80,10 +85,17 @@ class AcceptErrorLog:
         if not self._counted or self._last is None:
             return
         code = errno.errorcode.get(self._last.errno or 0, str(self._last.errno))
-        what = (f"further failures are counted and logged every {self.interval_s:g} s"
-                if first else
-                f"{self._counted} failed accept() calls in the last {self.interval_s:g} s")
-        log.error("cannot accept new connections: %s (%s); %s; %s", code,
-                  os.strerror(self._last.errno or 0), what, ADVICE,
-                  extra={"errno": code, "count": self._counted})
+        what = (
+            f"further failures are counted and logged every {self.interval_s:g} s"
+            if first
+            else f"{self._counted} failed accept() calls in the last {self.interval_s:g} s"
+        )
+        log.error(
+            "cannot accept new connections: %s (%s); %s; %s",
+            code,
+            os.strerror(self._last.errno or 0),
+            what,
+            ADVICE,
+            extra={"errno": code, "count": self._counted},
+        )
         self._counted = 0

@@ -66,8 +66,11 @@ class HeadBoundHandler(web.RequestHandler):
     def _overdue(self) -> None:
         self._head_timer = None
         if self._waiting():
-            log.debug("closing a connection whose request head did not arrive within "
-                      "agent.head_timeout_s (%g s)", self._head_timeout_s)
+            log.debug(
+                "closing a connection whose request head did not arrive within "
+                "agent.head_timeout_s (%g s)",
+                self._head_timeout_s,
+            )
             self.force_close()
 
 
@@ -75,14 +78,22 @@ class HeadBoundServer(web.Server):
     """aiohttp's connection factory, making ``HeadBoundHandler``s."""
 
     def __init__(self, base: web.Server, head_timeout_s: float, **handler_kwargs: Any) -> None:
-        super().__init__(base.request_handler, request_factory=base.request_factory,
-                         handler_cancellation=base.handler_cancellation, **handler_kwargs)
+        super().__init__(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            **handler_kwargs,
+        )
         self._head_timeout_s = head_timeout_s
         self._handler_kwargs = handler_kwargs
 
     def __call__(self) -> web.RequestHandler:
-        return HeadBoundHandler(self, loop=asyncio.get_running_loop(),
-                                head_timeout_s=self._head_timeout_s, **self._handler_kwargs)
+        return HeadBoundHandler(
+            self,
+            loop=asyncio.get_running_loop(),
+            head_timeout_s=self._head_timeout_s,
+            **self._handler_kwargs,
+        )
 
 
 class BoundedAppRunner(web.AppRunner):
@@ -92,8 +103,14 @@ class BoundedAppRunner(web.AppRunner):
     ``access_log`` ...), as with ``web.AppRunner``.
     """
 
-    def __init__(self, app: web.Application, *, head_timeout_s: float,
-                 shutdown_timeout: float, **handler_kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        head_timeout_s: float,
+        shutdown_timeout: float,
+        **handler_kwargs: Any,
+    ) -> None:
         super().__init__(app, shutdown_timeout=shutdown_timeout, **handler_kwargs)
         self._head_timeout_s = head_timeout_s
         self._handler_kwargs = handler_kwargs

@@ -54,8 +54,9 @@ class ConfigReloader:
 
         # Watch the directory: editors and config management replace the file by rename.
         # A failed reload is logged by the loop and the running config stays.
-        self._loop = WatchedLoop("config-reload", self._reload, self._path.parent, ours,
-                                 interval_s=None, debounce_ms=200)
+        self._loop = WatchedLoop(
+            "config-reload", self._reload, self._path.parent, ours, interval_s=None, debounce_ms=200
+        )
         self.reloads = 0
         self.refused = 0
 
@@ -81,16 +82,21 @@ class ConfigReloader:
         running = self._current()
         effective, needs_restart = merge_live(running, new)
         if needs_restart:
-            log.warning("config keys changed that need a restart to apply: %s",
-                        ", ".join(needs_restart), extra={"keys": needs_restart})
+            log.warning(
+                "config keys changed that need a restart to apply: %s",
+                ", ".join(needs_restart),
+                extra={"keys": needs_restart},
+            )
         if effective == running:
             return False
         await self._apply(effective)
         self.reloads += 1
-        changed = [s for s in LIVE_SECTIONS
-                   if getattr(effective, s) != getattr(running, s)]
+        changed = [s for s in LIVE_SECTIONS if getattr(effective, s) != getattr(running, s)]
         if effective.tokens != running.tokens:
             changed.append("auth tokens")
-        log.info("config reloaded: %s", ", ".join(changed) or "no live change",
-                 extra={"sections": changed})
+        log.info(
+            "config reloaded: %s",
+            ", ".join(changed) or "no live change",
+            extra={"sections": changed},
+        )
         return True

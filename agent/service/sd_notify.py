@@ -45,8 +45,9 @@ class SdNotifier:
         sock.setblocking(False)  # a full receive queue drops a ping, never stalls the loop
         self._sock = sock
         if self.watchdog_interval_s is not None:
-            self._task = asyncio.create_task(self._ping_forever(self.watchdog_interval_s),
-                                             name="sd-notify-watchdog")
+            self._task = asyncio.create_task(
+                self._ping_forever(self.watchdog_interval_s), name="sd-notify-watchdog"
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -79,8 +80,11 @@ class SdNotifier:
         except OSError as exc:
             if not self._error_logged:
                 self._error_logged = True
-                log.warning("cannot notify systemd at %s: %s (further errors not logged)",
-                            _printable(self.address), exc)
+                log.warning(
+                    "cannot notify systemd at %s: %s (further errors not logged)",
+                    _printable(self.address),
+                    exc,
+                )
             return False
         return True
 

@@ -66,7 +66,8 @@ class Service:
         # One agent per buffer and per state dir (DESIGN 10): locked before any write.
         self.owners = [
             DirOwner(cfg.buffer.path, "buffer", "buffer.path", cfg.agent.node_id),
-            DirOwner(cfg.agent.state_dir, "state dir", "agent.state_dir", cfg.agent.node_id)]
+            DirOwner(cfg.agent.state_dir, "state dir", "agent.state_dir", cfg.agent.node_id),
+        ]
         self._owned: list[DirOwner] = []
         self.metrics = Metrics()
         self.journal = Journal(cfg.agent.state_dir)
@@ -74,37 +75,64 @@ class Service:
         self.spool = PendingSpool(self.dirs, cfg.buffer.max_bytes)
         self.resolver = ClusterResolver(cfg.upstream.nameservers, cfg.health.timeout_s)
         self.upstream = UpstreamClient(cfg.agent.node_id, self.resolver)
-        self.health = HealthMonitor(self.upstream, self.resolver, cfg.health,
-                                    _clusters(cfg))
+        self.health = HealthMonitor(self.upstream, self.resolver, cfg.health, _clusters(cfg))
         self.router = Router(self.health, self.upstream)
         # SMS notices for buffered orders (CONTRACT 9); build_provider reads the secrets.
         self.outbox: Outbox | None = None
         if cfg.sms.enabled:
-            self.outbox = Outbox(cfg.sms, cfg.agent.state_dir, self.dirs,
-                                 build_provider(cfg.sms), self.metrics)
+            self.outbox = Outbox(
+                cfg.sms, cfg.agent.state_dir, self.dirs, build_provider(cfg.sms), self.metrics
+            )
         # Full-chain verification of outage orders (CONTRACT 10); loads step classes now.
         self.chain: Verifier | None = None
         if cfg.chain.enabled:
-            self.chain = Verifier(cfg.chain, cfg.agent.state_dir, self.dirs, self.journal,
-                                  cfg.buffer.scan_interval_s)
+            self.chain = Verifier(
+                cfg.chain, cfg.agent.state_dir, self.dirs, self.journal, cfg.buffer.scan_interval_s
+            )
         chain = self.chain
-        self.intake = Intake(cfg, self.journal, self.serials, self.spool, self.router,
-                             self.metrics,
-                             on_buffered=self.outbox.on_buffered if self.outbox else None,
-                             on_created=chain.on_created if chain else None)
-        self.drainer = Drainer(cfg.buffer, cfg.upstream.timeout_s, self.spool, self.journal,
-                               self.upstream, self.health.usable, self._on_refusal,
-                               self.metrics, busy=self.intake.writing,
-                               on_merged=chain.on_merged if chain else None)
-        self.inbox = InboxWatcher(self.dirs, self.intake, cfg.agent.max_body_bytes,
-                                  cfg.buffer.scan_interval_s)
-        self.housekeeper = Housekeeper(self.journal, self.dirs, cfg.agent.journal_retention_days,
-                                       cfg.buffer.retention_days,
-                                       finished=chain.finished if chain else None)
-        self.api = HttpApi(self.intake, self.metrics, cfg.tokens, cfg.agent,
-                           self.status, self.ready, self.refresh_metrics,
-                           sms_lookup=self.outbox.notice if self.outbox else None,
-                           chain_lookup=chain.chain_of if chain else None)
+        self.intake = Intake(
+            cfg,
+            self.journal,
+            self.serials,
+            self.spool,
+            self.router,
+            self.metrics,
+            on_buffered=self.outbox.on_buffered if self.outbox else None,
+            on_created=chain.on_created if chain else None,
+        )
+        self.drainer = Drainer(
+            cfg.buffer,
+            cfg.upstream.timeout_s,
+            self.spool,
+            self.journal,
+            self.upstream,
+            self.health.usable,
+            self._on_refusal,
+            self.metrics,
+            busy=self.intake.writing,
+            on_merged=chain.on_merged if chain else None,
+        )
+        self.inbox = InboxWatcher(
+            self.dirs, self.intake, cfg.agent.max_body_bytes, cfg.buffer.scan_interval_s
+        )
+        self.housekeeper = Housekeeper(
+            self.journal,
+            self.dirs,
+            cfg.agent.journal_retention_days,
+            cfg.buffer.retention_days,
+            finished=chain.finished if chain else None,
+        )
+        self.api = HttpApi(
+            self.intake,
+            self.metrics,
+            cfg.tokens,
+            cfg.agent,
+            self.status,
+            self.ready,
+            self.refresh_metrics,
+            sms_lookup=self.outbox.notice if self.outbox else None,
+            chain_lookup=chain.chain_of if chain else None,
+        )
         self._runner: web.AppRunner | None = None
         self.accept_errors = AcceptErrorLog()
         self.port: int | None = None
@@ -115,7 +143,8 @@ class Service:
         self._mode_since = time.time()
         # The last mode changes, for /status and the console (bounded, in memory only).
         self.mode_history: collections.deque[dict[str, Any]] = collections.deque(
-            maxlen=MODE_HISTORY)
+            maxlen=MODE_HISTORY
+        )
         # (monotonic time, orders delivered by the drain so far): the drain rate.
         self._drained: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         self._running_marker = Path(cfg.agent.state_dir) / RUNNING_MARKER
@@ -137,16 +166,30 @@ class Service:
         mode = self.mode()
         if mode != self._mode:
             # Back to normal is good news: info. Away from it is what ops must see.
-            log.log(logging.INFO if mode == "normal" else logging.WARNING,
-                    "mode %s -> %s", self._mode, mode, extra={
-                        "from": self._mode, "to": mode, "cluster": cluster.name,
-                        "last_error": cluster.refusing or cluster.last_error})
+            log.log(
+                logging.INFO if mode == "normal" else logging.WARNING,
+                "mode %s -> %s",
+                self._mode,
+                mode,
+                extra={
+                    "from": self._mode,
+                    "to": mode,
+                    "cluster": cluster.name,
+                    "last_error": cluster.refusing or cluster.last_error,
+                },
+            )
             if self._mode == "normal":
                 self.metrics.failovers.inc()
             self.metrics.mode_transitions.labels(to=mode).inc()
-            self.mode_history.append({
-                "at": time.time(), "from": self._mode, "to": mode, "cluster": cluster.name,
-                "reason": cluster.refusing or cluster.last_error})
+            self.mode_history.append(
+                {
+                    "at": time.time(),
+                    "from": self._mode,
+                    "to": mode,
+                    "cluster": cluster.name,
+                    "reason": cluster.refusing or cluster.last_error,
+                }
+            )
             self._mode, self._mode_since = mode, time.time()
         self.drainer.online(bool(self.health.usable()))
 
@@ -196,15 +239,25 @@ class Service:
         await self._start(self.upstream)
         # No cluster checked yet: the agent starts offline until the first checks pass.
         self._mode_since = time.time()
-        self.mode_history.append({"at": self._mode_since, "from": None, "to": self._mode,
-                                  "cluster": None, "reason": "agent started"})
+        self.mode_history.append(
+            {
+                "at": self._mode_since,
+                "from": None,
+                "to": self._mode,
+                "cluster": None,
+                "reason": "agent started",
+            }
+        )
         await self._start(self.health)
         self._mode = self.mode()
         await self._start(self.housekeeper)
-        runner = BoundedAppRunner(self.api.build_app(), access_log=None,
-                                  shutdown_timeout=self.cfg.agent.shutdown_timeout_s,
-                                  head_timeout_s=self.cfg.agent.head_timeout_s,
-                                  keepalive_timeout=self.cfg.agent.keepalive_timeout_s)
+        runner = BoundedAppRunner(
+            self.api.build_app(),
+            access_log=None,
+            shutdown_timeout=self.cfg.agent.shutdown_timeout_s,
+            head_timeout_s=self.cfg.agent.head_timeout_s,
+            keepalive_timeout=self.cfg.agent.keepalive_timeout_s,
+        )
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.cfg.agent.host, self.cfg.agent.port)
@@ -217,18 +270,25 @@ class Service:
             await self._start(self.reloader)
         for name in self.health.clusters:
             self.metrics.refusing.labels(cluster=name).set_function(
-                functools.partial(self._refusing, name))
+                functools.partial(self._refusing, name)
+            )
         self.metrics.pending.set_function(lambda: self.spool.count)
         self.metrics.pending_bytes.set_function(lambda: self.spool.bytes)
         for name in MODES:
-            self.metrics.mode.labels(mode=name).set_function(
-                functools.partial(self._is_mode, name))
+            self.metrics.mode.labels(mode=name).set_function(functools.partial(self._is_mode, name))
         self.metrics.buffer_max_bytes.set(self.cfg.buffer.max_bytes)
         self.metrics.start_time.set(time.time())
         self.metrics.unclean_start.set(int(await asyncio.to_thread(self._mark_running)))
-        log.info("agent accepting orders", extra={
-            "listen": f"{self.cfg.agent.host}:{self.port}", "node_id": self.cfg.agent.node_id,
-            "pending": self.spool.count, "mode": self.mode(), "fd_limit": fd_limit})
+        log.info(
+            "agent accepting orders",
+            extra={
+                "listen": f"{self.cfg.agent.host}:{self.port}",
+                "node_id": self.cfg.agent.node_id,
+                "pending": self.spool.count,
+                "mode": self.mode(),
+                "fd_limit": fd_limit,
+            },
+        )
 
     async def _start(self, component: Any) -> None:
         await component.start()
@@ -262,8 +322,9 @@ class Service:
         """Leave a marker that a clean stop removes; True if the last run left one."""
         unclean = self._running_marker.exists()
         if unclean:
-            log.warning("the previous run did not stop cleanly (watchdog, crash, kill -9 or "
-                        "power cut)")
+            log.warning(
+                "the previous run did not stop cleanly (watchdog, crash, kill -9 or power cut)"
+            )
         try:  # durable, so a power cut right after start-up still reads as unclean
             fd = os.open(self._running_marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -326,8 +387,10 @@ class Service:
         delivered = 0.0
         for metric in self.metrics.deliveries.collect():
             for sample in metric.samples:
-                if (sample.name.endswith("_total")
-                        and sample.labels.get("outcome") in ("created", "duplicate")):
+                if sample.name.endswith("_total") and sample.labels.get("outcome") in (
+                    "created",
+                    "duplicate",
+                ):
                     delivered += sample.value
         now = time.monotonic()
         self._drained.append((now, delivered))
@@ -358,8 +421,11 @@ class Service:
             "journal_buffered": count,
             "oldest_pending_age_s": round(age, 3),
             "sms_outbox": self.outbox.unfinished if self.outbox is not None else 0,
-            "sms": (self.outbox.snapshot() if self.outbox is not None
-                    else {"provider": None, "by_state": {}}),
+            "sms": (
+                self.outbox.snapshot()
+                if self.outbox is not None
+                else {"provider": None, "by_state": {}}
+            ),
             "pinned": pin_buckets(pinned),
             "accepting": self.intake.accepting,
             "ready": self.ready(),
@@ -367,8 +433,9 @@ class Service:
             "persist_error": self.intake.failing,
             "drain_rate_per_s": round(rate, 2),
             # null: nothing pending, or nothing drains now (no estimate)
-            "drain_eta_s": (0.0 if pending == 0 else
-                            round(pending / rate, 1) if rate > 0 else None),
+            "drain_eta_s": (
+                0.0 if pending == 0 else round(pending / rate, 1) if rate > 0 else None
+            ),
             "max_bytes": self.cfg.buffer.max_bytes,
             "mode_history": list(self.mode_history),
             # step -> {state: count} for outage orders (CONTRACT 10); null when off

@@ -73,18 +73,19 @@ def sign_request(
     }
     query = canonical_query(params)
     signed = _signed(headers)
-    canonical = "\n".join([
-        method.upper(),
-        "/",
-        query,
-        "".join(f"{k}:{v}\n" for k, v in signed.items()),
-        ";".join(signed),
-        payload_hash,
-    ])
+    canonical = "\n".join(
+        [
+            method.upper(),
+            "/",
+            query,
+            "".join(f"{k}:{v}\n" for k, v in signed.items()),
+            ";".join(signed),
+            payload_hash,
+        ]
+    )
     to_sign = f"{ALGORITHM}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
     signature = hmac.new(key.secret.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
     headers["Authorization"] = (
-        f"{ALGORITHM} Credential={key.id},SignedHeaders={';'.join(signed)},"
-        f"Signature={signature}"
+        f"{ALGORITHM} Credential={key.id},SignedHeaders={';'.join(signed)},Signature={signature}"
     )
     return query, headers

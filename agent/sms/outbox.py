@@ -64,8 +64,14 @@ PRUNE_EVERY_S = 60.0
 class Outbox:
     """Owns the outbox store, the provider and the sender task; ``start()``/``stop()``."""
 
-    def __init__(self, cfg: SmsSection, state_dir: str, dirs: BufferDirs,
-                 provider: SmsProvider, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: SmsSection,
+        state_dir: str,
+        dirs: BufferDirs,
+        provider: SmsProvider,
+        metrics: Metrics,
+    ) -> None:
         self._cfg = cfg
         self._dirs = dirs
         self._provider = provider
@@ -99,21 +105,29 @@ class Outbox:
         if row is None:
             return None
         state, phone, reason, updated_at = row
-        return {"state": state, "phone": mask(phone) if phone else None,
-                "sent": state == SENT, "reason": reason or None, "updated_at": updated_at}
+        return {
+            "state": state,
+            "phone": mask(phone) if phone else None,
+            "sent": state == SENT,
+            "reason": reason or None,
+            "updated_at": updated_at,
+        }
 
     def snapshot(self) -> dict[str, Any]:
-        return {"provider": self._provider.name,
-                "by_state": {s: self.counts[s] for s in STATES}}
+        return {"provider": self._provider.name, "by_state": {s: self.counts[s] for s in STATES}}
 
     async def start(self) -> None:
         await self.store.open()
         interrupted = await self.store.sending_to_ambiguous(
             "the agent stopped while this SMS was being sent; it may have gone out, "
-            "so it is not resent (at most one SMS per serial)")
+            "so it is not resent (at most one SMS per serial)"
+        )
         for serial in interrupted:
-            log.warning("SMS for %s is ambiguous: interrupted while sending, not resent",
-                        serial, extra={"serial": serial})
+            log.warning(
+                "SMS for %s is ambiguous: interrupted while sending, not resent",
+                serial,
+                extra={"serial": serial},
+            )
         self.counts = await self.store.counts()
         await self._provider.start()
         await self._backfill()
@@ -149,15 +163,17 @@ class Outbox:
         try:
             state = await self._enqueue(record.serial, record.customer_phone)
         except Exception as exc:  # the order is accepted regardless; start-up retries it
-            log.error("SMS for %s not queued: %s", record.serial, exc,
-                      extra={"serial": record.serial})
+            log.error(
+                "SMS for %s not queued: %s", record.serial, exc, extra={"serial": record.serial}
+            )
             return "none"
         return "queued" if state in (QUEUED, SENDING, SENT) else "none"
 
     async def _enqueue(self, serial: str, raw_phone: str) -> str:
         checked = check(raw_phone)
-        state, new = await self.store.enqueue(serial, checked.number, raw_phone,
-                                              checked.reason, self._cfg.per_phone_per_hour)
+        state, new = await self.store.enqueue(
+            serial, checked.number, raw_phone, checked.reason, self._cfg.per_phone_per_hour
+        )
         if new:
             self.counts[state] += 1
             extra = {"serial": serial, "phone": mask(raw_phone), "sms_state": state}
@@ -167,8 +183,13 @@ class Outbox:
                 log.debug("SMS for %s queued", serial, extra=extra)
                 self._wakeup.set()
             else:
-                log.warning("SMS for %s %s: %s", serial, state, checked.reason or
-                            "sms.per_phone_per_hour reached", extra=extra)
+                log.warning(
+                    "SMS for %s %s: %s",
+                    serial,
+                    state,
+                    checked.reason or "sms.per_phone_per_hour reached",
+                    extra=extra,
+                )
         return state
 
     async def _backfill(self) -> None:
@@ -180,15 +201,26 @@ class Outbox:
             if self.store.rebuilt is not None:
                 # The damaged outbox may have sent this notice: never risk a second one.
                 await self.store.enqueue(
-                    record.serial, None, phone, "the SMS outbox was damaged and rebuilt; "
+                    record.serial,
+                    None,
+                    phone,
+                    "the SMS outbox was damaged and rebuilt; "
                     "whether this notice went out is unknown, so it is not sent again",
-                    0, state=AMBIGUOUS)
+                    0,
+                    state=AMBIGUOUS,
+                )
                 self.counts[AMBIGUOUS] += 1
-                log.warning("SMS for %s ambiguous: the outbox was rebuilt, not resent",
-                            record.serial, extra={"serial": record.serial})
+                log.warning(
+                    "SMS for %s ambiguous: the outbox was rebuilt, not resent",
+                    record.serial,
+                    extra={"serial": record.serial},
+                )
                 continue
-            log.warning("pending %s has a phone but no SMS outbox row; adding it",
-                        record.serial, extra={"serial": record.serial})
+            log.warning(
+                "pending %s has a phone but no SMS outbox row; adding it",
+                record.serial,
+                extra={"serial": record.serial},
+            )
             await self._enqueue(record.serial, phone)
 
     # -- sender ------------------------------------------------------------------------
@@ -207,20 +239,31 @@ class Outbox:
                     await self.store.prune_window()
                     last_prune = now
                 claimed = await self.store.claim(
-                    done, now, 0 if self._stopping else self._cfg.concurrency,
-                    now - self._cfg.give_up_after_s)
+                    done,
+                    now,
+                    0 if self._stopping else self._cfg.concurrency,
+                    now - self._cfg.give_up_after_s,
+                )
             except PersistError as exc:
                 for update in done:  # on disk these stay "sending": ambiguous at start-up
-                    log.error("SMS for %s: cannot record %s: %s", update.serial, update.state,
-                              exc, extra={"serial": update.serial})
+                    log.error(
+                        "SMS for %s: cannot record %s: %s",
+                        update.serial,
+                        update.state,
+                        exc,
+                        extra={"serial": update.serial},
+                    )
                 log.error("SMS outbox: %s; retrying in 1s", exc)
                 done, nxt = [], time.time() + 1.0
             else:
                 self._recorded(done)
                 for row in claimed.expired:
                     self._moved(QUEUED, FAILED)
-                    self._finished(transition(row, QUEUED, FAILED,
-                                              reason="not sent within sms.give_up_after_s"))
+                    self._finished(
+                        transition(
+                            row, QUEUED, FAILED, reason="not sent within sms.give_up_after_s"
+                        )
+                    )
                 for _ in claimed.rows:
                     self._moved(QUEUED, SENDING)
                 done = list(await asyncio.gather(*(self._send_one(r) for r in claimed.rows)))
@@ -229,8 +272,9 @@ class Outbox:
                 if self._stopping:
                     return
                 nxt = claimed.next_due
-            delay = PRUNE_EVERY_S if nxt is None else min(max(0.0, nxt - time.time()),
-                                                          PRUNE_EVERY_S)
+            delay = (
+                PRUNE_EVERY_S if nxt is None else min(max(0.0, nxt - time.time()), PRUNE_EVERY_S)
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), delay)
 
@@ -250,18 +294,26 @@ class Outbox:
             return transition(row, SENDING, AMBIGUOUS, reason=f"{exc}; not resent")
         except Exception as exc:  # a bug: we cannot know whether it went out
             log.error("SMS for %s: unexpected provider error", row.serial, exc_info=True)
-            return transition(row, SENDING, AMBIGUOUS,
-                              reason=f"unexpected error {exc!r}; not resent")
+            return transition(
+                row, SENDING, AMBIGUOUS, reason=f"unexpected error {exc!r}; not resent"
+            )
         return transition(row, SENDING, SENT, provider_id=provider_id)
 
     def _retry(self, row: Row, exc: Exception, at_least: float) -> Transition:
-        delay = backoff_delay(row.attempts, self._cfg.retry_initial_s, self._cfg.retry_max_s,
-                              at_least)
+        delay = backoff_delay(
+            row.attempts, self._cfg.retry_initial_s, self._cfg.retry_max_s, at_least
+        )
         if time.time() + delay - row.created_at > self._cfg.give_up_after_s:
-            return transition(row, SENDING, FAILED,
-                              reason=f"gave up after {row.attempts} attempts: {exc}")
-        log.info("SMS for %s not sent (%s); retry in %.1fs", row.serial, exc, delay,
-                 extra={"serial": row.serial, "phone": mask(row.phone)})
+            return transition(
+                row, SENDING, FAILED, reason=f"gave up after {row.attempts} attempts: {exc}"
+            )
+        log.info(
+            "SMS for %s not sent (%s); retry in %.1fs",
+            row.serial,
+            exc,
+            delay,
+            extra={"serial": row.serial, "phone": mask(row.phone)},
+        )
         return transition(row, SENDING, QUEUED, reason=str(exc), next_at=time.time() + delay)
 
     def _recorded(self, done: list[Transition]) -> None:
@@ -274,16 +326,19 @@ class Outbox:
     def _finished(self, update: Transition) -> None:
         if update.state == QUEUED:
             return  # a retry, logged when it was decided
-        extra = {"serial": update.serial, "phone": mask(update.phone),
-                 "sms_state": update.state, "attempts": update.attempts}
+        extra = {
+            "serial": update.serial,
+            "phone": mask(update.phone),
+            "sms_state": update.state,
+            "attempts": update.attempts,
+        }
         if update.state == SENT:
             self._metrics.sms_sent.inc()
             log.info("SMS for %s sent via %s", update.serial, self._provider.name, extra=extra)
             return
         if update.state == FAILED:
             self._metrics.sms_failed.inc()
-        log.warning("SMS for %s %s: %s", update.serial, update.state, update.reason,
-                    extra=extra)
+        log.warning("SMS for %s %s: %s", update.serial, update.state, update.reason, extra=extra)
 
     def _moved(self, from_state: str, to_state: str) -> None:
         self.counts[from_state] -= 1

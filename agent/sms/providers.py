@@ -39,10 +39,18 @@ log = logging.getLogger("agent.sms")
 
 ALIYUN_ACTION, ALIYUN_VERSION = "SendSms", "2017-05-25"
 # Aliyun answers with HTTP 200 and one of these codes when it throttles us.
-_ALIYUN_RATE_CODES = frozenset({"isv.BUSINESS_LIMIT_CONTROL", "isv.DAY_LIMIT_CONTROL",
-                                "Throttling", "Throttling.User", "Throttling.Api"})
-_ALIYUN_TRANSIENT_CODES = frozenset({"isp.SYSTEM_ERROR", "isp.GATEWAY_ERROR",
-                                     "ServiceUnavailable", "InternalError"})
+_ALIYUN_RATE_CODES = frozenset(
+    {
+        "isv.BUSINESS_LIMIT_CONTROL",
+        "isv.DAY_LIMIT_CONTROL",
+        "Throttling",
+        "Throttling.User",
+        "Throttling.Api",
+    }
+)
+_ALIYUN_TRANSIENT_CODES = frozenset(
+    {"isp.SYSTEM_ERROR", "isp.GATEWAY_ERROR", "ServiceUnavailable", "InternalError"}
+)
 
 
 @dataclass(frozen=True)
@@ -91,14 +99,17 @@ def load_credentials(s: SmsSection) -> Credentials:
         path = Path(s.credentials_file)
     if path is None:
         if s.provider == "aliyun":
-            raise ConfigError("sms.credentials_file is required for provider aliyun "
-                              "(or $CREDENTIALS_DIRECTORY/sms)")
+            raise ConfigError(
+                "sms.credentials_file is required for provider aliyun "
+                "(or $CREDENTIALS_DIRECTORY/sms)"
+            )
         return Credentials()  # an http gateway without auth
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read SMS credentials file {path}: {exc.strerror}; "
-                          "check sms.credentials_file") from exc
+        raise ConfigError(
+            f"cannot read SMS credentials file {path}: {exc.strerror}; check sms.credentials_file"
+        ) from exc
     values: dict[str, str] = {}
     for line in (raw.strip() for raw in text.splitlines()):
         if not line or line.startswith("#"):
@@ -108,11 +119,16 @@ def load_credentials(s: SmsSection) -> Credentials:
             values[name.strip().lower()] = value.strip().strip('"')
         else:
             values.setdefault("token", line)
-    creds = Credentials(values.get("token", ""), values.get("access_key_id", ""),
-                        values.get("access_key_secret", ""))
+    creds = Credentials(
+        values.get("token", ""),
+        values.get("access_key_id", ""),
+        values.get("access_key_secret", ""),
+    )
     if s.provider == "aliyun" and not (creds.access_key_id and creds.access_key_secret):
-        raise ConfigError(f"SMS credentials file {path} must set access_key_id and "
-                          "access_key_secret for provider aliyun")
+        raise ConfigError(
+            f"SMS credentials file {path} must set access_key_id and "
+            "access_key_secret for provider aliyun"
+        )
     return creds
 
 
@@ -137,8 +153,12 @@ class LogProvider:
         return None
 
     async def send(self, notice: Notice) -> str:
-        log.info("SMS (log provider) to %s: %s", mask(notice.phone), notice.text,
-                 extra={"serial": notice.serial, "phone": mask(notice.phone)})
+        log.info(
+            "SMS (log provider) to %s: %s",
+            mask(notice.phone),
+            notice.text,
+            extra={"serial": notice.serial, "phone": mask(notice.phone)},
+        )
         return ""
 
 
@@ -153,15 +173,17 @@ class _SessionOwner:
         # No keep-alive: a POST on a stale pooled connection fails in a way that looks
         # like "sent, no answer", which the at-most-once rule could never resend.
         self._session = aiohttp.ClientSession(
-            timeout=self._timeout, connector=aiohttp.TCPConnector(force_close=True))
+            timeout=self._timeout, connector=aiohttp.TCPConnector(force_close=True)
+        )
 
     async def stop(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def _post(self, url: str | URL, headers: dict[str, str], data: bytes
-                    ) -> tuple[int, bytes]:
+    async def _post(
+        self, url: str | URL, headers: dict[str, str], data: bytes
+    ) -> tuple[int, bytes]:
         if self._session is None:
             raise RuntimeError(f"{self.name} provider: start() must be awaited before send()")
         try:
@@ -182,10 +204,15 @@ class HttpProvider(_SessionOwner):
         self._token = token
 
     async def send(self, notice: Notice) -> str:
-        body = orjson.dumps({
-            "phone": notice.phone, "sign_name": notice.sign_name, "template": notice.template,
-            "params": {"SN": notice.serial}, "text": notice.text,
-        })
+        body = orjson.dumps(
+            {
+                "phone": notice.phone,
+                "sign_name": notice.sign_name,
+                "template": notice.template,
+                "params": {"SN": notice.serial},
+                "text": notice.text,
+            }
+        )
         headers = {"Content-Type": "application/json", "Idempotency-Key": notice.serial}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -215,8 +242,9 @@ class AliyunProvider(_SessionOwner):
             "TemplateParam": orjson.dumps({"SN": notice.serial}).decode(),
             "OutId": notice.serial,
         }
-        query, headers = sign_request(self._key, "POST", self._host, ALIYUN_ACTION,
-                                      ALIYUN_VERSION, params)
+        query, headers = sign_request(
+            self._key, "POST", self._host, ALIYUN_ACTION, ALIYUN_VERSION, params
+        )
         url = URL(f"{self._base}?{query}", encoded=True)
         status, payload = await self._post(url, headers, b"")
         return _classify_aliyun(status, payload)

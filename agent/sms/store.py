@@ -112,6 +112,7 @@ class _Claim:
     """The sender's round: ``done`` (the last round's outcomes) are applied; due rows
     created before ``give_up_before`` become "failed" (``expired``); then up to ``limit``
     due rows move queued -> sending (attempts + 1) and come back in ``rows``."""
+
     done: list[Transition]
     now: float
     limit: int
@@ -124,23 +125,38 @@ class _Claim:
 _Op = _Enqueue | Transition | _Prune | _Claim
 
 
-def transition(row: Row, from_state: str, to_state: str, *, reason: str = "",
-               next_at: float = 0.0, attempts: int | None = None,
-               provider_id: str = "") -> Transition:
+def transition(
+    row: Row,
+    from_state: str,
+    to_state: str,
+    *,
+    reason: str = "",
+    next_at: float = 0.0,
+    attempts: int | None = None,
+    provider_id: str = "",
+) -> Transition:
     """The update moving ``row`` from ``from_state`` to ``to_state``, for ``move`` or
     ``claim``; a final state keeps only the masked phone."""
     final = to_state not in OPEN
-    return Transition(row.serial, to_state, mask(row.phone) if final else row.phone, reason,
-                   next_at, row.attempts if attempts is None else attempts, provider_id,
-                   from_state)
+    return Transition(
+        row.serial,
+        to_state,
+        mask(row.phone) if final else row.phone,
+        reason,
+        next_at,
+        row.attempts if attempts is None else attempts,
+        provider_id,
+        from_state,
+    )
 
 
 class OutboxStore:
     """Owns the outbox's SQLite connections (one writer, one reader) and its group commit."""
 
     def __init__(self, state_dir: str) -> None:
-        self._db = SqliteDb(Path(state_dir) / "outbox.sqlite3", "SMS outbox", SCHEMA,
-                            synchronous="NORMAL")
+        self._db = SqliteDb(
+            Path(state_dir) / "outbox.sqlite3", "SMS outbox", SCHEMA, synchronous="NORMAL"
+        )
         self.path = self._db.path
         self._writer = GroupCommit[_Op]("sms-outbox", self._flush)
 
@@ -184,14 +200,17 @@ class OutboxStore:
         elif op.phone is None or op.reason:
             state, phone = SKIPPED, mask(op.raw_phone)
         elif op.limit > 0:
-            count = db.execute("SELECT COUNT(*) FROM sms_window WHERE phone=? AND at>?",
-                               (op.phone, now - WINDOW_S)).fetchall()
+            count = db.execute(
+                "SELECT COUNT(*) FROM sms_window WHERE phone=? AND at>?", (op.phone, now - WINDOW_S)
+            ).fetchall()
             if count and int(count[0][0]) >= op.limit:
                 state, phone = SUPPRESSED, mask(op.phone)
                 reason = f"sms.per_phone_per_hour ({op.limit}) reached for this phone"
         db.execute(
             "INSERT INTO sms (serial, phone, state, reason, created_at, next_at, updated_at) "
-            "VALUES (?,?,?,?,?,?,?)", (op.serial, phone, state, reason, now, now, now))
+            "VALUES (?,?,?,?,?,?,?)",
+            (op.serial, phone, state, reason, now, now, now),
+        )
         if state == QUEUED:
             db.execute("INSERT INTO sms_window (phone, at) VALUES (?,?)", (phone, now))
         op.result, op.inserted = state, True
@@ -201,8 +220,18 @@ class OutboxStore:
         cur = db.execute(
             "UPDATE sms SET state=?, phone=?, reason=?, next_at=?, attempts=?, provider_id=?, "
             "updated_at=? WHERE serial=? AND state=?",
-            (op.state, op.phone, op.reason, op.next_at, op.attempts, op.provider_id,
-             time.time(), op.serial, op.only_from))
+            (
+                op.state,
+                op.phone,
+                op.reason,
+                op.next_at,
+                op.attempts,
+                op.provider_id,
+                time.time(),
+                op.serial,
+                op.only_from,
+            ),
+        )
         op.inserted = cur.rowcount == 1
         op.result = op.state if op.inserted else ""
 
@@ -212,23 +241,27 @@ class OutboxStore:
             cls._apply_update(db, update)
         now = time.time()
         for serial, phone, attempts, created_at in db.execute(
-                "SELECT serial, phone, attempts, created_at FROM sms "
-                "WHERE state=? AND next_at<=? AND created_at<?",
-                (QUEUED, op.now, op.give_up_before)).fetchall():
+            "SELECT serial, phone, attempts, created_at FROM sms "
+            "WHERE state=? AND next_at<=? AND created_at<?",
+            (QUEUED, op.now, op.give_up_before),
+        ).fetchall():
             row = Row(serial, phone, attempts, created_at)
-            cls._apply_update(db, transition(row, QUEUED, FAILED,
-                                             reason="not sent within sms.give_up_after_s"))
+            cls._apply_update(
+                db, transition(row, QUEUED, FAILED, reason="not sent within sms.give_up_after_s")
+            )
             op.expired.append(row)
         for serial, phone, attempts, created_at in db.execute(
-                "SELECT serial, phone, attempts, created_at FROM sms "
-                "WHERE state=? AND next_at<=? ORDER BY next_at LIMIT ?",
-                (QUEUED, op.now, op.limit)).fetchall():
-            db.execute("UPDATE sms SET state=?, attempts=?, updated_at=? "
-                       "WHERE serial=? AND state=?", (SENDING, attempts + 1, now, serial, QUEUED))
+            "SELECT serial, phone, attempts, created_at FROM sms "
+            "WHERE state=? AND next_at<=? ORDER BY next_at LIMIT ?",
+            (QUEUED, op.now, op.limit),
+        ).fetchall():
+            db.execute(
+                "UPDATE sms SET state=?, attempts=?, updated_at=? WHERE serial=? AND state=?",
+                (SENDING, attempts + 1, now, serial, QUEUED),
+            )
             op.rows.append(Row(serial, phone, attempts + 1, created_at))
         if not op.rows:
-            found = db.execute("SELECT MIN(next_at) FROM sms WHERE state=?",
-                               (QUEUED,)).fetchall()
+            found = db.execute("SELECT MIN(next_at) FROM sms WHERE state=?", (QUEUED,)).fetchall()
             op.next_due = float(found[0][0]) if found and found[0][0] is not None else None
 
     @property
@@ -236,24 +269,47 @@ class OutboxStore:
         """Where a damaged outbox was moved at start-up: what it knew is unknown now."""
         return self._db.rebuilt
 
-    async def enqueue(self, serial: str, phone: str | None, raw_phone: str, reason: str,
-                      limit: int, state: str | None = None) -> tuple[str, bool]:
+    async def enqueue(
+        self,
+        serial: str,
+        phone: str | None,
+        raw_phone: str,
+        reason: str,
+        limit: int,
+        state: str | None = None,
+    ) -> tuple[str, bool]:
         """Add the row for ``serial`` unless it exists; (its state, whether it is new)."""
         op = _Enqueue(serial, phone, raw_phone, reason, limit, state=state)
         await self._writer.submit(op)
         return op.result, op.inserted
 
-    async def move(self, row: Row, from_state: str, to_state: str, *, reason: str = "",
-                   next_at: float = 0.0, attempts: int | None = None,
-                   provider_id: str = "") -> bool:
+    async def move(
+        self,
+        row: Row,
+        from_state: str,
+        to_state: str,
+        *,
+        reason: str = "",
+        next_at: float = 0.0,
+        attempts: int | None = None,
+        provider_id: str = "",
+    ) -> bool:
         """Move ``row`` from ``from_state`` to ``to_state``; False if it was not there."""
-        op = transition(row, from_state, to_state, reason=reason, next_at=next_at,
-                        attempts=attempts, provider_id=provider_id)
+        op = transition(
+            row,
+            from_state,
+            to_state,
+            reason=reason,
+            next_at=next_at,
+            attempts=attempts,
+            provider_id=provider_id,
+        )
         await self._writer.submit(op)
         return op.inserted
 
-    async def claim(self, done: list[Transition], now: float, limit: int,
-                    give_up_before: float) -> Claimed:
+    async def claim(
+        self, done: list[Transition], now: float, limit: int, give_up_before: float
+    ) -> Claimed:
         """One sender round in one transaction, committed with FULL: record ``done`` (the
         last round's transitions; each one's ``inserted`` says whether it applied), fail
         the due rows created before ``give_up_before``, and mark up to ``limit`` due
@@ -265,8 +321,12 @@ class OutboxStore:
 
     async def sending_to_ambiguous(self, reason: str) -> list[str]:
         """At start-up: every row still "sending" was interrupted mid-call."""
-        rows = [Row(*r) for r in await self._db.read(
-            "SELECT serial, phone, attempts, created_at FROM sms WHERE state=?", (SENDING,))]
+        rows = [
+            Row(*r)
+            for r in await self._db.read(
+                "SELECT serial, phone, attempts, created_at FROM sms WHERE state=?", (SENDING,)
+            )
+        ]
         for row in rows:
             await self.move(row, SENDING, AMBIGUOUS, reason=reason)
         return [row.serial for row in rows]
@@ -288,7 +348,8 @@ class OutboxStore:
         """(state, phone, reason, updated_at) of one serial's notice; the phone as stored
         (masked once final, normalized while open: callers mask it)."""
         rows = await self._db.read(
-            "SELECT state, phone, reason, updated_at FROM sms WHERE serial=?", (serial,))
+            "SELECT state, phone, reason, updated_at FROM sms WHERE serial=?", (serial,)
+        )
         if not rows:
             return None
         row = rows[0]

@@ -49,8 +49,12 @@ class Claim:
             self._fd = None
 
 
-def try_claim(path: str | Path, writable: bool = False, follow_symlinks: bool = True,
-              cap: int = ORDER_FILE_CAP) -> Claim | None:
+def try_claim(
+    path: str | Path,
+    writable: bool = False,
+    follow_symlinks: bool = True,
+    cap: int = ORDER_FILE_CAP,
+) -> Claim | None:
     """Lock and read ``path``; None if it is gone or another process holds it.
 
     ``writable``: open it read-write where permitted, so the holder can add

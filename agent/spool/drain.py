@@ -42,7 +42,7 @@ from agent.upstream.answers import Answer
 from agent.upstream.client import UpstreamClient
 
 log = logging.getLogger("agent.drain")
-PASS_BACKOFF_BASE_S = 0.5   # between failing passes: 0.5 s doubling to 60 s, full jitter
+PASS_BACKOFF_BASE_S = 0.5  # between failing passes: 0.5 s doubling to 60 s, full jitter
 PASS_BACKOFF_MAX_S = 60.0
 
 # The clusters that can take orders now: name -> base URL.
@@ -60,20 +60,28 @@ def _added_order(change: watchfiles.Change, path: str) -> bool:
 
 
 class Result(enum.Enum):
-    DONE = "done"            # left pending/ (merged or quarantined)
-    SKIPPED = "skipped"      # gone, claimed by another process, or waiting for its cluster
-    RETRY = "retry"          # 409/429/...: this file later
-    FAILING = "failing"      # the cluster is failing or refusing us: stop sending to it
+    DONE = "done"  # left pending/ (merged or quarantined)
+    SKIPPED = "skipped"  # gone, claimed by another process, or waiting for its cluster
+    RETRY = "retry"  # 409/429/...: this file later
+    FAILING = "failing"  # the cluster is failing or refusing us: stop sending to it
 
 
 class Drainer:
     """Owns the drain loop and the pending/ watcher."""
 
-    def __init__(self, settings: BufferSection, timeout_s: float, spool: PendingSpool,
-                 journal: Journal, upstream: UpstreamClient, usable: Usable,
-                 refusals: RefusalSink, metrics: Metrics,
-                 busy: BusyCheck = lambda serial: False,
-                 on_merged: MergedSink | None = None) -> None:
+    def __init__(
+        self,
+        settings: BufferSection,
+        timeout_s: float,
+        spool: PendingSpool,
+        journal: Journal,
+        upstream: UpstreamClient,
+        usable: Usable,
+        refusals: RefusalSink,
+        metrics: Metrics,
+        busy: BusyCheck = lambda serial: False,
+        on_merged: MergedSink | None = None,
+    ) -> None:
         self._settings = settings
         self.timeout_s = timeout_s
         self._spool = spool
@@ -90,8 +98,9 @@ class Drainer:
         self._unreadable: dict[str, str] = {}  # name -> the trouble already logged
         self._wake = asyncio.Event()  # a cluster came back: cut the backoff short
         self._backoff = Backoff(PASS_BACKOFF_BASE_S, PASS_BACKOFF_MAX_S)
-        self._loop = WatchedLoop("drain", self._round, spool.dirs.pending, _added_order,
-                                 settings.scan_interval_s)
+        self._loop = WatchedLoop(
+            "drain", self._round, spool.dirs.pending, _added_order, settings.scan_interval_s
+        )
         self.passes = 0
 
     def kick(self) -> None:
@@ -115,8 +124,9 @@ class Drainer:
         """Where this order may go now (CONTRACT 5), or None: it waits."""
         pinned = record.pinned_to or self._pins.get(record.serial)
         if pinned is not None:  # only its own target; a URL pin names one, if it is ours
-            return next((name for name, url in usable.items()
-                         if same_target(pinned, name, url)), None)
+            return next(
+                (name for name, url in usable.items() if same_target(pinned, name, url)), None
+            )
         if "primary" in usable:
             return "primary"
         if self._settings.drain_to_standby and "standby" in usable:
@@ -191,9 +201,14 @@ class Drainer:
     async def _deliver_held(self, held: Held, failing: set[str]) -> Result:
         state = await held.merged_copy()
         if state is MergedState.OTHER:
-            await held.quarantined("name_clash", {
-                "error": f"merged/{held.name} holds a different order; this one was "
-                         "never confirmed by the center", "corrupt": held.corrupt})
+            await held.quarantined(
+                "name_clash",
+                {
+                    "error": f"merged/{held.name} holds a different order; this one was "
+                    "never confirmed by the center",
+                    "corrupt": held.corrupt,
+                },
+            )
             return Result.DONE
         if held.record is None:
             await held.quarantined(held.problem, {"error": held.corrupt})
@@ -216,14 +231,20 @@ class Drainer:
         result: Answer | UpstreamError
         try:
             result = await self._upstream.post_order(
-                usable[cluster], record.raw_body, record.dedupe_key, record.serial,
-                self.timeout_s)
+                usable[cluster], record.raw_body, record.dedupe_key, record.serial, self.timeout_s
+            )
         except UpstreamError as exc:
             result = exc
         return await self._settle(held, record, cluster, result, failing)
 
-    async def _settle(self, held: Held, record: PendingRecord, cluster: str,
-                      result: Answer | UpstreamError, failing: set[str]) -> Result:
+    async def _settle(
+        self,
+        held: Held,
+        record: PendingRecord,
+        cluster: str,
+        result: Answer | UpstreamError,
+        failing: set[str],
+    ) -> Result:
         action = decide(result, Caller.DRAIN, cluster)
         self._metrics.deliveries.labels(cluster=cluster, outcome=action.outcome).inc()
         answer = result if isinstance(result, Answer) else None
@@ -247,10 +268,16 @@ class Drainer:
             return Result.DONE
         if action.step is Step.QUARANTINE and answer is not None:
             self._metrics.quarantined.labels(reason=action.outcome).inc()
-            await held.quarantined(action.outcome, {
-                "status": answer.status, "error": answer.error, "serial": record.serial,
-                "dedupe_key": record.dedupe_key, "cluster": cluster,
-            })
+            await held.quarantined(
+                action.outcome,
+                {
+                    "status": answer.status,
+                    "error": answer.error,
+                    "serial": record.serial,
+                    "dedupe_key": record.dedupe_key,
+                    "cluster": cluster,
+                },
+            )
             await self._journal.mark(record.serial, REJECTED, cluster)
             return Result.DONE
         log.info("delivery of %s to %s: %s", record.serial, cluster, action.reason)
@@ -272,8 +299,12 @@ class Drainer:
             await held.pin(cluster, why)
         except PersistError as exc:
             self._pins[serial] = cluster
-            log.error("could not pin %s to %s in its file (%s); held in memory and in the "
-                      "journal", serial, cluster, exc)
+            log.error(
+                "could not pin %s to %s in its file (%s); held in memory and in the journal",
+                serial,
+                cluster,
+                exc,
+            )
         await self._journal.intend(serial, cluster)
 
     def _observe_latency(self, received_at: str) -> None:

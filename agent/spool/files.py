@@ -80,7 +80,8 @@ def write_pending_batch(
                 f"(written to pending/.{record.filename}{TMP_SUFFIX}) was not accepted and "
                 f"its temp file removed; serial {record.serial} was issued twice (did the "
                 "serial counter in agent.state_dir go back, or does another agent write "
-                "this buffer?); the existing file is untouched")
+                "this buffer?); the existing file is untouched"
+            )
             unlink_quietly(tmps[i])
         except OSError as exc:
             results[i] = translate(exc, f"pending/{record.filename}")
@@ -95,8 +96,9 @@ def write_pending_batch(
     return results
 
 
-def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any],
-               content: bytes | None = None) -> Path:
+def quarantine(
+    dirs: BufferDirs, src: Path, reason: dict[str, Any], content: bytes | None = None
+) -> Path:
     """Move ``src`` (content untouched) to rejected/ with a reason file beside it.
 
     The reason is written first, so a rejected file never lacks one. ``content``:
@@ -106,8 +108,7 @@ def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any],
     renamed here replaces anything: a name taken meanwhile (by edge-recover beside
     the agent) means the next free name.
     """
-    reason_data = orjson.dumps({**reason, "original_path": str(src),
-                                "rejected_at": time.time()})
+    reason_data = orjson.dumps({**reason, "original_path": str(src), "rejected_at": time.time()})
     for _ in range(QUARANTINE_ATTEMPTS):
         name = _free_name(dirs.rejected, src.name)
         reason_path = dirs.rejected / (name + REASON_SUFFIX)
@@ -136,8 +137,10 @@ def quarantine(dirs: BufferDirs, src: Path, reason: dict[str, Any],
                 raise
             raise translate(exc, f"rejected/{name}") from exc
         return target
-    raise PersistError(f"no free name in rejected/ for {src.name} after "
-                       f"{QUARANTINE_ATTEMPTS} attempts; it stays where it is")
+    raise PersistError(
+        f"no free name in rejected/ for {src.name} after "
+        f"{QUARANTINE_ATTEMPTS} attempts; it stays where it is"
+    )
 
 
 def _free_name(directory: Path, name: str) -> str:
@@ -149,8 +152,10 @@ def _free_name(directory: Path, name: str) -> str:
     n = 0
     while True:
         candidate = name if n == 0 else f"{stem}.{n}.{ext}" if ext else f"{stem}.{n}"
-        if not (os.path.lexists(directory / candidate)
-                or os.path.lexists(directory / (candidate + REASON_SUFFIX))):
+        if not (
+            os.path.lexists(directory / candidate)
+            or os.path.lexists(directory / (candidate + REASON_SUFFIX))
+        ):
             return candidate
         n += 1
 
@@ -182,8 +187,7 @@ def remove_stale_temps(directory: Path) -> int:
     return removed
 
 
-def expire_merged(dirs: BufferDirs, older_than_s: float,
-                  only: Container[str] | None = None) -> int:
+def expire_merged(dirs: BufferDirs, older_than_s: float, only: Container[str] | None = None) -> int:
     """Delete merged/ audit copies past retention: those orders are confirmed delivered.
 
     ``only``: the names that may go (chain verification keeps the others: an order whose

@@ -22,9 +22,15 @@ Finished = Callable[[], Awaitable[set[str]]]
 
 
 class Housekeeper:
-    def __init__(self, journal: Journal, dirs: BufferDirs, journal_retention_days: float,
-                 merged_retention_days: float, interval_s: float = 3600.0,
-                 finished: Finished | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        dirs: BufferDirs,
+        journal_retention_days: float,
+        merged_retention_days: float,
+        interval_s: float = 3600.0,
+        finished: Finished | None = None,
+    ) -> None:
         self._journal = journal
         self._dirs = dirs
         self._journal_keep = journal_retention_days * DAY

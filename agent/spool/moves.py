@@ -29,8 +29,7 @@ from agent.spool.record import ADDED_KEYS_MARK, BufferDirs, PendingRecord
 log = logging.getLogger("agent.spool")
 
 
-def merged_document(record: PendingRecord, order_id: Any, cluster: str,
-                    **extra: Any) -> bytes:
+def merged_document(record: PendingRecord, order_id: Any, cluster: str, **extra: Any) -> bytes:
     """The audit copy kept in merged/: the record plus what the center said."""
     doc = record.to_dict()
     doc["order_id"] = order_id
@@ -40,8 +39,9 @@ def merged_document(record: PendingRecord, order_id: Any, cluster: str,
     return orjson.dumps(doc)
 
 
-def already_merged(dirs: BufferDirs, name: str,
-                   record: PendingRecord | None = None) -> dict[str, Any] | None:
+def already_merged(
+    dirs: BufferDirs, name: str, record: PendingRecord | None = None
+) -> dict[str, Any] | None:
     """The merged/ copy of ``name`` if there is one, else None.
 
     A crash between the merged/ write and the pending unlink leaves both. With
@@ -59,7 +59,10 @@ def already_merged(dirs: BufferDirs, name: str,
     if not isinstance(doc, dict):
         return None if record is not None else {"unreadable": True}
     if record is not None and (doc.get("serial"), doc.get("dedupe_key"), doc.get("body")) != (
-            record.serial, record.dedupe_key, record.body):
+        record.serial,
+        record.dedupe_key,
+        record.body,
+    ):
         return None
     return doc
 
@@ -142,8 +145,9 @@ def _into_merged(merged_dir: Path, move: MergedMove, src: str | Path, data: byte
             n += 1
             continue
         if n:
-            log.warning("merged/%s holds another order: this one is kept as merged/%s",
-                        move.name, name)
+            log.warning(
+                "merged/%s holds another order: this one is kept as merged/%s", move.name, name
+            )
         move.name = name
         return True
 
@@ -156,13 +160,16 @@ def _same_order(path: Path, data: bytes) -> bool:
     except (OSError, orjson.JSONDecodeError):
         return False
     fields = ("serial", "dedupe_key", "body")
-    return (isinstance(ours, dict) and isinstance(theirs, dict)
-            and all(ours.get(f) is not None and ours.get(f) == theirs.get(f)
-                    for f in fields))
+    return (
+        isinstance(ours, dict)
+        and isinstance(theirs, dict)
+        and all(ours.get(f) is not None and ours.get(f) == theirs.get(f) for f in fields)
+    )
 
 
-def complete_merged(merged_dir: Path, moves: list[MergedMove],
-                    results: list[BaseException | None]) -> list[BaseException | None]:
+def complete_merged(
+    merged_dir: Path, moves: list[MergedMove], results: list[BaseException | None]
+) -> list[BaseException | None]:
     """Steps 3 of place_in_merged's list: sync, then unlink; releases the claims."""
     try:
         unlink = [i for i, m in enumerate(moves) if m.added is None and results[i] is None]
@@ -216,8 +223,8 @@ def _add_keys(path: str | Path, claim: Claim, added: dict[str, Any]) -> None:
 
 
 class MergedState(enum.Enum):
-    NONE = "none"    # no merged/ copy of this name
-    SAME = "same"    # merged/ holds this very order: the pending copy is left over
+    NONE = "none"  # no merged/ copy of this name
+    SAME = "same"  # merged/ holds this very order: the pending copy is left over
     OTHER = "other"  # merged/ holds a different order under this name
 
 
@@ -230,8 +237,9 @@ def merged_state(dirs: BufferDirs, name: str, record: PendingRecord | None) -> M
     return MergedState.SAME if already_merged(dirs, name, record) else MergedState.OTHER
 
 
-def move_to_merged(dirs: BufferDirs, claim: Claim, record: PendingRecord,
-                   order_id: Any, cluster: str) -> None:
+def move_to_merged(
+    dirs: BufferDirs, claim: Claim, record: PendingRecord, order_id: Any, cluster: str
+) -> None:
     """The center confirmed: annotate the file in place, then rename it into merged/.
 
     The rename needs no free space, so a full disk never stalls the drain. The
@@ -252,11 +260,15 @@ def move_to_merged(dirs: BufferDirs, claim: Claim, record: PendingRecord,
     except OSError as exc:
         raise translate(exc, f"merged/{claim.path.name}") from exc
     try:
-        _add_keys(claim.path, claim, {"order_id": order_id, "cluster": cluster,
-                                      "merged_at": time.time()})
+        _add_keys(
+            claim.path, claim, {"order_id": order_id, "cluster": cluster, "merged_at": time.time()}
+        )
     except OSError as exc:
-        log.warning("merged/%s keeps no order_id (%s); the journal has it",
-                    claim.path.name, exc.strerror or exc)
+        log.warning(
+            "merged/%s keeps no order_id (%s); the journal has it",
+            claim.path.name,
+            exc.strerror or exc,
+        )
     try:
         rename_noreplace(claim.path, target)  # taken since merged_state looked: stays
         fsync_dir(dirs.merged)

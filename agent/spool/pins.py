@@ -33,7 +33,11 @@ def pin_file(claim: Claim, record: PendingRecord, target: str, why: str) -> Pend
     # the agent's own file, free to go elsewhere.
     path = Path(os.path.realpath(claim.path)) if claim.linked else claim.path
     claim.replaced(replace_durably(path, data), data)
-    log.warning("order %s pinned to %s: %s", record.serial, target, why,
-                extra={"serial": record.serial, "cluster": target})
+    log.warning(
+        "order %s pinned to %s: %s",
+        record.serial,
+        target,
+        why,
+        extra={"serial": record.serial, "cluster": target},
+    )
     return pinned
-

@@ -42,9 +42,14 @@ _SPECIAL_ERRNOS = frozenset({errno.ENXIO, errno.ENODEV, errno.EISDIR, errno.EOPN
 
 def kind_of(mode: int) -> str:
     """What a non-regular file is, in words an operator knows."""
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -58,8 +63,9 @@ def not_regular(path: str | Path, mode: int) -> NotARegularFile:
     return NotARegularFile(f"{path}: {what}, not a regular file (never opened for reading)")
 
 
-def open_order_file(path: str | Path, writable: bool = False,
-                    follow_symlinks: bool = True) -> tuple[int, os.stat_result, bool]:
+def open_order_file(
+    path: str | Path, writable: bool = False, follow_symlinks: bool = True
+) -> tuple[int, os.stat_result, bool]:
     """(fd, fstat of it, opened writable?) of a regular file, without ever blocking.
 
     ``writable``: read-write where permitted, else read-only. Raises
@@ -75,8 +81,10 @@ def open_order_file(path: str | Path, writable: bool = False,
             fd, writable = os.open(path, flags | os.O_RDONLY), False
     except FileNotFoundError:
         if os.path.islink(path):
-            raise UnreadableFile(f"{path}: a symbolic link to {os.readlink(path)!r}, which "
-                                 "does not exist; fix or remove the link") from None
+            raise UnreadableFile(
+                f"{path}: a symbolic link to {os.readlink(path)!r}, which "
+                "does not exist; fix or remove the link"
+            ) from None
         raise
     except OSError as exc:
         raise _open_error(path, exc, follow_symlinks) from exc
@@ -90,8 +98,9 @@ def open_order_file(path: str | Path, writable: bool = False,
     return fd, st, writable
 
 
-def _open_error(path: str | Path, exc: OSError,
-                follow_symlinks: bool) -> UnreadableFile | NotARegularFile:
+def _open_error(
+    path: str | Path, exc: OSError, follow_symlinks: bool
+) -> UnreadableFile | NotARegularFile:
     if exc.errno in _SPECIAL_ERRNOS or (exc.errno == errno.ELOOP and not follow_symlinks):
         try:
             mode = os.lstat(path).st_mode if not follow_symlinks else os.stat(path).st_mode
@@ -105,13 +114,14 @@ def _open_error(path: str | Path, exc: OSError,
 def unreadable(path: str | Path, exc: OSError) -> UnreadableFile:
     reason = exc.strerror or str(exc)
     if isinstance(exc, PermissionError):
-        return UnreadableFile(f"{path}: cannot be read ({reason}) by uid {os.geteuid()}; "
-                              "fix its owner or mode, then run again")
+        return UnreadableFile(
+            f"{path}: cannot be read ({reason}) by uid {os.geteuid()}; "
+            "fix its owner or mode, then run again"
+        )
     return UnreadableFile(f"{path}: cannot be read ({reason}); left where it is")
 
 
-def read_open(fd: int, st: os.stat_result, path: str | Path,
-              cap: int = ORDER_FILE_CAP) -> bytes:
+def read_open(fd: int, st: os.stat_result, path: str | Path, cap: int = ORDER_FILE_CAP) -> bytes:
     """The content of the open regular file ``fd``: at most ``cap`` bytes, else TooLarge."""
     if st.st_size > cap:
         raise _too_large(path, st.st_size, cap)
@@ -132,12 +142,12 @@ def read_open(fd: int, st: os.stat_result, path: str | Path,
 
 
 def _too_large(path: str | Path, size: int, cap: int) -> TooLarge:
-    return TooLarge(f"{path}: {size} bytes, over the {cap}-byte limit for an order file",
-                    size, cap)
+    return TooLarge(f"{path}: {size} bytes, over the {cap}-byte limit for an order file", size, cap)
 
 
-def load_order_file(path: str | Path, cap: int = ORDER_FILE_CAP,
-                    follow_symlinks: bool = True) -> tuple[bytes, os.stat_result]:
+def load_order_file(
+    path: str | Path, cap: int = ORDER_FILE_CAP, follow_symlinks: bool = True
+) -> tuple[bytes, os.stat_result]:
     """(content, fstat) of one order file; see the module docstring for what it raises."""
     fd, st, _ = open_order_file(path, follow_symlinks=follow_symlinks)
     try:
@@ -146,7 +156,8 @@ def load_order_file(path: str | Path, cap: int = ORDER_FILE_CAP,
         os.close(fd)
 
 
-def read_order_file(path: str | Path, cap: int = ORDER_FILE_CAP,
-                    follow_symlinks: bool = True) -> bytes:
+def read_order_file(
+    path: str | Path, cap: int = ORDER_FILE_CAP, follow_symlinks: bool = True
+) -> bytes:
     """The content of one order file, read safely (the one way order files are read)."""
     return load_order_file(path, cap, follow_symlinks)[0]

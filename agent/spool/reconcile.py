@@ -59,8 +59,12 @@ def read_disk(dirs: BufferDirs, node_prefix: str, known_buffered: set[str]) -> D
     merged = _serials_in(dirs.merged)
     rejected = _serials_in(dirs.rejected)
     counters = (parse_counter(s, node_prefix) for s in pending_names | merged | rejected)
-    return DiskView(pending, frozenset(merged), frozenset(rejected),
-                    max((c for c in counters if c is not None), default=0))
+    return DiskView(
+        pending,
+        frozenset(merged),
+        frozenset(rejected),
+        max((c for c in counters if c is not None), default=0),
+    )
 
 
 async def reconcile(journal: Journal, dirs: BufferDirs, node_prefix: str) -> DiskView:
@@ -68,8 +72,17 @@ async def reconcile(journal: Journal, dirs: BufferDirs, node_prefix: str) -> Dis
     view = await asyncio.to_thread(read_disk, dirs, node_prefix, buffered)
     for serial, record in view.pending.items():
         log.warning("pending file %s had no journal row; indexed from the file", serial)
-        await journal.record(Entry(record.dedupe_key, serial, BUFFERED, record.pinned_to,
-                                   None, body_digest(record.raw_body), record.received_at))
+        await journal.record(
+            Entry(
+                record.dedupe_key,
+                serial,
+                BUFFERED,
+                record.pinned_to,
+                None,
+                body_digest(record.raw_body),
+                record.received_at,
+            )
+        )
     pending_now = await asyncio.to_thread(_serials_in, dirs.pending)
     missing = sorted(buffered - pending_now - view.merged - view.rejected)
     here = str(dirs.root.resolve())
@@ -79,7 +92,8 @@ async def reconcile(journal: Journal, dirs: BufferDirs, node_prefix: str) -> Dis
             f"{len(missing)} orders the journal holds as buffered (e.g. {missing[0]}) are "
             f"not in {here}/pending: they were buffered under {before}. Move "
             f"{before}/pending/*.json into {here}/pending/ (or set buffer.path back to "
-            f"{before}), then start again")
+            f"{before}), then start again"
+        )
     await journal.set_setting("buffer_path", here)
     for serial in buffered - pending_now:
         if serial in view.rejected:
@@ -87,9 +101,12 @@ async def reconcile(journal: Journal, dirs: BufferDirs, node_prefix: str) -> Dis
         else:
             state = MERGED
             if serial not in view.merged:
-                log.warning("journal row %s is buffered but its file is gone from pending/, "
-                            "merged/ and rejected/; assuming another tool (edge-recover) "
-                            "delivered it", serial)
+                log.warning(
+                    "journal row %s is buffered but its file is gone from pending/, "
+                    "merged/ and rejected/; assuming another tool (edge-recover) "
+                    "delivered it",
+                    serial,
+                )
         await journal.mark(serial, state)
     await _apply_intents(journal, dirs)
     return view
@@ -110,12 +127,15 @@ async def _apply_intents(journal: Journal, dirs: BufferDirs) -> None:
             continue
         try:
             record = parse_tolerant(claim.data, f"pending/{path.name}")
-            await asyncio.to_thread(pin_file, claim, record, cluster,
-                                    "a send there was cut short")
+            await asyncio.to_thread(pin_file, claim, record, cluster, "a send there was cut short")
         except CorruptRecordError:
             pass  # the drain quarantines it
         except PersistError as exc:
-            log.error("could not pin %s to %s in its file (%s); the journal still says so",
-                      serial, cluster, exc)
+            log.error(
+                "could not pin %s to %s in its file (%s); the journal still says so",
+                serial,
+                cluster,
+                exc,
+            )
         finally:
             claim.release()

@@ -86,8 +86,10 @@ class PendingRecord:
         # Written by an agent before pinned_to existed: the primary may hold it.
         pinned = obj.get("pinned_to", "primary")
         if not valid_pin(pinned):
-            raise CorruptRecordError(f"{origin}: field 'pinned_to' is {pinned!r}, expected "
-                                     "'primary', 'standby', an http(s) URL or null")
+            raise CorruptRecordError(
+                f"{origin}: field 'pinned_to' is {pinned!r}, expected "
+                "'primary', 'standby', an http(s) URL or null"
+            )
         return cls(
             serial=obj["serial"],
             node_id=obj["node_id"],
@@ -139,12 +141,7 @@ class BufferDirs:
 
 def is_order_file(name: str) -> bool:
     """Visible *.json files only: temp files and reason files are not orders."""
-    return (
-        name.endswith(".json")
-        and not name.startswith(".")
-        and not name.endswith(REASON_SUFFIX)
-    )
-
+    return name.endswith(".json") and not name.startswith(".") and not name.endswith(REASON_SUFFIX)
 
 
 ADDED_KEYS_MARK = b',"order_id":'
@@ -158,8 +155,6 @@ def strip_added_keys(data: bytes) -> bytes | None:
     """
     at = data.rfind(ADDED_KEYS_MARK)
     return None if at < 0 else data[:at] + b"}"
-
-
 
 
 def parse_tolerant(data: bytes, origin: str) -> PendingRecord:

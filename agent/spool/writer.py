@@ -62,8 +62,14 @@ class Held:
     and it is moved as it is, never read.
     """
 
-    def __init__(self, spool: PendingSpool, claim: Claim | None, size: int, path: Path,
-                 refused: CorruptRecordError | None = None) -> None:
+    def __init__(
+        self,
+        spool: PendingSpool,
+        claim: Claim | None,
+        size: int,
+        path: Path,
+        refused: CorruptRecordError | None = None,
+    ) -> None:
         self._spool = spool
         self._claim = claim
         self.path = path
@@ -73,8 +79,13 @@ class Held:
         self.record: PendingRecord | None = None
         self.corrupt: str | None = None if refused is None else str(refused)
         # The reason rejected/ gives: what kind of trouble the file is.
-        self.problem = ("not_a_regular_file" if isinstance(refused, NotARegularFile)
-                        else "too_large" if isinstance(refused, TooLarge) else "corrupt")
+        self.problem = (
+            "not_a_regular_file"
+            if isinstance(refused, NotARegularFile)
+            else "too_large"
+            if isinstance(refused, TooLarge)
+            else "corrupt"
+        )
         if claim is not None:
             try:
                 self.record = parse_tolerant(claim.data, f"pending/{self.name}")
@@ -84,8 +95,9 @@ class Held:
     @property
     def claim(self) -> Claim:
         if self._claim is None:
-            raise RuntimeError(f"{self.name} was refused unread ({self.corrupt}): "
-                               "quarantine it instead")
+            raise RuntimeError(
+                f"{self.name} was refused unread ({self.corrupt}): quarantine it instead"
+            )
         return self._claim
 
     async def merged_copy(self) -> MergedState:
@@ -95,25 +107,33 @@ class Held:
     async def delivered(self, order_id: Any, cluster: str) -> None:
         """The center confirmed: move the file to merged/ (a rename: no free space needed)."""
         if self.record is None:
-            raise RuntimeError(f"delivered() needs a parsed record; {self.name} is corrupt: "
-                               "quarantine it instead")
-        await _in_thread(move_to_merged, self._spool.dirs, self.claim, self.record,
-                         order_id, cluster)
+            raise RuntimeError(
+                f"delivered() needs a parsed record; {self.name} is corrupt: quarantine it instead"
+            )
+        await _in_thread(
+            move_to_merged, self._spool.dirs, self.claim, self.record, order_id, cluster
+        )
         self._left()
 
     async def quarantined(self, reason: str, details: dict[str, Any]) -> Path:
-        where = await _in_thread(quarantine, self._spool.dirs, self.path,
-                                 {"reason": reason, **details})
+        where = await _in_thread(
+            quarantine, self._spool.dirs, self.path, {"reason": reason, **details}
+        )
         self._left()
-        log.warning("quarantined %s to rejected/: %s", self.name, reason,
-                    extra={"file": self.name, "reason": reason})
+        log.warning(
+            "quarantined %s to rejected/: %s",
+            self.name,
+            reason,
+            extra={"file": self.name, "reason": reason},
+        )
         return where
 
     async def pin(self, target: str, why: str) -> None:
         """Rewrite the record durably with ``pinned_to=target`` (CONTRACT 5)."""
         if self.record is None:
-            raise RuntimeError(f"pin() needs a parsed record; {self.name} is corrupt: "
-                               "quarantine it instead")
+            raise RuntimeError(
+                f"pin() needs a parsed record; {self.name} is corrupt: quarantine it instead"
+            )
         self.record = await _in_thread(pin_file, self.claim, self.record, target, why)
         size = len(self.claim.data)
         self._spool.bytes += size - self.size

@@ -87,8 +87,10 @@ class Entry:
 _COLUMNS = "dedupe_key, serial, state, cluster, order_id, digest, received_at"
 _BY_KEY = f"SELECT {_COLUMNS} FROM orders WHERE dedupe_key=?"
 _BY_SERIAL = f"SELECT {_COLUMNS} FROM orders WHERE serial=?"
-_UPDATE_IN_PLACE = ("UPDATE orders SET state=?, cluster=?, order_id=?, updated_at=? "
-                    "WHERE dedupe_key=? AND serial=? AND digest=? AND received_at=?")
+_UPDATE_IN_PLACE = (
+    "UPDATE orders SET state=?, cluster=?, order_id=?, updated_at=? "
+    "WHERE dedupe_key=? AND serial=? AND digest=? AND received_at=?"
+)
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,9 @@ class Journal:
     """Owns the SQLite connections (one writer, one reader) and the group-commit writer."""
 
     def __init__(self, state_dir: str) -> None:
-        self._db = SqliteDb(Path(state_dir) / "journal.sqlite3", "journal", SCHEMA,
-                            synchronous="FULL")
+        self._db = SqliteDb(
+            Path(state_dir) / "journal.sqlite3", "journal", SCHEMA, synchronous="FULL"
+        )
         self._writer = GroupCommit[_Op]("journal", self._flush)
         # Rows queued by ``record_behind`` and not yet committed, by key and by serial:
         # lookups see them at once, so a retry right after the 202 is a duplicate.
@@ -122,8 +125,9 @@ class Journal:
     # -- writes (group-committed) -------------------------------------------------
 
     async def _flush(self, ops: list[_Op]) -> Sequence[None]:
-        groups = [(sql, list(group))
-                  for sql, group in itertools.groupby(ops, key=lambda op: op.sql)]
+        groups = [
+            (sql, list(group)) for sql, group in itertools.groupby(ops, key=lambda op: op.sql)
+        ]
 
         def apply(conn: sqlite3.Connection) -> None:
             for sql, group in groups:
@@ -151,11 +155,22 @@ class Journal:
         half the pages each commit writes to the WAL. Should the row not be there as
         expected, the full INSERT OR REPLACE runs instead, in the same transaction.
         """
-        await self._writer.submit(_Op(
-            _UPDATE_IN_PLACE,
-            (entry.state, entry.cluster, entry.order_id, time.time(), entry.dedupe_key,
-             entry.serial, entry.digest, entry.received_at),
-            fallback=self._record_op(entry)))
+        await self._writer.submit(
+            _Op(
+                _UPDATE_IN_PLACE,
+                (
+                    entry.state,
+                    entry.cluster,
+                    entry.order_id,
+                    time.time(),
+                    entry.dedupe_key,
+                    entry.serial,
+                    entry.digest,
+                    entry.received_at,
+                ),
+                fallback=self._record_op(entry),
+            )
+        )
 
     def record_behind(self, entry: Entry) -> None:
         """Queue the row and return at once; lookups see it before it is committed.
@@ -172,9 +187,12 @@ class Journal:
 
         def committed(done: asyncio.Future[None]) -> None:
             if done.cancelled() or done.exception() is not None:
-                log.error("journal row for %s not stored (the pending file stays the truth;"
-                          " start-up indexes it again): %s", entry.serial,
-                          "cancelled" if done.cancelled() else done.exception())
+                log.error(
+                    "journal row for %s not stored (the pending file stays the truth;"
+                    " start-up indexes it again): %s",
+                    entry.serial,
+                    "cancelled" if done.cancelled() else done.exception(),
+                )
                 return
             if self._queued_by_key.get(entry.dedupe_key) is entry:
                 del self._queued_by_key[entry.dedupe_key]
@@ -197,17 +215,28 @@ class Journal:
     def _record_op(entry: Entry) -> _Op:
         return _Op(
             f"INSERT OR REPLACE INTO orders ({_COLUMNS}, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-            (entry.dedupe_key, entry.serial, entry.state, entry.cluster, entry.order_id,
-             entry.digest, entry.received_at, time.time()),
+            (
+                entry.dedupe_key,
+                entry.serial,
+                entry.state,
+                entry.cluster,
+                entry.order_id,
+                entry.digest,
+                entry.received_at,
+                time.time(),
+            ),
         )
 
-    async def mark(self, serial: str, state: str, cluster: str | None = None,
-                   order_id: Any = None) -> None:
-        await self._writer.submit(_Op(
-            "UPDATE orders SET state=?, cluster=COALESCE(?, cluster), "
-            "order_id=COALESCE(?, order_id), updated_at=? WHERE serial=?",
-            (state, cluster, None if order_id is None else str(order_id), time.time(), serial),
-        ))
+    async def mark(
+        self, serial: str, state: str, cluster: str | None = None, order_id: Any = None
+    ) -> None:
+        await self._writer.submit(
+            _Op(
+                "UPDATE orders SET state=?, cluster=COALESCE(?, cluster), "
+                "order_id=COALESCE(?, order_id), updated_at=? WHERE serial=?",
+                (state, cluster, None if order_id is None else str(order_id), time.time(), serial),
+            )
+        )
 
     async def intend(self, serial: str, cluster: str | None) -> None:
         """Durably note the cluster a buffered order is about to be sent to (its pin)."""
@@ -219,8 +248,10 @@ class Journal:
 
     @staticmethod
     def _intend_op(serial: str, cluster: str | None) -> _Op:
-        return _Op("UPDATE orders SET cluster=?, updated_at=? WHERE serial=? AND state=?",
-                   (cluster, time.time(), serial, BUFFERED))
+        return _Op(
+            "UPDATE orders SET cluster=?, updated_at=? WHERE serial=? AND state=?",
+            (cluster, time.time(), serial, BUFFERED),
+        )
 
     # -- reads ---------------------------------------------------------------------
 
@@ -243,27 +274,29 @@ class Journal:
     async def pending_summary(self) -> tuple[int, str | None]:
         """(number of buffered orders, received_at of the oldest)."""
         rows = await self._db.read(
-            "SELECT COUNT(*), MIN(received_at) FROM orders WHERE state=?", (BUFFERED,))
+            "SELECT COUNT(*), MIN(received_at) FROM orders WHERE state=?", (BUFFERED,)
+        )
         return (int(rows[0][0]), rows[0][1]) if rows else (0, None)
 
     async def pinned_counts(self) -> dict[str, int]:
         """Buffered orders per cluster they are pinned to ("none" for unpinned)."""
         rows = await self._db.read(
-            "SELECT COALESCE(cluster, 'none'), COUNT(*) FROM orders WHERE state=? "
-            "GROUP BY cluster", (BUFFERED,))
+            "SELECT COALESCE(cluster, 'none'), COUNT(*) FROM orders WHERE state=? GROUP BY cluster",
+            (BUFFERED,),
+        )
         return {str(name): int(n) for name, n in rows}
 
     async def buffered_pins(self) -> dict[str, str | None]:
         """serial -> the cluster the journal says it may be at, for every buffered order."""
-        rows = await self._db.read(
-            "SELECT serial, cluster FROM orders WHERE state=?", (BUFFERED,))
+        rows = await self._db.read("SELECT serial, cluster FROM orders WHERE state=?", (BUFFERED,))
         return {str(serial): cluster for serial, cluster in rows}
 
     async def forwarded_to(self, cluster: str) -> list[Entry]:
         """Every order created at ``cluster`` by the forward path (the chain ledger's
         rebuild: the standby's orders are outage orders, CONTRACT 10)."""
-        rows = await self._db.read(f"SELECT {_COLUMNS} FROM orders WHERE state=? AND "
-                                   "cluster=?", (FORWARDED, cluster))
+        rows = await self._db.read(
+            f"SELECT {_COLUMNS} FROM orders WHERE state=? AND cluster=?", (FORWARDED, cluster)
+        )
         return [Entry(*row) for row in rows]
 
     async def buffered_serials(self) -> set[str]:
@@ -277,15 +310,18 @@ class Journal:
 
         Only one reservation per ``name`` may run at a time (the issuer's lock).
         """
-        await self._writer.submit(_Op(
-            "INSERT INTO meta(name, value) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = MAX(value, ?) + ?",
-            (name, floor + count, floor, count),
-        ))
+        await self._writer.submit(
+            _Op(
+                "INSERT INTO meta(name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = MAX(value, ?) + ?",
+                (name, floor + count, floor, count),
+            )
+        )
         rows = await self._db.read("SELECT value FROM meta WHERE name=?", (name,))
         if not rows:
-            raise PersistError(f"the serial reservation for {name} was not stored in "
-                               f"{self._db.path}")
+            raise PersistError(
+                f"the serial reservation for {name} was not stored in {self._db.path}"
+            )
         last = int(rows[0][0])
         return last - count + 1, last
 
@@ -299,15 +335,21 @@ class Journal:
         return str(rows[0][0]) if rows else None
 
     async def set_setting(self, name: str, value: str) -> None:
-        await self._writer.submit(_Op(
-            "INSERT INTO settings(name, value) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value)))
+        await self._writer.submit(
+            _Op(
+                "INSERT INTO settings(name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+        )
 
     # -- maintenance ---------------------------------------------------------------
 
     async def prune(self, older_than_s: float) -> None:
         """Forget delivered orders past retention; buffered rows are never pruned."""
-        await self._writer.submit(_Op(
-            "DELETE FROM orders WHERE state != ? AND updated_at < ?",
-            (BUFFERED, time.time() - older_than_s),
-        ))
+        await self._writer.submit(
+            _Op(
+                "DELETE FROM orders WHERE state != ? AND updated_at < ?",
+                (BUFFERED, time.time() - older_than_s),
+            )
+        )

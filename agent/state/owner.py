@@ -40,7 +40,7 @@ class DirOwner:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self._what = what  # "buffer", "state dir": for the message
-        self._key = key    # the config key to change: "buffer.path", "agent.state_dir"
+        self._key = key  # the config key to change: "buffer.path", "agent.state_dir"
         self._node_id = node_id
         self._fd = -1
 
@@ -71,20 +71,30 @@ class DirOwner:
             os.close(fd)
             raise DirectoryHeld(
                 f"{self._what} {self.directory} is held by {holder}; stop that agent or "
-                f"give this one its own {self._key}") from None
+                f"give this one its own {self._key}"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
         try:
-            identity = orjson.dumps({
-                "pid": os.getpid(), "node_id": self._node_id, "host": socket.gethostname(),
-                "since": datetime.now(UTC).isoformat(timespec="seconds")}) + b"\n"
+            identity = (
+                orjson.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "node_id": self._node_id,
+                        "host": socket.gethostname(),
+                        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+                    }
+                )
+                + b"\n"
+            )
             os.ftruncate(fd, 0)
             os.pwrite(fd, identity, 0)
         except OSError as exc:  # the lock is what counts; the text only helps whom it refuses
-            log.warning("cannot write the owner's identity into %s: %s", self.path,
-                        exc.strerror or exc)
+            log.warning(
+                "cannot write the owner's identity into %s: %s", self.path, exc.strerror or exc
+            )
 
     def ensure_dir(self) -> None:
         """Create the directory (0700) if it is not there; PersistError if we cannot."""
@@ -94,9 +104,11 @@ class DirOwner:
             raise self._unusable(exc) from exc
 
     def _unusable(self, exc: OSError) -> PersistError:
-        return PersistError(f"cannot lock the {self._what} {self.directory}: "
-                            f"{exc.strerror or exc}; check {self._key} (a directory the "
-                            "agent's user may write)")
+        return PersistError(
+            f"cannot lock the {self._what} {self.directory}: "
+            f"{exc.strerror or exc}; check {self._key} (a directory the "
+            "agent's user may write)"
+        )
 
     def release(self) -> None:
         """Give the directory up (the file stays: unlinking it would race a new owner)."""
@@ -135,12 +147,14 @@ def _read_all(fd: int) -> bytes:
 
 
 def _describe(data: bytes) -> str:
-    """"pid 1234 (node wh-sh-01 on host X since ...)" from the lock file's text."""
+    """ "pid 1234 (node wh-sh-01 on host X since ...)" from the lock file's text."""
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError:
         doc = None
     if not isinstance(doc, dict) or "pid" not in doc:
         return "another process (it has not written its identity yet)"
-    return (f"pid {doc.get('pid')} (node {doc.get('node_id')} on host {doc.get('host')} "
-            f"since {doc.get('since')})")
+    return (
+        f"pid {doc.get('pid')} (node {doc.get('node_id')} on host {doc.get('host')} "
+        f"since {doc.get('since')})"
+    )

@@ -51,12 +51,15 @@ class HighWaterFile:
         except FileNotFoundError:
             return 0
         except (OSError, UnicodeDecodeError) as exc:
-            raise PersistError(f"cannot read the serial high-water file {self.path}: {exc}; "
-                               "fix or remove it (the counter also lives in the journal)"
-                               ) from exc
+            raise PersistError(
+                f"cannot read the serial high-water file {self.path}: {exc}; "
+                "fix or remove it (the counter also lives in the journal)"
+            ) from exc
         if not text.isdigit():
-            raise PersistError(f"the serial high-water file {self.path} holds {text[:40]!r}, "
-                               "not a number; fix or remove it")
+            raise PersistError(
+                f"the serial high-water file {self.path} holds {text[:40]!r}, "
+                "not a number; fix or remove it"
+            )
         return int(text)
 
     def write(self, value: int) -> None:
@@ -77,8 +80,7 @@ class HighWaterFile:
 class SerialIssuer:
     """Hands out serials from a durably reserved block."""
 
-    def __init__(self, journal: Journal, node_id: str, spool_root: Path,
-                 block: int = 1000) -> None:
+    def __init__(self, journal: Journal, node_id: str, spool_root: Path, block: int = 1000) -> None:
         self.prefix = node_id.upper()
         self._journal = journal
         self._mark = HighWaterFile(spool_root / f".serial-{self.prefix}")

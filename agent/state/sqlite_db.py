@@ -31,8 +31,14 @@ T = TypeVar("T")
 
 
 class SqliteDb:
-    def __init__(self, path: Path, what: str, schema: str, synchronous: str,
-                 isolation_level: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        what: str,
+        schema: str,
+        synchronous: str,
+        isolation_level: str | None = None,
+    ) -> None:
         self.path = path
         self._what = what
         self._schema = schema
@@ -62,16 +68,22 @@ class SqliteDb:
         except _Damaged as exc:
             await self.close()
             self.rebuilt = self._move_aside()
-            log.error("the %s database %s is damaged (%s); moved it to %s and started a new "
-                      "one, rebuilt from the buffer files: keep the damaged copy for analysis",
-                      self._what, self.path, exc.reason, self.rebuilt,
-                      extra={"database": str(self.path), "moved_to": str(self.rebuilt)})
+            log.error(
+                "the %s database %s is damaged (%s); moved it to %s and started a new "
+                "one, rebuilt from the buffer files: keep the damaged copy for analysis",
+                self._what,
+                self.path,
+                exc.reason,
+                self.rebuilt,
+                extra={"database": str(self.path), "moved_to": str(self.rebuilt)},
+            )
             try:
                 await self._connect()
             except _Damaged as again:
                 await self.close()
-                raise PersistError(f"cannot create a new {self._what} database at "
-                                   f"{self.path}: {again.reason}") from again
+                raise PersistError(
+                    f"cannot create a new {self._what} database at {self.path}: {again.reason}"
+                ) from again
         self.path.chmod(0o600)
 
     async def _connect(self) -> None:
@@ -88,13 +100,13 @@ class SqliteDb:
             await self._reader.execute("PRAGMA busy_timeout=5000")
             # For point reads on the event loop's own thread (see ``read_inline``): never
             # waits for a lock (busy_timeout 0); a busy read falls back to ``reader``.
-            self._inline = sqlite3.connect(self.path, isolation_level=None,
-                                           check_same_thread=False)
+            self._inline = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._inline.execute("PRAGMA busy_timeout=0")
         except sqlite3.OperationalError as exc:  # locked, unreadable, no space: not damage
             await self.close()
-            raise PersistError(f"cannot open the {self._what} database {self.path}: {exc}; "
-                               "check agent.state_dir") from exc
+            raise PersistError(
+                f"cannot open the {self._what} database {self.path}: {exc}; check agent.state_dir"
+            ) from exc
         except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
             raise _Damaged(str(exc)) from exc
 
@@ -141,8 +153,9 @@ class SqliteDb:
                 await db.close()
         self._writer = self._reader = None
 
-    async def in_transaction(self, fn: Callable[[sqlite3.Connection], T],
-                             synchronous: str | None = None) -> T:
+    async def in_transaction(
+        self, fn: Callable[[sqlite3.Connection], T], synchronous: str | None = None
+    ) -> T:
         """Run ``fn(connection)`` in one write transaction, all of it on the writer's thread.
 
         The same BEGIN IMMEDIATE ... COMMIT (at the same ``synchronous`` level) as
@@ -152,13 +165,18 @@ class SqliteDb:
         db = self.writer
         try:
             result: T = await db._execute(  # type: ignore[no-untyped-call]
-                self._run_in_tx, db._conn, fn, synchronous)
+                self._run_in_tx, db._conn, fn, synchronous
+            )
         except sqlite3.Error as exc:
             raise PersistError(f"{self._what} write failed in {self.path}: {exc}") from exc
         return result
 
-    def _run_in_tx(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T],
-                   synchronous: str | None) -> T:
+    def _run_in_tx(
+        self,
+        conn: sqlite3.Connection,
+        fn: Callable[[sqlite3.Connection], T],
+        synchronous: str | None,
+    ) -> T:
         switch = synchronous is not None and synchronous != self._synchronous
         try:
             if switch:

@@ -24,13 +24,13 @@ class Outcome(enum.Enum):
     to that cluster.
     """
 
-    CREATED = "created"        # 2xx with an order_id
-    DUPLICATE = "duplicate"    # 200 with an order_id: the center had this key: success
-    RETRY = "retry"            # 408, 425, 429, 503: not taken, try again later
-    REFUSED = "refused"        # 401/403/404/405/407: the cluster refuses the agent, not the order
-    CONFLICT = "conflict"      # 422: same key, different body: quarantine
-    REJECTED = "rejected"      # other 4xx: permanent: quarantine with reason
-    UNCLEAR = "unclear"        # 409, other 5xx, 2xx without order_id, timeout after sending
+    CREATED = "created"  # 2xx with an order_id
+    DUPLICATE = "duplicate"  # 200 with an order_id: the center had this key: success
+    RETRY = "retry"  # 408, 425, 429, 503: not taken, try again later
+    REFUSED = "refused"  # 401/403/404/405/407: the cluster refuses the agent, not the order
+    CONFLICT = "conflict"  # 422: same key, different body: quarantine
+    REJECTED = "rejected"  # other 4xx: permanent: quarantine with reason
+    UNCLEAR = "unclear"  # 409, other 5xx, 2xx without order_id, timeout after sending
 
     @property
     def delivered(self) -> bool:
@@ -121,15 +121,24 @@ class BatchItem:
 
 def batch_request(items: list[BatchItem]) -> bytes:
     """The request body; each order travels as its raw text, byte for byte."""
-    return orjson.dumps({"orders": [
-        {"idempotency_key": i.idempotency_key, "serial": i.serial, "node_id": i.node_id,
-         "body": i.body}
-        for i in items
-    ]})
+    return orjson.dumps(
+        {
+            "orders": [
+                {
+                    "idempotency_key": i.idempotency_key,
+                    "serial": i.serial,
+                    "node_id": i.node_id,
+                    "body": i.body,
+                }
+                for i in items
+            ]
+        }
+    )
 
 
-def parse_batch_results(payload: bytes, items: list[BatchItem],
-                        retry_after_s: float | None = None) -> list[Answer]:
+def parse_batch_results(
+    payload: bytes, items: list[BatchItem], retry_after_s: float | None = None
+) -> list[Answer]:
     """One Answer per item, in request order; ValueError if the answer does not say.
 
     A malformed answer leaves every item's outcome unknown, so the caller must
@@ -150,6 +159,12 @@ def parse_batch_results(payload: bytes, items: list[BatchItem],
         if key is not None and key != item.idempotency_key:
             raise ValueError(f"batch results out of order: {key!r} for {item.idempotency_key!r}")
         error = res.get("error")
-        answers.append(Answer(res["status"], res.get("order_id"), retry_after_s,
-                              "" if error is None else str(error)[:500]))
+        answers.append(
+            Answer(
+                res["status"],
+                res.get("order_id"),
+                retry_after_s,
+                "" if error is None else str(error)[:500],
+            )
+        )
     return answers

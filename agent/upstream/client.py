@@ -41,8 +41,13 @@ class UpstreamClient:
     left the answer.
     """
 
-    def __init__(self, node_id: str, resolver: ClusterResolver,
-                 max_connections: int = 100, retire_grace_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        resolver: ClusterResolver,
+        max_connections: int = 100,
+        retire_grace_s: float = 30.0,
+    ) -> None:
         self._node_id = node_id
         self._resolver = resolver
         self._max_connections = max_connections
@@ -83,15 +88,18 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() must be awaited before use")
         session = self._sessions.get(host)
         if session is None or session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections,
-                                             resolver=self._resolver, use_dns_cache=False)
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, resolver=self._resolver, use_dns_cache=False
+            )
             # No cookies: an order center's Set-Cookie must not ride along on other
             # orders, and the jar costs a lookup on every request.
             # No Accept/Accept-Encoding: the answers are small JSON, asking for gzip only
             # costs two header lines each way.
-            session = aiohttp.ClientSession(connector=connector,
-                                            cookie_jar=aiohttp.DummyCookieJar(),
-                                            skip_auto_headers=_SKIP_AUTO_HEADERS)
+            session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+            )
             self._sessions[host] = session
         return session
 
@@ -138,19 +146,22 @@ class UpstreamClient:
         host = parts.hostname or ""
         addresses = await self._resolver.addresses(host)
         results = await asyncio.gather(
-            *(self._check_address(parts, host, a, timeout_s) for a in addresses))
+            *(self._check_address(parts, host, a, timeout_s) for a in addresses)
+        )
         return dict(zip(addresses, results, strict=True))
 
-    async def _check_address(self, parts: SplitResult, host: str, address: str,
-                             timeout_s: float) -> str | None:
+    async def _check_address(
+        self, parts: SplitResult, host: str, address: str, timeout_s: float
+    ) -> str | None:
         port = f":{parts.port}" if parts.port else ""
         url = urlunsplit((parts.scheme, f"{address}{port}", parts.path, parts.query, ""))
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         headers = {"Host": f"{host}{port}"}
         tls_name = host if parts.scheme == "https" else None
         try:
-            async with self.session_for(url).get(url, timeout=timeout, headers=headers,
-                                                 server_hostname=tls_name) as resp:
+            async with self.session_for(url).get(
+                url, timeout=timeout, headers=headers, server_hostname=tls_name
+            ) as resp:
                 await resp.read()
                 if resp.status != 200:
                     return f"GET {parts.geturl()} via {address} answered HTTP {resp.status}"
@@ -158,8 +169,12 @@ class UpstreamClient:
         except _LIBRARY_ERRORS as exc:
             return f"GET {parts.geturl()} via {address}: {_translate(exc, url)}"
 
-    async def post_batch(self, base: str, items: list[BatchItem], timeout_s: float,
-                         ) -> BatchAnswer:
+    async def post_batch(
+        self,
+        base: str,
+        items: list[BatchItem],
+        timeout_s: float,
+    ) -> BatchAnswer:
         """``POST {base}/orders:batch``: per-item answers, or the status of the whole.
 
         ``answers`` is None when the center did not answer per item (unsupported,
@@ -169,8 +184,9 @@ class UpstreamClient:
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2.0))
         headers = {"Content-Type": "application/json", "X-Edge-Node": self._node_id}
         try:
-            async with self.session_for(url).post(url, data=batch_request(items),
-                                                  headers=headers, timeout=timeout) as resp:
+            async with self.session_for(url).post(
+                url, data=batch_request(items), headers=headers, timeout=timeout
+            ) as resp:
                 payload = await resp.read()
                 status, retry_after = resp.status, resp.headers.get("Retry-After")
         except _LIBRARY_ERRORS as exc:
@@ -215,8 +231,7 @@ class BatchAnswer:
         return self.status in BATCH_UNSUPPORTED_STATUSES
 
 
-def _answer(status: int, payload: bytes, retry_after: str | None,
-            problem: str = "") -> Answer:
+def _answer(status: int, payload: bytes, retry_after: str | None, problem: str = "") -> Answer:
     """What a center answered; ``problem``: why its body could not be read (then only
     the status speaks, and a 2xx is unclear: no order_id could be seen)."""
     if problem:

@@ -21,8 +21,11 @@ import zlib
 MAX_BODY = 1024 * 1024  # an order center's answer to one POST is a few hundred bytes
 
 _PLAIN = frozenset({"", "identity"})
-_ZLIB_MODES = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
-               "deflate": zlib.MAX_WBITS}
+_ZLIB_MODES = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
 
 
 class BodyTooLarge(Exception):
@@ -46,19 +49,21 @@ class Body:
 
     def __init__(self, content_encoding: str | None, cap: int = MAX_BODY) -> None:
         self._cap = cap
-        self._got = 0       # bytes received
-        self._size = 0      # bytes kept (decoded)
+        self._got = 0  # bytes received
+        self._size = 0  # bytes kept (decoded)
         self._parts: list[bytes] = []
         self._z: zlib._Decompress | None = None
         self._coding = ""
-        self.problem = ""   # set when the body is in a coding this client does not read
+        self.problem = ""  # set when the body is in a coding this client does not read
         codings = _codings(content_encoding) if content_encoding else []
         if len(codings) == 1 and codings[0] in _ZLIB_MODES:
             self._coding = codings[0]
         elif codings:
-            self.problem = (f"the answer's body is in Content-Encoding "
-                            f"{content_encoding!r}, which the agent does not decode (only "
-                            "gzip and deflate): its content is unknown")
+            self.problem = (
+                f"the answer's body is in Content-Encoding "
+                f"{content_encoding!r}, which the agent does not decode (only "
+                "gzip and deflate): its content is unknown"
+            )
 
     def feed(self, data: bytes) -> None:
         self._got += len(data)
@@ -86,8 +91,9 @@ class Body:
         except zlib.error as exc:
             raise UndecodableBody(f"the body is not valid {self._coding}: {exc}") from exc
         if len(out) > room or self._z.unconsumed_tail:
-            raise BodyTooLarge(f"the answer's body decodes ({self._coding}) to over "
-                               f"{self._cap} bytes")
+            raise BodyTooLarge(
+                f"the answer's body decodes ({self._coding}) to over {self._cap} bytes"
+            )
         if self._z.unused_data:
             raise UndecodableBody(f"bytes after the end of the {self._coding} stream")
         self._keep(out)

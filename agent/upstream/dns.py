@@ -106,8 +106,11 @@ class ClusterResolver(AbstractResolver):
             self._cache[host] = _Cached(addresses, time.monotonic() + max(ttl, MIN_TTL_S))
             old = cached.addresses if cached is not None else ()
             if old and set(old) != set(addresses):
-                log.warning("DNS answer for %s changed", host,
-                            extra={"host": host, "old": list(old), "new": list(addresses)})
+                log.warning(
+                    "DNS answer for %s changed",
+                    host,
+                    extra={"host": host, "old": list(old), "new": list(addresses)},
+                )
                 for listener in self._listeners:
                     listener(host, old, addresses)
             return addresses
@@ -122,11 +125,15 @@ class ClusterResolver(AbstractResolver):
         except dns.resolver.NoAnswer as exc:
             raise DnsError(f"{host}: no A record") from exc
         except dns.resolver.NoNameservers as exc:
-            raise DnsError(f"{host}: every nameserver failed (SERVFAIL or refused): "
-                           f"{self._nameservers or 'system'}") from exc
+            raise DnsError(
+                f"{host}: every nameserver failed (SERVFAIL or refused): "
+                f"{self._nameservers or 'system'}"
+            ) from exc
         except dns.exception.Timeout as exc:
-            raise DnsError(f"{host}: nameserver timeout after {self._timeout}s "
-                           f"({self._nameservers or 'system'})") from exc
+            raise DnsError(
+                f"{host}: nameserver timeout after {self._timeout}s "
+                f"({self._nameservers or 'system'})"
+            ) from exc
         except dns.exception.DNSException as exc:
             raise DnsError(f"{host}: DNS lookup failed: {exc}") from exc
         ttl = float(answer.rrset.ttl) if answer.rrset is not None else MIN_TTL_S
@@ -138,18 +145,26 @@ class ClusterResolver(AbstractResolver):
     async def _system_lookup(self, host: str) -> tuple[tuple[str, ...], float]:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+                host, None, family=socket.AF_INET, type=socket.SOCK_STREAM
+            )
         except socket.gaierror as exc:
             raise DnsError(f"{host}: cannot resolve ({exc.strerror})") from exc
         return tuple(sorted({str(info[4][0]) for info in infos})), SYSTEM_TTL_S
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         addresses = await self.addresses(host)
         ordered = sorted(addresses, key=lambda a: a in self._bad)  # healthy first, stable
         return [
-            ResolveResult(hostname=host, host=a, port=port, family=socket.AF_INET, proto=0,
-                          flags=socket.AI_NUMERICHOST)
+            ResolveResult(
+                hostname=host,
+                host=a,
+                port=port,
+                family=socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
             for a in ordered
         ]
 

@@ -46,11 +46,11 @@ class ClusterHealth:
     last_error: str | None = None
     last_check: float | None = None
     addresses: dict[str, str | None] = field(default_factory=dict)  # address -> error
-    refusing: str | None = None        # why it refuses the agent's orders, while it does
+    refusing: str | None = None  # why it refuses the agent's orders, while it does
     refusing_since: float | None = None
     refusals: int = 0
-    _refused_until: float = 0.0        # monotonic
-    _retry_told: bool = False          # listeners heard that the hold ran out
+    _refused_until: float = 0.0  # monotonic
+    _retry_told: bool = False  # listeners heard that the hold ran out
     _fails: int = 0
     _oks: int = 0
 
@@ -61,8 +61,7 @@ class ClusterHealth:
     @property
     def takes_orders(self) -> bool:
         """Healthy, and not refusing the agent (or its hold ran out: time to try again)."""
-        return self.healthy and (self.refusing is None
-                                 or time.monotonic() >= self._refused_until)
+        return self.healthy and (self.refusing is None or time.monotonic() >= self._refused_until)
 
     def observe(self, ok: bool, error: str | None, settings: HealthSection) -> bool:
         """Record one round; return True when the healthy flag flipped."""
@@ -92,8 +91,7 @@ class ClusterHealth:
             "since": self.since,
             "last_error": self.last_error,
             "last_check": self.last_check,
-            "addresses": {a: {"healthy": e is None, "error": e}
-                          for a, e in self.addresses.items()},
+            "addresses": {a: {"healthy": e is None, "error": e} for a, e in self.addresses.items()},
             "takes_orders": self.takes_orders,
             "refusing": self.refusing,
             "refusing_since": self.refusing_since,
@@ -107,8 +105,13 @@ Listener = Callable[[ClusterHealth], None]
 class HealthMonitor:
     """Owns one checking task per configured cluster."""
 
-    def __init__(self, client: UpstreamClient, resolver: ClusterResolver,
-                 settings: HealthSection, clusters: dict[str, str]) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        resolver: ClusterResolver,
+        settings: HealthSection,
+        clusters: dict[str, str],
+    ) -> None:
         self._client = client
         self._resolver = resolver
         self._settings = settings
@@ -145,9 +148,13 @@ class HealthMonitor:
         cluster._retry_told = False
         if first:
             cluster.refusing_since = time.time()
-            log.error("cluster %s refuses the agent's orders (%s): orders are kept and go "
-                      "elsewhere; check its credentials, routes and proxy", name,
-                      cluster.refusing, extra={"cluster": name, "status": status})
+            log.error(
+                "cluster %s refuses the agent's orders (%s): orders are kept and go "
+                "elsewhere; check its credentials, routes and proxy",
+                name,
+                cluster.refusing,
+                extra={"cluster": name, "status": status},
+            )
             self._tell(cluster)
 
     def accepted(self, name: str) -> None:
@@ -155,8 +162,7 @@ class HealthMonitor:
         cluster = self.clusters.get(name)
         if cluster is None or cluster.refusing is None:
             return
-        log.warning("cluster %s takes the agent's orders again", name,
-                    extra={"cluster": name})
+        log.warning("cluster %s takes the agent's orders again", name, extra={"cluster": name})
         cluster.refusing = cluster.refusing_since = None
         self._tell(cluster)
 
@@ -203,8 +209,9 @@ class HealthMonitor:
                 self._spawn(cluster)
 
     def _spawn(self, cluster: ClusterHealth) -> None:
-        self._tasks[cluster.name] = asyncio.create_task(self._loop(cluster),
-                                                        name=f"health:{cluster.name}")
+        self._tasks[cluster.name] = asyncio.create_task(
+            self._loop(cluster), name=f"health:{cluster.name}"
+        )
 
     async def _loop(self, cluster: ClusterHealth) -> None:
         interval = self._settings.interval_s
@@ -240,10 +247,17 @@ class HealthMonitor:
     def _notify(self, cluster: ClusterHealth) -> None:
         # Up is good news (and every start brings it): info. Down is what ops must see.
         level = logging.INFO if cluster.healthy else logging.WARNING
-        log.log(level, "cluster %s is now %s", cluster.name,
-                "up" if cluster.healthy else "down",
-                extra={"cluster": cluster.name, "healthy": cluster.healthy,
-                       "error": cluster.last_error})
+        log.log(
+            level,
+            "cluster %s is now %s",
+            cluster.name,
+            "up" if cluster.healthy else "down",
+            extra={
+                "cluster": cluster.name,
+                "healthy": cluster.healthy,
+                "error": cluster.last_error,
+            },
+        )
         self._tell(cluster)
 
     def _tell(self, cluster: ClusterHealth) -> None:

@@ -72,17 +72,18 @@ class Target:
             shown = f"{shown}:{url.explicit_port}"
         self.server_hostname = self.host.rstrip(".") if self.tls else None
         self.pool_key = (self.host, self.port, self.tls)
-        self.head = (f"POST {url.raw_path_qs or '/'} HTTP/1.1\r\nHost: {shown}\r\n"
-                     f"User-Agent: edge-agent/{__version__}\r\n"
-                     "Content-Type: application/json\r\n")
+        self.head = (
+            f"POST {url.raw_path_qs or '/'} HTTP/1.1\r\nHost: {shown}\r\n"
+            f"User-Agent: edge-agent/{__version__}\r\n"
+            "Content-Type: application/json\r\n"
+        )
 
 
 def request_bytes(target: Target, headers: dict[str, str], body: bytes) -> bytes:
     lines = [target.head]
     for name, value in headers.items():
         if "\r" in value or "\n" in value:  # as aiohttp refuses to send them
-            raise ValueError(f"Newline or carriage return character detected in HTTP "
-                             f"header {name}")
+            raise ValueError(f"Newline or carriage return character detected in HTTP header {name}")
         lines.append(f"{name}: {value}\r\n")
     lines.append(f"Content-Length: {len(body)}\r\n\r\n")
     return "".join(lines).encode("utf-8") + body
@@ -145,8 +146,9 @@ class Http1Client:
         for pool in pools:
             pool.close()
 
-    async def post(self, target: Target, headers: dict[str, str], body: bytes,
-                   timeout_s: float) -> Reply:
+    async def post(
+        self, target: Target, headers: dict[str, str], body: bytes, timeout_s: float
+    ) -> Reply:
         data = request_bytes(target, headers, body)
         pool = self._pools.get(target.pool_key)
         if pool is None:
@@ -168,17 +170,19 @@ class Http1Client:
             if conn is not None:
                 conn.close()
             if stage:
-                raise UpstreamUnavailable(f"no connection to {target.text} within "
-                                          f"{timeout_s:g} s ({stage}): nothing was sent",
-                                          ) from exc
+                raise UpstreamUnavailable(
+                    f"no connection to {target.text} within "
+                    f"{timeout_s:g} s ({stage}): nothing was sent",
+                ) from exc
             raise UpstreamAmbiguous(f"no answer from {target.text} in time") from exc
         except UpstreamUnavailable:
             raise  # no connection: nothing was sent
         except (OSError, BadAnswer) as exc:
             if conn is not None:
                 conn.close()
-            raise UpstreamAmbiguous(f"connection to {target.text} failed after sending: "
-                                    f"{exc}") from exc
+            raise UpstreamAmbiguous(
+                f"connection to {target.text} failed after sending: {exc}"
+            ) from exc
         except BaseException:  # cancelled: the connection's state is unknown
             if conn is not None:
                 conn.close()
@@ -199,24 +203,42 @@ class Http1Client:
         for h in hosts:
             address = h["host"]
             if ":" in address:
-                addr_infos.append((socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP,
-                                   "", (address, h["port"], 0, 0)))
+                addr_infos.append(
+                    (
+                        socket.AF_INET6,
+                        socket.SOCK_STREAM,
+                        socket.IPPROTO_TCP,
+                        "",
+                        (address, h["port"], 0, 0),
+                    )
+                )
             else:
-                addr_infos.append((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP,
-                                   "", (address, h["port"])))
+                addr_infos.append(
+                    (
+                        socket.AF_INET,
+                        socket.SOCK_STREAM,
+                        socket.IPPROTO_TCP,
+                        "",
+                        (address, h["port"]),
+                    )
+                )
         loop = asyncio.get_running_loop()
         last: BaseException | None = None
         while addr_infos:
             try:
                 async with asyncio.timeout(connect_s):
                     sock = await aiohappyeyeballs.start_connection(
-                        addr_infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S, loop=loop)
+                        addr_infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S, loop=loop
+                    )
                     try:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         if target.tls:
                             _, proto = await loop.create_connection(
-                                Conn, sock=sock, ssl=self._tls_context(),
-                                server_hostname=target.server_hostname)
+                                Conn,
+                                sock=sock,
+                                ssl=self._tls_context(),
+                                server_hostname=target.server_hostname,
+                            )
                         else:
                             _, proto = await loop.create_connection(Conn, sock=sock)
                     except BaseException:
@@ -229,6 +251,7 @@ class Http1Client:
         if last is None:
             raise UpstreamUnavailable(f"cannot connect to {target.text}: no address")
         if isinstance(last, TimeoutError) and not str(last):
-            raise UpstreamUnavailable(f"cannot connect to {target.text}: connection timeout "
-                                      f"to host {target.text}") from last
+            raise UpstreamUnavailable(
+                f"cannot connect to {target.text}: connection timeout to host {target.text}"
+            ) from last
         raise UpstreamUnavailable(f"cannot connect to {target.text}: {last}") from last

@@ -31,13 +31,14 @@ import httptools
 
 from agent.upstream.codings import Body, BodyTooLarge, UndecodableBody
 
-KEEPALIVE_S = 15.0        # an idle connection is not reused after this (aiohttp's default)
-MAX_HEAD = 64 * 1024      # status lines and headers of one answer, interim ones included
+KEEPALIVE_S = 15.0  # an idle connection is not reused after this (aiohttp's default)
+MAX_HEAD = 64 * 1024  # status lines and headers of one answer, interim ones included
 
 
 # The lengths of the header names on_header reads: a cheap first test for the others.
-_WATCHED_LENGTHS = frozenset(len(n) for n in (b"retry-after", b"content-length",
-                                              b"transfer-encoding", b"content-encoding"))
+_WATCHED_LENGTHS = frozenset(
+    len(n) for n in (b"retry-after", b"content-length", b"transfer-encoding", b"content-encoding")
+)
 
 
 class Reply(NamedTuple):
@@ -65,20 +66,22 @@ class Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._parser.set_dangerous_leniencies(  # what aiohttp sets for answers
-            lenient_headers=True, lenient_optional_cr_before_lf=True,
-            lenient_spaces_after_chunk_size=True)
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
         self._waiter: asyncio.Future[None] | None = None
-        self._busy = False       # a request waits for its answer
-        self._stray = False      # bytes came that belong to no answer: never reuse
-        self._head_wire = 0      # bytes received while a head was incomplete
-        self._head_fields = 0    # bytes of the header fields parsed
+        self._busy = False  # a request waits for its answer
+        self._stray = False  # bytes came that belong to no answer: never reuse
+        self._head_wire = 0  # bytes received while a head was incomplete
+        self._head_fields = 0  # bytes of the header fields parsed
         self._in_head = False
         self._interim = False
         self._status = 0
         self._retry_after: str | None = None
         self._encoding: str | None = None
         self._transfer: str | None = None
-        self._framed = False     # Content-Length or Transfer-Encoding: not ended by EOF
+        self._framed = False  # Content-Length or Transfer-Encoding: not ended by EOF
         self._body: Body | None = None
         self._keep = False
         self._reply: Reply | None = None
@@ -228,8 +231,13 @@ class Conn(asyncio.Protocol):
 
     def usable(self, now: float) -> bool:
         transport = self.transport
-        return (not self.ended and transport is not None and not transport.is_closing()
-                and not self._stray and now - self.idle_since <= KEEPALIVE_S)
+        return (
+            not self.ended
+            and transport is not None
+            and not transport.is_closing()
+            and not self._stray
+            and now - self.idle_since <= KEEPALIVE_S
+        )
 
     def close(self, graceful: bool = False) -> None:
         self.ended = True

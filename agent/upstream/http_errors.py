@@ -17,10 +17,10 @@ LIBRARY_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 class Phase(enum.Enum):
-    DNS = "dns"                # the host did not resolve: nothing sent
-    CONNECT = "connect"        # refused, unreachable, TLS, connect timeout: nothing sent
-    INVALID_URL = "invalid"    # never left us
-    TIMEOUT = "timeout"        # sent (at least partly), no answer in time
+    DNS = "dns"  # the host did not resolve: nothing sent
+    CONNECT = "connect"  # refused, unreachable, TLS, connect timeout: nothing sent
+    INVALID_URL = "invalid"  # never left us
+    TIMEOUT = "timeout"  # sent (at least partly), no answer in time
     AFTER_SEND = "after-send"  # reset or broken after sending
 
 
