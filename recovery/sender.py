@@ -2,8 +2,9 @@
 
 The first bulk request is the probe: it goes alone, and a 404/405/501 turns
 bulk off for the rest of the run (its items then go as single POSTs). Every
-answer comes back per item, already classified by ``agent.delivery``, so a
-partly accepted batch retries only the items that need it. Requests are
+answer comes back per item (an ``Answer`` or the ``UpstreamError`` of its request), and
+the merge asks ``agent.delivery.decide`` what each means, so a partly accepted batch
+retries only the items that need it. Requests are
 paced (``--rate``, slower on 429/503) and bounded (``--concurrency``).
 """
 
