@@ -241,6 +241,9 @@ class Verifier:
     async def _check_loop(self) -> None:
         batch = 2 * self.cfg.concurrency  # in flight <= concurrency: at least that many new
         while True:
+            # Cleared before the ledger is read, never after: a wake-up (an enrolment
+            # committed, a check done) that comes while we look is then never lost.
+            self._wake.clear()
             try:
                 due = await self.ledger.due(time.time(), batch)
             except PersistError as exc:
@@ -267,7 +270,6 @@ class Verifier:
                 nxt = await self.ledger.next_check()
                 if nxt is not None:
                     timeout = min(timeout, max(0.0, nxt - time.time()))
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
