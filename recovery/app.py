@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -114,7 +115,9 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
         ranker = Ranker(Path(tmp) / "rank.db", ck_path)
         try:
-            sender = Sender(client, job.target, job.concurrency, job.rate, job.batch, job.timeout_s)
+            sender = Sender(
+                client, job.target, job.concurrency, job.rate, job.batch, job.timeout_s, stop
+            )
             progress: Progress | None = None
 
             def settled(items: list[Settled]) -> None:
@@ -327,17 +330,28 @@ async def _verify(job: Job, client: UpstreamClient) -> int:
 
 
 def _stop_event() -> asyncio.Event:
-    """SIGINT/SIGTERM: finish what is in flight, then stop. A second SIGINT kills."""
+    """SIGINT/SIGTERM: send nothing more, let the requests already on the wire finish (their
+    timeout bounds that), checkpoint, stop. A second signal ends the process at once.
+
+    Ending at once is safe: a file leaves pending/ only after its checkpointed confirmation,
+    pins are written before the next send, and the rerun asks the checkpoint and the
+    center (same Idempotency-Key) before sending anything again.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def first(signame: str) -> None:
         if not stop.is_set():
             log.warning(
-                "%s: finishing in-flight requests, then stopping (again to abort at once)", signame
+                "%s: sending nothing more; waiting for the requests already sent, then "
+                "stopping (again to abort at once)",
+                signame,
             )
             stop.set()
-            loop.remove_signal_handler(signal.SIGINT)
+            return
+        sys.stderr.write(f"edge-recover: {signame} again: aborted at once; rerun to continue\n")
+        sys.stderr.flush()
+        os._exit(EXIT_ORDERS)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, first, sig.name)

@@ -43,7 +43,7 @@ from recovery.finisher import NOTE, Finisher, Settled
 from recovery.item import Item
 from recovery.listing import SortedNames
 from recovery.ranking import Facts, Ranker
-from recovery.sender import Sender
+from recovery.sender import NotSent, Sender
 from recovery.source import Found, read_found
 
 log = logging.getLogger("recovery.merge")
@@ -301,6 +301,9 @@ class Merger:
             again: list[Work] = []
             wait_s = 0.0
             for work, res in zip(todo, results, strict=True):
+                if isinstance(res, NotSent):  # stopped before it left: untouched
+                    settled.append(work.left("interrupted before it was sent"))
+                    continue
                 action = decide_answer(res, Caller.RECOVER, self._opts.target, work.attempts)
                 work.attempts = work.attempts.after(action)
                 if action.kind is Kind.TRANSIENT:

@@ -21,8 +21,17 @@ from agent.upstream.client import UpstreamClient
 
 log = logging.getLogger("recovery.sender")
 
+
 # One item's result: the center's answer, or why none came.
-ItemResult = Answer | UpstreamError
+class NotSent:
+    """The run was stopped before this item's request left: nothing was sent."""
+
+    def __repr__(self) -> str:
+        return "NotSent()"
+
+
+NOT_SENT = NotSent()
+ItemResult = Answer | UpstreamError | NotSent
 
 
 class Sender:
@@ -34,8 +43,12 @@ class Sender:
         rate: float | None,
         batch: int,
         timeout_s: float,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self._client = client
+        # Set by the first SIGINT/SIGTERM: a request not yet on the wire is not sent (its
+        # item comes back NOT_SENT); those already sent finish and are settled.
+        self._stop = stop or asyncio.Event()
         self._base = base
         self._slots = asyncio.Semaphore(concurrency)
         self._pacer = Pacer(rate if rate else math.inf)
@@ -69,8 +82,11 @@ class Sender:
         self, items: list[BatchItem], probing: bool = False
     ) -> list[ItemResult] | None:
         """Per-item results, or None: send these items one by one instead."""
-        await self._pacer.wait(len(items))
+        if not await self._pacer.wait(len(items), self._stop):
+            return [NOT_SENT] * len(items)
         async with self._slots:
+            if self._stop.is_set():
+                return [NOT_SENT] * len(items)
             self.requests += 1
             try:
                 answer = await self._client.post_batch(self._base, items, self._batch_timeout_s)
@@ -107,8 +123,11 @@ class Sender:
         return list(answer.answers)
 
     async def _send_one(self, item: BatchItem) -> ItemResult:
-        await self._pacer.wait()
+        if not await self._pacer.wait(1, self._stop):
+            return NOT_SENT
         async with self._slots:
+            if self._stop.is_set():
+                return NOT_SENT
             self.requests += 1
             try:
                 answer = await self._client.post_order(

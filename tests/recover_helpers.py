@@ -113,7 +113,25 @@ class Recover:
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "EDGE_AGENT_CONFIG": "/nonexistent/agent.toml"},
         )
+        self._err = bytearray()
+        self._err_task = asyncio.create_task(self._read_err())
         return self
+
+    async def _read_err(self) -> None:
+        """Collect stderr as it comes, so a test can wait for a line mid-run."""
+        assert self.proc is not None and self.proc.stderr is not None
+        while chunk := await self.proc.stderr.read(65536):
+            self._err += chunk
+
+    def err_so_far(self) -> str:
+        return self._err.decode(errors="replace")
+
+    async def _output(self) -> bytes:
+        assert self.proc is not None and self.proc.stdout is not None
+        out = await self.proc.stdout.read()
+        await self._err_task
+        await self.proc.wait()
+        return out
 
     def signal(self, sig: int = signal.SIGKILL) -> None:
         assert self.proc is not None
@@ -122,13 +140,14 @@ class Recover:
     async def finish(self, timeout: float = 60) -> Run:
         assert self.proc is not None
         try:
-            out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+            out = await asyncio.wait_for(self._output(), timeout)
         finally:
             if self.proc.returncode is None:  # timed out: never leave it behind
                 self.proc.kill()
                 await self.proc.wait()
+                await self._err_task
         assert self.proc.returncode is not None
-        return Run(self.proc.returncode, out.decode(), err.decode())
+        return Run(self.proc.returncode, out.decode(), self.err_so_far())
 
 
 async def recover(

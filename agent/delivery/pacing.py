@@ -9,6 +9,7 @@ The delays come from the ``backoff`` library's generators (``expo`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Generator
@@ -60,13 +61,20 @@ class Pacer:
         self._next = time.monotonic()
         self._paused_until = 0.0
 
-    async def wait(self, n: int = 1) -> None:
-        """Wait for the turn of the next request, which carries ``n`` orders."""
+    async def wait(self, n: int = 1, stop: asyncio.Event | None = None) -> bool:
+        """Wait for the turn of the next request, which carries ``n`` orders; False if
+        ``stop`` was set first (then the request must not be sent)."""
         now = time.monotonic()
         at = max(self._next, self._paused_until, now)
         self._next = at + n / self.rate
-        if at > now:
-            await asyncio.sleep(at - now)
+        if stop is None:
+            if at > now:
+                await asyncio.sleep(at - now)
+            return True
+        if at > now and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), at - now)
+        return not stop.is_set()
 
     def slow_down(self, retry_after_s: float | None) -> None:
         self.rate = max(1.0, self.rate / 2)
