@@ -20,7 +20,7 @@ from agent.errors import ConfigError, DirectoryHeld, UsageError
 from agent.logs import setup_logging
 from agent.service.sd_notify import SdNotifier
 from agent.service.service import Service
-from agent.usage import OneLineParser
+from agent.usage import OneLineParser, pipe_safe
 
 log = logging.getLogger("agent")
 
@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return pipe_safe(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from agent import __version__
 from agent.config import Config, load_config, resolve_config_path
 from agent.delivery.targets import cluster_of
 from agent.errors import ConfigError, UsageError
-from agent.usage import OneLineParser
+from agent.usage import OneLineParser, pipe_safe
 from recovery.app import EXIT_USAGE, AlreadyRunning, Job, run
 
 
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return pipe_safe(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="edge-recover: %(message)s")
     try:
         args = _parser().parse_args(argv)
