@@ -66,6 +66,11 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
     return out
 
 
+def merge_args(root: Path | str, target: str, *extra: str) -> tuple[str, ...]:
+    """``--path ROOT --mode merge --target TARGET`` and ``extra``: the usual merge."""
+    return ("--path", str(root), "--mode", "merge", "--target", target, *extra)
+
+
 @dataclass
 class Run:
     code: int

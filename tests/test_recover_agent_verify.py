@@ -8,7 +8,7 @@ import orjson
 
 from tests.conftest import AgentFactory, wait_for
 from tests.fakes import FakeCenter
-from tests.recover_helpers import Recover, files, record, recover, report, write_pending
+from tests.recover_helpers import Recover, files, merge_args, record, recover, report, write_pending
 
 
 async def test_merge_beside_a_running_agent_delivers_each_order_once(
@@ -20,12 +20,7 @@ async def test_merge_beside_a_running_agent_delivers_each_order_once(
     recs = [record(i, i + 1, node="wh-x") for i in range(1500)]
     rep = tmp_path / "r.json"
     proc = await Recover(
-        "--path",
-        str(root),
-        "--mode",
-        "merge",
-        "--target",
-        center.url,
+        *merge_args(str(root), center.url),
         "--batch",
         "10",
         "--concurrency",

@@ -16,7 +16,7 @@ import orjson
 
 from tests.conftest import AS_NOBODY, as_sudo_cp_leaves_it
 from tests.fakes import FakeCenter
-from tests.recover_helpers import files, record, recover, report, write_pending
+from tests.recover_helpers import files, merge_args, record, recover, report, write_pending
 
 GB2 = 2 * 1024**3
 RSS_LIMIT_MB = 200
@@ -94,12 +94,7 @@ async def test_dangling_link_and_link_to_a_fifo_are_named_counted_and_exit_1(
     rep = tmp_path / "report.json"
 
     run = await recover(
-        "--path",
-        str(root),
-        "--mode",
-        "merge",
-        "--target",
-        center.url,
+        *merge_args(str(root), center.url),
         "--report",
         str(rep),
         timeout=30,

@@ -14,13 +14,9 @@ from pathlib import Path
 
 from tests.conftest import wait_for
 from tests.fakes import FakeCenter
-from tests.recover_helpers import Recover, files, record, recover, write_pending
+from tests.recover_helpers import Recover, files, merge_args, record, recover, write_pending
 
 N = 400
-
-
-def _args(root: Path, center: FakeCenter, *extra: str) -> tuple[str, ...]:
-    return ("--path", str(root), "--mode", "merge", "--target", center.url, *extra)
 
 
 async def _interrupt_at(proc: Recover, center: FakeCenter, n: int) -> int:
@@ -36,7 +32,7 @@ async def test_one_sigint_sends_nothing_more_and_the_rerun_finishes(
     write_pending(root, [record(i, i) for i in range(N)])
     # 50 orders/s in batches of 10 (5 requests/s): minutes of paced batches are queued
     # behind the workers when the signal comes.
-    args = _args(root, center, "--rate", "50", "--batch", "10", "--concurrency", "8")
+    args = merge_args(root, center.url, "--rate", "50", "--batch", "10", "--concurrency", "8")
     proc = await Recover(*args).start()
     at_signal = await _interrupt_at(proc, center, 40)
     run = await proc.finish(timeout=30)
@@ -47,7 +43,7 @@ async def test_one_sigint_sends_nothing_more_and_the_rerun_finishes(
     # microseconds, the next batch is 200 ms away).
     assert after <= 10, f"{after} orders reached the center after the signal"
     assert len(files(root, "merged")) == len(center.creates)  # every answer settled
-    run = await recover(*_args(root, center, "--batch", "10"))
+    run = await recover(*merge_args(root, center.url, "--batch", "10"))
     assert run.code == 0, run.err
     assert len(center.creates) == N and max(center.creates.values()) == 1
     assert len(files(root, "merged")) == N and files(root, "pending") == []
@@ -59,7 +55,7 @@ async def test_a_second_sigint_aborts_at_once_without_a_traceback(
     root = tmp_path / "buf"
     write_pending(root, [record(i, i) for i in range(N)])
     center.delay_s = 2.0  # requests stay on the wire: the first signal has to wait for them
-    args = _args(root, center, "--batch", "1", "--concurrency", "4")
+    args = merge_args(root, center.url, "--batch", "1", "--concurrency", "4")
     proc = await Recover(*args).start()
     await _interrupt_at(proc, center, 4)
     started = time.monotonic()
@@ -70,6 +66,6 @@ async def test_a_second_sigint_aborts_at_once_without_a_traceback(
     assert run.code == 1 and "aborted at once" in run.err, run.err
     assert "Traceback" not in run.err and "KeyboardInterrupt" not in run.err
     center.delay_s = 0
-    run = await recover(*_args(root, center))
+    run = await recover(*merge_args(root, center.url))
     assert run.code == 0, run.err
     assert len(center.creates) == N and max(center.creates.values()) == 1

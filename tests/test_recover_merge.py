@@ -10,6 +10,7 @@ from tests.fakes import FakeCenter, free_port
 from tests.recover_helpers import (
     body,
     files,
+    merge_args,
     record,
     recover,
     report,
@@ -155,12 +156,7 @@ async def test_422_and_other_4xx_are_quarantined_and_reported(center: FakeCenter
     center.script.extend([422, 400])
     rep = tmp_path / "r.json"
     run = await recover(
-        "--path",
-        str(root),
-        "--mode",
-        "merge",
-        "--target",
-        center.url,
+        *merge_args(str(root), center.url),
         "--batch",
         "1",
         "--concurrency",
@@ -280,12 +276,7 @@ async def test_rate_caps_orders_per_second(center: FakeCenter, tmp_path: Path):
     write_pending(root, [record(i, i + 1) for i in range(60)])
     rep = tmp_path / "r.json"
     run = await recover(
-        "--path",
-        str(root),
-        "--mode",
-        "merge",
-        "--target",
-        center.url,
+        *merge_args(str(root), center.url),
         "--batch",
         "10",
         "--rate",

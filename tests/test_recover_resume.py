@@ -15,6 +15,7 @@ from tests.recover_helpers import (
     body,
     files,
     kill_when,
+    merge_args,
     record,
     recover,
     report,
@@ -67,12 +68,7 @@ async def test_sigkill_at_several_points_then_rerun_is_exactly_once(
     keys, n_files = _buffer(root)
     center.delay_s = 0.01
     args = (
-        "--path",
-        str(root),
-        "--mode",
-        "merge",
-        "--target",
-        center.url,
+        *merge_args(str(root), center.url),
         "--batch",
         "20",
         "--concurrency",
@@ -111,12 +107,7 @@ async def test_sigint_finishes_in_flight_requests_then_rerun_completes(
     keys, n_files = _buffer(root)
     center.delay_s = 0.05
     args = (
-        "--path",
-        str(root),
-        "--mode",
-        "merge",
-        "--target",
-        center.url,
+        *merge_args(str(root), center.url),
         "--batch",
         "10",
         "--concurrency",
