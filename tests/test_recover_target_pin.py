@@ -116,3 +116,19 @@ async def test_a_loose_raw_order_that_got_an_unclear_answer_is_pinned_too(
     run = await recover("--path", str(root), "--mode", "merge", "--target", standby.url)
     assert run.code == 0, run.err
     assert once_across(center, standby, {KEY}) == {KEY: "standby"}
+
+
+async def test_an_unclear_answer_through_a_symlink_pins_the_order_it_points_to(
+    tmp_path: Path, center: FakeCenter, standby: FakeCenter
+) -> None:
+    """Ops gathered the agent's pending file into DIR with ``ln -s``: the pin must land in
+    the file itself, or the agent's drain would later send it to the primary."""
+    agent_buffer = tmp_path / "spool"
+    rec = record("tp-1", 1)
+    write_pending(agent_buffer, [rec])
+    outage = tmp_path / "outage"
+    outage.mkdir()
+    (outage / rec.filename).symlink_to(agent_buffer / "pending" / rec.filename)
+    await _merge_cut_after_unclear(outage, standby.url, standby)
+    assert pin_of(agent_buffer, rec.filename) == standby.url
+    assert (outage / rec.filename).is_symlink()  # the link was not replaced by a copy
