@@ -28,7 +28,7 @@ from recovery.checkpoint import DELIVERED, UNREADABLE, ResultRow
 from recovery.finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled
 from recovery.item import Item
 from recovery.ranking import Facts
-from recovery.source import body_digest, read_found, recovery_serial, to_record
+from recovery.source import body_digest, is_raw, read_found, to_record
 
 CLUSTER = "recover"
 # One C-level scan of the file for any key the merge adds (5 substring searches cost more).
@@ -194,7 +194,7 @@ def decide(
     taken = row.loose and _exists(dirs, wanted)
     merged_before = already_merged(dirs, wanted, record) if taken else None
     name = merged_name(dirs, wanted) if taken and not merged_before else wanted
-    raw = row.loose and record.serial == recovery_serial(node, row.file, claim.data)
+    raw = is_raw(row.file, row.loose, claim.data, node, record)
     work = Work(row, claim, record, name, raw=raw)
     if key.confirmed_serial == record.serial or merged_before:
         # Confirmed in an earlier run (or by the agent): finish the move, no request.

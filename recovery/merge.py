@@ -3,9 +3,10 @@
 Passes, each a bounded pipeline (claim thread -> queue -> ``concurrency``
 workers -> finisher), the first one starting as soon as pending/ is listed:
 
-1. pending/ in name (= serial) order, then loose files by serial: each file
-   is claimed and read once; the first file of each dedupe key is sent, a
-   later one is deferred (``recovery.ranking``);
+1. pending/ in name (= serial) order, then loose files (record files by
+   serial, then raw order objects): each file is claimed and read once; the
+   first file of each dedupe key is sent, a later one is deferred
+   (``recovery.ranking``);
 2. files another process held during pass 1, retried until released or
    ``held_wait_s`` passed (the merge is the one that waits: it never blocks
    the agent's drain; the agent just skips files the merge holds);
@@ -44,7 +45,7 @@ from recovery.item import Item
 from recovery.listing import SortedNames
 from recovery.ranking import Facts, Ranker
 from recovery.sender import NotSent, Sender
-from recovery.source import Found, read_found
+from recovery.source import Found, rank_key, read_found
 
 log = logging.getLogger("recovery.merge")
 
@@ -103,14 +104,19 @@ class Merger:
             for f in (read_found(root, name, True, node) for name in SortedNames(root))
             if f is not None
         ]
+        # Only record files may take a key from pending/: a raw object never outranks
+        # an order an agent acknowledged (``rank_key``).
         self._ranker.add_loose(
             [
                 (f.key, f.serial, f.file)
                 for f in loose
-                if f.key is not None and f.serial is not None and self._admitted(f.pinned_to)
+                if f.key is not None
+                and f.serial is not None
+                and not f.raw
+                and self._admitted(f.pinned_to)
             ]
         )
-        loose.sort(key=lambda f: (f.serial or "", f.file))
+        loose.sort(key=lambda f: rank_key(f.raw, f.serial or "", f.file))
         return loose, SortedNames(root / "pending")
 
     async def run(self) -> None:

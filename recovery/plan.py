@@ -2,7 +2,8 @@
 
 A scan writes one row per file into a temporary sqlite database (outside
 DIR, removed afterwards); a window over the rows ranks each dedupe-key group
-by serial, so "first serial wins" holds however the directory lists. Rows
+as the merge does (``recovery.source.rank_key``: record files before raw
+objects, then by serial), however the directory lists. Rows
 are then read back in chunks, joined with the checkpoint, so memory stays
 flat for a directory of a million files.
 """
@@ -20,14 +21,14 @@ from recovery.source import Found
 
 SCHEMA = """
 CREATE TABLE scan (file TEXT, loose INTEGER, serial TEXT, key TEXT, digest BLOB, error TEXT,
-                   unreadable INTEGER);
+                   unreadable INTEGER, raw INTEGER);
 """
 
 PLAN = """
 CREATE TABLE plan AS SELECT rowid AS id, file, loose, serial, key, digest, error, unreadable,
     ROW_NUMBER() OVER w AS rn, FIRST_VALUE(serial) OVER w AS winner
 FROM scan WINDOW w AS (PARTITION BY coalesce(key, char(0) || file)
-                       ORDER BY serial, loose, file);
+                       ORDER BY raw, serial, loose, file);
 CREATE INDEX plan_id ON plan(id);
 CREATE INDEX plan_key ON plan(key, rn);
 """
@@ -70,9 +71,18 @@ class Plan:
         while chunk := list(itertools.islice(found, 2000)):
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT INTO scan VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO scan VALUES (?,?,?,?,?,?,?,?)",
                 [
-                    (f.file, int(f.loose), f.serial, f.key, f.digest, f.error, int(f.unreadable))
+                    (
+                        f.file,
+                        int(f.loose),
+                        f.serial,
+                        f.key,
+                        f.digest,
+                        f.error,
+                        int(f.unreadable),
+                        int(f.raw),
+                    )
                     for f in chunk
                 ],
             )

@@ -1,8 +1,9 @@
 """Dedupe inside the directory as the merge streams: the first file of each key wins.
 
-Files are met in a fixed order (loose files by serial are known up front;
-pending/ in name = serial order, ``recovery.listing``), so "first met" is
-"lowest serial" -- the rule the dry-run's full plan applies too. The keys met
+Files are met in a fixed order (loose files are known up front; pending/ in
+name = serial order, ``recovery.listing``; then loose record files by serial,
+then loose raw objects), so "first met" is the winner of
+``recovery.source.rank_key`` -- the rule the dry-run's full plan applies too. The keys met
 so far live in a temporary sqlite database (outside DIR, removed afterwards),
 so memory stays flat for a million files; the checkpoint is attached
 read-only as ``ck`` for what earlier runs confirmed.
@@ -56,7 +57,8 @@ class Ranker:
         self._db.close()
 
     def add_loose(self, items: Sequence[Entry]) -> None:
-        """Loose files, read before pending/: the first (serial, file) of each key."""
+        """Loose record files (never raw objects), read before pending/: the first
+        (serial, file) of each key."""
         self._db.execute("BEGIN")
         self._db.executemany(
             "INSERT INTO loose VALUES (?1, ?2, ?3) ON CONFLICT(key) DO UPDATE "

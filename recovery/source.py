@@ -50,6 +50,7 @@ class Found:
     error: str | None  # set when the file is not a usable order
     pinned_to: str | None = None  # the one cluster that may hold it (CONTRACT 5)
     unreadable: bool = False  # the error is ours to fix (EACCES, EIO, a dangling link)
+    raw: bool = False  # a loose raw order object (RCV- serial): no agent ever answered for it
 
 
 def order_files(root: Path) -> Iterator[tuple[str, bool]]:
@@ -122,8 +123,31 @@ def read_found(root: Path, file: str, loose: bool, node: str) -> Found | None:
     except CorruptRecordError as exc:
         return Found(file, loose, None, None, None, str(exc))
     return Found(
-        file, loose, record.serial, record.dedupe_key, body_digest(record), None, record.pinned_to
+        file,
+        loose,
+        record.serial,
+        record.dedupe_key,
+        body_digest(record),
+        None,
+        record.pinned_to,
+        raw=is_raw(file, loose, data, node, record),
     )
+
+
+def is_raw(file: str, loose: bool, data: bytes, node: str, record: PendingRecord) -> bool:
+    """A loose raw order object: its serial is the one ``to_record`` made up for it.
+
+    Ranking puts these after every record file of their key (``rank_key``): a
+    record is an order some agent answered 2xx for; a raw object is of unknown
+    origin, and its made-up serial must not outrank an acknowledged order.
+    """
+    return loose and record.serial == recovery_serial(node, file, data)
+
+
+def rank_key(raw: bool, serial: str, file: str) -> tuple[bool, str, str]:
+    """Which file of a dedupe key wins: record files before raw objects, then the
+    lowest serial, then the file name. The merge and the dry-run's plan both rank by it."""
+    return (raw, serial, file)
 
 
 def admitted(
