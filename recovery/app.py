@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -67,6 +66,15 @@ class Job:
         return self.cluster or normalize_url(self.target) or self.target
 
 
+def _target_line(job: Job, addresses: dict[str, str | None]) -> str:
+    """Where the orders go, and what its health check said, before anything is done."""
+    name = f"cluster {job.cluster}" if job.cluster else "not a configured cluster"
+    healthy = [a for a, e in addresses.items() if e is None]
+    line = f"target {job.target} ({name}): healthy at {', '.join(healthy)}"
+    sick = [f"{a}: {e}" for a, e in addresses.items() if e is not None]
+    return line + (f"; unhealthy at {'; '.join(sick)}" if sick else "")
+
+
 class AlreadyRunning(Exception):
     """Another edge-recover merge holds DIR."""
 
@@ -92,6 +100,7 @@ async def run(job: Job) -> int:
                 "; ".join(str(e) for e in addresses.values()),
             )
             return EXIT_UNREACHABLE
+        print(f"edge-recover {job.mode}: {_target_line(job, addresses)}", flush=True)
         if job.mode == "verify":
             return await _verify(job, client)
         if job.mode == "dry-run":
@@ -112,53 +121,52 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     ck_path = job.root / CHECKPOINT_NAME
     checkpoint = Checkpoint(ck_path, run=time_ms())
     stop = _stop_event()
-    with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
-        ranker = Ranker(Path(tmp) / "rank.db", ck_path)
+    ranker = Ranker(ck_path)
+    try:
+        sender = Sender(
+            client, job.target, job.concurrency, job.rate, job.batch, job.timeout_s, stop
+        )
+        progress: Progress | None = None
+
+        def settled(items: list[Settled]) -> None:
+            for item in items:
+                summary.add(item.row.outcome)
+                if item.row.outcome in TO_REVIEW:
+                    problems.append(_problem(item.row.outcome, item.row.file, item.row.error))
+                if item.error:
+                    summary.extra["not_moved"] = summary.extra.get("not_moved", 0) + 1
+            if progress is not None:
+                progress.update(len(items))
+
+        finisher = Finisher(dirs, checkpoint, settled)
+        opts = MergeOptions(
+            job.root,
+            job.target,
+            job.node,
+            job.concurrency,
+            job.batch,
+            job.held_wait_s,
+            job.cluster,
+            job.pin,
+        )
+        merger = Merger(opts, ranker, sender, finisher, stop)
+        summary.total = await merger.prepare()
+        log.info(
+            "%d order files listed in %.1fs; merging into %s",
+            summary.total,
+            time.monotonic() - summary.started,
+            job.target,
+        )
+        progress = Progress(summary.total, "merge")
+        finisher.start()
         try:
-            sender = Sender(
-                client, job.target, job.concurrency, job.rate, job.batch, job.timeout_s, stop
-            )
-            progress: Progress | None = None
-
-            def settled(items: list[Settled]) -> None:
-                for item in items:
-                    summary.add(item.row.outcome)
-                    if _unusable(item.row.outcome, item.row.error):
-                        problems.append(f"{item.row.outcome}: {item.row.file}: {item.row.error}")
-                    if item.error:
-                        summary.extra["not_moved"] = summary.extra.get("not_moved", 0) + 1
-                if progress is not None:
-                    progress.update(len(items))
-
-            finisher = Finisher(dirs, checkpoint, settled)
-            opts = MergeOptions(
-                job.root,
-                job.target,
-                job.node,
-                job.concurrency,
-                job.batch,
-                job.held_wait_s,
-                job.cluster,
-                job.pin,
-            )
-            merger = Merger(opts, ranker, sender, finisher, stop)
-            summary.total = await merger.prepare()
-            log.info(
-                "%d order files listed in %.1fs; merging into %s",
-                summary.total,
-                time.monotonic() - summary.started,
-                job.target,
-            )
-            progress = Progress(summary.total, "merge")
-            finisher.start()
-            try:
-                await merger.run()
-            finally:
-                await finisher.stop()
-                progress.update(len(merger.held_elsewhere))
-                progress.close()
+            await merger.run()
         finally:
-            ranker.close()
+            await finisher.stop()
+            progress.update(len(merger.held_elsewhere))
+            progress.close()
+    finally:
+        ranker.close()
     held = merger.held_elsewhere
     summary.total -= len(held)
     summary.finish()
@@ -168,10 +176,29 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     _report_held(job, held, summary)
     if job.report is not None:
         write_report(job.report, summary.as_dict(), "orders", checkpoint.entries(checkpoint.run))
-    checkpoint.close()
-    print(f"edge-recover merge: {summary.line()}", flush=True)
-    _print_problems(problems, len(problems))
     c = summary.counts
+    left = summary.total - summary.done + c["pending"] + len(held)
+    clean = not (
+        stop.is_set()
+        or merger.gave_up
+        or c["rejected"]
+        or c["conflict"]
+        or c[UNREADABLE]
+        or left
+        or summary.extra.get("not_moved")
+    )
+    if clean:
+        checkpoint.discard()
+    else:
+        checkpoint.close()
+    print(f"edge-recover merge: {summary.line()}", flush=True)
+    if problems:
+        print(
+            f"  {len(problems)} files to review (moved to {dirs.rejected} with a .reason.json, "
+            "or left where they are if unreadable):",
+            flush=True,
+        )
+    _print_problems(problems, len(problems))
     if stop.is_set():
         log.warning(
             "interrupted: %d of %d orders settled; run again to resume", summary.done, summary.total
@@ -183,81 +210,85 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
             merger.gave_up,
         )
         return EXIT_UNREACHABLE
-    left = summary.total - summary.done + c["pending"] + len(held)
-    if c["rejected"] or c["conflict"] or c[UNREADABLE] or left or summary.extra.get("not_moved"):
-        return EXIT_ORDERS
-    return EXIT_OK
+    return EXIT_OK if clean else EXIT_ORDERS
 
 
 def _dry_run(job: Job) -> int:
     summary = Summary("dry-run", job.target)
-    with tempfile.TemporaryDirectory(prefix="edge-recover-") as tmp:
-        plan = Plan(Path(tmp) / "plan.db", job.root / CHECKPOINT_NAME, live=False)
-        try:
-            held: list[Found] = []
-            stats = plan.build(admitted(scan(job.root, job.node), job.cluster, job.target, held))
-            conflicts = plan.conflicts()
-            summary.total = stats.files
-            summary.extra.update(
-                files=stats.files,
-                corrupt=stats.corrupt - stats.unreadable,
-                unreadable=stats.unreadable,
-                dedupe_keys=stats.keys,
-                duplicate_groups=stats.duplicate_groups,
-                duplicates=stats.losers - conflicts,
-                conflicts=conflicts,
-                to_send=plan.to_send(),
-                already_confirmed=plan.confirmed_before(),
-            )
-            summary.finish()
-            doc = summary.as_dict()
-            print(
-                "edge-recover dry-run: "
-                + ", ".join(
-                    f"{k.replace('_', ' ')} {doc[k]}"
-                    for k in (
-                        "files",
-                        "to_send",
-                        "duplicate_groups",
-                        "duplicates",
-                        "conflicts",
-                        "corrupt",
-                        "unreadable",
-                        "already_confirmed",
-                    )
-                ),
-                flush=True,
-            )
-            _print_problems(
-                (f"{p['problem']}: {p['file']}: {p['error']}" for p in plan.problems()),
-                stats.corrupt,
-            )
-            for i, (key, serials, same) in enumerate(plan.duplicate_groups()):
-                if i == 20:
-                    print(f"  ... ({stats.duplicate_groups - 20} more groups in the report)")
-                    break
-                print(
-                    f"  {key}: {serials[0]} wins over {', '.join(serials[1:])}"
-                    f"{'' if same else ' (different bodies: conflict)'}"
-                )
-            _report_held(job, held, summary)
-            doc = summary.as_dict()
-            if job.report is not None:
-                write_report(
-                    job.report,
-                    doc,
+    plan = Plan(job.root / CHECKPOINT_NAME, live=False)
+    try:
+        held: list[Found] = []
+        stats = plan.build(admitted(scan(job.root, job.node), job.cluster, job.target, held))
+        conflicts = plan.conflicts()
+        summary.total = stats.files
+        summary.extra.update(
+            files=stats.files,
+            corrupt=stats.corrupt - stats.unreadable,
+            unreadable=stats.unreadable,
+            dedupe_keys=stats.keys,
+            duplicate_groups=stats.duplicate_groups,
+            duplicates=stats.losers - conflicts,
+            conflicts=conflicts,
+            to_send=plan.to_send(),
+            already_confirmed=plan.confirmed_before(),
+        )
+        summary.finish()
+        doc = summary.as_dict()
+        print(
+            "edge-recover dry-run: "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {doc[k]}"
+                for k in (
+                    "files",
+                    "to_send",
                     "duplicate_groups",
-                    _groups(plan),
-                    {"problems": plan.problems()},
+                    "duplicates",
+                    "conflicts",
+                    "corrupt",
+                    "unreadable",
+                    "already_confirmed",
                 )
-        finally:
-            plan.close()
+            ),
+            flush=True,
+        )
+        _print_problems(
+            (_problem(p["problem"], p["file"], p["error"]) for p in plan.problems()),
+            stats.corrupt,
+        )
+        for i, (key, serials, same) in enumerate(plan.duplicate_groups()):
+            if i == 20:
+                print(f"  ... ({stats.duplicate_groups - 20} more groups in the report)")
+                break
+            print(
+                f"  {key}: {serials[0]} wins over {', '.join(serials[1:])}"
+                f"{'' if same else ' (different bodies: conflict)'}"
+            )
+        _report_held(job, held, summary)
+        doc = summary.as_dict()
+        if job.report is not None:
+            write_report(
+                job.report,
+                doc,
+                "duplicate_groups",
+                _groups(plan),
+                {"problems": plan.problems()},
+            )
+    finally:
+        plan.close()
     return EXIT_ORDERS if stats.corrupt or conflicts else EXIT_OK
 
 
-def _unusable(outcome: str, error: str | None) -> bool:
-    """A file that was no usable order: unreadable, or moved aside as corrupt."""
-    return outcome == UNREADABLE or (outcome == "rejected" and (error or "").startswith("corrupt"))
+# Outcomes that leave a file for ops to look at before the incident is closed.
+TO_REVIEW = ("rejected", "conflict", UNREADABLE)
+
+
+def _problem(outcome: str, file: str, error: str | None) -> str:
+    """One line per file to review; the error's own copy of the file name is dropped."""
+    text = error or ""
+    for prefix in ("corrupt: ", ""):
+        if text.startswith(f"{prefix}{file}: "):
+            text = prefix + text[len(prefix) + len(file) + 2 :]
+    return f"{outcome}: {file}: {text}"
 
 
 def _print_problems(lines: Iterable[str], count: int, limit: int = 50) -> None:

@@ -1,4 +1,5 @@
-"""The merge checkpoint: ``DIR/.edge-recover.db`` (sqlite, WAL), written as answers arrive.
+"""The merge checkpoint: ``DIR/.edge-recover.db`` (sqlite, WAL), written as answers arrive;
+kept while anything is left to resume, removed when a merge finishes with every file settled.
 
 Files stay the truth for what is undelivered (DESIGN invariant 2): a file
 leaves pending/ only after the center confirmed it. The checkpoint adds what
@@ -17,6 +18,8 @@ describe. One connection, used from one thread at a time.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from agent.base.durable import fsync_dir
 
 CHECKPOINT_NAME = ".edge-recover.db"
 
@@ -78,6 +83,17 @@ class Checkpoint:
 
     def close(self) -> None:
         self._db.close()
+
+    def discard(self) -> None:
+        """Close and remove the checkpoint: the run finished with every file settled, so
+        there is nothing to resume, and DIR is left as the agent would leave it. (The
+        center's idempotency and merged/ answer any later rerun; the report is the record.)
+        """
+        self._db.close()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}{suffix}")
+        fsync_dir(self.path.parent)
 
     def write(self, rows: Iterable[ResultRow]) -> None:
         now = time.time()

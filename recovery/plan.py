@@ -1,7 +1,7 @@
 """The dry-run's plan: every order file of DIR indexed on disk, grouped by dedupe key.
 
-A scan writes one row per file into a temporary sqlite database (outside
-DIR, removed afterwards); a window over the rows ranks each dedupe-key group
+A scan writes one row per file into the run's scratch database
+(``recovery.scratch``); a window over the rows ranks each dedupe-key group
 as the merge does (``recovery.source.rank_key``: record files before raw
 objects, then by serial), however the directory lists. Rows
 are then read back in chunks, joined with the checkpoint, so memory stays
@@ -11,12 +11,12 @@ flat for a directory of a million files.
 from __future__ import annotations
 
 import itertools
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from recovery.checkpoint import SCHEMA as CK_SCHEMA
+from recovery.scratch import scratch_db
 from recovery.source import Found
 
 SCHEMA = """
@@ -47,13 +47,10 @@ class PlanStats:
 class Plan:
     """Owns the temporary index database; the checkpoint is attached read-only as ``ck``."""
 
-    def __init__(self, db_path: Path, checkpoint_path: Path, live: bool) -> None:
+    def __init__(self, checkpoint_path: Path, live: bool) -> None:
         """``live``: the merge writes the checkpoint meanwhile and every query sees it;
         otherwise (dry-run) it is read as an immutable snapshot, or absent."""
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, uri=True)
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("PRAGMA temp_store=FILE")
+        self._db = scratch_db()
         if live:
             self._db.execute("ATTACH ? AS ck", (f"file:{checkpoint_path}?mode=ro",))
         elif checkpoint_path.exists():

@@ -4,14 +4,13 @@ Files are met in a fixed order (loose files are known up front; pending/ in
 name = serial order, ``recovery.listing``; then loose record files by serial,
 then loose raw objects), so "first met" is the winner of
 ``recovery.source.rank_key`` -- the rule the dry-run's full plan applies too. The keys met
-so far live in a temporary sqlite database (outside DIR, removed afterwards),
+so far live in the run's scratch database (``recovery.scratch``),
 so memory stays flat for a million files; the checkpoint is attached
 read-only as ``ck`` for what earlier runs confirmed.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from recovery.checkpoint import load_id
 from recovery.item import Item
+from recovery.scratch import scratch_db
 
 SCHEMA = """
 CREATE TABLE loose (key TEXT PRIMARY KEY, serial TEXT NOT NULL, file TEXT NOT NULL)
@@ -46,10 +46,8 @@ class Facts:
 class Ranker:
     """Owns the temporary database; used from one thread at a time, in file order."""
 
-    def __init__(self, db_path: Path, checkpoint_path: Path) -> None:
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, uri=True)
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("PRAGMA synchronous=OFF")
+    def __init__(self, checkpoint_path: Path) -> None:
+        self._db = scratch_db()
         self._db.executescript(SCHEMA)
         self._db.execute("ATTACH ? AS ck", (f"file:{checkpoint_path}?mode=ro",))
 

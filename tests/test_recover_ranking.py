@@ -41,6 +41,7 @@ async def test_an_acknowledged_order_beats_a_loose_raw_file_with_its_key(
         "--path", str(root), "--mode", "dry-run", "--target", center.url, "--report", str(dry)
     )
     assert run.code == 1, run.err  # conflicts are predicted
+    assert f"target {center.url} (not a configured cluster): healthy at 127.0.0.2" in run.out
     predicted = {g["dedupe_key"]: g["winner"] for g in report(dry)["duplicate_groups"]}
     assert predicted == winners
 
@@ -65,3 +66,8 @@ async def test_an_acknowledged_order_beats_a_loose_raw_file_with_its_key(
     }
     assert files(root, "pending") == []
     assert files(root) == []
+    # Every file left for review is named on screen, not only in the report.
+    assert "4 files to review" in run.out
+    for name in ("old-tool-0.json", "old-tool-1.json", "old-tool-2.json"):
+        assert f"conflict: {name}: " in run.out
+    assert (root / ".edge-recover.db").exists()  # conflicts left: kept for the rerun

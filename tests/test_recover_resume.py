@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import orjson
+import pytest
 
 from agent.spool.record import PendingRecord
 from tests.fakes import FakeCenter
@@ -61,10 +62,19 @@ def _assert_all_merged_once(root: Path, center: FakeCenter, keys: set[str], n_fi
     assert _no_temp_files(root)
 
 
+def _leftovers(root: Path, tmp: Path) -> list[str]:
+    """What a run left outside the buffer's own files: scratch files in its TMPDIR, the
+    checkpoint in DIR."""
+    return sorted(os.listdir(tmp)) + sorted(n for n in os.listdir(root) if n.startswith("."))
+
+
 async def test_sigkill_at_several_points_then_rerun_is_exactly_once(
-    center: FakeCenter, tmp_path: Path
+    center: FakeCenter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     root = tmp_path / "buf"
+    scratch = tmp_path / "tmpdir"  # edge-recover's TMPDIR: a kill -9 must leave nothing here
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     keys, n_files = _buffer(root)
     center.delay_s = 0.01
     args = (
@@ -87,12 +97,14 @@ async def test_sigkill_at_several_points_then_rerun_is_exactly_once(
         run = await proc.finish()
         assert run.code in (-signal.SIGKILL, 0), run.err
         killed += run.code == -signal.SIGKILL
+        assert os.listdir(scratch) == []
     assert killed >= 3  # the points were really hit mid-run, not after the end
     center.delay_s = 0
     rep = tmp_path / "final.json"
     run = await recover(*args, "--report", str(rep))
     assert run.code == 0, run.err
     _assert_all_merged_once(root, center, keys, n_files)
+    assert _leftovers(root, scratch) == []  # finished: the checkpoint is gone too
     # The losers resolved in the final run (if any) are reported as duplicates.
     for entry in report(rep)["orders"]:
         assert entry["outcome"] in ("created", "duplicate"), entry
