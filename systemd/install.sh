@@ -5,7 +5,7 @@
 #   systemd/install.sh dist/order_edge_agent-*.whl   # a built wheel (python3 -m build --wheel)
 #   systemd/install.sh                               # or pip-installs this checkout
 #
-# What it does (docs/operations.md "Running under systemd"; tests/test_systemd_real.py runs it under a
+# What it does (docs/operations.md "Running under systemd"; tests/system/test_systemd_real.py runs it under a
 # real systemd): a venv in /opt/edge-agent with the package; the system user edge-agent
 # (sysusers.d); the spool /var/spool/edge-agent (tmpfiles.d); both units; /etc/edge-agent with
 # the example config and empty secret files, root-only. Rerunning it upgrades the package and

@@ -4,7 +4,7 @@ Three callers send an order to a target and get back an ``Answer`` or an
 ``UpstreamError``: the forward path (a new order, inside its client's request),
 the agent's drain (a buffered order) and ``edge-recover`` (a buffer directory).
 Each of them asks ``decide()`` and does what the ``Action`` says; none of them
-reads a status code itself. The table in ``tests/test_decide.py`` is the
+reads a status code itself. The table in ``tests/unit/test_decide.py`` is the
 specification: every status and failure phase of CONTRACT 7, for each caller.
 
 The rule that keeps "never created twice": an attempt that may have created the

@@ -11,7 +11,7 @@ after the first byte of a later head arrived. The body is not its business:
 It relies on two attributes of aiohttp's ``RequestHandler`` (3.9 to 3.14):
 ``_request_count`` (heads parsed on this connection) and ``_waiter`` (set
 while the connection waits for its next head), the same test aiohttp's own
-keep-alive timer makes; tests/test_connections.py fails if they change.
+keep-alive timer makes; tests/integration/test_connections.py fails if they change.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ This is where HTTP failures become ours: a failure before the request could
 reach the center is UpstreamUnavailable (safe to send elsewhere); one after is
 UpstreamAmbiguous (the order may exist there). ``POST {base}/orders``, the hot
 request, goes through the lean client in ``http1.py``, which classifies its
-failures the same way (tests/test_http1.py plays every fault to both); the
+failures the same way (tests/unit/test_http1.py plays every fault to both); the
 rest (health checks, bulk imports, lookups) through aiohttp, translated here.
 """
 

@@ -1,0 +1,413 @@
+"""Pull the power: the one promise when everything not fsync'd is gone (issue 13).
+
+kill -9 keeps what the kernel accepted (page cache, unsynced SQLite WAL frames); a
+warehouse server that loses power keeps only what reached the disk. Here the real
+agent (a subprocess) runs with buffer.path and state_dir on LazyFS; at each cut point
+every process of ours is SIGKILLed and ``lazyfs::clear-cache`` drops every unsynced
+byte. Then the agent is restarted by itself, the clusters come back, clients retry
+whatever was not acknowledged, the buffer drains, and World.check() asserts what a
+user would check (see tests/support/powerloss_harness.py).
+
+Cut moments are chosen by observable progress (acks, files in pending/, creates at a
+cluster, SMS at the gateway), never by sleeping. Run: ``pytest -m power_loss``.
+
+Cut points (power cut = SIGKILL agent and edge-recover, then clear-cache):
+
+  offline intake    after the 1st 202 (block just reserved); after 25 x 202; at 80 files
+  forwarding        after 5 x 201; after 60 x 201; created at the primary, replies held;
+                    requests at the primary, created only after the cut
+  failover          standby taking orders (30 x 201); primary dies mid-load (20 creates at
+                    the standby); primary hangs past upstream.timeout_s (ambiguous, buffered)
+  drain             first 5 creates; 60 files in merged/; drain plus new forwarded orders
+  SMS               10 messages sent; messages taken but unanswered ("sending"); all queued
+  inbox pick-up     offline (30 files in pending/); forwarding (30 creates)
+  retention         after a full drain, then during merged/ expiry at start-up (2 cuts)
+  edge-recover      merge beside the draining agent, --batch 100 and --batch 1
+  serials/start-up  two cuts in a row; a cut right after the restarted agent listens
+
+LazyFS faults: crash right after a pending temp file's fsync (before its rename); crash
+in a journal commit; crash right after the outbox's "sending" commit; a torn write of a
+pending temp file; and a disk that fails under the running agent (JSON 503, /readyz 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from tests.support.powerloss_fs import LazyFs, build, unavailable_reason
+from tests.support.powerloss_harness import Proc, World, cut_when, orders, wait_until
+
+pytestmark = [pytest.mark.power_loss, pytest.mark.timeout(180)]
+
+_REASON = unavailable_reason()
+if _REASON:
+    pytestmark.append(pytest.mark.skip(reason=_REASON))
+
+
+@pytest.fixture(scope="module")
+def lazyfs() -> Iterator[LazyFs]:
+    fs = LazyFs(build())
+    fs.mount()
+    try:
+        yield fs
+    finally:
+        fs.destroy()
+
+
+@pytest.fixture
+async def world_factory(lazyfs: LazyFs, request: pytest.FixtureRequest) -> AsyncIterator[object]:
+    lazyfs.ensure_mounted()
+    worlds: list[World] = []
+
+    async def make(
+        primary: bool = True, standby: bool = True, sms: bool = True, **overrides: dict[str, object]
+    ) -> World:
+        name = request.node.name.replace("[", "-").replace("]", "")
+        w = World(lazyfs, f"{name}-{len(worlds)}", **overrides)
+        worlds.append(w)
+        await w.start(primary=primary, standby=standby, sms=sms)
+        return w
+
+    yield make
+    for w in worlds:
+        await w.close()
+    # Unlinking frees LazyFS cache pages; a dead mount is remounted by the next test.
+    if lazyfs.alive():
+        for w in worlds:
+            await asyncio.to_thread(_rmtree, w.dir)
+
+
+def _rmtree(path: os.PathLike[str]) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# == offline intake: both clusters down, orders buffered with a 202 ====================
+
+
+@pytest.mark.parametrize("acks", [1, 25])
+async def test_offline_intake_cut_after_acks(world_factory, acks: int) -> None:
+    w = await world_factory(primary=False, standby=False)
+    w.start_load(orders(f"off{acks}", 160))
+    await cut_when(w, lambda: w.ledger.acks(202) >= acks, f"{acks} x 202")
+    await w.recover_and_check()
+
+
+async def test_offline_intake_cut_at_80_pending_files(world_factory) -> None:
+    w = await world_factory(primary=False, standby=False)
+    w.start_load(orders("offp", 200))
+    await cut_when(w, lambda: len(w.pending()) >= 80, "80 files in pending/")
+    await w.recover_and_check()
+
+
+# == forwarding: the primary takes orders, 201 ========================================
+
+
+@pytest.mark.parametrize("acks", [5, 60])
+async def test_forwarding_cut_after_acks(world_factory, acks: int) -> None:
+    w = await world_factory()
+    w.start_load(orders(f"fwd{acks}", 200))
+    await cut_when(w, lambda: w.ledger.acks(201) >= acks, f"{acks} x 201")
+    await w.recover_and_check()
+
+
+async def test_forwarding_cut_while_replies_in_flight(world_factory) -> None:
+    """The primary has created the orders; its answers have not reached the agent."""
+    w = await world_factory()
+    w.primary.hold_s = 1.0
+    w.start_load(orders("held", 120))
+    await cut_when(w, lambda: w.creates() >= 16, "16 creates at the primary, replies held")
+    await w.recover_and_check()
+
+
+async def test_forwarding_cut_while_requests_in_flight(world_factory) -> None:
+    """Requests reached the primary, which has not created them yet; it does after the cut."""
+    w = await world_factory()
+    w.primary.delay_s = 0.5
+    w.start_load(orders("slow", 120))
+    await cut_when(w, lambda: len(w.primary.received) >= 16, "16 requests at the primary")
+    await w.recover_and_check()
+
+
+# == failover: the standby takes orders ================================================
+
+
+async def test_failover_standby_cut_after_acks(world_factory) -> None:
+    w = await world_factory(primary=False)
+    w.start_load(orders("sby", 200))
+    await cut_when(w, lambda: w.ledger.acks(201) >= 30, "30 x 201 from the standby")
+    await w.recover_and_check()
+
+
+async def test_failover_switch_under_load(world_factory) -> None:
+    """The primary dies mid-load; the agent fails over; the power goes."""
+    w = await world_factory()
+    w.start_load(orders("switch", 300), clients=8)
+    await wait_until(lambda: w.ledger.acks(201) >= 30, 30, "30 x 201 from the primary")
+    await w.primary.go_down()
+    await cut_when(
+        w,
+        lambda: sum(w.standby.creates.values()) >= 20,
+        "20 creates at the standby after the primary died",
+    )
+    await w.recover_and_check()
+
+
+async def test_primary_timeouts_buffered_then_cut(world_factory) -> None:
+    """The primary hangs past upstream.timeout_s: ambiguous, buffered; then the power goes
+    (the primary finishes those creates meanwhile; only it may receive them again)."""
+    w = await world_factory(upstream={"timeout_s": 1})
+    w.primary.delay_s = 1.5
+    w.start_load(orders("hang", 60))
+    await cut_when(
+        w, lambda: w.ledger.acks(202) >= 10, "10 x 202 after primary timeouts", timeout=45
+    )
+    await w.recover_and_check()
+
+
+# == the drain: buffered orders go back to the primary ================================
+
+
+async def _buffer_then_primary_up(world_factory, prefix: str, n: int, **overrides):
+    w = await world_factory(
+        primary=False,
+        standby=False,
+        buffer={"drain_rate_per_s": 60, "drain_concurrency": 4},
+        **overrides,
+    )
+    w.start_load(orders(prefix, n))
+    await w.finish_load()
+    assert w.ledger.acks(202) == n, dict(w.ledger.statuses)
+    await w.primary.come_up()
+    return w
+
+
+async def test_drain_cut_at_first_creates(world_factory) -> None:
+    w = await _buffer_then_primary_up(world_factory, "dr1", 150)
+    await cut_when(w, lambda: w.creates() >= 5, "5 creates by the drain")
+    await w.recover_and_check()
+
+
+async def test_drain_cut_mid_way_by_merged_files(world_factory) -> None:
+    w = await _buffer_then_primary_up(world_factory, "dr2", 150)
+    await cut_when(w, lambda: len(w.merged()) >= 60, "60 files in merged/")
+    await w.recover_and_check()
+
+
+async def test_drain_cut_with_new_orders_forwarded(world_factory) -> None:
+    w = await _buffer_then_primary_up(world_factory, "dr3", 120)
+    w.start_load(orders("dr3new", 150))
+    await cut_when(w, lambda: w.creates() >= 150, "150 creates (drain + forwards)")
+    await w.recover_and_check()
+
+
+# == SMS notices ========================================================================
+
+
+async def test_sms_cut_while_sending(world_factory) -> None:
+    w = await world_factory(primary=False, standby=False)
+    w.start_load(orders("sms1", 120, phone_every=1))
+    await cut_when(w, lambda: len(w.sms.received) >= 10, "10 SMS at the gateway")
+    await w.recover_and_check()
+
+
+async def test_sms_cut_with_gateway_calls_unanswered(world_factory) -> None:
+    """The gateway took the messages but has not answered: rows are "sending"."""
+    w = await world_factory(primary=False, standby=False)
+    w.sms.delay_s = 3.0
+    w.start_load(orders("sms2", 80, phone_every=1))
+    await cut_when(w, lambda: len(w.sms.received) >= 4, "4 SMS at the gateway, unanswered")
+    await w.recover_and_check()
+
+
+async def test_sms_cut_with_notices_queued(world_factory) -> None:
+    """The gateway is down: every notice is queued when the power goes."""
+    w = await world_factory(primary=False, standby=False, sms=False)
+    w.start_load(orders("sms3", 120, phone_every=1))
+    await cut_when(w, lambda: w.ledger.acks(202) >= 40, "40 x 202 with SMS queued")
+    await w.recover_and_check()
+
+
+# == inbox pick-up ======================================================================
+
+
+async def test_inbox_pickup_offline_cut(world_factory) -> None:
+    w = await world_factory(primary=False, standby=False)
+    w.drop_inbox(orders("inb1", 120))
+    await cut_when(w, lambda: len(w.pending()) >= 30, "30 inbox files moved to pending/")
+    await w.recover_and_check()
+
+
+async def test_inbox_pickup_forwarding_cut(world_factory) -> None:
+    w = await world_factory()
+    w.drop_inbox(orders("inb2", 120))
+    await cut_when(w, lambda: w.creates() >= 30, "30 inbox orders created at the primary")
+    await w.recover_and_check()
+
+
+# == retention: merged/ expiry ==========================================================
+
+
+async def test_retention_expiry_cut(world_factory) -> None:
+    """buffer.retention_days may be tiny (validation: >= 0); housekeeping runs at start-up."""
+    w = await _buffer_then_primary_up(world_factory, "ret", 120)
+    await wait_until(lambda: len(w.merged()) == 120 and not w.pending(), 30, "full drain")
+    # Shorten retention to ~0.1 s, then restart: start-up housekeeping expires merged/.
+    w.overrides["buffer"] = {**w.overrides.get("buffer", {}), "retention_days": 0.000001}
+    w.write_config()
+    await w.power_cut()
+    await w.restart()
+    await cut_when(w, lambda: len(w.merged()) < 120, "merged/ expiry under way")
+    await w.recover_and_check()
+
+
+# == edge-recover --mode merge beside the running agent =================================
+
+
+@pytest.mark.parametrize("batch", ["100", "1"])
+async def test_edge_recover_beside_agent_cut(world_factory, batch: str) -> None:
+    w = await _buffer_then_primary_up(world_factory, f"rec{batch}", 200)
+    w.start_recover("--batch", batch, "--rate", "150", "--concurrency", "8")
+    await cut_when(w, lambda: w.creates() >= 60, "60 creates by edge-recover and the drain")
+    await w.recover_and_check()
+
+
+# == serials and start-up ===============================================================
+
+
+async def test_two_cuts_in_a_row(world_factory) -> None:
+    """Cut, restart, new orders (a new serial block), cut again."""
+    w = await world_factory(primary=False, standby=False)
+    w.start_load(orders("twoa", 100))
+    await cut_when(w, lambda: w.ledger.acks(202) >= 30, "30 x 202")
+    await w.start_agent()
+    w.start_load(orders("twob", 100))
+    await cut_when(w, lambda: w.ledger.acks(202) >= 60, "30 more x 202 after the restart")
+    await w.recover_and_check()
+
+
+async def test_cut_during_startup_reconcile(world_factory) -> None:
+    """A cut, then a second cut as soon as the restarted agent listens (reconcile done,
+    the journal re-indexed from the files only in unsynced WAL frames)."""
+    w = await world_factory(primary=False, standby=False)
+    w.start_load(orders("boot", 150))
+    await cut_when(w, lambda: w.ledger.acks(202) >= 100, "100 x 202")
+    w.agent = Proc([sys.executable, "-m", "agent", "run", "--config", str(w.config)], w.agent_log)
+    await cut_when(w, lambda: w.get_status("/healthz"), "the restarted agent listening")
+    await w.recover_and_check()
+
+
+# == LazyFS crash faults at chosen syscalls ==============================================
+
+
+@pytest.mark.parametrize(
+    "spec,primary,sms",
+    [
+        # right after the fsync of a pending temp file, before its rename
+        ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/pending/\\..*\\.tmp", False, True),
+        # in the middle of a journal commit (a write to its WAL: the next order's intent row)
+        ("lazyfs::crash::timing=before::op=write::from_rgx=.*/journal\\.sqlite3-wal", True, True),
+        # right after the outbox commit that moves a notice to "sending" (its WAL fsync)
+        ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/outbox\\.sqlite3-wal", False, False),
+    ],
+    ids=["pending-tmp-fsynced", "journal-commit", "outbox-sending-commit"],
+)
+async def test_crash_fault(
+    world_factory, lazyfs: LazyFs, spec: str, primary: bool, sms: bool
+) -> None:
+    """40 orders acknowledged first; then the fault is armed and 80 more are sent: LazyFS
+    kills itself at the chosen syscall, losing everything not fsync'd."""
+    w = await world_factory(primary=primary, standby=False, sms=sms)
+    w.start_load(orders("before", 40, phone_every=1))
+    await w.finish_load()
+    lazyfs.crash_fault(spec)
+    if not sms:  # the notices queued so far go to "sending" now: the fault fires there
+        await w.sms.come_up()
+    w.start_load(orders("crash", 80, phone_every=1))
+    await wait_until(lazyfs.fault_fired, 30, "the LazyFS crash fault to fire")
+    await _after_crash_fault(w, lazyfs)
+
+
+async def test_torn_write_of_a_pending_file() -> None:
+    """torn-op: only the first half of a pending temp file's write persists, then LazyFS
+    dies. torn-op names the file by its full path in a < 100-byte FIFO command, so this
+    test has its own mount with the shortest paths and node_id "p" (short serials)."""
+    fs = LazyFs(build(), short=True)
+    fs.mount()
+    w = World(fs, "torn-write", spool_at_mount=True, agent={"node_id": "p"})
+    try:
+        await w.start(primary=False, standby=False)
+        w.start_load(orders("before", 20))
+        await w.finish_load()
+        assert w.ledger.acks(202) == 20, dict(w.ledger.statuses)
+        first = f"P-{datetime.now(UTC):%Y%m%d}-{21:09d}"  # the next serial of the block
+        fs.crash_fault(
+            f"lazyfs::torn-op::file={fs.root}/pending/.{first}.json.tmp::parts=2::persist=1"
+        )
+        w.start_load(orders("torn", 60))
+        await wait_until(fs.fault_fired, 30, "the torn write to crash LazyFS")
+        await _after_crash_fault(w, fs)
+    finally:
+        await w.close()
+        fs.destroy()
+
+
+async def _after_crash_fault(w: World, lazyfs: LazyFs) -> None:
+    w.cuts += 1
+    if w.agent is not None:
+        w.agent.kill()
+    await w.finish_load(30)
+    w.ledger.acked_at_cut = dict(w.ledger.first_ack)
+    await asyncio.to_thread(lazyfs.remount)
+    w.after_cut.append(w.inspect_disk())
+    await w.recover_and_check()
+
+
+# == a disk that fails under the running agent ===========================================
+
+
+@pytest.mark.parametrize("primary", [False, True], ids=["offline", "primary-up"])
+async def test_broken_disk_answers_json_503_and_not_ready(
+    world_factory, lazyfs: LazyFs, primary: bool
+) -> None:
+    """After a crash fault every syscall on the mount fails (ENOTCONN): POST /v1/orders
+    must answer a JSON 503 (not accepted, retry), never a 2xx nor a plain-text 500, and
+    /readyz must say 503."""
+    w = await world_factory(primary=primary, standby=False)
+    w.start_load(orders("pre", 20))
+    await w.finish_load()
+    lazyfs.crash_fault("lazyfs::crash::timing=before::op=create::from_rgx=.*/pull-the-plug")
+    try:
+        with open(lazyfs.mnt / "pull-the-plug", "wb"):
+            pass
+    except OSError as exc:
+        assert exc.errno in (errno.ECONNABORTED, errno.ENOTCONN), exc
+    await wait_until(lazyfs.fault_fired, 10, "LazyFS to crash")
+    answers = []
+    for i in range(5):
+        key = f"pl:broken-{i}"
+        raw = orjson.dumps({"channel_id": "pl", "channel_order_id": f"broken-{i}"})
+        w.ledger.bodies[key] = raw
+        status, body = await w.post(key, raw)
+        answers.append((status, body))
+    ready = await w.get_status("/readyz")
+    for status, body in answers:
+        if status != 503 or not isinstance(body, dict) or "error" not in body:
+            w.violations.append(
+                f"disk broken (ENOTCONN): POST /v1/orders -> {status} "
+                f"{str(body)[:100]!r}, expected a JSON 503"
+            )
+    if ready != 503:
+        w.violations.append(f"disk broken (ENOTCONN): GET /readyz -> {ready}, expected 503")
+    # then the operator fixes the disk: remount, restart; nothing acknowledged is lost.
+    # World.check() reports the answers above together with what the cut broke.
+    await _after_crash_fault(w, lazyfs)
