@@ -18,10 +18,11 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent.delivery.decide import Caller, Step, decide
-from agent.errors import UpstreamError
-from agent.upstream.answers import Answer, Outcome
+from agent.errors import UpstreamAmbiguous, UpstreamError
+from agent.upstream.answers import Answer, Outcome, has_order_id
 from agent.upstream.client import UpstreamClient
 from agent.upstream.health import HealthMonitor
 
@@ -62,6 +63,23 @@ class Router:
             if cluster is not None and cluster.takes_orders and only in (None, name):
                 out.append((name, cluster.base))
         return out
+
+    async def created(self, cluster: str, dedupe_key: str, timeout_s: float) -> Any | None:
+        """Whether ``cluster`` holds ``dedupe_key``: its order_id, or None when it answers
+        404 (``GET {base}/orders/by-key/{key}``, CONTRACT 7). Raises UpstreamError when it
+        cannot say: unreachable, or any other answer."""
+        state = self._health.clusters.get(cluster)
+        if state is None:
+            raise UpstreamAmbiguous(f"cluster {cluster!r} is not configured any more")
+        status, doc = await self._upstream.get_by_key(state.base, dedupe_key, timeout_s)
+        if status == 404:
+            return None
+        order_id = doc.get("order_id") if isinstance(doc, dict) else None
+        if status == 200 and has_order_id(order_id):
+            return order_id
+        raise UpstreamAmbiguous(
+            f"GET {state.base}/orders/by-key/{dedupe_key}: HTTP {status} without an order_id"
+        )
 
     async def forward(
         self,

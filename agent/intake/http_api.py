@@ -14,8 +14,10 @@ from aiohttp import web
 from agent import console
 from agent.base.metrics import CONTENT_TYPE, Metrics
 from agent.config import AgentSection
+from agent.errors import UpstreamError
 from agent.intake.body import BodyTimeout, BodyTooLarge, read_body
 from agent.intake.orders import Intake
+from agent.state.journal import Entry
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
@@ -149,15 +151,26 @@ class HttpApi:
         return json_response(reply.status, reply.body, reply.headers)
 
     async def get_by_serial(self, request: web.Request) -> web.Response:
-        entry = await self._intake.lookup_serial(request.match_info["serial"])
-        if entry is None or not entry.acknowledged:
-            return json_response(404, {"error": "no order with this serial"})
-        return json_response(200, await self._with_sms(entry.public()))
+        serial = request.match_info["serial"]
+        return await self._found(self._intake.find_serial(serial), "serial", serial)
 
     async def get_by_key(self, request: web.Request) -> web.Response:
-        entry = await self._intake.lookup(request.match_info["key"])
+        key = request.match_info["key"]
+        return await self._found(self._intake.find(key), "dedupe key", key)
+
+    async def _found(self, finding: Awaitable[Entry | None], kind: str, value: str) -> web.Response:
+        try:
+            entry = await finding
+        except UpstreamError as exc:
+            return json_response(
+                503,
+                {
+                    "error": f"the order with {kind} {value!r} was sent to a cluster just before a "
+                    f"restart, and that cluster cannot confirm it now ({exc}); retry"
+                },
+            )
         if entry is None or not entry.acknowledged:
-            return json_response(404, {"error": "no order with this dedupe key"})
+            return json_response(404, {"error": f"no order with this {kind}"})
         return json_response(200, await self._with_sms(entry.public()))
 
     async def _with_sms(self, answer: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from agent.spool.record import PendingRecord
 from agent.spool.writer import PendingSpool
 from agent.state.journal import BUFFERED, FORWARDED, FORWARDING, MERGED, REJECTED, Entry, Journal
 from agent.state.serials import SerialIssuer
+from agent.upstream.answers import Outcome
 
 log = logging.getLogger("agent.intake")
 # Told of each order a cluster created: (order, serial, received_at, cluster, order_id).
@@ -135,6 +136,34 @@ class Intake:
     async def lookup_serial(self, serial: str) -> Entry | None:
         return await self._current(await self._journal.by_serial(serial))
 
+    async def find(self, dedupe_key: str) -> Entry | None:
+        """``lookup`` for the API: a send cut short is settled first (``_settled``)."""
+        return await self._settled(await self.lookup(dedupe_key))
+
+    async def find_serial(self, serial: str) -> Entry | None:
+        return await self._settled(await self.lookup_serial(serial))
+
+    async def _settled(self, entry: Entry | None) -> Entry | None:
+        """A "forwarding" row that no request of this process is sending is a send cut
+        short by a crash or a power cut, perhaps after its 201 (the "forwarded" row is
+        committed behind it): the cluster it went to says whether it holds the order.
+        Raises UpstreamError while that cluster cannot say; the row stays as it is."""
+        if (
+            entry is None
+            or entry.state != FORWARDING
+            or entry.cluster is None
+            or entry.serial in self._inflight.values()
+        ):
+            return entry
+        order_id = await self._router.created(
+            entry.cluster, entry.dedupe_key, self.cfg.upstream.timeout_s
+        )
+        if order_id is None:
+            return entry  # not there: never created, so never answered 201
+        settled = dataclasses.replace(entry, state=FORWARDED, order_id=str(order_id))
+        self._journal.record_update_behind(settled)
+        return settled
+
     async def _current(self, entry: Entry | None) -> Entry | None:
         """A "buffered" row whose file another process (edge-recover) moved: say where
         it is now, and heal the index. The files are the truth."""
@@ -174,15 +203,26 @@ class Intake:
         clusters = self._router.candidates(only)
         pinned = only
         if clusters:
-            reply, pinned = await self._forward(order, serial, received_at, clusters)
+            resumed = seen is not None  # its intent: a send cut short by a crash
+            reply, pinned = await self._forward(order, serial, received_at, clusters, resumed)
             if reply is not None:
                 return reply
         return await self._buffer(order, serial, received_at, pinned)
 
     async def _forward(
-        self, order: Order, serial: str, received_at: str, clusters: list[tuple[str, str]]
+        self,
+        order: Order,
+        serial: str,
+        received_at: str,
+        clusters: list[tuple[str, str]],
+        resumed: bool = False,
     ) -> tuple[Reply | None, str | None]:
-        """Try the clusters: (the reply, None) or (None, the cluster it is pinned to)."""
+        """Try the clusters: (the reply, None) or (None, the cluster it is pinned to).
+
+        ``resumed``: the key's intent was already in the journal (an earlier send cut
+        short by a crash or a power cut, perhaps after its 201): when the cluster
+        answers "duplicate", this is the retry of an accepted order, and says so.
+        """
         intended: list[str] = []
 
         async def before_send(cluster: str) -> None:
@@ -218,14 +258,16 @@ class Intake:
                 order.digest,
                 received_at,
             )
-            try:  # committed before the 201: a customer may look it up right after a crash
-                await self._journal.record_update(entry)  # the intent's row, now forwarded
-            except PersistError as exc:
-                # Created upstream, so the answer is still 201; a retry of the key goes
-                # to the same cluster (the intent above), which answers "duplicate".
-                log.error("journal row for forwarded %s not stored: %s", serial, exc)
+            # Committed behind the 201, like a buffered row: the intent above is durable,
+            # so after a crash a lookup finds the serial and its cluster, and a retry of
+            # the key goes there under this serial and is answered "duplicate".
+            self._journal.record_update_behind(entry)  # the intent's row, now forwarded
             if self._on_created is not None:
                 self._on_created(order, serial, received_at, routed.cluster, answer.order_id)
+            if resumed and answer.outcome is Outcome.DUPLICATE:
+                return self._count(
+                    "duplicate", Reply(200, {"status": "duplicate", "serial": serial})
+                ), None
             return self._count(
                 "forwarded",
                 Reply(

@@ -3,10 +3,16 @@
 The journal is an index, not the truth for undelivered orders: the pending
 files are. It is rebuilt from them at start-up (``reconcile``) and when the
 two disagree the files win. Writes are group-committed with
-``synchronous=FULL``: a row that an answer relies on (a forwarded order a
-customer may look up, the intent that pins a retry to a cluster, the serial
+``synchronous=FULL``: a row that an answer relies on (the intent that pins a
+forward and its retries to one cluster under one serial, the serial
 high-water mark) must survive a power cut, not only a kill -9. Group commit
 shares one WAL fsync among all the rows of a batch.
+
+Two kinds of row are committed behind the answer instead, because something
+else already makes them durable: a "buffered" row (its pending file is the
+truth) and a "forwarded" row (its intent is: after a crash, the intent tells a
+lookup the serial and cluster, and a retry goes to that cluster with that
+serial, whose center answers "duplicate").
 """
 
 from __future__ import annotations
@@ -145,17 +151,17 @@ class Journal:
         """Insert or replace the row for ``entry.dedupe_key`` and wait for the commit."""
         await self._writer.submit(self._record_op(entry))
 
-    async def record_update(self, entry: Entry) -> None:
-        """``record(entry)`` for a row this process just recorded with the same serial,
-        digest and received_at (the "forwarded" row after its intent), and wait for the
-        commit.
+    def record_update_behind(self, entry: Entry) -> None:
+        """``record_behind(entry)`` for a row this process just recorded with the same
+        serial, digest and received_at: the "forwarded" row after its durable intent.
 
         The result is the same row; updating it in place touches the table and the state
         index only, where INSERT OR REPLACE deletes and re-inserts it in every index: about
         half the pages each commit writes to the WAL. Should the row not be there as
         expected, the full INSERT OR REPLACE runs instead, in the same transaction.
         """
-        await self._writer.submit(
+        self._behind(
+            entry,
             _Op(
                 _UPDATE_IN_PLACE,
                 (
@@ -169,27 +175,31 @@ class Journal:
                     entry.received_at,
                 ),
                 fallback=self._record_op(entry),
-            )
+            ),
         )
 
     def record_behind(self, entry: Entry) -> None:
         """Queue the row and return at once; lookups see it before it is committed.
 
-        Only for rows the buffer files already make durable (a "buffered" row whose
-        pending file is fsync'd): should a crash take the row, start-up reconciliation
-        indexes the file again (the files are the truth). Until the commit, lookups by
-        key or serial answer from memory; a failed commit keeps the row in memory (and
-        logs) so this run still answers "duplicate" for it.
+        Only for rows something else makes durable (module docstring): a "buffered" row
+        whose pending file is fsync'd (should a crash take the row, start-up
+        reconciliation indexes the file again), a "forwarded" row whose intent is
+        committed. Until the commit, lookups by key or serial answer from memory; a
+        failed commit keeps the row in memory (and logs) so this run still answers
+        "duplicate" for it.
         """
+        self._behind(entry, self._record_op(entry))
+
+    def _behind(self, entry: Entry, op: _Op) -> None:
         self._queued_by_key[entry.dedupe_key] = entry
         self._queued_by_serial[entry.serial] = entry
-        fut = self._writer.enqueue(self._record_op(entry))
+        fut = self._writer.enqueue(op)
 
         def committed(done: asyncio.Future[None]) -> None:
             if done.cancelled() or done.exception() is not None:
                 log.error(
-                    "journal row for %s not stored (the pending file stays the truth;"
-                    " start-up indexes it again): %s",
+                    "journal row for %s not stored (its pending file or its intent stays;"
+                    " start-up and retries rely on those): %s",
                     entry.serial,
                     "cancelled" if done.cancelled() else done.exception(),
                 )

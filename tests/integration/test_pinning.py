@@ -183,7 +183,17 @@ async def test_a_503_failover_then_kill9_retries_only_at_the_standby(
     agent.start()
     await agent.wait_ready(http)
     status, body = await _post(http, agent.url, raw)  # the channel retries
-    assert (status, body.get("cluster")) == (201, "standby"), body
+    # The standby holds it under the serial of the cut send: a retry of an accepted order.
+    assert (status, body.get("status")) == (200, "duplicate"), body
+    assert standby.received[-1].headers["X-Edge-Serial"] == body["serial"]
+    async with http.get(f"{agent.url}/v1/orders/by-key/douyin:fo-k9") as r:
+        found = orjson.loads(await r.read())
+    assert (found["serial"], found["state"], found["cluster"]) == (
+        body["serial"],
+        "forwarded",
+        "standby",
+    )
+    assert found["order_id"] == standby.orders["douyin:fo-k9"][0]
     assert once_across(center, standby, {"douyin:fo-k9"}) == {"douyin:fo-k9": "standby"}
 
 

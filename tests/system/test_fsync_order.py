@@ -422,9 +422,10 @@ def upstream_sends(calls: list[Call], cluster_host: str) -> dict[str, float]:
 
 async def test_forwarded_rows_durable_around_the_send() -> None:
     """For every 201: the journal's "forwarding" intent is fsync'd before the order
-    leaves for the cluster (after a power cut a retry must go to the same cluster), and
-    the "forwarded" row is fsync'd before the 201 is written (after a power cut the
-    serial must still be known and a retry must get 200 duplicate with it)."""
+    leaves for the cluster (after a power cut the serial must still be known, and a
+    retry must go to the same cluster under it and get 200 duplicate). The "forwarded"
+    row is committed behind the 201 (issue 23): nothing else waits between the send and
+    the 201; tests/system/test_power_loss.py cuts in that window."""
     base = Path(tempfile.mkdtemp(prefix="fsync_order_"))
     w = World(PlainDisk(base), "fwd")
     trace = base / "trace.txt"
@@ -452,13 +453,8 @@ async def test_forwarded_rows_durable_around_the_send() -> None:
                     f"{r.serial}: no journal fsync between the request and the "
                     "send to the cluster (the intent row is not durable)"
                 )
-            if not [c for c in idx.wal_fsyncs if c.start >= t_send and c.end <= r.start]:
-                problems.append(
-                    f"{r.serial}: no journal fsync between the send and the 201 "
-                    "(the forwarded row is not durable when the client is told)"
-                )
         assert not problems, (
-            f"{len(problems)} of {2 * 32} durability steps missing (trace "
+            f"{len(problems)} of 32 durability steps missing (trace "
             f"{trace}):\n- " + "\n- ".join(problems[:12])
         )
     finally:
