@@ -59,43 +59,25 @@ def integration(session: nox.Session) -> None:
     _run(session, "pytest", "tests/integration")
 
 
-@nox.session
-def drill(session: nox.Session) -> None:
-    """Every drill scenario end to end, as `edge-agent drill` runs them."""
-    _run(session, "pytest", "-m", "drill_full")
+# The stages after integration: (session, pytest marker, what it proves); docs/testing.md.
+MARKED_STAGES = (
+    ("drill", "drill_full", "Every drill scenario end to end, as `edge-agent drill` runs them."),
+    ("packaging", "packaging", "The built wheel, non-editable in a fresh venv, as users install."),
+    ("power-loss", "power_loss", "Power cuts on LazyFS and the fsync order under strace (root)."),
+    ("systemd", "systemd_real", "The README's systemd install under a real systemd (root)."),
+    ("browser", "browser", "The console in headless chromium against a real agent."),
+    ("prometheus", "prometheus", "promtool on the rules; a real Prometheus scraping an agent."),
+    ("offline-bundle", "offline_bundle", "The offline bundle installed with no network, drilled."),
+)
 
 
-@nox.session
-def packaging(session: nox.Session) -> None:
-    """The built wheel, installed non-editable in a fresh venv, as users install it."""
-    _run(session, "pytest", "-m", "packaging")
+def _marked(marker: str, doc: str) -> object:
+    def stage(session: nox.Session) -> None:
+        _run(session, "pytest", "-m", marker)
+
+    stage.__doc__ = doc
+    return stage
 
 
-@nox.session(name="power-loss")
-def power_loss(session: nox.Session) -> None:
-    """Power cuts on LazyFS and the fsync order under strace (root, FUSE)."""
-    _run(session, "pytest", "-m", "power_loss")
-
-
-@nox.session
-def systemd(session: nox.Session) -> None:
-    """The README's systemd install under a real systemd in a container (root)."""
-    _run(session, "pytest", "-m", "systemd_real")
-
-
-@nox.session
-def browser(session: nox.Session) -> None:
-    """The console in headless chromium against a real agent."""
-    _run(session, "pytest", "-m", "browser")
-
-
-@nox.session
-def prometheus(session: nox.Session) -> None:
-    """promtool on the alert rules; a real Prometheus scraping a real agent."""
-    _run(session, "pytest", "-m", "prometheus")
-
-
-@nox.session(name="offline-bundle")
-def offline_bundle(session: nox.Session) -> None:
-    """The offline install bundle built, installed with no network, drilled."""
-    _run(session, "pytest", "-m", "offline_bundle")
+for _name, _marker, _doc in MARKED_STAGES:
+    nox.session(name=_name)(_marked(_marker, _doc))
