@@ -201,6 +201,33 @@ def agent_process(tmp_path: Path) -> Any:
 
 # As an operator's own account: root reads any file whatever its mode, nobody does not.
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--")
+EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))  # the installed console script
+
+
+def edge_agent(
+    *args: str, prefix: tuple[str, ...] = (), timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``edge-agent ARGS`` as an operator types it; ``prefix=AS_NOBODY``: as a normal user."""
+    return subprocess.run(
+        [*prefix, EDGE_AGENT, *args], capture_output=True, text=True, cwd="/", timeout=timeout
+    )
+
+
+def into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``edge-agent ARGS | head -0``: the reader is gone before anything is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [EDGE_AGENT, *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
 
 
 @pytest.fixture

@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent.drill.sandbox import PRIMARY_NAME, STANDBY_NAME, Sandbox
-from tests.conftest import ROOT, write_config
+from tests.conftest import AS_NOBODY, edge_agent, into_a_closed_pipe, write_config
 
 
 def check(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed console script, as an operator runs it."""
-    cmd = [str(Path(sys.executable).with_name("edge-agent")), "check-config"]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return edge_agent("check-config", *(["--config", str(config)] if config else []), *args)
 
 
 async def acheck(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -161,23 +156,7 @@ def test_a_directory_the_user_cannot_create(shared_dir: Path):
     assert f'warning: buffer.path = "{closed / "spool"}": does not exist' in done.stderr
     # For the user running the check (here nobody itself), it is an error.
     os.chmod(config, 0o644)
-    as_nobody = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--",
-            str(Path(sys.executable).with_name("edge-agent")),
-            "check-config",
-            "--config",
-            str(config),
-        ],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        timeout=60,
-    )
+    as_nobody = edge_agent("check-config", "--config", str(config), prefix=AS_NOBODY)
     assert as_nobody.returncode == 2, as_nobody.stderr
     assert f'error: buffer.path = "{closed / "spool"}": does not exist, and user nobody ' in (
         as_nobody.stderr
@@ -207,18 +186,6 @@ def test_an_unknown_service_user_is_a_usage_error(tmp_path: Path):
 def test_into_a_closed_pipe_it_ends_quietly(tmp_path: Path):
     """``edge-agent check-config | head -0``."""
     config = write_config(tmp_path, "http://127.0.0.1:1/v3")
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "agent", "check-config", "--config", str(config)],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
-    finally:
-        os.close(write_end)
+    done = into_a_closed_pipe("check-config", "--config", str(config))
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert done.returncode == 141

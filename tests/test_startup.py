@@ -12,27 +12,25 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.drill.sandbox import PRIMARY_NAME, Sandbox
-from tests.conftest import AS_NOBODY, ROOT, AgentFactory, wait_for, write_config
+from tests.conftest import (
+    AS_NOBODY,
+    ROOT,
+    AgentFactory,
+    edge_agent,
+    wait_for,
+    write_config,
+)
 from tests.fakes import FakeCenter, free_port
-
-EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
 
 
 def run_as_nobody(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*AS_NOBODY, EDGE_AGENT, "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        timeout=60,
-    )
+    return edge_agent("run", "--config", str(config), prefix=AS_NOBODY)
 
 
 def one_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -116,12 +114,7 @@ def test_a_port_in_use_is_one_line_exit_1(tmp_path: Path):
         config = write_config(
             tmp_path, "http://127.0.0.1:1/v3", agent={"listen": f"127.0.0.1:{port}"}
         )
-        done = subprocess.run(
-            [EDGE_AGENT, "run", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = edge_agent("run", "--config", str(config))
     assert done.returncode == 1
     lines = [x for x in done.stderr.splitlines() if not x.startswith("{")]  # JSON log lines
     assert "Traceback" not in done.stderr and '"exc"' not in done.stderr, done.stderr

@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -17,10 +16,8 @@ from typing import IO, Any
 import aiohttp
 import orjson
 
-from tests.conftest import AS_NOBODY, ROOT, order, wait_for, write_config
+from tests.conftest import AS_NOBODY, EDGE_AGENT, edge_agent, order, wait_for, write_config
 from tests.fakes import FakeCenter
-
-EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
 
 
 def spawn(*args: str, prefix: tuple[str, ...] = (), **kw: Any) -> subprocess.Popen[str]:
@@ -74,11 +71,7 @@ async def test_a_trial_as_a_normal_user(shared_dir: Path, agent_process: Any, ht
         assert doc["buffer"]["path"] == str(trial / "spool")
         assert doc["agent"]["listen"].startswith("127.0.0.1:")
         checked = await asyncio.to_thread(
-            subprocess.run,
-            [*AS_NOBODY, EDGE_AGENT, "check-config", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
+            edge_agent, "check-config", "--config", str(config), prefix=AS_NOBODY
         )
         assert checked.returncode == 0, checked.stderr
         agent = agent_process(config, prefix=AS_NOBODY)
@@ -93,11 +86,7 @@ async def test_a_trial_as_a_normal_user(shared_dir: Path, agent_process: Any, ht
         # A second --write-config keeps the file: one line, exit 2, before anything starts.
         before = config.read_bytes()
         again = await asyncio.to_thread(
-            subprocess.run,
-            [*AS_NOBODY, EDGE_AGENT, "sandbox", "--write-config", str(trial)],
-            capture_output=True,
-            text=True,
-            timeout=60,
+            edge_agent, "sandbox", "--write-config", str(trial), prefix=AS_NOBODY
         )
         assert again.returncode == 2
         assert again.stderr.strip().splitlines() == [
@@ -263,14 +252,7 @@ async def test_check_config_beside_a_running_agent(
     proc = agent_process(config)
     proc.start()
     await proc.wait_ready(http)
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [EDGE_AGENT, "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    done = await asyncio.to_thread(edge_agent, "check-config", "--config", str(config))
     assert done.returncode == 0, done.stderr
     async with http.get(f"{proc.url}/status") as r:
         assert orjson.loads(await r.read())["accepting"] is True
