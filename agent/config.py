@@ -473,7 +473,11 @@ def load_tokens(tokens_file: str) -> frozenset[str]:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise ConfigError(f"cannot read tokens file {path}: {exc.strerror}") from exc
+            raise ConfigError(
+                f"cannot read tokens file {path}: {exc.strerror}; make it readable by the "
+                "agent's user, pass it with systemd LoadCredential=tokens:PATH, or set "
+                'auth.tokens_file = "" (no auth: loopback only)'
+            ) from exc
         lines = (line.strip() for line in text.splitlines())
         return frozenset(line for line in lines if line and not line.startswith("#"))
     return frozenset()

@@ -75,6 +75,19 @@ def test_an_unreadable_config_is_one_line(shared_dir: Path):
     )
 
 
+def test_an_unreadable_tokens_file_is_one_line_saying_what_to_do(shared_dir: Path):
+    tokens = shared_dir / "tokens"
+    tokens.write_text("t0ken\n")
+    os.chmod(tokens, 0o600)  # root's, as /etc/edge-agent/tokens is
+    done = run_as_nobody(readable_config(shared_dir, auth={"tokens_file": str(tokens)}))
+    assert done.returncode == 2
+    assert one_line(done) == (
+        f"edge-agent: config error: cannot read tokens file {tokens}: Permission denied; "
+        "make it readable by the agent's user, pass it with systemd "
+        'LoadCredential=tokens:PATH, or set auth.tokens_file = "" (no auth: loopback only)'
+    )
+
+
 def test_a_state_dir_left_by_a_run_as_root_is_one_line(shared_dir: Path):
     """The service user owns the directory, but a run as root left its lock file."""
     state = shared_dir / "state"

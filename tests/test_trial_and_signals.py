@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 import tomllib
@@ -168,6 +169,24 @@ async def test_run_a_second_ctrl_c_while_stopping_ends_it_at_once(
     )
     with contextlib.suppress(aiohttp.ClientError):
         (await posting).close()
+
+
+async def test_ctrl_c_while_status_waits_is_one_line(tmp_path: Path):
+    """``edge-agent status`` against an agent that accepts but never answers (wedged):
+    Ctrl-C while it waits ended in a KeyboardInterrupt traceback."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    config = write_config(tmp_path, "http://127.0.0.1:1/v3", agent={"listen": f"127.0.0.1:{port}"})
+    status = spawn("status", "--config", str(config))
+    try:
+        conn, _ = await asyncio.to_thread(listener.accept)  # it is waiting for an answer now
+        status.send_signal(signal.SIGINT)
+        code, _, err = await reap(status)
+        conn.close()
+    finally:
+        listener.close()
+    assert code == 130, err
+    assert err.strip().splitlines() == ["edge-agent: interrupted"]
 
 
 def _children(pid: int) -> list[int]:
