@@ -211,7 +211,9 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def _dies_with_parent() -> Callable[[], None]:
     """For the child, before exec: SIGKILL when the drill that started it ends, however
     it ends (a second Ctrl-C, kill -9), so no drill agent outlives its sandbox. The
-    function is looked up here, before the fork."""
+    function is looked up here, before the fork. The kernel sends it when the *thread*
+    that started the child ends: start drill agents from the event loop's thread, never
+    from asyncio.to_thread."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def arm() -> None:
