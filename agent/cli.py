@@ -16,11 +16,11 @@ import orjson
 
 from agent import __version__
 from agent.config import load_config, resolve_config_path
-from agent.errors import ConfigError, DirectoryHeld, UsageError
+from agent.errors import ConfigError, DirectoryHeld, PersistError, StartupError, UsageError
 from agent.logs import setup_logging
 from agent.service.sd_notify import SdNotifier
 from agent.service.service import Service
-from agent.usage import OneLineParser, pipe_safe
+from agent.usage import OneLineParser, pipe_safe, stop_on_signals
 
 log = logging.getLogger("agent")
 
@@ -29,9 +29,22 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="edge-agent", description="Order Edge Agent")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    config_help = "config file (default $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml)"
     run = sub.add_parser("run", help="run the daemon")
-    run.add_argument(
-        "--config", help="config file (default $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml)"
+    run.add_argument("--config", help=config_help)
+    check = sub.add_parser(
+        "check-config",
+        help="check a config without running it: keys, directories, secrets, DNS",
+        description="Check a config without running the agent: every key, that the "
+        "directories exist or can be created and are writable, that secrets are readable, "
+        "that the cluster hosts resolve; then print the effective config. Writes nothing. "
+        "Exit 0 when fine, 2 on any error.",
+    )
+    check.add_argument("--config", help=config_help)
+    check.add_argument(
+        "--user",
+        help="check the directories for this user (the unit's User=, e.g. edge-agent) "
+        "by owner and mode bits; default: the user running the check",
     )
     status = sub.add_parser("status", help="ask the running agent how it is")
     status.add_argument("--config")
@@ -40,12 +53,26 @@ def _parser() -> argparse.ArgumentParser:
     drill.add_argument("--scenario", action="append")
     drill.add_argument("--orders", type=int)
     drill.add_argument("--report")
-    sub.add_parser("sandbox", help="run the loopback sandbox alone, for manual drills")
+    sandbox = sub.add_parser(
+        "sandbox",
+        help="run the loopback sandbox alone, for manual drills and a trial agent",
+        description="Run the drill's fake order centers, DNS and SMS gateway on loopback "
+        "until Ctrl-C, and print an agent config that uses them.",
+    )
+    sandbox.add_argument(
+        "--write-config",
+        metavar="DIR",
+        help="also write a complete trial config to DIR/agent.toml (state and buffer under "
+        "DIR) for: edge-agent run --config DIR/agent.toml",
+    )
+    sandbox.add_argument(
+        "--force", action="store_true", help="overwrite an existing DIR/agent.toml"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pipe_safe(lambda: _main(argv))
+    return pipe_safe(lambda: _main(argv), prog="edge-agent")
 
 
 def _main(argv: list[str] | None) -> int:
@@ -59,10 +86,14 @@ def _main(argv: list[str] | None) -> int:
             return run(resolve_config_path(args.config))
         if args.command == "status":
             return status(resolve_config_path(args.config), args.json)
+        if args.command == "check-config":
+            from agent.config_check import check_config
+
+            return check_config(resolve_config_path(args.config), args.user)
         from agent.drill import cli as drill_cli  # the drill's extras load only when drilling
 
         if args.command == "sandbox":
-            return drill_cli.sandbox()
+            return drill_cli.sandbox(args.write_config, args.force)
         return drill_cli.drill(args.scenario, args.orders, args.report)
     except ConfigError as exc:
         print(f"edge-agent: config error: {exc}", file=sys.stderr)
@@ -70,19 +101,25 @@ def _main(argv: list[str] | None) -> int:
     except (UsageError, DirectoryHeld) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def run(config_path: str) -> int:
     cfg = load_config(config_path)
-    setup_logging()
+    setup_logging(cfg.log.level)
     return asyncio.run(_serve(Service(cfg), config_path))
 
 
 async def _serve(service: Service, config_path: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(
+        lambda _: stop.set(),
+        "edge-agent",
+        "stopped at once; every acknowledged order is already on disk or at the center",
+    )
 
     def on_hup() -> None:
         if service.reloader is not None:
@@ -96,10 +133,14 @@ async def _serve(service: Service, config_path: str) -> int:
     except DirectoryHeld:
         await notifier.stop()
         raise  # one line, exit 2: another agent owns the buffer; nothing was touched
-    except ConfigError:
+    except (ConfigError, StartupError):
         await service.stop()
         await notifier.stop()
-        raise  # one line, exit 2: systemd does not restart it (RestartPreventExitStatus)
+        raise  # one line; exit 2 (a fix is needed, systemd does not restart it) or 1
+    except PersistError as exc:  # a database in state_dir that cannot be opened
+        await service.stop()
+        await notifier.stop()
+        raise StartupError(str(exc)) from exc
     except Exception as exc:
         log.error("agent failed to start: %s", exc, exc_info=True)
         await service.stop()
@@ -109,7 +150,7 @@ async def _serve(service: Service, config_path: str) -> int:
     notifier.ready(f"accepting orders on {service.cfg.agent.host}:{service.port}")
     await stop.wait()
     notifier.stopping()
-    log.info("stopping: no new orders, finishing in-flight ones")
+    log.info("stopping: no new orders, finishing in-flight ones (again to stop at once)")
     await service.stop()
     await notifier.stop()
     return 0

@@ -107,6 +107,14 @@ class AuthSection:
     tokens_file: str = "/etc/edge-agent/tokens"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "info"  # one of LOG_LEVELS; reloaded live
+
+
 CHAIN_METHODS = ("GET", "POST", "PUT", "PATCH")
 _STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # "module:Class", or an entry point name (letters, digits, '_', '.', '-').
@@ -160,6 +168,7 @@ class Config:
     sms: SmsSection = field(default_factory=SmsSection)
     auth: AuthSection = field(default_factory=AuthSection)
     chain: ChainSection = field(default_factory=ChainSection)
+    log: LogSection = field(default_factory=LogSection)
     source: str = "<defaults>"
     # Secrets: loaded at load time, never printed.
     tokens: frozenset[str] = field(default=frozenset(), repr=False)
@@ -172,6 +181,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "health": HealthSection,
     "sms": SmsSection,
     "auth": AuthSection,
+    "log": LogSection,
 }
 
 
@@ -364,6 +374,13 @@ def _validate(cfg: Config, source: str) -> None:
         except ValueError:
             ok = False
         _check(ok, source, "upstream.nameservers", "entries must be IP or IP:port", ns)
+    _check(
+        cfg.log.level in LOG_LEVELS,
+        source,
+        "log.level",
+        f"must be one of {', '.join(LOG_LEVELS)}",
+        cfg.log.level,
+    )
     _check(h.interval_s > 0, source, "health.interval_s", "must be > 0", h.interval_s)
     _check(h.timeout_s > 0, source, "health.timeout_s", "must be > 0", h.timeout_s)
     _check(
@@ -456,7 +473,11 @@ def load_tokens(tokens_file: str) -> frozenset[str]:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise ConfigError(f"cannot read tokens file {path}: {exc.strerror}") from exc
+            raise ConfigError(
+                f"cannot read tokens file {path}: {exc.strerror}; make it readable by the "
+                "agent's user, pass it with systemd LoadCredential=tokens:PATH, or set "
+                'auth.tokens_file = "" (no auth: loopback only)'
+            ) from exc
         lines = (line.strip() for line in text.splitlines())
         return frozenset(line for line in lines if line and not line.startswith("#"))
     return frozenset()

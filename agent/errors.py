@@ -4,6 +4,8 @@
     ├── ConfigError              bad or unreadable configuration (exit 2)
     ├── UsageError               bad command line (exit 2)
     ├── DirectoryHeld            another agent holds buffer.path or agent.state_dir (exit 2)
+    ├── StartupError             the agent cannot start: a directory it cannot use, a port in
+    │                            use (one line; exit 2 if a fix is needed, 1 if a restart may do)
     ├── PersistError             an order could not be made durable (HTTP 503)
     │   └── BufferFullError      buffer.max_bytes reached or the disk is full (HTTP 507)
     ├── InvalidOrderError        an order that is not acceptable as sent (HTTP 400)
@@ -15,6 +17,7 @@
     ├── UpstreamError            the order center did not answer usefully
     │   ├── UpstreamUnavailable  nothing was sent: the order surely was not created
     │   │   └── DnsError         a cluster host did not resolve (NXDOMAIN, SERVFAIL, timeout)
+    │   │       └── NoSuchHost   the name does not exist (NXDOMAIN): a typo or a missing record
     │   └── UpstreamAmbiguous    sent, but no answer: the order may have been created
     └── SmsError                 an SMS provider did not take a notice
         ├── SmsTransient         surely not sent (refused, 5xx, 429): retry with backoff
@@ -47,6 +50,19 @@ class UsageError(EdgeError):
 
 class DirectoryHeld(EdgeError):
     """Another process owns a directory this agent needs; the message names it and the holder."""
+
+
+class StartupError(EdgeError):
+    """The agent cannot start; the message names the path or value and what to do.
+
+    ``exit_code`` 2: a fix is needed (a directory the agent's user cannot write), so
+    systemd does not restart it (RestartPreventExitStatus=2); 1: a restart may help
+    (the port is still held by a process on its way out).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PersistError(EdgeError):
@@ -97,6 +113,10 @@ class UpstreamUnavailable(UpstreamError, ConnectionError):
 
 class DnsError(UpstreamUnavailable):
     """A cluster host could not be resolved; nothing was sent."""
+
+
+class NoSuchHost(DnsError):
+    """The cluster host does not exist in DNS (NXDOMAIN): a typo, or a record not made yet."""
 
 
 class UpstreamAmbiguous(UpstreamError, TimeoutError):

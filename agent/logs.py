@@ -36,10 +36,20 @@ class JsonFormatter(logging.Formatter):
         return mask_phones(orjson.dumps(doc, default=str).decode())
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+def setup_logging(level: str = "info") -> None:
+    """``level``: ``log.level`` from the config (debug, info, warning, error)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    set_level(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Their debug lines are every SQL call and every file event: not what log.level
+    # = "debug" is for (the agent's own decisions).
+    for chatty in ("aiosqlite", "watchfiles"):
+        logging.getLogger(chatty).setLevel(logging.INFO)
+
+
+def set_level(level: str) -> None:
+    """The one place that turns ``log.level`` into the root logger's level (also on reload)."""
+    logging.getLogger().setLevel(level.upper())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -48,7 +49,12 @@ def toml_value(value: Any) -> str:
 
 
 def write_config_file(path: Path, sections: Sections) -> Path:
-    """A list of tables under a key (``chain.step``) is written as ``[[name.key]]``."""
+    path.write_text(config_text(sections), encoding="utf-8")
+    return path
+
+
+def config_text(sections: Sections) -> str:
+    """TOML; a list of tables under a key (``chain.step``) is written as ``[[name.key]]``."""
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -66,8 +72,7 @@ def write_config_file(path: Path, sections: Sections) -> Path:
                 lines.append(f"[[{name}.{key}]]")
                 lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
                 lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return "\n".join(lines)
 
 
 def drill_config(
@@ -200,6 +205,23 @@ class AgentSubprocess:
             return "<no log>"
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with_parent() -> Callable[[], None]:
+    """For the child, before exec: SIGKILL when the drill that started it ends, however
+    it ends (a second Ctrl-C, kill -9), so no drill agent outlives its sandbox. The
+    function is looked up here, before the fork. The kernel sends it when the *thread*
+    that started the child ends: start drill agents from the event loop's thread, never
+    from asyncio.to_thread."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return arm
+
+
 class AgentUnderDrill(AgentSubprocess):
     """The drill's agent: a working directory with its config, state and spool."""
 
@@ -211,6 +233,7 @@ class AgentUnderDrill(AgentSubprocess):
         )
         super().__init__(config, workdir / "agent.log", f"http://127.0.0.1:{self.port}")
         self.spool = workdir / "spool"
+        self.preexec_fn = _dies_with_parent()
 
     async def start_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
         self.start()

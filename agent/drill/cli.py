@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
+from agent.drill import trial
+from agent.drill.agent_proc import config_text
 from agent.drill.report import print_table, write_report
-from agent.drill.runner import SCENARIOS, run_drills
+from agent.drill.runner import SCENARIOS, Result, run_drills
 from agent.drill.sandbox import PRIMARY_NAME, Sandbox
 from agent.errors import UsageError
+from agent.usage import EXIT_INTERRUPTED, stop_on_signals
 
 
 def drill(scenarios: list[str] | None, orders: int | None, report: str | None) -> int:
@@ -21,19 +24,62 @@ def drill(scenarios: list[str] | None, orders: int | None, report: str | None) -
         raise UsageError(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}")
     if orders is not None and orders < 10:
         raise UsageError(f"--orders must be at least 10, got {orders}")
-    results = asyncio.run(run_drills(names, orders or 200))
+    results = asyncio.run(_drill_until_signal(names, orders or 200))
+    if results is None:
+        print("edge-agent drill: interrupted; its agent and sandbox are stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print_table(results)
     if report:
         write_report(results, report)
     return 0 if all(r.passed for r in results) else 1
 
 
-def sandbox() -> int:
-    """Run the sandbox alone for manual drills, with a small control API."""
-    return asyncio.run(_sandbox())
+async def _drill_until_signal(names: list[str], orders: int) -> list[Result] | None:
+    """The drills; None if SIGINT/SIGTERM cut them short (the scenario's agent is stopped
+    and the sandbox too, as after a failed scenario). A second signal ends the process at
+    once; the drill's agent dies with it (PR_SET_PDEATHSIG)."""
+    task = asyncio.current_task()
+    assert task is not None
+    stopped: list[str] = []
+
+    def stop(signame: str) -> None:
+        stopped.append(signame)
+        print(
+            f"edge-agent drill: {signame}: stopping the drill's agent and sandbox "
+            "(again to abort at once)",
+            file=sys.stderr,
+        )
+        task.cancel()
+
+    stop_on_signals(stop, "edge-agent drill", "aborted at once")
+    try:
+        return await run_drills(names, orders)
+    except asyncio.CancelledError:
+        if stopped:
+            return None
+        raise
 
 
-async def _sandbox() -> int:
+def sandbox(write_config: str | None = None, force: bool = False) -> int:
+    """Run the sandbox alone for manual drills, with a small control API; with
+    ``write_config``, also write a trial config for it to DIR/agent.toml."""
+    target = None
+    if force and write_config is None:
+        raise UsageError("--force only goes with --write-config DIR")
+    if write_config is not None:
+        target = Path(write_config).resolve() / "agent.toml"
+        trial.refuse_existing(target, force)  # before anything starts
+    return asyncio.run(_sandbox(target, force))
+
+
+async def _sandbox(target: Path | None, force: bool) -> int:
+    stop = asyncio.Event()
+
+    def stopping(signame: str) -> None:
+        print(f"edge-agent sandbox: {signame}: stopping (again to stop at once)", file=sys.stderr)
+        stop.set()
+
+    stop_on_signals(stopping, "edge-agent sandbox", "stopped at once")
     box = await Sandbox().start()
     app = web.Application()
 
@@ -73,18 +119,30 @@ async def _sandbox() -> int:
         "{up|down|503|slow}"
     )
     print(f"           POST http://127.0.0.1:{port}/control/dns/{{primary|standby|spare}}")
-    print(
-        "agent config:\n"
-        f'  [upstream]\n  primary = "{box.primary_url}"\n  standby = "{box.standby_url}"\n'
-        f'  nameservers = ["{box.dns.nameserver}"]\n'
-        f'  [sms]\n  provider = "http"\n  url = "{box.sms.url}"'
-    )
+    try:
+        _trial(box, target, force)
+    except UsageError:
+        await runner.cleanup()
+        await box.stop()
+        raise
     sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
     await box.stop()
     return 0
+
+
+def _trial(box: Sandbox, target: Path | None, force: bool) -> None:
+    """Write (or, without --write-config, print) a complete trial config for ``box``."""
+    port = trial.trial_port()
+    directory = target.parent if target is not None else Path("edge-trial").resolve()
+    text = trial.header(box) + config_text(trial.trial_config(directory, box, port))
+    if target is None:
+        print(f"agent config (save it as {directory}/agent.toml, or use --write-config DIR):")
+        print("  " + text.rstrip().replace("\n", "\n  "))
+        return
+    trial.write_trial_config(target, text, force)
+    print(f"trial config: {target} (state and buffer under {directory})")
+    print(f"  check it:  edge-agent check-config --config {target}")
+    print(f"  run it:    edge-agent run --config {target}")
+    print(f"  the agent: http://127.0.0.1:{port}/ (console), POST /v1/orders")

@@ -1,8 +1,8 @@
 """Live configuration reload: SIGHUP or a change of the config file.
 
 An invalid new file is refused with one log line naming the key, and the
-running configuration stays. ``[upstream]``, ``[health]``, ``[sms]`` and
-``[auth]`` apply live; a change anywhere else is logged as needing a restart.
+running configuration stays. ``[upstream]``, ``[health]``, ``[sms]``,
+``[auth]`` and ``[log]`` apply live; a change anywhere else is logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from agent.errors import ConfigError
 
 log = logging.getLogger("agent.reload")
 
-LIVE_SECTIONS = ("upstream", "health", "sms", "auth")
+LIVE_SECTIONS = ("upstream", "health", "sms", "auth", "log")
 RESTART_SECTIONS = ("agent", "buffer")
 
 Apply = Callable[[Config], Awaitable[None]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -19,10 +20,12 @@ from agent.base.metrics import Metrics
 from agent.chain.verifier import Verifier
 from agent.config import Config
 from agent.delivery.router import Router
+from agent.errors import StartupError
 from agent.intake.http_api import HttpApi
 from agent.intake.inbox import InboxWatcher
 from agent.intake.orders import Intake
 from agent.limits import raise_fd_limit
+from agent.logs import set_level
 from agent.service.accept_errors import AcceptErrorLog
 from agent.service.http_server import BoundedAppRunner
 from agent.service.reload import ConfigReloader
@@ -35,7 +38,7 @@ from agent.spool.reconcile import reconcile
 from agent.spool.record import BufferDirs
 from agent.spool.writer import PendingSpool
 from agent.state.journal import Journal
-from agent.state.owner import DirOwner, own_all
+from agent.state.owner import DirOwner, own_all, unusable_directory
 from agent.state.serials import SerialIssuer
 from agent.upstream.answers import Answer
 from agent.upstream.client import UpstreamClient
@@ -214,17 +217,24 @@ class Service:
         if cfg.health != old.health or _clusters(cfg) != _clusters(old):
             await self.health.reconfigure(cfg.health, _clusters(cfg))
         self.drainer.timeout_s = cfg.upstream.timeout_s
+        if cfg.log != old.log:
+            set_level(cfg.log.level)
         if cfg.chain != old.chain:
             log.warning("[chain] changed: restart the agent to apply it")
 
     async def start(self, config_path: str | None = None) -> None:
         """Raises DirectoryHeld (nothing written, nothing to stop) if another agent owns
-        the buffer or the state dir."""
+        the buffer or the state dir; StartupError (one line) for a directory it cannot
+        use or a port it cannot listen on."""
         self._owned = await own_all(self.owners)
         fd_limit = raise_fd_limit()  # a descriptor per client connection
         await self._start(self.accept_errors)
-        await asyncio.to_thread(self.dirs.ensure)
-        removed = await asyncio.to_thread(remove_stale_temps, self.dirs.pending)
+        try:  # pending/ owned by root after a trial as root: one line, not a traceback
+            await asyncio.to_thread(self.dirs.ensure)
+            removed = await asyncio.to_thread(remove_stale_temps, self.dirs.pending)
+        except OSError as exc:
+            where = Path(exc.filename) if exc.filename else self.dirs.root
+            raise unusable_directory("buffer", where, "buffer.path", exc, "set up") from exc
         if removed:
             log.info("removed %d unacknowledged temp files from pending/", removed)
         await self._start(self.journal)
@@ -261,7 +271,10 @@ class Service:
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.cfg.agent.host, self.cfg.agent.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _cannot_listen(self.cfg.agent.listen, exc) from exc
         self.port = _bound_port(runner, self.cfg.agent.port)
         await self._start(self.drainer)
         await self._start(self.inbox)
@@ -316,7 +329,8 @@ class Service:
         for owner in reversed(self._owned):
             await owner.stop()
         self._owned = []
-        log.info("agent stopped")
+        if self.port is not None:  # a start that failed says so itself, in one line
+            log.info("agent stopped")
 
     def _mark_running(self) -> bool:
         """Leave a marker that a clean stop removes; True if the last run left one."""
@@ -449,6 +463,24 @@ def _clusters(cfg: Config) -> dict[str, str]:
     if cfg.upstream.standby:
         clusters["standby"] = cfg.upstream.standby
     return clusters
+
+
+def _cannot_listen(listen: str, exc: OSError) -> StartupError:
+    """Port in use: exit 1 (systemd restarts; the holder may be on its way out). A port
+    below 1024 or an address not on this host: exit 2, a fix is needed."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's long form
+    if exc.errno == errno.EADDRINUSE:
+        port = listen.rsplit(":", 1)[1]
+        return StartupError(
+            f"cannot listen on agent.listen {listen}: {reason}; another process holds the "
+            f"port (ss -ltnp 'sport = :{port}' names it): stop it or set agent.listen to a "
+            "free port"
+        )
+    return StartupError(
+        f"cannot listen on agent.listen {listen}: {reason}; set agent.listen to an address "
+        "of this host and a port >= 1024 (or one the agent's user may bind)",
+        exit_code=2,
+    )
 
 
 def _bound_port(runner: web.AppRunner, configured: int) -> int:

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import pwd
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
-from agent.errors import DirectoryHeld, PersistError
+from agent.errors import DirectoryHeld, StartupError
 
 LOCK_NAME = ".agent.lock"
 log = logging.getLogger("agent.state")
@@ -55,7 +57,7 @@ class DirOwner:
         self.release()
 
     def acquire(self) -> None:
-        """Take the lock or raise DirectoryHeld naming the holder, PersistError if the
+        """Take the lock or raise DirectoryHeld naming the holder, StartupError if the
         directory cannot be used at all (blocks: a few syscalls)."""
         if self.held:
             return
@@ -97,18 +99,14 @@ class DirOwner:
             )
 
     def ensure_dir(self) -> None:
-        """Create the directory (0700) if it is not there; PersistError if we cannot."""
+        """Create the directory (0700) if it is not there; StartupError if we cannot."""
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise self._unusable(exc) from exc
 
-    def _unusable(self, exc: OSError) -> PersistError:
-        return PersistError(
-            f"cannot lock the {self._what} {self.directory}: "
-            f"{exc.strerror or exc}; check {self._key} (a directory the "
-            "agent's user may write)"
-        )
+    def _unusable(self, exc: OSError) -> StartupError:
+        return unusable_directory(self._what, self.directory, self._key, exc)
 
     def release(self) -> None:
         """Give the directory up (the file stays: unlinking it would race a new owner)."""
@@ -116,6 +114,39 @@ class DirOwner:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
+
+
+# A directory the agent's user cannot use for these reasons stays unusable until someone
+# fixes the owner, the mode, the mount or the key: exit 2, systemd does not restart it.
+_NEEDS_A_FIX = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.ELOOP, errno.EROFS}
+
+
+def unusable_directory(
+    what: str, directory: Path, key: str, exc: OSError, doing: str = "lock"
+) -> StartupError:
+    """The one line for a directory the agent cannot create, lock or write at start."""
+    user = _user_name()
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        hint = (
+            f"user {user} may not write there: create it for that user (install -d -o {user} "
+            f"-m 0700 {directory}), run the agent as the user that owns it, or point {key} at "
+            f"a directory {user} may write (a trial: edge-agent sandbox --write-config DIR)"
+        )
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        hint = f"a file is in the way: point {key} at a directory"
+    else:
+        hint = "a directory the agent's user may write, on a healthy, mounted disk"
+    return StartupError(
+        f"cannot {doing} the {what} {directory}: {exc.strerror or exc}; check {key}: {hint}",
+        exit_code=2 if exc.errno in _NEEDS_A_FIX else 1,
+    )
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 async def own_all(owners: list[DirOwner]) -> list[DirOwner]:

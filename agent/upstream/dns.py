@@ -23,7 +23,7 @@ import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from agent.config import nameserver_address
-from agent.errors import DnsError
+from agent.errors import DnsError, NoSuchHost
 
 log = logging.getLogger("agent.dns")
 
@@ -121,7 +121,7 @@ class ClusterResolver(AbstractResolver):
         try:
             answer = await self._resolver.resolve(host, "A", lifetime=self._timeout)
         except dns.resolver.NXDOMAIN as exc:
-            raise DnsError(f"{host}: no such domain (NXDOMAIN)") from exc
+            raise NoSuchHost(f"{host}: no such domain (NXDOMAIN)") from exc
         except dns.resolver.NoAnswer as exc:
             raise DnsError(f"{host}: no A record") from exc
         except dns.resolver.NoNameservers as exc:
@@ -148,6 +148,8 @@ class ClusterResolver(AbstractResolver):
                 host, None, family=socket.AF_INET, type=socket.SOCK_STREAM
             )
         except socket.gaierror as exc:
+            if exc.errno == socket.EAI_NONAME:  # the system resolver's NXDOMAIN
+                raise NoSuchHost(f"{host}: no such host ({exc.strerror})") from exc
             raise DnsError(f"{host}: cannot resolve ({exc.strerror})") from exc
         return tuple(sorted({str(info[4][0]) for info in infos})), SYSTEM_TTL_S
 

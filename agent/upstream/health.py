@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.config import HealthSection
-from agent.errors import UpstreamError
+from agent.errors import NoSuchHost, UpstreamError
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 
@@ -102,6 +102,20 @@ class ClusterHealth:
 Listener = Callable[[ClusterHealth], None]
 
 
+def _warn_if_unknown_host(cluster: ClusterHealth, failure: UpstreamError | None) -> None:
+    """A first check that met NXDOMAIN: a typo or a missing record, which no "down" line
+    shows (a cluster starts down). One warning; the checks go on (DNS may come back)."""
+    if isinstance(failure, NoSuchHost):
+        log.warning(
+            "cluster %s: host %s does not resolve (NXDOMAIN); starting without it and "
+            "checking again every health.interval_s: check upstream.%s and the DNS record",
+            cluster.name,
+            cluster.host,
+            cluster.name,
+            extra={"cluster": cluster.name, "host": cluster.host, "error": str(failure)},
+        )
+
+
 class HealthMonitor:
     """Owns one checking task per configured cluster."""
 
@@ -168,7 +182,10 @@ class HealthMonitor:
 
     async def start(self) -> None:
         """Check every cluster once before returning, so routing starts informed."""
-        await asyncio.gather(*(self._check(c) for c in self.clusters.values()))
+        clusters = list(self.clusters.values())
+        failures = await asyncio.gather(*(self._check(c) for c in clusters))
+        for cluster, failure in zip(clusters, failures, strict=True):
+            _warn_if_unknown_host(cluster, failure)
         self._started = True
         for cluster in self.clusters.values():
             self._spawn(cluster)
@@ -198,7 +215,7 @@ class HealthMonitor:
             if name not in self.clusters:
                 cluster = ClusterHealth(name, base)
                 self.clusters[name] = cluster
-                await self._check(cluster)
+                _warn_if_unknown_host(cluster, await self._check(cluster))
                 if self._started:
                     self._spawn(cluster)
         if self._started:  # restart loops so a new interval applies now
@@ -224,12 +241,14 @@ class HealthMonitor:
             except Exception as exc:  # a check must never end the loop
                 log.error("health check of %s crashed: %s", cluster.name, exc, exc_info=True)
 
-    async def _check(self, cluster: ClusterHealth) -> None:
+    async def _check(self, cluster: ClusterHealth) -> UpstreamError | None:
+        """One round; returns why the host did not resolve, if it did not."""
         error: str | None
+        failure: UpstreamError | None = None
         try:
             results = await self._client.check_health(cluster.base, self._settings.timeout_s)
         except UpstreamError as exc:  # DNS: no address at all
-            results, error = {}, str(exc)
+            results, error, failure = {}, str(exc), exc
         else:
             error = next((e for e in results.values() if e is not None), None)
         for address, err in results.items():
@@ -243,6 +262,7 @@ class HealthMonitor:
         elif cluster.refusing is not None and cluster.takes_orders and not cluster._retry_told:
             cluster._retry_told = True  # the hold ran out: the drain may try one order now
             self._tell(cluster)
+        return failure
 
     def _notify(self, cluster: ClusterHealth) -> None:
         # Up is good news (and every start brings it): info. Down is what ops must see.

@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from agent.config import load_config
-from agent.errors import DirectoryHeld, PersistError
+from agent.errors import DirectoryHeld, StartupError
 from agent.service.service import Service
 from agent.state.owner import LOCK_NAME, DirOwner, own_all
 from tests.support.fakes import FakeCenter, free_port
@@ -223,7 +223,7 @@ async def test_an_unusable_directory_is_a_clear_error(tmp_path: Path):
     (tmp_path / "a-file").write_text("")
     owner = DirOwner(tmp_path / "a-file" / "spool", "buffer", "buffer.path", "n1")
     with pytest.raises(
-        PersistError,
+        StartupError,
         match=r"cannot lock the buffer .*a-file/spool: Not a "
         r"directory; check buffer\.path",
     ):

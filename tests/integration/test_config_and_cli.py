@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from agent.config import load_config
 from tests.support.fakes import FakeCenter, free_port
-from tests.support.harness import ROOT, write_config
+from tests.support.harness import ROOT, into_a_closed_pipe, write_config
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -162,23 +161,6 @@ def test_port_helper_gives_a_free_port():
     assert 0 < free_port() < 65536
 
 
-def _status_into_a_closed_pipe(path: Path) -> subprocess.CompletedProcess[str]:
-    """``edge-agent status | head -0``: the reader is gone before anything is written."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        return subprocess.run(
-            [sys.executable, "-m", "agent", "status", "--config", str(path)],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            timeout=30,
-        )
-    finally:
-        os.close(write_end)
-
-
 async def test_status_into_a_closed_pipe_ends_quietly(
     tmp_path: Path, center: FakeCenter, agent_process, http
 ):
@@ -186,6 +168,6 @@ async def test_status_into_a_closed_pipe_ends_quietly(
     proc = agent_process(path)
     proc.start()
     await proc.wait_ready(http)
-    done = await asyncio.to_thread(_status_into_a_closed_pipe, path)
+    done = await asyncio.to_thread(into_a_closed_pipe, "status", "--config", str(path))
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert done.returncode == 141  # as a shell reports a process that SIGPIPE ended

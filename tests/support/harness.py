@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -172,3 +173,32 @@ def sms_http(gateway: FakeSmsGateway, **extra: Any) -> dict[str, Any]:
         "timeout_s": 2,
         **extra,
     }
+
+
+EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))  # the installed console script
+
+
+def edge_agent(
+    *args: str, prefix: tuple[str, ...] = (), timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``edge-agent ARGS`` as an operator types it; ``prefix=AS_NOBODY``: as a normal user."""
+    return subprocess.run(
+        [*prefix, EDGE_AGENT, *args], capture_output=True, text=True, cwd="/", timeout=timeout
+    )
+
+
+def into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``edge-agent ARGS | head -0``: the reader is gone before anything is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [EDGE_AGENT, *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
