@@ -25,6 +25,9 @@ TRIAL_NODE_ID = "trial-01"
 def trial_port(host: str = "127.0.0.1") -> int:
     """8470 when it is free on ``host``, else any free port (the config and the output say)."""
     with socket.socket() as s:
+        # As the agent binds (aiohttp sets SO_REUSEADDR): connections of a stopped agent
+        # left in TIME_WAIT do not make the port look taken for a minute.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, DOCUMENTED_PORT))
         except OSError:

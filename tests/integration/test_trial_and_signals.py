@@ -16,6 +16,7 @@ from typing import IO, Any
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.support.fakes import FakeCenter
 from tests.support.harness import AS_NOBODY, EDGE_AGENT, edge_agent, order, wait_for, write_config
@@ -277,3 +278,25 @@ async def test_check_config_beside_a_running_agent(
         assert orjson.loads(await r.read())["accepting"] is True
     proc.kill(signal.SIGTERM)
     assert await proc.reap() == 0
+
+
+def test_the_trial_keeps_port_8470_after_an_agent_stopped_on_it() -> None:
+    """A stopped trial agent leaves its connections in TIME_WAIT for a minute; the agent
+    itself binds through that (SO_REUSEADDR), so the next trial config must not move to
+    another port (the README's curl lines use 8470)."""
+    from agent.drill.trial import DOCUMENTED_PORT, trial_port
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        server.bind(("127.0.0.1", DOCUMENTED_PORT))
+    except OSError:
+        server.close()
+        pytest.skip(f"port {DOCUMENTED_PORT} is in use here")
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", DOCUMENTED_PORT))
+    conn, _ = server.accept()
+    conn.close()  # the agent's side closes first: TIME_WAIT on 127.0.0.1:8470
+    client.close()
+    server.close()
+    assert trial_port() == DOCUMENTED_PORT
