@@ -1,0 +1,89 @@
+"""/status and /metrics additions of issue 21: rejected/ count, version, per-cluster up,
+build info, and no prometheus-client ``*_created`` series."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent import __version__
+from agent.spool import rejected as rejected_mod
+from agent.spool.record import BufferDirs
+from agent.spool.rejected import RejectedCount
+from tests.conftest import wait_for
+from tests.fakes import FakeCenter
+
+
+def _drop(inbox: Path, name: str, data: bytes) -> None:
+    tmp = inbox / f".{name}.part"
+    tmp.write_bytes(data)
+    os.rename(tmp, inbox / name)
+
+
+async def test_rejected_count_lists_the_directory_only_when_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dirs = BufferDirs(tmp_path)
+    dirs.ensure()
+    listings = []
+    real = rejected_mod.count_rejected
+
+    def counting(d: BufferDirs) -> int:
+        listings.append(1)
+        return real(d)
+
+    monkeypatch.setattr(rejected_mod, "count_rejected", counting)
+    counter = RejectedCount(dirs, interval_s=3600)
+    await counter.refresh()
+    assert counter.count == 0 and len(listings) == 1
+    for _ in range(5):  # nothing changed: a stat each, no listing
+        await counter.refresh()
+    assert len(listings) == 1
+    (dirs.rejected / "WH1-20261203-000000001.json").write_bytes(b"{}")
+    (dirs.rejected / "WH1-20261203-000000001.json.reason.json").write_bytes(b"{}")
+    (dirs.rejected / ".WH1-20261203-000000002.json.tmp").write_bytes(b"")
+    # mtime granularity: make sure the directory's time moved even on a coarse clock
+    st = os.stat(dirs.rejected)
+    os.utime(dirs.rejected, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    await counter.refresh()
+    assert counter.count == 1 and len(listings) == 2  # reason and temp files are no orders
+
+
+async def test_status_and_metrics_show_rejected_files_version_and_clusters(
+    make_agent, center: FakeCenter
+) -> None:
+    agent = await make_agent(center.url)
+    _, st = await agent.get("/status")
+    assert st["rejected"] == 0
+    assert st["version"] == __version__
+    _drop(agent.spool / "inbox", "garbage.json", b"\x00\x01 not json")
+    await wait_for(lambda: agent.files("rejected"), 10, "the inbox file in rejected/")
+
+    async def counted() -> dict | None:
+        _, s = await agent.get("/status")
+        return s if s["rejected"] == 1 else None
+
+    # The timer (every 5 s) notices the move; no request lists the directory.
+    await wait_for(counted, 15, "/status rejected == 1")
+    _, text = await agent.get("/metrics")
+    assert "edge_rejected_files 1.0" in text
+    assert f'edge_build_info{{version="{__version__}"}} 1.0' in text
+    assert 'edge_cluster_up{cluster="primary"} 1.0' in text
+    await center.go_down()
+
+    async def primary_down() -> bool:
+        _, t = await agent.get("/metrics")
+        return 'edge_cluster_up{cluster="primary"} 0.0' in t
+
+    await wait_for(primary_down, 15, "edge_cluster_up 0 for the primary")
+
+
+async def test_metrics_have_no_created_series(make_agent, center: FakeCenter) -> None:
+    agent = await make_agent(center.url)
+    assert (await agent.post(b'{"channel_id":"douyin","channel_order_id":"1"}'))[0] == 201
+    _, text = await agent.get("/metrics")
+    assert "edge_orders_total" in text and "edge_delivery_latency_seconds_bucket" in text
+    created = [line for line in text.splitlines() if "_created" in line]
+    assert created == [], created
