@@ -246,6 +246,10 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
                 await sandbox.centers[name].go_down()
             await wait(lambda: _mode(status, "offline"), "offline mode")
             codes = [await post(phone=True) for _ in range(3)]
+            # An inbox file the intake refuses for good: rejected/, for ops to review.
+            inbox = tmp_path / "spool" / "inbox"
+            (inbox / ".junk.part").write_bytes(b"\x00 not json")
+            (inbox / ".junk.part").rename(inbox / "junk.json")
             assert codes == [202] * 3
             while await post() != 507:
                 pass
@@ -255,6 +259,7 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
                 "EdgeBufferNearFull",
                 "EdgeAgentRefusingOrders",
                 "EdgeSmsAmbiguous",
+                "EdgeRejectedFiles",
             ):
                 await rec.until(lambda f, a=alert: a in rec.seen["offline"], alert)
 
@@ -318,6 +323,7 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
                     "EdgeBufferNearFull",
                     "EdgeAgentRefusingOrders",
                     "EdgeSmsAmbiguous",
+                    "EdgeRejectedFiles",
                 },
                 "stalled": {
                     "EdgeAgentDrainStalled",
@@ -326,6 +332,7 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
                     "EdgeAgentRefusingOrders",
                     "EdgeSmsAmbiguous",
                     "EdgeAgentOffline",
+                    "EdgeRejectedFiles",
                 },
                 "restarts": {
                     "EdgeAgentDown",
@@ -333,6 +340,7 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
                     "EdgeAgentRestartLoop",
                     "EdgeSmsAmbiguous",
                     "EdgeAgentRefusingOrders",
+                    "EdgeRejectedFiles",
                 },
             }
             for phase, fired in rec.seen.items():
