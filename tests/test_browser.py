@@ -477,6 +477,25 @@ async def test_console_when_the_agent_dies_and_after_the_outage(
                 )
 
             await until(finance_failed, "finance: 1 failed, highlighted", 30)
+            # The orders behind the red figure, with what was wrong (behind the token).
+            await b.js("sessionStorage.setItem('edgeAgentToken', arguments[0])", TOKEN)
+            await b.click("#chain-list")
+
+            async def problem_listed() -> str:
+                return str(
+                    await b.js(
+                        "const d = document.querySelector("
+                        "'#problems tr[data-step=finance] [data-field=detail]');"
+                        "return d ? d.textContent : ''"
+                    )
+                )
+
+            await until(
+                lambda: _contains(
+                    problem_listed, '/amount is "9.00" downstream, the order says "9.90"'
+                ),
+                "the problem, both values",
+            )
             await until(lambda: _is(lambda: b.text("rejected"), "1"), "1 rejected file", 20)
             assert await b.js("return !document.getElementById('rejected-help').hidden")
 
@@ -547,7 +566,8 @@ async def test_console_when_the_agent_dies_and_after_the_outage(
                 "last known",
                 "since",
             ):
-                assert not re.search(rf"\b{word}\b", bare), (word, page)
+                m = re.search(rf"\b{word}\b", bare)
+                assert m is None, (word, bare[max(0, m.start() - 120) : m.end() + 60])
             await b.click("#lang-en")
 
             # Back: the agent answers again, normal and green.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import orjson
 import pytest
 
 from agent import __version__
@@ -87,3 +88,49 @@ async def test_metrics_have_no_created_series(make_agent, center: FakeCenter) ->
     assert "edge_orders_total" in text and "edge_delivery_latency_seconds_bucket" in text
     created = [line for line in text.splitlines() if "_created" in line]
     assert created == [], created
+
+
+async def test_chain_problems_list_the_failed_orders_with_both_values(
+    make_agent, center: FakeCenter, tmp_path: Path
+) -> None:
+    """GET /v1/chain/problems: what the console lists under "After the outage"."""
+    from tests.chain_fakes import Downstream, chain_section
+    from tests.test_chain import outage
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("cs-token\n")
+    ds = await Downstream(center=center).start()
+    try:
+        ds.invoice_all = True
+        agent = await make_agent(
+            center.url, chain=chain_section(ds), auth={"tokens_file": str(tokens)}
+        )
+        agent.session.headers["Authorization"] = "Bearer cs-token"
+        bodies = [
+            orjson.dumps({"channel_id": "douyin", "channel_order_id": str(n), "total_amount": a})
+            for n, a in ((1, "199.10"), (2, "199.10"))
+        ]
+        ds.amount_override["2"] = "199"
+        serials = await outage(agent, center, bodies)
+
+        async def problems() -> dict | None:
+            _, doc = await agent.get("/v1/chain/problems")
+            return doc if doc["problems"] else None
+
+        doc = await wait_for(problems, 15, "the truncated amount listed")
+        (row,) = doc["problems"]
+        assert row["serial"] == serials[1] and row["step"] == "finance"
+        assert row["state"] == "failed" and doc["more"] is False
+        assert row["detail"] == '/amount is "199" downstream, expected "199.10"'
+        assert row["order_id"] == center.orders["douyin:2"][0]
+        del agent.session.headers["Authorization"]
+        status, _ = await agent.get("/v1/chain/problems")
+        assert status == 401  # it names orders: behind the token like the lookups
+    finally:
+        await ds.stop()
+
+
+async def test_chain_problems_say_when_chain_is_off(make_agent, center: FakeCenter) -> None:
+    agent = await make_agent(center.url)
+    status, doc = await agent.get("/v1/chain/problems")
+    assert status == 404 and "[chain] enabled" in doc["error"]

@@ -15,6 +15,7 @@ const STATUS_TIMEOUT_MS = 5000;
 let lang = "en";
 let lastStatus = null;
 let lastResult = null;
+let lastProblems = null;
 // Since when /status fails (a Date), and why (an error kind and the raw text); null: answering.
 let downSince = null;
 let downWhy = null;
@@ -128,6 +129,7 @@ function applyLang() {
   if (lastStatus) render(lastStatus);
   showConn();
   if (lastResult) showResult(lastResult);
+  if (lastProblems) showProblems(lastProblems);
 }
 
 function clusterName(name) {
@@ -253,6 +255,78 @@ function renderChain(chain) {
               }));
   });
   $("chain").replaceChildren(el("thead", {}, head), el("tbody", {}, ...body));
+  const problems = Object.values(chain).some((c) => (c.failed || 0) + (c.overdue || 0) > 0);
+  $("chain-list").hidden = !problems;
+}
+
+// The failed and overdue orders with what was wrong (GET /v1/chain/problems, behind the
+// token like the lookups): what customer service and finance work through.
+async function listProblems() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  let r;
+  try {
+    r = await fetch("/v1/chain/problems", { headers, cache: "no-store" });
+  } catch (e) {
+    showProblems({ error: e.message });
+    return;
+  }
+  if (r.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    $("token-form").hidden = false;
+    $("token-msg").textContent = token ? t("wrong_token") : t("need_token");
+    $("token-msg").dataset.kind = token ? "wrong" : "missing";
+    $("token").focus();
+    showProblems(null);
+    return;
+  }
+  if (!r.ok) {
+    let msg = `HTTP ${r.status}`;
+    try { msg = (await r.json()).error || msg; } catch (_) { /* not JSON */ }
+    showProblems({ error: msg });
+    return;
+  }
+  showProblems(await r.json());
+}
+
+// A chain step's detail (agent/chain/steps.py) in the page's language, the raw text on demand.
+const CHAIN_DETAILS = [
+  [/^(\S+) is (.+) downstream, expected (.+)$/, (m) => t("cd_mismatch", { p: m[1], got: m[2], exp: m[3] })],
+  [/, no (\S+) in the answer$/, (m) => t("cd_absent", { p: m[1] })],
+  [/^\S+ \S+: HTTP (404|408|429)$/, (m) => t("cd_not_yet", { code: m[1] })],
+  [/^cannot build the/, () => t("cd_build")],
+];
+
+function chainDetail(raw) {
+  raw = String(raw || "");
+  for (const [re, text] of CHAIN_DETAILS) {
+    const m = re.exec(raw);
+    if (m) {
+      return el("span", { class: "err" }, text(m), " ",
+                el("details", { class: "raw" }, el("summary", {}, t("details")), el("code", {}, raw)));
+    }
+  }
+  return raw ? errorNode(raw) : "";
+}
+
+function showProblems(res) {
+  lastProblems = res;
+  const box = $("chain-problems");
+  box.replaceChildren();
+  if (!res) return;
+  if (res.error) {
+    box.append(el("p", { class: "error" }, `${t("lookup_failed")}: `, errorNode(res.error)));
+    return;
+  }
+  if (!res.problems.length) { box.append(el("p", { class: "muted" }, t("chain_none"))); return; }
+  const head = el("tr", {}, ...["r_serial", "cp_order_id", "chain_step", "r_state", "cp_detail",
+                                "cp_delivered"].map((k) => el("th", {}, t(k))));
+  const rows = res.problems.map((p) => el("tr", { "data-serial": p.serial, "data-step": p.step },
+    el("td", {}, p.serial), el("td", {}, p.order_id || t("dash")), el("td", {}, p.step),
+    el("td", { class: p.state }, t("chain_" + p.state)), el("td", { "data-field": "detail" }, chainDetail(p.detail)),
+    el("td", {}, fmtTime(p.delivered_at))));
+  box.append(el("table", { class: "problems", id: "problems" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+  if (res.more) box.append(el("p", { class: "help small" }, t("chain_more", { n: res.problems.length })));
 }
 
 function showConn() {
@@ -391,6 +465,7 @@ async function init() {
     });
   }
   $("lookup").addEventListener("submit", (ev) => { ev.preventDefault(); lookup(); });
+  $("chain-list").addEventListener("click", () => listProblems());
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const v = $("token").value.trim();

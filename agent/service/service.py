@@ -135,6 +135,9 @@ class Service:
             self.refresh_metrics,
             sms_lookup=self.outbox.notice if self.outbox else None,
             chain_lookup=chain.chain_of if chain else None,
+            chain_problems=(
+                functools.partial(chain.ledger.problems, cfg.chain.deadline_s) if chain else None
+            ),
         )
         self._runner: web.AppRunner | None = None
         self.accept_errors = AcceptErrorLog()
