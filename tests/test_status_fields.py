@@ -52,6 +52,16 @@ async def test_rejected_count_lists_the_directory_only_when_it_changed(
     assert counter.count == 1 and len(listings) == 2  # reason and temp files are no orders
 
 
+async def test_rejected_count_waits_longer_after_a_slow_listing(tmp_path: Path) -> None:
+    dirs = BufferDirs(tmp_path)
+    dirs.ensure()
+    clock = iter([100.0, 103.0])  # a listing of 3 s (a huge rejected/)
+    counter = RejectedCount(dirs, interval_s=5, clock=lambda: next(clock))
+    assert counter.next_wait() == 5
+    await counter.refresh()
+    assert counter.next_wait() == 30  # a listing takes at most a tenth of the time
+
+
 async def test_status_and_metrics_show_rejected_files_version_and_clusters(
     make_agent, center: FakeCenter
 ) -> None:

@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections.abc import Callable
 
 from agent.spool.record import BufferDirs, is_order_file
 
 log = logging.getLogger("agent.spool.rejected")
 RECOUNT_INTERVAL_S = 5.0
+# A listing may take at most this share of the time (200,000 files took 0.8 s here: at a
+# million, while files keep arriving, the directory is listed every ~40 s, not every 5 s).
+LISTING_SHARE = 0.1
 
 
 def count_rejected(dirs: BufferDirs) -> int:
@@ -30,11 +35,18 @@ def count_rejected(dirs: BufferDirs) -> int:
 class RejectedCount:
     """Owns the recount task; ``count`` is the last count (None before the first)."""
 
-    def __init__(self, dirs: BufferDirs, interval_s: float = RECOUNT_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        dirs: BufferDirs,
+        interval_s: float = RECOUNT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._dirs = dirs
+        self._clock = clock
         self._interval = interval_s
         self.count: int | None = None
         self._seen: tuple[int, int] | None = None  # (st_mtime_ns, st_ino) when last counted
+        self._listing_s = 0.0  # how long the last listing took
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -59,12 +71,18 @@ class RejectedCount:
             return
         # Stat before listing: a file that arrives during the listing changes the
         # directory after `seen`, so the next round counts again.
+        started = self._clock()
         self.count = await asyncio.to_thread(count_rejected, self._dirs)
+        self._listing_s = self._clock() - started
         self._seen = seen
+
+    def next_wait(self) -> float:
+        """The timer's pause: the interval, longer when listings are slow."""
+        return max(self._interval, self._listing_s / LISTING_SHARE)
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.next_wait())
             try:
                 await self.refresh()
             except OSError as exc:  # keep the last count; say why once per round
