@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -11,6 +13,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ORDER_OUTCOMES = (
@@ -86,6 +89,20 @@ class Metrics:
             ["cluster"],
             registry=r,
         )
+        self.rejected_files = Gauge(
+            "edge_rejected_files",
+            "Order files in rejected/ waiting for ops to review (whoever moved them there).",
+            registry=r,
+        )
+        self.cluster_up = Gauge(
+            "edge_cluster_up",
+            "1 while a cluster passes the agent's health checks, 0 while it fails them.",
+            ["cluster"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "edge_build_info", "Always 1; the agent's version as a label.", ["version"], registry=r
+        )
         self.sms_sent = Counter("edge_sms_sent", "SMS notices sent.", registry=r)
         self.sms_failed = Counter("edge_sms_failed", "SMS notices given up on.", registry=r)
         self.sms_outbox = Gauge(
@@ -132,4 +149,22 @@ class Metrics:
         ProcessCollector(registry=r)
 
     def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        return bytes(generate_latest(_WithoutCreated(self.registry)))
+
+
+class _WithoutCreated:
+    """The registry minus prometheus-client's ``*_created`` samples (a counter's creation
+    time, e.g. ``edge_orders_created 1.79e9``, reads like a count of created orders).
+
+    A view at exposition instead of ``disable_created_metrics()``, which flips a
+    process-wide switch for every registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():
+            created = metric.name + "_created"
+            metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric

@@ -13,6 +13,7 @@ ASSETS = {
     "index.html": "text/html",
     "console.css": "text/css",
     "console.js": "application/javascript",
+    "strings.json": "application/json",
 }
 # The page is static and the same for everyone; data comes from /status and /v1/orders.
 HEADERS = {

@@ -8,83 +8,21 @@ const TOKEN_KEY = "edgeAgentToken";
 const LANG_KEY = "edgeAgentLang";
 const SERIAL_RE = /^(RCV-)?[A-Z0-9][A-Z0-9_.-]*-\d{8}-\d{9}$|^RCV-/;
 
-const T = {
-  en: {
-    title: "Order Edge Agent", mode: "Mode", since: "since", updated: "Updated",
-    buffer: "Offline buffer", pending: "Pending", oldest: "Oldest pending",
-    drain_rate: "Drain rate", eta: "Time to empty", bytes: "Buffer use",
-    pinned: "Pinned orders", pinned_help:
-      "An order pinned to a cluster may already be there: it is sent only to that cluster.",
-    clusters: "Order-center clusters", sms: "SMS notices", lookup: "Find an order",
-    channel: "Channel (optional)", query: "Platform order number, dedupe key or serial",
-    find: "Find", token: "API token", use_token: "Use token",
-    token_help: "Kept for this tab only.", history: "Last mode changes",
-    normal: "normal", standby: "standby", offline: "offline",
-    help_normal: "The primary takes orders. Nothing to do.",
-    help_standby: "The primary is down: orders go to the standby. The agent returns to the primary by itself.",
-    help_offline: "Both clusters are down: every order is kept on this server and the customer gets an SMS with a serial. It is delivered automatically when a cluster returns.",
-    healthy: "healthy", down: "down", refusing: "refusing the agent",
-    takes_orders: "takes orders", last_error: "last error", none: "none",
-    no_addresses: "no address resolved yet", unreachable: "The agent does not answer",
-    per_s: "/s", no_estimate: "no estimate (not draining)", empty: "empty",
-    state_queued: "queued", state_sending: "sending", state_sent: "sent",
-    state_failed: "failed", state_suppressed: "suppressed", state_skipped: "skipped",
-    state_ambiguous: "ambiguous",
-    ambiguous_alert: (n) => `${n} SMS notice(s) are ambiguous: they may or may not have reached the customer, and are never resent (at most one SMS per order). Look each serial up in the agent log ("SMS for <serial> ambiguous"), then check the provider's send records for that number and date (Aliyun: OutId = serial). Tell the customer their serial if it did not arrive.`,
-    r_state: "State", r_serial: "Serial", r_cluster: "Cluster", r_pinned: "Pinned to",
-    r_order_id: "Order id", r_received: "Received", r_sms: "SMS",
-    st_forwarded: "forwarded to the order center", st_buffered: "buffered on this server, waiting for the order center",
-    st_merged: "merged into the order center", st_rejected: "rejected by the order center (ops: see rejected/)",
-    sms_none: "no SMS for this order", sms_sent_to: (p) => `sent to ${p}`,
-    sms_state_to: (s, p) => `${s}${p ? " (" + p + ")" : ""}`,
-    not_found: "No order found for", add_channel: "A platform order number needs its channel (e.g. douyin).",
-    need_token: "This lookup needs the API token.",
-    wrong_token: "Wrong API token: the agent refused it (401). Enter the right one.",
-    lookup_failed: "Lookup failed", from_to: (a, b) => `${a} → ${b}`,
-    agent_started: "agent started", ago: "ago", dash: "—",
-  },
-  zh: {
-    title: "订单边缘代理", mode: "模式", since: "开始于", updated: "更新于",
-    buffer: "离线缓存", pending: "待投递", oldest: "最早待投递",
-    drain_rate: "回灌速度", eta: "预计清空", bytes: "缓存占用",
-    pinned: "锁定集群的订单", pinned_help: "锁定到某集群的订单可能已在该集群中,只会发往该集群。",
-    clusters: "订单中心集群", sms: "短信通知", lookup: "查询订单",
-    channel: "渠道(可选)", query: "平台订单号、去重键或流水号",
-    find: "查询", token: "API 令牌", use_token: "使用令牌",
-    token_help: "仅在本标签页内保存。", history: "最近模式变化",
-    normal: "正常", standby: "备用集群", offline: "离线",
-    help_normal: "主集群正常接单,无需处理。",
-    help_standby: "主集群故障,订单转发到备用集群。主集群恢复后自动切回。",
-    help_offline: "两个集群都不可用:订单保存在本机,有手机号的顾客会收到带流水号的短信。集群恢复后自动投递。",
-    healthy: "正常", down: "故障", refusing: "拒绝代理",
-    takes_orders: "可接单", last_error: "最近错误", none: "无",
-    no_addresses: "尚未解析到地址", unreachable: "代理无响应",
-    per_s: "/秒", no_estimate: "无法估计(未在回灌)", empty: "已清空",
-    state_queued: "排队", state_sending: "发送中", state_sent: "已发送",
-    state_failed: "失败", state_suppressed: "已限流", state_skipped: "已跳过",
-    state_ambiguous: "不确定",
-    ambiguous_alert: (n) => `${n} 条短信状态不确定:可能已送达,也可能没有,系统不会重发(每单最多一条短信)。请在代理日志中查找流水号("SMS for <serial> ambiguous"),再到短信服务商的发送记录中按号码和日期核对(阿里云:OutId 即流水号)。若顾客未收到,请人工告知流水号。`,
-    r_state: "状态", r_serial: "流水号", r_cluster: "集群", r_pinned: "锁定集群",
-    r_order_id: "订单号", r_received: "接收时间", r_sms: "短信",
-    st_forwarded: "已转发到订单中心", st_buffered: "已缓存在本机,等待订单中心恢复",
-    st_merged: "已合并到订单中心", st_rejected: "订单中心拒收(运维:查看 rejected/)",
-    sms_none: "此订单无短信", sms_sent_to: (p) => `已发送至 ${p}`,
-    sms_state_to: (s, p) => `${s}${p ? "(" + p + ")" : ""}`,
-    not_found: "未找到订单:", add_channel: "平台订单号需要同时填写渠道(如 douyin)。",
-    need_token: "查询需要 API 令牌。",
-    wrong_token: "API 令牌错误:代理拒绝(401)。请输入正确的令牌。",
-    lookup_failed: "查询失败", from_to: (a, b) => `${a} → ${b}`,
-    agent_started: "代理启动", ago: "前", dash: "—",
-  },
-};
-
+// The texts of both languages: /console/strings.json ({"en": {...}, "zh": {...}}, same keys,
+// "{name}" placeholders); tests/test_console.py checks that zh has every en key.
+let T = { en: {}, zh: {} };
+const STATUS_TIMEOUT_MS = 5000;
 let lang = "en";
 let lastStatus = null;
 let lastResult = null;
+let lastProblems = null;
+// Since when /status fails (a Date), and why (an error kind and the raw text); null: answering.
+let downSince = null;
+let downWhy = null;
 
-function t(key, ...args) {
+function t(key, params) {
   const v = (T[lang] && T[lang][key]) ?? T.en[key] ?? key;
-  return typeof v === "function" ? v(...args) : v;
+  return v.replace(/\{(\w+)\}/g, (m, name) => (params && name in params ? String(params[name]) : m));
 }
 
 function $(id) { return document.getElementById(id); }
@@ -111,11 +49,60 @@ function fmtDuration(s) {
   return zh ? `${h} 小时 ${m % 60} 分` : `${h} h ${m % 60} min`;
 }
 
+function pad(n, w = 2) { return String(n).padStart(w, "0"); }
+
+// "+08:00": the browser's offset from UTC at that moment (getTimezoneOffset is UTC - local).
+function fmtOffset(d) {
+  const off = -d.getTimezoneOffset();
+  const a = Math.abs(off);
+  return `${off < 0 ? "-" : "+"}${pad(Math.floor(a / 60))}:${pad(a % 60)}`;
+}
+
+function fmtClock(d) {
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())} ${fmtOffset(d)}`;
+}
+
+// ISO 8601 with the local offset, the same in every language: 2026-12-03 16:40:05 +08:00.
 function fmtTime(epochOrIso) {
   if (epochOrIso === null || epochOrIso === undefined || epochOrIso === "") return t("dash");
-  const d = typeof epochOrIso === "number" ? new Date(epochOrIso * 1000) : new Date(epochOrIso);
+  const d = epochOrIso instanceof Date ? epochOrIso
+    : typeof epochOrIso === "number" ? new Date(epochOrIso * 1000) : new Date(epochOrIso);
   if (isNaN(d.getTime())) return String(epochOrIso);
-  return d.toLocaleString(lang === "zh" ? "zh-CN" : "en-GB", { hour12: false });
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${fmtClock(d)}`;
+}
+
+// What kind of failure a raw library / agent error string is, for a short text in the
+// page's language; the raw string stays available under "details".
+const ERROR_KINDS = [
+  ["refusing", /^HTTP (\d{3}) to POST \/orders/],
+  ["tls", /SSL|TLS|certificate|CERTIFICATE/],
+  ["dns", /cannot resolve|resolv|Name or service not known|NXDOMAIN|No address associated|getaddrinfo|DNS/i],
+  ["refused", /refused|Errno 111|Connect call failed/i],
+  ["timeout", /in time|timed? ?out|timeout|AbortError/i],
+  ["unreachable", /unreachable|No route to host|Errno 11[03]|Errno 101/i],
+  ["http", /\bHTTP (\d{3})\b/],
+  ["reset", /reset by peer|disconnected|failed after sending|Connection lost|EOF/i],
+  ["network", /Failed to fetch|NetworkError|Load failed/i],
+];
+
+function errorKind(raw) {
+  for (const [kind, re] of ERROR_KINDS) {
+    const m = re.exec(raw);
+    if (m) return { kind, code: m[1] };
+  }
+  return { kind: "other", code: undefined };
+}
+
+function errorText(raw) {
+  const { kind, code } = errorKind(String(raw));
+  return t("err_" + kind, { code });
+}
+
+// The short text, with the raw error on demand (a closed <details>, and as a tooltip).
+function errorNode(raw, cls = "") {
+  return el("span", { class: ("err " + cls).trim(), title: String(raw), "data-kind": errorKind(String(raw)).kind },
+            errorText(raw), " ",
+            el("details", { class: "raw" }, el("summary", {}, t("details")), el("code", {}, String(raw))));
 }
 
 function short(text, max = 90) {
@@ -140,20 +127,36 @@ function applyLang() {
   }
   document.title = t("title");
   if (lastStatus) render(lastStatus);
+  showConn();
   if (lastResult) showResult(lastResult);
+  if (lastProblems) showProblems(lastProblems);
+}
+
+function clusterName(name) {
+  const key = "cluster_" + name;
+  return key in T.en ? t(key) : name;
+}
+
+// A health badge; while the agent does not answer, every badge is grey "last known".
+function badge(ok, okText, badText) {
+  if (downSince) return el("span", { class: "badge stale" }, t("last_known", { m: ok ? okText : badText }));
+  return el("span", { class: "badge " + (ok ? "ok" : "bad") }, ok ? okText : badText);
 }
 
 function render(s) {
   lastStatus = s;
+  const stale = downSince !== null;
+  document.body.dataset.stale = String(stale);
   $("node").textContent = s.node_id || "";
+  $("version").textContent = s.version ? t("version", { v: s.version }) : "";
   const mode = s.mode || "";
-  $("mode").textContent = t(mode);
-  $("mode").dataset.mode = mode;
-  $("mode-card").dataset.mode = mode;
+  $("mode").textContent = stale ? t("last_known", { m: t(mode) }) : t(mode);
+  $("mode").dataset.mode = stale ? "stale" : mode;
+  $("mode-card").dataset.mode = stale ? "stale" : mode;
   const now = s.now || Date.now() / 1000;
   $("mode-since").textContent =
     `${fmtTime(s.mode_since)} (${fmtDuration(now - s.mode_since)} ${t("ago")})`;
-  $("mode-help").textContent = t("help_" + mode);
+  $("mode-help").textContent = stale ? t("help_stale") : t("help_" + mode);
   $("updated").textContent = fmtTime(now);
 
   $("pending").textContent = String(s.pending);
@@ -165,38 +168,41 @@ function render(s) {
   $("bytes").textContent = s.max_bytes
     ? `${fmtBytes(s.pending_bytes || 0)} / ${fmtBytes(s.max_bytes)}` : fmtBytes(s.pending_bytes || 0);
   $("bytes").classList.toggle("warn", s.max_bytes && s.pending_bytes > 0.8 * s.max_bytes);
+  const rejected = s.rejected === null || s.rejected === undefined ? null : s.rejected;
+  $("rejected").textContent = rejected === null ? t("dash") : String(rejected);
+  $("rejected").classList.toggle("warn", rejected > 0);
+  $("rejected-help").hidden = !(rejected > 0);
+  $("rejected-help").textContent = rejected > 0 ? t("rejected_help", { n: rejected }) : "";
 
   const pinned = $("pinned");
   pinned.replaceChildren();
   for (const [name, n] of Object.entries(s.pinned || {})) {
-    const label = name === "none" ? t("none") : name;
+    const label = name === "none" ? t("none") : clusterName(name);
     pinned.append(el("div", { "data-cluster": name }, el("dt", {}, label), el("dd", {}, n)));
   }
 
   const clusters = $("clusters");
   clusters.replaceChildren();
   for (const [name, c] of Object.entries(s.clusters || {})) {
-    const badges = [];
-    badges.push(el("span", { class: "badge " + (c.healthy ? "ok" : "bad") },
-                   c.healthy ? t("healthy") : t("down")));
-    if (c.refusing) badges.push(el("span", { class: "badge refusing" }, t("refusing")));
-    const head = el("div", { class: "cluster-head" }, el("strong", {}, name), ...badges,
+    const badges = [badge(c.healthy, t("healthy"), t("down"))];
+    if (c.refusing) badges.push(el("span", { class: "badge " + (stale ? "stale" : "refusing") }, t("refusing")));
+    const shown = clusterName(name);
+    const head = el("div", { class: "cluster-head" },
+                    el("strong", {}, shown === name ? name : `${shown} (${name})`), ...badges,
                     el("span", { class: "muted small" }, `${t("since")} ${fmtTime(c.since)}`));
     const parts = [head, el("div", { class: "url" }, c.url || "")];
-    if (c.refusing) parts.push(el("div", { class: "error small" }, `${t("refusing")}: ${c.refusing}`));
+    if (c.refusing) parts.push(el("div", { class: "error small" }, `${t("refusing")}: `, errorNode(c.refusing)));
     const addrErrors = new Set(Object.values(c.addresses || {}).map((a) => a.error));
     if (c.last_error && !c.healthy && !addrErrors.has(c.last_error)) {
-      parts.push(el("div", { class: "small" }, `${t("last_error")}: `,
-                    el("span", { class: "muted" }, c.last_error)));
+      parts.push(el("div", { class: "small last-error" }, `${t("last_error")}: `, errorNode(c.last_error, "muted")));
     }
     const addrs = el("ul", { class: "addrs" });
     const entries = Object.entries(c.addresses || {});
     if (!entries.length) addrs.append(el("li", { class: "muted" }, t("no_addresses")));
     for (const [addr, a] of entries) {
-      addrs.append(el("li", {}, el("span", { class: "badge " + (a.healthy ? "ok" : "bad") },
-                                   a.healthy ? t("healthy") : t("down")),
+      addrs.append(el("li", {}, badge(a.healthy, t("healthy"), t("down")),
                       el("span", { class: "addr" }, addr),
-                      a.error ? el("span", { class: "muted" }, a.error) : null));
+                      a.error ? errorNode(a.error, "muted") : null));
     }
     parts.push(addrs);
     clusters.append(el("div", { class: "cluster", "data-cluster": name,
@@ -214,27 +220,147 @@ function render(s) {
   }
   const amb = byState.ambiguous || 0;
   $("sms-alert").hidden = amb === 0;
-  $("sms-alert").textContent = amb ? t("ambiguous_alert", amb) : "";
+  $("sms-alert").textContent = amb ? t("ambiguous_alert", { n: amb }) : "";
+
+  renderChain(s.chain);
 
   const hist = $("history");
   hist.replaceChildren();
   for (const h of [...(s.mode_history || [])].reverse().slice(0, 10)) {
-    const what = h.from ? t("from_to", t(h.from), t(h.to)) : `${t("agent_started")}: ${t(h.to)}`;
-    const reason = h.from && h.reason && h.to !== "normal" ? ` (${h.cluster}: ${short(h.reason)})` : "";
-    hist.append(el("li", { title: h.reason || "" }, `${fmtTime(h.at)} — ${what}${reason}`));
+    const what = h.from ? `${t(h.from)} → ${t(h.to)}` : `${t("agent_started")}: ${t(h.to)}`;
+    const li = el("li", {}, `${fmtTime(h.at)} — ${what}`);
+    if (h.from && h.reason && h.to !== "normal") {
+      li.append(` (${clusterName(h.cluster)}: `, errorNode(h.reason), ")");
+    }
+    hist.append(li);
   }
 }
 
-async function refresh() {
+const CHAIN_STATES = ["verified", "pending", "failed", "overdue"];
+
+// "After the outage" (CONTRACT 10): per step, how many outage orders are in each state.
+function renderChain(chain) {
+  const card = $("chain-card");
+  card.hidden = !chain;
+  if (!chain) return;
+  const head = el("tr", {}, el("th", {}, t("chain_step")),
+                  ...CHAIN_STATES.map((st) => el("th", { "data-state": st }, t("chain_" + st))));
+  const body = Object.entries(chain).map(([step, counts]) => {
+    const bad = (counts.failed || 0) > 0 || (counts.overdue || 0) > 0;
+    return el("tr", { "data-step": step, class: bad ? "problem" : "" }, el("th", {}, step),
+              ...CHAIN_STATES.map((st) => {
+                const n = counts[st] || 0;
+                const cls = n > 0 && (st === "failed" || st === "overdue") ? "warn" : "";
+                return el("td", { "data-state": st, class: cls }, n);
+              }));
+  });
+  $("chain").replaceChildren(el("thead", {}, head), el("tbody", {}, ...body));
+  const problems = Object.values(chain).some((c) => (c.failed || 0) + (c.overdue || 0) > 0);
+  $("chain-list").hidden = !problems;
+}
+
+// The failed and overdue orders with what was wrong (GET /v1/chain/problems, behind the
+// token like the lookups): what customer service and finance work through.
+async function listProblems() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  let r;
   try {
-    const r = await fetch("/status", { cache: "no-store" });
-    if (!r.ok) throw new Error(`HTTP ${r.status}`);
-    render(await r.json());
-    $("conn").hidden = true;
+    r = await fetch("/v1/chain/problems", { headers, cache: "no-store" });
   } catch (e) {
-    $("conn").hidden = false;
-    $("conn").textContent = `${t("unreachable")}: ${e.message}`;
+    showProblems({ error: e.message });
+    return;
+  }
+  if (r.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    $("token-form").hidden = false;
+    $("token-msg").textContent = token ? t("wrong_token") : t("need_token");
+    $("token-msg").dataset.kind = token ? "wrong" : "missing";
+    $("token").focus();
+    showProblems(null);
+    return;
+  }
+  if (!r.ok) {
+    let msg = `HTTP ${r.status}`;
+    try { msg = (await r.json()).error || msg; } catch (_) { /* not JSON */ }
+    showProblems({ error: msg });
+    return;
+  }
+  showProblems(await r.json());
+}
+
+// A chain step's detail (agent/chain/steps.py) in the page's language, the raw text on demand.
+const CHAIN_DETAILS = [
+  [/^(\S+) is (.+) downstream, expected (.+)$/, (m) => t("cd_mismatch", { p: m[1], got: m[2], exp: m[3] })],
+  [/, no (\S+) in the answer$/, (m) => t("cd_absent", { p: m[1] })],
+  [/^\S+ \S+: HTTP (404|408|429)$/, (m) => t("cd_not_yet", { code: m[1] })],
+  [/^cannot build the/, () => t("cd_build")],
+];
+
+function chainDetail(raw) {
+  raw = String(raw || "");
+  for (const [re, text] of CHAIN_DETAILS) {
+    const m = re.exec(raw);
+    if (m) {
+      return el("span", { class: "err" }, text(m), " ",
+                el("details", { class: "raw" }, el("summary", {}, t("details")), el("code", {}, raw)));
+    }
+  }
+  return raw ? errorNode(raw) : "";
+}
+
+function showProblems(res) {
+  lastProblems = res;
+  const box = $("chain-problems");
+  box.replaceChildren();
+  if (!res) return;
+  if (res.error) {
+    box.append(el("p", { class: "error" }, `${t("lookup_failed")}: `, errorNode(res.error)));
+    return;
+  }
+  if (!res.problems.length) { box.append(el("p", { class: "muted" }, t("chain_none"))); return; }
+  const head = el("tr", {}, ...["r_serial", "cp_order_id", "chain_step", "r_state", "cp_detail",
+                                "cp_delivered"].map((k) => el("th", {}, t(k))));
+  const rows = res.problems.map((p) => el("tr", { "data-serial": p.serial, "data-step": p.step },
+    el("td", {}, p.serial), el("td", {}, p.order_id || t("dash")), el("td", {}, p.step),
+    el("td", { class: p.state }, t("chain_" + p.state)), el("td", { "data-field": "detail" }, chainDetail(p.detail)),
+    el("td", {}, fmtTime(p.delivered_at))));
+  box.append(el("table", { class: "problems", id: "problems" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+  if (res.more) box.append(el("p", { class: "help small" }, t("chain_more", { n: res.problems.length })));
+}
+
+function showConn() {
+  const conn = $("conn");
+  conn.hidden = downSince === null;
+  if (downSince === null) { conn.replaceChildren(); return; }
+  const d = fmtDuration((Date.now() - downSince.getTime()) / 1000);
+  conn.replaceChildren(t("not_answering", { at: fmtClock(downSince), d, why: errorText(downWhy) }), " ",
+                       el("details", { class: "raw" }, el("summary", {}, t("details")),
+                          el("code", {}, String(downWhy))));
+}
+
+async function refresh() {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), STATUS_TIMEOUT_MS);
+  try {
+    let r;
+    try {
+      r = await fetch("/status", { cache: "no-store", signal: abort.signal });
+    } catch (e) {
+      throw new Error(e.name === "AbortError" ? "no answer in time (AbortError)" : e.message);
+    }
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    const s = await r.json();
+    downSince = null;
+    downWhy = null;
+    render(s);
+  } catch (e) {
+    if (downSince === null) downSince = new Date();
+    downWhy = e.message;
+    if (lastStatus) render(lastStatus); else document.body.dataset.stale = "true";
   } finally {
+    clearTimeout(timer);
+    showConn();
     setTimeout(refresh, REFRESH_MS);
   }
 }
@@ -257,7 +383,7 @@ async function lookup() {
   try {
     r = await fetch(path, { headers, cache: "no-store" });
   } catch (e) {
-    showResult({ error: `${t("lookup_failed")}: ${e.message}` });
+    showResult({ error: e.message });
     return;
   }
   if (r.status === 401) {
@@ -277,7 +403,7 @@ async function lookup() {
   if (!r.ok) {
     let msg = `HTTP ${r.status}`;
     try { msg = (await r.json()).error || msg; } catch (_) { /* not JSON */ }
-    showResult({ error: `${t("lookup_failed")}: ${msg}` });
+    showResult({ error: msg });
     return;
   }
   showResult({ order: await r.json() });
@@ -288,7 +414,10 @@ function showResult(res) {
   const box = $("result");
   box.replaceChildren();
   if (!res) return;
-  if (res.error) { box.append(el("p", { class: "error", id: "lookup-error" }, res.error)); return; }
+  if (res.error) {
+    box.append(el("p", { class: "error", id: "lookup-error" }, `${t("lookup_failed")}: `, errorNode(res.error)));
+    return;
+  }
   if (res.notFound) {
     const hint = res.notFound.includes(":") ? "" : ` ${t("add_channel")}`;
     box.append(el("p", { class: "error", id: "lookup-error" },
@@ -298,11 +427,12 @@ function showResult(res) {
   const o = res.order;
   let smsText = t("sms_none");
   if (o.sms) {
-    smsText = o.sms.state === "sent" ? t("sms_sent_to", o.sms.phone || "")
-      : t("sms_state_to", t("state_" + o.sms.state), o.sms.phone);
+    const st = t("state_" + o.sms.state);
+    smsText = o.sms.state === "sent" ? t("sms_sent_to", { p: o.sms.phone || "" })
+      : o.sms.phone ? `${st} (${o.sms.phone})` : st;
   }
   const rows = [
-    ["r_state", `${o.state} — ${t("st_" + o.state)}`, "state"],
+    ["r_state", `${t("os_" + o.state)} — ${t("st_" + o.state)}`, "state"],
     ["r_serial", o.serial, "serial"],
     [o.state === "buffered" ? "r_pinned" : "r_cluster",
      (o.state === "buffered" ? o.pinned_to : o.cluster) || t("none"), "cluster"],
@@ -310,6 +440,10 @@ function showResult(res) {
     ["r_received", fmtTime(o.received_at), "received_at"],
     ["r_sms", smsText, "sms"],
   ];
+  if (o.chain) {
+    const steps = Object.entries(o.chain).map(([step, st]) => `${step}: ${t("chain_" + st)}`);
+    rows.push(["r_chain", steps.join(", "), "chain"]);
+  }
   const table = el("table", { id: "order", "data-state": o.state });
   for (const [k, v, field] of rows) {
     table.append(el("tr", {}, el("th", {}, t(k)), el("td", { "data-field": field }, v)));
@@ -317,7 +451,10 @@ function showResult(res) {
   box.append(table);
 }
 
-function init() {
+async function init() {
+  try {
+    T = await (await fetch("/console/strings.json")).json();
+  } catch (_) { /* the keys show instead of texts; /status still works */ }
   const saved = localStorage.getItem(LANG_KEY);
   lang = saved || document.documentElement.dataset.lang || "en";
   for (const b of document.querySelectorAll("[data-set-lang]")) {
@@ -328,6 +465,7 @@ function init() {
     });
   }
   $("lookup").addEventListener("submit", (ev) => { ev.preventDefault(); lookup(); });
+  $("chain-list").addEventListener("click", () => listProblems());
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const v = $("token").value.trim();

@@ -25,6 +25,9 @@ ReadySource = Callable[[], bool]
 Refresh = Callable[[], Awaitable[None]]
 SmsLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
 ChainLookup = Callable[[str], Awaitable[dict[str, str] | None]]
+# Failed and overdue chain steps with what was wrong, oldest first, at most N.
+ChainProblems = Callable[[int], Awaitable[list[dict[str, Any]]]]
+CHAIN_PROBLEMS_LIMIT = 200
 log = logging.getLogger("agent.http")
 # Headers we read; a value that is not valid UTF-8 is a 400 naming the header.
 READ_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key")
@@ -48,6 +51,7 @@ class HttpApi:
         refresh_metrics: Refresh,
         sms_lookup: SmsLookup | None = None,
         chain_lookup: ChainLookup | None = None,
+        chain_problems: ChainProblems | None = None,
     ) -> None:
         self._intake = intake
         self._metrics = metrics
@@ -59,6 +63,7 @@ class HttpApi:
         self._refresh_metrics = refresh_metrics
         self._sms_lookup = sms_lookup
         self._chain_lookup = chain_lookup
+        self._chain_problems = chain_problems
 
     def build_app(self) -> web.Application:
         # Bodies are read by hand below, so aiohttp's own limit only guards the rest.
@@ -68,6 +73,7 @@ class HttpApi:
         app.router.add_post("/v1/orders", self.post_order)
         app.router.add_get("/v1/orders/by-key/{key:.+}", self.get_by_key)
         app.router.add_get("/v1/orders/{serial}", self.get_by_serial)
+        app.router.add_get("/v1/chain/problems", self.chain_problems)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/status", self.status)
@@ -184,6 +190,20 @@ class HttpApi:
         if self._chain_lookup is None:
             return {**answer, "sms": notice}
         return {**answer, "sms": notice, "chain": await self._chain_lookup(serial)}
+
+    async def chain_problems(self, request: web.Request) -> web.Response:
+        """The outage orders whose chain step failed or is overdue, with what was wrong:
+        the list customer service and finance work through (behind the token: it names
+        orders)."""
+        if self._chain_problems is None:
+            return json_response(
+                404, {"error": "chain verification is off: set [chain] enabled = true"}
+            )
+        rows = await self._chain_problems(CHAIN_PROBLEMS_LIMIT + 1)
+        return json_response(
+            200,
+            {"problems": rows[:CHAIN_PROBLEMS_LIMIT], "more": len(rows) > CHAIN_PROBLEMS_LIMIT},
+        )
 
     async def console_page(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent import __version__
 from agent.base.metrics import Metrics
 from agent.chain.verifier import Verifier
 from agent.config import Config
@@ -36,6 +37,7 @@ from agent.spool.files import remove_stale_temps
 from agent.spool.housekeeping import Housekeeper
 from agent.spool.reconcile import reconcile
 from agent.spool.record import BufferDirs
+from agent.spool.rejected import RejectedCount
 from agent.spool.writer import PendingSpool
 from agent.state.journal import Journal
 from agent.state.owner import DirOwner, own_all, unusable_directory
@@ -76,6 +78,7 @@ class Service:
         self.journal = Journal(cfg.agent.state_dir)
         self.serials = SerialIssuer(self.journal, cfg.agent.node_id, self.dirs.root)
         self.spool = PendingSpool(self.dirs, cfg.buffer.max_bytes)
+        self.rejected = RejectedCount(self.dirs)
         self.resolver = ClusterResolver(cfg.upstream.nameservers, cfg.health.timeout_s)
         self.upstream = UpstreamClient(cfg.agent.node_id, self.resolver)
         self.health = HealthMonitor(self.upstream, self.resolver, cfg.health, _clusters(cfg))
@@ -135,6 +138,9 @@ class Service:
             self.refresh_metrics,
             sms_lookup=self.outbox.notice if self.outbox else None,
             chain_lookup=chain.chain_of if chain else None,
+            chain_problems=(
+                functools.partial(chain.ledger.problems, cfg.chain.deadline_s) if chain else None
+            ),
         )
         self._runner: web.AppRunner | None = None
         self.accept_errors = AcceptErrorLog()
@@ -242,6 +248,7 @@ class Service:
         self.serials.raise_floor(view.max_counter)
         await self.serials.start()
         await self._start(self.spool)
+        await self._start(self.rejected)
         if self.outbox is not None:  # before the listener: a 202 may queue an SMS
             await self._start(self.outbox)
         if self.chain is not None:  # before the listener and the drain: both enrol
@@ -285,6 +292,11 @@ class Service:
             self.metrics.refusing.labels(cluster=name).set_function(
                 functools.partial(self._refusing, name)
             )
+            self.metrics.cluster_up.labels(cluster=name).set_function(
+                functools.partial(self._cluster_up, name)
+            )
+        self.metrics.build_info.labels(version=__version__).set(1)
+        self.metrics.rejected_files.set_function(lambda: self.rejected.count or 0)
         self.metrics.pending.set_function(lambda: self.spool.count)
         self.metrics.pending_bytes.set_function(lambda: self.spool.bytes)
         for name in MODES:
@@ -366,6 +378,10 @@ class Service:
 
     def _is_mode(self, name: str) -> int:
         return int(self.mode() == name)
+
+    def _cluster_up(self, name: str) -> int:
+        cluster = self.health.clusters.get(name)
+        return int(cluster is not None and cluster.healthy)
 
     def _refusing(self, name: str) -> int:
         cluster = self.health.clusters.get(name)
@@ -452,6 +468,9 @@ class Service:
             ),
             "max_bytes": self.cfg.buffer.max_bytes,
             "mode_history": list(self.mode_history),
+            # files in rejected/ for ops to review (counted on a timer: may lag a few s)
+            "rejected": self.rejected.count,
+            "version": __version__,
             # step -> {state: count} for outage orders (CONTRACT 10); null when off
             "chain": await self.chain.counts() if self.chain is not None else None,
             "now": time.time(),

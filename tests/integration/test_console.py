@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
@@ -98,3 +99,78 @@ async def test_status_has_mode_history_drain_rate_and_eta(make_agent, center: Fa
         "process_start_time_seconds",
     ):
         assert name in text, name
+
+
+STRINGS = Path(console.__file__).parent / "strings.json"
+CONSOLE_JS = Path(console.__file__).parent / "console.js"
+# Words the API and the config use for states and modes: never shown raw in the zh view.
+RAW_STATES = [
+    "normal",
+    "standby",
+    "offline",
+    "healthy",
+    "down",
+    "refusing",
+    "forwarded",
+    "buffered",
+    "merged",
+    "rejected",
+    "queued",
+    "sending",
+    "sent",
+    "failed",
+    "suppressed",
+    "skipped",
+    "ambiguous",
+    "verified",
+    "pending",
+    "overdue",
+    "primary",
+    "error",
+    "details",
+    "version",
+]
+
+
+def test_every_english_text_has_its_chinese_one_and_no_raw_state_name() -> None:
+    table = orjson.loads(STRINGS.read_bytes())
+    en, zh = table["en"], table["zh"]
+    assert set(en) == set(zh), {"missing in zh": set(en) - set(zh), "not in en": set(zh) - set(en)}
+    for key, text in zh.items():
+        assert text.strip(), key
+        # Quoted log lines, directory names and commands stay as they are typed.
+        bare = re.sub(r'"[^"]*"|\S*/\S*|edge-recover|--\w+|systemctl|journalctl', "", text)
+        raw = [w for w in RAW_STATES if re.search(rf"\b{w}\b", bare, re.IGNORECASE)]
+        assert raw == [], (key, text, raw)
+        # Same placeholders in both languages.
+        assert set(re.findall(r"\{\w+\}", text)) == set(re.findall(r"\{\w+\}", en[key])), key
+
+
+def test_every_text_the_script_asks_for_exists() -> None:
+    """Keys the script builds (t("state_" + s), t("err_" + kind) ...) and plain ones."""
+    en = orjson.loads(STRINGS.read_bytes())["en"]
+    js = CONSOLE_JS.read_text()
+    plain = set(re.findall(r'\bt\("(\w+)"(?!\s*\+)', js))
+    html = (Path(console.__file__).parent / "index.html").read_text()
+    plain |= set(re.findall(r'data-t="(\w+)"', html))
+    assert plain - set(en) == set(), plain - set(en)
+    built = {
+        "state_": ("queued", "sending", "sent", "failed", "suppressed", "skipped", "ambiguous"),
+        "os_": ("forwarded", "buffered", "merged", "rejected"),
+        "st_": ("forwarded", "buffered", "merged", "rejected"),
+        "chain_": ("verified", "pending", "failed", "overdue"),
+        "help_": ("normal", "standby", "offline"),
+    }
+    for prefix, names in built.items():
+        assert f't("{prefix}" +' in js, prefix
+        for name in names:
+            assert prefix + name in en, prefix + name
+    kinds = re.findall(r'\["(\w+)", /', js)
+    assert kinds and all(f"err_{k}" in en for k in [*kinds, "other"]), kinds
+
+
+async def test_strings_are_served_with_the_page(make_agent, center: FakeCenter) -> None:
+    agent = await make_agent(center.url)
+    async with agent.session.get(agent.url + "/console/strings.json") as r:
+        assert r.status == 200 and r.content_type == "application/json"
+        assert set(orjson.loads(await r.read())) == {"en", "zh"}

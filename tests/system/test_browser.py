@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
+import signal
 import tempfile
+import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from agent.drill.agent_proc import AgentSubprocess, drill_config, write_config_f
 from agent.drill.sandbox import Sandbox
 from agent.sandbox.servers import free_port
 from tests.support import host_tools
+from tests.support.chain_fakes import Downstream, chain_section
 from tests.support.harness import ROOT, wait_for
 
 pytestmark = pytest.mark.browser
@@ -75,7 +79,7 @@ class Browser:
     """One headless chromium through chromedriver; every call off the event loop (the
     sandbox centers live in it)."""
 
-    def __init__(self, lang: str, phone: bool) -> None:
+    def __init__(self, lang: str, phone: bool, tz: str | None = None) -> None:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
@@ -95,7 +99,9 @@ class Browser:
         else:
             options.add_argument("--window-size=1280,1000")
         self.phone = phone
-        self.driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+        # TZ: the time zone the page shows its dates in (chromium reads it at start).
+        env = {**os.environ, "TZ": tz} if tz else None
+        self.driver = webdriver.Chrome(options=options, service=Service(DRIVER, env=env))
         self.driver.set_page_load_timeout(20)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -205,9 +211,14 @@ async def agent(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[AgentSubproce
 
 
 async def post(
-    session: aiohttp.ClientSession, url: str, n: int, phone: str | None
+    session: aiohttp.ClientSession, url: str, n: int, phone: str | None, **extra: Any
 ) -> dict[str, Any]:
-    doc: dict[str, Any] = {"channel_id": "douyin", "channel_order_id": str(n), "amount": "9.90"}
+    doc: dict[str, Any] = {
+        "channel_id": "douyin",
+        "channel_order_id": str(n),
+        "amount": "9.90",
+        **extra,
+    }
     if phone:
         doc["customer_phone"] = phone
     async with session.post(
@@ -413,6 +424,198 @@ async def test_console_through_an_outage(
     for b in (desktop, phone):
         errors = expected_errors(await asyncio.to_thread(b.errors))
         assert errors == [], errors
+
+
+# A date as the console writes it, in both languages: ISO 8601 with the local offset.
+ISO_LOCAL = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d\d:\d\d"
+
+
+async def test_console_when_the_agent_dies_and_after_the_outage(
+    agent: AgentSubprocess, sandbox: Sandbox, browsers: list[Browser], tmp_path: Path
+) -> None:
+    """kill -9 of the agent: the last figures stay, greyed, under "not answering since";
+    nothing green remains. Back when it answers. Also the "after the outage" panel, the
+    rejected/ count, the version, ISO dates with the offset, and a zh view with no raw
+    English state names."""
+    ds = await Downstream(center=sandbox.centers["primary"]).start()
+    try:
+        await _restart_with_chain(agent, ds, tmp_path)
+        b = await asyncio.to_thread(Browser, "en-US,en", False, "Asia/Shanghai")
+        browsers.append(b)
+        await b.call(b.driver.get, agent.url + "/")
+        await until(lambda: _is(lambda: b.attr("mode", "data-mode"), "normal"), "mode normal")
+        assert re.fullmatch(ISO_LOCAL, await b.text("updated"))
+        assert (await b.text("updated")).endswith("+08:00")
+        assert re.search(r"\d\d:\d\d:\d\d \+08:00", await b.text("mode-since"))
+        assert f"version {agent_version()}" in await b.text("version")
+        # No chain activity yet: the panel shows each step at 0.
+        await until(lambda: b.js("return !document.getElementById('chain-card').hidden"), "chain")
+
+        # An outage with orders: buffered, then drained; the ERP posts one amount truncated.
+        ds.amount_override["3"] = "9.00"  # 9.90 with its decimals cut off
+        async with aiohttp.ClientSession() as session:
+            for name in ("primary", "standby"):
+                await sandbox.centers[name].go_down()
+            await until(lambda: _is(lambda: b.attr("mode", "data-mode"), "offline"), "offline")
+            for n in range(1, 5):
+                doc = await post(session, agent.url, n, None, total_amount="9.90")
+                assert doc["status"] == "buffered"
+            # A file the inbox refuses for good: rejected/ (ops must review it).
+            inbox = tmp_path / "spool" / "inbox"
+            (inbox / ".junk.part").write_bytes(b"\x00 not json")
+            os.rename(inbox / ".junk.part", inbox / "junk.json")
+            await sandbox.restore()
+            await until(lambda: _is(lambda: b.text("pending"), "0"), "drained", 30)
+
+            async def finance_failed() -> bool:
+                return bool(
+                    await b.js(
+                        "const c = document.querySelector("
+                        "'#chain tr[data-step=finance] td[data-state=failed]');"
+                        "return c !== null && c.textContent === '1' && c.classList.contains('warn')"
+                    )
+                )
+
+            await until(finance_failed, "finance: 1 failed, highlighted", 30)
+            # The orders behind the red figure, with what was wrong (behind the token).
+            await b.js("sessionStorage.setItem('edgeAgentToken', arguments[0])", TOKEN)
+            await b.click("#chain-list")
+
+            async def problem_listed() -> str:
+                return str(
+                    await b.js(
+                        "const d = document.querySelector("
+                        "'#problems tr[data-step=finance] [data-field=detail]');"
+                        "return d ? d.textContent : ''"
+                    )
+                )
+
+            await until(
+                lambda: _contains(
+                    problem_listed, '/amount is "9.00" downstream, the order says "9.90"'
+                ),
+                "the problem, both values",
+            )
+            await until(lambda: _is(lambda: b.text("rejected"), "1"), "1 rejected file", 20)
+            assert await b.js("return !document.getElementById('rejected-help').hidden")
+
+            # A cluster that does not answer: a short text, the library's words on demand.
+            await sandbox.centers["standby"].go_down()
+
+            async def standby_error() -> str:
+                return str(
+                    await b.js(
+                        "const e = document.querySelector('.cluster[data-cluster=standby] .err');"
+                        "return e ? e.dataset.kind : ''"
+                    )
+                )
+
+            await until(lambda: _in(standby_error, {"refused", "http", "timeout", "reset"}), "err")
+            raw = await b.js(
+                "return document.querySelector('.cluster[data-cluster=standby] .err code')"
+                ".textContent"
+            )
+            shown = await b.js(
+                "return document.querySelector('.cluster[data-cluster=standby] .err').innerText"
+            )
+            # The library's string is one click away (a closed <details>), not on the card.
+            assert raw and str(raw) not in str(shown), (raw, shown)
+            await sandbox.centers["standby"].come_up()
+            await until(
+                lambda: b.js("return document.querySelectorAll('.badge.ok').length >= 2"),
+                "healthy badges",
+            )
+
+            # kill -9 of the agent: the last data stays, greyed, with since when.
+            before = await b.text("pending")
+            agent.kill(signal.SIGKILL)
+            await agent.reap()
+            await until(
+                lambda: _is(lambda: b.js("return document.body.dataset.stale"), "true"),
+                "the dead-agent view",
+            )
+            banner = await b.text("conn")
+            assert re.search(r"not answering since \d\d:\d\d:\d\d \+08:00", banner), banner
+            assert await b.attr("mode", "data-mode") == "stale"
+            assert "last known" in await b.text("mode")
+            assert await b.text("pending") == before  # the last figures, not blanks
+            assert await b.js("return document.querySelectorAll('.badge.ok').length") == 0
+            mode_color = await b.js(
+                "return getComputedStyle(document.getElementById('mode')).color"
+            )
+            assert mode_color not in ("rgb(21, 128, 61)",), mode_color  # not the green of normal
+            assert "grayscale" in str(
+                await b.js("return getComputedStyle(document.getElementById('clusters')).filter")
+            )
+            shots = [await b.screenshot("console-desktop-dead-agent.png")]
+            # In Chinese: the banner and every state, with no raw English state name.
+            await b.click("#lang-zh")
+            assert "代理自" in await b.text("conn") and "无响应" in await b.text("conn")
+            page = str(await b.js("return document.querySelector('main').innerText"))
+            bare = re.sub(r"https?://\S+|\S*/\S*|edge-recover|--\w+|systemctl|journalctl", "", page)
+            for word in (
+                "normal",
+                "offline",
+                "healthy",
+                "down",
+                "buffered",
+                "verified",
+                "pending",
+                "failed",
+                "overdue",
+                "last known",
+                "since",
+            ):
+                m = re.search(rf"\b{word}\b", bare)
+                assert m is None, (word, bare[max(0, m.start() - 120) : m.end() + 60])
+            await b.click("#lang-en")
+
+            # Back: the agent answers again, normal and green.
+            agent.start()
+            await agent.wait_ready(session)
+            await until(
+                lambda: _is(lambda: b.js("return document.body.dataset.stale"), "false"),
+                "back to live data",
+                30,
+            )
+            await until(lambda: _is(lambda: b.attr("mode", "data-mode"), "normal"), "normal", 30)
+            assert await b.js("return document.getElementById('conn').hidden") is True
+            assert await b.js("return document.querySelectorAll('.badge.ok').length") >= 2
+            await b.click("#lang-zh")
+            await until(finance_failed, "finance failed after the restart (durable ledger)", 30)
+            shots.append(await b.screenshot("console-desktop-chain-zh.png"))
+        for path in shots:
+            assert path.stat().st_size > 10_000, path
+        errors = [
+            e
+            for e in expected_errors(await asyncio.to_thread(b.errors))
+            if "/status" not in e.get("message", "")  # the dead agent: refused, on purpose
+        ]
+        assert errors == [], errors
+    finally:
+        await ds.stop()
+
+
+def agent_version() -> str:
+    from agent import __version__
+
+    return __version__
+
+
+async def _restart_with_chain(agent: AgentSubprocess, ds: Any, tmp_path: Path) -> None:
+    """The fixture's agent, restarted with [chain] against the downstream fakes."""
+    agent.kill(15)
+    await agent.reap()
+    config = tomllib.loads(agent.config.read_text())
+    config["chain"] = chain_section(ds)
+    write_config_file(agent.config, config)
+    agent.start()
+    async with aiohttp.ClientSession() as session:
+        await agent.wait_ready(session)
+
+
+async def _in(fn: Callable[[], Any], want: set[str]) -> bool:
+    return str(await fn()) in want
 
 
 async def _is(fn: Callable[[], Any], want: Any) -> bool:
