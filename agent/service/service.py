@@ -121,6 +121,7 @@ class Service:
             cfg.agent.journal_retention_days,
             cfg.buffer.retention_days,
             finished=chain.finished if chain else None,
+            prune=chain.prune if chain else None,
         )
         self.api = HttpApi(
             self.intake,
