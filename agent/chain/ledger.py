@@ -37,7 +37,7 @@ from agent.chain.tally import Delta, Tally
 from agent.state.sqlite_db import SqliteDb
 
 __all__ = ["FAILED", "OVERDUE", "PENDING", "STATES", "VERIFIED", "Due", "Ledger"]
-LEDGER_NAME = "chain.sqlite3"  # in state_dir (the agent) or in DIR (edge-recover --mode chain)
+LEDGER_NAME = "chain.sqlite3"  # the agent's, in state_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -279,7 +279,10 @@ class Ledger:
         )
         now = time.time()
         return {
-            str(step): {"state": _shown(state, delivered_at, deadline_s, now), "detail": detail}
+            str(step): {
+                "state": shown_state(state, delivered_at, deadline_s, now),
+                "detail": detail,
+            }
             for step, state, detail, delivered_at in rows
             if step in self.steps
         }
@@ -347,5 +350,6 @@ def _forget(conn: sqlite3.Connection, serials: list[str]) -> list[Delta]:
     return [(str(step), str(state), float(at), -1) for step, state, at in rows]
 
 
-def _shown(state: str, delivered_at: float, deadline_s: float, now: float) -> str:
+def shown_state(state: str, delivered_at: float, deadline_s: float, now: float) -> str:
+    """The state as people see it: pending past the deadline is overdue."""
     return OVERDUE if state == PENDING and delivered_at + deadline_s < now else str(state)
