@@ -48,6 +48,11 @@ def toml_value(value: Any) -> str:
 
 
 def write_config_file(path: Path, sections: Sections) -> Path:
+    path.write_text(config_text(sections), encoding="utf-8")
+    return path
+
+
+def config_text(sections: Sections) -> str:
     """A list of tables under a key (``chain.step``) is written as ``[[name.key]]``."""
     lines = []
     for name, values in sections.items():
@@ -66,8 +71,7 @@ def write_config_file(path: Path, sections: Sections) -> Path:
                 lines.append(f"[[{name}.{key}]]")
                 lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
                 lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return "\n".join(lines)
 
 
 def drill_config(
@@ -108,6 +112,7 @@ def drill_config(
             "retry_max_s": 1,
         },
         "auth": {"tokens_file": ""},
+        "chain": sandbox.chain_section(),
     }
 
 

@@ -8,6 +8,7 @@ import sys
 
 from aiohttp import web
 
+from agent.drill.agent_proc import config_text
 from agent.drill.report import print_table, write_report
 from agent.drill.runner import SCENARIOS, run_drills
 from agent.drill.sandbox import PRIMARY_NAME, Sandbox
@@ -79,6 +80,8 @@ async def _sandbox() -> int:
         f'  nameservers = ["{box.dns.nameserver}"]\n'
         f'  [sms]\n  provider = "http"\n  url = "{box.sms.url}"'
     )
+    chain = config_text({"chain": box.chain_section()}).strip()
+    print("\n".join("  " + line if line else "" for line in chain.splitlines()))
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
