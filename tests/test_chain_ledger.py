@@ -153,3 +153,35 @@ async def test_finished_orders_are_forgotten_after_retention_and_never_enrolled_
         assert await verifier.ledger.serials() == set(serials[1:])
     finally:
         await downstream.stop()
+
+
+async def test_an_order_id_lost_to_a_power_cut_is_asked_of_the_center(
+    make_agent: AgentFactory, center: FakeCenter
+):
+    """Found by the LazyFS cut during verification: a merged/ copy whose order_id write
+    was lost (and the journal's too) was enrolled without it, and every step was failed
+    for good ("cannot build the check"). The center knows the order by its key."""
+    from tests.recover_helpers import body, record
+
+    downstream = await Downstream(center=center).start()
+    try:
+        agent = await make_agent(center.url, chain=chain_section(downstream))
+        text = body(7, total_amount="12.30")
+        rec = record(7, 7, node="wh-test-01", text=text)
+        center.take(rec.dedupe_key, text.encode())  # delivered: the center holds it
+        downstream.repushed.add(order_id_of(center, 7))
+        downstream.invoice_all = True
+        (agent.spool / "merged").mkdir(exist_ok=True)
+        (agent.spool / "merged" / rec.filename).write_bytes(rec.to_bytes())  # no order_id
+        verifier = agent.service.chain
+        assert verifier is not None
+        assert await verifier.scan_merged() == 1
+        await wait_for(lambda: _all_verified(verifier, rec.serial), what="verified by key")
+
+    finally:
+        await downstream.stop()
+
+
+async def _all_verified(verifier: Any, serial: str) -> bool:
+    steps = await verifier.ledger.chain_of(serial, DEADLINE_S)
+    return {k: v["state"] for k, v in steps.items()} == dict.fromkeys(STEPS, VERIFIED)

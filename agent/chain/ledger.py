@@ -226,6 +226,20 @@ class Ledger:
             )
         )
 
+    async def set_order_id(self, serial: str, order_id: str) -> None:
+        """The center's order_id, learnt after the order was enrolled without it."""
+        await self._writer.submit(
+            _Op(
+                (
+                    (
+                        "UPDATE orders SET order_id=? WHERE serial=? AND order_id IS NULL",
+                        (order_id, serial),
+                    ),
+                ),
+                False,
+            )
+        )
+
     async def prune(
         self, before: float, keep: Callable[[list[str]], Awaitable[set[str]]]
     ) -> list[str]:

@@ -30,6 +30,7 @@ import aiohttp
 
 from agent.chain.enrol import (
     STANDBY,
+    FindOrderId,
     Found,
     from_order,
     from_record,
@@ -37,9 +38,9 @@ from agent.chain.enrol import (
     timestamp,
     unknown_merged,
 )
-from agent.chain.judge import judge, settle
+from agent.chain.judge import Verdict, judge, settle
 from agent.chain.ledger import LEDGER_NAME, Due, Ledger
-from agent.chain.steps import ChainOrder, StepCheck, build_steps, load_plugins
+from agent.chain.steps import ChainOrder, Outcome, StepCheck, build_steps, load_plugins
 from agent.config import ChainSection
 from agent.errors import CorruptRecordError, PersistError
 from agent.orders import Order
@@ -58,8 +59,10 @@ class Verifier:
         dirs: BufferDirs,
         journal: Journal,
         scan_interval_s: float,
+        find_order_id: FindOrderId | None = None,
     ) -> None:
         self.cfg = cfg
+        self._find_order_id = find_order_id
         self._dirs = dirs
         self._journal = journal
         self._scan_interval_s = scan_interval_s
@@ -282,6 +285,16 @@ class Verifier:
     async def check_one(self, item: Due) -> None:
         """Check one step of one order, ask its repair if due, store the result."""
         interval = self.cfg.recheck_interval_s
+        if item.order.order_id is None and self._find_order_id is not None:
+            order_id = await self._find_order_id(item.order.dedupe_key)
+            if order_id is None:
+                detail = "order_id not known yet: asking the center again at the next recheck"
+                verdict = Verdict(Outcome.RETRY, item.state, detail, item.last_repair)
+                await settle(self.ledger, item, verdict, interval)
+                return
+            await self.ledger.set_order_id(item.order.serial, order_id)
+            order = dataclasses.replace(item.order, order_id=order_id)
+            item = dataclasses.replace(item, order=order)
         verdict = await judge(self._steps[item.step], item, interval)
         await settle(self.ledger, item, verdict, interval)
 
