@@ -60,6 +60,9 @@ class ChainJob:
 
 
 async def run_chain(job: ChainJob, stop: asyncio.Event) -> int:
+    # The agent logs each change of state (its journal keeps them); here the summary and
+    # the report do, and 300,000 lines on stderr would bury the progress. Failures stay.
+    logging.getLogger("agent.chain").setLevel(logging.WARNING)
     names = [s.name for s in job.cfg.steps]
     ledger = Ledger(job.root / LEDGER_FILE, names)
     await ledger.start()
