@@ -120,7 +120,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     problems: list[str] = []  # files that are no usable order, named after the summary
     ck_path = job.root / CHECKPOINT_NAME
     checkpoint = Checkpoint(ck_path, run=time_ms())
-    stop = _stop_event()
+    stop = stop_event()
     ranker = Ranker(ck_path)
     try:
         sender = Sender(
@@ -338,7 +338,7 @@ async def _verify(job: Job, client: UpstreamClient) -> int:
     summary = Summary("verify", job.target, outcomes=VERIFY_OUTCOMES)
     summary.total = await asyncio.to_thread(count_merged, merged)
     progress = Progress(summary.total, "verify")
-    stop = _stop_event()
+    stop = stop_event()
     verifier = Verifier(
         merged, client, job.target, job.concurrency, job.timeout_s, summary, progress, stop
     )
@@ -360,7 +360,7 @@ async def _verify(job: Job, client: UpstreamClient) -> int:
     return EXIT_ORDERS if bad or stop.is_set() else EXIT_OK
 
 
-def _stop_event() -> asyncio.Event:
+def stop_event() -> asyncio.Event:
     """SIGINT/SIGTERM: send nothing more, let the requests already on the wire finish (their
     timeout bounds that), checkpoint, stop. A second signal ends the process at once.
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from agent import __version__
+from agent.chain.steps import load_plugins
 from agent.config import Config, load_config, resolve_config_path
 from agent.delivery.targets import cluster_of
 from agent.errors import ConfigError, UsageError
 from agent.usage import OneLineParser, pipe_safe
-from recovery.app import EXIT_USAGE, AlreadyRunning, Job, run
+from recovery.app import EXIT_USAGE, AlreadyRunning, Job, run, stop_event
+from recovery.chain import ChainJob, run_chain
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,14 +32,18 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="buffer directory (DIR/pending/*.json and loose DIR/*.json files)",
     )
-    p.add_argument("--mode", required=True, choices=("merge", "dry-run", "verify"))
+    p.add_argument("--mode", required=True, choices=("merge", "dry-run", "verify", "chain"))
     p.add_argument(
         "--config",
         help="agent config (default $EDGE_AGENT_CONFIG, then "
         "/etc/edge-agent/agent.toml); gives the target and node id",
     )
     p.add_argument("--target", help="order center base URL (default: upstream.primary)")
-    p.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        help="requests in flight (32; chain: at most [chain] concurrency)",
+    )
     p.add_argument("--rate", type=float, help="at most N orders per second (default: no cap)")
     p.add_argument(
         "--batch",
@@ -60,6 +66,9 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     try:
+        if args.mode == "chain":
+            chain_job = _chain_job(args)
+            return asyncio.run(_chain(chain_job))
         job = _job(args)
         return asyncio.run(run(job))
     except (ConfigError, UsageError, AlreadyRunning) as exc:
@@ -71,8 +80,7 @@ def _job(args: argparse.Namespace) -> Job:
     root = Path(args.path)
     if not root.is_dir():
         raise UsageError(f"--path {args.path}: not a directory")
-    if args.concurrency < 1:
-        raise UsageError("--concurrency must be at least 1")
+    _check_concurrency(args)
     if args.batch < 1:
         raise UsageError("--batch must be at least 1")
     if args.rate is not None and not args.rate > 0:
@@ -94,9 +102,6 @@ def _job(args: argparse.Namespace) -> Job:
     parts = urlsplit(target)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--target {target!r} is not an http(s) URL")
-    report = Path(args.report) if args.report else None
-    if report is not None and not report.parent.is_dir():
-        raise UsageError(f"--report {args.report}: directory {report.parent} does not exist")
     return Job(
         root=root.resolve(),
         mode=args.mode,
@@ -104,13 +109,56 @@ def _job(args: argparse.Namespace) -> Job:
         node=cfg.agent.node_id if cfg else "X",
         timeout_s=cfg.upstream.timeout_s if cfg else 5.0,
         nameservers=cfg.upstream.nameservers if cfg else (),
-        concurrency=args.concurrency,
+        concurrency=args.concurrency or 32,
         rate=args.rate,
         batch=args.batch,
-        report=report,
+        report=_report(args),
         cluster=cluster,
         clusters=clusters,
     )
+
+
+def _check_concurrency(args: argparse.Namespace) -> None:
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+
+
+def _report(args: argparse.Namespace) -> Path | None:
+    report = Path(args.report) if args.report else None
+    if report is not None and not report.parent.is_dir():
+        raise UsageError(f"--report {args.report}: directory {report.parent} does not exist")
+    return report
+
+
+def _chain_job(args: argparse.Namespace) -> ChainJob:
+    """--mode chain: the steps come from the config's [chain] (its `enabled` is the agent's
+    business); the checks go to the step URLs, so --target means nothing here."""
+    root = Path(args.path)
+    if not root.is_dir():
+        raise UsageError(f"--path {args.path}: not a directory")
+    if args.target is not None:
+        raise UsageError("--target is not used by --mode chain: the steps name their systems")
+    _check_concurrency(args)
+    path = resolve_config_path(args.config)
+    if args.config is None and not Path(path).exists():
+        raise UsageError(
+            f"--mode chain needs the [chain] steps: pass --config PATH (no config file at {path})"
+        )
+    cfg = load_config(path, tokens=False)
+    if not cfg.chain.steps:
+        raise UsageError(f"{path}: no [[chain.step]] configured: nothing to verify")
+    return ChainJob(
+        root=root.resolve(),
+        cfg=cfg.chain,
+        plugins=load_plugins(cfg.chain.steps),  # a bad step class: exit 2 before any work
+        concurrency=min(cfg.chain.concurrency, args.concurrency or cfg.chain.concurrency),
+        report=_report(args),
+        source=path,
+    )
+
+
+async def _chain(job: ChainJob) -> int:
+    return await run_chain(job, stop_event())
 
 
 def _config(arg: str | None, need: bool) -> Config | None:

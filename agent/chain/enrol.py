@@ -10,7 +10,7 @@ from disk, in a worker thread.
 from __future__ import annotations
 
 import os
-from collections.abc import Container
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,11 +18,14 @@ from typing import Any
 import orjson
 
 from agent.chain.steps import ChainOrder
-from agent.errors import CorruptRecordError
+from agent.errors import CorruptRecordError, UpstreamError
 from agent.orders import Order
 from agent.spool.record import BufferDirs, PendingRecord, is_order_file, parse_tolerant
+from agent.upstream.client import UpstreamClient
 
 STANDBY = "standby"
+# dedupe key -> the center's order_id, None when no center says (yet)
+FindOrderId = Callable[[str], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,20 @@ def read_merged(dirs: BufferDirs, name: str) -> Found:
     delivered = float(merged_at) if isinstance(merged_at, int | float) else mtime
     order_id = doc.get("order_id") if isinstance(doc, dict) else None
     return Found(from_record(record, order_id), delivered)
+
+
+def at_the_centers(client: UpstreamClient, urls: list[str], timeout_s: float) -> FindOrderId:
+    """Ask each center ``GET /orders/by-key/{key}`` for an order_id the agent lost (a
+    power cut took the merged/ copy's and the journal's last write, not the order)."""
+
+    async def find(key: str) -> str | None:
+        for url in urls:
+            try:
+                status, doc = await client.get_by_key(url, key, timeout_s)
+            except UpstreamError:
+                continue
+            if status == 200 and isinstance(doc, dict) and doc.get("order_id") is not None:
+                return str(doc["order_id"])
+        return None
+
+    return find

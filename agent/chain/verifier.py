@@ -23,12 +23,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from agent.chain.enrol import (
     STANDBY,
+    FindOrderId,
     Found,
     from_order,
     from_record,
@@ -36,17 +38,10 @@ from agent.chain.enrol import (
     timestamp,
     unknown_merged,
 )
-from agent.chain.ledger import FAILED, PENDING, VERIFIED, Due, Ledger
-from agent.chain.steps import (
-    ChainOrder,
-    CheckResult,
-    Outcome,
-    StepCheck,
-    build_steps,
-    load_plugins,
-)
+from agent.chain.judge import Verdict, judge, settle
+from agent.chain.ledger import LEDGER_NAME, Due, Ledger
+from agent.chain.steps import ChainOrder, Outcome, StepCheck, build_steps, load_plugins
 from agent.config import ChainSection
-from agent.delivery.pacing import jittered
 from agent.errors import CorruptRecordError, PersistError
 from agent.orders import Order
 from agent.spool.record import BufferDirs, PendingRecord
@@ -54,7 +49,6 @@ from agent.state.journal import Journal
 
 log = logging.getLogger("agent.chain")
 SCAN_BATCH = 2000  # merged/ files read per round of the scan
-_STATE = {Outcome.VERIFIED: VERIFIED, Outcome.PENDING: PENDING, Outcome.FAILED: FAILED}
 
 
 class Verifier:
@@ -65,13 +59,15 @@ class Verifier:
         dirs: BufferDirs,
         journal: Journal,
         scan_interval_s: float,
+        find_order_id: FindOrderId | None = None,
     ) -> None:
         self.cfg = cfg
+        self._find_order_id = find_order_id
         self._dirs = dirs
         self._journal = journal
         self._scan_interval_s = scan_interval_s
         self._plugins = load_plugins(cfg.steps)  # ConfigError now, not at the first check
-        self.ledger = Ledger(state_dir, [s.name for s in cfg.steps])
+        self.ledger = Ledger(Path(state_dir) / LEDGER_NAME, [s.name for s in cfg.steps])
         self._session: aiohttp.ClientSession | None = None
         self._steps: dict[str, StepCheck] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -288,38 +284,19 @@ class Verifier:
 
     async def check_one(self, item: Due) -> None:
         """Check one step of one order, ask its repair if due, store the result."""
-        step = self._steps[item.step]
-        result: CheckResult = await step.check(item.order)
-        now = time.time()
         interval = self.cfg.recheck_interval_s
-        state = _STATE.get(result.outcome, item.state)  # RETRY: as it was
-        detail = result.detail
-        if result.outcome is Outcome.RETRY:
-            detail = f"retrying: {result.detail}"
-        last_repair = item.last_repair
-        if (
-            result.outcome is Outcome.PENDING
-            and step.can_repair
-            and (last_repair is None or now - last_repair >= interval)
-        ):
-            await step.repair(item.order)
-            last_repair = now
-            detail = f"{detail}; repair asked"
-        if state != item.state:
-            level = logging.WARNING if state == FAILED else logging.INFO
-            log.log(
-                level,
-                "chain: %s %s %s -> %s: %s",
-                item.order.serial,
-                item.step,
-                item.state,
-                state,
-                detail,
-                extra={"serial": item.order.serial, "step": item.step, "state": state},
-            )
-        await self.ledger.record(
-            item.order.serial, item.step, state, detail, now + jittered(interval), last_repair
-        )
+        if item.order.order_id is None and self._find_order_id is not None:
+            order_id = await self._find_order_id(item.order.dedupe_key)
+            if order_id is None:
+                detail = "order_id not known yet: asking the center again at the next recheck"
+                verdict = Verdict(Outcome.RETRY, item.state, detail, item.last_repair)
+                await settle(self.ledger, item, verdict, interval)
+                return
+            await self.ledger.set_order_id(item.order.serial, order_id)
+            order = dataclasses.replace(item.order, order_id=order_id)
+            item = dataclasses.replace(item, order=order)
+        verdict = await judge(self._steps[item.step], item, interval)
+        await settle(self.ledger, item, verdict, interval)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -329,7 +306,22 @@ class Verifier:
         return {name: v["state"] for name, v in steps.items()} or None
 
     async def counts(self) -> dict[str, dict[str, int]]:
-        return await self.ledger.counts(self.cfg.deadline_s)
+        return self.ledger.counts(self.cfg.deadline_s)
+
+    async def prune(self, keep_s: float) -> int:
+        """Forget finished orders delivered more than ``keep_s`` ago (the merged/ retention)
+        whose merged/ copy is gone: one still there would be enrolled again by the scan,
+        and housekeeping expires it first. How many were forgotten."""
+        merged = self._dirs.merged
+
+        def present(serials: list[str]) -> set[str]:
+            return {s for s in serials if (merged / f"{s}.json").exists()}
+
+        gone = await self.ledger.prune(
+            time.time() - keep_s, lambda serials: asyncio.to_thread(present, serials)
+        )
+        self._known.difference_update(gone)
+        return len(gone)
 
     async def finished(self) -> set[str]:
         return await self.ledger.finished()

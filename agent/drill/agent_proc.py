@@ -113,6 +113,7 @@ def drill_config(
             "retry_max_s": 1,
         },
         "auth": {"tokens_file": ""},
+        "chain": sandbox.chain_section(),
     }
 
 

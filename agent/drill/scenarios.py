@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.drill.chain import ChainRecover, ChainSettled, HoldInvoice
 from agent.drill.steps import (
     Context,
     Fail,
@@ -133,6 +134,22 @@ SCENARIOS: dict[str, list[Step]] = {
         WaitUntil("mode normal", _mode("normal")),
         Restore("standby"),
         WaitUntil("pending/ to drain", _drained, record="drain_s", since="restore:standby"),
+    ],
+    # After a total outage, the outage orders are verified downstream (CONTRACT 10): the
+    # tracking re-pushed and verified, the lagging invoices verified late, the truncated
+    # finance postings failed with both values, one invoice never issued overdue; and
+    # edge-recover --mode chain over the same buffer agrees.
+    "full-chain": [
+        Fail("primary", "refuse"),
+        Fail("standby", "refuse"),
+        WaitUntil("mode offline", _mode("offline")),
+        StartLoad(0.2),
+        WaitLoad(),
+        HoldInvoice(),
+        Restore("primary"),
+        WaitUntil("pending/ to drain", _drained, record="drain_s", since="restore:primary"),
+        ChainSettled(),
+        ChainRecover(),
     ],
     # The primary flaps every 300 ms under load.
     "flapping-primary": [

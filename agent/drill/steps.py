@@ -36,6 +36,7 @@ class Context:
     marks: dict[str, float] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
     agent_running: bool = True
+    facts: dict[str, Any] = field(default_factory=dict)  # what one step tells a later one
 
     def mark(self, what: str) -> None:
         self.marks[what] = time.monotonic()

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from agent import __version__
 from agent.base.metrics import Metrics
+from agent.chain.enrol import at_the_centers
 from agent.chain.verifier import Verifier
 from agent.config import Config
 from agent.delivery.router import Router
@@ -92,8 +93,14 @@ class Service:
         # Full-chain verification of outage orders (CONTRACT 10); loads step classes now.
         self.chain: Verifier | None = None
         if cfg.chain.enabled:
+            centers = [url for url in (cfg.upstream.primary, cfg.upstream.standby) if url]
             self.chain = Verifier(
-                cfg.chain, cfg.agent.state_dir, self.dirs, self.journal, cfg.buffer.scan_interval_s
+                cfg.chain,
+                cfg.agent.state_dir,
+                self.dirs,
+                self.journal,
+                cfg.buffer.scan_interval_s,
+                at_the_centers(self.upstream, centers, cfg.upstream.timeout_s),
             )
         chain = self.chain
         self.intake = Intake(
@@ -127,6 +134,7 @@ class Service:
             cfg.agent.journal_retention_days,
             cfg.buffer.retention_days,
             finished=chain.finished if chain else None,
+            prune=chain.prune if chain else None,
         )
         self.api = HttpApi(
             self.intake,

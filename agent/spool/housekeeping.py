@@ -19,6 +19,9 @@ DAY = 86_400.0
 # The serials whose chain verification is finished (CONTRACT 10): only their merged/
 # copies may expire. None: chain verification is off, every copy may.
 Finished = Callable[[], Awaitable[set[str]]]
+# Forget finished chain ledger rows older than the given seconds (after their merged/
+# copies expired): the ledger does not grow forever.
+Prune = Callable[[float], Awaitable[int]]
 
 
 class Housekeeper:
@@ -30,6 +33,7 @@ class Housekeeper:
         merged_retention_days: float,
         interval_s: float = 3600.0,
         finished: Finished | None = None,
+        prune: Prune | None = None,
     ) -> None:
         self._journal = journal
         self._dirs = dirs
@@ -37,6 +41,7 @@ class Housekeeper:
         self._merged_keep = merged_retention_days * DAY
         self._interval = interval_s
         self._finished = finished
+        self._prune = prune
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -56,6 +61,10 @@ class Housekeeper:
         removed = await asyncio.to_thread(expire_merged, self._dirs, self._merged_keep, only)
         if removed:
             log.info("expired %d merged/ files past retention", removed)
+        if self._prune is not None:
+            forgotten = await self._prune(self._merged_keep)
+            if forgotten:
+                log.info("chain ledger: forgot %d finished orders past retention", forgotten)
 
     async def _loop(self) -> None:
         while True:

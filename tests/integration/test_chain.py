@@ -160,12 +160,18 @@ async def test_overdue_past_a_fractional_deadline(
         timeout=15,
         what="the lagging invoice overdue",
     )
-    _, doc = await agent.get("/status")
+    # /status counts pending steps per second of delivery: overdue there at most 1 s later.
+    doc = await wait_for(lambda: _status_if(agent, "invoice", OVERDUE, 2), what="/status")
     assert doc["chain"]["invoice"] == {VERIFIED: 0, PENDING: 0, FAILED: 0, OVERDUE: 2}
     assert doc["chain"]["finance"][OVERDUE] == 0  # verified steps are never overdue
     # Late is still verified: overdue is a view of pending, not an end.
     downstream.invoice_all = True
     await wait_for(lambda: all_in(agent, serials, "invoice", VERIFIED), what="verified late")
+
+
+async def _status_if(agent: AgentHandle, step: str, state: str, n: int) -> Any:
+    _, doc = await agent.get("/status")
+    return doc if doc["chain"][step][state] == n else None
 
 
 async def test_503_and_refused_connections_are_retried_never_failed(

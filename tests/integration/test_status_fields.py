@@ -104,8 +104,8 @@ async def test_chain_problems_list_the_failed_orders_with_both_values(
     make_agent, center: FakeCenter, tmp_path: Path
 ) -> None:
     """GET /v1/chain/problems: what the console lists under "After the outage"."""
-    from tests.support.chain_fakes import Downstream, chain_section
     from tests.integration.test_chain import outage
+    from tests.support.chain_fakes import Downstream, chain_section
 
     tokens = tmp_path / "tokens"
     tokens.write_text("cs-token\n")

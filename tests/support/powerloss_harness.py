@@ -32,6 +32,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from agent.drill.agent_proc import config_text
 from agent.sandbox.servers import SandboxCenter, SandboxSmsGateway, free_port
 from tests.support.harness import wait_for
 from tests.support.powerloss_fs import REPO, LazyFs, drop_durably
@@ -230,11 +231,7 @@ class World:
         }
         for section, values in self.overrides.items():
             cfg.setdefault(section, {}).update(values)
-        lines = []
-        for section, values in cfg.items():
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in values.items()]
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text(config_text(cfg) + "\n")  # [[chain.step]] tables too
 
     async def start_agent(self, ready_timeout: float = 30) -> None:
         self.agent = Proc(

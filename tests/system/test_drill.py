@@ -47,13 +47,20 @@ def _check(code: int, out: str, doc: dict, names: tuple[str, ...]) -> None:
 
 
 def test_quick_drill_subset(tmp_path: Path):
-    names = ("primary-outage", "total-outage")
+    names = ("primary-outage", "total-outage", "full-chain")
+    assert set(names) <= set(SCENARIOS)  # every one is in the default set
     code, out, doc = _drill(tmp_path, *names)
     _check(code, out, doc, names)
     outage = doc["scenarios"][0]
     assert outage["figures"]["failover_s"] < 2.0
     total = doc["scenarios"][1]
     assert total["sms_sent"] == 20  # one per buffered order with a phone (every third)
+    # 12 outage orders (a fifth of 60): their tracking re-pushed and verified, the lagging
+    # invoices verified late, one finance posting in 10 truncated and reported failed, the
+    # one invoice never issued overdue; edge-recover --mode chain agreed.
+    chain = doc["scenarios"][2]["figures"]
+    assert chain["chain_orders"] == 12 and chain["chain_failed"] == 1
+    assert chain["chain_overdue"] == 1 and chain["chain_recover_s"] > 0
 
 
 @pytest.mark.drill_full

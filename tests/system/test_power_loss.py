@@ -23,6 +23,7 @@ Cut points (power cut = SIGKILL agent and edge-recover, then clear-cache):
   inbox pick-up     offline (30 files in pending/); forwarding (30 creates)
   retention         after a full drain, then during merged/ expiry at start-up (2 cuts)
   edge-recover      merge beside the draining agent, --batch 100 and --batch 1
+  chain ledger      the verifier writing check results and repairs (60 orders re-pushed)
   serials/start-up  two cuts in a row; a cut right after the restarted agent listens
 
 LazyFS faults: crash right after a pending temp file's fsync (before its rename); crash
@@ -45,6 +46,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
+from agent.sandbox.downstream import Downstream, chain_steps
 from tests.support.powerloss_fs import LazyFs, build, unavailable_reason
 from tests.support.powerloss_harness import Proc, World, cut_when, orders, wait_until
 
@@ -329,6 +331,84 @@ async def test_edge_recover_beside_agent_cut(world_factory, batch: str) -> None:
     w.start_recover("--batch", batch, "--rate", "150", "--concurrency", "8")
     await cut_when(w, lambda: w.creates() >= 60, "60 creates by edge-recover and the drain")
     await w.recover_and_check()
+
+
+# == chain verification: the ledger being written ======================================
+
+
+async def test_chain_ledger_cut_while_the_verifier_writes(world_factory, tmp_path) -> None:
+    """Every outage order keeps its place in the ledger; a power cut costs at most a
+    recheck (a repair asked again at most once), never a step's state without a
+    recheck; no order lost or created twice."""
+    ds = await Downstream(host="127.0.0.5").start()
+    try:
+        chain = {
+            "enabled": True,
+            "recheck_interval_s": 0.05,
+            "concurrency": 8,
+            "timeout_s": 2,
+            "step": chain_steps(ds, amount="/amount"),
+        }
+        w = await _buffer_then_primary_up(world_factory, "chn", 150, chain=chain)
+        ds.centers = [w.primary, w.standby]
+        await cut_when(w, lambda: len(ds.repush_calls) >= 60, "60 tracking re-pushes asked")
+        ledger = w.state / "chain.sqlite3"
+        on_disk = _ledger_rows(ledger, tmp_path)
+        # An order and its step rows commit together: never one without the others.
+        assert all(n == 3 for n in on_disk.values()), on_disk
+        ds.invoice_all = True
+        await w.recover_and_check()
+        outage = {serial for status, serial in w.ledger.first_ack.values() if status == 202}
+
+        async def all_verified() -> bool:
+            _, doc = await w.get_json("/status")
+            return bool(doc) and all(
+                doc["chain"][step]["verified"] == len(outage) for step in ("logistics", "invoice")
+            )
+
+        try:
+            await wait_until(all_verified, 60, "every outage order's steps verified")
+        except AssertionError:
+            _, doc = await w.get_json("/status")
+            import sqlite3
+
+            conn = sqlite3.connect(ledger)
+            bad = conn.execute(
+                "SELECT s.serial, s.step, s.detail, o.order_id, o.source FROM steps s "
+                "JOIN orders o USING (serial) WHERE s.state != 'verified'"
+            ).fetchall()
+            conn.close()
+            merged = w.spool / "merged"
+            copies = {r[0]: (merged / f"{r[0]}.json").read_bytes()[-200:] for r in bad[:2]}
+            raise AssertionError(
+                f"{len(outage)} outage orders; {doc and doc['chain']}; {bad[:6]}; {copies}"
+            ) from None
+        assert set(_ledger_rows(ledger, tmp_path)) == outage  # each kept or found its place
+        assert max(ds.repush_calls.values()) <= 2, ds.repush_calls  # at most a recheck lost
+    finally:
+        await ds.stop()
+
+
+def _ledger_rows(path: os.PathLike[str], tmp: os.PathLike[str]) -> dict[str, int]:
+    """serial -> its step rows, read from a copy (the ledger and its WAL, as on disk)."""
+    import shutil
+    import sqlite3
+    from pathlib import Path
+
+    copy = Path(tmp) / f"ledger-{os.urandom(4).hex()}"
+    copy.mkdir()
+    for suffix in ("", "-wal"):
+        if Path(f"{path}{suffix}").exists():
+            shutil.copy(f"{path}{suffix}", copy / f"chain.sqlite3{suffix}")
+    conn = sqlite3.connect(copy / "chain.sqlite3")
+    try:
+        rows = conn.execute(
+            "SELECT o.serial, COUNT(s.step) FROM orders o LEFT JOIN steps s USING (serial) "
+            "GROUP BY o.serial"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {str(serial): int(n) for serial, n in rows}
 
 
 # == serials and start-up ===============================================================
