@@ -1,0 +1,153 @@
+"""``edge-recover --from-replica NODE_ID``: a lost server's orders, from the replica.
+
+The replica (CONTRACT 11) is a source beside the directory source, not a second
+merge engine: its undelivered records are written as pending files into a work
+directory, and the directory merge runs there unchanged (dedupe, ranking,
+``pinned_to``, checkpoint, report, exit codes). What ends in merged/ or
+rejected/ there is then marked delivered or rejected in the replica, and a pin
+an unclear answer set is written back too, so another machine taking over
+later respects it.
+
+Resume after kill -9: a record already in the work directory (pending with its
+pin, or merged) is never written again; the next run merges what is left and
+marks what an earlier run merged but did not mark yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import orjson
+from nats.js import JetStreamContext
+
+from agent.base.durable import fsync_dir, write_file_durably
+from agent.config import ReplicationSection
+from agent.errors import CorruptRecordError, ReplicaError
+from agent.replica.stream import (
+    DELIVERED,
+    PINNED,
+    REJECTED,
+    UNDELIVERED,
+    Change,
+    connect,
+    publish_all,
+    states,
+)
+from agent.spool.moves import merged_document
+from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
+from recovery.app import EXIT_UNREACHABLE, Job, run
+
+log = logging.getLogger("recovery.replica")
+MARK_BATCH = 500
+
+
+async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
+    try:
+        nc = await connect(replication, f"edge-recover-{node}")
+    except ReplicaError as exc:
+        log.error("the replica is unreachable: %s", exc)
+        return EXIT_UNREACHABLE
+    try:
+        js = nc.jetstream(timeout=replication.timeout_s)
+        try:
+            known: dict[str, Change] = {}
+            async for batch in states(js, node, replication.timeout_s):
+                known.update((c.record.serial, c) for c in batch)
+        except ReplicaError as exc:
+            log.error("%s", exc)
+            return EXIT_UNREACHABLE
+        left = sum(1 for c in known.values() if c.state in UNDELIVERED)
+        log.info("replica holds %d orders of %s, %d not delivered", len(known), node, left)
+        if job.mode != "merge":
+            with tempfile.TemporaryDirectory(prefix="edge-recover-replica-") as tmp:
+                root = Path(tmp)
+                await asyncio.to_thread(_materialize, root, known, job.mode == "verify")
+                return await run(dataclasses.replace(job, root=root))
+        written = await asyncio.to_thread(_materialize, job.root, known, False)
+        log.info("%d records written to %s/pending for the merge", written, job.root)
+        code = await run(job)
+        marked = await _mark(js, job.root, known, replication.timeout_s)
+        log.info("%d orders marked in the replica", marked)
+        return code
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def _materialize(root: Path, known: dict[str, Change], delivered: bool) -> int:
+    """Write the undelivered records into root/pending (or, for verify, the delivered
+    ones into root/merged); never over a file an earlier run left."""
+    dirs = BufferDirs(root)
+    dirs.ensure()
+    written = 0
+    for serial, change in known.items():
+        name = f"{serial}.json"
+        if delivered:
+            if change.state == DELIVERED:
+                doc = merged_document(change.record, change.order_id, change.cluster or "")
+                write_file_durably(dirs.merged, name, doc)
+                written += 1
+            continue
+        if change.state not in UNDELIVERED or dirs.where(name) is not None:
+            continue
+        path = dirs.pending / name
+        tmp = dirs.pending / f".{name}.replica"
+        with open(tmp, "wb") as f:
+            f.write(change.record.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        written += 1
+    fsync_dir(dirs.pending)
+    return written
+
+
+def _outcomes(root: Path, known: dict[str, Change]) -> list[Change]:
+    """The changes the replica lacks: merged, rejected, or newly pinned here."""
+    dirs = BufferDirs(root)
+    out: list[Change] = []
+    for serial, change in known.items():
+        if change.state not in UNDELIVERED:
+            continue
+        name = f"{serial}.json"
+        where = dirs.where(name)
+        if where == "merged":
+            try:
+                doc = orjson.loads((dirs.merged / name).read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                doc = {}
+            order_id = doc.get("order_id") if isinstance(doc, dict) else None
+            cluster = doc.get("cluster") if isinstance(doc, dict) else None
+            out.append(Change(DELIVERED, change.record, order_id, cluster))
+        elif where == "rejected":
+            out.append(Change(REJECTED, change.record))
+        elif where == "pending":
+            with contextlib.suppress(OSError, CorruptRecordError):
+                record: PendingRecord = parse_tolerant(
+                    (dirs.pending / name).read_bytes(), f"pending/{name}"
+                )
+                if record.pinned_to != change.record.pinned_to:
+                    out.append(Change(PINNED, record, None, record.pinned_to))
+    return out
+
+
+async def _mark(
+    js: JetStreamContext, root: Path, known: dict[str, Change], timeout_s: float
+) -> int:
+    changes = await asyncio.to_thread(_outcomes, root, known)
+    marked = 0
+    for i in range(0, len(changes), MARK_BATCH):
+        batch = changes[i : i + MARK_BATCH]
+        results = await publish_all(js, batch, timeout_s)
+        for err in results:
+            if err is None:
+                marked += 1
+            else:
+                log.error("not marked in the replica (the next run does): %s", err)
+    return marked
