@@ -181,3 +181,21 @@ async def test_a_stream_with_fewer_replicas_refuses_start_with_one_line(
     assert proc.returncode == 2
     lines = [line for line in err.decode().splitlines() if STREAM in line]
     assert lines and "has 1 replicas" in lines[-1] and "replication.replicas is 3" in lines[-1]
+
+
+async def test_agent_starts_with_the_replica_down_and_refuses_until_it_is_back(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    await center.go_down()
+    for node in nats_cluster.nodes:
+        nats_cluster.kill(node)
+    agent = await make_agent(center.url, replication=replication(nats_cluster))
+    status, body = await agent.post(order("early"))
+    assert status == 503, body
+    assert agent.files("pending") == []
+    _, doc = await agent.get("/status")
+    assert doc["replication"]["healthy"] is False and doc["replication"]["last_error"]
+    nats_cluster.start()
+    await post_until_accepted(agent, 1, timeout=60)
+    _, doc = await agent.get("/status")
+    assert doc["replication"]["healthy"] is True

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 
 from agent.base.batching import GroupCommit
 from agent.config import ReplicationSection
-from agent.errors import ReplicaError
+from agent.errors import ConfigError, ReplicaError
 from agent.replica.stream import (
     DELIVERED,
     PENDING,
@@ -130,12 +130,9 @@ class Replicator:
 
     async def _flush(self, changes: list[Change]) -> list[BaseException | None]:
         if self._js is None or not self._ready:
-            try:
-                await self._connect()
-            except ReplicaError as exc:
-                self.last_error = str(exc)
-                return [exc] * len(changes)
-        assert self._js is not None
+            # Connecting is the retry task's job: an order does not wait for it.
+            error = ReplicaError(f"not connected to the replica: {self.last_error}")
+            return [error] * len(changes)
         results = await publish_all(self._js, changes, self.cfg.timeout_s)
         errors = [r for r in results if r is not None]
         if errors:
@@ -154,7 +151,7 @@ class Replicator:
             if not self._ready:
                 try:
                     await self._connect()
-                except ReplicaError as exc:
+                except (ReplicaError, ConfigError) as exc:  # ConfigError: ReplicaTooSmall
                     self.last_error = str(exc)
                     continue
             owed = list(self._owed.values())

@@ -104,11 +104,16 @@ async def connect(cfg: ReplicationSection, name: str) -> NatsClient:
     if cfg.credentials_file:
         options["user_credentials"] = cfg.credentials_file
     try:
-        return await nats.connect(**options)
+        # nats-py retries an unreachable first connection for ever when reconnects are
+        # unbounded: the first one is bounded here, the later ones are not.
+        return await asyncio.wait_for(nats.connect(**options), cfg.timeout_s * 2)
     except (NatsError, OSError, TimeoutError) as exc:
-        raise ReplicaError(
-            f"cannot reach NATS at {', '.join(cfg.servers)}: {exc or type(exc).__name__}"
-        ) from exc
+        raise ReplicaError(f"cannot reach NATS at {', '.join(cfg.servers)}: {why(exc)}") from exc
+
+
+def why(exc: BaseException) -> str:
+    """nats-py's timeouts have no message: say at least what kind of failure it was."""
+    return str(exc) or type(exc).__name__
 
 
 async def _quiet(exc: Exception) -> None:
@@ -130,7 +135,7 @@ async def ensure_stream(js: JetStreamContext, replicas: int, timeout_s: float) -
     except NotFoundError:
         info = None
     except (NatsError, TimeoutError) as exc:
-        raise ReplicaError(f"cannot look up stream {STREAM}: {exc or type(exc).__name__}") from exc
+        raise ReplicaError(f"cannot look up stream {STREAM}: {why(exc)}") from exc
     if info is not None:
         have = info.config.num_replicas or 1
         if have < replicas:
@@ -155,7 +160,7 @@ async def ensure_stream(js: JetStreamContext, replicas: int, timeout_s: float) -
     except (NatsError, TimeoutError) as exc:
         raise ReplicaError(
             f"cannot create stream {STREAM} with {replicas} replicas: "
-            f"{exc or type(exc).__name__} (are {replicas} JetStream servers up?)"
+            f"{why(exc)} (are {replicas} JetStream servers up?)"
         ) from exc
     log.info("replica: created stream %s with %d replicas", STREAM, replicas)
 
@@ -173,7 +178,7 @@ async def publish(js: JetStreamContext, change: Change, timeout_s: float) -> Non
     except (NatsError, TimeoutError, OSError) as exc:
         raise ReplicaError(
             f"replica did not store {change.state} of {change.record.serial} within "
-            f"{timeout_s}s: {exc or type(exc).__name__}"
+            f"{timeout_s}s: {why(exc)}"
         ) from exc
 
 
@@ -206,13 +211,13 @@ async def states(
     except NotFoundError as exc:
         raise ConfigError(f"no replica stream {STREAM} in this NATS cluster") from exc
     except (NatsError, TimeoutError) as exc:
-        raise ReplicaError(f"cannot list node {node_id} in the replica: {exc}") from exc
+        raise ReplicaError(f"cannot list node {node_id} in the replica: {why(exc)}") from exc
     try:
         while left > 0:
             try:
                 msgs = await sub.fetch(min(LIST_BATCH, left), timeout=timeout_s * 5)
             except (NatsError, TimeoutError) as exc:
-                raise ReplicaError(f"listing node {node_id} stopped: {exc}") from exc
+                raise ReplicaError(f"listing node {node_id} stopped: {why(exc)}") from exc
             batch: list[Change] = []
             for msg in msgs:
                 try:
