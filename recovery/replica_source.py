@@ -21,12 +21,13 @@ import dataclasses
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import orjson
 from nats.js import JetStreamContext
 
-from agent.base.durable import fsync_dir, write_file_durably
+from agent.base.durable import TMP_SUFFIX, fsync_dir, write_tmp
 from agent.config import ReplicationSection
 from agent.errors import CorruptRecordError, ReplicaError
 from agent.replica.stream import (
@@ -44,7 +45,7 @@ from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
 from recovery.app import EXIT_UNREACHABLE, Job, run
 
 log = logging.getLogger("recovery.replica")
-MARK_BATCH = 500
+MARK_BATCH = 2000
 
 
 async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
@@ -55,6 +56,7 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
         return EXIT_UNREACHABLE
     try:
         js = nc.jetstream(timeout=replication.timeout_s)
+        started = time.monotonic()
         try:
             known: dict[str, Change] = {}
             async for batch in states(js, node, replication.timeout_s):
@@ -63,17 +65,32 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
             log.error("%s", exc)
             return EXIT_UNREACHABLE
         left = sum(1 for c in known.values() if c.state in UNDELIVERED)
-        log.info("replica holds %d orders of %s, %d not delivered", len(known), node, left)
+        log.info(
+            "replica holds %d orders of %s, %d not delivered (listed in %.1fs)",
+            len(known),
+            node,
+            left,
+            time.monotonic() - started,
+        )
         if job.mode != "merge":
             with tempfile.TemporaryDirectory(prefix="edge-recover-replica-") as tmp:
                 root = Path(tmp)
                 await asyncio.to_thread(_materialize, root, known, job.mode == "verify")
                 return await run(dataclasses.replace(job, root=root))
+        started = time.monotonic()
         written = await asyncio.to_thread(_materialize, job.root, known, False)
-        log.info("%d records written to %s/pending for the merge", written, job.root)
+        log.info(
+            "%d records written to %s/pending for the merge in %.1fs",
+            written,
+            job.root,
+            time.monotonic() - started,
+        )
+        started = time.monotonic()
         code = await run(job)
+        log.info("merge done in %.1fs", time.monotonic() - started)
+        started = time.monotonic()
         marked = await _mark(js, job.root, known, replication.timeout_s)
-        log.info("%d orders marked in the replica", marked)
+        log.info("%d orders marked in the replica in %.1fs", marked, time.monotonic() - started)
         return code
     finally:
         with contextlib.suppress(Exception):
@@ -82,30 +99,50 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
 
 def _materialize(root: Path, known: dict[str, Change], delivered: bool) -> int:
     """Write the undelivered records into root/pending (or, for verify, the delivered
-    ones into root/merged); never over a file an earlier run left."""
+    ones into root/merged); never over an order file an earlier run left.
+
+    Not synced: the replica is the durable copy. A file a crash left torn (it does not
+    parse as this order) is written again; what the merge itself changes (a pin, the
+    move to merged/) it makes durable on its own.
+    """
     dirs = BufferDirs(root)
     dirs.ensure()
+    into = dirs.merged if delivered else dirs.pending
+    present = {sub: set(os.listdir(root / sub)) for sub in ("pending", "merged", "rejected")}
     written = 0
     for serial, change in known.items():
         name = f"{serial}.json"
         if delivered:
-            if change.state == DELIVERED:
-                doc = merged_document(change.record, change.order_id, change.cluster or "")
-                write_file_durably(dirs.merged, name, doc)
-                written += 1
-            continue
-        if change.state not in UNDELIVERED or dirs.where(name) is not None:
-            continue
-        path = dirs.pending / name
-        tmp = dirs.pending / f".{name}.replica"
-        with open(tmp, "wb") as f:
-            f.write(change.record.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+            if change.state != DELIVERED:
+                continue
+            data = merged_document(change.record, change.order_id, change.cluster or "")
+        else:
+            if change.state not in UNDELIVERED:
+                continue
+            if name in present["merged"] or name in present["rejected"]:
+                continue
+            if name in present["pending"] and _whole(dirs.pending / name, change.record):
+                continue
+            data = change.record.to_bytes()
+        tmp = into / f".{name}{TMP_SUFFIX}"
+        write_tmp(tmp, data, sync=False)
+        os.replace(tmp, into / name)
         written += 1
-    fsync_dir(dirs.pending)
+    fsync_dir(into)
     return written
+
+
+def _whole(path: Path, record: PendingRecord) -> bool:
+    """Does ``path`` hold ``record`` (maybe pinned since, by the merge)?"""
+    try:
+        found = parse_tolerant(path.read_bytes(), str(path))
+    except (OSError, CorruptRecordError):
+        return False
+    return (found.serial, found.dedupe_key, found.body) == (
+        record.serial,
+        record.dedupe_key,
+        record.body,
+    )
 
 
 def _outcomes(root: Path, known: dict[str, Change]) -> list[Change]:

@@ -155,7 +155,7 @@ async def test_returning_server_after_a_takeover_sends_nothing_again(
         assert len(order_files(spool / "merged")) == 30
         assert center.sends() == sent  # moved to merged/ without being sent
         key = next(iter(serials))
-        status, body = await post(session, agent.url, orders_for("lost", 1)[key])
+        status, body = await post(session, agent.url, orders_for("lost", 30)[key])
         assert (status, body["serial"]) == (200, serials[key])
         agent.kill(signal.SIGTERM)
         assert await reap(agent) == 0

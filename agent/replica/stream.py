@@ -121,7 +121,7 @@ async def _quiet(exc: Exception) -> None:
 
 
 async def _disconnected() -> None:
-    log.warning("replica: disconnected from NATS; reconnecting")
+    log.warning("replica: disconnected from NATS")
 
 
 async def _reconnected() -> None:
