@@ -202,6 +202,16 @@ def main() -> int:
             )
             print(f"  replication off: {off_rate:,.0f} orders/s, p50 {off_p50:.2f} ms")
             print(f"  replication on:  {on_rate:,.0f} orders/s, p50 {on_p50:.2f} ms")
+            seq = {
+                mode: asyncio.run(
+                    intake(work / f"seq-{mode}", cluster.urls if mode == "on" else None, 300, 1)
+                )[1]
+                for mode in ("off", "on")
+            }
+            print(
+                f"  one client at a time (300 orders): p50 off {seq['off']:.2f} ms, "
+                f"on {seq['on']:.2f} ms, added {seq['on'] - seq['off']:.2f} ms"
+            )
             added, ratio = on_p50 - off_p50, on_rate / off_rate
             print(f"  added p50 {added:.2f} ms (goal <= 2): {'PASS' if added <= 2 else 'MISS'}")
             print(f"  rate {ratio:.0%} of off (goal >= 70%): {'PASS' if ratio >= 0.7 else 'MISS'}")

@@ -21,7 +21,7 @@ from agent.replica.stream import DELIVERED
 from agent.sandbox.nats_cluster import NatsCluster, read_replica
 from tests.conftest import order, wait_for, write_config
 from tests.fakes import FakeCenter, free_port
-from tests.recover_helpers import recover
+from tests.recover_helpers import Recover, kill_when, recover
 from tests.test_crash import client, order_files, orders_for, post, reap, send_all, start_agent
 
 pytestmark = pytest.mark.replication
@@ -83,14 +83,21 @@ async def buffer_on_lost_server(
     return config, {k: body["serial"] for k, (_, body) in answers.items()}
 
 
+async def server_lost(
+    tmp_path: Path, center: FakeCenter, cluster: NatsCluster, agent_process: Any, n: int
+) -> tuple[dict[str, str], Path]:
+    """The lost server's ``n`` orders, the server gone (state dir and buffer deleted), the
+    center back, and another machine's config: (key -> serial, that config)."""
+    _, serials = await buffer_on_lost_server(tmp_path, center, cluster, agent_process, n)
+    shutil.rmtree(tmp_path / "lost")
+    await center.come_up()
+    return serials, agent_config(tmp_path / "other", center, cluster, "wh-other")
+
+
 async def test_lost_server_orders_merged_from_another_machine_exactly_once(
     tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster, agent_process: Any
 ) -> None:
-    _, serials = await buffer_on_lost_server(tmp_path, center, nats_cluster, agent_process, 40)
-    # The server is gone: its state dir and its buffer with it.
-    shutil.rmtree(tmp_path / "lost")
-    await center.come_up()
-    other = agent_config(tmp_path / "other", center, nats_cluster, "wh-other")
+    serials, other = await server_lost(tmp_path, center, nats_cluster, agent_process, 40)
     dry = await recover("--from-replica", LOST, "--mode", "dry-run", "--config", str(other))
     assert dry.code == 0, dry.err
     assert center.received == []
@@ -115,13 +122,8 @@ async def test_lost_server_orders_merged_from_another_machine_exactly_once(
 async def test_takeover_resumes_after_kill9(
     tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster, agent_process: Any
 ) -> None:
-    from tests.recover_helpers import Recover, kill_when
-
-    _, serials = await buffer_on_lost_server(tmp_path, center, nats_cluster, agent_process, 60)
-    shutil.rmtree(tmp_path / "lost")
-    await center.come_up()
+    serials, other = await server_lost(tmp_path, center, nats_cluster, agent_process, 60)
     center.delay_s = 0.05
-    other = agent_config(tmp_path / "other", center, nats_cluster, "wh-other")
     args = ("--from-replica", LOST, "--mode", "merge", "--config", str(other), "--batch", "1")
     proc = await Recover(*args, "--concurrency", "2").start()
     await kill_when(proc, lambda: len(center.creates) >= 10, signal.SIGKILL, "10 creates")
