@@ -46,6 +46,7 @@ from recovery.app import EXIT_UNREACHABLE, Job, run
 
 log = logging.getLogger("recovery.replica")
 MARK_BATCH = 2000
+MARK_EVERY_S = 1.0
 
 
 async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
@@ -86,11 +87,22 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
             time.monotonic() - started,
         )
         started = time.monotonic()
-        code = await run(job)
+        marker = Marker(js, job.root, known, replication.timeout_s)
+        merged = asyncio.Event()
+        marking = asyncio.create_task(marker.follow(merged))
+        try:
+            code = await run(job)
+        finally:
+            merged.set()
+            await marking
         log.info("merge done in %.1fs", time.monotonic() - started)
         started = time.monotonic()
-        marked = await _mark(js, job.root, known, replication.timeout_s)
-        log.info("%d orders marked in the replica in %.1fs", marked, time.monotonic() - started)
+        await marker.mark(final=True)
+        log.info(
+            "%d orders marked in the replica (%.1fs after the merge)",
+            len(marker.marked),
+            time.monotonic() - started,
+        )
         return code
     finally:
         with contextlib.suppress(Exception):
@@ -145,16 +157,19 @@ def _whole(path: Path, record: PendingRecord) -> bool:
     )
 
 
-def _outcomes(root: Path, known: dict[str, Change]) -> list[Change]:
-    """The changes the replica lacks: merged, rejected, or newly pinned here."""
+def _outcomes(root: Path, known: dict[str, Change], skip: set[str], final: bool) -> list[Change]:
+    """The changes the replica lacks: merged (and, at the end, rejected or newly pinned).
+
+    While the merge runs only merged/ is listed (one listdir a pass); ``skip``: marked.
+    """
     dirs = BufferDirs(root)
+    merged = set(os.listdir(dirs.merged))
     out: list[Change] = []
     for serial, change in known.items():
-        if change.state not in UNDELIVERED:
+        if change.state not in UNDELIVERED or serial in skip:
             continue
         name = f"{serial}.json"
-        where = dirs.where(name)
-        if where == "merged":
+        if name in merged:
             try:
                 doc = orjson.loads((dirs.merged / name).read_bytes())
             except (OSError, orjson.JSONDecodeError):
@@ -162,9 +177,11 @@ def _outcomes(root: Path, known: dict[str, Change]) -> list[Change]:
             order_id = doc.get("order_id") if isinstance(doc, dict) else None
             cluster = doc.get("cluster") if isinstance(doc, dict) else None
             out.append(Change(DELIVERED, change.record, order_id, cluster))
-        elif where == "rejected":
+        elif not final:
+            continue
+        elif (dirs.rejected / name).exists():
             out.append(Change(REJECTED, change.record))
-        elif where == "pending":
+        else:
             with contextlib.suppress(OSError, CorruptRecordError):
                 record: PendingRecord = parse_tolerant(
                     (dirs.pending / name).read_bytes(), f"pending/{name}"
@@ -174,17 +191,36 @@ def _outcomes(root: Path, known: dict[str, Change]) -> list[Change]:
     return out
 
 
-async def _mark(
-    js: JetStreamContext, root: Path, known: dict[str, Change], timeout_s: float
-) -> int:
-    changes = await asyncio.to_thread(_outcomes, root, known)
-    marked = 0
-    for i in range(0, len(changes), MARK_BATCH):
-        batch = changes[i : i + MARK_BATCH]
-        results = await publish_all(js, batch, timeout_s)
-        for err in results:
-            if err is None:
-                marked += 1
-            else:
-                log.error("not marked in the replica (the next run does): %s", err)
-    return marked
+class Marker:
+    """Marks in the replica what the merge finished: while it runs, and once at the end."""
+
+    def __init__(
+        self, js: JetStreamContext, root: Path, known: dict[str, Change], timeout_s: float
+    ) -> None:
+        self._js = js
+        self._root = root
+        self._known = known
+        self._timeout_s = timeout_s
+        self.marked: set[str] = set()
+
+    async def follow(self, done: asyncio.Event) -> None:
+        """Mark what reached merged/ every MARK_EVERY_S until ``done``."""
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), MARK_EVERY_S)
+            if not done.is_set():
+                await self.mark(final=False)
+
+    async def mark(self, final: bool) -> None:
+        changes = await asyncio.to_thread(
+            _outcomes, self._root, self._known, set(self.marked), final
+        )
+        for i in range(0, len(changes), MARK_BATCH):
+            batch = changes[i : i + MARK_BATCH]
+            results = await publish_all(self._js, batch, self._timeout_s)
+            for change, err in zip(batch, results, strict=True):
+                if err is None:
+                    if change.state != PINNED:
+                        self.marked.add(change.record.serial)
+                elif final:
+                    log.error("not marked in the replica (the next run does): %s", err)

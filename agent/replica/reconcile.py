@@ -54,6 +54,8 @@ async def reconcile_with_replica(
     for name, size in await spool.listing():
         serial = name.removesuffix(".json")
         change = known.pop(serial, None)
+        if change is not None and change.state in UNDELIVERED:
+            continue  # both sides agree: nothing to read or move (most files, most starts)
         async with spool.claim(name, size) as held:
             if held is None or held.record is None:
                 continue

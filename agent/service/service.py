@@ -225,6 +225,8 @@ class Service:
         self.drainer.timeout_s = cfg.upstream.timeout_s
         if cfg.chain != old.chain:
             log.warning("[chain] changed: restart the agent to apply it")
+        if cfg.replication != old.replication:
+            log.warning("[replication] changed: restart the agent to apply it")
 
     async def start(self, config_path: str | None = None) -> None:
         """Raises DirectoryHeld (nothing written, nothing to stop) if another agent owns
