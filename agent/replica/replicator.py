@@ -72,6 +72,9 @@ class Replicator:
         except ReplicaError as exc:
             self.last_error = str(exc)
             log.error("replica unavailable at start: %s", exc)
+        except BaseException:  # ReplicaTooSmall: nothing of ours may outlive the refusal
+            await self.stop()
+            raise
         self._task = asyncio.create_task(self._retry_loop(), name="replica-retry")
 
     async def _connect(self) -> None:
