@@ -8,7 +8,8 @@ arguments to pytest. Every stage runs in the one virtualenv nox itself runs in (
 set up by the first stage, so a stage run alone needs ``nox -s install`` once before.
 
 The stages after ``integration`` need root and install Debian tools with apt-get when
-missing (systemd-container, debootstrap, chromium, prometheus, FUSE for LazyFS); each
+missing (systemd-container, debootstrap, chromium, prometheus, nats-server, FUSE for
+LazyFS); each
 skips with its reason where that is impossible. docs/testing.md describes them.
 """
 
@@ -68,6 +69,7 @@ MARKED_STAGES = (
     ("browser", "browser", "The console in headless chromium against a real agent."),
     ("prometheus", "prometheus", "promtool on the rules; a real Prometheus scraping an agent."),
     ("offline-bundle", "offline_bundle", "The offline bundle installed with no network, drilled."),
+    ("replication", "replication", "The buffer replicated through a real 3-node nats-server."),
 )
 
 

@@ -160,6 +160,18 @@ class ChainSection:
 
 
 @dataclass(frozen=True)
+class ReplicationSection:
+    """The buffer replicated through NATS JetStream (CONTRACT 11); off unless enabled."""
+
+    enabled: bool = False
+    servers: tuple[str, ...] = ()
+    replicas: int = 3  # the stream's replica count (quorum = replicas // 2 + 1)
+    required: bool = True  # no 202 for an order JetStream did not acknowledge
+    credentials_file: str = ""  # a NATS .creds file, read like the other secrets
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     buffer: BufferSection = field(default_factory=BufferSection)
@@ -169,6 +181,7 @@ class Config:
     auth: AuthSection = field(default_factory=AuthSection)
     chain: ChainSection = field(default_factory=ChainSection)
     log: LogSection = field(default_factory=LogSection)
+    replication: ReplicationSection = field(default_factory=ReplicationSection)
     source: str = "<defaults>"
     # Secrets: loaded at load time, never printed.
     tokens: frozenset[str] = field(default=frozenset(), repr=False)
@@ -182,6 +195,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "sms": SmsSection,
     "auth": AuthSection,
     "log": LogSection,
+    "replication": ReplicationSection,
 }
 
 
@@ -424,6 +438,44 @@ def _validate(cfg: Config, source: str) -> None:
     )
     _check("SN" in names, source, "sms.template", "must contain {SN}", s.template)
     _validate_sms(s, source)
+    _validate_replication(cfg.replication, source)
+
+
+def _validate_replication(r: ReplicationSection, source: str) -> None:
+    _check(r.timeout_s > 0, source, "replication.timeout_s", "must be > 0", r.timeout_s)
+    _check(
+        1 <= r.replicas <= 5,
+        source,
+        "replication.replicas",
+        "must be 1 to 5 (JetStream's limit)",
+        r.replicas,
+    )
+    for url in r.servers:
+        parts = urlsplit(url)
+        _check(
+            parts.scheme in ("nats", "tls") and bool(parts.hostname),
+            source,
+            "replication.servers",
+            "must hold nats:// or tls:// URLs such as nats://10.0.0.11:4222",
+            url,
+        )
+    if not r.enabled:
+        return
+    _check(
+        bool(r.servers),
+        source,
+        "replication.servers",
+        "must name at least one nats-server when replication.enabled is true",
+        list(r.servers),
+    )
+    if r.credentials_file:
+        _check(
+            os.access(r.credentials_file, os.R_OK),
+            source,
+            "replication.credentials_file",
+            "must be a readable NATS .creds file",
+            r.credentials_file,
+        )
 
 
 def _validate_sms(s: SmsSection, source: str) -> None:

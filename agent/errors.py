@@ -24,6 +24,9 @@
         │   └── SmsRateLimited   the provider throttles us: retry, but not at once
         ├── SmsRejected          refused for good (bad number, template, key): give up
         └── SmsAmbiguous         sent, but no answer: it may have gone out; never resent
+    ReplicaError                 JetStream did not acknowledge a replica write (CONTRACT 11)
+    ConfigError
+    └── ReplicaTooSmall          the stream exists with fewer replicas than configured (exit 2)
 
 Errors of the libraries below are translated into these where the library is
 called: aiohttp's in ``agent/upstream/http_errors.py`` (the lean client in
@@ -129,6 +132,15 @@ class InvalidOrderError(EdgeError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class ReplicaError(EdgeError):
+    """NATS JetStream did not acknowledge a write within replication.timeout_s (no quorum,
+    no connection); the message says which record and why."""
+
+
+class ReplicaTooSmall(ConfigError):
+    """The replica stream exists with fewer replicas than replication.replicas asks for."""
 
 
 class SmsError(EdgeError):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import re
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +22,9 @@ from agent.errors import ConfigError, UsageError
 from agent.usage import OneLineParser, pipe_safe
 from recovery.app import EXIT_USAGE, AlreadyRunning, Job, run, stop_event
 from recovery.chain import ChainJob, run_chain
+from recovery.replica_source import takeover
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,8 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edge-recover {__version__}")
     p.add_argument(
         "--path",
-        required=True,
-        help="buffer directory (DIR/pending/*.json and loose DIR/*.json files)",
+        help="buffer directory (DIR/pending/*.json and loose DIR/*.json files); with "
+        "--from-replica the work directory (default: agent.state_dir/takeover/NODE_ID)",
+    )
+    p.add_argument(
+        "--from-replica",
+        metavar="NODE_ID",
+        help="merge a lost server's orders from the NATS JetStream replica "
+        "([replication] in --config) instead of a directory",
     )
     p.add_argument("--mode", required=True, choices=("merge", "dry-run", "verify", "chain"))
     p.add_argument(
@@ -66,6 +77,10 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     try:
+        if args.from_replica:
+            return _from_replica(args)
+        if not args.path:
+            raise UsageError("pass --path DIR (a buffer directory) or --from-replica NODE_ID")
         if args.mode == "chain":
             chain_job = _chain_job(args)
             return asyncio.run(_chain(chain_job))
@@ -74,6 +89,22 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, UsageError, AlreadyRunning) as exc:
         print(f"edge-recover: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _from_replica(args: argparse.Namespace) -> int:
+    node = args.from_replica
+    if not _NODE_ID.match(node):
+        raise UsageError(f"--from-replica {node!r} is not a node id (letters, digits, '-')")
+    if args.mode == "chain":
+        raise UsageError("--mode chain checks DIR/merged: pass --path DIR, not --from-replica")
+    cfg = load_config(resolve_config_path(args.config), tokens=False)
+    if not cfg.replication.servers:
+        raise UsageError(f"--from-replica needs [replication] servers in the config ({cfg.source})")
+    work = Path(args.path) if args.path else Path(cfg.agent.state_dir) / "takeover" / node
+    work.mkdir(mode=0o700, parents=True, exist_ok=True)
+    args.path = str(work)
+    job = dataclasses.replace(_job(args), node=node)
+    return asyncio.run(takeover(job, cfg.replication, node))
 
 
 def _job(args: argparse.Namespace) -> Job:

@@ -21,6 +21,9 @@ from agent.drill.sandbox import Sandbox
 from tests.support.fakes import FakeAliyun, FakeCenter, FakeSmsGateway
 from tests.support.harness import AgentFactory, AgentHandle, AgentProcess, write_config
 
+# Fixtures that live beside their harness: nats_cluster (tests/support/nats_cluster.py).
+pytest_plugins = ["tests.support.nats_cluster"]
+
 
 @pytest.fixture
 async def center() -> AsyncIterator[FakeCenter]:

@@ -145,6 +145,12 @@ class Metrics:
             "power cut).",
             registry=r,
         )
+        self.unreplicated = Gauge(
+            "edge_buffer_unreplicated",
+            "Buffered orders answered 202 on local durability alone "
+            "(replication.required = false) that the replica does not hold yet.",
+            registry=r,
+        )
         # process_start_time_seconds and friends: a restart shows as a change of it.
         ProcessCollector(registry=r)
 

@@ -185,6 +185,9 @@ class HttpApi:
         order that is no outage order)."""
         notice = None
         serial = str(answer["serial"])
+        replicated = self._intake.replicated(serial)
+        if replicated is not None and answer.get("state") == "buffered":
+            answer = {**answer, "replicated": replicated}
         if self._sms_lookup is not None:
             notice = await self._sms_lookup(serial)
         if self._chain_lookup is None:

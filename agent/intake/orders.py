@@ -19,8 +19,10 @@ from typing import Any
 from agent.base.metrics import Metrics
 from agent.config import Config
 from agent.delivery.router import Router, Verdict
-from agent.errors import BufferFullError, InvalidOrderError, PersistError
+from agent.errors import BufferFullError, InvalidOrderError, PersistError, ReplicaError
 from agent.orders import Order, parse_order
+from agent.replica.replicator import Replicator
+from agent.replica.stream import PENDING, Change
 from agent.spool.record import PendingRecord
 from agent.spool.writer import PendingSpool
 from agent.state.journal import BUFFERED, FORWARDED, FORWARDING, MERGED, REJECTED, Entry, Journal
@@ -69,6 +71,7 @@ class Intake:
         metrics: Metrics,
         on_buffered: Callable[[PendingRecord], Awaitable[str]] | None = None,
         on_created: CreatedSink | None = None,
+        replica: Replicator | None = None,
     ) -> None:
         self.cfg = cfg
         self._journal = journal
@@ -78,6 +81,7 @@ class Intake:
         self._metrics = metrics
         self._on_buffered = on_buffered
         self._on_created = on_created
+        self._replica = replica
         self._outcomes: dict[str, Any] = {}
         self._clock = LocalClock()
         self._inflight: dict[str, str | None] = {}
@@ -325,6 +329,9 @@ class Intake:
         except BufferFullError as exc:
             log.error("order refused, buffer full: %s", exc)
             return self._count("refused", Reply(507, {"error": str(exc)}))
+        refused = await self._replicate(record)
+        if refused is not None:
+            return refused
         # The file is durable and is the truth: its journal row is committed behind the
         # 202 (lookups see it at once; a crash that takes it is healed at start-up).
         self._journal.record_behind(
@@ -336,6 +343,50 @@ class Intake:
         return self._count(
             "buffered", Reply(202, {"status": "buffered", "serial": serial, "sms": sms})
         )
+
+    async def _replicate(self, record: PendingRecord) -> Reply | None:
+        """With [replication]: the record on a JetStream quorum before the 202 (CONTRACT 11).
+
+        No quorum and ``required``: the pending file is unlinked (durably) before the 503,
+        so a refused order never reaches the center. While we wait, ``writing()`` keeps
+        the drain off the file. A crash before any answer leaves a file that start-up
+        replicates and delivers: the client got no 2xx and retries with the same key.
+        """
+        replica = self._replica
+        if replica is None:
+            return None
+        try:
+            await replica.replicate(record)
+            return None
+        except ReplicaError as exc:
+            error = exc
+        if not replica.cfg.required:
+            log.warning("order %s kept on local durability alone: %s", record.serial, error)
+            replica.owe(Change(PENDING, record))
+            return None
+        try:
+            await self._spool.withdraw(record)
+        except PersistError as exc:
+            # It stays durable here and will be delivered: a 503 would be a lie. Keep it
+            # as an order that is not replicated yet, like required = false does.
+            log.error("order %s not replicated and its file stays (%s)", record.serial, exc)
+            replica.owe(Change(PENDING, record))
+            return None
+        log.error("order %s refused, not replicated: %s", record.serial, error)
+        return self._count(
+            "unreplicated",
+            Reply(
+                503,
+                {
+                    "error": f"order not accepted: the replica (NATS JetStream) did not store "
+                    f"it on a quorum ({error}); replication.required is true; retry"
+                },
+            ),
+        )
+
+    def replicated(self, serial: str) -> bool | None:
+        """For lookups: None without [replication], else False while only local."""
+        return None if self._replica is None else not self._replica.unreplicated(serial)
 
     def _count(self, outcome: str, reply: Reply) -> Reply:
         counter = self._outcomes.get(outcome)

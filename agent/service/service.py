@@ -28,6 +28,8 @@ from agent.intake.inbox import InboxWatcher
 from agent.intake.orders import Intake
 from agent.limits import raise_fd_limit
 from agent.logs import set_level
+from agent.replica.reconcile import reconcile_with_replica
+from agent.replica.replicator import Replicator
 from agent.service.accept_errors import AcceptErrorLog
 from agent.service.http_server import BoundedAppRunner
 from agent.service.reload import ConfigReloader
@@ -103,6 +105,11 @@ class Service:
                 at_the_centers(self.upstream, centers, cfg.upstream.timeout_s),
             )
         chain = self.chain
+        # The buffer replicated through NATS JetStream (CONTRACT 11); none contacted when off.
+        self.replica: Replicator | None = None
+        if cfg.replication.enabled:
+            self.replica = Replicator(cfg.replication, cfg.agent.node_id)
+        replica = self.replica
         self.intake = Intake(
             cfg,
             self.journal,
@@ -112,6 +119,7 @@ class Service:
             self.metrics,
             on_buffered=self.outbox.on_buffered if self.outbox else None,
             on_created=chain.on_created if chain else None,
+            replica=replica,
         )
         self.drainer = Drainer(
             cfg.buffer,
@@ -124,6 +132,7 @@ class Service:
             self.metrics,
             busy=self.intake.writing,
             on_merged=chain.on_merged if chain else None,
+            on_change=replica.change if replica else None,
         )
         self.inbox = InboxWatcher(
             self.dirs, self.intake, cfg.agent.max_body_bytes, cfg.buffer.scan_interval_s
@@ -235,6 +244,8 @@ class Service:
             set_level(cfg.log.level)
         if cfg.chain != old.chain:
             log.warning("[chain] changed: restart the agent to apply it")
+        if cfg.replication != old.replication:
+            log.warning("[replication] changed: restart the agent to apply it")
 
     async def start(self, config_path: str | None = None) -> None:
         """Raises DirectoryHeld (nothing written, nothing to stop) if another agent owns
@@ -257,6 +268,9 @@ class Service:
         await self.serials.start()
         await self._start(self.spool)
         await self._start(self.rejected)
+        if self.replica is not None:  # before the drain: what a takeover delivered stays unsent
+            await self._start(self.replica)
+            await reconcile_with_replica(self.replica, self.spool, self.journal)
         if self.outbox is not None:  # before the listener: a 202 may queue an SMS
             await self._start(self.outbox)
         if self.chain is not None:  # before the listener and the drain: both enrol
@@ -307,6 +321,10 @@ class Service:
         self.metrics.rejected_files.set_function(lambda: self.rejected.count or 0)
         self.metrics.pending.set_function(lambda: self.spool.count)
         self.metrics.pending_bytes.set_function(lambda: self.spool.bytes)
+        if self.replica is not None:
+            self.metrics.unreplicated.set_function(
+                functools.partial(getattr, self.replica, "unreplicated_count")
+            )
         for name in MODES:
             self.metrics.mode.labels(mode=name).set_function(functools.partial(self._is_mode, name))
         self.metrics.buffer_max_bytes.set(self.cfg.buffer.max_bytes)
@@ -481,6 +499,8 @@ class Service:
             "version": __version__,
             # step -> {state: count} for outage orders (CONTRACT 10); null when off
             "chain": await self.chain.counts() if self.chain is not None else None,
+            # the replica's health and what it still lacks (CONTRACT 11); null when off
+            "replication": self.replica.snapshot() if self.replica is not None else None,
             "now": time.time(),
         }
 

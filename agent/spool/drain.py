@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -51,6 +51,9 @@ Usable = Callable[[], dict[str, str]]
 RefusalSink = Callable[[str, Answer | None], None]
 # True for a serial the intake is still writing (its journal row is not there yet).
 BusyCheck = Callable[[str], bool]
+# Writes an order's later state to the replica before it is final here (CONTRACT 11):
+# (record, "pinned" | "delivered" | "rejected", order_id, cluster) -> written now?
+ChangeSink = Callable[[PendingRecord, str, Any, str | None], Awaitable[bool]]
 # Told of each order delivered (record, order_id, cluster); returns at once.
 MergedSink = Callable[[PendingRecord, Any, str], None]
 
@@ -81,6 +84,7 @@ class Drainer:
         metrics: Metrics,
         busy: BusyCheck = lambda serial: False,
         on_merged: MergedSink | None = None,
+        on_change: ChangeSink | None = None,
     ) -> None:
         self._settings = settings
         self.timeout_s = timeout_s
@@ -91,6 +95,7 @@ class Drainer:
         self._refusals = refusals
         self._busy = busy
         self._on_merged = on_merged
+        self._on_change = on_change
         self._metrics = metrics
         self._pacer = Pacer(settings.drain_rate_per_s)
         self._active: set[str] = set()
@@ -215,6 +220,7 @@ class Drainer:
             return Result.DONE
         record = held.record
         if state is MergedState.SAME:  # a crash came between the merged/ copy and the unlink
+            await self._changed(record, "delivered", None, "unknown")
             await held.delivered(None, "unknown")
             await self._journal.mark(record.serial, MERGED)
             return Result.DONE
@@ -259,6 +265,7 @@ class Drainer:
         elif action.created_nothing:
             self._unintend(record)
         if action.step is Step.MERGE and answer is not None:
+            await self._changed(record, "delivered", answer.order_id, cluster)
             await held.delivered(answer.order_id, cluster)
             self._pacer.speed_up()
             self._observe_latency(record.received_at)
@@ -268,6 +275,7 @@ class Drainer:
             return Result.DONE
         if action.step is Step.QUARANTINE and answer is not None:
             self._metrics.quarantined.labels(reason=action.outcome).inc()
+            await self._changed(record, "rejected", None, cluster)
             await held.quarantined(
                 action.outcome,
                 {
@@ -297,6 +305,8 @@ class Drainer:
         serial = held.name.removesuffix(".json")
         try:
             await held.pin(cluster, why)
+            if held.record is not None:
+                await self._changed(held.record, "pinned", None, cluster)
         except PersistError as exc:
             self._pins[serial] = cluster
             log.error(
@@ -306,6 +316,14 @@ class Drainer:
                 exc,
             )
         await self._journal.intend(serial, cluster)
+
+    async def _changed(
+        self, record: PendingRecord, state: str, order_id: Any, cluster: str | None
+    ) -> None:
+        """The replica learns the new state first; one it could not take now is written
+        later by the replicator (shown in /status), and the local step goes ahead."""
+        if self._on_change is not None:
+            await self._on_change(record, state, order_id, cluster)
 
     def _observe_latency(self, received_at: str) -> None:
         try:

@@ -34,6 +34,17 @@ from agent.spool.record import REASON_SUFFIX, BufferDirs, PendingRecord, is_orde
 QUARANTINE_ATTEMPTS = 100
 
 
+def withdraw_pending(dirs: BufferDirs, name: str) -> None:
+    """Unlink ``pending/{name}`` durably (an order refused after its file was written)."""
+    try:
+        os.unlink(dirs.pending / name)
+        fsync_dir(dirs.pending)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise translate(exc, f"pending/{name}") from exc
+
+
 def write_pending_batch(
     dirs: BufferDirs, records: list[PendingRecord], pool: ThreadPoolExecutor
 ) -> list[BaseException | None]:

@@ -29,7 +29,7 @@ from agent.errors import (
     TooLarge,
 )
 from agent.spool.claims import Claim, try_claim
-from agent.spool.files import list_pending, quarantine, write_pending_batch
+from agent.spool.files import list_pending, quarantine, withdraw_pending, write_pending_batch
 from agent.spool.moves import MergedState, merged_state, move_to_merged
 from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
@@ -217,6 +217,12 @@ class PendingSpool:
         self.last_error = None
         self.count += 1
         self.bytes += size
+
+    async def withdraw(self, record: PendingRecord) -> None:
+        """Take back a file written for an order that is then refused (no 2xx): unlinked
+        and the directory fsync'd, so nothing delivers it later. PersistError if not."""
+        await _in_thread(withdraw_pending, self.dirs, record.filename)
+        self.left(len(record.to_bytes()))
 
     async def _flush(self, records: list[PendingRecord]) -> list[BaseException | None]:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,1 @@
+"""The offline buffer replicated through NATS JetStream (CONTRACT 11)."""

@@ -1,0 +1,200 @@
+"""The buffer replicated through a real three-node NATS JetStream cluster (CONTRACT 11).
+
+In-process agents (real HTTP, real files) against a loopback fake center; the
+nats-server nodes are real processes killed with real signals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from agent.errors import ReplicaError
+from agent.replica.stream import DELIVERED, PENDING, STREAM, Change
+from agent.sandbox.nats_cluster import NatsCluster, quiet_errors, read_replica
+from tests.support.fakes import FakeCenter
+from tests.support.harness import AgentFactory, AgentHandle, order, wait_for
+
+pytestmark = pytest.mark.replication
+NODE = "wh-test-01"
+
+
+def replication(cluster: NatsCluster, **extra: Any) -> dict[str, Any]:
+    return {"enabled": True, "servers": cluster.urls, "replicas": 3, "timeout_s": 1, **extra}
+
+
+async def replica_states(cluster: NatsCluster, node: str = NODE) -> dict[str, Change]:
+    """What the replica holds for ``node``; retried while JetStream elects new leaders."""
+
+    async def listing() -> dict[str, Change] | None:
+        try:
+            return await read_replica(cluster.urls, node)
+        except ReplicaError:
+            return None
+
+    found: dict[str, Change] = await wait_for(listing, 30, "the replica listing", interval=0.3)
+    return found
+
+
+async def post_until_accepted(agent: AgentHandle, n: int, timeout: float = 20) -> None:
+    """After a node loss JetStream elects new leaders: the first orders may get 503."""
+
+    async def accepted() -> bool:
+        status, _ = await agent.post(order(n))
+        return status == 202
+
+    await wait_for(accepted, timeout, "an order accepted after the node loss", interval=0.2)
+
+
+async def test_202_only_once_the_record_is_on_the_replica(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    await center.go_down()
+    agent = await make_agent(center.url, replication=replication(nats_cluster))
+    serials = []
+    for n in range(10):
+        status, body = await agent.post(order(n))
+        assert status == 202, body
+        serials.append(body["serial"])
+    held = await replica_states(nats_cluster)
+    assert {s: held[s].state for s in serials} == dict.fromkeys(serials, PENDING)
+    assert held[serials[0]].record.dedupe_key == "douyin:0"
+    nc = await nats.connect(servers=nats_cluster.urls, error_cb=quiet_errors)
+    try:
+        info = await nc.jetstream().stream_info(STREAM)
+        assert info.config.num_replicas == 3
+        assert info.config.max_msgs_per_subject == 1
+    finally:
+        await nc.close()
+    _, found = await agent.get(f"/v1/orders/{serials[0]}")
+    assert found["replicated"] is True
+    _, status_doc = await agent.get("/status")
+    assert status_doc["replication"]["healthy"] is True
+
+
+async def test_one_nats_node_down_still_takes_orders(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    await center.go_down()
+    agent = await make_agent(center.url, replication=replication(nats_cluster))
+    assert (await agent.post(order("before")))[0] == 202
+    nats_cluster.kill(nats_cluster.nodes[0])
+    await post_until_accepted(agent, 10_000)
+    for n in range(20):
+        status, body = await agent.post(order(n))
+        assert status == 202, body
+    held = await replica_states(nats_cluster)
+    assert len(held) >= 22
+
+
+async def test_no_quorum_with_required_gives_503_and_the_order_never_reaches_the_center(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    await center.go_down()
+    agent = await make_agent(center.url, replication=replication(nats_cluster, required=True))
+    status, kept = await agent.post(order("kept"))
+    assert status == 202
+    for node in nats_cluster.nodes[:2]:
+        nats_cluster.kill(node)
+    status, body = await agent.post(order("refused"))
+    assert status == 503, body
+    assert "replica" in body["error"] and "quorum" in body["error"]
+    assert agent.files("pending") == [f"{kept['serial']}.json"]
+    _, found = await agent.get("/v1/orders/by-key/douyin:refused")
+    assert found.get("state") != "buffered"
+    await center.come_up()
+    await wait_for(lambda: "douyin:kept" in center.created_keys(), 15, "the kept order drained")
+    await wait_for(lambda: agent.files("pending") == [], 10, "pending/ emptied")
+    assert "douyin:refused" not in center.sends()
+
+
+async def test_not_required_flags_local_only_orders_then_replicates_them(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    await center.go_down()
+    agent = await make_agent(center.url, replication=replication(nats_cluster, required=False))
+    assert (await agent.post(order("warm")))[0] == 202
+    down = nats_cluster.nodes[:2]
+    for node in down:
+        nats_cluster.kill(node)
+    status, body = await agent.post(order("local"))
+    assert status == 202, body
+    serial = body["serial"]
+    _, found = await agent.get(f"/v1/orders/{serial}")
+    assert found["replicated"] is False
+    _, doc = await agent.get("/status")
+    assert doc["replication"]["unreplicated"] == 1
+    _, metrics = await agent.get("/metrics")
+    assert "edge_buffer_unreplicated 1.0" in metrics
+    for node in down:
+        nats_cluster.start_node(node)
+
+    async def replicated() -> bool:
+        _, found = await agent.get(f"/v1/orders/{serial}")
+        return bool(found["replicated"])
+
+    await wait_for(replicated, 60, "the local-only order replicated", interval=0.2)
+    held = await replica_states(nats_cluster)
+    assert held[serial].state == PENDING
+    _, doc = await agent.get("/status")
+    assert doc["replication"]["unreplicated"] == 0
+
+
+async def test_delivered_is_written_to_the_replica_with_its_order_id(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    await center.go_down()
+    agent = await make_agent(center.url, replication=replication(nats_cluster))
+    serials = [(await agent.post(order(n)))[1]["serial"] for n in range(5)]
+    await center.come_up()
+    await wait_for(lambda: agent.files("pending") == [], 15, "the buffer drained")
+    held = await replica_states(nats_cluster)
+    assert {held[s].state for s in serials} == {DELIVERED}
+    assert all(held[s].order_id is not None for s in serials)
+    assert {held[s].cluster for s in serials} == {"primary"}
+
+
+async def test_a_stream_with_fewer_replicas_refuses_start_with_one_line(
+    tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    import asyncio
+    import sys
+
+    from agent.replica.stream import SUBJECT_ROOT
+    from tests.support.harness import ROOT, write_config
+
+    nc = await nats.connect(servers=nats_cluster.urls, error_cb=quiet_errors)
+    try:
+        await nc.jetstream().add_stream(name=STREAM, subjects=[f"{SUBJECT_ROOT}.>"], num_replicas=1)
+    finally:
+        await nc.close()
+    config = write_config(tmp_path, center.url, replication=replication(nats_cluster))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "run", "--config", str(config),
+        cwd=ROOT, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    lines = [line for line in err.decode().splitlines() if STREAM in line]
+    assert lines and "has 1 replicas" in lines[-1] and "replication.replicas is 3" in lines[-1]
+
+
+async def test_agent_starts_with_the_replica_down_and_refuses_until_it_is_back(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    await center.go_down()
+    for node in nats_cluster.nodes:
+        nats_cluster.kill(node)
+    agent = await make_agent(center.url, replication=replication(nats_cluster))
+    status, body = await agent.post(order("early"))
+    assert status == 503, body
+    assert agent.files("pending") == []
+    _, doc = await agent.get("/status")
+    assert doc["replication"]["healthy"] is False and doc["replication"]["last_error"]
+    nats_cluster.start()
+    await post_until_accepted(agent, 1, timeout=60)
+    _, doc = await agent.get("/status")
+    assert doc["replication"]["healthy"] is True
