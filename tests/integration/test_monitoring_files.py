@@ -115,7 +115,7 @@ async def test_every_dashboard_and_rule_metric_is_exported(make_agent, center: F
 def test_every_alert_has_a_runbook_section() -> None:
     text = RULES.read_text()
     alerts = re.split(r"\n\s+- alert: ", text)[1:]
-    assert len(alerts) == 16
+    assert alerts and len(alerts) == text.count("- alert: ")  # the split found every rule
     headings = anchors(RUNBOOK)
     for block in alerts:
         name = block.split()[0]
