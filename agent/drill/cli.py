@@ -140,6 +140,11 @@ def _trial(box: Sandbox, target: Path | None, force: bool) -> None:
     if target is None:
         print(f"agent config (save it as {directory}/agent.toml, or use --write-config DIR):")
         print("  " + text.rstrip().replace("\n", "\n  "))
+        # Optional: chain verification against the sandbox's TMS, invoicing and ERP (their
+        # finance step compares the order's "amount", as the drill's orders carry it).
+        chain = config_text({"chain": box.chain_section()}).strip()
+        print("chain verification against the sandbox's TMS, invoicing and ERP (optional):")
+        print("\n".join("  " + line if line else "" for line in chain.splitlines()))
         return
     trial.write_trial_config(target, text, force)
     print(f"trial config: {target} (state and buffer under {directory})")
