@@ -139,7 +139,7 @@ def _trial(box: Sandbox, target: Path | None, force: bool) -> None:
     text = trial.header(box) + config_text(trial.trial_config(directory, box, port))
     if target is None:
         print(f"agent config (save it as {directory}/agent.toml, or use --write-config DIR):")
-        print("  " + text.rstrip().replace("\n", "\n  "))
+        print("\n".join("  " + line if line else "" for line in text.rstrip().splitlines()))
         # Optional: chain verification against the sandbox's TMS, invoicing and ERP (their
         # finance step compares the order's "amount", as the drill's orders carry it).
         chain = config_text({"chain": box.chain_section()}).strip()
