@@ -65,7 +65,8 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
         ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 16 rules found" in check.stdout
+    # promtool found every rule of the file (an alert it could not parse would be missing)
+    assert f"SUCCESS: {RULES.read_text().count('- alert:')} rules found" in check.stdout
     unit = subprocess.run(
         ["promtool", "test", "rules", RULE_TESTS.name],
         capture_output=True,
@@ -413,6 +414,7 @@ async def check_dashboard(prom: Prom, session: aiohttp.ClientSession) -> None:
 
 
 def test_rules_copy_keeps_every_alert() -> None:
-    text = fast_rules(RULES.read_text())
-    assert text.count("- alert:") == 16
+    original = RULES.read_text()
+    text = fast_rules(original)
+    assert text.count("- alert:") == original.count("- alert:") > 0
     assert shutil.which("python3")
