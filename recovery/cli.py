@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pipe_safe(lambda: _main(argv))
+    return pipe_safe(lambda: _main(argv), prog="edge-recover")
 
 
 def _main(argv: list[str] | None) -> int:
