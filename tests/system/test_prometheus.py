@@ -173,6 +173,10 @@ async def test_alerts_fire_in_their_scenarios_and_not_in_normal_operation(
     ensure_prometheus()
     port = free_port()
     config = drill_config(tmp_path, sandbox, port)
+    # The drill's chain checks run against the sandbox's ERP, which truncates one posting in
+    # ten by design: EdgeChainStepFailed would fire in whichever phase follows a drain. The
+    # chain alerts are proven by promtool (ops/prometheus/edge-agent.rules.test.yml).
+    config.pop("chain", None)
     config["buffer"]["max_bytes"] = 12_000  # a few dozen orders fill it
     config["sms"]["timeout_s"] = 1  # the gateway below answers late: ambiguous
     path = write_config_file(tmp_path / "agent.toml", config)
