@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nats
 from nats.errors import Error as NatsError
+from nats.js.api import StorageType, StreamConfig
 
 from agent.replica.stream import Change, states
 from agent.sandbox.servers import free_port
@@ -103,7 +104,11 @@ class NatsCluster:
             self.kill(node, signal.SIGTERM)
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Poll until JetStream has a meta leader (a stream can be created)."""
+        """Poll until a stream with one replica per running node can be placed.
+
+        A meta leader alone is not enough: until every node has joined the JetStream
+        group, creating an R3 stream fails with "no suitable peers for placement" (seen
+        in CI). A throwaway probe stream, placed on all of them and deleted, proves it."""
         deadline = time.monotonic() + timeout_s
         last: BaseException | None = None
         while time.monotonic() < deadline:
@@ -113,15 +118,22 @@ class NatsCluster:
                     servers=up, connect_timeout=1, allow_reconnect=False, error_cb=quiet_errors
                 )
                 try:
-                    info = await nc.jetstream(timeout=1).account_info()
-                    if info is not None:
-                        return
+                    js = nc.jetstream(timeout=2)
+                    probe = StreamConfig(
+                        name="EDGE_READY_PROBE",
+                        subjects=["edge.ready-probe"],
+                        num_replicas=len(up),
+                        storage=StorageType.MEMORY,
+                    )
+                    await js.add_stream(probe)
+                    await js.delete_stream(probe.name or "")
+                    return
                 finally:
                     await nc.close()
             except (NatsError, OSError, TimeoutError) as exc:
                 last = exc
             await asyncio.sleep(0.2)
-        raise TimeoutError(f"JetStream meta leader not elected in {timeout_s}s: {last}")
+        raise TimeoutError(f"JetStream cannot place a stream on every node in {timeout_s}s: {last}")
 
 
 async def quiet_errors(exc: Exception) -> None:
