@@ -11,6 +11,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 
 import orjson
 
@@ -186,10 +187,27 @@ def status(config_path: str, as_json: bool) -> int:
     if as_json:
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(f"mode: {doc['mode']}")
-        for name, c in doc.get("clusters", {}).items():
-            state = "healthy" if c.get("healthy") else f"DOWN ({c.get('last_error')})"
-            print(f"{name}: {state}")
-        print(f"pending: {doc['pending']} (oldest {doc['oldest_pending_age_s']:.0f}s)")
-        print(f"sms outbox: {doc['sms_outbox']}")
+        print("\n".join(status_lines(doc)))
     return 0 if doc.get("mode") == "normal" else 1
+
+
+def status_lines(doc: dict[str, Any]) -> list[str]:
+    """The few lines an operator reads first; --json has everything."""
+    lines = [f"mode: {doc['mode']} (edge-agent {doc.get('version', '?')})"]
+    for name, c in doc.get("clusters", {}).items():
+        state = "healthy" if c.get("healthy") else f"DOWN ({c.get('last_error')})"
+        lines.append(f"{name}: {state}")
+    lines.append(f"pending: {doc['pending']} (oldest {doc['oldest_pending_age_s']:.0f}s)")
+    lines.append(f"sms outbox: {doc['sms_outbox']}")
+    rejected = doc.get("rejected") or 0
+    lines.append(
+        f"rejected: {rejected} file(s) to review in rejected/" if rejected else "rejected: 0"
+    )
+    replica = doc.get("replication")
+    if replica:
+        health = "healthy" if replica.get("healthy") else f"DOWN ({replica.get('last_error')})"
+        lines.append(
+            f"replica: {health}, {replica.get('unreplicated', 0)} order(s) not replicated, "
+            f"{replica.get('owed_changes', 0)} change(s) owed"
+        )
+    return lines

@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
+from agent import __version__
+from agent.cli import status_lines
 from agent.config import load_config
 from tests.support.fakes import FakeCenter, free_port
 from tests.support.harness import ROOT, into_a_closed_pipe, write_config
@@ -145,7 +147,9 @@ async def test_status_against_a_running_agent(
     assert doc["pending"] == 0
     await center.go_down()
     done = await wait_for(lambda: _exits(status(), 1), 15, "status to report offline")
-    assert "mode: offline" in done.stdout
+    assert f"mode: offline (edge-agent {__version__})" in done.stdout
+    assert "rejected: 0" in done.stdout.splitlines()
+    assert "replica:" not in done.stdout  # no [replication]: no replica line
 
 
 async def _ok(run: Any) -> subprocess.CompletedProcess[str] | None:
@@ -171,3 +175,30 @@ async def test_status_into_a_closed_pipe_ends_quietly(
     done = await asyncio.to_thread(into_a_closed_pipe, "status", "--config", str(path))
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert done.returncode == 141  # as a shell reports a process that SIGPIPE ended
+
+
+def test_status_text_names_what_needs_a_look() -> None:
+    """The text form carries what an operator acts on: files to review, the replica's lag."""
+    doc = {
+        "mode": "offline",
+        "version": "9.9.9",
+        "clusters": {"primary": {"healthy": False, "last_error": "connection refused"}},
+        "pending": 12,
+        "oldest_pending_age_s": 61.2,
+        "sms_outbox": 3,
+        "rejected": 2,
+        "replication": {
+            "healthy": False,
+            "last_error": "no quorum",
+            "unreplicated": 5,
+            "owed_changes": 1,
+        },
+    }
+    assert status_lines(doc) == [
+        "mode: offline (edge-agent 9.9.9)",
+        "primary: DOWN (connection refused)",
+        "pending: 12 (oldest 61s)",
+        "sms outbox: 3",
+        "rejected: 2 file(s) to review in rejected/",
+        "replica: DOWN (no quorum), 5 order(s) not replicated, 1 change(s) owed",
+    ]
