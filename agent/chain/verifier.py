@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from agent.base.tasks import cancel_and_wait
 from agent.chain.enrol import (
     STANDBY,
     FindOrderId,
@@ -102,9 +103,7 @@ class Verifier:
 
     async def stop(self) -> None:
         self._running = False
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
         if self._session is not None:
             await self._session.close()

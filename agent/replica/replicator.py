@@ -20,6 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from agent.base.batching import GroupCommit
+from agent.base.tasks import cancel_and_wait
 from agent.config import ReplicationSection
 from agent.errors import ConfigError, ReplicaError
 from agent.replica.stream import (
@@ -86,11 +87,8 @@ class Replicator:
         self._ready = True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         await self._writer.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):

@@ -13,11 +13,12 @@ restarts the agent after ``WatchdogSec=``. That is the whole point of them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 from collections.abc import Mapping
+
+from agent.base.tasks import cancel_and_wait
 
 log = logging.getLogger("agent.sd_notify")
 
@@ -50,11 +51,8 @@ class SdNotifier:
             )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -28,6 +28,7 @@ from typing import Any
 
 from agent.base.metrics import Metrics
 from agent.base.phones import check, mask
+from agent.base.tasks import cancel_and_wait
 from agent.config import SmsSection
 from agent.delivery.pacing import delay as backoff_delay
 from agent.errors import (
@@ -146,8 +147,7 @@ class Outbox:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), self._cfg.timeout_s + 2)
             except TimeoutError:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+                await cancel_and_wait(self._task)
             self._task = None
         for provider in (*self._retired, self._provider):
             await provider.stop()

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from agent.base.tasks import cancel_and_wait
 from agent.spool.files import expire_merged
 from agent.spool.record import BufferDirs
 from agent.state.journal import Journal
@@ -48,10 +49,8 @@ class Housekeeper:
         self._task = asyncio.create_task(self._loop(), name="housekeeping")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def run_once(self) -> None:
         await self._journal.prune(self._journal_keep)

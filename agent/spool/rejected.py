@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 
+from agent.base.tasks import cancel_and_wait
 from agent.spool.record import BufferDirs, is_order_file
 
 log = logging.getLogger("agent.spool.rejected")
@@ -54,10 +55,8 @@ class RejectedCount:
         self._task = asyncio.create_task(self._loop(), name="rejected-count")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def refresh(self) -> None:
         """List rejected/ again if it changed since the last count."""

@@ -18,6 +18,7 @@ from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
 import aiohttp
 import orjson
 
+from agent.base.tasks import cancel_and_wait
 from agent.errors import DnsError, UpstreamAmbiguous, UpstreamError, UpstreamUnavailable
 from agent.upstream.answers import (
     BATCH_UNSUPPORTED_STATUSES,
@@ -69,9 +70,7 @@ class UpstreamClient:
         self._started = False
         self._http1.close()
         sessions, self._sessions = list(self._sessions.values()), {}
-        for task in self._retiring:
-            task.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await cancel_and_wait(*self._retiring)
         for session in sessions:
             await session.close()
 

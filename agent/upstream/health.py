@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.base.tasks import cancel_and_wait
 from agent.config import HealthSection
 from agent.errors import NoSuchHost, UpstreamError
 from agent.upstream.client import UpstreamClient
@@ -194,9 +195,7 @@ class HealthMonitor:
         self._started = False
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
 
     async def reconfigure(self, settings: HealthSection, clusters: dict[str, str]) -> None:
         """Apply new thresholds/intervals and cluster URLs; unchanged clusters keep state."""
