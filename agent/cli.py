@@ -206,8 +206,9 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
     replica = doc.get("replication")
     if replica:
         health = "healthy" if replica.get("healthy") else f"DOWN ({replica.get('last_error')})"
+        held = "" if replica.get("reconciled", True) else "; pending/ held until reconciled"
         lines.append(
             f"replica: {health}, {replica.get('unreplicated', 0)} order(s) not replicated, "
-            f"{replica.get('owed_changes', 0)} change(s) owed"
+            f"{replica.get('owed_changes', 0)} change(s) owed{held}"
         )
     return lines

@@ -1,5 +1,11 @@
 """Start-up: bring pending/ and the replica into agreement before anything is sent.
 
+Until that has happened once, the drain holds (``StartupReconcile.done``): a
+takeover may have delivered any of these files while this server was away, and
+CONTRACT 11 says a returning agent never sends those again. A replica that
+cannot be read at start is asked again every few seconds; new orders are taken
+meanwhile (forwarded, or buffered under the usual replication rules).
+
 - an order the replica shows delivered (a takeover merged it while this agent
   was gone, or this agent did before a crash) moves to merged/ without being
   sent again; one shown rejected goes to rejected/;
@@ -13,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
 
+from agent.base.tasks import cancel_and_wait
 from agent.errors import CorruptRecordError, ReplicaError
 from agent.replica.replicator import Replicator
 from agent.replica.stream import DELIVERED, PENDING, REJECTED, UNDELIVERED, Change
@@ -26,6 +34,8 @@ from agent.state.journal import MERGED, Journal
 from agent.state.journal import REJECTED as JOURNAL_REJECTED
 
 log = logging.getLogger("agent.replica")
+# How often a replica that could not be read at start is asked again.
+RETRY_EVERY_S = 2.0
 
 
 @dataclass
@@ -38,18 +48,9 @@ class Reconciled:
 
 async def reconcile_with_replica(
     replica: Replicator, spool: PendingSpool, journal: Journal
-) -> Reconciled | None:
-    """None when the replica cannot be read (logged): the drain then relies on the
-    center's idempotency alone for orders a takeover may have delivered."""
-    try:
-        known = await replica.listing()
-    except ReplicaError as exc:
-        log.error(
-            "replica not reconciled at start (%s); repeats are left to the center's "
-            "Idempotency-Key",
-            exc,
-        )
-        return None
+) -> Reconciled:
+    """ReplicaError when the replica cannot be read: nothing was changed then."""
+    known = await replica.listing()
     done = Reconciled()
     for name, size in await spool.listing():
         serial = name.removesuffix(".json")
@@ -92,6 +93,66 @@ async def reconcile_with_replica(
         done.caught_up,
     )
     return done
+
+
+class StartupReconcile:
+    """Owns the start-up reconcile and, if the replica could not be read, its retries.
+
+    ``done`` gates the drain; ``on_done`` is told once it turns true (the service
+    then lets the drain look at pending/).
+    """
+
+    def __init__(
+        self,
+        replica: Replicator,
+        spool: PendingSpool,
+        journal: Journal,
+        on_done: Callable[[], None],
+        retry_every_s: float = RETRY_EVERY_S,
+    ) -> None:
+        self._replica = replica
+        self._spool = spool
+        self._journal = journal
+        self._on_done = on_done
+        self._retry_every_s = retry_every_s
+        self._task: asyncio.Task[None] | None = None
+        self.done = False
+        self.failures = 0
+        self.result: Reconciled | None = None
+
+    async def start(self) -> None:
+        """One try now (before the drain starts); retries in the background if it failed."""
+        if await self._try():
+            return
+        self._task = asyncio.create_task(self._retry(), name="replica-reconcile")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+
+    async def _try(self) -> bool:
+        try:
+            self.result = await reconcile_with_replica(self._replica, self._spool, self._journal)
+        except ReplicaError as exc:
+            if self.failures == 0:
+                log.error(
+                    "replica not reconciled (%s): pending/ is held, not sent, until it is; "
+                    "asking again every %.0f s",
+                    exc,
+                    self._retry_every_s,
+                )
+            self.failures += 1
+            return False
+        if self.failures:
+            log.info("replica reconciled after %d failed tries: the drain may send", self.failures)
+        self.done = True
+        self._on_done()
+        return True
+
+    async def _retry(self) -> None:
+        while not self.done:
+            await asyncio.sleep(self._retry_every_s)
+            await self._try()
 
 
 def _local_outcome(spool: PendingSpool, name: str, record: PendingRecord) -> Change | None:

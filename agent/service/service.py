@@ -28,7 +28,7 @@ from agent.intake.inbox import InboxWatcher
 from agent.intake.orders import Intake
 from agent.limits import raise_fd_limit
 from agent.logs import set_level
-from agent.replica.reconcile import reconcile_with_replica
+from agent.replica.reconcile import StartupReconcile
 from agent.replica.replicator import Replicator
 from agent.service.accept_errors import AcceptErrorLog
 from agent.service.http_server import BoundedAppRunner
@@ -110,6 +110,11 @@ class Service:
         if cfg.replication.enabled:
             self.replica = Replicator(cfg.replication, cfg.agent.node_id)
         replica = self.replica
+        self.replica_reconcile: StartupReconcile | None = None
+        if replica is not None:
+            self.replica_reconcile = StartupReconcile(
+                replica, self.spool, self.journal, on_done=self._on_reconciled
+            )
         self.intake = Intake(
             cfg,
             self.journal,
@@ -127,7 +132,7 @@ class Service:
             self.spool,
             self.journal,
             self.upstream,
-            self.health.usable,
+            self._drain_usable,
             self._on_refusal,
             self.metrics,
             busy=self.intake.writing,
@@ -217,7 +222,7 @@ class Service:
                 }
             )
             self._mode, self._mode_since = mode, time.time()
-        self.drainer.online(bool(self.health.usable()))
+        self.drainer.online(bool(self._drain_usable()))
 
     async def apply_config(self, cfg: Config) -> None:
         """Switch live sections to ``cfg`` without dropping a request.
@@ -270,7 +275,8 @@ class Service:
         await self._start(self.rejected)
         if self.replica is not None:  # before the drain: what a takeover delivered stays unsent
             await self._start(self.replica)
-            await reconcile_with_replica(self.replica, self.spool, self.journal)
+        if self.replica_reconcile is not None:
+            await self._start(self.replica_reconcile)
         if self.outbox is not None:  # before the listener: a 202 may queue an SMS
             await self._start(self.outbox)
         if self.chain is not None:  # before the listener and the drain: both enrol
@@ -402,6 +408,16 @@ class Service:
             return "standby"
         return "offline"
 
+    def _drain_usable(self) -> dict[str, str]:
+        """Where the drain may deliver now: nowhere before pending/ was reconciled with
+        the replica (a takeover may have delivered any of it meanwhile)."""
+        if self.replica_reconcile is not None and not self.replica_reconcile.done:
+            return {}
+        return self.health.usable()
+
+    def _on_reconciled(self) -> None:
+        self.drainer.online(bool(self._drain_usable()))
+
     def _is_mode(self, name: str) -> int:
         return int(self.mode() == name)
 
@@ -500,7 +516,11 @@ class Service:
             # step -> {state: count} for outage orders (CONTRACT 10); null when off
             "chain": await self.chain.counts() if self.chain is not None else None,
             # the replica's health and what it still lacks (CONTRACT 11); null when off
-            "replication": self.replica.snapshot() if self.replica is not None else None,
+            "replication": (
+                {**self.replica.snapshot(), "reconciled": self.replica_reconcile.done}
+                if self.replica is not None and self.replica_reconcile is not None
+                else None
+            ),
             "now": time.time(),
         }
 

@@ -192,6 +192,7 @@ def test_status_text_names_what_needs_a_look() -> None:
             "last_error": "no quorum",
             "unreplicated": 5,
             "owed_changes": 1,
+            "reconciled": False,
         },
     }
     assert status_lines(doc) == [
@@ -200,5 +201,6 @@ def test_status_text_names_what_needs_a_look() -> None:
         "pending: 12 (oldest 61s)",
         "sms outbox: 3",
         "rejected: 2 file(s) to review in rejected/",
-        "replica: DOWN (no quorum), 5 order(s) not replicated, 1 change(s) owed",
+        "replica: DOWN (no quorum), 5 order(s) not replicated, 1 change(s) owed; "
+        "pending/ held until reconciled",
     ]
