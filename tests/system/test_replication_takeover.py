@@ -11,6 +11,7 @@ import asyncio
 import random
 import shutil
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +147,25 @@ async def test_takeover_resumes_after_kill9(
     assert {held[s] for s in serials.values()} == {DELIVERED}
 
 
-async def test_returning_server_after_a_takeover_sends_nothing_again(
-    tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster, agent_process: Any
-) -> None:
-    config, serials = await buffer_on_lost_server(tmp_path, center, nats_cluster, agent_process, 30)
+async def taken_over(
+    tmp_path: Path, center: FakeCenter, cluster: NatsCluster, agent_process: Any, n: int
+) -> tuple[Path, dict[str, str], Counter[str]]:
+    """The lost server's ``n`` orders merged from another machine while its disk (and
+    so its pending/) survived: (its config, key -> serial, the center's sends)."""
+    config, serials = await buffer_on_lost_server(tmp_path, center, cluster, agent_process, n)
     await center.come_up()
-    other = agent_config(tmp_path / "other", center, nats_cluster, "wh-other")
+    other = agent_config(tmp_path / "other", center, cluster, "wh-other")
     run = await recover("--from-replica", LOST, "--mode", "merge", "--config", str(other))
     assert run.code == 0, run.err
     sent = center.sends()
     assert set(sent) == set(serials) and set(sent.values()) == {1}
+    return config, serials, sent
+
+
+async def test_returning_server_after_a_takeover_sends_nothing_again(
+    tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster, agent_process: Any
+) -> None:
+    config, serials, sent = await taken_over(tmp_path, center, nats_cluster, agent_process, 30)
     spool = tmp_path / "lost" / "spool"
     assert len(order_files(spool / "pending")) == 30
     async with client() as session:
@@ -176,13 +186,7 @@ async def test_returning_server_with_the_replica_unreachable_holds_its_drain(
     """The server comes back after a takeover while NATS is down: it cannot learn what
     was delivered meanwhile, so it sends none of pending/ (the center's idempotency
     is not what keeps the contract) until the replica answers, then moves them unsent."""
-    config, serials = await buffer_on_lost_server(tmp_path, center, nats_cluster, agent_process, 20)
-    await center.come_up()
-    other = agent_config(tmp_path / "other", center, nats_cluster, "wh-other")
-    run = await recover("--from-replica", LOST, "--mode", "merge", "--config", str(other))
-    assert run.code == 0, run.err
-    sent = center.sends()
-    assert set(sent) == set(serials)
+    config, serials, sent = await taken_over(tmp_path, center, nats_cluster, agent_process, 20)
     for node in nats_cluster.nodes:
         nats_cluster.kill(node)
     spool = tmp_path / "lost" / "spool"
