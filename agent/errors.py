@@ -25,6 +25,7 @@
         ├── SmsRejected          refused for good (bad number, template, key): give up
         └── SmsAmbiguous         sent, but no answer: it may have gone out; never resent
     ReplicaError                 JetStream did not acknowledge a replica write (CONTRACT 11)
+    └── ReplicaConflict          another order under this serial: node_id shared by two agents
     ConfigError
     └── ReplicaTooSmall          the stream exists with fewer replicas than configured (exit 2)
 
@@ -137,6 +138,11 @@ class InvalidOrderError(EdgeError, ValueError):
 class ReplicaError(EdgeError):
     """NATS JetStream did not acknowledge a write within replication.timeout_s (no quorum,
     no connection); the message says which record and why."""
+
+
+class ReplicaConflict(ReplicaError):
+    """The replica holds another order under this order's serial: two agents write as
+    the same agent.node_id. Never overwritten; the message says which orders."""
 
 
 class ReplicaTooSmall(ConfigError):

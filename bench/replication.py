@@ -117,7 +117,8 @@ async def fill_replica(servers: list[str], root: Path) -> int:
                 Change("pending", PendingRecord.from_bytes((root / "pending" / n).read_bytes()))
                 for n in names[i : i + 2000]
             ]
-            errors = [e for e in await publish_all(js, changes, 10) if e is not None]
+            results = await publish_all(js, changes, 10)
+            errors = [e for e in results if isinstance(e, BaseException)]
             if errors:
                 raise SystemExit(f"filling the replica failed: {errors[0]}")
         return len(names)

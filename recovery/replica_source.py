@@ -218,9 +218,9 @@ class Marker:
         for i in range(0, len(changes), MARK_BATCH):
             batch = changes[i : i + MARK_BATCH]
             results = await publish_all(self._js, batch, self._timeout_s)
-            for change, err in zip(batch, results, strict=True):
-                if err is None:
+            for change, result in zip(batch, results, strict=True):
+                if not isinstance(result, BaseException):
                     if change.state != PINNED:
                         self.marked.add(change.record.serial)
                 elif final:
-                    log.error("not marked in the replica (the next run does): %s", err)
+                    log.error("not marked in the replica (the next run does): %s", result)

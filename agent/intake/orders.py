@@ -19,7 +19,13 @@ from typing import Any
 from agent.base.metrics import Metrics
 from agent.config import Config
 from agent.delivery.router import Router, Verdict
-from agent.errors import BufferFullError, InvalidOrderError, PersistError, ReplicaError
+from agent.errors import (
+    BufferFullError,
+    InvalidOrderError,
+    PersistError,
+    ReplicaConflict,
+    ReplicaError,
+)
 from agent.orders import Order, parse_order
 from agent.replica.replicator import Replicator
 from agent.replica.stream import PENDING, Change
@@ -373,16 +379,14 @@ class Intake:
             replica.owe(Change(PENDING, record))
             return None
         log.error("order %s refused, not replicated: %s", record.serial, error)
-        return self._count(
-            "unreplicated",
-            Reply(
-                503,
-                {
-                    "error": f"order not accepted: the replica (NATS JetStream) did not store "
-                    f"it on a quorum ({error}); replication.required is true; retry"
-                },
-            ),
-        )
+        if isinstance(error, ReplicaConflict):
+            why = f"order not accepted: {error}; replication.required is true"
+        else:
+            why = (
+                f"order not accepted: the replica (NATS JetStream) did not store it on a "
+                f"quorum ({error}); replication.required is true; retry"
+            )
+        return self._count("unreplicated", Reply(503, {"error": why}))
 
     def replicated(self, serial: str) -> bool | None:
         """For lookups: None without [replication], else False while only local."""

@@ -27,7 +27,14 @@ import orjson
 from agent.base.tasks import cancel_and_wait
 from agent.errors import CorruptRecordError, ReplicaError
 from agent.replica.replicator import Replicator
-from agent.replica.stream import DELIVERED, PENDING, REJECTED, UNDELIVERED, Change
+from agent.replica.stream import (
+    DELIVERED,
+    PENDING,
+    REJECTED,
+    UNDELIVERED,
+    Change,
+    same_order,
+)
 from agent.spool.record import PendingRecord
 from agent.spool.writer import PendingSpool
 from agent.state.journal import MERGED, Journal
@@ -44,6 +51,8 @@ class Reconciled:
     rejected: int = 0
     published: int = 0  # local files the replica lacked
     caught_up: int = 0  # later states the replica lacked
+    foreign: int = 0  # the serial holds another agent's order (node_id not unique)
+    elsewhere: int = 0  # undelivered in the replica, in no directory here
 
 
 async def reconcile_with_replica(
@@ -63,6 +72,17 @@ async def reconcile_with_replica(
             if change is None:
                 replica.owe(Change(PENDING, held.record))
                 done.published += 1
+            elif not same_order(change.record, held.record):
+                # Another agent's order under this serial: its state says nothing of ours.
+                log.error(
+                    "replica: %s of node %s there is another order (dedupe key %r, not %r): "
+                    "two servers share agent.node_id; this file stays and is delivered",
+                    serial,
+                    held.record.node_id,
+                    change.record.dedupe_key,
+                    held.record.dedupe_key,
+                )
+                done.foreign += 1
             elif change.state == DELIVERED:
                 await held.delivered(change.order_id, change.cluster or "replica")
                 await journal.mark(serial, MERGED, change.cluster, change.order_id)
@@ -84,6 +104,8 @@ async def reconcile_with_replica(
         if later is not None:
             replica.owe(later)
             done.caught_up += 1
+        else:
+            done.elsewhere += 1
     log.info(
         "replica reconciled: %d delivered elsewhere moved to merged/ unsent, %d rejected, "
         "%d written to the replica, %d later states caught up",
@@ -92,6 +114,15 @@ async def reconcile_with_replica(
         done.published,
         done.caught_up,
     )
+    if done.foreign or done.elsewhere:
+        log.warning(
+            "replica: %d undelivered orders of this node_id are in no directory here and %d "
+            "serials hold another order: if another server uses the same agent.node_id, "
+            "give each its own; orders of a lost buffer are merged with "
+            "edge-recover --from-replica",
+            done.elsewhere,
+            done.foreign,
+        )
     return done
 
 

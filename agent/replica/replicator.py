@@ -6,6 +6,13 @@ pending files' group commit), so replication adds a wait, not a round trip per
 order. ``change`` writes a later state (pinned, delivered, rejected) with a
 bounded retry; what could not be written is remembered and written by the
 background task when the quorum returns, and shown in /status meanwhile.
+
+Each write names the message it replaces (the sequence this agent last stored
+for the order, 0 for a new one). When the subject holds something else, the
+current message decides: the same order (our write whose answer was lost, or a
+takeover's final state) is kept or replaced knowingly; another order under the
+same serial is never overwritten: a ReplicaConflict, logged and counted, since
+it means two agents share a node_id.
 """
 
 from __future__ import annotations
@@ -22,14 +29,19 @@ from nats.js import JetStreamContext
 from agent.base.batching import GroupCommit
 from agent.base.tasks import cancel_and_wait
 from agent.config import ReplicationSection
-from agent.errors import ConfigError, ReplicaError
+from agent.errors import ConfigError, ReplicaConflict, ReplicaError
 from agent.replica.stream import (
     DELIVERED,
+    FINAL,
     PENDING,
     Change,
+    SubjectMoved,
     connect,
     ensure_stream,
+    last_state,
+    publish,
     publish_all,
+    same_order,
     states,
 )
 from agent.spool.record import PendingRecord
@@ -53,6 +65,10 @@ class Replicator:
         self._task: asyncio.Task[None] | None = None
         # serial -> the change the replica still lacks (newest state wins)
         self._owed: dict[str, Change] = {}
+        # serial -> the stream sequence of this agent's last write of that order
+        self._seqs: dict[str, int] = {}
+        # serial -> why the replica cannot take it (another order holds the serial)
+        self.conflicts: dict[str, str] = {}
         self._wake = asyncio.Event()
         self.last_error: str | None = None
         self.last_ok: float | None = None
@@ -98,16 +114,20 @@ class Replicator:
     # -- writes -------------------------------------------------------------------------
 
     async def replicate(self, record: PendingRecord) -> None:
-        """Return once JetStream stored the pending record on a quorum; else ReplicaError."""
+        """Return once JetStream stored the pending record on a quorum; else ReplicaError
+        (ReplicaConflict: the serial holds another agent's order)."""
         await self._writer.submit(Change(PENDING, record))
 
     def owe(self, change: Change) -> None:
-        """Write ``change`` later (background), e.g. a 202 given on local durability alone."""
+        """Write ``change`` later (background), e.g. a 202 given on local durability alone.
+        Not an order in conflict: no retry can store it."""
+        if change.record.serial in self.conflicts:
+            return
         self._owed[change.record.serial] = change
         self._wake.set()
 
     def unreplicated(self, serial: str) -> bool:
-        return serial in self._owed
+        return serial in self._owed or serial in self.conflicts
 
     async def change(
         self, record: PendingRecord, state: str, order_id: Any = None, cluster: str | None = None
@@ -121,6 +141,8 @@ class Replicator:
             try:
                 await self._writer.submit(change)
                 return True
+            except ReplicaConflict:
+                return False  # logged and counted where it was found; retrying cannot help
             except ReplicaError as exc:
                 if attempt == attempts - 1:
                     log.error("replica: %s; written when the quorum returns", exc)
@@ -134,13 +156,65 @@ class Replicator:
             # Connecting is the retry task's job: an order does not wait for it.
             error = ReplicaError(f"not connected to the replica: {self.last_error}")
             return [error] * len(changes)
-        results = await publish_all(self._js, changes, self.cfg.timeout_s)
-        errors = [r for r in results if r is not None]
+        js = self._js
+        expects = [self._seqs.get(c.record.serial, 0) for c in changes]
+        results = await publish_all(js, changes, self.cfg.timeout_s, expects)
+        moved = [i for i, r in enumerate(results) if isinstance(r, SubjectMoved)]
+        if moved:  # after a restart (sequences unknown), a lost answer, or a conflict
+            settled = await asyncio.gather(*(self._settle(js, changes[i]) for i in moved))
+            for i, result in zip(moved, settled, strict=True):
+                results[i] = result
+        out: list[BaseException | None] = []
+        for change, result in zip(changes, results, strict=True):
+            if isinstance(result, BaseException):
+                out.append(result)
+                continue
+            if change.state in FINAL:
+                self._seqs.pop(change.record.serial, None)
+            else:
+                self._seqs[change.record.serial] = result
+            out.append(None)
+        # A conflict is a configuration fault, not the replica's: counted on its own.
+        errors = [r for r in out if r is not None and not isinstance(r, ReplicaConflict)]
         if errors:
             self.last_error = str(errors[0])
         else:
             self.last_error, self.last_ok = None, time.time()
-        return results
+        return out
+
+    async def _settle(self, js: JetStreamContext, change: Change) -> int | BaseException:
+        """The subject did not hold what the write expected: let its message decide."""
+        record = change.record
+        try:
+            last = await last_state(js, record.node_id, record.serial, self.cfg.timeout_s)
+            if last is None:
+                return await publish(js, change, self.cfg.timeout_s, 0)
+            seq, held = last
+            if not same_order(held.record, record):
+                return self._conflict(held, change)
+            if held.state in FINAL or (
+                held.state == change.state and held.record.pinned_to == record.pinned_to
+            ):
+                return seq  # already there, or final (a takeover delivered it): never undone
+            return await publish(js, change, self.cfg.timeout_s, seq)
+        except ReplicaError as exc:  # SubjectMoved again: a writer raced us; the next try
+            return exc
+
+    def _conflict(self, held: Change, change: Change) -> ReplicaConflict:
+        record = change.record
+        why = (
+            f"the replica holds another order under serial {record.serial} of node "
+            f"{record.node_id} (dedupe key {held.record.dedupe_key!r} received "
+            f"{held.record.received_at}, not {record.dedupe_key!r} received "
+            f"{record.received_at}): two servers write as agent.node_id = "
+            f"{record.node_id!r}; give each server its own node_id. Not overwritten; "
+            f"this {change.state} is kept locally only"
+        )
+        if record.serial not in self.conflicts:
+            log.error("replica conflict: %s", why)
+        self.conflicts[record.serial] = why
+        self._owed.pop(record.serial, None)
+        return ReplicaConflict(why)
 
     async def _retry_loop(self) -> None:
         while True:
@@ -188,13 +262,17 @@ class Replicator:
             "healthy": self._ready and self.last_error is None,
             "last_error": self.last_error,
             "last_ok": self.last_ok,
-            "unreplicated": sum(1 for c in self._owed.values() if c.state == PENDING),
+            "unreplicated": self.unreplicated_count,
             "owed_changes": sum(1 for c in self._owed.values() if c.state != PENDING),
+            # orders another agent's record holds the serial of: node_id is not unique
+            "conflicts": len(self.conflicts),
+            "last_conflict": next(reversed(self.conflicts.values()), None),
         }
 
     @property
     def unreplicated_count(self) -> int:
-        return sum(1 for c in self._owed.values() if c.state == PENDING)
+        owed = sum(1 for c in self._owed.values() if c.state == PENDING)
+        return owed + len(self.conflicts)
 
 
 __all__ = ["DELIVERED", "Replicator"]

@@ -8,6 +8,12 @@ record, so whoever takes over a lost server needs nothing but the replica.
 ``Nats-Msg-Id`` (node, serial, state, pin) makes a retried publish of the same
 change a no-op within the stream's duplicate window.
 
+Every write also says which message it expects to replace
+(``Nats-Expected-Last-Subject-Sequence``: 0 for a new order), so a write never
+overwrites a record it has not seen: two agents that share a node_id (one
+agent.toml copied to every server) would otherwise replace each other's orders
+under the same serials, and a takeover would then miss them.
+
 Everything here talks to nats-py and turns its failures into ReplicaError.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,7 +40,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from agent.config import ReplicationSection
 from agent.errors import ConfigError, CorruptRecordError, ReplicaError, ReplicaTooSmall
@@ -45,12 +52,24 @@ STREAM = "EDGE_BUFFER"
 SUBJECT_ROOT = "edge.buffer"
 PENDING, PINNED, DELIVERED, REJECTED = "pending", "pinned", "delivered", "rejected"
 UNDELIVERED = (PENDING, PINNED)
+FINAL = (DELIVERED, REJECTED)
+# JetStream's answer when Nats-Expected-Last-Subject-Sequence did not hold.
+WRONG_LAST_SEQUENCE = 10071
 # How many records one listing request asks for at a time.
 LIST_BATCH = 1000
 
 
 def subject(node_id: str, serial: str) -> str:
     return f"{SUBJECT_ROOT}.{node_id}.{serial}"
+
+
+class SubjectMoved(ReplicaError):
+    """The order's subject holds another message than the write expected to replace."""
+
+
+def same_order(a: PendingRecord, b: PendingRecord) -> bool:
+    """One order (maybe in two states), not two orders that happen to share a serial."""
+    return (a.serial, a.dedupe_key, a.received_at) == (b.serial, b.dedupe_key, b.received_at)
 
 
 @dataclass(frozen=True)
@@ -64,8 +83,15 @@ class Change:
 
     @property
     def msg_id(self) -> str:
-        pin = self.record.pinned_to or "-"
-        return f"{self.record.node_id}.{self.record.serial}.{self.state}.{pin}"
+        """The same change of the same order: a retry JetStream may drop as a duplicate.
+        The order's identity is in it, not only its serial: two agents sharing a node_id
+        issue the same serials, and the second one's record must not pass for a retry."""
+        record = self.record
+        pin = record.pinned_to or "-"
+        order = hashlib.blake2b(
+            f"{record.dedupe_key}\n{record.received_at}".encode(), digest_size=8
+        ).hexdigest()
+        return f"{record.node_id}.{record.serial}.{order}.{self.state}.{pin}"
 
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {"state": self.state, "record": self.record.to_dict()}
@@ -165,31 +191,71 @@ async def ensure_stream(js: JetStreamContext, replicas: int, timeout_s: float) -
     log.info("replica: created stream %s with %d replicas", STREAM, replicas)
 
 
-async def publish(js: JetStreamContext, change: Change, timeout_s: float) -> None:
-    """Return once JetStream stored ``change`` on a quorum; ReplicaError otherwise."""
+async def publish(
+    js: JetStreamContext, change: Change, timeout_s: float, expect: int | None = None
+) -> int:
+    """Store ``change`` on a quorum and return its stream sequence.
+
+    ``expect``: the sequence of the subject's message this write replaces (0: none);
+    SubjectMoved if the subject holds another. ReplicaError for any other failure.
+    """
+    headers = {"Nats-Msg-Id": change.msg_id}
+    if expect is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(expect)
     try:
-        await js.publish(
+        ack = await js.publish(
             subject(change.record.node_id, change.record.serial),
             change.to_bytes(),
             timeout=timeout_s,
             stream=STREAM,
-            headers={"Nats-Msg-Id": change.msg_id},
+            headers=headers,
         )
+    except APIError as exc:
+        if exc.err_code == WRONG_LAST_SEQUENCE:
+            raise SubjectMoved(
+                f"the replica's {change.record.serial} is not the message expected ({expect})"
+            ) from exc
+        raise _not_stored(change, timeout_s, exc) from exc
     except (NatsError, TimeoutError, OSError) as exc:
-        raise ReplicaError(
-            f"replica did not store {change.state} of {change.record.serial} within "
-            f"{timeout_s}s: {why(exc)}"
-        ) from exc
+        raise _not_stored(change, timeout_s, exc) from exc
+    return ack.seq
+
+
+def _not_stored(change: Change, timeout_s: float, exc: BaseException) -> ReplicaError:
+    return ReplicaError(
+        f"replica did not store {change.state} of {change.record.serial} within "
+        f"{timeout_s}s: {why(exc)}"
+    )
 
 
 async def publish_all(
-    js: JetStreamContext, changes: list[Change], timeout_s: float
-) -> list[BaseException | None]:
-    """Publish a batch concurrently, awaited together: one wait for the whole batch."""
+    js: JetStreamContext, changes: list[Change], timeout_s: float, expects: list[int] | None = None
+) -> list[int | BaseException]:
+    """Publish a batch concurrently, awaited together: one wait for the whole batch.
+    Each entry: the stored sequence, or the error of that change."""
+    wanted: list[int | None] = list(expects) if expects is not None else [None] * len(changes)
     results = await asyncio.gather(
-        *(publish(js, c, timeout_s) for c in changes), return_exceptions=True
+        *(publish(js, c, timeout_s, e) for c, e in zip(changes, wanted, strict=True)),
+        return_exceptions=True,
     )
-    return [r if isinstance(r, BaseException) else None for r in results]
+    return [r if isinstance(r, (int, BaseException)) else ReplicaError(repr(r)) for r in results]
+
+
+async def last_state(
+    js: JetStreamContext, node_id: str, serial: str, timeout_s: float
+) -> tuple[int, Change] | None:
+    """The subject's current message (read from the stream leader), or None if empty."""
+    where = subject(node_id, serial)
+    try:
+        msg = await asyncio.wait_for(js.get_last_msg(STREAM, where), timeout_s)
+    except NotFoundError:
+        return None
+    except (NatsError, TimeoutError, OSError) as exc:
+        raise ReplicaError(f"cannot read {where} from the replica: {why(exc)}") from exc
+    try:
+        return msg.seq or 0, Change.from_bytes(msg.data or b"", where)
+    except (ValueError, CorruptRecordError) as exc:
+        raise ReplicaError(f"{where} in the replica is unreadable: {exc}") from exc
 
 
 async def states(

@@ -15,8 +15,9 @@ import pytest
 from agent.errors import ReplicaError
 from agent.replica.stream import DELIVERED, PENDING, STREAM, Change
 from agent.sandbox.nats_cluster import NatsCluster, quiet_errors, read_replica
-from tests.support.fakes import FakeCenter
-from tests.support.harness import AgentFactory, AgentHandle, order, wait_for
+from tests.support.fakes import FakeCenter, free_port
+from tests.support.harness import AgentFactory, AgentHandle, order, wait_for, write_config
+from tests.support.recover_helpers import recover
 
 pytestmark = pytest.mark.replication
 NODE = "wh-test-01"
@@ -198,3 +199,55 @@ async def test_agent_starts_with_the_replica_down_and_refuses_until_it_is_back(
     await post_until_accepted(agent, 1, timeout=60)
     _, doc = await agent.get("/status")
     assert doc["replication"]["healthy"] is True
+
+
+def server(tmp_path: Path, name: str) -> dict[str, dict[str, Any]]:
+    """One warehouse server's own directories and port (the node_id stays the default)."""
+    return {
+        "agent": {
+            "state_dir": str(tmp_path / name / "state"),
+            "listen": f"127.0.0.1:{free_port()}",
+        },
+        "buffer": {"path": str(tmp_path / name / "spool")},
+    }
+
+
+async def test_two_servers_sharing_a_node_id_never_overwrite_each_others_orders(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """One agent.toml copied to every server: one node_id, so the same serials. Without a
+    guard the second server's records replaced the first's in the replica, and a takeover
+    of that node would have missed the first server's 202'd orders."""
+    await center.go_down()
+    rep = replication(nats_cluster)
+    first = await make_agent(center.url, replication=rep, **server(tmp_path, "a"))
+    second = await make_agent(center.url, replication=rep, **server(tmp_path, "b"))
+    accepted: dict[str, str] = {}  # serial -> dedupe key, every order answered 202
+    for n in range(5):
+        status, body = await first.post(order(f"a{n}"))
+        assert status == 202, body
+        accepted[body["serial"]] = f"douyin:a{n}"
+    refused, kept = [], []
+    for n in range(8):
+        status, body = await second.post(order(f"b{n}"))
+        if status == 202:
+            assert body["serial"] not in accepted
+            accepted[body["serial"]] = f"douyin:b{n}"
+            kept.append(f"{body['serial']}.json")
+        else:
+            assert status == 503 and "agent.node_id" in body["error"], (status, body)
+            refused.append(n)
+    assert refused == [0, 1, 2, 3, 4]  # the serials the first server holds
+    assert second.files("pending") == kept  # a refused order leaves no file to deliver
+    held = await replica_states(nats_cluster)
+    assert {s: held[s].record.dedupe_key for s in accepted} == accepted
+    _, doc = await second.get("/status")
+    assert doc["replication"]["conflicts"] == 5 and doc["replication"]["healthy"] is True
+    # The node taken over from a third machine: every 202'd order of both, once each.
+    await center.come_up()
+    (tmp_path / "c").mkdir()
+    other = write_config(tmp_path / "c", center.url, replication=rep, agent={"node_id": "wh-other"})
+    run = await recover("--from-replica", NODE, "--mode", "merge", "--config", str(other))
+    assert run.code == 0, run.err
+    assert center.created_keys() == set(accepted.values())
+    assert center.duplicates() == {}
