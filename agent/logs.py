@@ -46,6 +46,13 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str = "info") -> None:
     """``level``: ``log.level`` from the config (debug, info, warning, error)."""
+    # What JsonFormatter never writes is not collected either (the logging HOWTO's
+    # "Optimization"): the caller's file and line (a walk up the stack per record),
+    # the thread and process names. ~11 us of the ~50 us a line cost.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
