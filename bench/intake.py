@@ -325,12 +325,12 @@ def own_cpu() -> tuple[float, float]:
 class Child:
     """A subprocess with its output in a log file; always stopped on exit."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )
         self.exit_code: int | None = None
 
@@ -401,11 +401,13 @@ def write_agent_config(work: Path, primary: str) -> tuple[Path, str]:
     return write_config_file(work / "agent.toml", sections), f"http://127.0.0.1:{port}"
 
 
-def start_agent(work: Path, primary: str) -> tuple[Child, str]:
+def start_agent(work: Path, primary: str, code: Path = ROOT) -> tuple[Child, str]:
+    """The agent from the checkout ``code`` (``python -m agent`` finds the package in its
+    working directory first: ``--agent-code`` runs another revision, for A/B runs)."""
     work.mkdir(parents=True, exist_ok=True)
     config, base = write_agent_config(work, primary)
     argv = [sys.executable, "-m", "agent", "run", "--config", str(config)]
-    return Child(f"agent ({work.name})", argv, work / "agent.log"), base
+    return Child(f"agent ({work.name})", argv, work / "agent.log", cwd=code), base
 
 
 async def wait_until(child: Child, probe: Callable[[], Any], what: str) -> None:
@@ -524,12 +526,12 @@ def filesystem_of(path: Path) -> str:
     return f"{best[1]} on {best[2]} (mounted at {best[0] or '?'})"
 
 
-def git_revision() -> str:
+def git_revision(code: Path = ROOT) -> str:
     """The commit the agent code is at, "+dirty" when it has uncommitted changes."""
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty=+dirty"],
-            cwd=ROOT,
+            cwd=code,
             capture_output=True,
             text=True,
             timeout=10,
@@ -655,7 +657,13 @@ def phase_raw(tmp: Path, count: int, res: Results) -> None:
 
 
 async def phase_intake(
-    tmp: Path, orders: int, concurrency: int, raw_files: int, phone: bool, res: Results
+    tmp: Path,
+    orders: int,
+    concurrency: int,
+    raw_files: int,
+    phone: bool,
+    res: Results,
+    code: Path = ROOT,
 ) -> None:
     say(
         f"[2/3] offline durable intake over HTTP: {orders} orders, {concurrency} "
@@ -664,7 +672,9 @@ async def phase_intake(
     )
     dead = f"http://127.0.0.1:{free_port()}/v3"  # nothing listens there
     work = tmp / "offline"
-    child, base = start_agent(work, dead)
+    child, base = start_agent(work, dead, code)
+    if code != ROOT:
+        row("agent code", f"{code} at {git_revision(code)}")
     with child:
         async with new_session(concurrency) as session:
             await wait_agent(session, child, base, "offline")
@@ -1019,6 +1029,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the agent's buffer and the raw baseline both live there",
     )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument(
+        "--agent-code",
+        type=Path,
+        default=ROOT,
+        help="the checkout whose agent the intake phase runs (default: this one); "
+        "for A/B runs against another revision",
+    )
+    p.add_argument(
+        "--no-forward",
+        action="store_true",
+        help="skip the forwarding phase (offline intake and its disk baselines only)",
+    )
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key in ("orders", "forward_requests", "throughput_requests", "raw_files"):
@@ -1036,8 +1058,16 @@ async def run(args: argparse.Namespace, tmp: Path) -> Results:
     res = Results()
     phase_raw(tmp, args.raw_files, res)
     await phase_intake(
-        tmp, args.orders, args.concurrency, args.raw_files // 2, not args.no_phone, res
+        tmp,
+        args.orders,
+        args.concurrency,
+        args.raw_files // 2,
+        not args.no_phone,
+        res,
+        args.agent_code.resolve(),
     )
+    if args.no_forward:
+        return res
     await phase_forward(
         tmp, args.forward_requests, args.throughput_requests, args.warmup, args.concurrency, res
     )

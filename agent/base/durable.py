@@ -19,7 +19,7 @@ from agent.errors import BufferFullError, PersistError
 TMP_SUFFIX = ".tmp"
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -85,7 +85,7 @@ def write_tmp(tmp: Path, data: bytes, sync: bool = True) -> None:
         os.close(fd)
 
 
-def create_written(tmp: Path, data: bytes) -> int:
+def create_written(tmp: str | Path, data: bytes) -> int:
     """Create ``tmp`` (0600) holding ``data``, not yet synced; return its open fd."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -98,6 +98,6 @@ def create_written(tmp: Path, data: bytes) -> int:
     return fd
 
 
-def unlink_quietly(path: Path) -> None:
+def unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)

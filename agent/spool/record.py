@@ -61,7 +61,13 @@ class PendingRecord:
         }
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(self.to_dict())
+        """The file's content; made once per record (the writer needs its size before
+        the batch writes it, and the replica sends the same bytes)."""
+        data: bytes | None = self.__dict__.get("_bytes")
+        if data is None:
+            data = orjson.dumps(self.to_dict())
+            object.__setattr__(self, "_bytes", data)  # a cache, not a field: frozen stays
+        return data
 
     @classmethod
     def from_bytes(cls, data: bytes, origin: str = "") -> PendingRecord:

@@ -16,11 +16,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.base.batching import GroupCommit
+from agent.base.fsync_pool import FsyncPool
 from agent.errors import (
     BufferFullError,
     CorruptRecordError,
@@ -159,16 +159,20 @@ class PendingSpool:
         self.last_error: str | None = None
         self._counted_at = 0.0
         self._reserved = 0
-        self._pool = ThreadPoolExecutor(fsync_threads, thread_name_prefix="fsync")
+        self._fsync_threads = fsync_threads
+        self._pool: FsyncPool | None = None
         self._writer = GroupCommit[PendingRecord]("pending", self._flush, max_batch=128)
 
     async def start(self) -> None:
         await self.listing()
+        self._pool = FsyncPool(self._fsync_threads)
         self._writer.start()
 
     async def stop(self) -> None:
         await self._writer.stop()
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     @property
     def writable(self) -> bool:
@@ -225,6 +229,8 @@ class PendingSpool:
         self.left(len(record.to_bytes()))
 
     async def _flush(self, records: list[PendingRecord]) -> list[BaseException | None]:
+        if self._pool is None:
+            raise RuntimeError("pending/ writes before PendingSpool.start()")
         loop = asyncio.get_running_loop()
         results: list[Any] = await loop.run_in_executor(
             None, write_pending_batch, self.dirs, records, self._pool

@@ -89,6 +89,8 @@ class SerialIssuer:
         self._last = 0  # nothing reserved yet
         self._floor = 0
         self._lock = asyncio.Lock()
+        self._day = ""
+        self._day_checked = -1
 
     def raise_floor(self, counter: int) -> None:
         """Never issue at or below ``counter`` (seen on disk at start-up)."""
@@ -108,5 +110,8 @@ class SerialIssuer:
                     self._next, self._last = first, last
         n = self._next
         self._next += 1
-        day = time.strftime("%Y%m%d", time.gmtime())
-        return f"{self.prefix}-{day}-{n:09d}"
+        now = int(time.time())
+        if now != self._day_checked:  # the UTC day, looked up once a second, not per order
+            self._day = time.strftime("%Y%m%d", time.gmtime(now))
+            self._day_checked = now
+        return f"{self.prefix}-{self._day}-{n:09d}"

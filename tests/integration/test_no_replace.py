@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from agent.base.fsync_pool import FsyncPool
 from agent.base.syscalls import link_then_unlink, rename_noreplace
 from agent.errors import PersistError
 from agent.spool.claims import try_claim
@@ -70,7 +70,7 @@ def test_a_pending_file_at_the_target_name_is_never_replaced(dirs: BufferDirs):
         record("wh-test-01-20261203-000000007"),
         record("wh-test-01-20261203-000000008", "douyin:2"),
     )
-    with ThreadPoolExecutor(2) as pool:
+    with FsyncPool(2) as pool:
         results = write_pending_batch(dirs, [clash, fine], pool)
     assert isinstance(results[0], PersistError)
     message = str(results[0])

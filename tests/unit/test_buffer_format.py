@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.base.fsync_pool import FsyncPool
 from agent.orders import parse_order
 from agent.spool.files import write_pending_batch
 from agent.spool.record import BufferDirs, PendingRecord
@@ -54,7 +54,7 @@ def test_record_round_trip_through_a_real_file(tmp_path: Path, raw: bytes, phone
     )
     dirs = BufferDirs(tmp_path / "spool")
     dirs.ensure()
-    with ThreadPoolExecutor(2) as pool:
+    with FsyncPool(2) as pool:
         assert write_pending_batch(dirs, [record], pool) == [None]
     stored = (dirs.pending / record.filename).read_bytes()
     back = PendingRecord.from_bytes(stored)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.base.phones import check, mask, mask_phones
 from agent.logs import JsonFormatter
@@ -76,3 +79,34 @@ def test_every_log_line_is_masked_whatever_logged_it():
     assert "138****5678" in doc["exc"]
     for full in ("13812345678", "13912345678", "13712345678"):
         assert full not in line
+
+
+def _two_scans(text: str) -> str:
+    """mask_phones as it was (mainland mobiles, then ``+`` numbers, in two scans): the
+    one-scan version must mask exactly the same way."""
+    mainland = re.compile(r"(?<![\d*])(?:\+?86|0086)?1[3-9]\d{9}(?![\d*])")
+    anything = re.compile(r"(?<![\d*])(?:\+86|0086|\+)?\d{7,15}(?![\d*])")
+    text = mainland.sub(lambda m: mask(m.group(0)), text)
+    return anything.sub(lambda m: mask(m[0]) if m[0].startswith("+") else m[0], text)
+
+
+_PHONEISH = st.sampled_from(
+    [
+        "13812345678",
+        "+8613812345678",
+        "8615012345678",
+        "008613912345678",
+        "+0086138123456789",
+        "+008613812345678",
+    ]
+)
+
+
+@given(
+    st.lists(
+        st.text(alphabet="0123456789+* x-", max_size=12) | _PHONEISH | st.integers().map(str),
+        max_size=8,
+    ).map("".join)
+)
+def test_mask_phones_masks_like_two_scans(text: str):
+    assert mask_phones(text) == _two_scans(text)
