@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from agent.delivery.decide import Action, Caller, Kind, Step
 from agent.delivery.decide import decide as decide_answer
@@ -39,6 +40,7 @@ from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs
 from agent.upstream.answers import Answer
 from recovery.checkpoint import ResultRow
+from recovery.claimer import ClaimProcess, ClaimProcessDied, Received
 from recovery.decide import Decision, Held, Opened, Work, decide, open_file
 from recovery.finisher import NOTE, Finisher, Settled
 from recovery.item import Item
@@ -65,7 +67,7 @@ class MergeOptions:
     pin: str = ""  # what an unclear answer pins orders to: that cluster, else the target URL
 
 
-ChunkFn = Callable[[list[Item]], list[Decision]]
+T = TypeVar("T")
 
 
 class Merger:
@@ -86,18 +88,24 @@ class Merger:
         self.transient_failures = 0
         self.gave_up = 0  # orders left because the center kept failing
         self.held_elsewhere: list[Found] = []  # pinned to another cluster: not sent here
-        self._pending: SortedNames | None = None
+        self._claims: ClaimProcess | None = None
         self._loose: list[Found] = []
         # One thread: files are ranked in the order they are met.
         self._claimer = ThreadPoolExecutor(1, thread_name_prefix="claim")
 
     async def prepare(self) -> int:
-        """List pending/ and read the loose files (few, as a rule); the number of files."""
-        self._loose, pending = await asyncio.to_thread(self._list)
-        self._pending = pending
-        return len(self._loose) + len(pending)
+        """Start the claim process (it lists pending/ meanwhile), read the loose files
+        (few, as a rule); the number of files."""
+        self._claims = ClaimProcess(self._opts.root, self._opts.node)
+        try:
+            self._loose = await asyncio.to_thread(self._list)
+            pending = await asyncio.to_thread(self._claims.count)
+        except BaseException:
+            self._claims.close()
+            raise
+        return len(self._loose) + pending
 
-    def _list(self) -> tuple[list[Found], SortedNames]:
+    def _list(self) -> list[Found]:
         root, node = self._opts.root, self._opts.node
         loose = [
             f
@@ -117,16 +125,24 @@ class Merger:
             ]
         )
         loose.sort(key=lambda f: rank_key(f.raw, f.serial or "", f.file))
-        return loose, SortedNames(root / "pending")
+        return loose
 
     async def run(self) -> None:
-        if self._pending is None:
+        claims = self._claims
+        if claims is None:
             raise RuntimeError("Merger.prepare() must be awaited before run()")
-        pending = (Item(f"pending/{name}", False) for name in self._pending)
         loose = (Item(f.file, True) for f in self._loose)
         try:
-            held = await self._pass(_chunks(pending), lambda c: self._first(c, True))
-            held += await self._pass(_chunks(loose), lambda c: self._first(c, False))
+            try:
+                # pending/ claimed, read and parsed by the claim process, in name order.
+                held = await self._pass(claims.chunks(), lambda c: self._first(c, True))
+            except ClaimProcessDied as exc:
+                log.error("%s; stopping: run again to resume", exc)
+                self._stop.set()
+                return
+            finally:
+                await asyncio.to_thread(claims.close)
+            held += await self._pass(_chunks(loose), lambda c: self._first(self._open(c), False))
             await self._retry_held(held)
             if self._stop.is_set():
                 return
@@ -140,10 +156,10 @@ class Merger:
         cluster may already exist there; sending it here could create it twice."""
         return may_send(pinned_to, self._opts.cluster, self._opts.target)
 
-    def _first(self, items: list[Item], pending: bool) -> list[Decision]:
-        """Claim, rank and decide a chunk of files met for the first time."""
+    def _first(self, received: list[Received], pending: bool) -> list[Decision]:
+        """Rank and decide a chunk of files met for the first time, claimed and read."""
         out: list[Decision] = []
-        opened = self._open(items, out)
+        opened = self._sort_out(received, out)
         ranked = [o.row for o in opened if o.row.key is not None and o.row.serial is not None]
         entries = [(r.key or "", r.serial or "", r.file) for r in ranked]
         for row, (winner, wins) in zip(ranked, self._ranker.rank(entries, pending), strict=True):
@@ -154,7 +170,7 @@ class Merger:
     def _again(self, items: list[Item]) -> list[Decision]:
         """Claim and decide files already ranked: held ones, deferred losers."""
         out: list[Decision] = []
-        for row in self._decide(self._open(items, out), out):
+        for row in self._decide(self._sort_out(self._open(items), out), out):
             out.append(
                 Settled(
                     ResultRow(
@@ -169,15 +185,20 @@ class Merger:
             )
         return out
 
-    def _open(self, items: list[Item], out: list[Decision]) -> list[Opened | Held]:
-        """Claim and read each file; settled ones go to ``out``, files pinned to another
-        cluster to ``held_elsewhere``."""
+    def _open(self, items: list[Item]) -> list[Received]:
+        """Claim and read each file here (loose files, and files met again)."""
+        return [open_file(self._opts.root, self._dirs, self._opts.node, i) for i in items]
+
+    def _sort_out(self, received: list[Received], out: list[Decision]) -> list[Opened | Held]:
+        """Settled files go to ``out``, files pinned to another cluster to
+        ``held_elsewhere``; the rest are returned to be ranked and decided."""
         opened: list[Opened | Held] = []
-        for item in items:
-            o = open_file(self._opts.root, self._dirs, self._opts.node, item)
+        for o in received:
             if isinstance(o, Settled):
                 out.append(o)
-            elif self._admitted(item.pinned_to):
+                continue
+            item = o.row
+            if self._admitted(item.pinned_to):
                 opened.append(o)
             else:
                 if isinstance(o, Opened):
@@ -229,7 +250,9 @@ class Merger:
                 await asyncio.wait_for(self._stop.wait(), 0.2)
             items = await self._pass(_chunks(items), self._again)
 
-    async def _pass(self, chunks: Iterator[list[Item]], decide_chunk: ChunkFn) -> list[Item]:
+    async def _pass(
+        self, chunks: Iterator[list[T]], decide_chunk: Callable[[list[T]], list[Decision]]
+    ) -> list[Item]:
         """Run one pipeline over ``chunks``; return the files someone else held."""
         # A short queue: enough to keep the workers fed, few claims (open files) waiting.
         queue: asyncio.Queue[list[Work] | None] = asyncio.Queue(max(2, self._opts.concurrency // 4))
