@@ -71,18 +71,28 @@ class ClaimProcess:
         self._sock = parent
         self._pid = pid
         self.code: int | None = None
+        self.failure: str | None = None  # why the child ended before sending every file
 
     def count(self) -> int:
         """Blocks until the child has listed pending/: the number of files in it."""
-        doc, _ = _receive(self._sock)
-        if not isinstance(doc, int):
-            raise ClaimProcessDied(f"the claim process sent {doc!r} instead of its count")
+        try:
+            doc, _ = _receive(self._sock)
+            if not isinstance(doc, int):
+                raise ClaimProcessDied(f"the claim process sent {doc!r} instead of its count")
+        except ClaimProcessDied as exc:
+            self.failure = str(exc)
+            return 0
         return doc
 
     def chunks(self) -> Iterator[list[Received]]:
-        """The claimed, read and parsed files of pending/, a chunk at a time, in name order."""
-        while True:
-            doc, fds = _receive(self._sock)
+        """The claimed, read and parsed files of pending/, a chunk at a time, in name order;
+        if the child dies, they end early and ``failure`` says why."""
+        while self.failure is None:
+            try:
+                doc, fds = _receive(self._sock)
+            except ClaimProcessDied as exc:
+                self.failure = str(exc)
+                return
             if doc is None:
                 return
             yield _unpack(doc, fds)

@@ -40,7 +40,7 @@ from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs
 from agent.upstream.answers import Answer
 from recovery.checkpoint import ResultRow
-from recovery.claimer import ClaimProcess, ClaimProcessDied, Received
+from recovery.claimer import ClaimProcess, Received
 from recovery.decide import Decision, Held, Opened, Work, decide, open_file
 from recovery.finisher import NOTE, Finisher, Settled
 from recovery.item import Item
@@ -136,12 +136,13 @@ class Merger:
             try:
                 # pending/ claimed, read and parsed by the claim process, in name order.
                 held = await self._pass(claims.chunks(), lambda c: self._first(c, True))
-            except ClaimProcessDied as exc:
-                log.error("%s; stopping: run again to resume", exc)
-                self._stop.set()
-                return
             finally:
                 await asyncio.to_thread(claims.close)
+            if claims.failure is not None:
+                # What was handed over is settled; the rest stays in pending/, untouched.
+                log.error("%s; stopping: run again to resume", claims.failure)
+                self._stop.set()
+                return
             held += await self._pass(_chunks(loose), lambda c: self._first(self._open(c), False))
             await self._retry_held(held)
             if self._stop.is_set():
