@@ -1,7 +1,8 @@
 """The claim process: pending/ listed, claimed, read and parsed on the second core.
 
 The merge is CPU-bound on one core (the GIL) with the file steps, the HTTP
-client and the bookkeeping all in one process. This child process does the
+client and the bookkeeping all in one process. This child process (forked by
+the merge: ``ps`` shows it with the merge's own command line) does the
 first pass's file steps for pending/ -- list it once (``recovery.listing``),
 then in name order open, flock and read each file and parse its record
 (``recovery.decide.open_file``) -- and hands the results to the merge over a

@@ -3,10 +3,11 @@
 Passes, each a bounded pipeline (claim thread -> queue -> ``concurrency``
 workers -> finisher), the first one starting as soon as pending/ is listed:
 
-1. pending/ in name (= serial) order, then loose files (record files by
-   serial, then raw order objects): each file is claimed and read once; the
-   first file of each dedupe key is sent, a later one is deferred
-   (``recovery.ranking``);
+1. pending/ in name (= serial) order, listed, claimed, read and parsed by
+   the claim process (``recovery.claimer``, on the second core), then loose
+   files (record files by serial, then raw order objects) claimed here: each
+   file is claimed and read once; the first file of each dedupe key is sent,
+   a later one is deferred (``recovery.ranking``);
 2. files another process held during pass 1, retried until released or
    ``held_wait_s`` passed (the merge is the one that waits: it never blocks
    the agent's drain; the agent just skips files the merge holds);

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -40,38 +41,41 @@ def _big_body(i: int) -> str:
     ).decode()
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid``."""
-    out = []
+def _live_processes() -> Iterator[tuple[int, int, bytes]]:
+    """(pid, parent pid, command line) of every process that is not a zombie."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
+        if state != "Z":
+            yield int(entry), int(ppid), cmdline
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid``."""
+    return [child for child, ppid, _ in _live_processes() if ppid == pid]
 
 
 def _merges_of(root: Path) -> list[int]:
     """Live processes (a merge, or its forked claim process) working on ``root``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(root).encode() + b"\0" in cmdline and state != "Z":
-            out.append(int(entry))
-    return out
+    arg = str(root).encode() + b"\0"
+    return [pid for pid, _, cmdline in _live_processes() if arg in cmdline]
+
+
+async def _start(root: Path, center: FakeCenter) -> tuple[set[str], tuple[str, ...], Recover, int]:
+    """A slow merge of N files started: (keys, its arguments, it, its pid)."""
+    keys = _buffer(root)
+    center.delay_s = 0.02
+    args = merge_args(root, center.url, "--batch", "20", "--concurrency", "2")
+    proc = await Recover(*args).start()
+    assert proc.proc is not None
+    return keys, args, proc, proc.proc.pid
 
 
 def _assert_once(root: Path, center: FakeCenter, keys: set[str]) -> None:
@@ -88,12 +92,7 @@ async def test_kill_9_of_the_merge_while_its_claim_process_works_then_rerun(
     scratch = tmp_path / "tmpdir"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
-    keys = _buffer(root)
-    center.delay_s = 0.02
-    args = merge_args(root, center.url, "--batch", "20", "--concurrency", "2")
-    proc = await Recover(*args).start()
-    assert proc.proc is not None
-    merge_pid = proc.proc.pid
+    keys, args, proc, merge_pid = await _start(root, center)
     claimers: list[int] = []
 
     def working() -> bool:
@@ -120,12 +119,7 @@ async def test_kill_9_of_the_claim_process_stops_the_merge_cleanly_then_rerun(
     center: FakeCenter, tmp_path: Path
 ) -> None:
     root = tmp_path / "buf"
-    keys = _buffer(root)
-    center.delay_s = 0.02
-    args = merge_args(root, center.url, "--batch", "20", "--concurrency", "2")
-    proc = await Recover(*args).start()
-    assert proc.proc is not None
-    merge_pid = proc.proc.pid
+    keys, args, proc, merge_pid = await _start(root, center)
     await wait_for(
         lambda: len(center.received) >= 40 and bool(_children(merge_pid)),
         30,
