@@ -3,11 +3,10 @@
 Passes, each a bounded pipeline (claim thread -> queue -> ``concurrency``
 workers -> finisher), the first one starting as soon as pending/ is listed:
 
-1. pending/ in name (= serial) order, listed, claimed, read and parsed by
-   the claim process (``recovery.claimer``, on the second core), then loose
-   files (record files by serial, then raw order objects) claimed here: each
-   file is claimed and read once; the first file of each dedupe key is sent,
-   a later one is deferred (``recovery.ranking``);
+1. pending/ in name (= serial) order, then loose files (record files by
+   serial, then raw order objects): each file is claimed and read once; the
+   first file of each dedupe key is sent, a later one is deferred
+   (``recovery.ranking``);
 2. files another process held during pass 1, retried until released or
    ``held_wait_s`` passed (the merge is the one that waits: it never blocks
    the agent's drain; the agent just skips files the merge holds);
@@ -30,7 +29,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from agent.delivery.decide import Action, Caller, Kind, Step
 from agent.delivery.decide import decide as decide_answer
@@ -41,7 +39,6 @@ from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs
 from agent.upstream.answers import Answer
 from recovery.checkpoint import ResultRow
-from recovery.claimer import ClaimProcess, Received
 from recovery.decide import Decision, Held, Opened, Work, decide, open_file
 from recovery.finisher import NOTE, Finisher, Settled
 from recovery.item import Item
@@ -68,7 +65,7 @@ class MergeOptions:
     pin: str = ""  # what an unclear answer pins orders to: that cluster, else the target URL
 
 
-T = TypeVar("T")
+ChunkFn = Callable[[list[Item]], list[Decision]]
 
 
 class Merger:
@@ -89,24 +86,18 @@ class Merger:
         self.transient_failures = 0
         self.gave_up = 0  # orders left because the center kept failing
         self.held_elsewhere: list[Found] = []  # pinned to another cluster: not sent here
-        self._claims: ClaimProcess | None = None
+        self._pending: SortedNames | None = None
         self._loose: list[Found] = []
         # One thread: files are ranked in the order they are met.
         self._claimer = ThreadPoolExecutor(1, thread_name_prefix="claim")
 
     async def prepare(self) -> int:
-        """Start the claim process (it lists pending/ meanwhile), read the loose files
-        (few, as a rule); the number of files."""
-        self._claims = ClaimProcess(self._opts.root, self._opts.node)
-        try:
-            self._loose = await asyncio.to_thread(self._list)
-            pending = await asyncio.to_thread(self._claims.count)
-        except BaseException:
-            self._claims.close()
-            raise
-        return len(self._loose) + pending
+        """List pending/ and read the loose files (few, as a rule); the number of files."""
+        self._loose, pending = await asyncio.to_thread(self._list)
+        self._pending = pending
+        return len(self._loose) + len(pending)
 
-    def _list(self) -> list[Found]:
+    def _list(self) -> tuple[list[Found], SortedNames]:
         root, node = self._opts.root, self._opts.node
         loose = [
             f
@@ -126,25 +117,16 @@ class Merger:
             ]
         )
         loose.sort(key=lambda f: rank_key(f.raw, f.serial or "", f.file))
-        return loose
+        return loose, SortedNames(root / "pending")
 
     async def run(self) -> None:
-        claims = self._claims
-        if claims is None:
+        if self._pending is None:
             raise RuntimeError("Merger.prepare() must be awaited before run()")
+        pending = (Item(f"pending/{name}", False) for name in self._pending)
         loose = (Item(f.file, True) for f in self._loose)
         try:
-            try:
-                # pending/ claimed, read and parsed by the claim process, in name order.
-                held = await self._pass(claims.chunks(), lambda c: self._first(c, True))
-            finally:
-                await asyncio.to_thread(claims.close)
-            if claims.failure is not None:
-                # What was handed over is settled; the rest stays in pending/, untouched.
-                log.error("%s; stopping: run again to resume", claims.failure)
-                self._stop.set()
-                return
-            held += await self._pass(_chunks(loose), lambda c: self._first(self._open(c), False))
+            held = await self._pass(_chunks(pending), lambda c: self._first(c, True))
+            held += await self._pass(_chunks(loose), lambda c: self._first(c, False))
             await self._retry_held(held)
             if self._stop.is_set():
                 return
@@ -158,10 +140,10 @@ class Merger:
         cluster may already exist there; sending it here could create it twice."""
         return may_send(pinned_to, self._opts.cluster, self._opts.target)
 
-    def _first(self, received: list[Received], pending: bool) -> list[Decision]:
-        """Rank and decide a chunk of files met for the first time, claimed and read."""
+    def _first(self, items: list[Item], pending: bool) -> list[Decision]:
+        """Claim, rank and decide a chunk of files met for the first time."""
         out: list[Decision] = []
-        opened = self._sort_out(received, out)
+        opened = self._open(items, out)
         ranked = [o.row for o in opened if o.row.key is not None and o.row.serial is not None]
         entries = [(r.key or "", r.serial or "", r.file) for r in ranked]
         for row, (winner, wins) in zip(ranked, self._ranker.rank(entries, pending), strict=True):
@@ -172,7 +154,7 @@ class Merger:
     def _again(self, items: list[Item]) -> list[Decision]:
         """Claim and decide files already ranked: held ones, deferred losers."""
         out: list[Decision] = []
-        for row in self._decide(self._sort_out(self._open(items), out), out):
+        for row in self._decide(self._open(items, out), out):
             out.append(
                 Settled(
                     ResultRow(
@@ -187,20 +169,15 @@ class Merger:
             )
         return out
 
-    def _open(self, items: list[Item]) -> list[Received]:
-        """Claim and read each file here (loose files, and files met again)."""
-        return [open_file(self._opts.root, self._dirs, self._opts.node, i) for i in items]
-
-    def _sort_out(self, received: list[Received], out: list[Decision]) -> list[Opened | Held]:
-        """Settled files go to ``out``, files pinned to another cluster to
-        ``held_elsewhere``; the rest are returned to be ranked and decided."""
+    def _open(self, items: list[Item], out: list[Decision]) -> list[Opened | Held]:
+        """Claim and read each file; settled ones go to ``out``, files pinned to another
+        cluster to ``held_elsewhere``."""
         opened: list[Opened | Held] = []
-        for o in received:
+        for item in items:
+            o = open_file(self._opts.root, self._dirs, self._opts.node, item)
             if isinstance(o, Settled):
                 out.append(o)
-                continue
-            item = o.row
-            if self._admitted(item.pinned_to):
+            elif self._admitted(item.pinned_to):
                 opened.append(o)
             else:
                 if isinstance(o, Opened):
@@ -252,9 +229,7 @@ class Merger:
                 await asyncio.wait_for(self._stop.wait(), 0.2)
             items = await self._pass(_chunks(items), self._again)
 
-    async def _pass(
-        self, chunks: Iterator[list[T]], decide_chunk: Callable[[list[T]], list[Decision]]
-    ) -> list[Item]:
+    async def _pass(self, chunks: Iterator[list[Item]], decide_chunk: ChunkFn) -> list[Item]:
         """Run one pipeline over ``chunks``; return the files someone else held."""
         # A short queue: enough to keep the workers fed, few claims (open files) waiting.
         queue: asyncio.Queue[list[Work] | None] = asyncio.Queue(max(2, self._opts.concurrency // 4))
