@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 import nats
 import orjson
 from nats.errors import Error as NatsError
+from nats.js.api import StreamInfo
 
 from agent.drill.agent_proc import config_text
 from agent.errors import ReplicaError
 from agent.replica.stream import DELIVERED, STREAM, UNDELIVERED, Change
-from agent.sandbox.nats_cluster import NatsCluster, quiet_errors, read_replica
+from agent.sandbox.nats_cluster import NatsCluster, NatsNode, quiet_errors, read_replica
 from tests.support.harness import wait_for
 from tests.support.recover_helpers import Run, recover
 
@@ -89,26 +90,40 @@ class ReplicaView:
         await self.cluster.wait_ready(60)
         await wait_for(self._stream_current, 60, f"stream {STREAM} current", interval=0.3)
 
-    async def _stream_current(self) -> bool:
+    async def _stream_info(self) -> StreamInfo | None:
         try:
             nc = await nats.connect(
-                servers=self.cluster.urls,
+                servers=[n.url for n in self.cluster.nodes if n.running],
                 connect_timeout=1,
                 allow_reconnect=False,
                 error_cb=quiet_errors,
             )
         except (NatsError, OSError, TimeoutError):
-            return False
+            return None
         try:
-            info = await nc.jetstream(timeout=2).stream_info(STREAM)
+            return await nc.jetstream(timeout=2).stream_info(STREAM)
         except (NatsError, TimeoutError):
-            return False
+            return None
         finally:
             await nc.close()
-        peers = info.cluster.replicas or [] if info.cluster else []
+
+    async def followers(self) -> list[NatsNode]:
+        """The nodes that are not the stream's leader (once it has one)."""
+
+        async def leader() -> str | None:
+            info = await self._stream_info()
+            return info.cluster.leader if info and info.cluster else None
+
+        name = await wait_for(leader, 30, f"a leader of stream {STREAM}", interval=0.3)
+        return [n for n in self.cluster.nodes if n.name != name]
+
+    async def _stream_current(self) -> bool:
+        info = await self._stream_info()
+        if info is None or info.cluster is None:
+            return False
+        peers = info.cluster.replicas or []
         return bool(
-            info.cluster
-            and info.cluster.leader
+            info.cluster.leader
             and len(peers) == len(self.cluster.nodes) - 1
             and all(p.current and not p.offline for p in peers)
         )
