@@ -686,23 +686,23 @@ async def test_server_lost_after_the_cut_taken_over_from_the_replica(
 async def test_returning_server_cut_while_it_moves_what_a_takeover_delivered(
     world_factory,
 ) -> None:
-    """The server goes dark with 200 orders buffered; another machine takes them over
+    """The server goes dark with 120 orders buffered; another machine takes them over
     from the replica; the server comes back (its disk was fine) and the power goes again
     while it moves the delivered orders to merged/ unsent. After the restart nothing of
     it reaches the center again, and every retry is answered with its first serial."""
     w = await world_factory(primary=False, standby=False)
     assert w.replica is not None
-    w.start_load(orders("back", 200))
+    w.start_load(orders("back", 120))
     await w.finish_load()
-    assert w.ledger.acks(202) == 200, dict(w.ledger.statuses)
+    assert w.ledger.acks(202) == 120, dict(w.ledger.statuses)
     await w.power_cut()
     await w.primary.come_up()
     await w.replica.take_over(w)
     sent = len(w.primary.received)
     w.agent = Proc([sys.executable, "-m", "agent", "run", "--config", str(w.config)], w.agent_log)
-    await cut_when(w, lambda: len(w.merged()) >= 40, "40 delivered orders moved to merged/")
+    await cut_when(w, lambda: len(w.merged()) >= 30, "30 delivered orders moved to merged/")
     moved_at_cut = len(w.merged())
-    assert moved_at_cut < 200, "the cut missed the window: every order was moved already"
+    assert moved_at_cut < 120, "the cut missed the window: every order was moved already"
     await w.restart()
     await w.retry_everything()
     await w.drained()
@@ -711,5 +711,5 @@ async def test_returning_server_cut_while_it_moves_what_a_takeover_delivered(
             f"the returning server sent {len(w.primary.received) - sent} orders a takeover "
             "had delivered"
         )
-    w.notes.append(f"merged/ at the second cut: {moved_at_cut} of 200")
+    w.notes.append(f"merged/ at the second cut: {moved_at_cut} of 120")
     await w.check()
