@@ -26,7 +26,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -36,6 +36,9 @@ from agent.drill.agent_proc import config_text
 from agent.sandbox.servers import SandboxCenter, SandboxSmsGateway, free_port
 from tests.support.harness import wait_for
 from tests.support.powerloss_fs import REPO, LazyFs, drop_durably
+
+if TYPE_CHECKING:
+    from tests.support.powerloss_replica import ReplicaView
 
 NODE_ID = "wh-pl-01"
 CLIENTS = 16
@@ -115,9 +118,11 @@ class Ledger:
     statuses: Counter[str] = field(default_factory=Counter)
     acked_at_cut: dict[str, tuple[int, str]] = field(default_factory=dict)
     inbox_keys: set[str] = field(default_factory=set)
+    last: dict[str, int | None] = field(default_factory=dict)  # key -> its latest answer
 
     def note(self, key: str, status: int | None, body: Any) -> None:
         self.statuses[str(status)] += 1
+        self.last[key] = status
         if status in ACKED and isinstance(body, dict) and body.get("serial"):
             serial = str(body["serial"])
             self.serial_keys[serial].add(key)
@@ -176,6 +181,8 @@ class World:
         self.after_cut: list[dict[str, Any]] = []
         self.where_after_cut: dict[str, str] = {}
         self.last_usage: float | None = None  # serial -> directory after the last cut
+        # With [replication]: the replica's view, checked after each cut and the drain.
+        self.replica: ReplicaView | None = None
 
     # -- set-up / tear-down ---------------------------------------------------------------
 
@@ -229,6 +236,8 @@ class World:
             },
             "auth": {"tokens_file": ""},
         }
+        if self.replica is not None:
+            cfg["replication"] = self.replica.section()
         for section, values in self.overrides.items():
             cfg.setdefault(section, {}).update(values)
         self.config.write_text(config_text(cfg) + "\n")  # [[chain.step]] tables too
@@ -458,7 +467,13 @@ class World:
             "data would survive for the wrong reason; lower the load"
         )
         self.fs.clear_cache()
+        await self.survey()
+
+    async def survey(self) -> None:
+        """After a cut: what the disk kept (and, replicated, what the replica holds)."""
         self.after_cut.append(self.inspect_disk())
+        if self.replica is not None:
+            await self.replica.after_cut(self)
 
     def inspect_disk(self) -> dict[str, Any]:
         """What survived on disk: every acknowledged 202 must be in pending/ or merged/."""
@@ -665,21 +680,30 @@ class World:
                 missing.append(key)
                 self.violations.append(f"inbox order {key}: GET /v1/orders/by-key -> {code}")
                 break
+        if self.replica is not None:
+            await self.replica.after_drain(self)
+        self.raise_violations()
+
+    def raise_violations(self) -> None:
+        """Write the summary line; every broken promise in one failure, with evidence."""
         self.summarize()
-        if self.violations:
-            evidence = self.log_lines('"level":"error"', '"level":"critical"', limit=10)
-            for log in sorted(self.logs.glob("recover-*.log")):
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-                evidence += [f"{log.name}: {line}" for line in tail]
-            raise AssertionError(
-                f"[{self.name}] {len(self.violations)} broken promises after {self.cuts} "
-                f"power cut(s); {led.acks()} orders acknowledged before the last cut "
-                f"({len(led.acked_at_cut)}), {len(led.bodies)} sent, creates {self.creates()}"
-                f", SMS {len(self.sms.received)}:\n- "
-                + "\n- ".join(self.violations)
-                + "\nagent log (errors):\n"
-                + "\n".join(evidence)
-            )
+        if not self.violations:
+            return
+        led = self.ledger
+        evidence = self.log_lines('"level":"error"', '"level":"critical"', limit=10)
+        for log in sorted(self.logs.glob("recover-*.log")):
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            evidence += [f"{log.name}: {line}" for line in tail]
+        raise AssertionError(
+            f"[{self.name}] {len(self.violations)} broken promises after {self.cuts} "
+            f"power cut(s); {led.acks()} orders acknowledged before the last cut "
+            f"({len(led.acked_at_cut)}), {len(led.bodies)} sent, creates {self.creates()}"
+            f", SMS {len(self.sms.received)}:\n- "
+            + "\n- ".join(self.violations)
+            + ("\nnotes: " + "; ".join(self.notes) if self.notes else "")
+            + "\nagent log (errors):\n"
+            + "\n".join(evidence)
+        )
 
     def summarize(self) -> None:
         """One JSON line per scenario in $POWERLOSS_SUMMARY (figures for the README)."""
@@ -708,6 +732,8 @@ class World:
                 and b"customer_phone" in led.bodies[k]
                 and serial not in self.sms.per_serial()
             ),
+            "replicated": self.replica is not None,
+            "notes": self.notes,
             "violations": [v[:300] for v in self.violations],
         }
         with open(path, "a") as fh:

