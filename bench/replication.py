@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.drill.agent_proc import AgentSubprocess, write_config_file  # noqa: E402
-from agent.replica.stream import Change, ensure_stream, publish_all  # noqa: E402
+from agent.replica.stream import Change, Publisher, ensure_stream  # noqa: E402
 from agent.sandbox.nats_cluster import NatsCluster, available, quiet_errors  # noqa: E402
 from agent.sandbox.servers import free_port as free_port_on  # noqa: E402
 from agent.spool.record import PendingRecord  # noqa: E402
@@ -111,13 +111,14 @@ async def fill_replica(servers: list[str], root: Path) -> int:
     try:
         js = nc.jetstream(timeout=10)
         await ensure_stream(js, 3, 10)
+        publisher = Publisher(nc)
         names = sorted(os.listdir(root / "pending"))
         for i in range(0, len(names), 2000):
             changes = [
                 Change("pending", PendingRecord.from_bytes((root / "pending" / n).read_bytes()))
                 for n in names[i : i + 2000]
             ]
-            errors = [e for e in await publish_all(js, changes, 10) if e is not None]
+            errors = [e for e in await publisher.publish_all(changes, 10) if e is not None]
             if errors:
                 raise SystemExit(f"filling the replica failed: {errors[0]}")
         return len(names)

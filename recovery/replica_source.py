@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import orjson
-from nats.js import JetStreamContext
 
 from agent.base.durable import TMP_SUFFIX, fsync_dir, write_tmp
 from agent.config import ReplicationSection
@@ -36,8 +35,8 @@ from agent.replica.stream import (
     REJECTED,
     UNDELIVERED,
     Change,
+    Publisher,
     connect,
-    publish_all,
     states,
 )
 from agent.spool.moves import merged_document
@@ -56,11 +55,10 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
         log.error("the replica is unreachable: %s", exc)
         return EXIT_UNREACHABLE
     try:
-        js = nc.jetstream(timeout=replication.timeout_s)
         started = time.monotonic()
         try:
             known: dict[str, Change] = {}
-            async for batch in states(js, node, replication.timeout_s):
+            async for batch in states(nc, node, replication.timeout_s):
                 known.update((c.record.serial, c) for c in batch)
         except ReplicaError as exc:
             log.error("%s", exc)
@@ -87,7 +85,7 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
             time.monotonic() - started,
         )
         started = time.monotonic()
-        marker = Marker(js, job.root, known, replication.timeout_s)
+        marker = Marker(Publisher(nc), job.root, known, replication.timeout_s)
         merged = asyncio.Event()
         marking = asyncio.create_task(marker.follow(merged))
         try:
@@ -195,9 +193,9 @@ class Marker:
     """Marks in the replica what the merge finished: while it runs, and once at the end."""
 
     def __init__(
-        self, js: JetStreamContext, root: Path, known: dict[str, Change], timeout_s: float
+        self, publisher: Publisher, root: Path, known: dict[str, Change], timeout_s: float
     ) -> None:
-        self._js = js
+        self._publisher = publisher
         self._root = root
         self._known = known
         self._timeout_s = timeout_s
@@ -217,7 +215,7 @@ class Marker:
         )
         for i in range(0, len(changes), MARK_BATCH):
             batch = changes[i : i + MARK_BATCH]
-            results = await publish_all(self._js, batch, self._timeout_s)
+            results = await self._publisher.publish_all(batch, self._timeout_s)
             for change, err in zip(batch, results, strict=True):
                 if err is None:
                     if change.state != PINNED:

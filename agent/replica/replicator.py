@@ -26,9 +26,9 @@ from agent.replica.stream import (
     DELIVERED,
     PENDING,
     Change,
+    Publisher,
     connect,
     ensure_stream,
-    publish_all,
     states,
 )
 from agent.spool.record import PendingRecord
@@ -38,6 +38,9 @@ log = logging.getLogger("agent.replica")
 # background task.
 CHANGE_ATTEMPTS = 3
 RETRY_EVERY_S = 1.0
+# Batches awaiting their acknowledgements at once: a batch is mostly a wait on the
+# cluster, and one slow quorum write must not hold up the orders queued behind it.
+IN_FLIGHT = 4
 
 
 class Replicator:
@@ -48,7 +51,10 @@ class Replicator:
         self.node_id = node_id
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
-        self._writer = GroupCommit[Change]("replica", self._flush, max_batch=256)
+        self._publisher: Publisher | None = None
+        self._writer = GroupCommit[Change](
+            "replica", self._flush, max_batch=256, in_flight=IN_FLIGHT
+        )
         self._task: asyncio.Task[None] | None = None
         # serial -> the change the replica still lacks (newest state wins)
         self._owed: dict[str, Change] = {}
@@ -81,8 +87,10 @@ class Replicator:
         if self._nc is None:
             self._nc = await connect(self.cfg, f"edge-agent-{self.node_id}")
             self._js = self._nc.jetstream(timeout=self.cfg.timeout_s)
-        assert self._js is not None
+            self._publisher = Publisher(self._nc)
+        assert self._js is not None and self._publisher is not None
         await ensure_stream(self._js, self.cfg.replicas, self.cfg.timeout_s)
+        await self._publisher.start()
         self._ready = True
 
     async def stop(self) -> None:
@@ -95,7 +103,7 @@ class Replicator:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
-            self._nc = self._js = None
+            self._nc = self._js = self._publisher = None
 
     # -- writes -------------------------------------------------------------------------
 
@@ -132,11 +140,11 @@ class Replicator:
         return False
 
     async def _flush(self, changes: list[Change]) -> list[BaseException | None]:
-        if self._js is None or not self._ready:
+        if self._publisher is None or not self._ready:
             # Connecting is the retry task's job: an order does not wait for it.
             error = ReplicaError(f"not connected to the replica: {self.last_error}")
             return [error] * len(changes)
-        results = await publish_all(self._js, changes, self.cfg.timeout_s)
+        results = await self._publisher.publish_all(changes, self.cfg.timeout_s)
         errors = [r for r in results if r is not None]
         if errors:
             self.last_error = str(errors[0])
@@ -170,11 +178,11 @@ class Replicator:
 
     async def listing(self) -> dict[str, Change]:
         """Every order of this node in the replica with its latest state, by serial."""
-        if self._js is None or not self._ready:
+        if self._nc is None or not self._ready:
             await self._connect()
-        assert self._js is not None
+        assert self._nc is not None
         out: dict[str, Change] = {}
-        async for batch in states(self._js, self.node_id, self.cfg.timeout_s):
+        async for batch in states(self._nc, self.node_id, self.cfg.timeout_s):
             for change in batch:
                 out[change.record.serial] = change
         return out
