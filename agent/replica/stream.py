@@ -264,7 +264,9 @@ def _failed(change: Change, timeout_s: float, reason: str) -> ReplicaError:
     )
 
 
-async def states(nc: NatsClient, node_id: str, timeout_s: float) -> AsyncIterator[list[Change]]:
+async def states(
+    nc: NatsClient, node_id: str, timeout_s: float, batch: int = LIST_BATCH
+) -> AsyncIterator[list[Change]]:
     """Every order of ``node_id`` in the replica with its latest state, in batches.
 
     A pull consumer (last message per subject, no acks) read with plain requests for
@@ -287,7 +289,7 @@ async def states(nc: NatsClient, node_id: str, timeout_s: float) -> AsyncIterato
         raise ConfigError(f"no replica stream {STREAM} in this NATS cluster") from exc
     except (NatsError, TimeoutError) as exc:
         raise ReplicaError(f"cannot list node {node_id} in the replica: {why(exc)}") from exc
-    reader = _BatchReader(nc, f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{info.name}", timeout_s)
+    reader = _BatchReader(nc, f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{info.name}", timeout_s, batch)
     try:
         await reader.start()
         left = info.num_pending or 0
@@ -301,13 +303,13 @@ async def states(nc: NatsClient, node_id: str, timeout_s: float) -> AsyncIterato
             left = 0 if end or not msgs else msgs[-1].metadata.num_pending or 0
             if left > 0:
                 await reader.ask(left)  # the server sends while this batch is parsed
-            batch: list[Change] = []
+            changes: list[Change] = []
             for msg in msgs:
                 try:
-                    batch.append(Change.from_bytes(msg.data, msg.subject))
+                    changes.append(Change.from_bytes(msg.data, msg.subject))
                 except (ValueError, CorruptRecordError) as exc:
                     log.error("replica: skipping unreadable record %s: %s", msg.subject, exc)
-            yield batch
+            yield changes
     except (NatsError, OSError) as exc:
         raise ReplicaError(f"listing node {node_id} stopped: {why(exc)}") from exc
     finally:
@@ -327,8 +329,9 @@ class _Asked:
 class _BatchReader:
     """Pull requests for a batch of messages at a time, answered into one inbox."""
 
-    def __init__(self, nc: NatsClient, request: str, timeout_s: float) -> None:
+    def __init__(self, nc: NatsClient, request: str, timeout_s: float, batch: int) -> None:
         self._nc = nc
+        self._batch = batch
         self._request = request
         self.wait_s = timeout_s * 5
         self._inbox = nc.new_inbox()
@@ -344,7 +347,7 @@ class _BatchReader:
                 await self._sub.unsubscribe()
 
     async def ask(self, left: int) -> None:
-        want = min(LIST_BATCH, left)
+        want = min(self._batch, left)
         self._asked.append(_Asked(want))
         await self._nc.publish(
             self._request,

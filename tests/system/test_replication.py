@@ -198,3 +198,34 @@ async def test_agent_starts_with_the_replica_down_and_refuses_until_it_is_back(
     await post_until_accepted(agent, 1, timeout=60)
     _, doc = await agent.get("/status")
     assert doc["replication"]["healthy"] is True
+
+
+async def test_listing_in_many_requests_returns_each_order_once_with_its_latest_state(
+    nats_cluster: NatsCluster,
+) -> None:
+    """The listing asks for a batch at a time, the next one before the last is parsed:
+    23 orders read 5 at a time come back whole, none twice, each in its latest state,
+    and another node's orders are not among them."""
+    from agent.replica.stream import Publisher, ensure_stream, states
+    from tests.support.recover_helpers import record
+
+    nc = await nats.connect(servers=nats_cluster.urls, error_cb=quiet_errors)
+    try:
+        await ensure_stream(nc.jetstream(timeout=5), 3, 5)
+        publisher = Publisher(nc)
+        mine = [record(n, n, node="wh-list") for n in range(23)]
+        other = [record(n, n, node="wh-else") for n in range(4)]
+        changes = [Change(PENDING, r) for r in mine + other]
+        assert await publisher.publish_all(changes, 5) == [None] * len(changes)
+        later = [Change(DELIVERED, r, f"o-{i}") for i, r in enumerate(mine[::3])]
+        assert await publisher.publish_all(later, 5) == [None] * len(later)
+        batches = [b async for b in states(nc, "wh-list", 2, batch=5)]
+    finally:
+        await nc.close()
+    assert len(batches) == 5
+    listed = [c for b in batches for c in b]
+    assert sorted(c.record.serial for c in listed) == sorted(r.serial for r in mine)
+    delivered = {r.serial for r in mine[::3]}
+    assert {c.record.serial: c.state for c in listed} == {
+        r.serial: DELIVERED if r.serial in delivered else PENDING for r in mine
+    }
