@@ -87,6 +87,7 @@ class Origin:
 
     source: Source
     outcomes: Outcomes
+    args: str  # what names this source on the command line, for the advice printed
 
 
 async def run(job: Job, origin: Origin | None = None) -> int:
@@ -187,7 +188,7 @@ async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int
     summary.extra.update(
         requests=sender.requests, bulk=bool(sender.bulk), interrupted=stop.is_set()
     )
-    _report_held(job, held, summary)
+    _report_held(job, held, summary, None if origin is None else origin.args)
     if job.report is not None:
         write_report(job.report, summary.as_dict(), "orders", checkpoint.entries(checkpoint.run))
     c = summary.counts
@@ -314,7 +315,9 @@ def _print_problems(lines: Iterable[str], count: int, limit: int = 50) -> None:
         print(f"  {line}", flush=True)
 
 
-def _report_held(job: Job, held: list[Found], summary: Summary) -> None:
+def _report_held(
+    job: Job, held: list[Found], summary: Summary, source_args: str | None = None
+) -> None:
     """Orders pinned to another cluster: left in pending/, listed with the command."""
     if not held:
         return
@@ -326,7 +329,8 @@ def _report_held(job: Job, held: list[Found], summary: Summary) -> None:
     for pin, serials in sorted(by_cluster.items()):
         url = normalize_url(pin)  # pinned by an earlier edge-recover to a URL
         where = url or urls.get(pin, f"<the {pin} cluster URL>")
-        command = f"edge-recover --path {job.root} --mode merge --target {where}"
+        source = source_args or f"--path {job.root}"
+        command = f"edge-recover {source} --mode merge --target {where}"
         entries[pin] = {"count": len(serials), "serials": serials, "command": command}
         print(
             f"edge-recover: {len(serials)} orders are pinned to "

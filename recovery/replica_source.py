@@ -55,7 +55,7 @@ log = logging.getLogger("recovery.replica")
 PREFIX = "replica/"  # an order's "file" in the report: replica/{serial}
 
 
-async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
+async def takeover(job: Job, replication: ReplicationSection, node: str, config: str | Path) -> int:
     try:
         nc = await connect(replication, f"edge-recover-{node}")
     except ReplicaError as exc:
@@ -88,7 +88,8 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
         source = ReplicaSource(known, publisher, replication.timeout_s)
         marks = ReplicaMarks(source, publisher, replication.timeout_s)
         started = time.monotonic()
-        code = await run(job, Origin(source, marks))
+        args = f"--from-replica {node} --config {config} --path {job.root}"
+        code = await run(job, Origin(source, marks, args))
         log.info(
             "merge done in %.1fs; %d orders marked in the replica, %d not",
             time.monotonic() - started,

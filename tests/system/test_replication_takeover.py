@@ -177,6 +177,34 @@ async def test_a_pin_reaches_the_replica_before_the_order_is_sent_again(
     assert len(center.creates) == 1
 
 
+async def test_an_order_pinned_elsewhere_is_left_with_a_takeover_command_to_deliver_it(
+    tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    """An order the replica shows pinned to the standby is not sent to the primary; the
+    advice printed is a command that reaches it: the takeover again, not a directory."""
+    import nats
+
+    from agent.replica.stream import PENDING, Change, Publisher, ensure_stream
+    from agent.sandbox.nats_cluster import quiet_errors
+    from tests.support.recover_helpers import record
+
+    free, pinned = record(1, 1, node=LOST), record(2, 2, node=LOST).pinned("standby")
+    nc = await nats.connect(servers=nats_cluster.urls, error_cb=quiet_errors)
+    try:
+        await ensure_stream(nc.jetstream(timeout=5), 3, 5)
+        changes = [Change(PENDING, free), Change(PENDING, pinned)]
+        assert await Publisher(nc).publish_all(changes, 5) == [None, None]
+    finally:
+        await nc.close()
+    other = agent_config(tmp_path / "other", center, nats_cluster, "wh-other")
+    run = await recover("--from-replica", LOST, "--mode", "merge", "--config", str(other))
+    assert run.code == 1, run.err
+    assert center.created_keys() == {free.dedupe_key}
+    assert f"edge-recover --from-replica {LOST} --config {other} --path " in run.out
+    held = await states(nats_cluster)
+    assert held == {free.serial: DELIVERED, pinned.serial: PENDING}
+
+
 async def _try_read_changes(cluster: NatsCluster) -> dict[str, Any] | None:
     try:
         return await read_replica(cluster.urls, LOST)
