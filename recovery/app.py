@@ -27,8 +27,9 @@ from agent.spool.record import BufferDirs
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 from recovery.checkpoint import CHECKPOINT_NAME, UNREADABLE, Checkpoint
-from recovery.finisher import Finisher, Settled
+from recovery.finisher import Finisher, Outcomes, Settled
 from recovery.merge import MergeOptions, Merger
+from recovery.origin import Source
 from recovery.plan import Plan
 from recovery.progress import Progress
 from recovery.ranking import Ranker
@@ -79,7 +80,17 @@ class AlreadyRunning(Exception):
     """Another edge-recover merge holds DIR."""
 
 
-async def run(job: Job) -> int:
+@dataclass(frozen=True)
+class Origin:
+    """Where a merge's orders come from and go back to, when not a buffer directory (the
+    replica): the engine, the checkpoint in ``job.root`` and the report stay the same."""
+
+    source: Source
+    outcomes: Outcomes
+    args: str  # what names this source on the command line, for the advice printed
+
+
+async def run(job: Job, origin: Origin | None = None) -> int:
     raise_fd_limit()
     client = UpstreamClient(
         f"recover-{job.node}".lower()[:32],
@@ -106,12 +117,12 @@ async def run(job: Job) -> int:
         if job.mode == "dry-run":
             return await asyncio.to_thread(_dry_run, job)
         with _merge_lock(job.root):
-            return await _merge(job, client)
+            return await _merge(job, client, origin)
     finally:
         await client.stop()
 
 
-async def _merge(job: Job, client: UpstreamClient) -> int:
+async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int:
     dirs = BufferDirs(job.root)
     for d in (dirs.merged, dirs.rejected):
         d.mkdir(mode=0o700, exist_ok=True)
@@ -138,7 +149,9 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
             if progress is not None:
                 progress.update(len(items))
 
-        finisher = Finisher(dirs, checkpoint, settled)
+        finisher = Finisher(
+            dirs, checkpoint, settled, outcomes=None if origin is None else origin.outcomes
+        )
         opts = MergeOptions(
             job.root,
             job.target,
@@ -149,7 +162,9 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
             job.cluster,
             job.pin,
         )
-        merger = Merger(opts, ranker, sender, finisher, stop)
+        merger = Merger(
+            opts, ranker, sender, finisher, stop, None if origin is None else origin.source
+        )
         summary.total = await merger.prepare()
         log.info(
             "%d order files listed in %.1fs; merging into %s",
@@ -173,7 +188,7 @@ async def _merge(job: Job, client: UpstreamClient) -> int:
     summary.extra.update(
         requests=sender.requests, bulk=bool(sender.bulk), interrupted=stop.is_set()
     )
-    _report_held(job, held, summary)
+    _report_held(job, held, summary, None if origin is None else origin.args)
     if job.report is not None:
         write_report(job.report, summary.as_dict(), "orders", checkpoint.entries(checkpoint.run))
     c = summary.counts
@@ -300,7 +315,9 @@ def _print_problems(lines: Iterable[str], count: int, limit: int = 50) -> None:
         print(f"  {line}", flush=True)
 
 
-def _report_held(job: Job, held: list[Found], summary: Summary) -> None:
+def _report_held(
+    job: Job, held: list[Found], summary: Summary, source_args: str | None = None
+) -> None:
     """Orders pinned to another cluster: left in pending/, listed with the command."""
     if not held:
         return
@@ -312,7 +329,8 @@ def _report_held(job: Job, held: list[Found], summary: Summary) -> None:
     for pin, serials in sorted(by_cluster.items()):
         url = normalize_url(pin)  # pinned by an earlier edge-recover to a URL
         where = url or urls.get(pin, f"<the {pin} cluster URL>")
-        command = f"edge-recover --path {job.root} --mode merge --target {where}"
+        source = source_args or f"--path {job.root}"
+        command = f"edge-recover {source} --mode merge --target {where}"
         entries[pin] = {"count": len(serials), "serials": serials, "command": command}
         print(
             f"edge-recover: {len(serials)} orders are pinned to "

@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--path",
         help="buffer directory (DIR/pending/*.json and loose DIR/*.json files); with "
-        "--from-replica the work directory (default: agent.state_dir/takeover/NODE_ID)",
+        "--from-replica the work directory, for its checkpoint (default: "
+        "agent.state_dir/takeover/NODE_ID)",
     )
     p.add_argument(
         "--from-replica",
@@ -104,7 +105,7 @@ def _from_replica(args: argparse.Namespace) -> int:
     work.mkdir(mode=0o700, parents=True, exist_ok=True)
     args.path = str(work)
     job = dataclasses.replace(_job(args), node=node)
-    return asyncio.run(takeover(job, cfg.replication, node))
+    return asyncio.run(takeover(job, cfg.replication, node, cfg.source))
 
 
 def _job(args: argparse.Namespace) -> Job:

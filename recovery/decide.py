@@ -76,6 +76,8 @@ class Work:
         if duplicate_of is not None:
             added["duplicate_of"] = duplicate_of
         row = self.result(outcome, order_id, duplicate_of=duplicate_of)
+        if self.claim.fd is None:  # no file behind it (the replica): the outcome is all
+            return Settled(row, MERGE, self.claim, self.merged_name)
         if self.renamable:
             return Settled(row, MERGE, self.claim, self.merged_name, added=added)
         extra = {k: v for k, v in added.items() if k not in ("order_id", "cluster", "merged_at")}

@@ -11,6 +11,10 @@ queued so far flow through three stages, each one thread, in order:
    refused and corrupt files, release every claim
    (``agent.buffer.complete_merged``).
 
+Stages 2 and 3 are the source's ``Outcomes``: ``FileMoves`` for a buffer
+directory; a takeover from the replica marks the orders there instead
+(``recovery.replica_source``). Stage 1, the checkpoint, is always first.
+
 Stage 1 of a group overlaps stage 2 of the previous one and stage 3 of the
 one before, so no stage waits for another's I/O. Under load the groups grow
 by themselves: one sync covers thousands of files. The queue is bounded,
@@ -25,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.errors import PersistError
 from agent.spool.claims import Claim
@@ -58,28 +62,42 @@ class Settled:
 OnSettled = Callable[[list[Settled]], None]
 
 
-Moved = tuple[list[Settled], list[MergedMove], list[BaseException | None]]
+Moved = tuple[list[MergedMove], list[BaseException | None]]
+
+
+class Outcomes(Protocol):
+    """What settles a group of orders where they came from, after the checkpoint has them:
+    ``place`` then ``complete`` (each group in order; the next group's ``place`` may
+    overlap this one's ``complete``). A failure is set on the item (``error``)."""
+
+    async def place(self, batch: list[Settled]) -> Any: ...
+
+    async def complete(self, batch: list[Settled], placed: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Finisher:
     def __init__(
-        self, dirs: BufferDirs, checkpoint: Checkpoint, on_settled: OnSettled, limit: int = 2048
+        self,
+        dirs: BufferDirs,
+        checkpoint: Checkpoint,
+        on_settled: OnSettled,
+        limit: int = 2048,
+        outcomes: Outcomes | None = None,
     ) -> None:
-        self._dirs = dirs
         self._checkpoint = checkpoint
         self._on_settled = on_settled
+        self._outcomes = outcomes if outcomes is not None else FileMoves(dirs)
         self._room = asyncio.Semaphore(limit)
         self._queue: list[Settled | None] = []  # None: end of input
         self._wakeup = asyncio.Event()
         self._unsettled = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._pools = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"finisher-{n}")
-            for n in ("checkpoint", "move", "sync")
-        ]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="finisher-checkpoint")
         self._to_move: asyncio.Queue[list[Settled] | None] = asyncio.Queue(2)
-        self._to_sync: asyncio.Queue[Moved | None] = asyncio.Queue(2)
+        self._to_sync: asyncio.Queue[tuple[list[Settled], Any] | None] = asyncio.Queue(2)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -108,8 +126,8 @@ class Finisher:
         self._queue.append(None)
         self._wakeup.set()
         await asyncio.gather(*self._tasks)
-        for pool in self._pools:
-            pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        self._outcomes.close()
 
     async def _record(self) -> None:
         loop = asyncio.get_running_loop()
@@ -123,7 +141,7 @@ class Finisher:
                 if batch:
                     try:
                         await loop.run_in_executor(
-                            self._pools[0], self._checkpoint.write, [i.row for i in batch]
+                            self._pool, self._checkpoint.write, [i.row for i in batch]
                         )
                     except Exception as exc:  # e.g. the disk is full: move nothing
                         log.error("cannot record %d outcomes: %s", len(batch), exc)
@@ -136,28 +154,15 @@ class Finisher:
                     return
 
     async def _move(self) -> None:
-        loop = asyncio.get_running_loop()
         while (batch := await self._to_move.get()) is not None:
-            merges = [i for i in batch if i.action == MERGE and i.claim is not None]
-            moves = [
-                MergedMove(i.claim, i.merged_name, i.document, i.added)
-                for i in merges
-                if i.claim is not None
-            ]
-            results: list[BaseException | None] = []
-            if moves:
-                results = await loop.run_in_executor(
-                    self._pools[1], place_in_merged, self._dirs.merged, moves
-                )
-            await self._to_sync.put((batch, moves, results))
+            await self._to_sync.put((batch, await self._outcomes.place(batch)))
         await self._to_sync.put(None)
 
     async def _sync(self) -> None:
-        loop = asyncio.get_running_loop()
         while (moved := await self._to_sync.get()) is not None:
-            batch = moved[0]
+            batch, placed = moved
             try:
-                await loop.run_in_executor(self._pools[2], self._complete, moved)
+                await self._outcomes.complete(batch, placed)
             except Exception as exc:  # never leave a claim or a waiter behind
                 log.error("cannot finish %d moves: %s", len(batch), exc)
                 for item in batch:
@@ -171,8 +176,40 @@ class Finisher:
             if not self._unsettled:
                 self._idle.set()
 
-    def _complete(self, moved: Moved) -> None:
-        batch, moves, results = moved
+
+class FileMoves:
+    """A buffer directory's outcomes: files into merged/ or rejected/, claims released."""
+
+    def __init__(self, dirs: BufferDirs) -> None:
+        self._dirs = dirs
+        self._pools = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"finisher-{n}") for n in ("move", "sync")
+        ]
+
+    def close(self) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+
+    async def place(self, batch: list[Settled]) -> Moved:
+        moves = [
+            MergedMove(i.claim, i.merged_name, i.document, i.added)
+            for i in batch
+            if i.action == MERGE and i.claim is not None
+        ]
+        results: list[BaseException | None] = []
+        if moves:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._pools[0], place_in_merged, self._dirs.merged, moves
+            )
+        return moves, results
+
+    async def complete(self, batch: list[Settled], placed: Moved) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._pools[1], self._complete, batch, placed
+        )
+
+    def _complete(self, batch: list[Settled], moved: Moved) -> None:
+        moves, results = moved
         if moves:
             merges = [i for i in batch if i.action == MERGE and i.claim is not None]
             for item, err in zip(

@@ -34,18 +34,17 @@ from agent.delivery.decide import Action, Caller, Kind, Step
 from agent.delivery.decide import decide as decide_answer
 from agent.delivery.pacing import delay
 from agent.delivery.targets import may_send
-from agent.errors import PersistError, UpstreamError
-from agent.spool.pins import pin_file
+from agent.errors import PersistError, ReplicaError, UpstreamError
 from agent.spool.record import BufferDirs
 from agent.upstream.answers import Answer
 from recovery.checkpoint import ResultRow
-from recovery.decide import Decision, Held, Opened, Work, decide, open_file
+from recovery.decide import Decision, Held, Opened, Work, decide
 from recovery.finisher import NOTE, Finisher, Settled
 from recovery.item import Item
-from recovery.listing import SortedNames
+from recovery.origin import DirectorySource, Source
 from recovery.ranking import Facts, Ranker
 from recovery.sender import NotSent, Sender
-from recovery.source import Found, rank_key, read_found
+from recovery.source import Found, rank_key
 
 log = logging.getLogger("recovery.merge")
 
@@ -76,8 +75,10 @@ class Merger:
         sender: Sender,
         finisher: Finisher,
         stop: asyncio.Event,
+        source: Source | None = None,
     ) -> None:
         self._opts = opts
+        self._source = source if source is not None else DirectorySource(opts.root, opts.node)
         self._dirs = BufferDirs(opts.root)
         self._ranker = ranker
         self._sender = sender
@@ -86,24 +87,18 @@ class Merger:
         self.transient_failures = 0
         self.gave_up = 0  # orders left because the center kept failing
         self.held_elsewhere: list[Found] = []  # pinned to another cluster: not sent here
-        self._pending: SortedNames | None = None
+        self._pending: Iterable[Item] | None = None
         self._loose: list[Found] = []
         # One thread: files are ranked in the order they are met.
         self._claimer = ThreadPoolExecutor(1, thread_name_prefix="claim")
 
     async def prepare(self) -> int:
         """List pending/ and read the loose files (few, as a rule); the number of files."""
-        self._loose, pending = await asyncio.to_thread(self._list)
-        self._pending = pending
-        return len(self._loose) + len(pending)
+        self._loose, self._pending, count = await asyncio.to_thread(self._list)
+        return len(self._loose) + count
 
-    def _list(self) -> tuple[list[Found], SortedNames]:
-        root, node = self._opts.root, self._opts.node
-        loose = [
-            f
-            for f in (read_found(root, name, True, node) for name in SortedNames(root))
-            if f is not None
-        ]
+    def _list(self) -> tuple[list[Found], Iterable[Item], int]:
+        loose, pending, count = self._source.list()
         # Only record files may take a key from pending/: a raw object never outranks
         # an order an agent acknowledged (``rank_key``).
         self._ranker.add_loose(
@@ -117,15 +112,14 @@ class Merger:
             ]
         )
         loose.sort(key=lambda f: rank_key(f.raw, f.serial or "", f.file))
-        return loose, SortedNames(root / "pending")
+        return loose, pending, count
 
     async def run(self) -> None:
         if self._pending is None:
             raise RuntimeError("Merger.prepare() must be awaited before run()")
-        pending = (Item(f"pending/{name}", False) for name in self._pending)
         loose = (Item(f.file, True) for f in self._loose)
         try:
-            held = await self._pass(_chunks(pending), lambda c: self._first(c, True))
+            held = await self._pass(_chunks(self._pending), lambda c: self._first(c, True))
             held += await self._pass(_chunks(loose), lambda c: self._first(c, False))
             await self._retry_held(held)
             if self._stop.is_set():
@@ -174,7 +168,7 @@ class Merger:
         cluster to ``held_elsewhere``."""
         opened: list[Opened | Held] = []
         for item in items:
-            o = open_file(self._opts.root, self._dirs, self._opts.node, item)
+            o = self._source.open(item)
             if isinstance(o, Settled):
                 out.append(o)
             elif self._admitted(item.pinned_to):
@@ -355,10 +349,8 @@ class Merger:
         """The target may hold this order now: pin the file to it (CONTRACT 5), so nothing
         sends it anywhere else: the target's cluster name, or its URL when it is none."""
         try:
-            work.record = await asyncio.to_thread(
-                pin_file, work.claim, work.record, self._opts.pin, why
-            )
-        except PersistError as exc:
+            work.record = await self._source.pin(work, self._opts.pin, why)
+        except (PersistError, ReplicaError) as exc:
             log.error("could not pin %s to %s: %s", work.record.serial, self._opts.pin, exc)
 
     async def _sleep(self, delay_s: float) -> bool:

@@ -1,16 +1,20 @@
 """``edge-recover --from-replica NODE_ID``: a lost server's orders, from the replica.
 
 The replica (CONTRACT 11) is a source beside the directory source, not a second
-merge engine: its undelivered records are written as pending files into a work
-directory, and the directory merge runs there unchanged (dedupe, ranking,
-``pinned_to``, checkpoint, report, exit codes). What ends in merged/ or
-rejected/ there is then marked delivered or rejected in the replica, and a pin
-an unclear answer set is written back too, so another machine taking over
-later respects it.
+merge engine: the directory merge's engine runs with the replica's undelivered
+records as its orders (``ReplicaSource``: in serial order, like pending/) and
+marks each settled one in the replica instead of moving a file
+(``ReplicaMarks``): delivered with its order_id, or rejected. Ranking,
+decisions, the sender, the checkpoint in the work directory, the report and
+the exit codes are the directory merge's. A pin an unclear answer sets is
+written to the replica before the order is sent again, so another machine
+taking over later respects it.
 
-Resume after kill -9: a record already in the work directory (pending with its
-pin, or merged) is never written again; the next run merges what is left and
-marks what an earlier run merged but did not mark yet.
+No work files: listing the replica and writing every record as a file cost as
+much as the merge itself (issue 22). Resume after kill -9: the checkpoint says
+what the center confirmed; a rerun finds those orders still undelivered in the
+replica, settles them from the checkpoint without a request, and marks them.
+A mark that fails keeps the checkpoint (exit 1): the next run marks it.
 """
 
 from __future__ import annotations
@@ -22,45 +26,46 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-import orjson
-from nats.js import JetStreamContext
-
-from agent.base.durable import TMP_SUFFIX, fsync_dir, write_tmp
+from agent.base.durable import TMP_SUFFIX, write_tmp
 from agent.config import ReplicationSection
-from agent.errors import CorruptRecordError, ReplicaError
+from agent.errors import ReplicaError
 from agent.replica.stream import (
     DELIVERED,
     PINNED,
     REJECTED,
     UNDELIVERED,
     Change,
+    Publisher,
     connect,
-    publish_all,
     states,
 )
+from agent.spool.claims import Claim
 from agent.spool.moves import merged_document
-from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
-from recovery.app import EXIT_UNREACHABLE, Job, run
+from agent.spool.record import BufferDirs, PendingRecord
+from recovery.app import EXIT_UNREACHABLE, Job, Origin, run
+from recovery.decide import CLUSTER, Held, Opened, Work
+from recovery.finisher import MERGE, QUARANTINE, Settled
+from recovery.item import Item
+from recovery.source import Found
 
 log = logging.getLogger("recovery.replica")
-MARK_BATCH = 2000
-MARK_EVERY_S = 1.0
+PREFIX = "replica/"  # an order's "file" in the report: replica/{serial}
 
 
-async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
+async def takeover(job: Job, replication: ReplicationSection, node: str, config: str | Path) -> int:
     try:
         nc = await connect(replication, f"edge-recover-{node}")
     except ReplicaError as exc:
         log.error("the replica is unreachable: %s", exc)
         return EXIT_UNREACHABLE
     try:
-        js = nc.jetstream(timeout=replication.timeout_s)
         started = time.monotonic()
         try:
             known: dict[str, Change] = {}
-            async for batch in states(js, node, replication.timeout_s):
+            async for batch in states(nc, node, replication.timeout_s):
                 known.update((c.record.serial, c) for c in batch)
         except ReplicaError as exc:
             log.error("%s", exc)
@@ -78,30 +83,18 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
                 root = Path(tmp)
                 await asyncio.to_thread(_materialize, root, known, job.mode == "verify")
                 return await run(dataclasses.replace(job, root=root))
+        job.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        publisher = Publisher(nc)
+        source = ReplicaSource(known, publisher, replication.timeout_s)
+        marks = ReplicaMarks(source, publisher, replication.timeout_s)
         started = time.monotonic()
-        written = await asyncio.to_thread(_materialize, job.root, known, False)
+        args = f"--from-replica {node} --config {config} --path {job.root}"
+        code = await run(job, Origin(source, marks, args))
         log.info(
-            "%d records written to %s/pending for the merge in %.1fs",
-            written,
-            job.root,
+            "merge done in %.1fs; %d orders marked in the replica, %d not",
             time.monotonic() - started,
-        )
-        started = time.monotonic()
-        marker = Marker(js, job.root, known, replication.timeout_s)
-        merged = asyncio.Event()
-        marking = asyncio.create_task(marker.follow(merged))
-        try:
-            code = await run(job)
-        finally:
-            merged.set()
-            await marking
-        log.info("merge done in %.1fs", time.monotonic() - started)
-        started = time.monotonic()
-        await marker.mark(final=True)
-        log.info(
-            "%d orders marked in the replica (%.1fs after the merge)",
-            len(marker.marked),
-            time.monotonic() - started,
+            marks.marked,
+            marks.failed,
         )
         return code
     finally:
@@ -109,118 +102,98 @@ async def takeover(job: Job, replication: ReplicationSection, node: str) -> int:
             await nc.close()
 
 
-def _materialize(root: Path, known: dict[str, Change], delivered: bool) -> int:
-    """Write the undelivered records into root/pending (or, for verify, the delivered
-    ones into root/merged); never over an order file an earlier run left.
+class ReplicaSource:
+    """The replica's undelivered records as the merge's orders, in serial order."""
 
-    Not synced: the replica is the durable copy. A file a crash left torn (it does not
-    parse as this order) is written again; what the merge itself changes (a pin, the
-    move to merged/) it makes durable on its own.
-    """
+    def __init__(self, known: dict[str, Change], publisher: Publisher, timeout_s: float) -> None:
+        self.records = {s: c.record for s, c in known.items() if c.state in UNDELIVERED}
+        self._publisher = publisher
+        self._timeout_s = timeout_s
+
+    def list(self) -> tuple[list[Found], Iterable[Item], int]:
+        serials = sorted(self.records)
+        return [], (Item(f"{PREFIX}{s}", False) for s in serials), len(serials)
+
+    def open(self, item: Item) -> Opened | Settled | Held:
+        """Nothing to claim: one takeover per node at a time (the work directory's lock);
+        a lost server that returns meanwhile reconciles with the replica at start."""
+        record = self.records[item.file.removeprefix(PREFIX)]
+        item.serial, item.key, item.pinned_to = record.serial, record.dedupe_key, record.pinned_to
+        return Opened(item, Claim(item.file, None, b""), record)
+
+    async def pin(self, work: Work, pin: str, why: str) -> PendingRecord:
+        record = work.record
+        if record.pinned_to == pin:
+            return record
+        pinned = record.pinned(pin)
+        (result,) = await self._publisher.publish_all(
+            [Change(PINNED, pinned, None, pin)], self._timeout_s
+        )
+        if isinstance(result, BaseException):
+            raise ReplicaError(f"{result} ({why})")
+        self.records[pinned.serial] = pinned
+        return pinned
+
+
+class ReplicaMarks:
+    """The outcomes of a takeover: each settled order marked in the replica, a group at a
+    time, after the checkpoint has it (``recovery.finisher``)."""
+
+    def __init__(self, source: ReplicaSource, publisher: Publisher, timeout_s: float) -> None:
+        self._records = source.records
+        self._publisher = publisher
+        self._timeout_s = timeout_s
+        self.marked = self.failed = 0
+
+    async def place(self, batch: list[Settled]) -> None:
+        items: list[Settled] = []
+        changes: list[Change] = []
+        for item in batch:
+            record = self._records.get(item.row.file.removeprefix(PREFIX))
+            if record is None:
+                continue
+            if item.action == MERGE:
+                changes.append(Change(DELIVERED, record, item.row.order_id, CLUSTER))
+            elif item.action == QUARANTINE:
+                changes.append(Change(REJECTED, record))
+            else:
+                continue
+            items.append(item)
+        if not changes:
+            return
+        results = await self._publisher.publish_all(changes, self._timeout_s)
+        for item, result in zip(items, results, strict=True):
+            if not isinstance(result, BaseException):
+                self.marked += 1
+            else:
+                self.failed += 1
+                item.error = f"not marked in the replica (the next run does): {result}"
+                log.error("%s", item.error)
+
+    async def complete(self, batch: list[Settled], placed: None) -> None:
+        """Nothing is claimed, nothing to sync: the marks are on a quorum already."""
+
+    def close(self) -> None:
+        pass
+
+
+def _materialize(root: Path, known: dict[str, Change], delivered: bool) -> int:
+    """For dry-run and verify: the undelivered records into root/pending, or the delivered
+    ones into root/merged, of a fresh temporary directory (not synced: read at once)."""
     dirs = BufferDirs(root)
     dirs.ensure()
     into = dirs.merged if delivered else dirs.pending
-    present = {sub: set(os.listdir(root / sub)) for sub in ("pending", "merged", "rejected")}
     written = 0
+    wanted = (DELIVERED,) if delivered else UNDELIVERED
     for serial, change in known.items():
-        name = f"{serial}.json"
+        if change.state not in wanted:
+            continue
         if delivered:
-            if change.state != DELIVERED:
-                continue
             data = merged_document(change.record, change.order_id, change.cluster or "")
         else:
-            if change.state not in UNDELIVERED:
-                continue
-            if name in present["merged"] or name in present["rejected"]:
-                continue
-            if name in present["pending"] and _whole(dirs.pending / name, change.record):
-                continue
             data = change.record.to_bytes()
-        tmp = into / f".{name}{TMP_SUFFIX}"
+        tmp = into / f".{serial}.json{TMP_SUFFIX}"
         write_tmp(tmp, data, sync=False)
-        os.replace(tmp, into / name)
+        os.replace(tmp, into / f"{serial}.json")
         written += 1
-    fsync_dir(into)
     return written
-
-
-def _whole(path: Path, record: PendingRecord) -> bool:
-    """Does ``path`` hold ``record`` (maybe pinned since, by the merge)?"""
-    try:
-        found = parse_tolerant(path.read_bytes(), str(path))
-    except (OSError, CorruptRecordError):
-        return False
-    return (found.serial, found.dedupe_key, found.body) == (
-        record.serial,
-        record.dedupe_key,
-        record.body,
-    )
-
-
-def _outcomes(root: Path, known: dict[str, Change], skip: set[str], final: bool) -> list[Change]:
-    """The changes the replica lacks: merged (and, at the end, rejected or newly pinned).
-
-    While the merge runs only merged/ is listed (one listdir a pass); ``skip``: marked.
-    """
-    dirs = BufferDirs(root)
-    merged = set(os.listdir(dirs.merged))
-    out: list[Change] = []
-    for serial, change in known.items():
-        if change.state not in UNDELIVERED or serial in skip:
-            continue
-        name = f"{serial}.json"
-        if name in merged:
-            try:
-                doc = orjson.loads((dirs.merged / name).read_bytes())
-            except (OSError, orjson.JSONDecodeError):
-                doc = {}
-            order_id = doc.get("order_id") if isinstance(doc, dict) else None
-            cluster = doc.get("cluster") if isinstance(doc, dict) else None
-            out.append(Change(DELIVERED, change.record, order_id, cluster))
-        elif not final:
-            continue
-        elif (dirs.rejected / name).exists():
-            out.append(Change(REJECTED, change.record))
-        else:
-            with contextlib.suppress(OSError, CorruptRecordError):
-                record: PendingRecord = parse_tolerant(
-                    (dirs.pending / name).read_bytes(), f"pending/{name}"
-                )
-                if record.pinned_to != change.record.pinned_to:
-                    out.append(Change(PINNED, record, None, record.pinned_to))
-    return out
-
-
-class Marker:
-    """Marks in the replica what the merge finished: while it runs, and once at the end."""
-
-    def __init__(
-        self, js: JetStreamContext, root: Path, known: dict[str, Change], timeout_s: float
-    ) -> None:
-        self._js = js
-        self._root = root
-        self._known = known
-        self._timeout_s = timeout_s
-        self.marked: set[str] = set()
-
-    async def follow(self, done: asyncio.Event) -> None:
-        """Mark what reached merged/ every MARK_EVERY_S until ``done``."""
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), MARK_EVERY_S)
-            if not done.is_set():
-                await self.mark(final=False)
-
-    async def mark(self, final: bool) -> None:
-        changes = await asyncio.to_thread(
-            _outcomes, self._root, self._known, set(self.marked), final
-        )
-        for i in range(0, len(changes), MARK_BATCH):
-            batch = changes[i : i + MARK_BATCH]
-            results = await publish_all(self._js, batch, self._timeout_s)
-            for change, result in zip(batch, results, strict=True):
-                if not isinstance(result, BaseException):
-                    if change.state != PINNED:
-                        self.marked.add(change.record.serial)
-                elif final:
-                    log.error("not marked in the replica (the next run does): %s", result)

@@ -21,10 +21,17 @@ Flush = Callable[[list[T]], Awaitable[Sequence[BaseException | None]]]
 class GroupCommit(Generic[T]):
     """Owns one flushing task; ``submit`` returns once the item's batch is flushed."""
 
-    def __init__(self, name: str, flush: Flush[T], max_batch: int = 256) -> None:
+    def __init__(
+        self, name: str, flush: Flush[T], max_batch: int = 256, in_flight: int = 1
+    ) -> None:
+        """``in_flight``: how many batches may be flushing at once. 1 for a flush that
+        must not overlap itself (an fsync, a COMMIT); more where a flush is mostly
+        waiting on the network and one slow batch must not hold up the next."""
         self._name = name
         self._flush = flush
         self._max_batch = max_batch
+        self._slots = asyncio.Semaphore(in_flight)
+        self._flushing: set[asyncio.Task[None]] = set()
         self._queue: list[tuple[T, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -62,20 +69,31 @@ class GroupCommit(Generic[T]):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
+                # The slot first: a batch takes everything queued until a flush may start.
+                await self._slots.acquire()
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
-                try:
-                    results: Sequence[BaseException | None] = await self._flush(
-                        [item for item, _ in batch]
-                    )
-                except Exception as exc:  # the whole batch failed
-                    results = [exc] * len(batch)
-                for (_, fut), err in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if err is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(err)
+                task = asyncio.create_task(self._flush_batch(batch))
+                self._flushing.add(task)
+                task.add_done_callback(self._flushing.discard)
             if self._closing:
+                await asyncio.gather(*self._flushing)
                 return
+
+    async def _flush_batch(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
+        try:
+            try:
+                results: Sequence[BaseException | None] = await self._flush(
+                    [item for item, _ in batch]
+                )
+            except Exception as exc:  # the whole batch failed
+                results = [exc] * len(batch)
+            for (_, fut), err in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+        finally:
+            self._slots.release()

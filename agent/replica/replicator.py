@@ -35,12 +35,11 @@ from agent.replica.stream import (
     FINAL,
     PENDING,
     Change,
+    Publisher,
     SubjectMoved,
     connect,
     ensure_stream,
     last_state,
-    publish,
-    publish_all,
     same_order,
     states,
 )
@@ -51,6 +50,9 @@ log = logging.getLogger("agent.replica")
 # background task.
 CHANGE_ATTEMPTS = 3
 RETRY_EVERY_S = 1.0
+# Batches awaiting their acknowledgements at once: a batch is mostly a wait on the
+# cluster, and one slow quorum write must not hold up the orders queued behind it.
+IN_FLIGHT = 4
 
 
 class Replicator:
@@ -61,7 +63,10 @@ class Replicator:
         self.node_id = node_id
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
-        self._writer = GroupCommit[Change]("replica", self._flush, max_batch=256)
+        self._publisher: Publisher | None = None
+        self._writer = GroupCommit[Change](
+            "replica", self._flush, max_batch=256, in_flight=IN_FLIGHT
+        )
         self._task: asyncio.Task[None] | None = None
         # serial -> the change the replica still lacks (newest state wins)
         self._owed: dict[str, Change] = {}
@@ -98,8 +103,10 @@ class Replicator:
         if self._nc is None:
             self._nc = await connect(self.cfg, f"edge-agent-{self.node_id}")
             self._js = self._nc.jetstream(timeout=self.cfg.timeout_s)
-        assert self._js is not None
+            self._publisher = Publisher(self._nc)
+        assert self._js is not None and self._publisher is not None
         await ensure_stream(self._js, self.cfg.replicas, self.cfg.timeout_s)
+        await self._publisher.start()
         self._ready = True
 
     async def stop(self) -> None:
@@ -109,7 +116,7 @@ class Replicator:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
-            self._nc = self._js = None
+            self._nc = self._js = self._publisher = None
 
     # -- writes -------------------------------------------------------------------------
 
@@ -152,16 +159,16 @@ class Replicator:
         return False
 
     async def _flush(self, changes: list[Change]) -> list[BaseException | None]:
-        if self._js is None or not self._ready:
+        if self._publisher is None or not self._ready:
             # Connecting is the retry task's job: an order does not wait for it.
             error = ReplicaError(f"not connected to the replica: {self.last_error}")
             return [error] * len(changes)
-        js = self._js
+        publisher = self._publisher
         expects = [self._seqs.get(c.record.serial, 0) for c in changes]
-        results = await publish_all(js, changes, self.cfg.timeout_s, expects)
+        results = await publisher.publish_all(changes, self.cfg.timeout_s, expects)
         moved = [i for i, r in enumerate(results) if isinstance(r, SubjectMoved)]
         if moved:  # after a restart (sequences unknown), a lost answer, or a conflict
-            settled = await asyncio.gather(*(self._settle(js, changes[i]) for i in moved))
+            settled = await asyncio.gather(*(self._settle(publisher, changes[i]) for i in moved))
             for i, result in zip(moved, settled, strict=True):
                 results[i] = result
         out: list[BaseException | None] = []
@@ -182,13 +189,17 @@ class Replicator:
             self.last_error, self.last_ok = None, time.time()
         return out
 
-    async def _settle(self, js: JetStreamContext, change: Change) -> int | BaseException:
+    async def _settle(self, publisher: Publisher, change: Change) -> int | BaseException:
         """The subject did not hold what the write expected: let its message decide."""
         record = change.record
+        assert self._js is not None
         try:
-            last = await last_state(js, record.node_id, record.serial, self.cfg.timeout_s)
-            if last is None:
-                return await publish(js, change, self.cfg.timeout_s, 0)
+            last = await last_state(self._js, record.node_id, record.serial, self.cfg.timeout_s)
+        except ReplicaError as exc:
+            return exc
+        if last is None:
+            expect = 0
+        else:
             seq, held = last
             if not same_order(held.record, record):
                 return self._conflict(held, change)
@@ -196,9 +207,9 @@ class Replicator:
                 held.state == change.state and held.record.pinned_to == record.pinned_to
             ):
                 return seq  # already there, or final (a takeover delivered it): never undone
-            return await publish(js, change, self.cfg.timeout_s, seq)
-        except ReplicaError as exc:  # SubjectMoved again: a writer raced us; the next try
-            return exc
+            expect = seq
+        # SubjectMoved again: a writer raced us; the caller's next try settles it.
+        return (await publisher.publish_all([change], self.cfg.timeout_s, [expect]))[0]
 
     def _conflict(self, held: Change, change: Change) -> ReplicaConflict:
         record = change.record
@@ -242,11 +253,11 @@ class Replicator:
 
     async def listing(self) -> dict[str, Change]:
         """Every order of this node in the replica with its latest state, by serial."""
-        if self._js is None or not self._ready:
+        if self._nc is None or not self._ready:
             await self._connect()
-        assert self._js is not None
+        assert self._nc is not None
         out: dict[str, Change] = {}
-        async for batch in states(self._js, self.node_id, self.cfg.timeout_s):
+        async for batch in states(self._nc, self.node_id, self.cfg.timeout_s):
             for change in batch:
                 out[change.record.serial] = change
         return out

@@ -147,7 +147,7 @@ async def read_replica(urls: list[str], node: str, timeout_s: float = 2.0) -> di
     )
     try:
         out: dict[str, Change] = {}
-        async for batch in states(nc.jetstream(timeout=timeout_s), node, timeout_s):
+        async for batch in states(nc, node, timeout_s):
             out.update((c.record.serial, c) for c in batch)
         return out
     finally:

@@ -17,7 +17,9 @@ class Claim:
     killed process is recovered by simply trying again.
     """
 
-    def __init__(self, path: str | Path, fd: int, data: bytes, writable: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, fd: int | None, data: bytes, writable: bool = False
+    ) -> None:
         # Kept as given: edge-recover claims a million files by str path, and a
         # pathlib.Path costs more to build than the claim's system calls.
         self.where = path

@@ -94,24 +94,3 @@ async def test_disabled_replication_contacts_no_nats_server(
             listener.accept()
     finally:
         listener.close()
-
-
-def test_takeover_rewrites_a_torn_work_file_and_keeps_a_pinned_one(tmp_path: Path) -> None:
-    """The work directory of --from-replica is not synced (the replica is the durable
-    copy): a file a crash left torn is written again; a pin the merge set is kept."""
-    from agent.replica.stream import PENDING, Change
-    from agent.spool.record import PendingRecord
-    from recovery.replica_source import _materialize
-    from tests.support.recover_helpers import record
-
-    torn, pinned, fresh = (record(n, n, node="wh-lost") for n in (1, 2, 3))
-    known = {r.serial: Change(PENDING, r) for r in (torn, pinned, fresh)}
-    pending = tmp_path / "pending"
-    pending.mkdir()
-    (pending / torn.filename).write_bytes(torn.to_bytes()[:20])
-    (pending / pinned.filename).write_bytes(pinned.pinned("standby").to_bytes())
-    assert _materialize(tmp_path, known, False) == 2
-    assert PendingRecord.from_bytes((pending / torn.filename).read_bytes()) == torn
-    assert PendingRecord.from_bytes((pending / fresh.filename).read_bytes()) == fresh
-    kept = PendingRecord.from_bytes((pending / pinned.filename).read_bytes())
-    assert kept.pinned_to == "standby"

@@ -251,3 +251,36 @@ async def test_two_servers_sharing_a_node_id_never_overwrite_each_others_orders(
     assert run.code == 0, run.err
     assert center.created_keys() == set(accepted.values())
     assert center.duplicates() == {}
+
+
+async def test_listing_in_many_requests_returns_each_order_once_with_its_latest_state(
+    nats_cluster: NatsCluster,
+) -> None:
+    """The listing asks for a batch at a time, the next one before the last is parsed:
+    23 orders read 5 at a time come back whole, none twice, each in its latest state,
+    and another node's orders are not among them."""
+    from agent.replica.stream import Publisher, ensure_stream, states
+    from tests.support.recover_helpers import record
+
+    nc = await nats.connect(servers=nats_cluster.urls, error_cb=quiet_errors)
+    try:
+        await ensure_stream(nc.jetstream(timeout=5), 3, 5)
+        publisher = Publisher(nc)
+        mine = [record(n, n, node="wh-list") for n in range(23)]
+        other = [record(n, n, node="wh-else") for n in range(4)]
+        changes = [Change(PENDING, r) for r in mine + other]
+        stored = await publisher.publish_all(changes, 5)
+        assert all(isinstance(seq, int) for seq in stored), stored
+        later = [Change(DELIVERED, r, f"o-{i}") for i, r in enumerate(mine[::3])]
+        stored = await publisher.publish_all(later, 5)
+        assert all(isinstance(seq, int) for seq in stored), stored
+        batches = [b async for b in states(nc, "wh-list", 2, batch=5)]
+    finally:
+        await nc.close()
+    assert len(batches) == 5
+    listed = [c for b in batches for c in b]
+    assert sorted(c.record.serial for c in listed) == sorted(r.serial for r in mine)
+    delivered = {r.serial for r in mine[::3]}
+    assert {c.record.serial: c.state for c in listed} == {
+        r.serial: DELIVERED if r.serial in delivered else PENDING for r in mine
+    }

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.replica.stream import DELIVERED
+from agent.replica.stream import DELIVERED, PINNED
 from agent.sandbox.nats_cluster import NatsCluster, read_replica
 from tests.integration.test_crash import (
     client,
@@ -119,6 +119,9 @@ async def test_lost_server_orders_merged_from_another_machine_exactly_once(
     held = await states(nats_cluster)
     assert {held[s] for s in serials.values()} == {DELIVERED}
     assert orjson.loads(report.read_bytes())
+    # Merged straight from the replica: no order was written as a work file.
+    work = tmp_path / "other" / "state" / "takeover" / LOST
+    assert [p.name for p in work.rglob("*.json")] == []
     sent = sum(center.sends().values())
     again = await recover("--from-replica", LOST, "--mode", "merge", "--config", str(other))
     assert again.code == 0, again.err
@@ -160,6 +163,70 @@ async def taken_over(
     sent = center.sends()
     assert set(sent) == set(serials) and set(sent.values()) == {1}
     return config, serials, sent
+
+
+async def test_a_pin_reaches_the_replica_before_the_order_is_sent_again(
+    tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster, agent_process: Any
+) -> None:
+    """An unclear answer (the center created the order but answered too late) pins the
+    order to the target; the pin is in the replica before the next attempt, so a takeover
+    killed -9 right then leaves it pinned for whoever takes over next (CONTRACT 5)."""
+    serials, other = await server_lost(tmp_path, center, nats_cluster, agent_process, 1)
+    (serial,) = serials.values()
+    center.late_s = 30.0  # created at once, answered after the 2 s upstream timeout
+    proc = await Recover(
+        "--from-replica", LOST, "--mode", "merge", "--config", str(other), "--batch", "1"
+    ).start()
+
+    async def pinned() -> bool:
+        held = await _try_read_changes(nats_cluster)
+        return held is not None and held[serial].state == PINNED
+
+    try:
+        await wait_for(pinned, 30, "the pin in the replica", interval=0.2)
+    finally:
+        proc.signal(signal.SIGKILL)
+        await proc.finish()
+    held = await _try_read_changes(nats_cluster)
+    assert held is not None
+    assert held[serial].record.pinned_to == held[serial].cluster == "primary"
+    assert len(center.creates) == 1
+
+
+async def test_an_order_pinned_elsewhere_is_left_with_a_takeover_command_to_deliver_it(
+    tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster
+) -> None:
+    """An order the replica shows pinned to the standby is not sent to the primary; the
+    advice printed is a command that reaches it: the takeover again, not a directory."""
+    import nats
+
+    from agent.replica.stream import PENDING, Change, Publisher, ensure_stream
+    from agent.sandbox.nats_cluster import quiet_errors
+    from tests.support.recover_helpers import record
+
+    free, pinned = record(1, 1, node=LOST), record(2, 2, node=LOST).pinned("standby")
+    nc = await nats.connect(servers=nats_cluster.urls, error_cb=quiet_errors)
+    try:
+        await ensure_stream(nc.jetstream(timeout=5), 3, 5)
+        changes = [Change(PENDING, free), Change(PENDING, pinned)]
+        stored = await Publisher(nc).publish_all(changes, 5)
+        assert all(isinstance(seq, int) for seq in stored), stored
+    finally:
+        await nc.close()
+    other = agent_config(tmp_path / "other", center, nats_cluster, "wh-other")
+    run = await recover("--from-replica", LOST, "--mode", "merge", "--config", str(other))
+    assert run.code == 1, run.err
+    assert center.created_keys() == {free.dedupe_key}
+    assert f"edge-recover --from-replica {LOST} --config {other} --path " in run.out
+    held = await states(nats_cluster)
+    assert held == {free.serial: DELIVERED, pinned.serial: PENDING}
+
+
+async def _try_read_changes(cluster: NatsCluster) -> dict[str, Any] | None:
+    try:
+        return await read_replica(cluster.urls, LOST)
+    except Exception:
+        return None
 
 
 async def test_returning_server_after_a_takeover_sends_nothing_again(
