@@ -47,6 +47,7 @@ PENDING, PINNED, DELIVERED, REJECTED = "pending", "pinned", "delivered", "reject
 UNDELIVERED = (PENDING, PINNED)
 # How many records one listing request asks for at a time.
 LIST_BATCH = 1000
+LIST_ATTEMPTS = 10  # see _listing: one consumer placement in two may hit a dead peer
 
 
 def subject(node_id: str, serial: str) -> str:
@@ -192,26 +193,47 @@ async def publish_all(
     return [r if isinstance(r, BaseException) else None for r in results]
 
 
+async def _listing(
+    js: JetStreamContext, node_id: str, timeout_s: float
+) -> tuple[JetStreamContext.PullSubscription, int]:
+    """An ephemeral consumer on ``node_id``'s subjects and its number of orders.
+
+    JetStream places an ephemeral consumer on one of the stream's peers; placed on a peer
+    that is down, its creation is never answered (nats-server 2.9, one of three nodes
+    down: about half the attempts time out). That is the takeover's usual case, since a
+    lost server takes its NATS node with it, so a timed-out attempt is retried (placed
+    anew) until ``LIST_ATTEMPTS`` attempts failed."""
+    subjects = f"{SUBJECT_ROOT}.{node_id}.>"
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        inactive_threshold=60.0,
+    )
+    for attempt in range(1, LIST_ATTEMPTS + 1):
+        sub = None
+        try:
+            sub = await js.pull_subscribe(subjects, durable=None, stream=STREAM, config=config)
+            return sub, (await sub.consumer_info()).num_pending or 0
+        except NotFoundError as exc:
+            raise ConfigError(f"no replica stream {STREAM} in this NATS cluster") from exc
+        except (NatsError, TimeoutError) as exc:
+            if sub is not None:
+                with contextlib.suppress(NatsError):
+                    await sub.unsubscribe()
+            if attempt == LIST_ATTEMPTS:
+                raise ReplicaError(
+                    f"cannot list node {node_id} in the replica ({attempt} attempts "
+                    f"of {timeout_s}s): {why(exc)}"
+                ) from exc
+            log.info("replica: listing node %s: %s; trying again", node_id, why(exc))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def states(
     js: JetStreamContext, node_id: str, timeout_s: float
 ) -> AsyncIterator[list[Change]]:
     """Every order of ``node_id`` in the replica with its latest state, in batches."""
-    try:
-        sub = await js.pull_subscribe(
-            f"{SUBJECT_ROOT}.{node_id}.>",
-            durable=None,
-            stream=STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                inactive_threshold=60.0,
-            ),
-        )
-        left = (await sub.consumer_info()).num_pending or 0
-    except NotFoundError as exc:
-        raise ConfigError(f"no replica stream {STREAM} in this NATS cluster") from exc
-    except (NatsError, TimeoutError) as exc:
-        raise ReplicaError(f"cannot list node {node_id} in the replica: {why(exc)}") from exc
+    sub, left = await _listing(js, node_id, timeout_s)
     try:
         while left > 0:
             try:
