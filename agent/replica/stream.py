@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,7 @@ PENDING, PINNED, DELIVERED, REJECTED = "pending", "pinned", "delivered", "reject
 UNDELIVERED = (PENDING, PINNED)
 # How many records one listing request asks for at a time.
 LIST_BATCH = 1000
-LIST_ATTEMPTS = 10  # see _listing: one consumer placement in two may hit a dead peer
+LIST_ATTEMPTS = 12  # see _listing: 0.25 s, 0.5 s, 1 s, then timeout_s each
 
 
 def subject(node_id: str, serial: str) -> str:
@@ -200,32 +201,38 @@ async def _listing(
 
     JetStream places an ephemeral consumer on one of the stream's peers; placed on a peer
     that is down, its creation is never answered (nats-server 2.9, one of three nodes
-    down: about half the attempts time out). That is the takeover's usual case, since a
-    lost server takes its NATS node with it, so a timed-out attempt is retried (placed
-    anew) until ``LIST_ATTEMPTS`` attempts failed."""
-    subjects = f"{SUBJECT_ROOT}.{node_id}.>"
+    down: about half the attempts time out, and every one for some seconds after the
+    node died). That is the takeover's usual case, since a lost server takes its NATS
+    node with it, so an attempt that is not answered is retried (placed anew), the first
+    ones after a short wait (an answered creation takes milliseconds), the later ones
+    after ``timeout_s`` (a slow cluster), ``LIST_ATTEMPTS`` in all. A consumer created
+    too late for its attempt ends by itself (``inactive_threshold``)."""
     config = ConsumerConfig(
+        filter_subject=f"{SUBJECT_ROOT}.{node_id}.>",
         ack_policy=AckPolicy.NONE,
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         inactive_threshold=60.0,
     )
-    for attempt in range(1, LIST_ATTEMPTS + 1):
-        sub = None
+    for attempt in range(LIST_ATTEMPTS):
+        wait = min(timeout_s, 0.25 * 2**attempt)
+        name = f"edge-list-{secrets.token_hex(8)}"
         try:
-            sub = await js.pull_subscribe(subjects, durable=None, stream=STREAM, config=config)
-            return sub, (await sub.consumer_info()).num_pending or 0
+            info = await js.add_consumer(STREAM, config=config, name=name, timeout=wait)
         except NotFoundError as exc:
             raise ConfigError(f"no replica stream {STREAM} in this NATS cluster") from exc
         except (NatsError, TimeoutError) as exc:
-            if sub is not None:
-                with contextlib.suppress(NatsError):
-                    await sub.unsubscribe()
-            if attempt == LIST_ATTEMPTS:
+            if attempt == LIST_ATTEMPTS - 1:
                 raise ReplicaError(
-                    f"cannot list node {node_id} in the replica ({attempt} attempts "
-                    f"of {timeout_s}s): {why(exc)}"
+                    f"cannot list node {node_id} in the replica ({LIST_ATTEMPTS} attempts, "
+                    f"the last of {wait}s): {why(exc)}"
                 ) from exc
             log.info("replica: listing node %s: %s; trying again", node_id, why(exc))
+            continue
+        try:
+            sub = await js.pull_subscribe_bind(consumer=name, stream=STREAM)
+        except (NatsError, TimeoutError) as exc:
+            raise ReplicaError(f"cannot list node {node_id} in the replica: {why(exc)}") from exc
+        return sub, info.num_pending or 0
     raise AssertionError("unreachable")  # pragma: no cover
 
 
