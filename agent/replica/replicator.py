@@ -25,6 +25,7 @@ from agent.errors import ConfigError, ReplicaError
 from agent.replica.stream import (
     DELIVERED,
     PENDING,
+    START_LIST_ATTEMPTS,
     Change,
     connect,
     ensure_stream,
@@ -174,7 +175,7 @@ class Replicator:
             await self._connect()
         assert self._js is not None
         out: dict[str, Change] = {}
-        async for batch in states(self._js, self.node_id, self.cfg.timeout_s):
+        async for batch in states(self._js, self.node_id, self.cfg.timeout_s, START_LIST_ATTEMPTS):
             for change in batch:
                 out[change.record.serial] = change
         return out

@@ -48,7 +48,10 @@ PENDING, PINNED, DELIVERED, REJECTED = "pending", "pinned", "delivered", "reject
 UNDELIVERED = (PENDING, PINNED)
 # How many records one listing request asks for at a time.
 LIST_BATCH = 1000
-LIST_ATTEMPTS = 12  # see _listing: 0.25 s, 0.5 s, 1 s, then timeout_s each
+# See _listing: 0.25 s, 0.5 s, 1 s, then timeout_s each. A takeover waits out the seconds
+# after a node died; an agent's start-up listing (before its listener) gives up sooner.
+LIST_ATTEMPTS = 12
+START_LIST_ATTEMPTS = 4
 
 
 def subject(node_id: str, serial: str) -> str:
@@ -195,7 +198,7 @@ async def publish_all(
 
 
 async def _listing(
-    js: JetStreamContext, node_id: str, timeout_s: float
+    js: JetStreamContext, node_id: str, timeout_s: float, attempts: int
 ) -> tuple[JetStreamContext.PullSubscription, int]:
     """An ephemeral consumer on ``node_id``'s subjects and its number of orders.
 
@@ -205,7 +208,7 @@ async def _listing(
     node died). That is the takeover's usual case, since a lost server takes its NATS
     node with it, so an attempt that is not answered is retried (placed anew), the first
     ones after a short wait (an answered creation takes milliseconds), the later ones
-    after ``timeout_s`` (a slow cluster), ``LIST_ATTEMPTS`` in all. A consumer created
+    after ``timeout_s`` (a slow cluster), ``attempts`` in all. A consumer created
     too late for its attempt ends by itself (``inactive_threshold``)."""
     config = ConsumerConfig(
         filter_subject=f"{SUBJECT_ROOT}.{node_id}.>",
@@ -213,7 +216,7 @@ async def _listing(
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         inactive_threshold=60.0,
     )
-    for attempt in range(LIST_ATTEMPTS):
+    for attempt in range(attempts):
         wait = min(timeout_s, 0.25 * 2**attempt)
         name = f"edge-list-{secrets.token_hex(8)}"
         try:
@@ -221,9 +224,9 @@ async def _listing(
         except NotFoundError as exc:
             raise ConfigError(f"no replica stream {STREAM} in this NATS cluster") from exc
         except (NatsError, TimeoutError) as exc:
-            if attempt == LIST_ATTEMPTS - 1:
+            if attempt == attempts - 1:
                 raise ReplicaError(
-                    f"cannot list node {node_id} in the replica ({LIST_ATTEMPTS} attempts, "
+                    f"cannot list node {node_id} in the replica ({attempts} attempts, "
                     f"the last of {wait}s): {why(exc)}"
                 ) from exc
             log.info("replica: listing node %s: %s; trying again", node_id, why(exc))
@@ -237,10 +240,10 @@ async def _listing(
 
 
 async def states(
-    js: JetStreamContext, node_id: str, timeout_s: float
+    js: JetStreamContext, node_id: str, timeout_s: float, attempts: int = LIST_ATTEMPTS
 ) -> AsyncIterator[list[Change]]:
     """Every order of ``node_id`` in the replica with its latest state, in batches."""
-    sub, left = await _listing(js, node_id, timeout_s)
+    sub, left = await _listing(js, node_id, timeout_s, attempts)
     try:
         while left > 0:
             try:
