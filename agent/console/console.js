@@ -79,6 +79,7 @@ const ERROR_KINDS = [
   ["dns", /cannot resolve|resolv|Name or service not known|NXDOMAIN|No address associated|getaddrinfo|DNS/i],
   ["refused", /refused|Errno 111|Connect call failed/i],
   ["timeout", /in time|timed? ?out|timeout|AbortError/i],
+  ["no_quorum", /no response from stream|no quorum|insufficient resources/i],
   ["unreachable", /unreachable|No route to host|Errno 11[03]|Errno 101/i],
   ["http", /\bHTTP (\d{3})\b/],
   ["reset", /reset by peer|disconnected|failed after sending|Connection lost|EOF/i],
@@ -98,11 +99,15 @@ function errorText(raw) {
   return t("err_" + kind, { code });
 }
 
+// The raw text one click away: a closed <details> with a "details" summary.
+function rawDetails(raw) {
+  return el("details", { class: "raw" }, el("summary", {}, t("details")), el("code", {}, String(raw)));
+}
+
 // The short text, with the raw error on demand (a closed <details>, and as a tooltip).
 function errorNode(raw, cls = "") {
   return el("span", { class: ("err " + cls).trim(), title: String(raw), "data-kind": errorKind(String(raw)).kind },
-            errorText(raw), " ",
-            el("details", { class: "raw" }, el("summary", {}, t("details")), el("code", {}, String(raw))));
+            errorText(raw), " ", rawDetails(raw));
 }
 
 function short(text, max = 90) {
@@ -174,12 +179,8 @@ function render(s) {
   $("rejected-help").hidden = !(rejected > 0);
   $("rejected-help").textContent = rejected > 0 ? t("rejected_help", { n: rejected }) : "";
 
-  const pinned = $("pinned");
-  pinned.replaceChildren();
-  for (const [name, n] of Object.entries(s.pinned || {})) {
-    const label = name === "none" ? t("none") : clusterName(name);
-    pinned.append(el("div", { "data-cluster": name }, el("dt", {}, label), el("dd", {}, n)));
-  }
+  $("pinned").replaceChildren(...Object.entries(s.pinned || {}).map(([name, n]) =>
+    figure({ "data-cluster": name }, name === "none" ? t("none") : clusterName(name), n)));
 
   const clusters = $("clusters");
   clusters.replaceChildren();
@@ -211,17 +212,13 @@ function render(s) {
   }
 
   const byState = (s.sms && s.sms.by_state) || {};
-  const sms = $("sms");
-  sms.replaceChildren();
-  for (const [state, n] of Object.entries(byState)) {
-    const dd = el("dd", {}, n);
-    if (state === "ambiguous" && n > 0) dd.classList.add("warn");
-    sms.append(el("div", { "data-state": state }, el("dt", {}, t("state_" + state)), dd));
-  }
+  $("sms").replaceChildren(...Object.entries(byState).map(([state, n]) =>
+    figure({ "data-state": state }, t("state_" + state), n, state === "ambiguous" && n > 0)));
   const amb = byState.ambiguous || 0;
   $("sms-alert").hidden = amb === 0;
   $("sms-alert").textContent = amb ? t("ambiguous_alert", { n: amb }) : "";
 
+  renderReplica(s.replication);
   renderChain(s.chain);
 
   const hist = $("history");
@@ -234,6 +231,36 @@ function render(s) {
     }
     hist.append(li);
   }
+}
+
+// One figure of a <dl class="figures">: its label, its value, red when ``warn``.
+function figure(attrs, label, value, warn = false) {
+  return el("div", attrs, el("dt", {}, label), el("dd", warn ? { class: "warn" } : {}, value));
+}
+
+// The replica (CONTRACT 11), shown only with [replication] on: is it taking writes, and
+// what this server still owes it (orders on this disk only, later changes not written).
+function renderReplica(r) {
+  const card = $("replica-card");
+  card.hidden = !(r && r.enabled);
+  if (card.hidden) return;
+  card.dataset.healthy = String(!!r.healthy);
+  card.dataset.connected = String(!!r.connected);
+  $("replica-head").replaceChildren(
+    badge(r.healthy, t("healthy"), t("unhealthy")),
+    badge(r.connected, t("connected"), t("not_connected")),
+    el("span", { class: "muted small" }, t(r.required ? "replica_required" : "replica_optional")));
+  const unreplicated = r.unreplicated || 0, owed = r.owed_changes || 0;
+  $("replica").replaceChildren(
+    figure({ "data-field": "unreplicated" }, t("unreplicated"), unreplicated, unreplicated > 0),
+    figure({ "data-field": "owed_changes" }, t("owed_changes"), owed, owed > 0),
+    figure({ "data-field": "last_ok" }, t("last_ok"), fmtTime(r.last_ok)));
+  $("replica-alert").hidden = unreplicated === 0;
+  $("replica-alert").textContent = unreplicated ? t("unreplicated_alert", { n: unreplicated }) : "";
+  const error = $("replica-error");
+  error.hidden = !r.last_error;
+  error.replaceChildren(...(r.last_error ? [`${t("last_error")}: `, errorNode(r.last_error, "muted")] : []));
+  $("replica-servers").textContent = `${t("replica_servers")}: ${(r.servers || []).join(", ")}`;
 }
 
 const CHAIN_STATES = ["verified", "pending", "failed", "overdue"];
@@ -301,10 +328,7 @@ function chainDetail(raw) {
   raw = String(raw || "");
   for (const [re, text] of CHAIN_DETAILS) {
     const m = re.exec(raw);
-    if (m) {
-      return el("span", { class: "err" }, text(m), " ",
-                el("details", { class: "raw" }, el("summary", {}, t("details")), el("code", {}, raw)));
-    }
+    if (m) return el("span", { class: "err" }, text(m), " ", rawDetails(raw));
   }
   return raw ? errorNode(raw) : "";
 }
@@ -335,8 +359,7 @@ function showConn() {
   if (downSince === null) { conn.replaceChildren(); return; }
   const d = fmtDuration((Date.now() - downSince.getTime()) / 1000);
   conn.replaceChildren(t("not_answering", { at: fmtClock(downSince), d, why: errorText(downWhy) }), " ",
-                       el("details", { class: "raw" }, el("summary", {}, t("details")),
-                          el("code", {}, String(downWhy))));
+                       rawDetails(downWhy));
 }
 
 async function refresh() {

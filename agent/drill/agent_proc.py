@@ -209,7 +209,7 @@ class AgentSubprocess:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _dies_with_parent() -> Callable[[], None]:
+def dies_with_parent() -> Callable[[], None]:
     """For the child, before exec: SIGKILL when the drill that started it ends, however
     it ends (a second Ctrl-C, kill -9), so no drill agent outlives its sandbox. The
     function is looked up here, before the fork. The kernel sends it when the *thread*
@@ -226,15 +226,17 @@ def _dies_with_parent() -> Callable[[], None]:
 class AgentUnderDrill(AgentSubprocess):
     """The drill's agent: a working directory with its config, state and spool."""
 
-    def __init__(self, workdir: Path, sandbox: Sandbox, **health: Any) -> None:
+    def __init__(
+        self, workdir: Path, sandbox: Sandbox, extra: Sections | None = None, **health: Any
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
-        config = write_config_file(
-            workdir / "agent.toml", drill_config(workdir, sandbox, self.port, **health)
-        )
+        sections = drill_config(workdir, sandbox, self.port, **health) | (extra or {})
+        config = write_config_file(workdir / "agent.toml", sections)
         super().__init__(config, workdir / "agent.log", f"http://127.0.0.1:{self.port}")
         self.spool = workdir / "spool"
-        self.preexec_fn = _dies_with_parent()
+        self.state_dir = workdir / "state"
+        self.preexec_fn = dies_with_parent()
 
     async def start_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
         self.start()

@@ -31,7 +31,7 @@ def drill(scenarios: list[str] | None, orders: int | None, report: str | None) -
     print_table(results)
     if report:
         write_report(results, report)
-    return 0 if all(r.passed for r in results) else 1
+    return 1 if any(r.failed for r in results) else 0
 
 
 async def _drill_until_signal(names: list[str], orders: int) -> list[Result] | None:

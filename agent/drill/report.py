@@ -17,6 +17,12 @@ def _fig(result: Result, name: str) -> str:
     return "-" if value is None else f"{value:.2f}s"
 
 
+def _verdict(r: Result) -> str:
+    if r.skipped is not None:
+        return "[yellow]SKIPPED[/yellow]"
+    return "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
+
+
 def print_table(results: list[Result]) -> None:
     # Colour only on a terminal; a log file gets plain text at a readable width.
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110)
@@ -37,7 +43,7 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         table.add_row(
             r.scenario,
-            "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]",
+            _verdict(r),
             str(r.sent),
             str(r.acked),
             str(len(r.lost)) if not r.lost else f"[red]{len(r.lost)}[/red]",
@@ -49,7 +55,9 @@ def print_table(results: list[Result]) -> None:
         )
     console.print(table)
     for r in results:
-        if r.passed:
+        if r.skipped is not None:
+            console.print(f"[yellow]{r.scenario} skipped[/yellow]: {r.skipped}")
+        if not r.failed:
             continue
         console.print(f"[bold red]{r.scenario} failed[/bold red]: {r.error or ''}")
         if r.lost:
@@ -67,9 +75,15 @@ def print_table(results: list[Result]) -> None:
         if "workdir" in r.figures:
             console.print(f"  logs kept in {r.figures['workdir']}")
     passed = sum(r.passed for r in results)
-    console.print(f"{passed} passed, {len(results) - passed} failed")
+    skipped = sum(r.skipped is not None for r in results)
+    tail = f", {skipped} skipped" if skipped else ""
+    console.print(f"{passed} passed, {len(results) - passed - skipped} failed{tail}")
 
 
 def write_report(results: list[Result], path: str) -> None:
-    doc = {"passed": all(r.passed for r in results), "scenarios": [r.to_dict() for r in results]}
+    doc = {
+        "passed": not any(r.failed for r in results),
+        "skipped": [r.scenario for r in results if r.skipped is not None],
+        "scenarios": [r.to_dict() for r in results],
+    }
     Path(path).write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))

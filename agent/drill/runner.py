@@ -15,8 +15,9 @@ from typing import Any
 import aiohttp
 
 from agent.drill.agent_proc import AgentUnderDrill
+from agent.drill.replica import replica_for, replication_section, skip_reason
 from agent.drill.sandbox import Sandbox
-from agent.drill.scenarios import SCENARIOS
+from agent.drill.scenarios import NEEDS_NATS, SCENARIOS
 from agent.drill.steps import Context, Settle
 
 
@@ -35,6 +36,11 @@ class Result:
     figures: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
     error: str | None = None
+    skipped: str | None = None  # why the scenario could not run here (not a failure)
+
+    @property
+    def failed(self) -> bool:
+        return not self.passed and self.skipped is None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +57,7 @@ class Result:
             "figures": self.figures,
             "elapsed_s": self.elapsed_s,
             "error": self.error,
+            "skipped": self.skipped,
             "lost_keys": self.lost[:50],
             "duplicated_keys": dict(list(self.duplicated.items())[:50]),
             "sms_twice_serials": self.sms_twice[:50],
@@ -68,7 +75,7 @@ async def run_drills(names: list[str], orders: int, keep: bool = False) -> list[
                 results.append(await _run_one(name, sandbox, session, root / name, orders))
     finally:
         await sandbox.stop()
-        if not keep and all(r.passed for r in results):
+        if not keep and not any(r.failed for r in results):
             shutil.rmtree(root, ignore_errors=True)
     return results
 
@@ -77,25 +84,32 @@ async def _run_one(
     name: str, sandbox: Sandbox, session: aiohttp.ClientSession, workdir: Path, orders: int
 ) -> Result:
     workdir.mkdir(parents=True)
-    agent = AgentUnderDrill(workdir, sandbox)
-    ctx = Context(sandbox, agent, session, workdir, name, orders)
+    reason = skip_reason(name in NEEDS_NATS)
+    if reason is not None:
+        return Result(scenario=name, passed=False, skipped=reason)
     started = time.monotonic()
     error = None
     try:
-        await agent.start_ready(session)
-        for step in SCENARIOS[name]:
-            await step.run(ctx)
-        await Settle().run(ctx)
-        status = await ctx.status()
-    except Exception as exc:  # report the scenario as failed, keep drilling the others
-        error = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc(file=open(workdir / "drill-error.txt", "w"))  # noqa: SIM115
-        status = {}
-    finally:
-        for task in ctx.tasks:
-            task.cancel()
-        if ctx.agent_running:
-            await agent.stop()
+        async with replica_for(name in NEEDS_NATS, workdir) as cluster:
+            agent = AgentUnderDrill(workdir, sandbox, extra=replication_section(cluster))
+            ctx = Context(sandbox, agent, session, workdir, name, orders, nats=cluster)
+            try:
+                await agent.start_ready(session)
+                for step in SCENARIOS[name]:
+                    await step.run(ctx)
+                await Settle().run(ctx)
+                status = await ctx.status()
+            except Exception as exc:  # report the scenario as failed, keep drilling the others
+                error = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc(file=open(workdir / "drill-error.txt", "w"))  # noqa: SIM115
+                status = {}
+            finally:
+                for task in ctx.tasks:
+                    task.cancel()
+                if ctx.agent_running:
+                    await agent.stop()
+    except (OSError, TimeoutError) as exc:  # the scenario's NATS cluster did not come up
+        return Result(scenario=name, passed=False, error=f"NATS cluster: {exc}")
     result = _verify(ctx, status)
     result.error = error
     result.passed = result.passed and error is None

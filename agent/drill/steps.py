@@ -17,6 +17,7 @@ import aiohttp
 from agent.drill.agent_proc import AgentUnderDrill
 from agent.drill.load import Load
 from agent.drill.sandbox import PRIMARY_NAME, Sandbox
+from agent.sandbox.nats_cluster import NatsCluster
 
 
 class DrillFailed(Exception):
@@ -37,6 +38,7 @@ class Context:
     figures: dict[str, float] = field(default_factory=dict)
     agent_running: bool = True
     facts: dict[str, Any] = field(default_factory=dict)  # what one step tells a later one
+    nats: NatsCluster | None = None  # the replica's cluster, for the scenarios that need one
 
     def mark(self, what: str) -> None:
         self.marks[what] = time.monotonic()

@@ -34,6 +34,7 @@ from agent.replica.stream import (
     DELIVERED,
     FINAL,
     PENDING,
+    START_LIST_ATTEMPTS,
     Change,
     Publisher,
     SubjectMoved,
@@ -257,7 +258,9 @@ class Replicator:
             await self._connect()
         assert self._nc is not None
         out: dict[str, Change] = {}
-        async for batch in states(self._nc, self.node_id, self.cfg.timeout_s):
+        async for batch in states(
+            self._nc, self.node_id, self.cfg.timeout_s, attempts=START_LIST_ATTEMPTS
+        ):
             for change in batch:
                 out[change.record.serial] = change
         return out

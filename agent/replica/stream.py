@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     DiscardPolicy,
     StorageType,
@@ -58,6 +60,10 @@ FINAL = (DELIVERED, REJECTED)
 WRONG_LAST_SEQUENCE = 10071
 # How many records one listing request asks for at a time (~6 MB in the inbox at most).
 LIST_BATCH = 5000
+# See _listing: 0.25 s, 0.5 s, 1 s, then timeout_s each. A takeover waits out the seconds
+# after a node died; an agent's start-up listing (before its listener) gives up sooner.
+LIST_ATTEMPTS = 12
+START_LIST_ATTEMPTS = 4
 
 
 def subject(node_id: str, serial: str) -> str:
@@ -320,8 +326,50 @@ async def last_state(
         raise ReplicaError(f"{where} in the replica is unreadable: {exc}") from exc
 
 
+async def _listing(
+    js: JetStreamContext, node_id: str, timeout_s: float, attempts: int
+) -> ConsumerInfo:
+    """An ephemeral consumer on ``node_id``'s subjects (its info: name, orders).
+
+    JetStream places an ephemeral consumer on one of the stream's peers; placed on a peer
+    that is down, its creation is never answered (nats-server 2.9, one of three nodes
+    down: about half the attempts time out, and every one for some seconds after the
+    node died). That is the takeover's usual case, since a lost server takes its NATS
+    node with it, so an attempt that is not answered is retried (placed anew), the first
+    ones after a short wait (an answered creation takes milliseconds), the later ones
+    after ``timeout_s`` (a slow cluster), ``attempts`` in all. A consumer created
+    too late for its attempt ends by itself (``inactive_threshold``)."""
+    config = ConsumerConfig(
+        filter_subject=f"{SUBJECT_ROOT}.{node_id}.>",
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        inactive_threshold=60.0,
+    )
+    for attempt in range(attempts):
+        wait = min(timeout_s, 0.25 * 2**attempt)
+        name = f"edge-list-{secrets.token_hex(8)}"
+        try:
+            info = await js.add_consumer(STREAM, config=config, name=name, timeout=wait)
+        except NotFoundError as exc:
+            raise ConfigError(f"no replica stream {STREAM} in this NATS cluster") from exc
+        except (NatsError, TimeoutError) as exc:
+            if attempt == attempts - 1:
+                raise ReplicaError(
+                    f"cannot list node {node_id} in the replica ({attempts} attempts, "
+                    f"the last of {wait}s): {why(exc)}"
+                ) from exc
+            log.info("replica: listing node %s: %s; trying again", node_id, why(exc))
+            continue
+        return info
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def states(
-    nc: NatsClient, node_id: str, timeout_s: float, batch: int = LIST_BATCH
+    nc: NatsClient,
+    node_id: str,
+    timeout_s: float,
+    batch: int = LIST_BATCH,
+    attempts: int = LIST_ATTEMPTS,
 ) -> AsyncIterator[list[Change]]:
     """Every order of ``node_id`` in the replica with its latest state, in batches.
 
@@ -331,20 +379,7 @@ async def states(
     and took twice as long (issue 22).
     """
     js = nc.jetstream(timeout=timeout_s)
-    try:
-        info = await js.add_consumer(
-            STREAM,
-            ConsumerConfig(
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                filter_subject=f"{SUBJECT_ROOT}.{node_id}.>",
-                inactive_threshold=60.0,
-            ),
-        )
-    except NotFoundError as exc:
-        raise ConfigError(f"no replica stream {STREAM} in this NATS cluster") from exc
-    except (NatsError, TimeoutError) as exc:
-        raise ReplicaError(f"cannot list node {node_id} in the replica: {why(exc)}") from exc
+    info = await _listing(js, node_id, timeout_s, attempts)
     reader = _BatchReader(nc, f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{info.name}", timeout_s, batch)
     try:
         await reader.start()

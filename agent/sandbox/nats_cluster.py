@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class NatsCluster:
     size: int = 3
     name: str = "edge-test"
     nodes: list[NatsNode] = field(default_factory=list)
+    # Run in each node before exec (the drill: die with the drill, however it ends).
+    preexec: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -87,7 +90,9 @@ class NatsCluster:
             "--routes", routes,
         ]  # fmt: skip
         with open(node.log, "ab") as out:
-            node.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+            node.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=self.preexec
+            )
 
     def start(self) -> None:
         for node in self.nodes:

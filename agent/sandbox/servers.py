@@ -94,6 +94,7 @@ class SandboxCenter(Listener):
     late_s: float = 0.0
     orders: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     creates: Counter[str] = field(default_factory=Counter)
+    serials: dict[str, str] = field(default_factory=dict)  # key -> the creating request's serial
     received: list[Received] = field(default_factory=list)
     health_checks: int = 0
     name: str = "center"
@@ -120,6 +121,7 @@ class SandboxCenter(Listener):
         """Forget every order (a new drill scenario starts from an empty center)."""
         self.orders.clear()
         self.creates.clear()
+        self.serials.clear()
         self.received.clear()
         self.script.clear()
         self.item_script.clear()
@@ -180,7 +182,7 @@ class SandboxCenter(Listener):
             return web.json_response(
                 {"error": f"scripted {status}"}, status=status, headers=headers
             )
-        status, doc = self.take(key, body)
+        status, doc = self.take(key, body, request.headers.get("X-Edge-Serial", ""))
         if self.late_s:
             await asyncio.sleep(self.late_s)  # created; the answer comes too late
         if self.after_create:
@@ -191,8 +193,9 @@ class SandboxCenter(Listener):
             )
         return web.json_response(doc, status=status)
 
-    def take(self, key: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        """The idempotent create: 201 new, 200 replay, 422 same key with another body."""
+    def take(self, key: str, body: bytes, serial: str = "") -> tuple[int, dict[str, Any]]:
+        """The idempotent create: 201 new, 200 replay, 422 same key with another body.
+        ``serial``: the agent's serial sent with it (kept for the create only)."""
         if key in self.orders:
             order_id, first = self.orders[key]
             if first != body:
@@ -201,6 +204,7 @@ class SandboxCenter(Listener):
         order_id = f"{self.name.upper()[:2]}{next(self._ids):08d}"
         self.orders[key] = (order_id, body)
         self.creates[key] += 1
+        self.serials[key] = serial
         return 201, {"order_id": order_id}
 
     async def _batch(self, request: web.Request) -> web.Response:
@@ -223,7 +227,7 @@ class SandboxCenter(Listener):
                     {"idempotency_key": key, "status": status, "error": f"scripted {status}"}
                 )
                 continue
-            status, res = self.take(key, body)
+            status, res = self.take(key, body, str(item.get("serial", "")))
             results.append({"idempotency_key": key, "status": status, **res})
         return web.Response(
             body=orjson.dumps({"results": results}), content_type="application/json"

@@ -28,10 +28,12 @@ import pytest
 
 from agent.drill.agent_proc import AgentSubprocess, drill_config, write_config_file
 from agent.drill.sandbox import Sandbox
+from agent.sandbox.nats_cluster import NatsCluster
 from agent.sandbox.servers import free_port
 from tests.support import host_tools
 from tests.support.chain_fakes import Downstream, chain_section
 from tests.support.harness import ROOT, wait_for
+from tests.support.nats_cluster import ensure_nats_server
 
 pytestmark = pytest.mark.browser
 
@@ -271,6 +273,7 @@ async def test_console_through_an_outage(
         )
         == 2
     )
+    assert await desktop.js("return document.getElementById('replica-card').hidden") is True
 
     async with aiohttp.ClientSession() as session:
         forwarded = await post(session, agent.url, 1, None)
@@ -594,6 +597,124 @@ async def test_console_when_the_agent_dies_and_after_the_outage(
         assert errors == [], errors
     finally:
         await ds.stop()
+
+
+async def test_console_shows_the_replicas_health(
+    sandbox: Sandbox, browsers: list[Browser], tmp_path: Path
+) -> None:
+    """[replication] on, a real three-node nats-server cluster: the replica panel shows
+    healthy and connected, the last write as ISO with the offset; with two nodes killed
+    and required = false, an order is taken on this disk alone: unhealthy, the count of
+    orders not replicated in red with its warning, the last error short (the library's
+    words on demand); kill -9 of the agent greys the panel like the rest."""
+    ensure_nats_server()
+    cluster = NatsCluster(tmp_path / "nats")
+    cluster.start()
+    proc = None
+    try:
+        await cluster.wait_ready()
+        port = free_port()
+        config = drill_config(tmp_path, sandbox, port)
+        config["replication"] = {
+            "enabled": True,
+            "servers": cluster.urls,
+            "replicas": 3,
+            "required": False,
+            "timeout_s": 1,
+        }
+        path = write_config_file(tmp_path / "agent.toml", config)
+        proc = AgentSubprocess(path, tmp_path / "agent.log", f"http://127.0.0.1:{port}", cwd=ROOT)
+        proc.start()
+        async with aiohttp.ClientSession() as session:
+            await proc.wait_ready(session)
+            b = await asyncio.to_thread(Browser, "en-US,en", False, "Asia/Shanghai")
+            browsers.append(b)
+            await b.call(b.driver.get, proc.url + "/")
+
+            def card(name: str) -> Callable[[], Any]:
+                return lambda: b.js(
+                    "return document.getElementById('replica-card').dataset[arguments[0]]", name
+                )
+
+            await until(lambda: _is(card("healthy"), "true"), "the replica panel: healthy")
+            assert await b.js("return document.getElementById('replica-card').hidden") is False
+            head = await b.text("replica-head")
+            assert "healthy" in head and "connected" in head and "not required" in head
+            assert await b.js("return document.getElementById('replica-error').hidden") is True
+
+            def field(name: str) -> Callable[[], Any]:
+                return lambda: b.js(
+                    "const d = document.querySelector('#replica [data-field=' + arguments[0]"
+                    " + '] dd'); return d ? d.textContent + '|' + d.className : ''",
+                    name,
+                )
+
+            # An order during an outage: stored on the replica; its time shown with +08:00.
+            for name in ("primary", "standby"):
+                await sandbox.centers[name].go_down()
+            assert (await post(session, proc.url, 1, None))["status"] == "buffered"
+            await until(
+                lambda: _matches(field("last_ok"), ISO_LOCAL + r"\|"), "the last write shown"
+            )
+            assert "+08:00" in str(await field("last_ok")())
+            assert await field("unreplicated")() == "0|"
+
+            # Two of three nodes killed, required = false: taken on this disk alone.
+            for node in cluster.nodes[:2]:
+                await asyncio.to_thread(cluster.kill, node)
+            assert (await post(session, proc.url, 2, None))["status"] == "buffered"
+            await until(lambda: _is(field("unreplicated"), "1|warn"), "1 not replicated, red")
+            await until(lambda: _is(card("healthy"), "false"), "the replica panel: unhealthy")
+            assert "unhealthy" in await b.text("replica-head")
+            assert "on this server's disk only" in await b.text("replica-alert")
+            assert await b.js("return document.getElementById('replica-alert').hidden") is False
+            await until(
+                lambda: b.js("return !document.getElementById('replica-error').hidden"),
+                "the replica's last error",
+            )
+            kind = await b.js("return document.querySelector('#replica-error .err').dataset.kind")
+            raw = await b.js(
+                "return document.querySelector('#replica-error .err code').textContent"
+            )
+            shown = await b.js("return document.querySelector('#replica-error .err').innerText")
+            assert kind != "other" and raw and str(raw) not in str(shown), (kind, raw, shown)
+            await b.click("#lang-zh")
+            assert "异常" in await b.text("replica-head")
+            assert "仅存于本服务器磁盘" in await b.text("replica-alert")
+            await b.click("#lang-en")
+            shot = await b.screenshot("console-desktop-replica.png")
+            assert shot.stat().st_size > 10_000
+
+            # kill -9 of the agent: the panel keeps its last figures, greyed, nothing green.
+            proc.kill(signal.SIGKILL)
+            await proc.reap()
+            await until(
+                lambda: _is(lambda: b.js("return document.body.dataset.stale"), "true"),
+                "the dead-agent view",
+            )
+            assert await field("unreplicated")() == "1|warn"
+            assert (
+                await b.js("return document.querySelectorAll('#replica-head .badge.stale').length")
+                == 2
+            )
+            assert await b.js("return document.querySelectorAll('.badge.ok').length") == 0
+            assert "grayscale" in str(
+                await b.js("return getComputedStyle(document.getElementById('replica')).filter")
+            )
+        errors = [
+            e
+            for e in await asyncio.to_thread(b.errors)
+            if "/status" not in e.get("message", "")  # the dead agent: refused, on purpose
+        ]
+        assert errors == [], errors
+    finally:
+        if proc is not None:
+            proc.cleanup()
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _matches(fn: Callable[[], Any], pattern: str) -> bool:
+    return re.match(pattern, str(await fn())) is not None
 
 
 def agent_version() -> str:

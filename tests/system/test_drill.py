@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,20 @@ import pytest
 
 from agent.drill.agent_proc import AgentUnderDrill
 from agent.drill.load import Load
+from agent.drill.replica import NATS_MISSING, SerialsMatch
 from agent.drill.runner import SCENARIOS, _verify
 from agent.drill.sandbox import Sandbox
-from agent.drill.steps import Context
+from agent.drill.scenarios import NEEDS_NATS
+from agent.drill.steps import Context, DrillFailed
+from agent.sandbox.nats_cluster import available
+from agent.sandbox.servers import SmsReceived
 from tests.support.harness import ROOT
+from tests.support.nats_cluster import ensure_nats_server
 
 
-def _drill(tmp_path: Path, *scenarios: str, orders: int = 60) -> tuple[int, str, dict]:
+def _drill(
+    tmp_path: Path, *scenarios: str, orders: int = 60, env: dict[str, str] | None = None
+) -> tuple[int, str, dict]:
     report = tmp_path / "drill.json"
     args = [
         sys.executable,
@@ -31,7 +39,7 @@ def _drill(tmp_path: Path, *scenarios: str, orders: int = 60) -> tuple[int, str,
     ]
     for name in scenarios:
         args += ["--scenario", name]
-    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     doc = orjson.loads(report.read_bytes()) if report.exists() else {}
     return done.returncode, done.stdout + done.stderr, doc
 
@@ -41,6 +49,10 @@ def _check(code: int, out: str, doc: dict, names: tuple[str, ...]) -> None:
     assert doc["passed"] is True
     assert [s["scenario"] for s in doc["scenarios"]] == list(names)
     for s in doc["scenarios"]:
+        if s["skipped"] is not None:  # only where nats-server is missing, and said so
+            assert s["scenario"] in NEEDS_NATS and not available(), s
+            assert s["skipped"] == NATS_MISSING and "SKIPPED" in out and NATS_MISSING in out
+            continue
         assert s["lost"] == 0 and s["duplicated"] == 0 and s["sms_twice"] == 0, s
         assert s["acknowledged"] == s["sent"] > 0
         assert "PASS" in out and s["scenario"] in out
@@ -71,6 +83,35 @@ def test_every_scenario(tmp_path: Path):
     print(out)
 
 
+def test_server_lost_is_skipped_with_its_reason_without_nats_server(tmp_path: Path):
+    bare = tmp_path / "bin"  # a PATH with no nats-server on it
+    bare.mkdir()
+    code, out, doc = _drill(tmp_path, "server-lost", env={**os.environ, "PATH": str(bare)})
+    assert code == 0, out
+    assert doc["passed"] is True and doc["skipped"] == ["server-lost"]
+    (scenario,) = doc["scenarios"]
+    assert scenario["skipped"] == NATS_MISSING and scenario["passed"] is False
+    assert "SKIPPED" in out and f"server-lost skipped: {NATS_MISSING}" in out
+    assert "0 passed, 0 failed, 1 skipped" in out
+
+
+@pytest.mark.replication
+def test_server_lost_scenario_for_real(tmp_path: Path):
+    """The drill stage runs before the replication stage installs nats-server: here the
+    scenario runs for real, against a three-node cluster the drill starts itself."""
+    ensure_nats_server()
+    code, out, doc = _drill(tmp_path, "server-lost")
+    _check(code, out, doc, ("server-lost",))
+    (scenario,) = doc["scenarios"]
+    figures = scenario["figures"]
+    assert scenario["skipped"] is None
+    # every 202'd order was on the lost server, and came back through the takeover alone
+    assert figures["lost_buffered"] == figures["taken_over"] == scenario["acknowledged"]
+    assert figures["serials_checked"] == scenario["acknowledged"]
+    assert scenario["sms_sent"] > 0 and figures["nats_failover_s"] > 0
+    print(out)
+
+
 def test_unknown_scenario_is_a_usage_error(tmp_path: Path):
     code, out, _ = _drill(tmp_path, "no-such-thing")
     assert code == 2 and "unknown scenario" in out
@@ -96,5 +137,32 @@ async def test_the_checker_fails_on_loss_duplicates_and_double_sms(tmp_path: Pat
         assert not ok.passed
         assert ok.lost == [keys[2]] and ok.duplicated == {keys[0]: 2}
         assert ok.sms_missing == 1
+    finally:
+        await sandbox.stop()
+
+
+async def test_serials_match_fails_when_an_order_is_created_under_another_serial(
+    tmp_path: Path, http
+):
+    """The server-lost check can say FAIL: a created serial, or an SMS serial, no 202 gave."""
+    sandbox = await Sandbox().start()
+    try:
+        ctx = Context(sandbox, AgentUnderDrill(tmp_path, sandbox), http, tmp_path, "x", 2)
+        load = Load("http://127.0.0.1:1", "x", 2)
+        ctx.loads.append(load)
+        first, second = load.orders.values()
+        for n, sent in enumerate((first, second)):
+            sent.status, sent.serial = 202, f"S{n}"
+        primary = sandbox.centers["primary"]
+        primary.take(first.key, b"{}", "S0")
+        primary.take(second.key, b"{}", "S1")
+        await SerialsMatch().run(ctx)  # as it should be
+        primary.serials[second.key] = "S9"  # re-serialed by the takeover
+        with pytest.raises(DrillFailed, match="1 orders created under another serial"):
+            await SerialsMatch().run(ctx)
+        primary.serials[second.key] = "S1"
+        sandbox.sms.received.append(SmsReceived("S7", "13800000000", {}, {}, 0.0))
+        with pytest.raises(DrillFailed, match="SMS sent for serials no 202 gave"):
+            await SerialsMatch().run(ctx)
     finally:
         await sandbox.stop()
