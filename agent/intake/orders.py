@@ -28,7 +28,7 @@ from agent.errors import (
 )
 from agent.orders import Order, parse_order
 from agent.replica.replicator import Replicator
-from agent.replica.stream import PENDING, Change
+from agent.replica.stream import PENDING, WITHDRAWN, Change
 from agent.spool.record import PendingRecord
 from agent.spool.writer import PendingSpool
 from agent.state.journal import BUFFERED, FORWARDED, FORWARDING, MERGED, REJECTED, Entry, Journal
@@ -379,6 +379,10 @@ class Intake:
             replica.owe(Change(PENDING, record))
             return None
         log.error("order %s refused, not replicated: %s", record.serial, error)
+        if not isinstance(error, ReplicaConflict):
+            # The publish may still be committed once the quorum is back: a tombstone,
+            # written as soon as it can be, keeps a takeover from delivering the order.
+            replica.owe(Change(WITHDRAWN, record))
         if isinstance(error, ReplicaConflict):
             why = f"order not accepted: {error}; replication.required is true"
         else:

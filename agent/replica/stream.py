@@ -54,8 +54,11 @@ log = logging.getLogger("agent.replica")
 STREAM = "EDGE_BUFFER"
 SUBJECT_ROOT = "edge.buffer"
 PENDING, PINNED, DELIVERED, REJECTED = "pending", "pinned", "delivered", "rejected"
+# An order answered 503 (not accepted) whose record may still reach the stream: its
+# publish timed out without a quorum, and the leader may commit it once nodes return.
+WITHDRAWN = "withdrawn"
 UNDELIVERED = (PENDING, PINNED)
-FINAL = (DELIVERED, REJECTED)
+FINAL = (DELIVERED, REJECTED, WITHDRAWN)
 # JetStream's answer when Nats-Expected-Last-Subject-Sequence did not hold.
 WRONG_LAST_SEQUENCE = 10071
 # How many records one listing request asks for at a time (~6 MB in the inbox at most).
@@ -111,7 +114,7 @@ class Change:
     @classmethod
     def from_bytes(cls, data: bytes, origin: str) -> Change:
         doc = orjson.loads(data)
-        if not isinstance(doc, dict) or doc.get("state") not in (*UNDELIVERED, DELIVERED, REJECTED):
+        if not isinstance(doc, dict) or doc.get("state") not in (*UNDELIVERED, *FINAL):
             raise ValueError(f"{origin}: not a replica record")
         return cls(
             doc["state"],

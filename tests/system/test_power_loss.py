@@ -671,10 +671,15 @@ async def test_server_lost_after_the_cut_taken_over_from_the_replica(
     w.notes.append(f"answers before the cut: {dict(w.ledger.statuses)}")
     w.raise_violations()
     # "A refused order must never reach the center later" (issue 22): the 503 follows a
-    # publish that timed out without a quorum, but JetStream may still commit it once
-    # the nodes return, and the takeover then creates it. Known, reported, not fixed here.
+    # publish that timed out without a quorum, and JetStream may still commit it once
+    # the nodes return. A running agent then writes a 'withdrawn' tombstone over it
+    # (test_replication.py::test_a_refused_order_the_leader_kept_is_withdrawn_in_the_replica);
+    # a server lost before the quorum returned cannot, and the takeover creates the
+    # order: once (a client's retry with the same key is the same order), but created.
+    # The residual is documented in docs/replication.md.
     refused = [k for k, status in w.ledger.last.items() if status == 503]
     created = [k for k in refused if w.creates_of(k)]
+    assert all(w.creates_of(k) == 1 for k in created), created
     if created:
         pytest.xfail(
             f"{len(created)} of {len(refused)} orders answered 503 (not accepted: no "

@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from agent.errors import ReplicaError
-from agent.replica.stream import DELIVERED, PENDING, STREAM, Change
+from agent.replica.stream import DELIVERED, PENDING, STREAM, WITHDRAWN, Change
 from agent.sandbox.nats_cluster import NatsCluster, quiet_errors, read_replica
 from tests.support.fakes import FakeCenter, free_port
 from tests.support.harness import AgentFactory, AgentHandle, order, wait_for, write_config
@@ -110,6 +110,67 @@ async def test_no_quorum_with_required_gives_503_and_the_order_never_reaches_the
     await wait_for(lambda: "douyin:kept" in center.created_keys(), 15, "the kept order drained")
     await wait_for(lambda: agent.files("pending") == [], 10, "pending/ emptied")
     assert "douyin:refused" not in center.sends()
+
+
+async def stream_leader(cluster: NatsCluster) -> str:
+    async def leader() -> str | None:
+        nc = await nats.connect(servers=cluster.urls, error_cb=quiet_errors)
+        try:
+            info = await nc.jetstream(timeout=2).stream_info(STREAM)
+        except Exception:
+            return None
+        finally:
+            await nc.close()
+        return info.cluster.leader if info.cluster else None
+
+    name: str = await wait_for(leader, 30, f"a leader of {STREAM}", interval=0.3)
+    return name
+
+
+async def test_a_refused_order_the_leader_kept_is_withdrawn_in_the_replica(
+    make_agent: AgentFactory, center: FakeCenter, nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """The stream's two followers die: the leader takes the publish but cannot commit it,
+    and the agent answers 503. When the followers return the leader may commit it after
+    all; without a tombstone a takeover then created an order the client was told was
+    not accepted (seen in every run of the power-loss suite's followers-down scenario)."""
+    await center.go_down()
+    agent = await make_agent(center.url, replication=replication(nats_cluster, required=True))
+    status, _ = await agent.post(order("kept"))
+    assert status == 202
+    leader = await stream_leader(nats_cluster)
+    followers = [n for n in nats_cluster.nodes if n.name != leader]
+    for node in followers:
+        nats_cluster.kill(node)
+    refused = []
+    for n in range(5):
+        status, body = await agent.post(order(f"refused-{n}"))
+        assert status == 503, body
+        refused.append(f"douyin:refused-{n}")
+    for node in followers:
+        nats_cluster.start_node(node)
+
+    async def tombstones_written() -> bool:
+        _, doc = await agent.get("/status")
+        return bool(doc["replication"]["owed_changes"] == 0)
+
+    await wait_for(tombstones_written, 60, "the withdrawals written", interval=0.5)
+    held = await replica_states(nats_cluster)
+    by_key = {c.record.dedupe_key: c.state for c in held.values()}
+    assert by_key["douyin:kept"] == PENDING
+    assert {by_key.get(k) for k in refused} == {WITHDRAWN}
+    # The server is lost now; another machine takes its orders over.
+    await center.come_up()
+    (tmp_path / "c").mkdir()
+    other = write_config(
+        tmp_path / "c",
+        center.url,
+        replication=replication(nats_cluster),
+        agent={"node_id": "wh-other"},
+    )
+    run = await recover("--from-replica", NODE, "--mode", "merge", "--config", str(other))
+    assert run.code == 0, run.err
+    assert center.created_keys() == {"douyin:kept"}
 
 
 async def test_not_required_flags_local_only_orders_then_replicates_them(
