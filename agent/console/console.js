@@ -79,7 +79,7 @@ const ERROR_KINDS = [
   ["dns", /cannot resolve|resolv|Name or service not known|NXDOMAIN|No address associated|getaddrinfo|DNS/i],
   ["refused", /refused|Errno 111|Connect call failed/i],
   ["timeout", /in time|timed? ?out|timeout|AbortError/i],
-  ["no_quorum", /no response from stream|no quorum|insufficient resources/i],
+  ["no_quorum", /no response from stream|no responders|no quorum|insufficient resources/i],
   ["unreachable", /unreachable|No route to host|Errno 11[03]|Errno 101/i],
   ["http", /\bHTTP (\d{3})\b/],
   ["reset", /reset by peer|disconnected|failed after sending|Connection lost|EOF/i],
