@@ -149,7 +149,6 @@ class StartupReconcile:
         self._task: asyncio.Task[None] | None = None
         self.done = False
         self.failures = 0
-        self.result: Reconciled | None = None
 
     async def start(self) -> None:
         """One try now (before the drain starts); retries in the background if it failed."""
@@ -163,7 +162,7 @@ class StartupReconcile:
 
     async def _try(self) -> bool:
         try:
-            self.result = await reconcile_with_replica(self._replica, self._spool, self._journal)
+            await reconcile_with_replica(self._replica, self._spool, self._journal)
         except ReplicaError as exc:
             if self.failures == 0:
                 log.error(
