@@ -18,7 +18,7 @@ import orjson
 from agent import __version__
 from agent.config import load_config, resolve_config_path
 from agent.errors import ConfigError, DirectoryHeld, PersistError, StartupError, UsageError
-from agent.logs import setup_logging
+from agent.logs import LogWriter, setup_logging
 from agent.service.sd_notify import SdNotifier
 from agent.service.service import Service
 from agent.usage import OneLineParser, pipe_safe, stop_on_signals
@@ -109,17 +109,18 @@ def _main(argv: list[str] | None) -> int:
 
 def run(config_path: str) -> int:
     cfg = load_config(config_path)
-    setup_logging(cfg.log.level)
-    return asyncio.run(_serve(Service(cfg), config_path))
+    with setup_logging(cfg.log.level) as logs:
+        return asyncio.run(_serve(Service(cfg), config_path, logs))
 
 
-async def _serve(service: Service, config_path: str) -> int:
+async def _serve(service: Service, config_path: str, logs: LogWriter) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stop_on_signals(
         lambda _: stop.set(),
         "edge-agent",
         "stopped at once; every acknowledged order is already on disk or at the center",
+        before_exit=logs.stop,
     )
 
     def on_hup() -> None:

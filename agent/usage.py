@@ -48,13 +48,19 @@ def pipe_safe(main: Callable[[], int], prog: str = "") -> int:
         return EXIT_INTERRUPTED
 
 
-def stop_on_signals(stop: Callable[[str], None], prog: str, aborted: str) -> None:
+def stop_on_signals(
+    stop: Callable[[str], None],
+    prog: str,
+    aborted: str,
+    before_exit: Callable[[], None] | None = None,
+) -> None:
     """In the running loop: the first SIGINT or SIGTERM calls ``stop(signal name)``; a
     second one ends the process at once, exit 128 + its number, with one line
     ``prog: second signal (SIGINT): {aborted}`` and no traceback.
 
     For commands whose every step is safe to cut short (the agent: whatever it
-    acknowledged is fsync'd; a drill: its agents die with it).
+    acknowledged is fsync'd; a drill: its agents die with it). ``before_exit`` runs
+    before that line (the agent writes its queued log lines).
     """
     loop = asyncio.get_running_loop()
     seen: list[signal.Signals] = []
@@ -64,6 +70,8 @@ def stop_on_signals(stop: Callable[[str], None], prog: str, aborted: str) -> Non
             seen.append(sig)
             stop(sig.name)
             return
+        if before_exit is not None:
+            before_exit()
         sys.stderr.write(f"{prog}: second signal ({sig.name}): {aborted}\n")
         sys.stderr.flush()
         os._exit(128 + sig)
