@@ -62,7 +62,17 @@ from tests.support.powerloss_fs import LazyFs, build, unavailable_reason
 from tests.support.powerloss_harness import Proc, World, cut_when, orders, wait_until
 from tests.support.powerloss_replica import ReplicaView, fresh_node_id
 
-pytestmark = [pytest.mark.power_loss, pytest.mark.timeout(180)]
+# LazyFS itself still crashes now and then under many concurrent writes (SIGSEGV in its
+# page cache, libpcache: an upstream race that shared/lazyfs/PATCHES.md makes rarer, not
+# gone; seen once in ~10 runs of this module). The mount then answers ENOTCONN to
+# everyone, and the scenario can say nothing about the agent: it is run once more from
+# the start on a fresh mount (reported as RERUN). Only that error; a second crash fails.
+LAZYFS_DIED = r"Transport endpoint is not connected"
+pytestmark = [
+    pytest.mark.power_loss,
+    pytest.mark.timeout(180),
+    pytest.mark.flaky(reruns=1, only_rerun=[LAZYFS_DIED]),
+]
 
 _REASON = unavailable_reason()
 if _REASON:
