@@ -398,7 +398,11 @@ def write_agent_config(work: Path, primary: str) -> tuple[Path, str]:
         "auth": {"tokens_file": ""},
         "sms": {"provider": "log"},
     }
-    return write_config_file(work / "agent.toml", sections), f"http://127.0.0.1:{port}"
+    # In a directory of its own, as /etc/edge-agent/ in production: the agent watches its
+    # config's directory, and agent.log beside it would wake that watcher at every line.
+    etc = work / "etc"
+    etc.mkdir(exist_ok=True)
+    return write_config_file(etc / "agent.toml", sections), f"http://127.0.0.1:{port}"
 
 
 def start_agent(work: Path, primary: str, code: Path = ROOT) -> tuple[Child, str]:
