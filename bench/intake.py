@@ -578,6 +578,9 @@ class Results:
     agent_cpu_us: float = math.nan  # agent CPU per forwarded order (throughput run)
     center_cpu_us: float = math.nan  # the center's CPU per request, direct run
     commit_full_ms: float = math.nan  # median one-row synchronous=FULL commit, same disk
+    raw_cpu_us: dict[int, float] = field(default_factory=dict)  # writers -> CPU per file
+    intake_client_cpu_us: float = math.nan  # the bench client's CPU per buffered order
+    client_cpu_us: dict[str, float] = field(default_factory=dict)  # direct/via -> per request
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -652,6 +655,7 @@ def phase_raw(tmp: Path, count: int, res: Results) -> None:
         rate = raw_parallel_rate(tmp / f"raw-x{writers}", count, RAW_RECORD, writers)
         user1, sys1 = own_cpu()
         res.raw_parallel[writers] = rate
+        res.raw_cpu_us[writers] = ((user1 - user0) + (sys1 - sys0)) / count * 1e6
         row(
             f"raw rate, {writers} writers",
             f"{rate:8.0f} files/s   (CPU user {(user1 - user0) / count * 1e6:.0f} us + sys "
@@ -717,6 +721,7 @@ async def phase_intake(
         f"{user / max(1, orders) * 1e6:.0f} us + sys {system / max(1, orders) * 1e6:.0f} us",
     )
     row("bench client CPU", f"{(me1 - me0) / stats.elapsed_s:.2f} cores")
+    res.intake_client_cpu_us = (me1 - me0) / max(1, orders) * 1e6
     missing = serials - pending
     row(
         "pending/ files",
@@ -734,9 +739,9 @@ async def phase_intake(
         res.errors.append(
             f"intake: {stats.unexpected} orders not acknowledged ({stats.problems()})"
         )
-    code = child.exit_code
-    if code != 0:
-        say(f"    WARNING: offline agent exited with code {code} on SIGTERM (expected 0)")
+    exit_code = child.exit_code
+    if exit_code != 0:
+        say(f"    WARNING: offline agent exited with code {exit_code} on SIGTERM (expected 0)")
     res.raw_after = raw_run(tmp, "after", raw_files)
     row(
         "agent / raw disk rate",
@@ -899,10 +904,36 @@ async def _forward_runs(
     )
     res.agent_cpu_us = (user + system) / max(1, v_tp.ok) * 1e6
     res.center_cpu_us = sum(cpu["direct", "center"]) / max(1, d_tp.ok) * 1e6
+    res.client_cpu_us = {
+        kind: sum(cpu[kind, "client"]) / max(1, stats.ok) * 1e6
+        for kind, stats in (("direct", d_tp), ("via", v_tp))
+    }
     row(
         "agent CPU / center CPU per request",
         f"{res.agent_cpu_us / res.center_cpu_us:8.2f}x "
         f"  (center, direct run: {res.center_cpu_us:.0f} us)",
+    )
+
+
+def cpu_budget(res: Results, writers: int, best: float) -> None:
+    """What this machine's cores allow at the CPU measured per order: the client and the
+    agent share them, so the rate cannot pass cores / (agent + client CPU per order)."""
+    cores = os.cpu_count() or 1
+    client = res.intake_client_cpu_us
+    if not (client == client and res.intake_cpu_us == res.intake_cpu_us):
+        return
+    ceiling = cores / ((res.intake_cpu_us + client) / 1e6)
+    target = GOAL_INTAKE_VS_BEST_RAW * best
+    agent_max = cores / target * 1e6 - client
+    say(
+        f"    (CPU alone caps it at {ceiling:.0f}/s = {ceiling / best:.2f}x on {cores} cores: "
+        f"agent {res.intake_cpu_us:.0f} + client {client:.0f} us per order)"
+    )
+    naive = res.raw_cpu_us.get(writers)
+    say(
+        f"    ({GOAL_INTAKE_VS_BEST_RAW:.1f}x = {target:.0f}/s needs the agent at <= "
+        f"{agent_max:.0f} us per order; the naive steps alone cost "
+        + (f"{naive:.0f} us per file with {writers} writers)" if naive else "n/a)")
     )
 
 
@@ -933,6 +964,7 @@ def summary(res: Results) -> None:
             ratio >= GOAL_INTAKE_VS_BEST_RAW,
         )
         say(f"    (intake {intake.rate:.0f}/s; best naive: {writers} writers, {best:.0f} files/s)")
+        cpu_budget(res, writers, best)
         goal(
             "agent CPU per buffered order",
             f"<= {GOAL_INTAKE_CPU_US:.0f} us",
@@ -967,6 +999,17 @@ def summary(res: Results) -> None:
             kept >= GOAL_THROUGHPUT_KEPT,
         )
         say(f"    (direct {dt.rate:.0f} req/s, via agent {vt.rate:.0f} req/s)")
+        if res.client_cpu_us and res.center_cpu_us > 0:
+            # Client, center and agent share this machine's cores: with each request
+            # costing client + center (+ agent) CPU, the CPU alone caps the ratio at
+            # direct's cost over via's, whatever the agent waits on.
+            direct = res.client_cpu_us["direct"] + res.center_cpu_us
+            via = res.client_cpu_us["via"] + res.center_cpu_us + res.agent_cpu_us
+            say(
+                f"    (CPU alone allows {direct / via:.0%}: a request costs {direct:.0f} us "
+                f"direct, {via:.0f} us via the agent; {GOAL_THROUGHPUT_KEPT:.0%} needs the "
+                f"agent at <= {direct / GOAL_THROUGHPUT_KEPT - (via - res.agent_cpu_us):.0f} us)"
+            )
     if res.center_cpu_us > 0:
         cpu_ratio = res.agent_cpu_us / res.center_cpu_us
         goal(
