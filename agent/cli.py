@@ -120,7 +120,7 @@ async def _serve(service: Service, config_path: str, logs: LogWriter) -> int:
         lambda _: stop.set(),
         "edge-agent",
         "stopped at once; every acknowledged order is already on disk or at the center",
-        before_exit=logs.stop,
+        before_exit=lambda: logs.stop(timeout_s=0.5),  # "at once": a stalled reader waits
     )
 
     def on_hup() -> None:

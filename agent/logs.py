@@ -9,6 +9,7 @@ of each line on the loop took 13% of the loop's time during offline intake.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import queue
@@ -59,6 +60,7 @@ class JsonFormatter(logging.Formatter):
 # blocked past that costs lines (counted and reported), never the event loop or memory.
 MAX_QUEUED_LINES = 100_000
 _BATCH = 512  # lines joined into one write
+STOP_TIMEOUT_S = 5.0
 
 
 class _Enqueue(logging.handlers.QueueHandler):
@@ -99,12 +101,16 @@ class LogWriter:
         self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Write what is queued, waiting at most ``timeout_s`` for a stalled reader: the
+        lines it has not taken by then are lost, the exit is not held up."""
         if self._thread is None:
             return
-        self._lines.put(None)  # after every queued line; waits for room if full
-        self._thread.join()
-        self._thread = None
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(queue.Full):  # after every queued line
+            self._lines.put(None, timeout=timeout_s)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread = None  # a daemon: one still blocked in a write ends with the process
         # Whatever logs from here on (interpreter shutdown) is written at once.
         direct = logging.StreamHandler(self._stream)
         direct.setFormatter(JsonFormatter())

@@ -68,3 +68,27 @@ def test_stop_writes_every_queued_line() -> None:
     os.close(read_fd)
     msgs = [orjson.loads(line)["msg"] for line in b"".join(chunks).splitlines()]
     assert msgs == [f"line {n}" for n in range(2000)]
+
+
+def test_stop_does_not_wait_past_its_timeout_for_a_stalled_reader() -> None:
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w", encoding="utf-8")
+    writer = LogWriter(stream, max_lines=100)
+    log = logging.getLogger("test.logwriter")
+    log.setLevel(logging.INFO)
+    before = logging.getLogger().handlers[:]
+    writer.start()
+    try:
+        for n in range(3000):  # the pipe and the queue are full: the writer is blocked
+            log.info("line %d", n)
+        started = time.monotonic()
+        writer.stop(timeout_s=0.5)
+        stopped_s = time.monotonic() - started
+    finally:
+        logging.getLogger().handlers[:] = before
+        drain = threading.Thread(target=lambda: list(iter(lambda: os.read(read_fd, 65536), b"")))
+        drain.start()  # lets the blocked writer thread finish
+        stream.close()
+        drain.join(timeout=10)
+        os.close(read_fd)
+    assert stopped_s < 3, f"stop() waited {stopped_s:.1f}s for a reader that never came"
