@@ -452,7 +452,9 @@ async def agent_status(session: aiohttp.ClientSession, base: str) -> dict[str, A
 # -- the raw disk baseline ------------------------------------------------------------
 
 
-def raw_fsync_rate(directory: Path, count: int, data: bytes, warmup: int = 20) -> float:
+def raw_fsync_rate(
+    directory: Path, count: int, data: bytes, warmup: int = 20, prefix: str = "BENCH-RAW"
+) -> float:
     """Files/s for sequential temp+fsync+rename+dir-fsync of ``count`` files, one thread.
 
     ``warmup`` more files are written first and not timed (a fresh directory's first
@@ -465,7 +467,7 @@ def raw_fsync_rate(directory: Path, count: int, data: bytes, warmup: int = 20) -
         for i in range(-warmup, count):
             if i == 0:
                 start = time.perf_counter()
-            name = f"BENCH-RAW-{i + warmup:09d}.json"
+            name = f"{prefix}-{i + warmup:09d}.json"
             tmp = directory / f".{name}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -613,9 +615,12 @@ RAW_RECORD = orjson.dumps(
 )
 
 
-def raw_parallel_rate(directory: Path, count: int, data: bytes, writers: int) -> float:
+def raw_parallel_rate(
+    directory: Path, count: int, data: bytes, writers: int, one_dir: bool = False
+) -> float:
     """Files/s for the same steps as ``raw_fsync_rate`` done by ``writers`` threads at
-    once (``count`` files in all): the disk merges overlapping fsyncs."""
+    once (``count`` files in all): the disk merges overlapping fsyncs. Each writer in a
+    directory of its own, or (``one_dir``) all in one, as the agent's pending/ is."""
     from concurrent.futures import ThreadPoolExecutor
 
     per = max(1, count // writers)
@@ -623,7 +628,13 @@ def raw_parallel_rate(directory: Path, count: int, data: bytes, writers: int) ->
         start = time.perf_counter()
         list(
             pool.map(
-                lambda w: raw_fsync_rate(directory / f"w{w}", per, data, warmup=0),
+                lambda w: raw_fsync_rate(
+                    directory if one_dir else directory / f"w{w}",
+                    per,
+                    data,
+                    warmup=0,
+                    prefix=f"BENCH-RAW-w{w}",
+                ),
                 range(writers),
             )
         )
@@ -661,7 +672,58 @@ def phase_raw(tmp: Path, count: int, res: Results) -> None:
             f"{rate:8.0f} files/s   (CPU user {(user1 - user0) / count * 1e6:.0f} us + sys "
             f"{(sys1 - sys0) / count * 1e6:.0f} us per file)",
         )
+    # For the diagnosis, not the goal: the same 32 writers in ONE directory (pending/ is
+    # one), and the agent's own file steps alone (its batch writer: creates and renames on
+    # one thread, the fsyncs in parallel, one directory fsync per batch of 32).
+    user0, sys0 = own_cpu()
+    rate = raw_parallel_rate(tmp / "raw-x32-one-dir", count, RAW_RECORD, 32, one_dir=True)
+    user1, sys1 = own_cpu()
+    row(
+        "raw rate, 32 writers, one dir",
+        f"{rate:8.0f} files/s   (CPU user {(user1 - user0) / count * 1e6:.0f} us + sys "
+        f"{(sys1 - sys0) / count * 1e6:.0f} us per file)",
+    )
+    user0, sys0 = own_cpu()
+    rate = agent_batch_rate(tmp / "agent-batches", count)
+    user1, sys1 = own_cpu()
+    row(
+        "the agent's batch writer alone",
+        f"{rate:8.0f} files/s   (batches of 32; CPU user {(user1 - user0) / count * 1e6:.0f} "
+        f"us + sys {(sys1 - sys0) / count * 1e6:.0f} us per file)",
+    )
     say()
+
+
+def agent_batch_rate(root: Path, count: int, batch: int = 32) -> float:
+    """Files/s of the agent's own pending/ writer (``write_pending_batch``) alone."""
+    from agent.base.fsync_pool import FsyncPool
+    from agent.spool.files import write_pending_batch
+    from agent.spool.record import BufferDirs, PendingRecord
+
+    dirs = BufferDirs(root)
+    dirs.ensure()
+    doc = orjson.loads(RAW_RECORD)
+    records = [
+        PendingRecord(
+            serial=f"BENCH-01-20261125-{n:09d}",
+            node_id=doc["node_id"],
+            received_at=doc["received_at"],
+            channel_id=doc["channel_id"],
+            dedupe_key=f"{doc['dedupe_key']}-{n}",
+            customer_phone=doc["customer_phone"],
+            body=doc["body"],
+            pinned_to=None,
+        )
+        for n in range(count)
+    ]
+    with FsyncPool(batch) as pool:
+        start = time.perf_counter()
+        for lo in range(0, count, batch):
+            errors = [e for e in write_pending_batch(dirs, records[lo : lo + batch], pool) if e]
+            if errors:
+                raise BenchError(f"the agent's batch writer failed: {errors[0]}")
+        elapsed = time.perf_counter() - start
+    return count / elapsed
 
 
 async def phase_intake(
