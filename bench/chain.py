@@ -217,7 +217,7 @@ async def phase_intake(tmp: Path, args: argparse.Namespace, errors: list[str]) -
                     async with session.get(f"{busy_base}/status") as r:
                         doc = await r.json()
                     chain = doc.get("chain") or {}
-                    return sum(chain.get("finance", {}).values()) >= args.backlog
+                    return bool(sum(chain.get("finance", {}).values()) >= args.backlog)
 
                 await wait_until(busy_child, enrolled, "the backlog enrolled")
                 stats = {name: RunStats() for name in agents}

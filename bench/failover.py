@@ -151,7 +151,7 @@ async def drain_start_once(
         await _until(lambda: len(primary.creates) > 0)
         first_wall = time.time()
         status = await agent.status(session)
-        declared = status["clusters"]["primary"]["since"]  # agent's wall clock
+        declared = float(status["clusters"]["primary"]["since"])  # agent's wall clock
         return first_wall - declared
     finally:
         await box.centers["standby"].come_up()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import watchfiles
 
+from agent.base.tasks import cancel_and_wait
+
 log = logging.getLogger("agent.loop")
 
 Accept = Callable[[watchfiles.Change, str], bool]
@@ -65,10 +67,7 @@ class WatchedLoop:
 
     async def stop(self) -> None:
         self._stop.set()
-        tasks = [t for t in (self._loop_task, self._watch_task, *self._ending) if t]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._loop_task, self._watch_task, *self._ending)
         self._loop_task = self._watch_task = None
 
     async def _watch(self) -> None:
