@@ -783,6 +783,11 @@ async def phase_intake(
         f"{user / max(1, orders) * 1e6:.0f} us + sys {system / max(1, orders) * 1e6:.0f} us",
     )
     row("bench client CPU", f"{(me1 - me0) / stats.elapsed_s:.2f} cores")
+    by_state = (status.get("sms") or {}).get("by_state") or {}
+    row(
+        "SMS notices at the last 202",
+        ", ".join(f"{state} {n}" for state, n in sorted(by_state.items()) if n) or "none",
+    )
     res.intake_client_cpu_us = (me1 - me0) / max(1, orders) * 1e6
     missing = serials - pending
     row(
