@@ -31,6 +31,7 @@ from pathlib import Path
 
 from agent.base.durable import TMP_SUFFIX, write_tmp
 from agent.config import ReplicationSection
+from agent.delivery.pacing import Backoff
 from agent.errors import ReplicaError
 from agent.replica.stream import (
     DELIVERED,
@@ -135,6 +136,11 @@ class ReplicaSource:
         return pinned
 
 
+# How long a takeover keeps publishing a mark the stream did not take: JetStream
+# re-elects a lost stream leader within seconds; past this the mark is the next run's.
+MARK_PATIENCE_S = 20.0
+
+
 class ReplicaMarks:
     """The outcomes of a takeover: each settled order marked in the replica, a group at a
     time, after the checkpoint has it (``recovery.finisher``)."""
@@ -161,7 +167,7 @@ class ReplicaMarks:
             items.append(item)
         if not changes:
             return
-        results = await self._publisher.publish_all(changes, self._timeout_s)
+        results = await self._marks(changes)
         for item, result in zip(items, results, strict=True):
             if not isinstance(result, BaseException):
                 self.marked += 1
@@ -169,6 +175,33 @@ class ReplicaMarks:
                 self.failed += 1
                 item.error = f"not marked in the replica (the next run does): {result}"
                 log.error("%s", item.error)
+
+    async def _marks(self, changes: list[Change]) -> list[int | BaseException]:
+        """Publish the marks; those the stream did not take are published again for up
+        to MARK_PATIENCE_S. Typically the lost server's NATS node led the stream: until
+        JetStream elects a new leader (seconds) every write is answered "no responders".
+        Publishing a mark again is safe: it carries its Nats-Msg-Id, so a first copy that
+        was stored after all makes the second a duplicate JetStream drops."""
+        results = await self._publisher.publish_all(changes, self._timeout_s)
+        deadline = time.monotonic() + MARK_PATIENCE_S
+        waits = Backoff(0.25, 2.0)
+        while True:
+            again = [n for n, r in enumerate(results) if isinstance(r, ReplicaError)]
+            if not again or time.monotonic() >= deadline:
+                return results
+            log.warning(
+                "replica: %d of %d marks not stored yet (%s); trying again for up to %.0fs",
+                len(again),
+                len(changes),
+                results[again[0]],
+                deadline - time.monotonic(),
+            )
+            await asyncio.sleep(min(waits.next(), max(0.0, deadline - time.monotonic())))
+            retried = await self._publisher.publish_all(
+                [changes[n] for n in again], self._timeout_s
+            )
+            for n, result in zip(again, retried, strict=True):
+                results[n] = result
 
     async def complete(self, batch: list[Settled], placed: None) -> None:
         """Nothing is claimed, nothing to sync: the marks are on a quorum already."""

@@ -8,10 +8,13 @@ import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
 
-from agent.sandbox.nats_cluster import NatsCluster, available
+from agent.replica.stream import STREAM
+from agent.sandbox.nats_cluster import NatsCluster, available, quiet_errors
 from tests.support import host_tools
+from tests.support.harness import wait_for
 
 
 def ensure_nats_server() -> None:
@@ -35,3 +38,20 @@ async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+async def stream_leader(cluster: NatsCluster) -> str:
+    """The name of the node that leads the replica's stream now (waits for one)."""
+
+    async def leader() -> str | None:
+        nc = await nats.connect(servers=cluster.urls, error_cb=quiet_errors)
+        try:
+            info = await nc.jetstream(timeout=2).stream_info(STREAM)
+        except Exception:
+            return None
+        finally:
+            await nc.close()
+        return info.cluster.leader if info.cluster else None
+
+    name: str = await wait_for(leader, 30, f"a leader of {STREAM}", interval=0.3)
+    return name

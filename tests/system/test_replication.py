@@ -17,6 +17,7 @@ from agent.replica.stream import DELIVERED, PENDING, STREAM, WITHDRAWN, Change
 from agent.sandbox.nats_cluster import NatsCluster, quiet_errors, read_replica
 from tests.support.fakes import FakeCenter, free_port
 from tests.support.harness import AgentFactory, AgentHandle, order, wait_for, write_config
+from tests.support.nats_cluster import stream_leader
 from tests.support.recover_helpers import recover
 
 pytestmark = pytest.mark.replication
@@ -110,21 +111,6 @@ async def test_no_quorum_with_required_gives_503_and_the_order_never_reaches_the
     await wait_for(lambda: "douyin:kept" in center.created_keys(), 15, "the kept order drained")
     await wait_for(lambda: agent.files("pending") == [], 10, "pending/ emptied")
     assert "douyin:refused" not in center.sends()
-
-
-async def stream_leader(cluster: NatsCluster) -> str:
-    async def leader() -> str | None:
-        nc = await nats.connect(servers=cluster.urls, error_cb=quiet_errors)
-        try:
-            info = await nc.jetstream(timeout=2).stream_info(STREAM)
-        except Exception:
-            return None
-        finally:
-            await nc.close()
-        return info.cluster.leader if info.cluster else None
-
-    name: str = await wait_for(leader, 30, f"a leader of {STREAM}", interval=0.3)
-    return name
 
 
 async def test_a_refused_order_the_leader_kept_is_withdrawn_in_the_replica(
