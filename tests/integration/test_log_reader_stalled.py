@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 
 from agent.config import load_config
+from agent.drill.agent_proc import AgentSubprocess
 from tests.support.fakes import free_port
 from tests.support.harness import ROOT, order, wait_for, write_config
 
@@ -48,7 +49,9 @@ async def test_orders_are_taken_while_nobody_reads_the_log(tmp_path: Path) -> No
     primary = f"http://127.0.0.1:{free_port()}"  # nothing listens: orders are buffered
     config = write_config(tmp_path, primary)
     url = f"http://{load_config(str(config)).agent.listen}"
-    proc = subprocess.Popen(
+    agent = AgentSubprocess(config, tmp_path / "unused.log", url)
+    # stderr a pipe nobody reads (AgentSubprocess.start would give it a file).
+    agent.proc = proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -60,15 +63,7 @@ async def test_orders_are_taken_while_nobody_reads_the_log(tmp_path: Path) -> No
     try:
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            for _ in range(400):  # until /readyz answers (the log is not read meanwhile)
-                try:
-                    async with session.get(f"{url}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert proc.poll() is None, "the agent exited before it was ready"
-                await asyncio.sleep(0.05)
+            await agent.wait_ready(session)
             statuses = []
             for start in range(0, ORDERS, 20):
                 statuses += await asyncio.gather(
