@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from agent.base.durable import fsync_dir
+from recovery.rows import insert_rows
 
 CHECKPOINT_NAME = ".edge-recover.db"
 
@@ -102,8 +103,10 @@ class Checkpoint:
             return
         self._db.execute("BEGIN")
         try:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
+            insert_rows(
+                self._db,
+                "INSERT OR REPLACE INTO results VALUES",
+                9,
                 [
                     (
                         r.serial,
@@ -119,8 +122,10 @@ class Checkpoint:
                     for r in rows
                 ],
             )
-            self._db.executemany(
-                "INSERT OR IGNORE INTO keys VALUES (?,?,?,?)",
+            insert_rows(
+                self._db,
+                "INSERT OR IGNORE INTO keys VALUES",
+                4,
                 [
                     (r.key, r.serial, dump_id(r.order_id), r.digest)
                     for r in rows
