@@ -23,9 +23,8 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -47,9 +46,9 @@ DELIVERED = ("created", "duplicate", "by_agent")
 UNREADABLE = "unreadable"
 
 
-@dataclass(frozen=True)
-class ResultRow:
-    """One order's outcome in this run (also one entry of the report)."""
+class ResultRow(NamedTuple):
+    """One order's outcome in this run (also one entry of the report). A tuple: one is
+    made per order on the merge's busiest thread, where a frozen dataclass costs twice as much."""
 
     serial: str
     key: str | None
