@@ -182,7 +182,7 @@ def decide(
     """Work to send, settled, or None: a loser whose winner is not confirmed yet."""
     row, claim, record = opened.row, opened.claim, opened.record
     wanted = (
-        os.path.basename(row.file)
+        row.file.rpartition("/")[2]  # its base name (os.path.basename costs 3x)
         if not row.loose or row.file.endswith(record.filename)
         else record.filename
     )
@@ -192,7 +192,7 @@ def decide(
     taken = row.loose and _exists(dirs, wanted)
     merged_before = already_merged(dirs, wanted, record) if taken else None
     name = merged_name(dirs, wanted) if taken and not merged_before else wanted
-    raw = is_raw(row.file, row.loose, claim.data, node, record)
+    raw = row.loose and is_raw(row.file, True, claim.data, node, record)
     work = Work(row, claim, record, name, raw, NO_ATTEMPTS, opened.in_place)
     if key.confirmed_serial == record.serial or merged_before:
         # Confirmed in an earlier run (or by the agent): finish the move, no request.

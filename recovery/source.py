@@ -16,7 +16,6 @@ files streams through.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections import deque
@@ -104,9 +103,11 @@ def read_record(
         except orjson.JSONDecodeError:
             obj = None
         if isinstance(obj, dict):
-            with contextlib.suppress(CorruptRecordError):
+            try:
                 return PendingRecord.from_dict(obj, origin=file), keys_addable(obj, data)
-        return parse_tolerant(data, file), False  # its errors, or the torn tail undone
+            except CorruptRecordError:
+                pass  # parse_tolerant says why, or undoes a torn tail
+        return parse_tolerant(data, file), False
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
