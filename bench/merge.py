@@ -1,6 +1,7 @@
 """Benchmark: edge-recover merging a buffer of N orders into a local order center.
 
     python bench/merge.py [--orders 100000] [--modes bulk,single] [--dir /tmp/x]
+                          [--merge-code DIR]
 
 For each mode: generate N buffered orders (0.5-2 KB bodies) in pending/,
 start the center (bench/center.py) in its own process, run ``edge-recover
@@ -9,6 +10,8 @@ merge process's peak RSS, and the speed-up over the vendor's reference
 (100,000 orders in 480 s). Single POSTs are also compared with a bare aiohttp
 loop (32 concurrent, keep-alive, no files) against the same center. Traffic
 stays on loopback. ``--orders 1000000 --modes bulk`` is the memory check.
+``--merge-code DIR`` runs the merge from another checkout (its ``recovery`` and
+``agent`` packages), the rest of the bench from this one: A/B runs in the same minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -110,14 +114,24 @@ def http(method: str, url: str) -> dict[str, object]:
         return doc
 
 
+class Measured(NamedTuple):
+    secs: float
+    rss_mb: float
+    code: int
+    out: str
+    first_s: float | None  # seconds to the center's first create
+    cpu_s: float  # user + system of the process
+    user_s: float
+
+
 def run_measured(
     cmd: list[str],
     first_create_url: str | None = None,
-) -> tuple[float, float, int, str, float | None]:
-    """(seconds, peak RSS MB, exit code, stdout, seconds to the center's first create)."""
+    cwd: Path = ROOT,
+) -> Measured:
     start_wall = time.time()
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.monotonic() - start
     out = proc.stdout.read().decode() if proc.stdout else ""
@@ -126,7 +140,15 @@ def run_measured(
     if first_create_url is not None:
         at = http("GET", first_create_url).get("first_create_at")
         first = None if at is None else float(str(at)) - start_wall
-    return elapsed, usage.ru_maxrss / 1024, proc.returncode, out, first
+    return Measured(
+        elapsed,
+        usage.ru_maxrss / 1024,
+        proc.returncode,
+        out,
+        first,
+        usage.ru_utime + usage.ru_stime,
+        usage.ru_utime,
+    )
 
 
 def file_floor(root: Path, n: int) -> float:
@@ -217,6 +239,12 @@ def main() -> int:
     p.add_argument("--orders", type=int, default=100_000)
     p.add_argument("--modes", default="bulk,single")
     p.add_argument("--dir", help="work directory (default: a temp dir in /tmp)")
+    p.add_argument(
+        "--merge-code",
+        type=Path,
+        default=ROOT,
+        help="run edge-recover from this checkout (default: this one)",
+    )
     p.add_argument("--bare", nargs=3, metavar=("URL", "N", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.bare:
@@ -235,6 +263,7 @@ def main() -> int:
         goals: list[tuple[str, str, str, bool | None]] = []
         errors: list[str] = []
         print(f"orders: {n}; center: {base} (separate process); cpus: {os.cpu_count()}")
+        print(f"merge code: {args.merge_code.resolve()}; load average {os.getloadavg()[0]:.2f}")
         sample = min(n, 20_000)
         floor = file_floor(work / "floor", sample)
         print(
@@ -252,13 +281,14 @@ def main() -> int:
                 f"in {time.monotonic() - t:.1f}s"
             )
             http("POST", f"http://{HOST}:{port}/admin/reset")
-            bare_s, _, _, _, _ = run_measured(
+            bare_s = run_measured(
                 [sys.executable, "bench/merge.py", "--bare", base, str(n), str(batch)]
-            )
+            ).secs
             bare_rate = n / bare_s
             http("POST", f"http://{HOST}:{port}/admin/reset")
             stats_url = f"http://{HOST}:{port}/admin/stats"
-            secs, rss, code, out, first = run_measured(
+            load = os.getloadavg()[0]
+            m = run_measured(
                 [
                     sys.executable,
                     "-m",
@@ -275,7 +305,9 @@ def main() -> int:
                     "32",
                 ],
                 stats_url,
+                args.merge_code,
             )
+            secs, rss, code, out, first = m.secs, m.rss_mb, m.code, m.out, m.first_s
             stats = http("GET", stats_url)
             left = len(os.listdir(root / "pending"))
             rate = n / secs
@@ -283,6 +315,11 @@ def main() -> int:
             print(
                 f"[{mode}] merge: {secs:.2f} s, {rate:,.0f} orders/s, peak RSS {rss:.0f} MB, "
                 f"{REFERENCE_S_PER_100K * n / 100_000 / secs:.1f}x the 480 s/100k reference"
+            )
+            print(
+                f"[{mode}] merge CPU: {m.cpu_s / n * 1e6:.0f} us per order "
+                f"({m.user_s / n * 1e6:.0f} user + {(m.cpu_s - m.user_s) / n * 1e6:.0f} sys); "
+                f"load average at its start {load:.2f}"
             )
             print(
                 f"[{mode}] bare aiohttp loop (batch {batch}, 32 concurrent): {bare_s:.2f} s, "

@@ -11,9 +11,8 @@ on its way) waits for the losers' pass.
 from __future__ import annotations
 
 import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,10 @@ from recovery.checkpoint import DELIVERED, UNREADABLE, ResultRow
 from recovery.finisher import LEAVE, MERGE, NOTE, QUARANTINE, Settled
 from recovery.item import Item
 from recovery.ranking import Facts
-from recovery.source import body_digest, is_raw, read_found, to_record
+from recovery.source import body_digest, is_raw, read_found, read_record
 
 CLUSTER = "recover"
-# One C-level scan of the file for any key the merge adds (5 substring searches cost more).
-_ADDED_KEY = re.compile(rb'"(?:order_id|cluster|merged_at|target|duplicate_of)"')
+NO_ATTEMPTS = Attempts()  # frozen: one for every order not sent yet
 
 
 @dataclass
@@ -44,7 +42,8 @@ class Work:
     record: PendingRecord
     merged_name: str
     raw: bool = False  # a raw order object, not a record: gets a new merged/ copy
-    attempts: Attempts = field(default_factory=Attempts)
+    attempts: Attempts = NO_ATTEMPTS
+    in_place: bool = False  # the claim's bytes may take our keys (``source.keys_addable``)
 
     @property
     def item(self) -> BatchItem:
@@ -89,14 +88,10 @@ class Work:
         """A record-format file without our keys is moved as is, keys added in place.
 
         Never a symlink: merged/ gets a real file holding the order, only the link
-        goes, and its target (maybe another buffer's only copy) is never changed."""
-        data = self.claim.data
-        return (
-            not self.raw
-            and not self.claim.linked
-            and (data.endswith(b"}") or data.rstrip().endswith(b"}"))
-            and _ADDED_KEY.search(data) is None
-        )
+        goes, and its target (maybe another buffer's only copy) is never changed.
+        Whether the bytes hold none of our keys was decided when the file was parsed
+        (``in_place``); a pin since then rewrote them as a record, which holds none."""
+        return self.in_place and not self.raw and not self.claim.linked
 
     def quarantined(self, outcome: str, error: str, details: dict[str, Any]) -> Settled:
         reason = {
@@ -126,6 +121,7 @@ class Opened:
     row: Item
     claim: Claim
     record: PendingRecord
+    in_place: bool = False  # see ``Work.in_place``
 
 
 Decision = Work | Settled | Held
@@ -158,7 +154,7 @@ def open_file(root: Path, dirs: BufferDirs, node: str, row: Item) -> Opened | Se
                 row.digest = peek.digest
         return Held(row)
     try:
-        record = to_record(
+        record, in_place = read_record(
             row.file, row.loose, claim.data, node, _mtime(claim) if row.loose else None
         )
     except CorruptRecordError as exc:
@@ -171,7 +167,7 @@ def open_file(root: Path, dirs: BufferDirs, node: str, row: Item) -> Opened | Se
     if row.serial is not None and (record.dedupe_key != row.key or record.serial != row.serial):
         return Work(row, claim, record, "").left("the file changed during the merge; run again")
     row.serial, row.key, row.pinned_to = record.serial, record.dedupe_key, record.pinned_to
-    return Opened(row, claim, record)
+    return Opened(row, claim, record, in_place)
 
 
 def decide(
@@ -186,7 +182,7 @@ def decide(
     """Work to send, settled, or None: a loser whose winner is not confirmed yet."""
     row, claim, record = opened.row, opened.claim, opened.record
     wanted = (
-        os.path.basename(row.file)
+        row.file.rpartition("/")[2]  # its base name (os.path.basename costs 3x)
         if not row.loose or row.file.endswith(record.filename)
         else record.filename
     )
@@ -196,8 +192,8 @@ def decide(
     taken = row.loose and _exists(dirs, wanted)
     merged_before = already_merged(dirs, wanted, record) if taken else None
     name = merged_name(dirs, wanted) if taken and not merged_before else wanted
-    raw = is_raw(row.file, row.loose, claim.data, node, record)
-    work = Work(row, claim, record, name, raw=raw)
+    raw = row.loose and is_raw(row.file, True, claim.data, node, record)
+    work = Work(row, claim, record, name, raw, NO_ATTEMPTS, opened.in_place)
     if key.confirmed_serial == record.serial or merged_before:
         # Confirmed in an earlier run (or by the agent): finish the move, no request.
         order_id = (

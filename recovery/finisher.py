@@ -89,7 +89,10 @@ class Finisher:
         self._checkpoint = checkpoint
         self._on_settled = on_settled
         self._outcomes = outcomes if outcomes is not None else FileMoves(dirs)
-        self._room = asyncio.Semaphore(limit)
+        # Room for ``limit`` unsettled orders (bounding the open claims): counted, not a
+        # semaphore acquired and released per order (two event-loop calls each).
+        self._limit = limit
+        self._roomy = asyncio.Event()
         self._queue: list[Settled | None] = []  # None: end of input
         self._wakeup = asyncio.Event()
         self._unsettled = 0
@@ -107,13 +110,19 @@ class Finisher:
         ]
 
     async def put(self, items: list[Settled]) -> None:
-        for item in items:
-            if self._room.locked():
+        start = 0
+        while start < len(items):
+            room = self._limit - self._unsettled
+            if room <= 0:
                 self._wakeup.set()  # let what is queued flow before waiting for room
-            await self._room.acquire()
-            self._queue.append(item)
-            self._unsettled += 1
+                self._roomy.clear()
+                await self._roomy.wait()
+                continue
+            part = items[start : start + room]
+            self._queue.extend(part)
+            self._unsettled += len(part)
             self._idle.clear()
+            start += len(part)
         if items:
             self._wakeup.set()
 
@@ -169,10 +178,9 @@ class Finisher:
                     item.error = item.error or f"not finished: {exc}"
                     if item.claim is not None:
                         item.claim.release()
-            for _ in batch:
-                self._room.release()
             self._on_settled(batch)
             self._unsettled -= len(batch)
+            self._roomy.set()
             if not self._unsettled:
                 self._idle.set()
 

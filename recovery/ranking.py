@@ -18,6 +18,7 @@ from typing import Any
 
 from recovery.checkpoint import load_id
 from recovery.item import Item
+from recovery.rows import insert_rows
 from recovery.scratch import scratch_db
 
 SCHEMA = """
@@ -103,7 +104,7 @@ class Ranker:
             out.append((winner[0], winner == (serial, file)))
         if new:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO seen VALUES (?,?,?)", new)
+            insert_rows(self._db, "INSERT INTO seen VALUES", 3, new)
             self._db.execute("COMMIT")
         return out
 
@@ -111,8 +112,10 @@ class Ranker:
         """Losers whose winner is on its way: settled in the losers' pass."""
         if losers:
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO losers VALUES (?,?,?,?,?)",
+            insert_rows(
+                self._db,
+                "INSERT INTO losers VALUES",
+                5,
                 [(x.file, int(x.loose), x.serial, x.key, x.winner) for x in losers],
             )
             self._db.execute("COMMIT")

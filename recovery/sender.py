@@ -145,5 +145,5 @@ class Sender:
     def _observe(self, answer: Answer) -> None:
         if answer.status in SLOW_DOWN_STATUSES:
             self._pacer.slow_down(answer.retry_after_s)
-        elif answer.outcome.delivered and self._pacer.rate != self._pacer.base_rate:
+        elif self._pacer.rate != self._pacer.base_rate and answer.outcome.delivered:
             self._pacer.speed_up()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -33,7 +34,7 @@ from agent.errors import CorruptRecordError, InvalidOrderError, UnreadableFile
 from agent.orders import body_digest as raw_body_digest
 from agent.orders import parse_order
 from agent.spool.reading import load_order_file
-from agent.spool.record import PendingRecord, is_order_file, parse_tolerant
+from agent.spool.record import ADDED_KEYS_MARK, PendingRecord, is_order_file, parse_tolerant
 
 RECOVERY_PREFIX = "RCV"
 
@@ -87,20 +88,38 @@ def to_record(
 ) -> PendingRecord:
     """The order held by ``data`` (read by ``agent.spool.reading``, so within its cap);
     CorruptRecordError says why it is not one."""
+    return read_record(file, loose, data, node, mtime)[0]
+
+
+def read_record(
+    file: str, loose: bool, data: bytes, node: str, mtime: float | None = None
+) -> tuple[PendingRecord, bool]:
+    """``to_record``, and whether the merge may add its keys to ``data`` in place: a JSON
+    object that parsed as it is (no torn tail) and has none of them. Decided from the one
+    parse the file gets, not by scanning its bytes again when the center has answered."""
     if not loose:
-        return parse_tolerant(data, file)
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            try:
+                return PendingRecord.from_dict(obj, origin=file), keys_addable(obj, data)
+            except CorruptRecordError:
+                pass  # parse_tolerant says why, or undoes a torn tail
+        return parse_tolerant(data, file), False
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise CorruptRecordError(f"{file}: not JSON ({exc})") from exc
     if isinstance(obj, dict) and "v" in obj:
-        return PendingRecord.from_dict(obj, origin=file)
+        return PendingRecord.from_dict(obj, origin=file), keys_addable(obj, data)
     try:
         order = parse_order(data, None)
     except InvalidOrderError as exc:
         raise CorruptRecordError(f"{file}: not an order: {exc}") from exc
     when = datetime.fromtimestamp(mtime or 0).astimezone()
-    return PendingRecord(
+    raw = PendingRecord(
         serial=recovery_serial(node, file, data),
         node_id=node,
         received_at=when.isoformat(timespec="milliseconds"),
@@ -109,6 +128,21 @@ def to_record(
         customer_phone=order.customer_phone,
         body=data.decode("utf-8"),
     )
+    return raw, False  # a raw object gets a new merged/ copy, never keys added
+
+
+# The keys the merge adds to a merged/ copy, and the ones a record file holds.
+ADDED_KEYS = frozenset(("order_id", "cluster", "merged_at", "target", "duplicate_of"))
+RECORD_KEYS = frozenset(PendingRecord.__dataclass_fields__) | {"v"}
+
+
+def keys_addable(obj: dict[str, Any], data: bytes) -> bool:
+    """May the merge append its keys to ``data`` (the object ``obj``) in place? None of
+    them may be there already (a key twice is not JSON anyone reads alike), and
+    ``agent.spool.moves`` takes a ``,"order_id":`` in the bytes for an earlier attempt's
+    tail: only a record's own keys (strings, no nested objects, where a quote is
+    escaped) guarantee there is none, else the bytes are searched."""
+    return ADDED_KEYS.isdisjoint(obj) and (obj.keys() <= RECORD_KEYS or ADDED_KEYS_MARK not in data)
 
 
 def read_found(root: Path, file: str, loose: bool, node: str) -> Found | None:

@@ -87,6 +87,10 @@ class Action:
         return not self.pin and not self.settles
 
 
+# The answer to every delivered order (a merge settles 100,000 of them): built once.
+_DELIVERED = {o: Action(Step.MERGE, o.value) for o in Outcome if o.delivered}
+
+
 def decide(
     result: Answer | UpstreamError, caller: Caller, target: str, attempts: Attempts = Attempts()
 ) -> Action:
@@ -94,9 +98,9 @@ def decide(
     if isinstance(result, UpstreamError):
         return _failed(result, caller, target, attempts)
     outcome = result.outcome
-    said = f"HTTP {result.status}" + (f": {result.error}" if result.error else "")
     if outcome.delivered:
-        return Action(Step.MERGE, outcome.value)
+        return _DELIVERED[outcome]
+    said = f"HTTP {result.status}" + (f": {result.error}" if result.error else "")
     if outcome.permanent:
         return Action(Step.QUARANTINE, outcome.value, f"{target} answered {said}")
     if outcome is Outcome.REFUSED:

@@ -51,3 +51,24 @@ def test_progress_on_a_terminal_is_a_rich_bar_not_log_lines(caplog, capsys):
     err = capsys.readouterr().err
     assert "merge" in err and "200/200" in err and "orders/s" in err
     assert not caplog.records  # the bar replaces the per-10% lines
+
+
+async def test_finisher_never_holds_more_unsettled_orders_than_its_room(tmp_path: Path):
+    """The room bounds the open claims: concurrent put()s wait, none overfills it."""
+    checkpoint = Checkpoint(tmp_path / "ck.db", run=1)
+    groups: list[int] = []
+    write = checkpoint.write
+    checkpoint.write = lambda rows: (groups.append(len(rows := list(rows))), write(rows))[1]  # type: ignore[method-assign]
+    finisher = Finisher(BufferDirs(tmp_path), checkpoint, lambda items: None, limit=3)
+    finisher.start()
+    puts = [
+        finisher.put(
+            [Settled(ResultRow(f"S{p}-{i}", None, "f", "pending"), NOTE) for i in range(20)]
+        )
+        for p in range(4)
+    ]
+    await asyncio.wait_for(asyncio.gather(*puts), 10)
+    await asyncio.wait_for(finisher.stop(), 10)
+    assert sum(groups) == 80 and max(groups) <= 3
+    assert checkpoint.counts() == {"pending": 80}
+    checkpoint.close()
