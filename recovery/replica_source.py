@@ -149,6 +149,7 @@ class ReplicaMarks:
         self._records = source.records
         self._publisher = publisher
         self._timeout_s = timeout_s
+        self._refused_since: float | None = None  # marks refused since (monotonic)
         self.marked = self.failed = 0
 
     async def place(self, batch: list[Settled]) -> None:
@@ -177,30 +178,38 @@ class ReplicaMarks:
                 log.error("%s", item.error)
 
     async def _marks(self, changes: list[Change]) -> list[int | BaseException]:
-        """Publish the marks; those the stream did not take are published again for up
-        to MARK_PATIENCE_S. Typically the lost server's NATS node led the stream: until
-        JetStream elects a new leader (seconds) every write is answered "no responders".
-        Publishing a mark again is safe: it carries its Nats-Msg-Id, so a first copy that
-        was stored after all makes the second a duplicate JetStream drops."""
-        results = await self._publisher.publish_all(changes, self._timeout_s)
-        deadline = time.monotonic() + MARK_PATIENCE_S
+        """Publish the marks; those the stream did not take are published again until
+        the stream has refused marks for MARK_PATIENCE_S in a row (one budget for the
+        whole run: a replica gone for good costs the 20 s once, not per batch). Typically
+        the lost server's NATS node led the stream: until JetStream elects a new leader
+        (seconds) every write is answered "no responders". Publishing a mark again is
+        safe: it carries its Nats-Msg-Id, so a first copy that was stored after all makes
+        the second a duplicate JetStream drops."""
+        latest = results = await self._publisher.publish_all(changes, self._timeout_s)
         waits = Backoff(0.25, 2.0)
         while True:
+            if any(not isinstance(r, BaseException) for r in latest):
+                self._refused_since = None  # the stream takes marks
             again = [n for n, r in enumerate(results) if isinstance(r, ReplicaError)]
-            if not again or time.monotonic() >= deadline:
+            if not again:
+                return results
+            now = time.monotonic()
+            if self._refused_since is None:
+                self._refused_since = now
+            left = self._refused_since + MARK_PATIENCE_S - now
+            if left <= 0:
                 return results
             log.warning(
                 "replica: %d of %d marks not stored yet (%s); trying again for up to %.0fs",
                 len(again),
                 len(changes),
                 results[again[0]],
-                deadline - time.monotonic(),
+                left,
             )
-            await asyncio.sleep(min(waits.next(), max(0.0, deadline - time.monotonic())))
-            retried = await self._publisher.publish_all(
-                [changes[n] for n in again], self._timeout_s
-            )
-            for n, result in zip(again, retried, strict=True):
+            await asyncio.sleep(min(waits.next(), left))
+            latest = await self._publisher.publish_all([changes[n] for n in again], self._timeout_s)
+            results = list(results)
+            for n, result in zip(again, latest, strict=True):
                 results[n] = result
 
     async def complete(self, batch: list[Settled], placed: None) -> None:

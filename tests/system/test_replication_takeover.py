@@ -148,6 +148,26 @@ async def test_takeover_right_after_the_stream_leaders_node_was_lost(
     assert {held[s] for s in serials.values()} == {DELIVERED}
 
 
+async def test_takeover_with_the_replica_gone_mid_way_waits_once_not_per_batch(
+    tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster, agent_process: Any
+) -> None:
+    """All NATS nodes die while a takeover delivers: the marks cannot be written. It
+    keeps trying for one budget of 20 s for the whole run, then settles every later
+    batch at once (exit 1, "not marked", the next run marks them): 20 s per batch would
+    hold a 100,000-order takeover for hours."""
+    serials, other = await server_lost(tmp_path, center, nats_cluster, agent_process, 200)
+    run = await Recover(
+        "--from-replica", LOST, "--mode", "merge", "--config", str(other), "--batch", "10"
+    ).start()
+    await wait_for(lambda: len(center.created_keys()) >= 10, 30, "the first batch created")
+    for node in nats_cluster.nodes:
+        nats_cluster.kill(node)
+    done = await run.finish(timeout=60)  # one 20 s budget takes ~25 s; one per batch ~85 s
+    assert done.code == 1, done.err
+    assert "not marked in the replica" in done.err
+    assert center.created_keys() == set(serials) and center.duplicates() == {}
+
+
 async def test_takeover_with_the_lost_servers_nats_node_down_too(
     tmp_path: Path, center: FakeCenter, nats_cluster: NatsCluster, agent_process: Any
 ) -> None:
