@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import os
 import random
@@ -405,6 +406,15 @@ def write_agent_config(work: Path, primary: str) -> tuple[Path, str]:
     return write_config_file(etc / "agent.toml", sections), f"http://127.0.0.1:{port}"
 
 
+def pending_serials(work: Path) -> set[str]:
+    """The serials of the order files in the bench agent's pending/ under ``work``."""
+    return {
+        e.name[:-5]
+        for e in os.scandir(work / "spool" / "pending")
+        if e.name.endswith(".json") and not e.name.startswith(".")
+    }
+
+
 def start_agent(work: Path, primary: str, code: Path = ROOT) -> tuple[Child, str]:
     """The agent from the checkout ``code`` (``python -m agent`` finds the package in its
     working directory first: ``--agent-code`` runs another revision, for A/B runs)."""
@@ -702,17 +712,10 @@ def agent_batch_rate(root: Path, count: int, batch: int = 32) -> float:
 
     dirs = BufferDirs(root)
     dirs.ensure()
-    doc = orjson.loads(RAW_RECORD)
+    raw = PendingRecord.from_bytes(RAW_RECORD, origin="bench")
     records = [
-        PendingRecord(
-            serial=f"BENCH-01-20261125-{n:09d}",
-            node_id=doc["node_id"],
-            received_at=doc["received_at"],
-            channel_id=doc["channel_id"],
-            dedupe_key=f"{doc['dedupe_key']}-{n}",
-            customer_phone=doc["customer_phone"],
-            body=doc["body"],
-            pinned_to=None,
+        dataclasses.replace(
+            raw, serial=f"BENCH-01-20261125-{n:09d}", dedupe_key=f"{raw.dedupe_key}-{n}"
         )
         for n in range(count)
     ]
@@ -761,11 +764,7 @@ async def phase_intake(
             (user1, sys1), me1 = child.cpu(), time.process_time()
             status = await agent_status(session, base)
         res.intake = stats
-        pending = {
-            e.name[:-5]
-            for e in os.scandir(work / "spool" / "pending")
-            if e.name.endswith(".json") and not e.name.startswith(".")
-        }
+        pending = pending_serials(work)
     row("order body size", f"{sizes[0]}-{sizes[-1]} B (median {sizes[len(sizes) // 2]} B)")
     row("acknowledged (202)", f"{stats.ok}")
     row("not acknowledged", f"{stats.unexpected}  ({stats.problems()})")

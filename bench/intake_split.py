@@ -41,6 +41,7 @@ from bench.intake import (  # noqa: E402
     free_port,
     load_average,
     new_session,
+    pending_serials,
     start_agent,
     wait_agent,
 )
@@ -91,12 +92,7 @@ async def one_run(
     stats.elapsed_s = elapsed
     missing = 0
     for (_, _, work), acked in zip(children, serials, strict=True):
-        pending = {
-            e.name[:-5]
-            for e in os.scandir(work / "spool" / "pending")
-            if e.name.endswith(".json") and not e.name.startswith(".")
-        }
-        missing += len(acked - pending)
+        missing += len(acked - pending_serials(work))
     user = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1, strict=True))
     system = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1, strict=True))
     for _, _, work in children:

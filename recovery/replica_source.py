@@ -185,7 +185,8 @@ class ReplicaMarks:
         (seconds) every write is answered "no responders". Publishing a mark again is
         safe: it carries its Nats-Msg-Id, so a first copy that was stored after all makes
         the second a duplicate JetStream drops."""
-        latest = results = await self._publisher.publish_all(changes, self._timeout_s)
+        latest = await self._publisher.publish_all(changes, self._timeout_s)
+        results = list(latest)
         waits = Backoff(0.25, 2.0)
         while True:
             if any(not isinstance(r, BaseException) for r in latest):
@@ -208,7 +209,6 @@ class ReplicaMarks:
             )
             await asyncio.sleep(min(waits.next(), left))
             latest = await self._publisher.publish_all([changes[n] for n in again], self._timeout_s)
-            results = list(results)
             for n, result in zip(again, latest, strict=True):
                 results[n] = result
 
