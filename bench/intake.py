@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.drill.agent_proc import write_config_file  # noqa: E402
+from bench.freshfs import FreshFsError, fresh_ext4  # noqa: E402
 
 CENTER_SCRIPT = Path(__file__).resolve().parent / "center.py"
 START_TIMEOUT_S = 30.0
@@ -1143,6 +1144,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument(
+        "--fresh-fs",
+        action="store_true",
+        help="run on a new ext4 made for this run (an image under --tmp-dir, loop-mounted; "
+        "root): every run, old code or new, on an unaged filesystem (bench/freshfs.py)",
+    )
+    p.add_argument(
         "--agent-code",
         type=Path,
         default=ROOT,
@@ -1189,7 +1196,18 @@ async def run(args: argparse.Namespace, tmp: Path) -> Results:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="edge-bench-", dir=args.tmp_dir))
+    if not args.fresh_fs:
+        return bench(args, args.tmp_dir)
+    try:
+        with fresh_ext4(args.tmp_dir) as mnt:
+            return bench(args, str(mnt))
+    except FreshFsError as exc:
+        say(f"BENCHMARK FAILED: {exc}")
+        return 1
+
+
+def bench(args: argparse.Namespace, parent: str | None) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="edge-bench-", dir=parent))
     started = time.perf_counter()
     say(
         f"Order Edge Agent benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
@@ -1205,7 +1223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"\nBENCHMARK FAILED: {exc}")
         return 1
     finally:
-        if args.keep:
+        if args.keep and args.fresh_fs:
+            say("--keep: not kept, the fresh filesystem is unmounted and removed at the end")
+        elif args.keep:
             say(f"scratch directory kept: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.spool.record import PendingRecord  # noqa: E402
+from bench.freshfs import FreshFsError, fresh_ext4  # noqa: E402
 
 REFERENCE_S_PER_100K = 480.0
 HOST = "127.0.0.3"
@@ -245,12 +246,29 @@ def main() -> int:
         default=ROOT,
         help="run edge-recover from this checkout (default: this one)",
     )
+    p.add_argument(
+        "--fresh-fs",
+        action="store_true",
+        help="run on a new ext4 made for this run (loop-mounted image; root; not with --dir)",
+    )
     p.add_argument("--bare", nargs=3, metavar=("URL", "N", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.bare:
         asyncio.run(bare_loop(args.bare[0], int(args.bare[1]), int(args.bare[2])))
         return 0
-    work = Path(args.dir or tempfile.mkdtemp(prefix="edge-bench-"))
+    if not args.fresh_fs:
+        return bench(args, Path(args.dir or tempfile.mkdtemp(prefix="edge-bench-")))
+    if args.dir:
+        p.error("--fresh-fs makes its own work directory: drop --dir")
+    try:
+        with fresh_ext4(None) as mnt:
+            return bench(args, mnt)
+    except FreshFsError as exc:
+        print(f"BENCHMARK FAILED: {exc}")
+        return 1
+
+
+def bench(args: argparse.Namespace, work: Path) -> int:
     port = free_port()
     base = f"http://{HOST}:{port}/v3"
     center = subprocess.Popen(
