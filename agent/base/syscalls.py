@@ -4,7 +4,9 @@
 - ``rename_noreplace``: renameat2(2) with RENAME_NOREPLACE, so that no move into
   pending/, merged/ or rejected/ ever replaces an order file (DESIGN 10). Where
   the filesystem refuses the flag (EINVAL: a FUSE filesystem such as LazyFS,
-  NFS, older kernels) the same result comes from link(2) + unlink(2).
+  NFS, older kernels) the same result comes from link(2) + unlink(2);
+- ``dies_with_parent``: prctl(2) PR_SET_PDEATHSIG, for child processes that must
+  not outlive the process that started them.
 
 Both block; callers run them in a thread (ctypes releases the GIL meanwhile).
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +94,21 @@ def _load_renameat2() -> Any:
 
 _LIBC = _load_libc()
 _RENAMEAT2 = _load_renameat2()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def dies_with_parent() -> Callable[[], None]:
+    """For a child: SIGKILL when the process that started it ends, however it ends (a
+    second Ctrl-C, kill -9), so that no drill agent outlives its sandbox and no pending/
+    writer outlives its agent. Call the result in the child (``preexec_fn``, or first
+    thing after start, then check ``os.getppid()``); the function is looked up here,
+    before the fork. The kernel sends it when the *thread* that started the child ends:
+    start such children from the event loop's thread, never from asyncio.to_thread."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return arm

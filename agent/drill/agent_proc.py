@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from typing import IO, Any
 import aiohttp
 import orjson
 
+from agent.base.syscalls import dies_with_parent
 from agent.drill.sandbox import Sandbox
 from agent.sandbox.servers import free_port
 
@@ -204,23 +204,6 @@ class AgentSubprocess:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return "<no log>"
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def dies_with_parent() -> Callable[[], None]:
-    """For the child, before exec: SIGKILL when the drill that started it ends, however
-    it ends (a second Ctrl-C, kill -9), so no drill agent outlives its sandbox. The
-    function is looked up here, before the fork. The kernel sends it when the *thread*
-    that started the child ends: start drill agents from the event loop's thread, never
-    from asyncio.to_thread."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def arm() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    return arm
 
 
 class AgentUnderDrill(AgentSubprocess):

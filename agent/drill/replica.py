@@ -25,7 +25,8 @@ from pathlib import Path
 import nats
 import orjson
 
-from agent.drill.agent_proc import Sections, dies_with_parent, drill_config, write_config_file
+from agent.base.syscalls import dies_with_parent
+from agent.drill.agent_proc import Sections, drill_config, write_config_file
 from agent.drill.steps import Context, DrillFailed, Step
 from agent.replica.stream import STREAM
 from agent.sandbox.nats_cluster import NatsCluster, available, quiet_errors

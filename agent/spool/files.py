@@ -19,16 +19,14 @@ import orjson
 
 from agent.base.durable import (
     TMP_SUFFIX,
-    create_written,
     fsync_dir,
     translate,
     unlink_quietly,
     write_file_durably,
 )
-from agent.base.fsync_pool import FsyncPool
 from agent.base.syscalls import rename_noreplace
 from agent.errors import PersistError
-from agent.spool.record import REASON_SUFFIX, BufferDirs, PendingRecord, is_order_file
+from agent.spool.record import REASON_SUFFIX, BufferDirs, is_order_file
 
 # How many free names quarantine() tries when others keep taking them first.
 QUARANTINE_ATTEMPTS = 100
@@ -43,78 +41,6 @@ def withdraw_pending(dirs: BufferDirs, name: str) -> None:
         return
     except OSError as exc:
         raise translate(exc, f"pending/{name}") from exc
-
-
-def write_pending_batch(
-    dirs: BufferDirs, records: list[PendingRecord], pool: FsyncPool
-) -> list[BaseException | None]:
-    """Make a batch of records durable in pending/ with one directory fsync.
-
-    File fsyncs run in parallel on ``pool``; the directory is synced once after
-    all renames. An entry is None only when that record is durable.
-    """
-    pending = str(dirs.pending)  # plain strings: a Path per file step cost ~5% of the GIL
-    results: list[BaseException | None] = [None] * len(records)
-    names = [r.filename for r in records]
-    tmps = [f"{pending}/.{name}{TMP_SUFFIX}" for name in names]
-    # Create and write every temp file here (page cache only, fast); only the fsyncs
-    # go to the pool, in parallel, so the pool's threads take the GIL once per file
-    # instead of once per system call (32 threads contending for it cost more system
-    # time than the fsyncs themselves). Creates and renames stay on this one thread:
-    # they take the directory's lock, which threads contending for it spin on in the
-    # kernel (tried: slices of the batch each creating, syncing and renaming their
-    # own files doubled the system time per order).
-    written: list[int] = []
-    fds: list[int] = []
-    for i, (tmp, record) in enumerate(zip(tmps, records, strict=True)):
-        try:
-            fds.append(create_written(tmp, record.to_bytes()))
-            written.append(i)
-        except OSError as exc:
-            results[i] = translate(exc, f"pending/{names[i]}")
-            unlink_quietly(tmp)
-    try:
-        errors = pool.sync_all(fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    renamed = False
-    for i, error in zip(written, errors, strict=True):
-        name = names[i]
-        if error is not None:
-            results[i] = (
-                translate(error, f"pending/{name}")
-                if isinstance(error, OSError)
-                else PersistError(f"cannot write pending/{name}: {error!r}")
-            )
-            unlink_quietly(tmps[i])
-            continue
-        try:
-            rename_noreplace(tmps[i], f"{pending}/{name}")
-            renamed = True
-        except FileExistsError:
-            # The serial was issued before (the counter went backwards somehow): the
-            # file there is another acknowledged order. Never touch it; refuse this one.
-            record = records[i]
-            results[i] = PersistError(
-                f"pending/{name} already exists, so order {record.dedupe_key!r} "
-                f"(written to pending/.{name}{TMP_SUFFIX}) was not accepted and "
-                f"its temp file removed; serial {record.serial} was issued twice (did the "
-                "serial counter in agent.state_dir go back, or does another agent write "
-                "this buffer?); the existing file is untouched"
-            )
-            unlink_quietly(tmps[i])
-        except OSError as exc:
-            results[i] = translate(exc, f"pending/{name}")
-            unlink_quietly(tmps[i])
-    if renamed:
-        try:
-            fsync_dir(pending)
-        except OSError as exc:
-            err = translate(exc, "the pending/ directory entry")
-            # The renamed files stay (never delete); they are just not acknowledged.
-            results = [r if r is not None else err for r in results]
-    return results
 
 
 def quarantine(

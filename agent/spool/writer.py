@@ -1,7 +1,8 @@
 """The one owner of pending/: durable writes, claims ending in a move, and accounting.
 
-Writes are group-committed: many concurrent intakes share one directory fsync
-per batch; file fsyncs run in parallel on a small thread pool. Every client
+Writes go to a process of their own (``file_client``/``file_proc``): each order's
+file is written, fsync'd and renamed by a thread there as soon as it arrives, and
+one directory fsync acknowledges every file renamed before it began. Every client
 that takes a file out of pending/ (the drain, start-up repair) goes through
 ``claim()``, whose holder ends it with ``delivered()``, ``quarantined()`` or
 nothing (the file stays). The count and bytes (507 check, /status, /metrics)
@@ -19,8 +20,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.base.batching import GroupCommit
-from agent.base.fsync_pool import FsyncPool
 from agent.errors import (
     BufferFullError,
     CorruptRecordError,
@@ -29,7 +28,8 @@ from agent.errors import (
     TooLarge,
 )
 from agent.spool.claims import Claim, try_claim
-from agent.spool.files import list_pending, quarantine, withdraw_pending, write_pending_batch
+from agent.spool.file_client import FileProcess
+from agent.spool.files import list_pending, quarantine, withdraw_pending
 from agent.spool.moves import MergedState, merged_state, move_to_merged
 from agent.spool.pins import pin_file
 from agent.spool.record import BufferDirs, PendingRecord, parse_tolerant
@@ -145,13 +145,14 @@ class Held:
 
 
 class PendingSpool:
-    """Owns the fsync thread pool, the group-commit task and the count of pending/.
+    """Owns the pending/ writer process and the count of pending/.
 
-    The pool is as large as the usual client concurrency: on virtualised disks a
-    file fsync mostly waits, so more of them in flight means more orders per batch.
+    The writer has as many file threads as the usual client concurrency: on
+    virtualised disks a file fsync mostly waits, so more of them in flight means
+    more orders acknowledged per directory fsync.
     """
 
-    def __init__(self, dirs: BufferDirs, max_bytes: int, fsync_threads: int = 32) -> None:
+    def __init__(self, dirs: BufferDirs, max_bytes: int, file_threads: int = 32) -> None:
         self.dirs = dirs
         self.max_bytes = max_bytes
         self.count = 0
@@ -159,20 +160,14 @@ class PendingSpool:
         self.last_error: str | None = None
         self._counted_at = 0.0
         self._reserved = 0
-        self._fsync_threads = fsync_threads
-        self._pool: FsyncPool | None = None
-        self._writer = GroupCommit[PendingRecord]("pending", self._flush, max_batch=128)
+        self._writer = FileProcess(str(dirs.pending), file_threads)
 
     async def start(self) -> None:
         await self.listing()
-        self._pool = FsyncPool(self._fsync_threads)
-        self._writer.start()
+        await self._writer.start()
 
     async def stop(self) -> None:
         await self._writer.stop()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
     @property
     def writable(self) -> bool:
@@ -212,7 +207,7 @@ class PendingSpool:
                 )
         self._reserved += size
         try:
-            await self._writer.submit(record)
+            await self._writer.write(record)
         except PersistError as exc:
             self.last_error = str(exc)
             raise
@@ -227,15 +222,6 @@ class PendingSpool:
         and the directory fsync'd, so nothing delivers it later. PersistError if not."""
         await _in_thread(withdraw_pending, self.dirs, record.filename)
         self.left(len(record.to_bytes()))
-
-    async def _flush(self, records: list[PendingRecord]) -> list[BaseException | None]:
-        if self._pool is None:
-            raise RuntimeError("pending/ writes before PendingSpool.start()")
-        loop = asyncio.get_running_loop()
-        results: list[Any] = await loop.run_in_executor(
-            None, write_pending_batch, self.dirs, records, self._pool
-        )
-        return results
 
     # -- claims -------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ taken: the file already there is never touched.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -16,11 +17,11 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.base.fsync_pool import FsyncPool
 from agent.base.syscalls import link_then_unlink, rename_noreplace
 from agent.errors import PersistError
 from agent.spool.claims import try_claim
-from agent.spool.files import quarantine, write_pending_batch
+from agent.spool.file_proc import FileSteps
+from agent.spool.files import quarantine
 from agent.spool.moves import MergedMove, complete_merged, move_to_merged, place_in_merged
 from agent.spool.record import BufferDirs, PendingRecord
 from tests.support.fakes import FakeCenter
@@ -70,13 +71,15 @@ def test_a_pending_file_at_the_target_name_is_never_replaced(dirs: BufferDirs):
         record("wh-test-01-20261203-000000007"),
         record("wh-test-01-20261203-000000008", "douyin:2"),
     )
-    with FsyncPool(2) as pool:
-        results = write_pending_batch(dirs, [clash, fine], pool)
-    assert isinstance(results[0], PersistError)
-    message = str(results[0])
-    assert "pending/wh-test-01-20261203-000000007.json already exists" in message
-    assert "pending/.wh-test-01-20261203-000000007.json.tmp" in message
-    assert results[1] is None  # the rest of the batch is not held up
+    out = io.BytesIO()
+    steps = FileSteps(str(dirs.pending), 2, out)  # the pending/ writer process's steps
+    for r in (clash, fine):
+        steps.put(r.filename, r.to_bytes())
+    steps.close()
+    assert sorted(out.getvalue().decode().splitlines()) == [
+        f"{clash.filename} exists",
+        f"{fine.filename} ok",  # the other orders are not held up
+    ]
     assert taken.read_bytes() == FOREIGN
     assert sorted(os.listdir(dirs.pending)) == [taken.name, fine.filename]  # no temp left
 

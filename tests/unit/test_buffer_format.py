@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.base.fsync_pool import FsyncPool
 from agent.orders import parse_order
-from agent.spool.files import write_pending_batch
+from agent.spool.file_proc import FileSteps
 from agent.spool.record import BufferDirs, PendingRecord
 
 # JSON values the channels send: nested objects, unicode, numbers as text or numbers.
@@ -54,8 +54,11 @@ def test_record_round_trip_through_a_real_file(tmp_path: Path, raw: bytes, phone
     )
     dirs = BufferDirs(tmp_path / "spool")
     dirs.ensure()
-    with FsyncPool(2) as pool:
-        assert write_pending_batch(dirs, [record], pool) == [None]
+    out = io.BytesIO()
+    steps = FileSteps(str(dirs.pending), 1, out)  # the pending/ writer process's steps
+    steps.put(record.filename, record.to_bytes())
+    steps.close()
+    assert out.getvalue() == f"{record.filename} ok\n".encode()
     stored = (dirs.pending / record.filename).read_bytes()
     back = PendingRecord.from_bytes(stored)
     assert back == record

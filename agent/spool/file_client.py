@@ -1,0 +1,215 @@
+"""The agent's side of the pending/ writer process (``agent.spool.file_proc``).
+
+One object owns the child process and the task that reads its answers. An order's
+``write`` returns once the child said its file is durable in pending/ (file fsync,
+rename, directory fsync, in that order). If the child ends while orders wait, each
+of them gets PersistError: not acknowledged, so the client retries with the same
+key (a file the child renamed before it died stays, as after any crash, and is
+delivered; the center's key makes the retry a duplicate, never a second order).
+The next write starts a new child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from agent.base.durable import TMP_SUFFIX, translate
+from agent.base.tasks import cancel_and_wait
+from agent.errors import PersistError
+from agent.spool.file_proc import ERROR, EXISTS, OK, READY
+from agent.spool.record import PendingRecord
+
+log = logging.getLogger("agent.spool")
+# A new Python process imports the agent's file modules before it says "ready".
+START_TIMEOUT_S = 30.0
+SELF_EXE = "/proc/self/exe"
+# The child runs the agent code this process runs: the directory this ``agent``
+# package was imported from (site-packages, or a checkout run with ``python -m``).
+_AGENT_ROOT = Path(__file__).resolve().parents[2]
+_CHILD = (
+    "import sys; r = {root!r}; r in sys.path or sys.path.insert(0, r); "
+    "from agent.spool.file_proc import main; sys.exit(main(sys.argv))"
+)
+
+
+class _Child:
+    """One run of the writer process and the orders waiting on its answers."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.waiting: dict[str, tuple[asyncio.Future[None], PendingRecord]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.ended = False
+
+
+class FileProcess:
+    """Owns the pending/ writer process; ``start()``/``stop()``."""
+
+    def __init__(self, pending: str, threads: int) -> None:
+        self._pending = pending
+        self._threads = threads
+        self._child: _Child | None = None
+        self._spawning = asyncio.Lock()
+        self._stopped = True
+
+    async def start(self) -> None:
+        self._stopped = False
+        await self._running()
+
+    async def stop(self) -> None:
+        """Let the child finish and answer every order sent to it, then reap it."""
+        self._stopped = True
+        child, self._child = self._child, None
+        if child is None:
+            return
+        stdin = child.proc.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+        if child.reader is not None:
+            try:
+                await child.reader
+            except asyncio.CancelledError:
+                await cancel_and_wait(child.reader)
+                raise
+        await child.proc.wait()
+
+    async def write(self, record: PendingRecord) -> None:
+        """Return once ``record`` is durable in pending/; else raise PersistError."""
+        child = await self._running()
+        name = record.filename
+        if name in child.waiting:
+            raise PersistError(f"pending/{name} is being written already")
+        data = record.to_bytes()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        child.waiting[name] = (fut, record)
+        stdin = child.proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(b"%s %d\n%s" % (name.encode(), len(data), data))
+            await stdin.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            child.waiting.pop(name, None)
+            raise PersistError(
+                f"cannot hand pending/{name} to the pending/ writer process ({exc!r})"
+            ) from exc
+        await fut
+
+    async def _running(self) -> _Child:
+        if self._stopped:
+            raise RuntimeError("pending/ writes before start() or after stop()")
+        child = self._child
+        if child is not None and not child.ended:
+            return child
+        async with self._spawning:
+            child = self._child
+            if child is None or child.ended:
+                child = self._child = await self._spawn()
+            return child
+
+    async def _spawn(self) -> _Child:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-P",  # not the working directory's "agent", if it has one: ours
+                "-c",
+                _CHILD.format(root=str(_AGENT_ROOT)),
+                self._pending,
+                str(self._threads),
+                str(os.getpid()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                # The very binary this process runs, whatever the path it was started by:
+                # a user may have been given a python it can run but not look up again
+                # (seen: a venv whose interpreter lies under a 0700 home). argv[0] stays
+                # sys.executable, so the child finds the same venv and site-packages.
+                executable=SELF_EXE if os.path.exists(SELF_EXE) else None,
+            )
+        except OSError as exc:
+            raise PersistError(
+                f"cannot start the pending/ writer process ({sys.executable} -m "
+                f"agent.spool.file_proc, from {_AGENT_ROOT}): {exc}"
+            ) from exc
+        assert proc.stdout is not None
+        try:
+            first = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
+        except TimeoutError:
+            first = b""
+        if first != READY:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            code = await proc.wait()
+            raise PersistError(
+                f"the pending/ writer process ({sys.executable} -m agent.spool.file_proc) "
+                f"did not start (exit {code}, said {first!r}; its error is in the agent's "
+                "log)"
+            )
+        child = _Child(proc)
+        child.reader = asyncio.create_task(self._read(child), name="pending-writer-answers")
+        return child
+
+    async def _read(self, child: _Child) -> None:
+        stdout = child.proc.stdout
+        assert stdout is not None
+        try:
+            while line := await stdout.readline():
+                self._answered(child, line)
+        finally:
+            child.ended = True
+            code = await child.proc.wait()
+            if child.waiting:
+                log.error(
+                    "the pending/ writer process ended (exit %s) with %d orders unanswered; "
+                    "they are refused (503), a new process takes the next orders",
+                    code,
+                    len(child.waiting),
+                )
+            for name, (fut, _) in child.waiting.items():
+                if not fut.done():
+                    fut.set_exception(
+                        PersistError(
+                            f"the pending/ writer process ended (exit {code}) before "
+                            f"pending/{name} was durable"
+                        )
+                    )
+            child.waiting.clear()
+
+    def _answered(self, child: _Child, line: bytes) -> None:
+        parts = line.decode("ascii", "replace").split()
+        entry = child.waiting.pop(parts[0], None) if parts else None
+        if entry is None:
+            log.error("the pending/ writer process said %r about no order in flight", line)
+            return
+        fut, record = entry
+        if fut.done():
+            return  # its waiter was cancelled; the file is written all the same
+        verdict = parts[1] if len(parts) > 1 else ""
+        if verdict == OK:
+            fut.set_result(None)
+            return
+        name = record.filename
+        if verdict == EXISTS:
+            # The serial was issued before (the counter went backwards somehow): the file
+            # there is another acknowledged order. Never touched; this one is refused.
+            fut.set_exception(
+                PersistError(
+                    f"pending/{name} already exists, so order {record.dedupe_key!r} "
+                    f"(written to pending/.{name}{TMP_SUFFIX}) was not accepted and "
+                    f"its temp file removed; serial {record.serial} was issued twice (did "
+                    "the serial counter in agent.state_dir go back, or does another agent "
+                    "write this buffer?); the existing file is untouched"
+                )
+            )
+            return
+        errno_ = 0
+        with contextlib.suppress(IndexError, ValueError):
+            errno_ = int(parts[2])
+        what = "the pending/ directory entry" if parts[-1] == "dir" else f"pending/{name}"
+        if verdict != ERROR:
+            fut.set_exception(PersistError(f"cannot write {what}: answer {line!r}"))
+            return
+        fut.set_exception(translate(OSError(errno_, os.strerror(errno_)), what))
