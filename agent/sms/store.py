@@ -23,6 +23,7 @@ masked form; the window rows that the rate limit needs are deleted after an hour
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections import Counter
@@ -32,13 +33,13 @@ from pathlib import Path
 
 from agent.base.batching import GroupCommit
 from agent.base.phones import mask
+from agent.sms.window import WINDOW_S
 from agent.state.sqlite_db import SqliteDb
 
 QUEUED, SENDING, SENT, FAILED = "queued", "sending", "sent", "failed"
 SUPPRESSED, SKIPPED, AMBIGUOUS = "suppressed", "skipped", "ambiguous"
 STATES = (QUEUED, SENDING, SENT, FAILED, SUPPRESSED, SKIPPED, AMBIGUOUS)
 OPEN = (QUEUED, SENDING)
-WINDOW_S = 3600.0
 
 # Each sender round runs both. The expired rows are found by age (sms_expiry), never by
 # walking the due ones: during a peak the backlog of queued notices is thousands of rows,
@@ -100,6 +101,7 @@ class _Enqueue:
     result: str = ""
     inserted: bool = False
     state: str | None = None  # a forced state (ambiguous after a rebuild)
+    decided: str | None = None  # queued/skipped/suppressed, decided by the intake
 
 
 @dataclass
@@ -173,6 +175,8 @@ class OutboxStore:
         )
         self.path = self._db.path
         self._writer = GroupCommit[_Op]("sms-outbox", self._flush)
+        # Rows the intake queued without waiting (``enqueue_behind``), until committed.
+        self._behind: dict[str, asyncio.Future[None]] = {}
 
     async def open(self) -> None:
         await self._db.open()
@@ -211,6 +215,11 @@ class OutboxStore:
         state, phone, reason = QUEUED, op.phone or "", op.reason
         if op.state is not None:
             state, phone = op.state, mask(op.raw_phone)
+        elif op.decided == SUPPRESSED:
+            state, phone = SUPPRESSED, mask(op.phone or op.raw_phone)
+            reason = f"sms.per_phone_per_hour ({op.limit}) reached for this phone"
+        elif op.decided == QUEUED:
+            pass
         elif op.phone is None or op.reason:
             state, phone = SKIPPED, mask(op.raw_phone)
         elif op.limit > 0:
@@ -293,6 +302,49 @@ class OutboxStore:
         await self._writer.submit(op)
         return op.result, op.inserted
 
+    def enqueue_behind(
+        self, serial: str, phone: str | None, raw_phone: str, reason: str, decided: str, limit: int
+    ) -> asyncio.Future[str | None]:
+        """Queue the row for ``serial`` in the state the intake ``decided`` (queued,
+        skipped, suppressed), without waiting. The future gives the new row's state once
+        committed (None: the serial had a row already), or the error; reads of this
+        store wait for it (``_written``)."""
+        op = _Enqueue(serial, phone, raw_phone, reason, limit, decided=decided)
+        flushed = self._writer.enqueue(op)
+        self._behind[serial] = flushed
+        out: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._behind.pop(serial, None)
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+            elif (exc := f.exception()) is not None:
+                out.set_exception(exc)
+            else:
+                out.set_result(op.result if op.inserted else None)
+
+        flushed.add_done_callback(done)
+        return out
+
+    async def _written(self, serial: str | None = None) -> None:
+        """Wait for rows queued behind (one serial's, or all) to be committed or failed."""
+        waiting = (
+            list(self._behind.values())
+            if serial is None
+            else [f for f in (self._behind.get(serial),) if f is not None]
+        )
+        if waiting:
+            await asyncio.wait(waiting)
+
+    async def window(self, now: float) -> list[tuple[str, float]]:
+        """(phone, at) of the notices queued within the window, oldest first."""
+        rows = await self._db.read(
+            "SELECT phone, at FROM sms_window WHERE at > ? ORDER BY at", (now - WINDOW_S,)
+        )
+        return [(str(phone), float(at)) for phone, at in rows]
+
     async def move(
         self,
         row: Row,
@@ -348,15 +400,18 @@ class OutboxStore:
     # -- reads -------------------------------------------------------------------------
 
     async def counts(self) -> Counter[str]:
+        await self._written()
         rows = await self._db.read("SELECT state, COUNT(*) FROM sms GROUP BY state")
         return Counter({str(s): int(n) for s, n in rows})
 
     async def serials(self) -> set[str]:
+        await self._written()
         return {str(r[0]) for r in await self._db.read("SELECT serial FROM sms")}
 
     async def notice_of(self, serial: str) -> tuple[str, str, str, float] | None:
         """(state, phone, reason, updated_at) of one serial's notice; the phone as stored
         (masked once final, normalized while open: callers mask it)."""
+        await self._written(serial)
         rows = await self._db.read(
             "SELECT state, phone, reason, updated_at FROM sms WHERE serial=?", (serial,)
         )
@@ -367,5 +422,6 @@ class OutboxStore:
 
     async def state_of(self, serial: str) -> tuple[str, str] | None:
         """(state, reason) of one serial's notice, for tests and ops."""
+        await self._written(serial)
         rows = await self._db.read("SELECT state, reason FROM sms WHERE serial=?", (serial,))
         return None if not rows else (str(rows[0][0]), str(rows[0][1]))
