@@ -131,8 +131,8 @@ class FileProcess:
             )
         except OSError as exc:
             raise PersistError(
-                f"cannot start the pending/ writer process ({sys.executable} -m "
-                f"agent.spool.file_proc, from {_AGENT_ROOT}): {exc}"
+                f"cannot start the pending/ writer process ({sys.executable}, "
+                f"agent.spool.file_proc from {_AGENT_ROOT}): {exc}"
             ) from exc
         assert proc.stdout is not None
         try:
@@ -144,9 +144,9 @@ class FileProcess:
                 proc.kill()
             code = await proc.wait()
             raise PersistError(
-                f"the pending/ writer process ({sys.executable} -m agent.spool.file_proc) "
-                f"did not start (exit {code}, said {first!r}; its error is in the agent's "
-                "log)"
+                f"the pending/ writer process ({sys.executable}, agent.spool.file_proc "
+                f"from {_AGENT_ROOT}) did not start (exit {code}, said {first!r}; its "
+                "error is in the agent's log)"
             )
         child = _Child(proc)
         child.reader = asyncio.create_task(self._read(child), name="pending-writer-answers")

@@ -329,3 +329,16 @@ async def test_an_agent_whose_writer_is_killed_under_load_refuses_only_those_ord
         # the center's dedupe key makes a duplicate. Every order acknowledged once is here.
         assert body["serial"] in on_disk[key], key
         assert len(on_disk[key]) == 1 or key in refused, key
+
+
+async def test_a_writer_that_cannot_start_is_a_clear_error(
+    dirs: BufferDirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that dies before "ready" (here: exit 3) is not waited on: start() says so."""
+    from agent.spool import file_client
+
+    monkeypatch.setattr(file_client, "_CHILD", "import sys; sys.exit(3)  # {root}")
+    writer = FileProcess(str(dirs.pending), 2)
+    with pytest.raises(PersistError, match=r"did not start \(exit 3, said b''"):
+        await writer.start()
+    assert children_of(os.getpid()) == []
