@@ -211,5 +211,12 @@ class FileProcess:
         what = "the pending/ directory entry" if parts[-1] == "dir" else f"pending/{name}"
         if verdict != ERROR:
             fut.set_exception(PersistError(f"cannot write {what}: answer {line!r}"))
-            return
-        fut.set_exception(translate(OSError(errno_, os.strerror(errno_)), what))
+        elif errno_ == 0:
+            fut.set_exception(
+                PersistError(
+                    f"cannot write {what}: unexpected error in the pending/ writer process "
+                    "(its traceback is in the agent's log)"
+                )
+            )
+        else:
+            fut.set_exception(translate(OSError(errno_, os.strerror(errno_)), what))

@@ -27,11 +27,13 @@ End of stdin: finish and answer every order read so far, then exit 0.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import signal
 import sys
 import threading
+import traceback
 from typing import BinaryIO
 
 from agent.base.durable import TMP_SUFFIX, create_written, fsync_dir, unlink_quietly
@@ -90,6 +92,8 @@ class FileSteps:
 
     def _write_one(self, name: str, data: bytes) -> bytes | None:
         """None once renamed into pending/; else the answer line."""
+        if "/" in name or name.startswith(".") or not name:
+            return f"{name or '-'} {ERROR} {errno.EINVAL} file\n".encode()  # not a pending name
         tmp = f"{self._pending}/.{name}{TMP_SUFFIX}"
         try:
             fd = create_written(tmp, data)
@@ -104,6 +108,10 @@ class FileSteps:
         except OSError as exc:
             unlink_quietly(tmp)
             return f"{name} {ERROR} {exc.errno or 0} file\n".encode()
+        except Exception:  # never leave an order unanswered: this thread goes on
+            traceback.print_exc()  # to the agent's stderr: its log
+            unlink_quietly(tmp)
+            return f"{name} {ERROR} 0 file\n".encode()
         return None
 
     def _dir_worker(self) -> None:
@@ -119,6 +127,9 @@ class FileSteps:
                 tail = f" {OK}\n"
             except OSError as exc:
                 tail = f" {ERROR} {exc.errno or 0} dir\n"
+            except Exception:  # never leave the group unanswered: this thread goes on
+                traceback.print_exc()
+                tail = f" {ERROR} 0 dir\n"
             self._answer([(name + tail).encode() for name in group])
 
     def _answer(self, lines: list[bytes]) -> None:

@@ -342,3 +342,29 @@ async def test_a_writer_that_cannot_start_is_a_clear_error(
     with pytest.raises(PersistError, match=r"did not start \(exit 3, said b''"):
         await writer.start()
     assert children_of(os.getpid()) == []
+
+
+def test_an_unexpected_error_answers_that_order_and_the_thread_goes_on(
+    dirs: BufferDirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread only: an order that fails with a bug, not an OSError, is still answered
+    (and refused), and the orders behind it are written, never left waiting."""
+    bad, good = record(1), record(2)
+    real = file_proc.create_written
+
+    def create_written(tmp: str, data: bytes) -> int:
+        if bad.filename in tmp:
+            raise RuntimeError("a bug")
+        return real(tmp, data)
+
+    monkeypatch.setattr(file_proc, "create_written", create_written)
+    out = io.BytesIO()
+    steps = FileSteps(str(dirs.pending), 1, out)
+    for r in (bad, good):
+        steps.put(r.filename, r.to_bytes())
+    steps.close()
+    assert sorted(out.getvalue().decode().splitlines()) == [
+        f"{bad.filename} error 0 file",
+        f"{good.filename} ok",
+    ]
+    assert os.listdir(dirs.pending) == [good.filename]
