@@ -77,6 +77,10 @@ class Verifier:
         self._known: set[str] = set()  # serials enrolled (or queued to be)
         self._unreadable: set[str] = set()  # merged/ names that are no order: read once
         self.in_flight: set[tuple[str, str]] = set()  # (serial, step) being checked now
+        # (serial, step) -> when its check ended, counted in checks ended: a ledger read
+        # begun before then may still show the step due (see _check_loop).
+        self._ended: dict[tuple[str, str], int] = {}
+        self._ends = 0
         self.checks = 0  # checks finished since start
         self._running = False
 
@@ -239,6 +243,7 @@ class Verifier:
             # Cleared before the ledger is read, never after: a wake-up (an enrolment
             # committed, a check done) that comes while we look is then never lost.
             self._wake.clear()
+            read_from = self._ends
             try:
                 due = await self.ledger.due(time.time(), batch)
             except PersistError as exc:
@@ -249,7 +254,16 @@ class Verifier:
                 )
                 await asyncio.sleep(self.cfg.recheck_interval_s)
                 continue
-            fresh = [d for d in due if d.key not in self.in_flight]
+            # A check that ended while we read has its result committed, but the read may
+            # be older than that commit: taken from it, the step would be checked (and its
+            # repair asked) again at once. Left out here, it comes from the next read.
+            fresh = [
+                d
+                for d in due
+                if d.key not in self.in_flight and self._ended.get(d.key, 0) <= read_from
+            ]
+            # Every read from now on began after these ends: nothing left to guard.
+            self._ended = {k: n for k, n in self._ended.items() if n > read_from}
             for item in fresh:
                 await self._slots.acquire()
                 self.in_flight.add(item.key)
@@ -276,6 +290,8 @@ class Verifier:
         except Exception as exc:  # a bug in one check never stops the others
             log.exception("chain: check of %s %s failed: %s", item.order.serial, item.step, exc)
         finally:
+            self._ends += 1
+            self._ended[item.key] = self._ends
             self.in_flight.discard(item.key)
             self._slots.release()
             self.checks += 1

@@ -133,7 +133,11 @@ async def test_repair_only_for_a_pending_step_and_not_again_within_the_interval(
     oid = order_id_of(center, 1)
     verifier = agent.service.chain
     assert verifier is not None
-    await wait_for(lambda: downstream.repush_calls[oid] == 1, what="the first repair")
+    await wait_for(lambda: downstream.repush_calls[oid] >= 1, what="the first repair")
+    assert downstream.repush_calls[oid] == 1, (  # a stale read of the ledger asked it twice
+        downstream.repush_calls[oid],
+        await verifier.ledger.chain_of(serials[0], 3600),
+    )
     facts = (await verifier.ledger.due(time.time() + 60, 10))[0].order
     assert facts.serial == serials[0]
     await verifier.check_one(Due(facts, "logistics", PENDING, last_repair=time.time() - 29))
@@ -144,6 +148,36 @@ async def test_repair_only_for_a_pending_step_and_not_again_within_the_interval(
     await verifier.check_one(Due(facts, "logistics", PENDING, last_repair=None))
     assert downstream.repush_calls[oid] == 2
     assert (await chain(agent, serials[0]))["logistics"] == VERIFIED
+
+
+async def test_each_step_is_checked_once_per_interval_under_load(
+    make_agent: AgentFactory, center: FakeCenter, downstream: Downstream
+):
+    """A check that ends while the loop reads the ledger is not taken again from that read
+    (it was: the step was checked, and its repair asked, twice in a row)."""
+    agent = await make_agent(
+        center.url, chain=chain_section(downstream, recheck_interval_s=30, concurrency=4)
+    )
+    downstream.repush_works = False
+    n = 40
+    serials = await outage(agent, center, [order(i, total_amount="5") for i in range(n)])
+    verifier = agent.service.chain
+    assert verifier is not None
+
+    async def all_checked() -> bool:
+        for serial in serials:
+            steps = await verifier.ledger.chain_of(serial, 3600)
+            if any(v["detail"] is None for v in steps.values()):
+                return False
+        return not verifier.in_flight
+
+    await wait_for(all_checked, timeout=30, what="every step of every order checked")
+    oids = [order_id_of(center, i) for i in range(n)]
+    odd = {o: downstream.repush_calls[o] for o in oids if downstream.repush_calls[o] != 1}
+    assert not odd, [
+        (odd, await verifier.ledger.chain_of(serials[oids.index(o)], 3600)) for o in odd
+    ]
+    assert len(downstream.seen_auth) == n * 3 + n  # three checks and one repair each
 
 
 async def test_overdue_past_a_fractional_deadline(
