@@ -2,11 +2,14 @@
 
 One object owns the child process and the task that reads its answers. An order's
 ``write`` returns once the child said its file is durable in pending/ (file fsync,
-rename, directory fsync, in that order). If the child ends while orders wait, each
-of them gets PersistError: not acknowledged, so the client retries with the same
-key (a file the child renamed before it died stays, as after any crash, and is
-delivered; the center's key makes the retry a duplicate, never a second order).
-The next write starts a new child.
+rename, directory fsync, in that order). If the child ends while orders wait, the
+agent settles them itself (``settle_orphans``): a file the child had renamed into
+pending/ is whole and fsync'd (the rename comes after the file's fsync), so one
+directory fsync here makes it durable and its order is acknowledged; every other
+order gets PersistError (not acknowledged: the client retries with the same key)
+and its temp file is removed. So a retry never meets a file of its own key left in
+pending/ under another serial (two such files could be delivered to two clusters
+with separate idempotency stores). The next write starts a new child.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-from agent.base.durable import TMP_SUFFIX, translate
+from agent.base.durable import TMP_SUFFIX, fsync_dir, translate, unlink_quietly
 from agent.base.tasks import cancel_and_wait
-from agent.errors import PersistError
+from agent.errors import OrderFileError, PersistError
 from agent.spool.file_proc import ERROR, EXISTS, OK, READY
+from agent.spool.reading import read_order_file
 from agent.spool.record import PendingRecord
 
 log = logging.getLogger("agent.spool")
@@ -42,7 +46,8 @@ class _Child:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.waiting: dict[str, tuple[asyncio.Future[None], PendingRecord]] = {}
+        # name -> (its waiter, the record, the bytes handed over)
+        self.waiting: dict[str, tuple[asyncio.Future[None], PendingRecord, bytes]] = {}
         self.reader: asyncio.Task[None] | None = None
         self.ended = False
 
@@ -86,17 +91,16 @@ class FileProcess:
             raise PersistError(f"pending/{name} is being written already")
         data = record.to_bytes()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        child.waiting[name] = (fut, record)
+        child.waiting[name] = (fut, record, data)
         stdin = child.proc.stdin
         assert stdin is not None
         try:
             stdin.write(b"%s %d\n%s" % (name.encode(), len(data), data))
             await stdin.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            child.waiting.pop(name, None)
-            raise PersistError(
-                f"cannot hand pending/{name} to the pending/ writer process ({exc!r})"
-            ) from exc
+        except (ConnectionError, RuntimeError):
+            # The child is gone (perhaps after it read this frame and renamed the file):
+            # its reader settles this order with the others it left (settle_orphans).
+            pass
         await fut
 
     async def _running(self) -> _Child:
@@ -162,21 +166,41 @@ class FileProcess:
             child.ended = True
             code = await child.proc.wait()
             if child.waiting:
-                log.error(
-                    "the pending/ writer process ended (exit %s) with %d orders unanswered; "
-                    "they are refused (503), a new process takes the next orders",
-                    code,
-                    len(child.waiting),
-                )
-            for name, (fut, _) in child.waiting.items():
-                if not fut.done():
+                await self._orphans(child, code)
+
+    async def _orphans(self, child: _Child, code: int) -> None:
+        """The child ended with orders unanswered: settle each here, never leave one."""
+        waiting, child.waiting = child.waiting, {}
+        kept: list[str] = []
+        why = "it was not renamed into pending/"
+        try:
+            kept = await asyncio.to_thread(
+                settle_orphans, self._pending, {n: d for n, (_, _, d) in waiting.items()}
+            )
+        except OSError as exc:
+            why = f"the directory fsync after it failed: {exc}"
+        finally:
+            for name, (fut, _, _) in waiting.items():
+                if fut.done():
+                    continue
+                if name in kept:
+                    fut.set_result(None)
+                else:
                     fut.set_exception(
                         PersistError(
                             f"the pending/ writer process ended (exit {code}) before "
-                            f"pending/{name} was durable"
+                            f"pending/{name} was durable, and {why}"
                         )
                     )
-            child.waiting.clear()
+            log.error(
+                "the pending/ writer process ended (exit %s) with %d orders unanswered: "
+                "%d were in pending/ and are acknowledged after a directory fsync, %d are "
+                "refused (503, their temp files removed); a new process takes the next orders",
+                code,
+                len(waiting),
+                len(kept),
+                len(waiting) - len(kept),
+            )
 
     def _answered(self, child: _Child, line: bytes) -> None:
         parts = line.decode("ascii", "replace").split()
@@ -184,7 +208,7 @@ class FileProcess:
         if entry is None:
             log.error("the pending/ writer process said %r about no order in flight", line)
             return
-        fut, record = entry
+        fut, record, _ = entry
         if fut.done():
             return  # its waiter was cancelled; the file is written all the same
         verdict = parts[1] if len(parts) > 1 else ""
@@ -220,3 +244,23 @@ class FileProcess:
             )
         else:
             fut.set_exception(translate(OSError(errno_, os.strerror(errno_)), what))
+
+
+def settle_orphans(pending: str, orders: dict[str, bytes]) -> list[str]:
+    """The names whose file is in pending/ with exactly the bytes handed over, made
+    durable by one directory fsync (OSError if it fails: none is then acknowledged, and
+    the files stay, as after a crash). Any other order's temp file is removed; a file of
+    its name holding something else is not touched."""
+    kept = []
+    for name, data in orders.items():
+        try:
+            there: bytes | None = read_order_file(f"{pending}/{name}", follow_symlinks=False)
+        except (OSError, OrderFileError):  # not there, or not what it renamed
+            there = None
+        if there == data:
+            kept.append(name)
+        else:
+            unlink_quietly(f"{pending}/.{name}{TMP_SUFFIX}")
+    if kept:
+        fsync_dir(pending)
+    return kept

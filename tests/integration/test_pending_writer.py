@@ -7,14 +7,18 @@ child, stop it, kill it and kill its parent, and read the real files it leaves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from agent.spool import file_proc
 from agent.spool.file_client import FileProcess
 from agent.spool.file_proc import FileSteps
 from agent.spool.record import BufferDirs, PendingRecord
+from tests.support import host_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,14 +131,23 @@ async def test_a_taken_name_is_refused_and_the_file_there_untouched(dirs: Buffer
     assert sorted(os.listdir(dirs.pending)) == sorted([clash.filename, fine.filename])
 
 
-async def test_a_killed_writer_refuses_its_orders_and_the_next_order_gets_a_new_one(
-    dirs: BufferDirs,
-) -> None:
+@contextlib.asynccontextmanager
+async def first_child(dirs: BufferDirs) -> AsyncIterator[tuple[FileProcess, int]]:
+    """A started writer that has written order 1: it and its child's pid."""
     writer = FileProcess(str(dirs.pending), 2)
     await writer.start()
     try:
         await writer.write(record(1))
         (child,) = children_of(os.getpid())
+        yield writer, child
+    finally:
+        await writer.stop()
+
+
+async def test_a_killed_writer_refuses_its_orders_and_the_next_order_gets_a_new_one(
+    dirs: BufferDirs,
+) -> None:
+    async with first_child(dirs) as (writer, child):
         os.kill(child, signal.SIGSTOP)  # it takes orders but answers none
         held = [asyncio.ensure_future(writer.write(record(n))) for n in (2, 3)]
         await asyncio.sleep(0.2)
@@ -146,10 +160,100 @@ async def test_a_killed_writer_refuses_its_orders_and_the_next_order_gets_a_new_
         await writer.write(record(4))  # a new child
         (second,) = children_of(os.getpid())
         assert second != child
-    finally:
-        await writer.stop()
     names = os.listdir(dirs.pending)
     assert record(1).filename in names and record(4).filename in names
+
+
+@pytest.fixture
+def strace() -> str:
+    """Debian's strace, to hold one fsync of the real child (``-P`` picks it by path)."""
+    if shutil.which("strace") is None:
+        if not (host_tools.required() or os.geteuid() == 0):
+            pytest.skip("strace missing: apt-get install strace")
+        host_tools.ensure({"strace": "strace"})
+    if os.geteuid() != 0 and Path("/proc/sys/kernel/yama/ptrace_scope").read_text() != "0\n":
+        pytest.skip("attaching strace to a sibling process needs root or ptrace_scope 0")
+    return "strace"
+
+
+@contextlib.asynccontextmanager
+async def held_fsync(
+    strace: str, pid: int, path: Path
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Attach strace to every thread of ``pid``; each fsync of ``path`` then waits 60 s.
+    Yields ``kill``: SIGKILL ``pid`` while its fsync is held (the fsync never runs), then
+    end strace (until then the parent would not learn of the death)."""
+    tracer = await asyncio.create_subprocess_exec(
+        strace,
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-p",
+        str(pid),
+        "-P",
+        str(path),
+        "-e",
+        "trace=fsync",
+        "-e",
+        "inject=fsync:delay_enter=60000000",
+    )
+
+    def attached() -> bool:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        return all(f"TracerPid:\t{tracer.pid}\n" in (task / "status").read_text() for task in tasks)
+
+    async def stopped() -> None:
+        if tracer.returncode is None:
+            tracer.kill()
+        await tracer.wait()
+
+    async def kill() -> None:
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: not alive(pid), "the writer dead")
+        await stopped()
+
+    try:
+        await until(attached, "strace attached to every thread of the writer")
+        yield kill
+    finally:
+        await stopped()
+
+
+async def test_a_writer_killed_after_a_rename_leaves_that_order_acknowledged(
+    dirs: BufferDirs, strace: str
+) -> None:
+    """Killed between an order's rename and the directory fsync that answers it: the file
+    is whole (its fsync came before the rename), so the agent fsyncs pending/ itself and
+    acknowledges it. Refused, its retry would have made a second file of the same key."""
+    async with first_child(dirs) as (writer, child):
+        async with held_fsync(strace, child, dirs.pending) as kill:
+            late = asyncio.ensure_future(writer.write(record(2)))
+            path = dirs.pending / record(2).filename
+            await until(path.exists, "the order renamed into pending/")
+            await asyncio.sleep(0.1)
+            assert not late.done()  # its directory fsync is held by strace
+            await kill()
+            await asyncio.wait_for(late, 10)  # acknowledged, not refused
+        assert path.read_bytes() == record(2).to_bytes()
+        await writer.write(record(3))  # a new child takes the next order
+    assert sorted(os.listdir(dirs.pending)) == sorted(record(n).filename for n in (1, 2, 3))
+
+
+async def test_a_writer_killed_before_a_rename_refuses_that_order_and_leaves_no_file(
+    dirs: BufferDirs, strace: str
+) -> None:
+    async with first_child(dirs) as (writer, child):
+        temp = dirs.pending / f".{record(2).filename}.tmp"
+        async with held_fsync(strace, child, temp) as kill:
+            late = asyncio.ensure_future(writer.write(record(2)))
+            await until(temp.exists, "the order's temp file created")
+            await asyncio.sleep(0.1)
+            assert not late.done()  # its file fsync is held by strace
+            await kill()
+            with pytest.raises(PersistError, match=r"before pending/\S+ was durable"):
+                await asyncio.wait_for(late, 10)
+    assert os.listdir(dirs.pending) == [record(1).filename]  # no temp file, no second file
 
 
 async def test_the_writer_dies_with_the_agent_on_kill_9(tmp_path: Path, dirs: BufferDirs) -> None:
@@ -282,12 +386,13 @@ async def test_a_group_sigterm_leaves_the_writer_to_the_agent(dirs: BufferDirs) 
     assert sorted(os.listdir(dirs.pending)) == sorted([record(1).filename, record(2).filename])
 
 
-async def test_an_agent_whose_writer_is_killed_under_load_refuses_only_those_orders(
+async def test_an_agent_whose_writer_is_killed_under_load_settles_every_order_once(
     tmp_path: Path, center: Any, agent_process: Any
 ) -> None:
     """The real agent, 32 clients, its writer process killed with -9 mid-way: every order
-    answered 202 is in pending/ under its serial, the others got 503 (never a 2xx for a
-    file that is not durable), their retries are taken by a new writer, none twice."""
+    answered 202 is in pending/ under its serial; those whose file was not there got 503
+    (never a 2xx for a file that is not durable), their retries are taken by a new
+    writer; one file per key."""
     from tests.integration.test_crash import client, post, read_records, start_agent
     from tests.support.harness import order, write_config
 
@@ -310,7 +415,7 @@ async def test_an_agent_whose_writer_is_killed_under_load_refuses_only_those_ord
         await asyncio.gather(*(poster() for _ in range(32)))
         statuses = {status for status, _ in answers.values()}
         refused = [k for k, (status, _) in answers.items() if status == 503]
-        assert statuses <= {202, 503} and refused, statuses
+        assert statuses <= {202, 503}, statuses
         for key in refused:
             assert "pending/ writer process" in answers[key][1]["error"]
             answers[key] = await post(session, agent.url, bodies[key])
@@ -318,17 +423,25 @@ async def test_an_agent_whose_writer_is_killed_under_load_refuses_only_those_ord
         assert second != writer
         agent.kill(signal.SIGTERM)
         assert await agent.reap(20) == 0
+        # The kill came with orders in flight, and the agent says how it settled them:
+        # acknowledged (their files were in pending/) or refused.
+        said = re.search(
+            r"writer process ended \(exit -9\) with (\d+) orders unanswered: (\d+) were in "
+            r"pending/ and are acknowledged after a directory fsync, (\d+) are refused",
+            agent.log.read_text(),
+        )
+        assert said, agent.log.read_text()[-2000:]
+        held, kept, lost = map(int, said.groups())
+        assert held > 0 and held == kept + lost and lost == len(refused), said.group(0)
     assert {status for status, _ in answers.values()} <= {200, 202}
     on_disk: dict[str, set[str]] = {}
     for serial, rec in read_records(tmp_path / "spool" / "pending").items():
         on_disk.setdefault(rec["dedupe_key"], set()).add(serial)
     assert set(on_disk) == set(bodies)
     for key, (_, body) in answers.items():
-        # A refused order's file may have been renamed before its writer died (durable,
-        # never answered 2xx): then its retry is a second file under a new serial, which
-        # the center's dedupe key makes a duplicate. Every order acknowledged once is here.
-        assert body["serial"] in on_disk[key], key
-        assert len(on_disk[key]) == 1 or key in refused, key
+        # One file per key: an order whose file was renamed before its writer died is
+        # acknowledged, not refused, so no retry of it makes a second file.
+        assert on_disk[key] == {body["serial"]}, (key, key in refused)
 
 
 async def test_a_writer_that_cannot_start_is_a_clear_error(
