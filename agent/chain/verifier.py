@@ -77,11 +77,10 @@ class Verifier:
         self._known: set[str] = set()  # serials enrolled (or queued to be)
         self._unreadable: set[str] = set()  # merged/ names that are no order: read once
         self.in_flight: set[tuple[str, str]] = set()  # (serial, step) being checked now
-        # (serial, step) -> when its check ended, counted in checks ended: a ledger read
-        # begun before then may still show the step due (see _check_loop).
-        self._ended: dict[tuple[str, str], int] = {}
-        self._ends = 0
         self.checks = 0  # checks finished since start
+        # (serial, step) -> ``checks`` when its check ended: a ledger read begun before
+        # then may still show the step due (see _check_loop).
+        self._ended: dict[tuple[str, str], int] = {}
         self._running = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -243,7 +242,7 @@ class Verifier:
             # Cleared before the ledger is read, never after: a wake-up (an enrolment
             # committed, a check done) that comes while we look is then never lost.
             self._wake.clear()
-            read_from = self._ends
+            read_from = self.checks
             try:
                 due = await self.ledger.due(time.time(), batch)
             except PersistError as exc:
@@ -290,11 +289,10 @@ class Verifier:
         except Exception as exc:  # a bug in one check never stops the others
             log.exception("chain: check of %s %s failed: %s", item.order.serial, item.step, exc)
         finally:
-            self._ends += 1
-            self._ended[item.key] = self._ends
+            self.checks += 1
+            self._ended[item.key] = self.checks
             self.in_flight.discard(item.key)
             self._slots.release()
-            self.checks += 1
             self._wake.set()
 
     async def check_one(self, item: Due) -> None:

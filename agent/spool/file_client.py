@@ -46,8 +46,7 @@ class _Child:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        # name -> (its waiter, the record, the bytes handed over)
-        self.waiting: dict[str, tuple[asyncio.Future[None], PendingRecord, bytes]] = {}
+        self.waiting: dict[str, tuple[asyncio.Future[None], PendingRecord]] = {}
         self.reader: asyncio.Task[None] | None = None
         self.ended = False
 
@@ -91,16 +90,14 @@ class FileProcess:
             raise PersistError(f"pending/{name} is being written already")
         data = record.to_bytes()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        child.waiting[name] = (fut, record, data)
+        child.waiting[name] = (fut, record)
         stdin = child.proc.stdin
         assert stdin is not None
-        try:
+        # Should the child be gone (perhaps after it read this frame and renamed the
+        # file), its reader settles this order with the others it left (settle_orphans).
+        with contextlib.suppress(ConnectionError, RuntimeError):
             stdin.write(b"%s %d\n%s" % (name.encode(), len(data), data))
             await stdin.drain()
-        except (ConnectionError, RuntimeError):
-            # The child is gone (perhaps after it read this frame and renamed the file):
-            # its reader settles this order with the others it left (settle_orphans).
-            pass
         await fut
 
     async def _running(self) -> _Child:
@@ -175,12 +172,12 @@ class FileProcess:
         why = "it was not renamed into pending/"
         try:
             kept = await asyncio.to_thread(
-                settle_orphans, self._pending, {n: d for n, (_, _, d) in waiting.items()}
+                settle_orphans, self._pending, {n: r.to_bytes() for n, (_, r) in waiting.items()}
             )
         except OSError as exc:
             why = f"the directory fsync after it failed: {exc}"
         finally:
-            for name, (fut, _, _) in waiting.items():
+            for name, (fut, _) in waiting.items():
                 if fut.done():
                     continue
                 if name in kept:
@@ -208,7 +205,7 @@ class FileProcess:
         if entry is None:
             log.error("the pending/ writer process said %r about no order in flight", line)
             return
-        fut, record, _ = entry
+        fut, record = entry
         if fut.done():
             return  # its waiter was cancelled; the file is written all the same
         verdict = parts[1] if len(parts) > 1 else ""
