@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from agent.spool.record import BufferDirs
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 from recovery.checkpoint import CHECKPOINT_NAME, UNREADABLE, Checkpoint
-from recovery.finisher import Finisher, Outcomes, Settled
+from recovery.finisher import FileMoves, Finisher, Outcomes, Settled
 from recovery.merge import MergeOptions, Merger
 from recovery.origin import Source
 from recovery.plan import Plan
@@ -133,6 +134,9 @@ async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int
     checkpoint = Checkpoint(ck_path, run=time_ms())
     stop = stop_event()
     ranker = Ranker(ck_path)
+    # The claims (which rank), the checkpoint and the moves take turns on one thread
+    # (recovery/finisher.py says why).
+    files = ThreadPoolExecutor(1, thread_name_prefix="merge-files")
     try:
         sender = Sender(
             client, job.target, job.concurrency, job.rate, job.batch, job.timeout_s, stop
@@ -150,7 +154,11 @@ async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int
                 progress.update(len(items))
 
         finisher = Finisher(
-            dirs, checkpoint, settled, outcomes=None if origin is None else origin.outcomes
+            dirs,
+            checkpoint,
+            settled,
+            outcomes=FileMoves(dirs, files) if origin is None else origin.outcomes,
+            files=files,
         )
         opts = MergeOptions(
             job.root,
@@ -163,7 +171,7 @@ async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int
             job.pin,
         )
         merger = Merger(
-            opts, ranker, sender, finisher, stop, None if origin is None else origin.source
+            opts, ranker, sender, finisher, stop, files, None if origin is None else origin.source
         )
         summary.total = await merger.prepare()
         log.info(
@@ -181,6 +189,7 @@ async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int
             progress.update(len(merger.held_elsewhere))
             progress.close()
     finally:
+        files.shutdown(wait=True)  # no claim may rank after the ranker is closed
         ranker.close()
     held = merger.held_elsewhere
     summary.total -= len(held)

@@ -1,7 +1,7 @@
 """Where answered orders end up: checkpoint rows first, then the file moves, in groups.
 
 Workers hand over each settled order without waiting. Groups of everything
-queued so far flow through three stages, each one thread, in order:
+queued so far flow through three stages, in order:
 
 1. append the outcomes to the checkpoint (so a crash after this point
    finishes the move on rerun without asking the center again);
@@ -15,10 +15,15 @@ Stages 2 and 3 are the source's ``Outcomes``: ``FileMoves`` for a buffer
 directory; a takeover from the replica marks the orders there instead
 (``recovery.replica_source``). Stage 1, the checkpoint, is always first.
 
-Stage 1 of a group overlaps stage 2 of the previous one and stage 3 of the
-one before, so no stage waits for another's I/O. Under load the groups grow
-by themselves: one sync covers thousands of files. The queue is bounded,
-which also bounds the open claims (file descriptors).
+Stage 3 of a group overlaps stages 1 and 2 of the next ones. Under load the
+groups grow by themselves: one sync covers thousands of files. The queue is
+bounded, which also bounds the open claims (file descriptors).
+
+Stages 1 and 2 run on the merge's one file thread (``files``), between the
+claims, and only the sync has a thread of its own. Each of these steps is a
+run of short system calls, and CPython hands the GIL over at every one: in
+three threads side by side (claims, checkpoint, moves) that cost 17 futex
+calls per order and a fifth of the merge's CPU (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,7 +90,10 @@ class Finisher:
         on_settled: OnSettled,
         limit: int = 2048,
         outcomes: Outcomes | None = None,
+        files: Executor | None = None,
     ) -> None:
+        """``files``: the thread for checkpoint writes, the caller's (the merge's file
+        thread); without it the finisher has one of its own."""
         self._checkpoint = checkpoint
         self._on_settled = on_settled
         self._outcomes = outcomes if outcomes is not None else FileMoves(dirs)
@@ -98,7 +106,8 @@ class Finisher:
         self._unsettled = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="finisher-checkpoint")
+        self._own_pool = files is None
+        self._pool = files or ThreadPoolExecutor(1, thread_name_prefix="finisher-checkpoint")
         self._to_move: asyncio.Queue[list[Settled] | None] = asyncio.Queue(2)
         self._to_sync: asyncio.Queue[tuple[list[Settled], Any] | None] = asyncio.Queue(2)
         self._tasks: list[asyncio.Task[None]] = []
@@ -135,7 +144,8 @@ class Finisher:
         self._queue.append(None)
         self._wakeup.set()
         await asyncio.gather(*self._tasks)
-        self._pool.shutdown(wait=True)
+        if self._own_pool:
+            self._pool.shutdown(wait=True)
         self._outcomes.close()
 
     async def _record(self) -> None:
@@ -188,15 +198,18 @@ class Finisher:
 class FileMoves:
     """A buffer directory's outcomes: files into merged/ or rejected/, claims released."""
 
-    def __init__(self, dirs: BufferDirs) -> None:
+    def __init__(self, dirs: BufferDirs, files: Executor | None = None) -> None:
+        """``files``: the thread for the moves, the caller's (the merge's file thread);
+        without it, one of its own. The sync always has its own."""
         self._dirs = dirs
-        self._pools = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"finisher-{n}") for n in ("move", "sync")
-        ]
+        self._move_pool = files or ThreadPoolExecutor(1, thread_name_prefix="finisher-move")
+        self._own_move_pool = files is None
+        self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="finisher-sync")
 
     def close(self) -> None:
-        for pool in self._pools:
-            pool.shutdown(wait=True)
+        if self._own_move_pool:
+            self._move_pool.shutdown(wait=True)
+        self._sync_pool.shutdown(wait=True)
 
     async def place(self, batch: list[Settled]) -> Moved:
         moves = [
@@ -207,13 +220,13 @@ class FileMoves:
         results: list[BaseException | None] = []
         if moves:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._pools[0], place_in_merged, self._dirs.merged, moves
+                self._move_pool, place_in_merged, self._dirs.merged, moves
             )
         return moves, results
 
     async def complete(self, batch: list[Settled], placed: Moved) -> None:
         await asyncio.get_running_loop().run_in_executor(
-            self._pools[1], self._complete, batch, placed
+            self._sync_pool, self._complete, batch, placed
         )
 
     def _complete(self, batch: list[Settled], moved: Moved) -> None:

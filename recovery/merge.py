@@ -26,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +75,11 @@ class Merger:
         sender: Sender,
         finisher: Finisher,
         stop: asyncio.Event,
+        files: Executor,
         source: Source | None = None,
     ) -> None:
+        """``files``: the one thread of the merge's file and checkpoint steps, shared with
+        the finisher and owned by the caller (``recovery.app``)."""
         self._opts = opts
         self._source = source if source is not None else DirectorySource(opts.root, opts.node)
         self._dirs = BufferDirs(opts.root)
@@ -90,7 +93,7 @@ class Merger:
         self._pending: Iterable[Item] | None = None
         self._loose: list[Found] = []
         # One thread: files are ranked in the order they are met.
-        self._claimer = ThreadPoolExecutor(1, thread_name_prefix="claim")
+        self._claimer = files
 
     async def prepare(self) -> int:
         """List pending/ and read the loose files (few, as a rule); the number of files."""
@@ -118,16 +121,13 @@ class Merger:
         if self._pending is None:
             raise RuntimeError("Merger.prepare() must be awaited before run()")
         loose = (Item(f.file, True) for f in self._loose)
-        try:
-            held = await self._pass(_chunks(self._pending), lambda c: self._first(c, True))
-            held += await self._pass(_chunks(loose), lambda c: self._first(c, False))
-            await self._retry_held(held)
-            if self._stop.is_set():
-                return
-            held = await self._pass(self._ranker.losers(CHUNK), self._again)
-            await self._retry_held(held)
-        finally:
-            self._claimer.shutdown(wait=True)
+        held = await self._pass(_chunks(self._pending), lambda c: self._first(c, True))
+        held += await self._pass(_chunks(loose), lambda c: self._first(c, False))
+        await self._retry_held(held)
+        if self._stop.is_set():
+            return
+        held = await self._pass(self._ranker.losers(CHUNK), self._again)
+        await self._retry_held(held)
 
     def _admitted(self, pinned_to: str | None) -> bool:
         """Unpinned, or pinned to this target's cluster. An order pinned to another

@@ -25,7 +25,8 @@ _LINE = re.compile(r"^(?P<pid>\d+)\s+(?P<ts>\d\d:\d\d:\d\d\.\d{6}) (?P<rest>.*)$
 _CALL = re.compile(r"^(?P<name>\w+)\((?P<args>.*)$")
 _RESUMED = re.compile(r"^<\.\.\. (?P<name>\w+) resumed>(?P<args>.*)$")
 _RESULT = re.compile(
-    r"\)\s+=\s+(?P<ret>-?\d+|\?)(?: (?P<err>E[A-Z]+)[^<]*)?"
+    # "= 13</the/file>": with -yy a returned descriptor is annotated too (openat)
+    r"\)\s+=\s+(?P<ret>-?\d+|\?)(?:<[^>]*>)?(?: (?P<err>E[A-Z]+)[^<]*)?"
     r"(?:\s+<(?P<dur>\d+\.\d+)>)?\s*$"
 )
 _FD = re.compile(r"^(?P<fd>\d+)<(?P<what>.*?)>(?=[,)])")  # "TCP:[a:1->b:2]" has a '>'

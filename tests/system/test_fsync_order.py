@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from recovery.checkpoint import CHECKPOINT_NAME
 from tests.support import host_tools
 from tests.support.powerloss_harness import Proc, World, orders, wait_until
 from tests.support.powerloss_strace import TRACE_CALLS, Call, parse, unescape
@@ -223,6 +224,33 @@ def check_merged(idx: Index, spool: Path, serial: str) -> str | None:
     return None
 
 
+def check_one_file_thread(calls: list[Call], spool: Path) -> str | None:
+    """edge-recover claims pending/ files, writes its checkpoint and renames files into
+    merged/ on one thread. In three threads side by side these short system calls
+    handed the GIL over at every call: 17 futex calls per order, a fifth of the merge's
+    CPU (recovery/finisher.py). The order of the steps is checked by check_merged."""
+    pending, merged = f"{spool}/pending/", f"{spool}/merged/"
+    claims, moves, checkpoint = set(), set(), set()
+    for c in calls:
+        if not c.ok:
+            continue
+        if c.name == "openat" and c.strings and c.strings[0].startswith(pending):
+            claims.add(c.pid)
+        elif c.name.startswith("rename") and len(c.strings) >= 2:
+            if c.strings[1].startswith(merged):
+                moves.add(c.pid)
+        elif c.name in ("pwrite64", "write") and c.fd_path.endswith(f"{CHECKPOINT_NAME}-wal"):
+            checkpoint.add(c.pid)
+    if not claims or not moves or not checkpoint:
+        return f"no claims, moves or checkpoint writes in the trace: {claims} {moves} {checkpoint}"
+    if len(claims | moves) != 1 or not claims <= checkpoint:
+        return (
+            f"claims on threads {sorted(claims)}, moves into merged/ on {sorted(moves)}, "
+            f"checkpoint writes on {sorted(checkpoint)}: not one thread"
+        )
+    return None
+
+
 def check_inbox(
     calls: list[Call], idx: Index, spool: Path, key_of_file: dict[str, str]
 ) -> list[str]:
@@ -339,10 +367,13 @@ async def test_fsync_order_under_strace() -> None:
         problems += check_inbox(
             calls2, idx2, w.spool, {f"drop-{i:05d}.json": k for i, k in enumerate(dropped)}
         )
-        idx3 = Index(parse(trace3))
+        calls3 = parse(trace3)
+        idx3 = Index(calls3)
         problems += [
             f"edge-recover: {p}" for s in sorted(recovered) if (p := check_merged(idx3, w.spool, s))
         ]
+        if p := check_one_file_thread(calls3, w.spool):
+            problems.append(f"edge-recover: {p}")
         for calls, idx, run in ((calls1, idx1, "run 1"), (calls2, idx2, "run 2")):
             if p := check_reservation(calls, idx, w.port, run):
                 problems.append(p)
@@ -397,6 +428,25 @@ def test_checker_catches_a_reply_before_durability(tmp_path: Path) -> None:
     assert check_buffered(idx, Path("/s"), got["N-20260101-000000001"]) is None
     problem = check_buffered(idx, Path("/s"), got["N-20260101-000000002"])
     assert problem is not None and "after the 202" in problem
+
+
+def test_thread_checker_tells_one_file_thread_from_several(tmp_path: Path) -> None:
+    """check_one_file_thread passes a merge whose claims, checkpoint writes and moves
+    share a thread, and names the threads of one that splits them."""
+    name = "N-20260101-000000001.json"
+    lines = [
+        # as strace -yy writes it: the directory and the returned descriptor annotated
+        f'{{claim}} 10:00:00.000100 openat(AT_FDCWD</w>, "/s/pending/{name}", O_RDWR) '
+        f"= 5</s/pending/{name}> <0.00001>",
+        f'{{ck}} 10:00:00.000200 pwrite64(7</s/{CHECKPOINT_NAME}-wal>, "x", 1, 0) = 1 <0.00001>',
+        f'{{move}} 10:00:00.000300 rename("/s/pending/{name}", "/s/merged/{name}") = 0 <0.00001>',
+    ]
+    for tids, ok in (((10, 10, 10), True), ((10, 10, 11), False), ((10, 11, 11), False)):
+        trace = tmp_path / f"trace-{tids}.txt"
+        claim, ck, move = tids
+        trace.write_text("\n".join(ln.format(claim=claim, ck=ck, move=move) for ln in lines))
+        problem = check_one_file_thread(parse(trace), Path("/s"))
+        assert (problem is None) is ok, (tids, problem)
 
 
 def request_times(calls: list[Call], port: int) -> dict[str, float]:
