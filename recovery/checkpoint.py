@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from agent.base.durable import fsync_dir
-from recovery.rows import insert_rows
+from agent.state.rows import insert_rows
 
 CHECKPOINT_NAME = ".edge-recover.db"
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.state.rows import insert_rows
 from recovery.checkpoint import load_id
 from recovery.item import Item
-from recovery.rows import insert_rows
 from recovery.scratch import scratch_db
 
 SCHEMA = """

@@ -29,6 +29,7 @@ from typing import Any
 
 from agent.base.batching import GroupCommit
 from agent.errors import PersistError
+from agent.state.rows import insert_rows
 from agent.state.sqlite_db import SqliteDb
 
 log = logging.getLogger("agent.state")
@@ -91,6 +92,7 @@ class Entry:
 
 
 _COLUMNS = "dedupe_key, serial, state, cluster, order_id, digest, received_at"
+_RECORD_HEAD = f"INSERT OR REPLACE INTO orders ({_COLUMNS}, updated_at) VALUES"
 _BY_KEY = f"SELECT {_COLUMNS} FROM orders WHERE dedupe_key=?"
 _BY_SERIAL = f"SELECT {_COLUMNS} FROM orders WHERE serial=?"
 _UPDATE_IN_PLACE = (
@@ -105,6 +107,9 @@ class _Op:
     params: tuple[Any, ...]
     # Run instead when ``sql`` changed no row (an in-place update whose row is not there).
     fallback: _Op | None = None
+    # "INSERT ... VALUES" of ``sql``: a run of these ops goes in as multi-row statements
+    # (agent.state.rows), one step each instead of one per row.
+    rows_head: str | None = None
 
 
 class Journal:
@@ -137,7 +142,11 @@ class Journal:
 
         def apply(conn: sqlite3.Connection) -> None:
             for sql, group in groups:
-                if group[0].fallback is None:
+                first = group[0]
+                if first.rows_head is not None:
+                    insert_rows(conn, first.rows_head, len(first.params), [o.params for o in group])
+                    continue
+                if first.fallback is None:
                     conn.executemany(sql, [op.params for op in group])
                     continue
                 for op in group:
@@ -224,7 +233,7 @@ class Journal:
     @staticmethod
     def _record_op(entry: Entry) -> _Op:
         return _Op(
-            f"INSERT OR REPLACE INTO orders ({_COLUMNS}, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+            f"{_RECORD_HEAD} (?,?,?,?,?,?,?,?)",
             (
                 entry.dedupe_key,
                 entry.serial,
@@ -235,6 +244,7 @@ class Journal:
                 entry.received_at,
                 time.time(),
             ),
+            rows_head=_RECORD_HEAD,
         )
 
     async def mark(

@@ -1,11 +1,12 @@
 """Rows into SQLite many at a time: one statement, one step, for up to a hundred rows.
 
 ``executemany`` steps its statement once per row, and Python's sqlite3 lets go of
-the GIL around every step: in the merge, whose threads share one GIL all the time,
-each step is a hand-over between threads (measured: futex calls, the merge's largest
-system time). One multi-row ``INSERT ... VALUES (...),(...)`` inserts the same rows in
-the same order, each as its own row would (a later row replaces or is ignored beside
-an earlier one exactly as with ``executemany``), at a third less CPU.
+the GIL around every step: each step is a hand-over to whichever thread waits for
+the GIL (the agent's event loop beside its SQLite threads, the merge's threads
+beside each other; measured: futex calls, a large part of their system time). One
+multi-row ``INSERT ... VALUES (...),(...)`` inserts the same rows in the same
+order, each as its own row would (a later row replaces or is ignored beside an
+earlier one exactly as with ``executemany``), at a third less CPU.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Multi-row inserts (recovery.rows) leave the table exactly as executemany would."""
+"""Multi-row inserts (agent.state.rows) leave the table exactly as executemany would."""
 
 from __future__ import annotations
 
 import sqlite3
 
-from recovery.rows import ROWS_PER_STATEMENT, insert_rows
+from agent.state.rows import ROWS_PER_STATEMENT, insert_rows
 
 SCHEMA = "CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER, note TEXT)"
 
