@@ -8,8 +8,10 @@ start the center (bench/center.py) in its own process, run ``edge-recover
 --mode merge`` end to end as a subprocess, and print seconds, orders/s, the
 merge process's peak RSS, and the speed-up over the vendor's reference
 (100,000 orders in 480 s). Single POSTs are also compared with a bare aiohttp
-loop (32 concurrent, keep-alive, no files) against the same center. Traffic
-stays on loopback. ``--orders 1000000 --modes bulk`` is the memory check.
+loop (32 concurrent, keep-alive, no files) against the same center. The bulk
+merge is also compared with the file steps alone (one thread, no network; 20,000
+files timed before the merges and again after them, the mean: one timing moved
++-15% between runs). Traffic stays on loopback. ``--orders 1000000 --modes bulk`` is the memory check.
 ``--merge-code DIR`` runs the merge from another checkout (its ``recovery`` and
 ``agent`` packages), the rest of the bench from this one: A/B runs in the same minutes.
 """
@@ -283,11 +285,14 @@ def bench(args: argparse.Namespace, work: Path) -> int:
         print(f"orders: {n}; center: {base} (separate process); cpus: {os.cpu_count()}")
         print(f"merge code: {args.merge_code.resolve()}; load average {os.getloadavg()[0]:.2f}")
         sample = min(n, 20_000)
-        floor = file_floor(work / "floor", sample)
+        floor_before = file_floor(work / "floor", sample)
         print(
             f"file steps alone (claim, read, parse, add order_id, rename into merged/, "
-            f"{sample} files, no network): {floor * 1e6:.0f} us per file"
+            f"{sample} files, no network): {floor_before * 1e6:.0f} us per file (timed again "
+            "after the merges: the floor of each goal below is the mean of the two)"
         )
+        bulk_runs: list[tuple[float, float]] = []  # (merge s, bare loop s), for the floor
+        floor_goals_at = 0
         for mode in args.modes.split(","):
             batch = 100 if mode == "bulk" else 1
             root = work / f"buffer-{mode}"
@@ -353,12 +358,6 @@ def bench(args: argparse.Namespace, work: Path) -> int:
                     f"{stats['duplicated_keys']} created twice, {left} left"
                 )
             first_s = math.inf if first is None else first
-            floor_s = floor * n
-            print(
-                f"[{mode}] the file steps alone would take {floor_s:.2f} s = "
-                f"{floor_s / bare_s:.2f}x the bare loop; the merge takes {secs / floor_s:.2f}x "
-                "the file steps"
-            )
             if mode == "bulk":
                 ratio = secs / bare_s
                 goals.append(
@@ -369,22 +368,8 @@ def bench(args: argparse.Namespace, work: Path) -> int:
                         ratio <= GOAL_BULK_VS_BARE,
                     )
                 )
-                goals.append(
-                    (
-                        "  (file steps alone / bare batch loop)",
-                        "",
-                        f"{floor_s / bare_s:.2f}x ({floor * 1e6:.0f} us/file)",
-                        None,
-                    )
-                )
-                goals.append(
-                    (
-                        f"bulk {n:,}: merge time / file steps alone",
-                        f"<= {GOAL_BULK_VS_FLOOR:.1f}x",
-                        f"{secs / floor_s:.2f}x ({secs:.1f} s vs {floor_s:.1f} s)",
-                        secs / floor_s <= GOAL_BULK_VS_FLOOR,
-                    )
-                )
+                bulk_runs.append((secs, bare_s))
+                floor_goals_at = len(goals)  # filled in once the floor is timed again
             else:
                 kept = rate / bare_rate
                 goals.append(
@@ -412,6 +397,35 @@ def bench(args: argparse.Namespace, work: Path) -> int:
                 )
             )
             shutil.rmtree(root, ignore_errors=True)
+        if bulk_runs:
+            floor_after = file_floor(work / "floor", sample)
+            floor = (floor_before + floor_after) / 2
+            print(
+                f"file steps alone, timed again: {floor_after * 1e6:.0f} us per file; "
+                f"the mean, {floor * 1e6:.0f} us, is the floor below"
+            )
+            for secs, bare_s in bulk_runs:
+                floor_s = floor * n
+                print(
+                    f"[bulk] the file steps alone would take {floor_s:.2f} s = "
+                    f"{floor_s / bare_s:.2f}x the bare loop; the merge takes "
+                    f"{secs / floor_s:.2f}x the file steps"
+                )
+                goals[floor_goals_at:floor_goals_at] = [
+                    (
+                        "  (file steps alone / bare batch loop)",
+                        "",
+                        f"{floor_s / bare_s:.2f}x ({floor * 1e6:.0f} us/file, before "
+                        f"{floor_before * 1e6:.0f} and after {floor_after * 1e6:.0f})",
+                        None,
+                    ),
+                    (
+                        f"bulk {n:,}: merge time / file steps alone",
+                        f"<= {GOAL_BULK_VS_FLOOR:.1f}x",
+                        f"{secs / floor_s:.2f}x ({secs:.1f} s vs {floor_s:.1f} s)",
+                        secs / floor_s <= GOAL_BULK_VS_FLOOR,
+                    ),
+                ]
     finally:
         center.terminate()
         center.wait()
