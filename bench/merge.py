@@ -11,9 +11,10 @@ merge process's peak RSS, and the speed-up over the vendor's reference
 loop (32 concurrent, keep-alive, no files) against the same center. The bulk
 merge is also compared with the file steps alone (one thread, no network; 20,000
 files timed before the merges and again after them, the mean: one timing moved
-+-15% between runs). Traffic stays on loopback. ``--orders 1000000 --modes bulk`` is the memory check.
-``--merge-code DIR`` runs the merge from another checkout (its ``recovery`` and
-``agent`` packages), the rest of the bench from this one: A/B runs in the same minutes.
++-15% between runs). Traffic stays on loopback. ``--orders 1000000 --modes bulk``
+is the memory check. ``--merge-code DIR`` runs the merge from another checkout
+(its ``recovery`` and ``agent`` packages), the rest of the bench from this one:
+A/B runs in the same minutes.
 """
 
 from __future__ import annotations
