@@ -6,9 +6,11 @@ child, stop it, kill it and kill its parent, and read the real files it leaves.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import io
 import os
 import re
@@ -16,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -386,15 +389,31 @@ async def test_a_group_sigterm_leaves_the_writer_to_the_agent(dirs: BufferDirs) 
     assert sorted(os.listdir(dirs.pending)) == sorted([record(1).filename, record(2).filename])
 
 
+def unread_stdin(pid: int) -> int:
+    """Bytes in the pipe that is ``pid``'s stdin, not read yet (FIONREAD through /proc).
+    The descriptor is closed at once: held open, it would keep the pipe from breaking."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        count = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+        return count[0]
+    finally:
+        os.close(fd)
+
+
 async def test_an_agent_whose_writer_is_killed_under_load_settles_every_order_once(
     tmp_path: Path, center: Any, agent_process: Any
 ) -> None:
     """The real agent, 32 clients, its writer process killed with -9 mid-way: every order
     answered 202 is in pending/ under its serial; those whose file was not there got 503
     (never a 2xx for a file that is not durable), their retries are taken by a new
-    writer; one file per key."""
+    writer; one file per key.
+
+    The writer is stopped (SIGSTOP) and killed once an order waits unread in its stdin:
+    a kill at a random moment may find it with nothing unanswered (a loaded agent reads
+    the answers later than the writer gives them), and then tests nothing (seen in CI)."""
     from tests.integration.test_crash import client, post, read_records, start_agent
-    from tests.support.harness import order, write_config
+    from tests.support.harness import order, wait_for, write_config
 
     await center.go_down()
     config = write_config(tmp_path, center.url)
@@ -406,13 +425,23 @@ async def test_an_agent_whose_writer_is_killed_under_load_settles_every_order_on
         (writer,) = children_of(agent.proc.pid)
         todo = iter(bodies.items())
 
+        async def kill_when_fed() -> None:
+            await wait_for(lambda: unread_stdin(writer) > 0, 10, "an order for the writer")
+            os.kill(writer, signal.SIGKILL)
+
+        killing: list[asyncio.Task[None]] = []
+
         async def poster() -> None:
             for key, raw in todo:
                 answers[key] = await post(session, agent.url, raw)
                 if len(answers) == 100:
-                    os.kill(writer, signal.SIGKILL)
+                    # Stopped, it reads nothing: this poster's next order waits in its stdin
+                    # (the others may all wait on orders it already read).
+                    os.kill(writer, signal.SIGSTOP)
+                    killing.append(asyncio.create_task(kill_when_fed()))
 
         await asyncio.gather(*(poster() for _ in range(32)))
+        await asyncio.gather(*killing)
         statuses = {status for status, _ in answers.values()}
         refused = [k for k, (status, _) in answers.items() if status == 503]
         assert statuses <= {202, 503}, statuses
