@@ -292,8 +292,9 @@ def bench(args: argparse.Namespace, work: Path) -> int:
             f"{sample} files, no network): {floor_before * 1e6:.0f} us per file (timed again "
             "after the merges: the floor of each goal below is the mean of the two)"
         )
-        bulk_runs: list[tuple[float, float]] = []  # (merge s, bare loop s), for the floor
-        floor_goals_at = 0
+        # The bulk run's (merge s, bare loop s, where its floor goals go), once the floor
+        # is timed again after the merges.
+        bulk_run: tuple[float, float, int] | None = None
         for mode in args.modes.split(","):
             batch = 100 if mode == "bulk" else 1
             root = work / f"buffer-{mode}"
@@ -369,8 +370,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
                         ratio <= GOAL_BULK_VS_BARE,
                     )
                 )
-                bulk_runs.append((secs, bare_s))
-                floor_goals_at = len(goals)  # filled in once the floor is timed again
+                bulk_run = (secs, bare_s, len(goals))
             else:
                 kept = rate / bare_rate
                 goals.append(
@@ -398,35 +398,35 @@ def bench(args: argparse.Namespace, work: Path) -> int:
                 )
             )
             shutil.rmtree(root, ignore_errors=True)
-        if bulk_runs:
+        if bulk_run is not None:
             floor_after = file_floor(work / "floor", sample)
             floor = (floor_before + floor_after) / 2
             print(
                 f"file steps alone, timed again: {floor_after * 1e6:.0f} us per file; "
                 f"the mean, {floor * 1e6:.0f} us, is the floor below"
             )
-            for secs, bare_s in bulk_runs:
-                floor_s = floor * n
-                print(
-                    f"[bulk] the file steps alone would take {floor_s:.2f} s = "
-                    f"{floor_s / bare_s:.2f}x the bare loop; the merge takes "
-                    f"{secs / floor_s:.2f}x the file steps"
-                )
-                goals[floor_goals_at:floor_goals_at] = [
-                    (
-                        "  (file steps alone / bare batch loop)",
-                        "",
-                        f"{floor_s / bare_s:.2f}x ({floor * 1e6:.0f} us/file, before "
-                        f"{floor_before * 1e6:.0f} and after {floor_after * 1e6:.0f})",
-                        None,
-                    ),
-                    (
-                        f"bulk {n:,}: merge time / file steps alone",
-                        f"<= {GOAL_BULK_VS_FLOOR:.1f}x",
-                        f"{secs / floor_s:.2f}x ({secs:.1f} s vs {floor_s:.1f} s)",
-                        secs / floor_s <= GOAL_BULK_VS_FLOOR,
-                    ),
-                ]
+            secs, bare_s, at = bulk_run
+            floor_s = floor * n
+            print(
+                f"[bulk] the file steps alone would take {floor_s:.2f} s = "
+                f"{floor_s / bare_s:.2f}x the bare loop; the merge takes "
+                f"{secs / floor_s:.2f}x the file steps"
+            )
+            goals[at:at] = [
+                (
+                    "  (file steps alone / bare batch loop)",
+                    "",
+                    f"{floor_s / bare_s:.2f}x ({floor * 1e6:.0f} us/file, before "
+                    f"{floor_before * 1e6:.0f} and after {floor_after * 1e6:.0f})",
+                    None,
+                ),
+                (
+                    f"bulk {n:,}: merge time / file steps alone",
+                    f"<= {GOAL_BULK_VS_FLOOR:.1f}x",
+                    f"{secs / floor_s:.2f}x ({secs:.1f} s vs {floor_s:.1f} s)",
+                    secs / floor_s <= GOAL_BULK_VS_FLOOR,
+                ),
+            ]
     finally:
         center.terminate()
         center.wait()

@@ -28,7 +28,7 @@ from agent.spool.record import BufferDirs
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 from recovery.checkpoint import CHECKPOINT_NAME, UNREADABLE, Checkpoint
-from recovery.finisher import FileMoves, Finisher, Outcomes, Settled
+from recovery.finisher import Finisher, Outcomes, Settled
 from recovery.merge import MergeOptions, Merger
 from recovery.origin import Source
 from recovery.plan import Plan
@@ -157,7 +157,7 @@ async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int
             dirs,
             checkpoint,
             settled,
-            outcomes=FileMoves(dirs, files) if origin is None else origin.outcomes,
+            outcomes=None if origin is None else origin.outcomes,
             files=files,
         )
         opts = MergeOptions(

@@ -93,11 +93,11 @@ class Finisher:
         outcomes: Outcomes | None = None,
         files: Executor | None = None,
     ) -> None:
-        """``files``: the thread for checkpoint writes, the caller's (the merge's file
-        thread); without it the finisher has one of its own."""
+        """``files``: the thread for checkpoint writes and (without ``outcomes``) file
+        moves, the caller's (the merge's file thread); without it, threads of its own."""
         self._checkpoint = checkpoint
         self._on_settled = on_settled
-        self._outcomes = outcomes if outcomes is not None else FileMoves(dirs)
+        self._outcomes = outcomes if outcomes is not None else FileMoves(dirs, files)
         # Room for ``limit`` unsettled orders (bounding the open claims): counted, not a
         # semaphore acquired and released per order (two event-loop calls each).
         self._limit = limit

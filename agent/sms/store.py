@@ -50,6 +50,9 @@ EXPIRED_SQL = (
     "SELECT serial, phone, attempts, created_at FROM sms INDEXED BY sms_expiry "
     "WHERE state=? AND created_at<? AND next_at<=?"
 )
+# A new outbox row and its window row ("... VALUES": one row, or many, agent.state.rows).
+_NEW_ROW = "INSERT INTO sms (serial, phone, state, reason, created_at, next_at, updated_at) VALUES"
+_NEW_WINDOW_ROW = "INSERT INTO sms_window (phone, at) VALUES"
 DUE_SQL = (
     "SELECT serial, phone, attempts, created_at FROM sms INDEXED BY sms_due "
     "WHERE state=? AND next_at<=? ORDER BY next_at LIMIT ?"
@@ -233,14 +236,8 @@ class OutboxStore:
         window: list[tuple[object, ...]] = []
 
         def insert() -> None:
-            insert_rows(
-                db,
-                "INSERT INTO sms (serial, phone, state, reason, created_at, "
-                "next_at, updated_at) VALUES",
-                7,
-                sms,
-            )
-            insert_rows(db, "INSERT INTO sms_window (phone, at) VALUES", 2, window)
+            insert_rows(db, _NEW_ROW, 7, sms)
+            insert_rows(db, _NEW_WINDOW_ROW, 2, window)
             sms.clear()
             window.clear()
 
@@ -281,13 +278,9 @@ class OutboxStore:
                 reason = f"sms.per_phone_per_hour ({op.limit}) reached for this phone"
         else:
             state, phone, reason = decided
-        db.execute(
-            "INSERT INTO sms (serial, phone, state, reason, created_at, next_at, updated_at) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (op.serial, phone, state, reason, now, now, now),
-        )
+        db.execute(f"{_NEW_ROW} (?,?,?,?,?,?,?)", (op.serial, phone, state, reason, now, now, now))
         if state == QUEUED:
-            db.execute("INSERT INTO sms_window (phone, at) VALUES (?,?)", (phone, now))
+            db.execute(f"{_NEW_WINDOW_ROW} (?,?)", (phone, now))
         op.result, op.inserted = state, True
 
     @staticmethod
