@@ -24,11 +24,12 @@ from agent.delivery.targets import normalize_url
 from agent.errors import UpstreamError
 from agent.limits import raise_fd_limit
 from agent.spool.files import remove_stale_temps
+from agent.spool.mover import MoverProcess
 from agent.spool.record import BufferDirs
 from agent.upstream.client import UpstreamClient
 from agent.upstream.dns import ClusterResolver
 from recovery.checkpoint import CHECKPOINT_NAME, UNREADABLE, Checkpoint
-from recovery.finisher import Finisher, Outcomes, Settled
+from recovery.finisher import FileMoves, Finisher, Outcomes, Settled
 from recovery.merge import MergeOptions, Merger
 from recovery.origin import Source
 from recovery.plan import Plan
@@ -134,8 +135,8 @@ async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int
     checkpoint = Checkpoint(ck_path, run=time_ms())
     stop = stop_event()
     ranker = Ranker(ck_path)
-    # The claims (which rank), the checkpoint and the moves take turns on one thread
-    # (recovery/finisher.py says why).
+    # The claims (which rank) and the checkpoint take turns on one thread, the moves are
+    # the mover process's (recovery/finisher.py says why).
     files = ThreadPoolExecutor(1, thread_name_prefix="merge-files")
     try:
         sender = Sender(
@@ -153,13 +154,13 @@ async def _merge(job: Job, client: UpstreamClient, origin: Origin | None) -> int
             if progress is not None:
                 progress.update(len(items))
 
-        finisher = Finisher(
-            dirs,
-            checkpoint,
-            settled,
-            outcomes=None if origin is None else origin.outcomes,
-            files=files,
-        )
+        if origin is None:
+            mover = MoverProcess()
+            mover.start()  # here, on the event loop's thread: it dies with this one
+            outcomes: Outcomes = FileMoves(dirs, files, mover)
+        else:
+            outcomes = origin.outcomes
+        finisher = Finisher(dirs, checkpoint, settled, outcomes=outcomes, files=files)
         opts = MergeOptions(
             job.root,
             job.target,

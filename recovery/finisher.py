@@ -19,11 +19,13 @@ Stage 3 of a group overlaps stages 1 and 2 of the next ones. Under load the
 groups grow by themselves: one sync covers thousands of files. The queue is
 bounded, which also bounds the open claims (file descriptors).
 
-Stages 1 and 2 run on the merge's one file thread (``files``), between the
-claims, and only the sync has a thread of its own. Each of these steps is a
-run of short system calls, and CPython hands the GIL over at every one: in
-three threads side by side (claims, checkpoint, moves) that cost 10 futex
-calls per merged file (1.35 on one thread) and a fifth of the merge's CPU
+Stage 1 runs on the merge's one file thread (``files``), between the claims;
+stage 2 in the mover process (``agent.spool.mover``), and the sync has a
+thread of its own. Each of these steps is a run of short system calls, and
+CPython hands the GIL over at every one: in three threads side by side
+(claims, checkpoint, moves) that cost 10 futex calls per merged file (1.35 on
+one thread) and a fifth of the merge's CPU; on that one thread the moves were
+a third of its time, which in a process of their own runs on the second core
 (docs/performance.md).
 """
 
@@ -40,6 +42,7 @@ from typing import Any, Protocol
 from agent.errors import PersistError
 from agent.spool.claims import Claim
 from agent.spool.files import quarantine
+from agent.spool.mover import MoverProcess
 from agent.spool.moves import MergedMove, complete_merged, place_in_merged
 from agent.spool.record import BufferDirs
 from recovery.checkpoint import Checkpoint, ResultRow
@@ -199,18 +202,30 @@ class Finisher:
 class FileMoves:
     """A buffer directory's outcomes: files into merged/ or rejected/, claims released."""
 
-    def __init__(self, dirs: BufferDirs, files: Executor | None = None) -> None:
+    def __init__(
+        self, dirs: BufferDirs, files: Executor | None = None, mover: MoverProcess | None = None
+    ) -> None:
         """``files``: the thread for the moves, the caller's (the merge's file thread);
-        without it, one of its own. The sync always has its own."""
+        without it, one of its own. The sync always has its own. ``mover``: a started
+        mover process renames the files instead (``agent.spool.mover``; this object closes
+        it), and the moves' thread, which only waits for its answers, is its own."""
         self._dirs = dirs
-        self._move_pool = files or ThreadPoolExecutor(1, thread_name_prefix="finisher-move")
-        self._own_move_pool = files is None
+        self._mover = mover
+        self._place = place_in_merged if mover is None else mover.place
+        self._move_pool: Executor = (
+            files
+            if files is not None and mover is None
+            else ThreadPoolExecutor(1, thread_name_prefix="finisher-move")
+        )
+        self._own_move_pool = self._move_pool is not files
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="finisher-sync")
 
     def close(self) -> None:
         if self._own_move_pool:
             self._move_pool.shutdown(wait=True)
         self._sync_pool.shutdown(wait=True)
+        if self._mover is not None:
+            self._mover.close()
 
     async def place(self, batch: list[Settled]) -> Moved:
         moves = [
@@ -221,7 +236,7 @@ class FileMoves:
         results: list[BaseException | None] = []
         if moves:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._move_pool, place_in_merged, self._dirs.merged, moves
+                self._move_pool, self._place, self._dirs.merged, moves
             )
         return moves, results
 

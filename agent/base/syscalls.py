@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 AT_FDCWD = -100
+SELF_EXE = "/proc/self/exe"
 RENAME_NOREPLACE = 1
 # renameat2 itself is missing (ENOSYS) or the filesystem does not take the flag.
 _NO_RENAMEAT2 = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -112,3 +113,11 @@ def dies_with_parent() -> Callable[[], None]:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return arm
+
+
+def own_executable() -> str | None:
+    """For ``executable=`` of a child Python: the very binary this process runs, whatever
+    the path it was started by. A user may have been given a python it can run but not
+    look up again (seen: a venv whose interpreter lies under a 0700 home); argv[0] stays
+    sys.executable, so the child finds the same venv and site-packages."""
+    return SELF_EXE if os.path.exists(SELF_EXE) else None

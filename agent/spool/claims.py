@@ -18,7 +18,12 @@ class Claim:
     """
 
     def __init__(
-        self, path: str | Path, fd: int | None, data: bytes, writable: bool = False
+        self,
+        path: str | Path,
+        fd: int | None,
+        data: bytes,
+        writable: bool = False,
+        inode: tuple[int, int] | None = None,
     ) -> None:
         # Kept as given: edge-recover claims a million files by str path, and a
         # pathlib.Path costs more to build than the claim's system calls.
@@ -29,6 +34,8 @@ class Claim:
         # to move or change (another buffer's only copy, or the agent's own file).
         self.linked = False
         self._fd: int | None = fd
+        # (st_ino, st_dev) of the locked file: who acts on it by path checks it is still it.
+        self.inode = inode
 
     @property
     def path(self) -> Path:
@@ -43,7 +50,9 @@ class Claim:
     def replaced(self, fd: int, data: bytes) -> None:
         """The file was atomically replaced; ``fd`` is the new inode, already locked."""
         self.release()
+        st = os.fstat(fd)
         self._fd, self.data, self.writable = fd, data, False
+        self.inode = (st.st_ino, st.st_dev)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -88,7 +97,7 @@ def try_claim(
         if not same:
             os.close(fd)
             return None
-        claim = Claim(path, fd, read_open(fd, st, path, cap), writable)
+        claim = Claim(path, fd, read_open(fd, st, path, cap), writable, (st.st_ino, st.st_dev))
         claim.linked = linked
         return claim
     except BaseException:

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from agent.base.durable import TMP_SUFFIX, fsync_dir, translate, unlink_quietly
+from agent.base.syscalls import own_executable
 from agent.base.tasks import cancel_and_wait
 from agent.errors import OrderFileError, PersistError
 from agent.spool.file_proc import ERROR, EXISTS, OK, READY
@@ -31,7 +32,6 @@ from agent.spool.record import PendingRecord
 log = logging.getLogger("agent.spool")
 # A new Python process imports the agent's file modules before it says "ready".
 START_TIMEOUT_S = 30.0
-SELF_EXE = "/proc/self/exe"
 # The child runs the agent code this process runs: the directory this ``agent``
 # package was imported from (site-packages, or a checkout run with ``python -m``).
 _AGENT_ROOT = Path(__file__).resolve().parents[2]
@@ -124,11 +124,7 @@ class FileProcess:
                 str(os.getpid()),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
-                # The very binary this process runs, whatever the path it was started by:
-                # a user may have been given a python it can run but not look up again
-                # (seen: a venv whose interpreter lies under a 0700 home). argv[0] stays
-                # sys.executable, so the child finds the same venv and site-packages.
-                executable=SELF_EXE if os.path.exists(SELF_EXE) else None,
+                executable=own_executable(),
             )
         except OSError as exc:
             raise PersistError(

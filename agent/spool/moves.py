@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,24 +133,37 @@ def place_in_merged(merged_dir: Path, moves: list[MergedMove]) -> list[BaseExcep
 def _into_merged(merged_dir: Path, move: MergedMove, src: str | Path, data: bytes) -> bool:
     """Rename ``src`` to merged/{move.name}, or past it (see place_in_merged); False if
     merged/ already holds this order (``src`` stays)."""
-    into, stem, n = os.fspath(merged_dir), move.name.removesuffix(".json"), 0
+    return took_name(move, rename_into(os.fspath(merged_dir), move.name, src, lambda: data))
+
+
+def took_name(move: MergedMove, name: str | None) -> bool:
+    """``rename_into``'s answer for ``move`` (the name it got, or None: merged/ already
+    holds this order), applied to the move; False where the source stays."""
+    if name is None:
+        log.info("merged/%s already holds this order; its source is dropped", move.name)
+        move.added = move.document = None  # now "neither": unlinked after the sync
+        return False
+    if name != move.name:
+        log.warning("merged/%s holds another order: this one is kept as merged/%s", move.name, name)
+    move.name = name
+    return True
+
+
+def rename_into(into: str, name: str, src: str | Path, data: Callable[[], bytes]) -> str | None:
+    """Rename ``src`` to ``into``/``name``, never over a file there: where the name is
+    taken by another order, to ``{stem}.1.json``, ``.2`` ...; the name it got, or None
+    where the name holds this very order (``data()``: its content) and ``src`` stays."""
+    stem, n = name.removesuffix(".json"), 0
     while True:
-        name = move.name if n == 0 else f"{stem}.{n}.json"
+        taken = name if n == 0 else f"{stem}.{n}.json"
         try:
-            rename_noreplace(src, f"{into}/{name}")  # a str: this runs a million times
+            rename_noreplace(src, f"{into}/{taken}")  # a str: this runs a million times
         except FileExistsError:
-            if _same_order(merged_dir / name, data):
-                log.info("merged/%s already holds this order; its source is dropped", name)
-                move.added = move.document = None  # now "neither": unlinked after the sync
-                return False
+            if _same_order(Path(into, taken), data()):
+                return None
             n += 1
             continue
-        if n:
-            log.warning(
-                "merged/%s holds another order: this one is kept as merged/%s", move.name, name
-            )
-        move.name = name
-        return True
+        return taken
 
 
 def _same_order(path: Path, data: bytes) -> bool:
@@ -206,17 +220,30 @@ def _add_keys(path: str | Path, claim: Claim, added: dict[str, Any]) -> None:
     ``claim.data`` is the file's content, a JSON object none of whose keys are
     in ``added``. The bytes before the closing brace are never touched.
     """
-    data = claim.data
+    tail = added_tail(claim.data, added)
+    if tail is not None:
+        write_tail(path, tail, len(claim.data), claim.fd if claim.writable else None)
+
+
+def added_tail(data: bytes, added: dict[str, Any] | None) -> tuple[int, bytes] | None:
+    """Where and what ``_add_keys`` writes into a file holding ``data``: (offset of the
+    closing brace, the bytes from there on); None: nothing to add to, or a torn tail of
+    an earlier attempt (leave the file as it is)."""
     end = data.rstrip().rfind(b"}")
     if end < 0 or not added or ADDED_KEYS_MARK in data:
-        return  # nothing to add to, or a torn tail of an earlier attempt: leave it
-    tail = b"," + orjson.dumps(added)[1:]
-    held = claim.fd if claim.writable else None
+        return None
+    return end, b"," + orjson.dumps(added)[1:]
+
+
+def write_tail(path: str | Path, tail: tuple[int, bytes], size: int, fd: int | None = None) -> None:
+    """Write ``added_tail``'s bytes into the file of ``size`` bytes (``fd`` if held)."""
+    end, data = tail
+    held = fd
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC) if held is None else held
     try:
-        os.pwrite(fd, tail, end)
-        if end + len(tail) < len(data):
-            os.ftruncate(fd, end + len(tail))
+        os.pwrite(fd, data, end)
+        if end + len(data) < size:
+            os.ftruncate(fd, end + len(data))
     finally:
         if held is None:
             os.close(fd)

@@ -62,7 +62,7 @@ class PlainDisk:
         return self.base / "disk"
 
 
-def strace_prefix(trace: Path) -> list[str]:
+def strace_prefix(trace: Path, *more: str) -> list[str]:
     return [
         "strace",
         "-f",
@@ -75,7 +75,7 @@ def strace_prefix(trace: Path) -> list[str]:
         "-o",
         str(trace),
         "-e",
-        f"trace={TRACE_CALLS}",
+        f"trace={','.join((TRACE_CALLS, *more))}",
     ]
 
 
@@ -224,19 +224,22 @@ def check_merged(idx: Index, spool: Path, serial: str) -> str | None:
     return None
 
 
-def check_one_file_thread(calls: list[Call], spool: Path) -> str | None:
-    """edge-recover claims pending/ files, writes its checkpoint and renames files into
-    merged/ on one thread. In three threads side by side these short system calls
-    handed the GIL over at every call: 10 futex calls per merged file (1.35 on one
-    thread), a fifth of the merge's CPU (recovery/finisher.py). The order of the steps
-    is checked by check_merged."""
+def check_merge_processes(calls: list[Call], spool: Path) -> str | None:
+    """edge-recover claims pending/ files and writes its checkpoint on one thread: in
+    several threads side by side these short system calls handed the GIL over at every
+    call (10 futex calls per merged file, 1.35 on one thread). The renames into merged/,
+    and the order_id written into each file before its rename, come from the mover, a
+    process of its own (it ran execve): there they cost the merge's GIL nothing
+    (agent/spool/mover.py). The order of the steps is checked by check_merged and
+    check_checkpoint_first."""
     pending, merged = f"{spool}/pending/", f"{spool}/merged/"
-    claims, moves, checkpoint = set(), set(), set()
+    claims, tails, moves, checkpoint = set(), set(), set(), set()
+    started = {c.pid for c in calls if c.name == "execve" and c.ok}
     for c in calls:
         if not c.ok:
             continue
         if c.name == "openat" and c.strings and c.strings[0].startswith(pending):
-            claims.add(c.pid)
+            (tails if "O_WRONLY" in c.line else claims).add(c.pid)
         elif c.name.startswith("rename") and len(c.strings) >= 2:
             if c.strings[1].startswith(merged):
                 moves.add(c.pid)
@@ -244,10 +247,43 @@ def check_one_file_thread(calls: list[Call], spool: Path) -> str | None:
             checkpoint.add(c.pid)
     if not claims or not moves or not checkpoint:
         return f"no claims, moves or checkpoint writes in the trace: {claims} {moves} {checkpoint}"
-    if len(claims | moves) != 1 or not claims <= checkpoint:
+    if len(claims) != 1 or not claims <= checkpoint:
         return (
-            f"claims on threads {sorted(claims)}, moves into merged/ on {sorted(moves)}, "
-            f"checkpoint writes on {sorted(checkpoint)}: not one thread"
+            f"claims on threads {sorted(claims)}, checkpoint writes on {sorted(checkpoint)}: "
+            "not one thread"
+        )
+    if len(moves) != 1 or not moves <= started or moves & checkpoint or not tails <= moves:
+        return (
+            f"moves into merged/ on {sorted(moves)}, order_id writes on {sorted(tails)}, "
+            f"processes started {sorted(started)}: not one mover process of its own"
+        )
+    return None
+
+
+def check_checkpoint_first(calls: list[Call], idx: Index, spool: Path, serial: str) -> str | None:
+    """The checkpoint holds an order's outcome before its file is renamed into merged/
+    (a rerun then finishes the move without asking the center again). The outcome row is
+    found by the center's order_id, which the mover writes into the file before the
+    rename: no row can name it before the center answered."""
+    pending = f"{spool}/pending/{serial}.json"
+    rename = idx.renames.get(f"{spool}/merged/{serial}.json")
+    tail = next((c for c in calls if c.name == "pwrite64" and c.fd_path == pending and c.ok), None)
+    order_id = re.search(r'"order_id":"([^"]+)"', unescape("".join(tail.strings))) if tail else None
+    if rename is None or order_id is None:
+        return f"{serial}: no rename into merged/ or no order_id written into it in the trace"
+    row = next(
+        (
+            c
+            for c in calls
+            if c.name == "pwrite64"
+            and c.fd_path.endswith(f"{CHECKPOINT_NAME}-wal")
+            and order_id[1] in unescape("".join(c.strings))
+        ),
+        None,
+    )
+    if row is None or row.end > rename.start:
+        return (
+            f"{serial}: renamed into merged/ before the checkpoint had its order_id {order_id[1]}"
         )
     return None
 
@@ -335,7 +371,7 @@ async def test_fsync_order_under_strace() -> None:
         await w.primary.come_up()
         rec = Proc(
             [
-                *strace_prefix(trace3),
+                *strace_prefix(trace3, "execve"),
                 sys.executable,
                 "-m",
                 "recovery",
@@ -373,7 +409,12 @@ async def test_fsync_order_under_strace() -> None:
         problems += [
             f"edge-recover: {p}" for s in sorted(recovered) if (p := check_merged(idx3, w.spool, s))
         ]
-        if p := check_one_file_thread(calls3, w.spool):
+        problems += [
+            f"edge-recover: {p}"
+            for s in sorted(recovered)
+            if (p := check_checkpoint_first(calls3, idx3, w.spool, s))
+        ]
+        if p := check_merge_processes(calls3, w.spool):
             problems.append(f"edge-recover: {p}")
         for calls, idx, run in ((calls1, idx1, "run 1"), (calls2, idx2, "run 2")):
             if p := check_reservation(calls, idx, w.port, run):
@@ -431,23 +472,36 @@ def test_checker_catches_a_reply_before_durability(tmp_path: Path) -> None:
     assert problem is not None and "after the 202" in problem
 
 
-def test_thread_checker_tells_one_file_thread_from_several(tmp_path: Path) -> None:
-    """check_one_file_thread passes a merge whose claims, checkpoint writes and moves
-    share a thread, and names the threads of one that splits them."""
+def test_process_checker_tells_the_merge_layout_from_others(tmp_path: Path) -> None:
+    """check_merge_processes passes a merge whose claims and checkpoint writes share a
+    thread and whose moves come from one started process, and names the pids otherwise."""
     name = "N-20260101-000000001.json"
     lines = [
         # as strace -yy writes it: the directory and the returned descriptor annotated
+        '{mover} 10:00:00.000050 execve("/usr/bin/python3", ["python3"], 0x1 /* 1 vars */) = 0',
         f'{{claim}} 10:00:00.000100 openat(AT_FDCWD</w>, "/s/pending/{name}", O_RDWR) '
         f"= 5</s/pending/{name}> <0.00001>",
         f'{{ck}} 10:00:00.000200 pwrite64(7</s/{CHECKPOINT_NAME}-wal>, "x", 1, 0) = 1 <0.00001>',
+        f'{{tail}} 10:00:00.000250 openat(AT_FDCWD</w>, "/s/pending/{name}", O_WRONLY) '
+        f"= 3</s/pending/{name}> <0.00001>",
         f'{{move}} 10:00:00.000300 rename("/s/pending/{name}", "/s/merged/{name}") = 0 <0.00001>',
     ]
-    for tids, ok in (((10, 10, 10), True), ((10, 10, 11), False), ((10, 11, 11), False)):
-        trace = tmp_path / f"trace-{tids}.txt"
-        claim, ck, move = tids
-        trace.write_text("\n".join(ln.format(claim=claim, ck=ck, move=move) for ln in lines))
-        problem = check_one_file_thread(parse(trace), Path("/s"))
-        assert (problem is None) is ok, (tids, problem)
+    for pids, ok in (
+        ((10, 10, 20, 20, 20), True),  # claim, checkpoint, mover (execve), tail, move
+        ((10, 10, 20, 10, 20), False),  # order_id written by the merge, renamed by the mover
+        ((10, 10, 99, 20, 20), False),  # the mover is a thread: it ran no execve
+        ((10, 10, 10, 10, 10), False),  # everything on the merge's one thread
+        ((10, 11, 20, 20, 20), False),  # the checkpoint on a thread of its own
+        ((10, 20, 20, 20, 20), False),  # the checkpoint written by the mover
+    ):
+        trace = tmp_path / f"trace-{'-'.join(map(str, pids))}.txt"
+        claim, ck, mover, tail, move = pids
+        text = "\n".join(
+            ln.format(claim=claim, ck=ck, mover=mover, tail=tail, move=move) for ln in lines
+        )
+        trace.write_text(text)
+        problem = check_merge_processes(parse(trace), Path("/s"))
+        assert (problem is None) is ok, (pids, problem)
 
 
 def request_times(calls: list[Call], port: int) -> dict[str, float]:
