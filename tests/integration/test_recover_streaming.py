@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 from pathlib import Path
+from unittest import mock
 
 import orjson
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
+from agent.spool.record import is_order_file
+from recovery import listing
 from recovery.listing import SortedNames
 from tests.support.fakes import FakeCenter
 from tests.support.harness import wait_for
@@ -134,3 +140,66 @@ async def test_an_order_confirmed_before_a_kill_is_moved_on_rerun_without_a_requ
     loser = orjson.loads((root / "merged" / dup.filename).read_bytes())
     assert loser["duplicate_of"] == done.serial and loser["order_id"] == "OC-BEFORE-THE-KILL"
     assert files(root, "pending") == []
+
+
+_PREFIXES = ["WH-B-20261125-", "WH-A-20261126-", "a.b+c-", "X(1)-", "é-", "0-"]
+_agent_names = st.builds(
+    lambda prefix, n: f"{prefix}{n:09d}.json",
+    st.sampled_from(_PREFIXES),
+    st.one_of(st.integers(0, 300), st.integers(0, 999_999_999)),
+)
+_other_names = st.one_of(
+    st.text(
+        st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)),
+        min_size=1,
+        max_size=40,
+    ).map(lambda t: f"{t}.json"),
+    # near misses: 8 or 10 digits, no "-", Arabic-Indic digits, a hidden or reason file
+    st.sampled_from(
+        [
+            "WH-A-20261126-12345678.json",
+            "WH-A-20261126-1234567890.json",
+            "WHA20261126000000001.json",
+            "WH-A-20261126-١٢٣٤٥٦٧٨٩.json",
+            ".WH-A-20261126-000000001.json",
+            "WH-A-20261126-000000001.json.reason.json",
+            "WH-A-20261126-000000001.json.tmp",
+            "x\nWH-A-20261126-000000009.json",
+            "-000000001.json",
+            "ZWH-A-20261126-000000002.json",
+            "x0-000000003.json",
+            "WH-A-20261126-000000004.jsonx",
+        ]
+    ),
+)
+
+
+_NEAR_MISSES = {  # among many agent names of their prefix: most meet its regex pass
+    *(f"WH-A-20261126-{n:09d}.json" for n in range(64)),
+    "WH-A-20261126-١٢٣٤٥٦٧٨٩.json",
+    "ZWH-A-20261126-000000002.json",
+    "WH-A-20261126-000000004.jsonx",
+    "WH-A-20261126-0000000050.json",
+    "x\nWH-A-20261126-000000009.json",
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(names=_NEAR_MISSES, chunk=4)
+@given(
+    names=st.sets(st.one_of(_agent_names, _other_names), max_size=60),
+    chunk=st.sampled_from([1, 3, 7, 65536]),
+)
+def test_the_listing_is_every_order_file_in_name_order(names: set[str], chunk: int):
+    """Whatever the names (agent names under several prefixes, dense or sparse, and
+    anything else a directory can hold), the listing is exactly the visible *.json names
+    in byte-wise order, however the names fall into the bulk steps' chunks."""
+    names = {n for n in names if len(n.encode("utf-8", "surrogateescape")) <= 255}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            (Path(tmp) / name).write_bytes(b"{}")
+        with mock.patch.object(listing, "CHUNK", chunk):
+            listed = SortedNames(Path(tmp))
+        expected = sorted(n for n in names if is_order_file(n))
+        assert list(listed) == expected
+        assert len(listed) == len(expected)
