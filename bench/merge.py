@@ -264,7 +264,10 @@ def main() -> int:
     if args.dir:
         p.error("--fresh-fs makes its own work directory: drop --dir")
     try:
-        with fresh_ext4(None) as mnt:
+        # Each mode's orders (one 4 KiB block each) and the floor's files: a million orders
+        # need more room and inodes than the default image has.
+        files = args.orders * len(args.modes.split(",")) + 100_000
+        with fresh_ext4(None, max(4, (files * 5 >> 20) + 1), inodes=files + 100_000) as mnt:
             return bench(args, mnt)
     except FreshFsError as exc:
         print(f"BENCHMARK FAILED: {exc}")
