@@ -17,6 +17,7 @@ import ctypes
 import errno
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,19 @@ def own_executable() -> str | None:
     look up again (seen: a venv whose interpreter lies under a 0700 home); argv[0] stays
     sys.executable, so the child finds the same venv and site-packages."""
     return SELF_EXE if os.path.exists(SELF_EXE) else None
+
+
+def child_armed(parent_pid: int, ready: bytes) -> bool:
+    """For a child process that serves its parent over stdin and stdout (the pending/
+    writer, edge-recover's mover): ignore SIGTERM, SIGINT and SIGHUP (systemd and a
+    terminal signal the whole group; the parent decides when its child ends, by closing
+    its stdin), die with the parent, then say ``ready`` on stdout. False, and nothing
+    said, if the parent ended before the signal was armed: nobody to answer."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    dies_with_parent()()
+    if os.getppid() != parent_pid:
+        return False
+    sys.stdout.buffer.write(ready)  # armed: from here it cannot outlive its parent
+    sys.stdout.buffer.flush()
+    return True

@@ -30,14 +30,13 @@ from __future__ import annotations
 import errno
 import os
 import queue
-import signal
 import sys
 import threading
 import traceback
 from typing import BinaryIO
 
 from agent.base.durable import TMP_SUFFIX, create_written, fsync_dir, unlink_quietly
-from agent.base.syscalls import dies_with_parent, rename_noreplace
+from agent.base.syscalls import child_armed, rename_noreplace
 
 OK, EXISTS, ERROR = "ok", "exists", "error"
 READY = b"ready\n"  # the first line: it runs and will die with the agent
@@ -164,13 +163,8 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-    dies_with_parent()()
-    if os.getppid() != int(argv[3]):
-        return 1  # the agent ended before the signal was armed: nobody to answer
-    sys.stdout.buffer.write(READY)  # armed: from here it cannot outlive the agent
-    sys.stdout.buffer.flush()
+    if not child_armed(int(argv[3]), READY):
+        return 1
     serve(argv[1], int(argv[2]), sys.stdin.buffer, sys.stdout.buffer)
     return 0
 

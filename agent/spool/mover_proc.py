@@ -29,11 +29,10 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import signal
 import sys
 from typing import Any, BinaryIO
 
-from agent.base.syscalls import dies_with_parent
+from agent.base.syscalls import child_armed
 from agent.spool.moves import rename_into, write_tail
 
 MOVED, SAME, FAILED = "moved", "same", "failed"
@@ -86,13 +85,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m agent.spool.mover_proc PARENT_PID", file=sys.stderr)
         return 2
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-    dies_with_parent()()
-    if os.getppid() != int(argv[1]):
-        return 1  # the merge ended before the signal was armed: nobody to answer
-    sys.stdout.buffer.write(READY)
-    sys.stdout.buffer.flush()
+    if not child_armed(int(argv[1]), READY):
+        return 1
     serve(sys.stdin.buffer, sys.stdout.buffer)
     return 0
 
