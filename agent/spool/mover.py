@@ -105,8 +105,9 @@ class MoverProcess:
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         try:
             if not self._ready:
-                ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-                first = proc.stdout.readline() if ready else b""
+                poll = select.poll()  # not select(): the merge holds thousands of claims
+                poll.register(proc.stdout, select.POLLIN)
+                first = proc.stdout.readline() if poll.poll(START_TIMEOUT_S * 1000) else b""
                 if first != READY:
                     raise EOFError(f"it did not start (said {first!r})")
                 self._ready = True

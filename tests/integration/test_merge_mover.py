@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from agent.errors import PersistError
+from agent.spool import mover as mover_module
 from agent.spool.claims import try_claim
 from agent.spool.mover import MoverProcess
 from agent.spool.moves import MergedMove, complete_merged, place_in_merged
@@ -205,3 +206,27 @@ def test_the_mover_leaves_a_file_replaced_since_its_claim_untouched(
     assert isinstance(result, PersistError) and "replaced since the merge claimed it" in str(result)
     assert path.read_bytes() == other.to_bytes()
     assert not os.listdir(dirs.merged)
+
+
+def test_a_mover_that_cannot_start_leaves_the_moves_to_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A child that exits before it says ``ready`` (its code would not import, say): the
+    first group is moved in-process, as every later one, and the log says why."""
+    monkeypatch.setattr(mover_module, "_CHILD", "import sys; sys.exit(3)  # {root}")
+    broken = MoverProcess()
+    broken.start()
+    dirs = BufferDirs(tmp_path / "spool")
+    dirs.ensure()
+    rec = record(30)
+    (dirs.pending / rec.filename).write_bytes(rec.to_bytes())
+    claim = try_claim(dirs.pending / rec.filename, writable=True)
+    assert claim is not None
+    moves = [MergedMove(claim, rec.filename, added={"order_id": "OID-30"})]
+    try:
+        assert complete_merged(dirs.merged, moves, broken.place(dirs.merged, moves)) == [None]
+    finally:
+        broken.close()
+    assert "the mover process ended (exit 3" in caplog.text
+    assert orjson.loads((dirs.merged / rec.filename).read_bytes())["order_id"] == "OID-30"
+    assert not os.listdir(dirs.pending)
