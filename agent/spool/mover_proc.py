@@ -51,7 +51,8 @@ def move_one(
         if tail is not None:
             # By path, so first make sure it is still the file the merge claimed: the
             # tail's offset is that file's, and in another it would cut an order short.
-            fd = os.open(src, os.O_WRONLY | os.O_CLOEXEC)
+            # Never blocks: a FIFO put there since the claim fails the open (ENXIO).
+            fd = os.open(src, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 st = os.fstat(fd)
                 if inode is not None and (st.st_ino, st.st_dev) != inode:

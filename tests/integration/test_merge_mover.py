@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,12 +186,14 @@ async def test_edge_recover_whose_mover_is_killed_loses_nothing_and_the_rerun_fi
     assert len(center.creates) == n and max(center.creates.values()) == 1
 
 
+@pytest.mark.parametrize("kind", ["file", "fifo"])
 def test_the_mover_leaves_a_file_replaced_since_its_claim_untouched(
-    tmp_path: Path, mover: MoverProcess
+    tmp_path: Path, mover: MoverProcess, kind: str
 ):
     """The mover opens files by path: one replaced after the claim (an operator's mv over
     it) is not the claimed file, and the claimed file's tail offset would cut it short.
-    It is left as it is, in pending/, and the move is reported failed."""
+    It is left as it is, in pending/, and the move is reported failed; a FIFO put there
+    does not block the mover."""
     dirs = BufferDirs(tmp_path / "spool")
     dirs.ensure()
     rec, other = record(20), record(21)
@@ -199,12 +202,19 @@ def test_the_mover_leaves_a_file_replaced_since_its_claim_untouched(
     claim = try_claim(path, writable=True)
     assert claim is not None
     replacement = dirs.pending / ".replacement"
-    replacement.write_bytes(other.to_bytes())
+    if kind == "file":
+        replacement.write_bytes(other.to_bytes())
+    else:
+        os.mkfifo(replacement)
     os.rename(replacement, path)
     moves = [MergedMove(claim, rec.filename, added={"order_id": "OID-20"})]
     (result,) = complete_merged(dirs.merged, moves, mover.place(dirs.merged, moves))
-    assert isinstance(result, PersistError) and "replaced since the merge claimed it" in str(result)
-    assert path.read_bytes() == other.to_bytes()
+    assert isinstance(result, PersistError), result
+    if kind == "file":
+        assert "replaced since the merge claimed it" in str(result)
+        assert path.read_bytes() == other.to_bytes()
+    else:
+        assert stat.S_ISFIFO(os.lstat(path).st_mode)
     assert not os.listdir(dirs.merged)
 
 
