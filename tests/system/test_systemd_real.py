@@ -566,7 +566,12 @@ def test_edge_recover_units_merge_the_services_buffer(stack: Stack) -> None:
     assert report["summary"]["files"] == len(pending), report["summary"]
     assert stack.pending() == pending, "dry-run changed the buffer"
     assert not any(stack.center.has(k) for k in pending.values())
+    mark = stack.journal_mark()
     stack.ct.sh("systemctl start edge-recover@merge", timeout=300)
+    # The merge's mover process ran in the unit's sandbox: a mover that could not start
+    # or died would leave "no mover process" or "the mover process ended" here.
+    merge_log = stack.journal_since(mark, "-u", "edge-recover@merge")
+    assert "mover process" not in merge_log, merge_log[-2000:]
     report = json.loads(stack.ct.sh("cat /var/lib/edge-agent/recover-merge.json").stdout)
     s = report["summary"]
     assert s["mode"] == "merge" and s["created"] + s["duplicate"] == len(pending), s
