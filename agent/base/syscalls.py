@@ -116,6 +116,20 @@ def dies_with_parent() -> Callable[[], None]:
     return arm
 
 
+# The directory this ``agent`` package was imported from (site-packages, or a checkout
+# run with ``python -m``): a child process runs the very code its parent runs.
+CODE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def child_code(module: str) -> str:
+    """``python -P -c`` code that runs ``module``'s ``main(sys.argv)`` from CODE_ROOT,
+    with ``{root}`` left for ``str.format``."""
+    return (
+        "import sys; r = {root!r}; r in sys.path or sys.path.insert(0, r); "
+        f"from {module} import main; sys.exit(main(sys.argv))"
+    )
+
+
 def own_executable() -> str | None:
     """For ``executable=`` of a child Python: the very binary this process runs, whatever
     the path it was started by. A user may have been given a python it can run but not

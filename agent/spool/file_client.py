@@ -19,10 +19,9 @@ import contextlib
 import logging
 import os
 import sys
-from pathlib import Path
 
 from agent.base.durable import TMP_SUFFIX, fsync_dir, translate, unlink_quietly
-from agent.base.syscalls import own_executable
+from agent.base.syscalls import CODE_ROOT, child_code, own_executable
 from agent.base.tasks import cancel_and_wait
 from agent.errors import OrderFileError, PersistError
 from agent.spool.file_proc import ERROR, EXISTS, OK, READY
@@ -32,13 +31,7 @@ from agent.spool.record import PendingRecord
 log = logging.getLogger("agent.spool")
 # A new Python process imports the agent's file modules before it says "ready".
 START_TIMEOUT_S = 30.0
-# The child runs the agent code this process runs: the directory this ``agent``
-# package was imported from (site-packages, or a checkout run with ``python -m``).
-_AGENT_ROOT = Path(__file__).resolve().parents[2]
-_CHILD = (
-    "import sys; r = {root!r}; r in sys.path or sys.path.insert(0, r); "
-    "from agent.spool.file_proc import main; sys.exit(main(sys.argv))"
-)
+_CHILD = child_code("agent.spool.file_proc")
 
 
 class _Child:
@@ -118,7 +111,7 @@ class FileProcess:
                 sys.executable,
                 "-P",  # not the working directory's "agent", if it has one: ours
                 "-c",
-                _CHILD.format(root=str(_AGENT_ROOT)),
+                _CHILD.format(root=CODE_ROOT),
                 self._pending,
                 str(self._threads),
                 str(os.getpid()),
@@ -129,7 +122,7 @@ class FileProcess:
         except OSError as exc:
             raise PersistError(
                 f"cannot start the pending/ writer process ({sys.executable}, "
-                f"agent.spool.file_proc from {_AGENT_ROOT}): {exc}"
+                f"agent.spool.file_proc from {CODE_ROOT}): {exc}"
             ) from exc
         assert proc.stdout is not None
         try:
@@ -142,7 +135,7 @@ class FileProcess:
             code = await proc.wait()
             raise PersistError(
                 f"the pending/ writer process ({sys.executable}, agent.spool.file_proc "
-                f"from {_AGENT_ROOT}) did not start (exit {code}, said {first!r}; its "
+                f"from {CODE_ROOT}) did not start (exit {code}, said {first!r}; its "
                 "error is in the agent's log)"
             )
         child = _Child(proc)

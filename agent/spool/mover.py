@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.base.durable import translate
-from agent.base.syscalls import own_executable
+from agent.base.syscalls import CODE_ROOT, child_code, own_executable
 from agent.errors import PersistError
 from agent.spool.mover_proc import FAILED, MOVED, READY, SAME
 from agent.spool.moves import MergedMove, added_tail, place_in_merged, took_name
@@ -34,11 +34,7 @@ from agent.spool.moves import MergedMove, added_tail, place_in_merged, took_name
 log = logging.getLogger("agent.spool")
 START_TIMEOUT_S = 30.0  # a new Python process imports the move functions first
 STOP_TIMEOUT_S = 30.0
-_AGENT_ROOT = str(Path(__file__).resolve().parents[2])
-_CHILD = (
-    "import sys; r = {root!r}; r in sys.path or sys.path.insert(0, r); "
-    "from agent.spool.mover_proc import main; sys.exit(main(sys.argv))"
-)
+_CHILD = child_code("agent.spool.mover_proc")
 
 
 class MoverProcess:
@@ -53,7 +49,7 @@ class MoverProcess:
     def start(self) -> None:
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-P", "-c", _CHILD.format(root=_AGENT_ROOT), str(os.getpid())],
+                [sys.executable, "-P", "-c", _CHILD.format(root=CODE_ROOT), str(os.getpid())],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 executable=own_executable(),
