@@ -481,7 +481,12 @@ async def test_a_writer_that_cannot_start_is_a_clear_error(
 
     monkeypatch.setattr(file_client, "_CHILD", "import sys; sys.exit(3)  # {root}")
     writer = FileProcess(str(dirs.pending), 2)
-    with pytest.raises(PersistError, match=r"did not start \(exit 3, said b''"):
+    # exit 3, or 255: asyncio's child watcher reports 255 for a child it finds already
+    # reaped ("Unknown child process"). Seen in 1 of 8 runs after any earlier test of the
+    # same pytest process ran subprocess.Popen (a plain one too), first on CI after the
+    # mover's tests came to run before this one. The exit code is asyncio's to report;
+    # what is tested is that start() gives up at once and says what the child said.
+    with pytest.raises(PersistError, match=r"did not start \(exit (3|255), said b''"):
         await writer.start()
     assert children_of(os.getpid()) == []
 
