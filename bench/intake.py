@@ -852,7 +852,13 @@ async def phase_intake(
 
 
 async def phase_forward(
-    tmp: Path, latency_n: int, tp_n: int, warmup: int, concurrency: int, res: Results
+    tmp: Path,
+    latency_n: int,
+    tp_n: int,
+    warmup: int,
+    concurrency: int,
+    res: Results,
+    code: Path = ROOT,
 ) -> None:
     say(
         f"[3/3] forwarding overhead: center in its own process, {latency_n} requests at "
@@ -871,7 +877,9 @@ async def phase_forward(
                     return resp.status == 200
 
             await wait_until(center, center_up, f"{center_base}/health")
-            agent, agent_base = start_agent(work, center_base)
+            agent, agent_base = start_agent(work, center_base, code)
+            if code != ROOT:
+                row("agent code", f"{code} at {git_revision(code)}")
             with agent:
                 await wait_agent(probe_session, agent, agent_base, "normal")
                 async with new_session(concurrency) as direct, new_session(concurrency) as via:
@@ -1186,8 +1194,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--agent-code",
         type=Path,
         default=ROOT,
-        help="the checkout whose agent the intake phase runs (default: this one); "
-        "for A/B runs against another revision",
+        help="the checkout whose agent the intake and forwarding phases run (default: this "
+        "one); for A/B runs against another revision",
     )
     p.add_argument(
         "--no-forward",
@@ -1222,7 +1230,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> Results:
     if args.no_forward:
         return res
     await phase_forward(
-        tmp, args.forward_requests, args.throughput_requests, args.warmup, args.concurrency, res
+        tmp,
+        args.forward_requests,
+        args.throughput_requests,
+        args.warmup,
+        args.concurrency,
+        res,
+        args.agent_code.resolve(),
     )
     return res
 
