@@ -13,6 +13,14 @@ else already makes them durable: a "buffered" row (its pending file is the
 truth) and a "forwarded" row (its intent is: after a crash, the intent tells a
 lookup the serial and cluster, and a retry goes to that cluster with that
 serial, whose center answers "duplicate").
+
+A batch of nothing but "forwarded" rows is committed with ``synchronous=NORMAL``:
+no fsync of its own. Losing such a commit to a power cut leaves the intent, as a
+crash before the commit does, and the next durable commit's WAL fsync takes the
+rows with it. Otherwise, with one client sending orders one after the other, each
+order's intent would wait for the fsync of the order before's outcome: two fsyncs
+per forwarded order, where the promise needs one. A "buffered" row keeps its
+fsync: ``queued()`` must not let the drain move a file whose row is not durable.
 """
 
 from __future__ import annotations
@@ -110,6 +118,9 @@ class _Op:
     # "INSERT ... VALUES" of ``sql``: a run of these ops goes in as multi-row statements
     # (agent.state.rows), one step each instead of one per row.
     rows_head: str | None = None
+    # False: the row needs no fsync of its own (a "forwarded" row: its intent is
+    # durable). A batch of only such ops commits without one (module docstring).
+    durable: bool = True
 
 
 class Journal:
@@ -153,7 +164,8 @@ class Journal:
                     if conn.execute(sql, op.params).rowcount == 0 and op.fallback is not None:
                         conn.execute(op.fallback.sql, op.fallback.params)
 
-        await self._db.in_transaction(apply)
+        durable = any(op.durable for op in ops)
+        await self._db.in_transaction(apply, None if durable else "NORMAL")
         return [None] * len(ops)
 
     async def record(self, entry: Entry) -> None:
@@ -184,6 +196,7 @@ class Journal:
                     entry.received_at,
                 ),
                 fallback=self._record_op(entry),
+                durable=False,
             ),
         )
 
