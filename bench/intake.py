@@ -604,6 +604,8 @@ class Results:
     intake: RunStats | None = None
     direct_lat: RunStats | None = None
     via_lat: RunStats | None = None
+    direct_b2b: RunStats | None = None
+    via_b2b: RunStats | None = None
     direct_tp: RunStats | None = None
     via_tp: RunStats | None = None
     agent_cpu_us: float = math.nan  # agent CPU per forwarded order (throughput run)
@@ -903,9 +905,12 @@ async def phase_forward(
                     f"{status.get('pending')} pending orders"
                 )
     assert res.direct_lat and res.via_lat and res.direct_tp and res.via_tp
+    assert res.direct_b2b and res.via_b2b
     for name, stats in (
         ("direct, concurrency 1", res.direct_lat),
         ("via agent, concurrency 1", res.via_lat),
+        ("direct, back to back", res.direct_b2b),
+        ("via agent, back to back", res.via_b2b),
         (f"direct, concurrency {concurrency}", res.direct_tp),
         (f"via agent, concurrency {concurrency}", res.via_tp),
     ):
@@ -913,9 +918,9 @@ async def phase_forward(
             res.errors.append(
                 f"forward {name}: {stats.unexpected} requests failed ({stats.problems()})"
             )
-    code = agent.exit_code
-    if code != 0:
-        say(f"    WARNING: forwarding agent exited with code {code} on SIGTERM (expected 0)")
+    exit_code = agent.exit_code
+    if exit_code != 0:
+        say(f"    WARNING: forwarding agent exited with code {exit_code} on SIGTERM (expected 0)")
     say()
 
 
@@ -960,6 +965,25 @@ async def _forward_runs(
         "floor: 1 durable journal commit",
         f"{res.commit_full_ms:.2f} ms  (median one-row synchronous=FULL commit here; "
         "the intent before the send)",
+    )
+
+    # (a2) one client sending back to back (a shop's sync job posting one order after the
+    # other): no direct request between two via the agent, so an order's intent meets
+    # whatever the order before left the journal to do. Blocks alternated (ABBA).
+    d_reqs = center_requests(center_base, f"{tag}-bd", latency_n, 6)
+    v_reqs = agent_requests(agent_base, f"{tag}-bv", latency_n, 6)
+    d_b2b, v_b2b = RunStats(), RunStats()
+    half = latency_n // 2
+    for kind, lo, hi in (("d", 0, half), ("v", 0, half), ("v", half, None), ("d", half, None)):
+        if kind == "d":
+            d_b2b.merge(await drive(direct, d_reqs[lo:hi], 1, 201))
+        else:
+            v_b2b.merge(await drive(via, v_reqs[lo:hi], 1, 201))
+    res.direct_b2b, res.via_b2b = d_b2b, v_b2b
+    row(
+        "back to back, direct / via p50",
+        f"{d_b2b.p(50):.2f} ms / {v_b2b.p(50):.2f} ms  (added "
+        f"{v_b2b.p(50) - d_b2b.p(50):+.2f} ms; one client, no pause between orders)",
     )
 
     # (b) throughput at ``concurrency``: alternate direct/via blocks (ABBA) to share conditions.
