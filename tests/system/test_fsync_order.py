@@ -574,7 +574,8 @@ async def test_one_journal_fsync_per_forwarded_order() -> None:
     the journal's WAL, its intent's. The "forwarded" row committed behind the 201 has
     none of its own (issue 23, goal 2): were it fsync'd, the next order's intent would
     wait for that fsync first, two per order. After a clean stop every row says
-    "forwarded": the rows without an fsync of their own were committed all the same."""
+    "forwarded", and the journal's WAL is gone: closing the database checkpointed it,
+    with its fsyncs, so the rows without an fsync of their own are durable too."""
     base = Path(tempfile.mkdtemp(prefix="fsync_order_"))
     w = World(PlainDisk(base), "fwd1")
     trace = base / "trace.txt"
@@ -586,6 +587,8 @@ async def test_one_journal_fsync_per_forwarded_order() -> None:
         await w.finish_load()
         assert w.ledger.acks(201) == n, dict(w.ledger.statuses)
         await stop_agent(w)
+        wal = w.state / "journal.sqlite3-wal"
+        assert not wal.exists() or wal.stat().st_size == 0, f"{wal}: {wal.stat().st_size} B"
         calls = parse(trace)
         created = sorted(r.start for r in replies(calls, w.port) if r.status == 201)
         assert len(created) == n, f"{len(created)} replies of 201 in the trace {trace}"
