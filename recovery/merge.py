@@ -20,7 +20,6 @@ are settled; claimed but unsent files are released untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -30,6 +29,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.base.tasks import wait_set
 from agent.delivery.decide import Action, Caller, Kind, Step
 from agent.delivery.decide import decide as decide_answer
 from agent.delivery.pacing import delay
@@ -219,8 +219,7 @@ class Merger:
                 await self._finisher.put([_held_too_long(r) for r in items])
                 await self._finisher.drain()
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 0.2)
+            await wait_set(self._stop, 0.2)
             items = await self._pass(_chunks(items), self._again)
 
     async def _pass(self, chunks: Iterator[list[Item]], decide_chunk: ChunkFn) -> list[Item]:
@@ -355,11 +354,7 @@ class Merger:
 
     async def _sleep(self, delay_s: float) -> bool:
         """Wait ``delay_s`` unless stopped first; True if stopped."""
-        try:
-            await asyncio.wait_for(self._stop.wait(), delay_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._stop, delay_s)
 
 
 def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:

@@ -6,14 +6,13 @@ are all this shape; this object owns the two tasks and stops them together.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import watchfiles
 
-from agent.base.tasks import cancel_and_wait
+from agent.base.tasks import cancel_and_wait, wait_set
 
 log = logging.getLogger("agent.loop")
 
@@ -84,8 +83,7 @@ class WatchedLoop:
 
     async def _loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self._interval)
+            await wait_set(self._kick, self._interval)
             self._kick.clear()
             try:
                 await self._body()

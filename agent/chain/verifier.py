@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from agent.base.tasks import cancel_and_wait
+from agent.base.tasks import cancel_and_wait, wait_set
 from agent.chain.enrol import (
     STANDBY,
     FindOrderId,
@@ -278,8 +278,7 @@ class Verifier:
                 nxt = await self.ledger.next_check()
                 if nxt is not None:
                     timeout = min(timeout, max(0.0, nxt - time.time()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        await wait_set(self._wake, timeout)
 
     async def _run(self, item: Due) -> None:
         try:

@@ -9,12 +9,13 @@ The delays come from the ``backoff`` library's generators (``expo`` and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Generator
 
 import backoff
+
+from agent.base.tasks import wait_set
 
 
 def delay(attempt: int, base_s: float, max_s: float, at_least_s: float = 0.0) -> float:
@@ -72,8 +73,7 @@ class Pacer:
                 await asyncio.sleep(at - now)
             return True
         if at > now and not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), at - now)
+            await wait_set(stop, at - now)
         return not stop.is_set()
 
     def slow_down(self, retry_after_s: float | None) -> None:

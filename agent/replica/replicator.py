@@ -27,7 +27,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from agent.base.batching import GroupCommit
-from agent.base.tasks import cancel_and_wait
+from agent.base.tasks import cancel_and_wait, wait_set
 from agent.config import ReplicationSection
 from agent.errors import ConfigError, ReplicaConflict, ReplicaError
 from agent.replica.stream import (
@@ -230,8 +230,7 @@ class Replicator:
 
     async def _retry_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), RETRY_EVERY_S)
+            await wait_set(self._wake, RETRY_EVERY_S)
             self._wake.clear()
             if not self._owed and self._ready:
                 continue

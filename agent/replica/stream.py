@@ -45,6 +45,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from agent.base.tasks import wait_set
 from agent.config import ReplicationSection
 from agent.errors import ConfigError, CorruptRecordError, ReplicaError, ReplicaTooSmall
 from agent.spool.record import PendingRecord
@@ -142,7 +143,8 @@ async def connect(cfg: ReplicationSection, name: str) -> NatsClient:
     try:
         # nats-py retries an unreachable first connection for ever when reconnects are
         # unbounded: the first one is bounded here, the later ones are not.
-        return await asyncio.wait_for(nats.connect(**options), cfg.timeout_s * 2)
+        async with asyncio.timeout(cfg.timeout_s * 2):
+            return await nats.connect(**options)
     except (NatsError, OSError, TimeoutError) as exc:
         raise ReplicaError(f"cannot reach NATS at {', '.join(cfg.servers)}: {why(exc)}") from exc
 
@@ -167,7 +169,8 @@ async def _reconnected() -> None:
 async def ensure_stream(js: JetStreamContext, replicas: int, timeout_s: float) -> None:
     """Create the stream with ``replicas`` if missing; ReplicaTooSmall if it has fewer."""
     try:
-        info = await asyncio.wait_for(js.stream_info(STREAM), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            info = await js.stream_info(STREAM)
     except NotFoundError:
         info = None
     except (NatsError, TimeoutError) as exc:
@@ -192,7 +195,8 @@ async def ensure_stream(js: JetStreamContext, replicas: int, timeout_s: float) -
         allow_direct=True,
     )
     try:
-        await asyncio.wait_for(js.add_stream(config), timeout_s * 5)
+        async with asyncio.timeout(timeout_s * 5):
+            await js.add_stream(config)
     except (NatsError, TimeoutError) as exc:
         raise ReplicaError(
             f"cannot create stream {STREAM} with {replicas} replicas: "
@@ -318,7 +322,8 @@ async def last_state(
     """The subject's current message (read from the stream leader), or None if empty."""
     where = subject(node_id, serial)
     try:
-        msg = await asyncio.wait_for(js.get_last_msg(STREAM, where), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            msg = await js.get_last_msg(STREAM, where)
     except NotFoundError:
         return None
     except (NatsError, TimeoutError, OSError) as exc:
@@ -454,8 +459,7 @@ class _BatchReader:
         the server said it has no more (404/408) before the batch was full. ReplicaError
         if it said something else, or nothing in time."""
         asked = self._asked[0]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asked.done.wait(), self.wait_s + 1)
+        await wait_set(asked.done, self.wait_s + 1)
         self._asked.pop(0)
         if len(asked.msgs) >= asked.want:
             return asked.msgs, False

@@ -355,7 +355,8 @@ class Service:
         """Stop accepting, let in-flight requests finish, flush, close in reverse order."""
         self.intake.accepting = False
         try:
-            await asyncio.wait_for(self.intake.wait_idle(), self.cfg.agent.shutdown_timeout_s)
+            async with asyncio.timeout(self.cfg.agent.shutdown_timeout_s):
+                await self.intake.wait_idle()
         except TimeoutError:
             log.error("in-flight orders did not finish within agent.shutdown_timeout_s")
         for component in (self.reloader, self.inbox, self.drainer):

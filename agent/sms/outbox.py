@@ -25,7 +25,6 @@ At most one SMS per serial (DESIGN invariant 7):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -35,7 +34,7 @@ from typing import Any
 
 from agent.base.metrics import Metrics
 from agent.base.phones import check, mask
-from agent.base.tasks import cancel_and_wait
+from agent.base.tasks import cancel_and_wait, wait_set
 from agent.config import SmsSection
 from agent.delivery.pacing import delay as backoff_delay
 from agent.errors import (
@@ -157,7 +156,8 @@ class Outbox:
         self._wakeup.set()
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), self._cfg.timeout_s + 2)
+                async with asyncio.timeout(self._cfg.timeout_s + 2):
+                    await asyncio.shield(self._task)
             except TimeoutError:
                 await cancel_and_wait(self._task)
             self._task = None
@@ -326,8 +326,7 @@ class Outbox:
             delay = (
                 PRUNE_EVERY_S if nxt is None else min(max(0.0, nxt - time.time()), PRUNE_EVERY_S)
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), delay)
+            await wait_set(self._wakeup, delay)
 
     async def _send_one(self, row: Row) -> Transition:
         """Send one notice whose "sending" mark is durable; return how its row moves on."""

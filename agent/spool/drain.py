@@ -15,7 +15,6 @@ oldest serial first. A failure to move one file never stops the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 import watchfiles
 
 from agent.base.metrics import Metrics
+from agent.base.tasks import wait_set
 from agent.base.watched_loop import WatchedLoop
 from agent.config import BufferSection
 from agent.delivery.decide import Caller, Step, decide
@@ -150,8 +150,7 @@ class Drainer:
             self._backoff.reset()
             return
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._backoff.next())
+        await wait_set(self._wake, self._backoff.next())
         self.kick()
 
     async def _pass(self) -> bool:

@@ -126,7 +126,8 @@ class FileProcess:
             ) from exc
         assert proc.stdout is not None
         try:
-            first = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
+            async with asyncio.timeout(START_TIMEOUT_S):
+                first = await proc.stdout.readline()
         except TimeoutError:
             first = b""
         if first != READY:
