@@ -30,8 +30,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.intake import free_port, process_cpu
 
 KINDS = ("aiohttp app", "aiohttp server", "llhttp protocol")
 ANSWER = b'{"status":"forwarded","serial":"BENCH-00000001","order_id":"OC000000001"}'
@@ -97,23 +102,9 @@ asyncio.run(main())
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def one_server(kind: str, n: int, concurrency: int) -> tuple[float, float]:
     """(server CPU us per request, requests/s) for one server process."""
-    port = free_port()
+    port = free_port("127.0.0.2")
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVER_CODE, kind, str(port), ANSWER.decode()],
         stdout=subprocess.PIPE,
@@ -139,9 +130,9 @@ async def one_server(kind: str, n: int, concurrency: int) -> tuple[float, float]
                 for _ in todo:
                     await post()
 
-            cpu0, t0 = cpu_s(proc.pid), time.perf_counter()
+            cpu0, t0 = sum(process_cpu(proc.pid)), time.perf_counter()
             await asyncio.gather(*(client() for _ in range(concurrency)))
-            elapsed, cpu1 = time.perf_counter() - t0, cpu_s(proc.pid)
+            elapsed, cpu1 = time.perf_counter() - t0, sum(process_cpu(proc.pid))
         return 1e6 * (cpu1 - cpu0) / n, n / elapsed
     finally:
         proc.kill()
