@@ -217,13 +217,16 @@ HOLD_SQLITE_SYNCS = (
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
-async def test_forwarding_cut_between_the_201_and_its_outcome_row(world_factory) -> None:
+@pytest.mark.parametrize("clients", [16, 1])
+async def test_forwarding_cut_between_the_201_and_its_outcome_row(world_factory, clients) -> None:
     """The "forwarded" row is committed behind the 201; only its intent is durable
     before the order leaves. A cut while the outcome rows wait for their sync: every
     201'd serial must still be found after the restart, its retry answered 200
-    duplicate with that serial, nothing created twice."""
+    duplicate with that serial, nothing created twice. With one client, orders one
+    after the other, the outcome rows commit in batches of their own, with no fsync
+    at all (agent.state.journal): the cut takes them unless an intent's sync did."""
     w = await world_factory(standby=False, sms=False, prefix=HOLD_SQLITE_SYNCS)
-    w.start_load(orders("out", 60))
+    w.start_load(orders(f"out{clients}", 60), clients=clients)
     await cut_when(w, lambda: w.ledger.acks(201) >= 8, "8 x 201")
     w.agent_prefix = []
     await w.restart()
